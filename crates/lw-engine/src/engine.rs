@@ -1,0 +1,398 @@
+//! The generation loop: prompt → (reused prefix + chunked prefill) → sample →
+//! decode one token at a time, streaming complete text deltas, until an
+//! end-of-sequence token, a stop string, `max_tokens` or the context limit.
+//!
+//! The engine keeps the KV cache of its last sequence. A new prompt that
+//! starts with the same tokens reuses those positions and only computes the
+//! rest, which is what makes plan-then-write linear in the document length.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use lw_core::{FinishReason, GenerationParams, GenerationStats, Message, SamplingParams};
+use lw_model::{DType, KvCache, Llama, Logits, ModelConfig};
+use serde_json::Value;
+
+use crate::error::EngineError;
+use crate::sampler::Sampler;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Dtype the weights are held in; `None` keeps the checkpoint's own
+    /// (f32, f16 or bf16). Activations are always computed in f32.
+    pub dtype: Option<DType>,
+    /// Prompt tokens per prefill step.
+    pub prefill_chunk: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            dtype: None,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+/// What a generation produced.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub stats: GenerationStats,
+}
+
+pub struct Engine {
+    model: Llama,
+    tokenizer: Tokenizer,
+    dir: PathBuf,
+    eos_ids: Vec<u32>,
+    defaults: SamplingParams,
+    cache: KvCache,
+    /// Tokens whose keys and values are in `cache`, in order.
+    cached: Vec<u32>,
+    prefill_chunk: usize,
+}
+
+impl Engine {
+    /// Loads a model directory: config, weights, tokenizer, generation config.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
+        let config_path = dir.join("config.json");
+        let cfg = ModelConfig::from_file(&config_path)?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let tok_vocab = tokenizer.id_bound();
+        if tok_vocab > cfg.vocab_size {
+            return Err(EngineError::VocabMismatch {
+                tokenizer_path: dir.join("tokenizer.json"),
+                config_path,
+                tokenizer: tok_vocab,
+                model: cfg.vocab_size,
+            });
+        }
+        let weights = lw_model::Weights::from_dir(dir)?;
+        let dtype = opts.dtype.unwrap_or_else(|| match weights.stored_dtype() {
+            DType::BF16 => DType::BF16,
+            DType::F16 => DType::F16,
+            _ => DType::F32,
+        });
+        let (gen_eos, defaults) = read_generation_config(&dir.join("generation_config.json"))?;
+        let mut eos_ids = cfg.eos_token_ids.clone();
+        eos_ids.extend(gen_eos);
+        if let Some(id) = tokenizer.eos_token().and_then(|t| tokenizer.token_id(t)) {
+            eos_ids.push(id);
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        let model = Llama::load(cfg, &weights, dtype)?;
+        let cache = model.new_cache();
+        Ok(Engine {
+            model,
+            tokenizer,
+            dir: dir.to_path_buf(),
+            eos_ids,
+            defaults,
+            cache,
+            cached: Vec::new(),
+            prefill_chunk: opts.prefill_chunk.max(1),
+        })
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn model_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// End-of-sequence ids from config.json, generation_config.json and the tokenizer.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// Sampling settings the checkpoint recommends (generation_config.json).
+    pub fn default_sampling(&self) -> &SamplingParams {
+        &self.defaults
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.model.context_length()
+    }
+
+    /// Renders a conversation with the model's chat template.
+    pub fn chat_prompt(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, EngineError> {
+        let tmpl = self
+            .tokenizer
+            .chat_template()
+            .ok_or_else(|| EngineError::NoChatTemplate(self.dir.join("tokenizer_config.json")))?;
+        tmpl.render(messages, add_generation_prompt)
+    }
+
+    /// Token ids of a raw prompt (with the tokenizer's BOS, if it adds one).
+    pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.tokenizer.encode(text, true)
+    }
+
+    /// Token ids of a rendered chat prompt (its special tokens are in the text).
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
+        let text = self.chat_prompt(messages, true)?;
+        self.tokenizer.encode(&text, false)
+    }
+
+    /// Drops the kept KV cache (the next prompt is computed from scratch).
+    pub fn reset(&mut self) {
+        self.cache.clear();
+        self.cached.clear();
+    }
+
+    /// Computes logits of every position of `prompt` from scratch.
+    pub fn score(&mut self, prompt: &[u32]) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.check_prompt(prompt)?;
+        self.reset();
+        let mut rows = Vec::with_capacity(prompt.len());
+        for chunk in prompt.chunks(self.prefill_chunk) {
+            let logits = self.model.forward(chunk, &mut self.cache, Logits::All)?;
+            self.cached.extend_from_slice(chunk);
+            for r in 0..chunk.len() {
+                rows.push(logits.get(r).and_then(|t| t.to_vec1::<f32>()).map_err(lw_model::ModelError::from)?);
+            }
+        }
+        Ok(rows)
+    }
+
+    fn check_prompt(&self, prompt: &[u32]) -> Result<(), EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if prompt.len() >= self.context_length() {
+            return Err(EngineError::PromptTooLong {
+                tokens: prompt.len(),
+                limit: self.context_length(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Generates a continuation of `prompt`. `on_text` receives each complete
+    /// text delta and returns `false` to stop (finish reason `Cancelled`).
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerationParams,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation, EngineError> {
+        self.check_prompt(prompt)?;
+        let started = Instant::now();
+        // Reuse the longest common prefix; at least one token is recomputed so
+        // there are logits to sample from.
+        let common = common_prefix(&self.cached, prompt).min(prompt.len() - 1);
+        self.cache.truncate(common);
+        self.cached.truncate(common);
+        let mut logits = Vec::new();
+        for chunk in prompt[common..].chunks(self.prefill_chunk) {
+            let out = self.model.forward(chunk, &mut self.cache, Logits::Last)?;
+            self.cached.extend_from_slice(chunk);
+            logits = lw_model::llama::last_row(&out)?;
+        }
+        let mut stats = GenerationStats {
+            prompt_tokens: prompt.len(),
+            cached_prompt_tokens: common,
+            prefill_seconds: started.elapsed().as_secs_f64(),
+            ..Default::default()
+        };
+        let decode_start = Instant::now();
+        let id_bound = self.tokenizer.id_bound().min(self.model.config().vocab_size);
+        let mut sampler = Sampler::new(params.sampling.clone(), id_bound);
+        let mut decoder = StreamDecoder::new();
+        let mut stops = StopMatcher::new(&params.stop);
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        let mut seen: Vec<u32> = if params.sampling.repetition_penalty != 1.0 {
+            prompt.to_vec()
+        } else {
+            Vec::new()
+        };
+        let max_tokens = params.max_tokens.unwrap_or(usize::MAX);
+        let finish = loop {
+            if tokens.len() >= max_tokens {
+                break FinishReason::Length;
+            }
+            let next = sampler.sample(&mut logits, &seen);
+            if !params.ignore_eos && self.eos_ids.contains(&next) {
+                break FinishReason::Stop;
+            }
+            tokens.push(next);
+            seen.push(next);
+            if let Some(delta) = decoder.push(&self.tokenizer, next)? {
+                let (ready, hit) = stops.push(&delta);
+                if !ready.is_empty() {
+                    text.push_str(&ready);
+                    if !on_text(&ready) {
+                        break FinishReason::Cancelled;
+                    }
+                }
+                if hit {
+                    break FinishReason::Stop;
+                }
+            }
+            if tokens.len() >= max_tokens {
+                break FinishReason::Length;
+            }
+            if self.cache.len() + 1 > self.context_length() {
+                break FinishReason::ContextFull;
+            }
+            let out = self.model.forward(&[next], &mut self.cache, Logits::Last)?;
+            self.cached.push(next);
+            logits = lw_model::llama::last_row(&out)?;
+        };
+        if finish != FinishReason::Stop && finish != FinishReason::Cancelled {
+            let mut rest = String::new();
+            if let Some(held) = decoder.finish(&self.tokenizer)? {
+                let (ready, hit) = stops.push(&held);
+                rest.push_str(&ready);
+                if hit {
+                    stops.flush();
+                }
+            }
+            rest.push_str(&stops.flush());
+            if !rest.is_empty() {
+                text.push_str(&rest);
+                on_text(&rest);
+            }
+        }
+        stats.generated_tokens = tokens.len();
+        stats.decode_seconds = decode_start.elapsed().as_secs_f64();
+        Ok(Generation {
+            text,
+            tokens,
+            finish_reason: finish,
+            stats,
+        })
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// eos ids and sampling defaults from `generation_config.json` (optional file).
+fn read_generation_config(path: &Path) -> Result<(Vec<u32>, SamplingParams), EngineError> {
+    let mut defaults = SamplingParams::default();
+    if !path.exists() {
+        return Ok((vec![], defaults));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::file(path, e.to_string()))?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| EngineError::file(path, format!("invalid JSON: {e}")))?;
+    let eos = lw_model::config::token_ids(json.get("eos_token_id"), "eos_token_id").map_err(|e| EngineError::file(path, e))?;
+    let num = |k: &str| json.get(k).and_then(Value::as_f64);
+    if json.get("do_sample").and_then(Value::as_bool) == Some(false) {
+        defaults.temperature = 0.0;
+    } else if let Some(t) = num("temperature") {
+        defaults.temperature = t as f32;
+    }
+    if let Some(p) = num("top_p") {
+        defaults.top_p = p as f32;
+    }
+    if let Some(k) = num("top_k") {
+        defaults.top_k = k as usize;
+    }
+    if let Some(p) = num("min_p") {
+        defaults.min_p = p as f32;
+    }
+    if let Some(r) = num("repetition_penalty") {
+        defaults.repetition_penalty = r as f32;
+    }
+    Ok((eos, defaults))
+}
+
+/// Holds back text that might be the start of a stop string, and reports
+/// when one appears (the stop string and what follows are never released).
+pub struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+}
+
+impl StopMatcher {
+    pub fn new(stops: &[String]) -> Self {
+        StopMatcher {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: String::new(),
+        }
+    }
+
+    /// Adds text; returns what can be released and whether a stop string was hit.
+    pub fn push(&mut self, delta: &str) -> (String, bool) {
+        self.pending.push_str(delta);
+        if self.stops.is_empty() {
+            return (std::mem::take(&mut self.pending), false);
+        }
+        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+            let ready = self.pending[..at].to_string();
+            self.pending.clear();
+            return (ready, true);
+        }
+        // Keep the longest suffix that is a prefix of some stop string.
+        let keep_from = self
+            .pending
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| {
+                let tail = &self.pending[i..];
+                self.stops.iter().any(|s| s.starts_with(tail))
+            })
+            .unwrap_or(self.pending.len());
+        let ready = self.pending[..keep_from].to_string();
+        self.pending.drain(..keep_from);
+        (ready, false)
+    }
+
+    /// Releases whatever is held (the generation ended for another reason).
+    pub fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_split_across_deltas_are_caught_and_not_emitted() {
+        let mut m = StopMatcher::new(&["</end>".to_string()]);
+        let mut out = String::new();
+        let mut hit = false;
+        for d in ["Hello </", "en", "d> tail"] {
+            let (r, h) = m.push(d);
+            out.push_str(&r);
+            if h {
+                hit = true;
+                break;
+            }
+        }
+        assert!(hit);
+        assert_eq!(out, "Hello ");
+    }
+
+    #[test]
+    fn near_misses_are_released() {
+        let mut m = StopMatcher::new(&["STOP".to_string()]);
+        assert_eq!(m.push("a ST"), ("a ".to_string(), false));
+        assert_eq!(m.push("OOP"), ("STOOP".to_string(), false));
+        assert_eq!(m.push("x S"), ("x ".to_string(), false));
+        assert_eq!(m.flush(), "S");
+    }
+
+    #[test]
+    fn multibyte_text_is_held_at_character_boundaries() {
+        let mut m = StopMatcher::new(&["。结束".to_string()]);
+        assert_eq!(m.push("你好。"), ("你好".to_string(), false));
+        assert_eq!(m.push("结束了"), ("".to_string(), true));
+    }
+}

@@ -1,0 +1,45 @@
+//! Typed errors of the engine; each names the file, model or limit involved.
+
+use std::path::{Path, PathBuf};
+
+use lw_model::ModelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{0}: the model has no chat template (tokenizer_config.json has no `chat_template`); run without --chat for a raw completion")]
+    NoChatTemplate(PathBuf),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {tokens} tokens, but the model's context holds {limit}; shorten the prompt (at least one position must remain for the answer)")]
+    PromptTooLong { tokens: usize, limit: usize },
+    #[error("the tokenizer ({}) has {tokenizer} entries but the model's embedding ({}) has only {model} rows: they do not belong together", tokenizer_path.display(), config_path.display())]
+    VocabMismatch {
+        tokenizer_path: PathBuf,
+        config_path: PathBuf,
+        tokenizer: usize,
+        model: usize,
+    },
+    #[error("model \"{model}\" is neither a local path nor a hub id (org/name)")]
+    ModelNotFound { model: String },
+    #[error("could not download \"{model}\" from the Hugging Face hub: {reason}\n  The hub may be unreachable from here. Pass a local model directory instead (--model /path/to/dir with config.json, *.safetensors and tokenizer.json), or use an OpenAI-compatible server (--api-base URL).")]
+    Hub { model: String, reason: String },
+    #[error("{}: GGUF files are not supported yet; pass a Hugging Face model directory", path.display())]
+    GgufUnsupported { path: PathBuf },
+}
+
+impl EngineError {
+    pub fn file(path: &Path, reason: impl Into<String>) -> Self {
+        EngineError::File {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! The local LLM engine: resolves a model (local directory or hub download),
+//! loads its tokenizer and chat template, samples, and runs the generation
+//! loop with KV-cache reuse across requests.
+//!
+//! It speaks tokens and text; it knows nothing of HTTP or writing runs.
+
+pub mod engine;
+pub mod error;
+pub mod sampler;
+pub mod source;
+pub mod template;
+pub mod tokenizer;
+
+pub use engine::{Engine, Generation, LoadOptions, StopMatcher};
+pub use error::EngineError;
+pub use sampler::Sampler;
+pub use source::resolve_model;
+pub use template::ChatTemplate;
+pub use tokenizer::{StreamDecoder, Tokenizer};

@@ -1,0 +1,197 @@
+//! The model's tokenizer (`tokenizer.json`) with its special tokens and chat
+//! template (`tokenizer_config.json`), and a streaming decoder that turns
+//! tokens into text deltas without ever splitting a UTF-8 character.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::EngineError;
+use crate::template::ChatTemplate;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    chat_template: Option<ChatTemplate>,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` from `dir`.
+    pub fn from_dir(dir: &Path) -> Result<Self, EngineError> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(EngineError::file(&path, "file not found"));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| EngineError::file(&path, e.to_string()))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = if cfg_path.exists() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| EngineError::file(&cfg_path, e.to_string()))?;
+            serde_json::from_str(&text).map_err(|e| EngineError::file(&cfg_path, format!("invalid JSON: {e}")))?
+        } else {
+            Value::Null
+        };
+        let bos_token = special_token(&cfg, "bos_token");
+        let eos_token = special_token(&cfg, "eos_token");
+        let template_source = match cfg.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            // A list of named templates: take the default one.
+            Some(Value::Array(items)) => items
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str))
+                .map(str::to_string),
+            _ => None,
+        };
+        let template_source = match template_source {
+            Some(s) => Some(s),
+            // Newer checkpoints keep the template in its own file.
+            None => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
+        let chat_template = template_source
+            .map(|src| {
+                ChatTemplate::new(&src, bos_token.as_deref().unwrap_or(""), eos_token.as_deref().unwrap_or(""))
+                    .map_err(|e| EngineError::file(&cfg_path, e.to_string()))
+            })
+            .transpose()?;
+        Ok(Tokenizer {
+            inner,
+            bos_token,
+            eos_token,
+            chat_template,
+        })
+    }
+
+    /// Entries in the vocabulary, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Encodes text; `add_special_tokens` applies the tokenizer's post-processor
+    /// (a BOS for Llama-style tokenizers). Chat prompts already contain theirs.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, EngineError> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decodes ids, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos_token.as_deref()
+    }
+
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
+
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// The largest id the tokenizer can produce, plus one.
+    pub fn id_bound(&self) -> usize {
+        let added = self.inner.get_added_tokens_decoder();
+        let max_added = added.keys().max().map(|&m| m as usize + 1).unwrap_or(0);
+        self.inner.get_vocab_size(false).max(max_added)
+    }
+}
+
+/// `bos_token` may be a string or an `AddedToken` object with `content`.
+fn special_token(cfg: &Value, key: &str) -> Option<String> {
+    match cfg.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// Turns a growing list of token ids into text deltas. A delta is only
+/// released once it is complete: a token that ends in the middle of a
+/// multi-byte character (the decoder yields U+FFFD for it) is held back until
+/// a later token completes it. Each step decodes a short window that starts a
+/// few tokens back (so decoders that treat the first token specially, such as
+/// SentencePiece's leading space, see context), which keeps it O(1) per token.
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    /// Start of the window decoded for context.
+    prefix: usize,
+    /// Tokens before this index have been released as text.
+    read: usize,
+    /// All text released so far.
+    emitted: String,
+}
+
+impl Default for StreamDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StreamDecoder {
+    pub fn new() -> Self {
+        StreamDecoder {
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+            emitted: String::new(),
+        }
+    }
+
+    /// Adds one token; returns the new complete text, if any.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>, EngineError> {
+        self.ids.push(id);
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
+        if now.ends_with('\u{FFFD}') || now.len() <= before.len() {
+            return Ok(None);
+        }
+        let mut cut = before.len();
+        while !now.is_char_boundary(cut) {
+            cut += 1;
+        }
+        let delta = now[cut..].to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        self.emitted.push_str(&delta);
+        Ok(Some(delta))
+    }
+
+    /// Releases text still held for an incomplete character (as U+FFFD, like
+    /// a full decode): the generation ended in the middle of one.
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>, EngineError> {
+        if self.read == self.ids.len() {
+            return Ok(None);
+        }
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        if now.len() <= before.len() {
+            return Ok(None);
+        }
+        let mut cut = before.len();
+        while !now.is_char_boundary(cut) {
+            cut += 1;
+        }
+        let delta = now[cut..].to_string();
+        self.emitted.push_str(&delta);
+        Ok(Some(delta))
+    }
+
+    /// Text released so far.
+    pub fn text(&self) -> &str {
+        &self.emitted
+    }
+}

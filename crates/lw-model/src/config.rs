@@ -1,0 +1,334 @@
+//! `config.json` of a Hugging Face checkpoint, read into the flags of the one
+//! Llama-family implementation (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5).
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::ModelError;
+
+/// Architectures this crate runs, named by their `model_type`.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
+
+/// How rotary frequencies are rescaled for long contexts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.1's piecewise rescaling: high frequencies kept, low ones divided
+    /// by `factor`, a smooth blend in between.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
+    /// Positions divided by `factor` (all frequencies divided by it).
+    Linear { factor: f32 },
+}
+
+/// Everything the forward pass needs to know about a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on the q, k and v projections (Qwen2; Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama's `attention_bias` only).
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Attention window per layer (`None` = full causal attention).
+    pub sliding_window: Vec<Option<usize>>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// The dtype the checkpoint says it was saved in (`torch_dtype`), if any.
+    pub torch_dtype: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    /// transformers ≥ 5 spelling: theta and scaling in one object.
+    rope_parameters: Option<Value>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+}
+
+impl ModelConfig {
+    /// Reads and checks `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_json(&text).map_err(|reason| ModelError::Config {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    /// Parses the JSON text of a `config.json`; the error says which field is wrong.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let model_type = raw
+            .model_type
+            .ok_or_else(|| "missing field `model_type`".to_string())?;
+        if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
+            return Err(format!(
+                "unsupported model_type \"{model_type}\" (supported: {})",
+                SUPPORTED_MODEL_TYPES.join(", ")
+            ));
+        }
+        let need = |v: Option<usize>, name: &str| -> Result<usize, String> {
+            match v {
+                Some(0) => Err(format!("field `{name}` must be positive")),
+                Some(v) => Ok(v),
+                None => Err(format!("missing field `{name}`")),
+            }
+        };
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        let num_kv_heads = need(
+            raw.num_key_value_heads.or(Some(num_heads)),
+            "num_key_value_heads",
+        )?;
+        if num_heads % num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
+            ));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => need(Some(d), "head_dim")?,
+            None => {
+                if hidden_size % num_heads != 0 {
+                    return Err(format!(
+                        "hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_heads}) and no head_dim is given"
+                    ));
+                }
+                hidden_size / num_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(format!("head_dim ({head_dim}) must be even for rotary embeddings"));
+        }
+        let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+        let is_qwen2 = model_type == "qwen2";
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let window = match model_type.as_str() {
+            "mistral" => raw.sliding_window,
+            "qwen2" if raw.use_sliding_window.unwrap_or(false) => raw.sliding_window,
+            _ => None,
+        };
+        // Qwen2 applies its window only from layer `max_window_layers` on.
+        let first_windowed = if is_qwen2 {
+            raw.max_window_layers.unwrap_or(0)
+        } else {
+            0
+        };
+        let sliding_window = (0..num_layers)
+            .map(|l| window.filter(|_| l >= first_windowed))
+            .collect();
+        Ok(ModelConfig {
+            vocab_size: need(raw.vocab_size, "vocab_size")?,
+            hidden_size,
+            intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: raw
+                .rope_theta
+                .or_else(|| raw.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
+                .unwrap_or(10000.0) as f32,
+            rope_scaling: parse_rope_scaling(raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref()))?,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: is_qwen2 || attention_bias,
+            o_bias: !is_qwen2 && attention_bias,
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            sliding_window,
+            bos_token_id: token_ids(raw.bos_token_id.as_ref(), "bos_token_id")?
+                .first()
+                .copied(),
+            eos_token_ids: token_ids(raw.eos_token_id.as_ref(), "eos_token_id")?,
+            torch_dtype: raw.torch_dtype.or(raw.dtype),
+            model_type,
+        })
+    }
+
+    /// Query heads per key/value head (grouped-query attention).
+    pub fn group_size(&self) -> usize {
+        self.num_heads / self.num_kv_heads
+    }
+
+    /// Number of parameters, embeddings included once when tied.
+    pub fn parameter_count(&self) -> usize {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let q = self.num_heads * self.head_dim;
+        let kv = self.num_kv_heads * self.head_dim;
+        let attn = h * q + 2 * h * kv + q * h;
+        let layer = attn + 3 * h * i + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_layers * layer + h + head
+    }
+}
+
+/// `bos_token_id` / `eos_token_id` may be a number, a list of numbers or null.
+pub fn token_ids(v: Option<&Value>, field: &str) -> Result<Vec<u32>, String> {
+    let as_id = |x: &Value| {
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| format!("field `{field}` holds {x}, not a token id"))
+    };
+    match v {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(items)) => items.iter().map(as_id).collect(),
+        Some(x) => Ok(vec![as_id(x)?]),
+    }
+}
+
+fn parse_rope_scaling(v: Option<&Value>) -> Result<Option<RopeScaling>, String> {
+    let Some(obj) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| "rope_scaling has no `rope_type`".to_string())?;
+    let num = |key: &str| -> Result<f64, String> {
+        obj.get(key)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("rope_scaling of type {kind} needs a number `{key}`"))
+    };
+    match kind {
+        "default" => Ok(None),
+        "linear" => Ok(Some(RopeScaling::Linear {
+            factor: num("factor")? as f32,
+        })),
+        "llama3" => Ok(Some(RopeScaling::Llama3 {
+            factor: num("factor")? as f32,
+            low_freq_factor: num("low_freq_factor")? as f32,
+            high_freq_factor: num("high_freq_factor")? as f32,
+            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+        })),
+        other => Err(format!(
+            "rope_scaling type \"{other}\" is not supported (supported: default, linear, llama3)"
+        )),
+    }
+}
+
+/// Rotary inverse frequencies, one per pair of head dimensions, with the
+/// checkpoint's scaling applied. Computed in f32 like the reference.
+pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+    let d = cfg.head_dim;
+    let base: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32))
+        .collect();
+    match cfg.rope_scaling {
+        None => base,
+        Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
+            let old = original_max_position_embeddings as f32;
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth =
+                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LLAMA: &str = r#"{"model_type":"llama","vocab_size":100,"hidden_size":64,
+        "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
+        "num_key_value_heads":2,"eos_token_id":[1,2],"bos_token_id":0}"#;
+
+    #[test]
+    fn defaults_and_flags() {
+        let c = ModelConfig::from_json(LLAMA).unwrap();
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.group_size(), 2);
+        assert_eq!(c.eos_token_ids, vec![1, 2]);
+        assert_eq!(c.bos_token_id, Some(0));
+        assert!(!c.qkv_bias && !c.tie_word_embeddings);
+        let q = LLAMA.replace("\"llama\"", "\"qwen2\"");
+        let c = ModelConfig::from_json(&q).unwrap();
+        assert!(c.qkv_bias && !c.o_bias);
+    }
+
+    #[test]
+    fn unknown_model_type_is_named() {
+        let e = ModelConfig::from_json(&LLAMA.replace("\"llama\"", "\"gpt_neox\"")).unwrap_err();
+        assert!(e.contains("gpt_neox") && e.contains("llama"), "{e}");
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let e = ModelConfig::from_json(&LLAMA.replace("\"hidden_size\":64,", "")).unwrap_err();
+        assert!(e.contains("hidden_size"), "{e}");
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let mut c = ModelConfig::from_json(LLAMA).unwrap();
+        c.rope_theta = 500000.0;
+        let plain = rope_inv_freq(&c);
+        c.rope_scaling = Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        });
+        let scaled = rope_inv_freq(&c);
+        assert_eq!(scaled[0], plain[0]);
+        let last = plain.len() - 1;
+        assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,330 @@
+#!/usr/bin/env python3
+"""Build tiny random-weight Llama-family models and the reference outputs of
+Hugging Face `transformers` for them.
+
+The Rust tests load the same model directories and must reproduce these
+outputs (f32 logits within 1e-4, identical greedy tokens, identical chat
+prompts and token ids). Run it once in a venv with the pinned versions in
+`scripts/requirements-ref.txt`; the outputs are committed, so CI needs no
+Python for them:
+
+    python scripts/make_fixtures.py tests/fixtures
+"""
+
+import json
+import os
+import sys
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+# A small bilingual corpus so the tokenizer has real merges for English,
+# Chinese and emoji text.
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. A long document is planned as paragraphs.",
+    "Each paragraph has a main point and a word budget; the writer follows the plan step by step.",
+    "Long-context models can read a hundred thousand tokens but write only two thousand words.",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman and his cat.",
+    "Write a 10000-word guide to the history of the printing press, with examples and sources.",
+    "长文本生成需要先规划段落，再逐段写作，每一段都能看到前面已经写好的全部内容。",
+    "请写一篇一万字的文章，介绍中国古代造纸术的发展历史以及它对世界文明的影响。",
+    "今天天气很好，我们去公园散步，看到了许多美丽的花和在湖边游泳的鸭子。",
+    "Emoji are text too: 😀 🎉 🚀 ❤️ — and so are accents: café, naïve, façade, jalapeño.",
+    "Numbers and code: 3.14159, 2024-08-14, x = f(y) + 42; if (a < b) { return c; }",
+]
+
+PROMPT = "Once upon a time, 在一个小村庄里 there lived a writer 😀 who planned"
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Write a short poem about the sea."}],
+    [
+        {"role": "system", "content": "  You are a careful writer.  "},
+        {"role": "user", "content": "请写一段关于秋天的文字。"},
+    ],
+    [
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": " Hi, how can I help? "},
+        {"role": "user", "content": "Plan a 5000-word essay on rivers."},
+    ],
+]
+
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] | trim %}"
+    "{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{%- if system_message %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + system_message + '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+INST_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first %}"
+    "{%- set ns = namespace(sys=message['content'].strip()) %}"
+    "{%- elif (message['role'] == 'user') != ((loop.index0 - (1 if messages[0]['role'] == 'system' else 0)) % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- elif message['role'] == 'user' %}"
+    "{{- '[INST] ' + message['content'].strip() + ' [/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- ' ' + message['content'].strip() + eos_token }}"
+    "{%- else %}{{- raise_exception('Unknown role: ' + message['role'].upper()) }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# One tokenizer layout per template family: special tokens, bos/eos, and
+# whether a BOS is prepended when encoding raw text.
+FAMILIES = {
+    "llama3": dict(
+        specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        add_bos=True,
+        template=LLAMA3_TEMPLATE,
+    ),
+    "inst": dict(
+        specials=["<unk>", "<s>", "</s>"],
+        bos="<s>",
+        eos="</s>",
+        add_bos=True,
+        template=INST_TEMPLATE,
+    ),
+    "chatml": dict(
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        bos=None,
+        eos="<|im_end|>",
+        add_bos=False,
+        template=CHATML_TEMPLATE,
+    ),
+}
+
+
+def train_tokenizer(family):
+    spec = FAMILIES[family]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=640,
+        special_tokens=spec["specials"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    if spec["add_bos"]:
+        bos = spec["bos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def save_tokenizer(tok, family, out):
+    spec = FAMILIES[family]
+    tok.save(os.path.join(out, "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": spec["bos"],
+        "eos_token": spec["eos"],
+        "chat_template": spec["template"],
+        "model_max_length": 256,
+        "clean_up_tokenization_spaces": False,
+    }
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, ensure_ascii=False)
+    return PreTrainedTokenizerFast.from_pretrained(out)
+
+
+MODELS = {
+    # name: (family, config class, config kwargs)
+    "llama3-untied": (
+        "llama3",
+        LlamaConfig,
+        dict(rope_theta=500000.0, tie_word_embeddings=False),
+    ),
+    "llama31-tied-rope-scaling": (
+        "llama3",
+        LlamaConfig,
+        dict(
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
+    "llama2-head-dim": (
+        "inst",
+        LlamaConfig,
+        dict(rope_theta=10000.0, tie_word_embeddings=False, head_dim=24),
+    ),
+    "mistral": (
+        "inst",
+        MistralConfig,
+        dict(rope_theta=1000000.0, tie_word_embeddings=False, sliding_window=4096),
+    ),
+    "qwen2": (
+        "chatml",
+        Qwen2Config,
+        dict(rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False),
+    ),
+}
+
+
+# Checkpoints on the hub mostly predate transformers 5 and spell rotary settings
+# as top-level `rope_theta` + `rope_scaling`; newer ones use `rope_parameters`.
+# Half the fixtures are rewritten to the older spelling so both are covered.
+LEGACY_CONFIG = {"llama31-tied-rope-scaling", "qwen2"}
+
+
+def to_legacy_config(path):
+    with open(path) as f:
+        cfg = json.load(f)
+    params = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = params.pop("rope_theta")
+    if params.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = params
+    cfg.pop("layer_types", None)
+    cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def greedy(model, ids, n):
+    """Plain greedy decoding with the KV cache, no stopping: the reference
+    for the engine's greedy path."""
+    out = []
+    with torch.no_grad():
+        res = model(torch.tensor([ids]), use_cache=True)
+        past = res.past_key_values
+        nxt = int(res.logits[0, -1].argmax())
+        for _ in range(n):
+            out.append(nxt)
+            res = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            nxt = int(res.logits[0, -1].argmax())
+    return out
+
+
+def main(root):
+    torch.manual_seed(1234)
+    models_dir = os.path.join(root, "models")
+    os.makedirs(models_dir, exist_ok=True)
+    for name, (family, cls, extra) in MODELS.items():
+        out = os.path.join(models_dir, name)
+        os.makedirs(out, exist_ok=True)
+        tok = train_tokenizer(family)
+        hf_tok = save_tokenizer(tok, family, out)
+        vocab = tok.get_vocab_size()
+        spec = FAMILIES[family]
+        cfg = cls(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            rms_norm_eps=1e-5,
+            bos_token_id=tok.token_to_id(spec["bos"]) if spec["bos"] else None,
+            eos_token_id=tok.token_to_id(spec["eos"]),
+            torch_dtype="float32",
+            **extra,
+        )
+        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+        # Random init is small; widen it so the test sees non-trivial logits.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.15)
+            for n_, p in model.named_parameters():
+                if "norm" in n_:
+                    p.add_(1.0)
+        model.eval()
+        model.save_pretrained(out, safe_serialization=True)
+        model.generation_config.save_pretrained(out)
+        if name in LEGACY_CONFIG:
+            to_legacy_config(os.path.join(out, "config.json"))
+
+        ids = hf_tok(PROMPT)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        tokens = greedy(model, ids, 32)
+
+        # Same weights rounded to bf16 and f16, computed in f32: what the engine
+        # does with a half-precision checkpoint and `--dtype f32`.
+        half = {}
+        for dt_name, dt in (("bf16", torch.bfloat16), ("f16", torch.float16)):
+            sub = os.path.join(models_dir, f"{name}-{dt_name}")
+            if name == "llama3-untied":
+                m2 = AutoModelForCausalLM.from_pretrained(out, torch_dtype=dt)
+                m2.save_pretrained(sub, safe_serialization=True)
+                for fn in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+                    with open(os.path.join(out, fn), "rb") as a, open(os.path.join(sub, fn), "wb") as b:
+                        b.write(a.read())
+                m3 = AutoModelForCausalLM.from_pretrained(sub, torch_dtype=torch.float32)
+                m3.eval()
+                with torch.no_grad():
+                    half[dt_name] = m3(torch.tensor([ids])).logits[0, -1].tolist()
+
+        chats = []
+        for conv in CONVERSATIONS:
+            for agp in (True, False):
+                try:
+                    text = hf_tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=agp)
+                    err = None
+                except Exception as e:  # the template raised: record that it must raise
+                    text, err = None, str(e)
+                chats.append(dict(messages=conv, add_generation_prompt=agp, text=text, error=err))
+        texts = [PROMPT, CORPUS[5], CORPUS[8], "  leading spaces and\nnew lines\n\n", "👩‍👩‍👧 emoji family ✨"]
+        encodings = [
+            dict(text=t, ids=hf_tok(t)["input_ids"], ids_no_special=hf_tok(t, add_special_tokens=False)["input_ids"])
+            for t in texts
+        ]
+        fixture = dict(
+            model=name,
+            prompt=PROMPT,
+            prompt_ids=ids,
+            logits=[[round(float(v), 7) for v in row] for row in logits.tolist()],
+            greedy_tokens=tokens,
+            greedy_text=hf_tok.decode(tokens),
+            half_precision_last_logits=half,
+            chat=chats,
+            encodings=encodings,
+        )
+        with open(os.path.join(root, f"{name}.json"), "w") as f:
+            json.dump(fixture, f, ensure_ascii=False)
+        print(f"{name}: vocab {vocab}, {len(ids)} prompt tokens, greedy {tokens[:8]}...")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures")
