@@ -1,1 +1,164 @@
-fn main(){}
+//! `longwriter`: the command line. It parses arguments, wires the library
+//! crates together, shows progress and figures, and turns errors into
+//! messages and exit codes. Model internals live in the library crates.
+
+mod bench;
+mod run;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "longwriter",
+    version,
+    about = "Plan and write very long documents with a local LLM engine or any OpenAI-compatible server",
+    long_about = "longwriter runs large language models on the CPU (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 \
+                  checkpoints in Hugging Face format) and, on top of them, the LongWriter plan-then-write \
+                  method for 10,000+ word outputs."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a prompt (or answer it with --chat), streaming the text to stdout.
+    Generate(GenerateArgs),
+    /// Talk to a model in a multi-turn conversation on the terminal.
+    Chat(ChatArgs),
+    /// Measure prefill and decode speed and peak memory on a model.
+    Bench(bench::BenchArgs),
+}
+
+/// Which model to run and how to hold it.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model: a Hugging Face model directory (config.json, *.safetensors,
+    /// tokenizer.json) or a hub id such as `Qwen/Qwen2.5-0.5B-Instruct`,
+    /// downloaded into the Hugging Face cache (HF_HOME).
+    #[arg(long, short = 'm', env = "LONGWRITER_MODEL")]
+    pub model: String,
+    /// Dtype to hold the weights in; activations are computed in f32.
+    /// Default: the checkpoint's own (f32, f16 or bf16).
+    #[arg(long, value_enum)]
+    pub dtype: Option<WeightDtype>,
+    /// Worker threads (default: the number of physical cores).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// Prompt tokens computed per prefill step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum WeightDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Sampling settings shared by `generate` and `chat`.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy. Default: the model's
+    /// generation_config.json, else 0.7.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep tokens up to this cumulative probability (1 = off).
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Drop tokens below this fraction of the top token's probability (0 = off).
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// Penalise tokens already in the prompt or the output (1 = off).
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// Random seed; the same seed gives the same text. Default: random (printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop before this string (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Apply the model's chat template (the prompt becomes a user message).
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// The prompt; `-` reads it from stdin.
+    prompt: String,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// System message for the conversation.
+    #[arg(long)]
+    system: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Chat(a) => run::chat(&a.model, &a.sampling, a.system.as_deref()),
+        Command::Bench(a) => bench::run(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let prompt = if a.prompt == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        s
+    } else {
+        a.prompt
+    };
+    if prompt.is_empty() {
+        return Err(lw_engine::EngineError::EmptyPrompt.into());
+    }
+    let mut engine = run::load_engine(&a.model)?;
+    let ids = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(s) = a.system {
+            messages.push(lw_core::Message::system(s));
+        }
+        messages.push(lw_core::Message::user(prompt));
+        engine.encode_chat(&messages)?
+    } else {
+        engine.encode_raw(&prompt)?
+    };
+    let params = run::generation_params(&engine, &a.sampling);
+    let out = run::stream_to_stdout(&mut engine, &ids, &params)?;
+    run::print_stats(&out, params.sampling.seed);
+    Ok(())
+}

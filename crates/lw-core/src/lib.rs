@@ -140,7 +140,10 @@ pub struct GenerationStats {
 
 impl GenerationStats {
     pub fn prefill_tok_s(&self) -> f64 {
-        rate(self.prompt_tokens - self.cached_prompt_tokens, self.prefill_seconds)
+        rate(
+            self.prompt_tokens - self.cached_prompt_tokens,
+            self.prefill_seconds,
+        )
     }
     /// Decode speed counts the tokens after the first, which prefill produced.
     pub fn decode_tok_s(&self) -> f64 {

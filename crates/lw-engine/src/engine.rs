@@ -127,7 +127,11 @@ impl Engine {
     }
 
     /// Renders a conversation with the model's chat template.
-    pub fn chat_prompt(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, EngineError> {
+    pub fn chat_prompt(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
         let tmpl = self
             .tokenizer
             .chat_template()
@@ -161,7 +165,12 @@ impl Engine {
             let logits = self.model.forward(chunk, &mut self.cache, Logits::All)?;
             self.cached.extend_from_slice(chunk);
             for r in 0..chunk.len() {
-                rows.push(logits.get(r).and_then(|t| t.to_vec1::<f32>()).map_err(lw_model::ModelError::from)?);
+                rows.push(
+                    logits
+                        .get(r)
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(lw_model::ModelError::from)?,
+                );
             }
         }
         Ok(rows)
@@ -208,7 +217,10 @@ impl Engine {
             ..Default::default()
         };
         let decode_start = Instant::now();
-        let id_bound = self.tokenizer.id_bound().min(self.model.config().vocab_size);
+        let id_bound = self
+            .tokenizer
+            .id_bound()
+            .min(self.model.config().vocab_size);
         let mut sampler = Sampler::new(params.sampling.clone(), id_bound);
         let mut decoder = StreamDecoder::new();
         let mut stops = StopMatcher::new(&params.stop);
@@ -289,8 +301,10 @@ fn read_generation_config(path: &Path) -> Result<(Vec<u32>, SamplingParams), Eng
         return Ok((vec![], defaults));
     }
     let text = std::fs::read_to_string(path).map_err(|e| EngineError::file(path, e.to_string()))?;
-    let json: Value = serde_json::from_str(&text).map_err(|e| EngineError::file(path, format!("invalid JSON: {e}")))?;
-    let eos = lw_model::config::token_ids(json.get("eos_token_id"), "eos_token_id").map_err(|e| EngineError::file(path, e))?;
+    let json: Value = serde_json::from_str(&text)
+        .map_err(|e| EngineError::file(path, format!("invalid JSON: {e}")))?;
+    let eos = lw_model::config::token_ids(json.get("eos_token_id"), "eos_token_id")
+        .map_err(|e| EngineError::file(path, e))?;
     let num = |k: &str| json.get(k).and_then(Value::as_f64);
     if json.get("do_sample").and_then(Value::as_bool) == Some(false) {
         defaults.temperature = 0.0;
@@ -333,7 +347,12 @@ impl StopMatcher {
         if self.stops.is_empty() {
             return (std::mem::take(&mut self.pending), false);
         }
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let ready = self.pending[..at].to_string();
             self.pending.clear();
             return (ready, true);

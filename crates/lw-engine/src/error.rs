@@ -27,7 +27,7 @@ pub enum EngineError {
         tokenizer: usize,
         model: usize,
     },
-    #[error("model \"{model}\" is neither a local path nor a hub id (org/name)")]
+    #[error("model \"{model}\" not found: no such file or directory, and not a hub id of the form org/name")]
     ModelNotFound { model: String },
     #[error("could not download \"{model}\" from the Hugging Face hub: {reason}\n  The hub may be unreachable from here. Pass a local model directory instead (--model /path/to/dir with config.json, *.safetensors and tokenizer.json), or use an OpenAI-compatible server (--api-base URL).")]
     Hub { model: String, reason: String },

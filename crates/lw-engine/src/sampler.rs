@@ -57,7 +57,11 @@ impl Sampler {
                 if i < logits.len() && !done[i] {
                     done[i] = true;
                     let l = &mut logits[i];
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -65,17 +69,26 @@ impl Sampler {
             return argmax(logits);
         }
         // Candidates sorted by logit, most likely first.
-        let mut order: Vec<u32> = (0..logits.len() as u32).filter(|&i| logits[i as usize].is_finite()).collect();
+        let mut order: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| logits[i as usize].is_finite())
+            .collect();
         if order.is_empty() {
             return argmax(logits);
         }
-        order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        order.sort_unstable_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
         if p.top_k > 0 {
             order.truncate(p.top_k);
         }
         let t = p.temperature as f64;
         let top = logits[order[0] as usize] as f64;
-        let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i as usize] as f64 - top) / t).exp()).collect();
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| ((logits[i as usize] as f64 - top) / t).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= total);
         let mut keep = probs.len();
@@ -140,8 +153,16 @@ mod tests {
     fn same_seed_same_tokens_other_seed_other_tokens() {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let run = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed, ..params(1.0) }, 50);
-            (0..40).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            let mut s = Sampler::new(
+                SamplingParams {
+                    seed,
+                    ..params(1.0)
+                },
+                50,
+            );
+            (0..40)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(1), run(1));
         assert_ne!(run(1), run(2));
@@ -158,13 +179,22 @@ mod tests {
             }
             seen
         };
-        let k2 = draws(SamplingParams { top_k: 2, ..params(1.0) });
+        let k2 = draws(SamplingParams {
+            top_k: 2,
+            ..params(1.0)
+        });
         assert_eq!(k2, [true, true, false, false, false]);
         // p(0) ≈ 0.66, p(1) ≈ 0.24: top-p 0.8 keeps exactly two.
-        let p8 = draws(SamplingParams { top_p: 0.8, ..params(1.0) });
+        let p8 = draws(SamplingParams {
+            top_p: 0.8,
+            ..params(1.0)
+        });
         assert_eq!(p8, [true, true, false, false, false]);
         // min-p 0.2: token 2 has p ≈ 0.135 · p(0)… below 0.2 · p(0).
-        let m = draws(SamplingParams { min_p: 0.2, ..params(1.0) });
+        let m = draws(SamplingParams {
+            min_p: 0.2,
+            ..params(1.0)
+        });
         assert_eq!(m, [true, true, false, false, false]);
         let all = draws(params(3.0));
         assert_eq!(all, [true; 5]);
@@ -172,10 +202,22 @@ mod tests {
 
     #[test]
     fn repetition_penalty_demotes_seen_tokens() {
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..params(0.0) }, 3);
+        let mut s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 2.0,
+                ..params(0.0)
+            },
+            3,
+        );
         assert_eq!(s.sample(&mut [2.0, 1.5, -1.0], &[0, 0]), 1);
         // Negative logits are pushed further down, not up.
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..params(0.0) }, 3);
+        let mut s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 2.0,
+                ..params(0.0)
+            },
+            3,
+        );
         assert_eq!(s.sample(&mut [-1.0, -1.5, -3.0], &[0]), 1);
     }
 

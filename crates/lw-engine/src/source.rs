@@ -18,7 +18,10 @@ const FILES: &[(&str, bool)] = &[
 pub fn resolve_model(spec: &str) -> Result<PathBuf, EngineError> {
     let path = Path::new(spec);
     if path.exists() {
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
             return Err(EngineError::GgufUnsupported {
                 path: path.to_path_buf(),
             });
@@ -41,7 +44,10 @@ fn looks_like_hub_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {
-            !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !p.starts_with('.')
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && !p.starts_with('.')
         })
 }
 
@@ -50,9 +56,12 @@ fn download(id: &str) -> Result<PathBuf, EngineError> {
         model: id.to_string(),
         reason,
     };
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let offline =
+        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if offline {
-        return from_cache(id).ok_or_else(|| hub_err("HF_HUB_OFFLINE is set and the model is not in the local cache".into()));
+        return from_cache(id).ok_or_else(|| {
+            hub_err("HF_HUB_OFFLINE is set and the model is not in the local cache".into())
+        });
     }
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(true)
@@ -74,7 +83,8 @@ fn download(id: &str) -> Result<PathBuf, EngineError> {
                 .iter()
                 .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_string))
             {
-                repo.get(&shard).map_err(|e| hub_err(format!("{shard}: {e}")))?;
+                repo.get(&shard)
+                    .map_err(|e| hub_err(format!("{shard}: {e}")))?;
             }
         }
         Err(_) => {
@@ -89,7 +99,8 @@ fn download(id: &str) -> Result<PathBuf, EngineError> {
 fn from_cache(id: &str) -> Option<PathBuf> {
     let cache = hf_hub::Cache::from_env();
     let repo = cache.model(id.to_string());
-    repo.get("config.json").and_then(|p| p.parent().map(Path::to_path_buf))
+    repo.get("config.json")
+        .and_then(|p| p.parent().map(Path::to_path_buf))
 }
 
 #[cfg(test)]

@@ -39,12 +39,21 @@ impl ChatTemplate {
     }
 
     /// Renders the conversation; `add_generation_prompt` opens the assistant's turn.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, EngineError> {
-        let tmpl = self.env.get_template(NAME).map_err(|e| EngineError::Template(describe(&e)))?;
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
+        let tmpl = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| EngineError::Template(describe(&e)))?;
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
-                Value::from_serialize(serde_json::json!({"role": m.role.as_str(), "content": m.content}))
+                Value::from_serialize(
+                    serde_json::json!({"role": m.role.as_str(), "content": m.content}),
+                )
             })
             .collect();
         tmpl.render(minijinja::context! {
@@ -84,8 +93,18 @@ fn strftime_now(fmt: String) -> Result<Value, JinjaError> {
 /// Formats a Unix time (UTC) with a subset of strftime directives.
 pub fn format_time(unix_secs: i64, fmt: &str) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let days = unix_secs.div_euclid(86_400);
     let rem = unix_secs.rem_euclid(86_400);
@@ -200,8 +219,14 @@ mod tests {
             "</s>",
         )
         .unwrap();
-        assert_eq!(t.render(&[Message::user("  hi  ")], false).unwrap(), "[USER]hi");
-        let err = t.render(&[Message::system(" x ")], false).unwrap_err().to_string();
+        assert_eq!(
+            t.render(&[Message::user("  hi  ")], false).unwrap(),
+            "[USER]hi"
+        );
+        let err = t
+            .render(&[Message::system(" x ")], false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no system: x"), "{err}");
     }
 
@@ -214,14 +239,19 @@ mod tests {
     #[test]
     fn dates_format_like_strftime() {
         // 2024-07-23 14:05:09 UTC
-        assert_eq!(format_time(1_721_743_509, "%d %b %Y %H:%M:%S"), "23 Jul 2024 14:05:09");
+        assert_eq!(
+            format_time(1_721_743_509, "%d %b %Y %H:%M:%S"),
+            "23 Jul 2024 14:05:09"
+        );
         assert_eq!(format_time(0, "%Y-%m-%d %j %B"), "1970-01-01 001 January");
         assert_eq!(format_time(951_782_400, "%Y-%m-%d"), "2000-02-29");
     }
 
     #[test]
     fn syntax_errors_are_reported_not_panicked() {
-        let err = ChatTemplate::new("{% for m in messages %}", "", "").err().unwrap();
+        let err = ChatTemplate::new("{% for m in messages %}", "", "")
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("chat template"), "{err}");
     }
 }

@@ -23,11 +23,14 @@ impl Tokenizer {
         if !path.exists() {
             return Err(EngineError::file(&path, "file not found"));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| EngineError::file(&path, e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| EngineError::file(&path, e.to_string()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| EngineError::file(&cfg_path, e.to_string()))?;
-            serde_json::from_str(&text).map_err(|e| EngineError::file(&cfg_path, format!("invalid JSON: {e}")))?
+            let text = std::fs::read_to_string(&cfg_path)
+                .map_err(|e| EngineError::file(&cfg_path, e.to_string()))?;
+            serde_json::from_str(&text)
+                .map_err(|e| EngineError::file(&cfg_path, format!("invalid JSON: {e}")))?
         } else {
             Value::Null
         };
@@ -50,8 +53,12 @@ impl Tokenizer {
         };
         let chat_template = template_source
             .map(|src| {
-                ChatTemplate::new(&src, bos_token.as_deref().unwrap_or(""), eos_token.as_deref().unwrap_or(""))
-                    .map_err(|e| EngineError::file(&cfg_path, e.to_string()))
+                ChatTemplate::new(
+                    &src,
+                    bos_token.as_deref().unwrap_or(""),
+                    eos_token.as_deref().unwrap_or(""),
+                )
+                .map_err(|e| EngineError::file(&cfg_path, e.to_string()))
             })
             .transpose()?;
         Ok(Tokenizer {

@@ -30,16 +30,27 @@ fn load(name: &str, opts: LoadOptions) -> Engine {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn greedy(n: usize) -> GenerationParams {
@@ -86,7 +97,11 @@ fn greedy_tokens_match_transformers_with_and_without_chunked_prefill() {
             let prompt = ids(&fx["prompt_ids"]);
             let out = engine.generate(&prompt, &greedy(32), |_| true).unwrap();
             assert_eq!(out.tokens, want, "{name}, prefill chunk {chunk}");
-            assert_eq!(out.text, fx["greedy_text"].as_str().unwrap(), "{name}: text");
+            assert_eq!(
+                out.text,
+                fx["greedy_text"].as_str().unwrap(),
+                "{name}: text"
+            );
         }
     }
 }
@@ -136,9 +151,15 @@ fn kv_cache_reuse_gives_the_same_tokens_as_a_fresh_start() {
     let mut longer = prompt.clone();
     longer.extend(&first.tokens[..6]);
     let reused = engine.generate(&longer, &greedy(10), |_| true).unwrap();
-    assert!(reused.stats.cached_prompt_tokens >= prompt.len(), "{:?}", reused.stats);
+    assert!(
+        reused.stats.cached_prompt_tokens >= prompt.len(),
+        "{:?}",
+        reused.stats
+    );
     let mut fresh_engine = load("qwen2", LoadOptions::default());
-    let fresh = fresh_engine.generate(&longer, &greedy(10), |_| true).unwrap();
+    let fresh = fresh_engine
+        .generate(&longer, &greedy(10), |_| true)
+        .unwrap();
     assert_eq!(fresh.stats.cached_prompt_tokens, 0);
     assert_eq!(reused.tokens, fresh.tokens);
     // A prompt that diverges early truncates the cache and still agrees.
@@ -170,7 +191,9 @@ fn chat_templates_render_like_transformers() {
             match case["text"].as_str() {
                 Some(want) => assert_eq!(got.unwrap(), want, "{name}: {messages:?}"),
                 None => {
-                    let err = got.expect_err("transformers raised, so must we").to_string();
+                    let err = got
+                        .expect_err("transformers raised, so must we")
+                        .to_string();
                     let want = case["error"].as_str().unwrap();
                     assert!(err.contains(want), "{name}: {err} vs {want}");
                 }
@@ -187,7 +210,11 @@ fn tokenizer_round_trips_and_streams_like_transformers() {
         let tok = engine.tokenizer();
         for e in fx["encodings"].as_array().unwrap() {
             let text = e["text"].as_str().unwrap();
-            assert_eq!(tok.encode(text, true).unwrap(), ids(&e["ids"]), "{name}: {text:?}");
+            assert_eq!(
+                tok.encode(text, true).unwrap(),
+                ids(&e["ids"]),
+                "{name}: {text:?}"
+            );
             let plain = ids(&e["ids_no_special"]);
             assert_eq!(tok.encode(text, false).unwrap(), plain, "{name}: {text:?}");
             assert_eq!(tok.decode(&plain).unwrap(), text, "{name}: round trip");
@@ -195,7 +222,10 @@ fn tokenizer_round_trips_and_streams_like_transformers() {
             let mut joined = String::new();
             for &id in &plain {
                 if let Some(d) = stream.push(tok, id).unwrap() {
-                    assert!(!d.contains('\u{FFFD}'), "{name}: a delta split a character: {d:?}");
+                    assert!(
+                        !d.contains('\u{FFFD}'),
+                        "{name}: a delta split a character: {d:?}"
+                    );
                     joined.push_str(&d);
                 }
             }

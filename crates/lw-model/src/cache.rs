@@ -61,14 +61,25 @@ impl KvCache {
     /// Writes `keys`/`values` (`[kv_heads, n, head_dim]`) of layer `layer`
     /// after the held positions and returns views of all `len + n` positions.
     /// The new positions count once `advance` is called after the last layer.
-    pub fn append(&mut self, layer: usize, keys: &Tensor, values: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
+    pub fn append(
+        &mut self,
+        layer: usize,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> Result<(Tensor, Tensor), ModelError> {
         let n = keys.dim(1)?;
         let total = self.len + n;
         if total > self.capacity {
             self.grow(total)?;
         }
         let kv = self.layers[layer].get_or_insert_with(|| {
-            let zeros = || Tensor::zeros((self.kv_heads, self.capacity, self.head_dim), DType::F32, &Device::Cpu);
+            let zeros = || {
+                Tensor::zeros(
+                    (self.kv_heads, self.capacity, self.head_dim),
+                    DType::F32,
+                    &Device::Cpu,
+                )
+            };
             LayerKv {
                 keys: zeros().expect("allocating the KV cache"),
                 values: zeros().expect("allocating the KV cache"),
@@ -92,7 +103,11 @@ impl KvCache {
         let cap = cap.min(self.limit.max(needed));
         for kv in self.layers.iter_mut().flatten() {
             for buf in [&mut kv.keys, &mut kv.values] {
-                let bigger = Tensor::zeros((self.kv_heads, cap, self.head_dim), DType::F32, &Device::Cpu)?;
+                let bigger = Tensor::zeros(
+                    (self.kv_heads, cap, self.head_dim),
+                    DType::F32,
+                    &Device::Cpu,
+                )?;
                 if self.len > 0 {
                     bigger.slice_set(&buf.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
                 }

@@ -135,7 +135,9 @@ impl ModelConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(format!("head_dim ({head_dim}) must be even for rotary embeddings"));
+            return Err(format!(
+                "head_dim ({head_dim}) must be even for rotary embeddings"
+            ));
         }
         let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
         let is_qwen2 = model_type == "qwen2";
@@ -167,7 +169,9 @@ impl ModelConfig {
                 .rope_theta
                 .or_else(|| raw.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
                 .unwrap_or(10000.0) as f32,
-            rope_scaling: parse_rope_scaling(raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref()))?,
+            rope_scaling: parse_rope_scaling(
+                raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref()),
+            )?,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: is_qwen2 || attention_bias,
@@ -272,8 +276,8 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
                     } else if wavelen > low_wavelen {
                         f / factor
                     } else {
-                        let smooth =
-                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })

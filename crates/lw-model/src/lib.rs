@@ -23,10 +23,34 @@ pub fn set_threads(n: usize) {
     let n = n.max(1);
     // candle's gemm reads this variable; rayon's global pool is ours to size.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
 }
 
-/// Physical cores of this machine (threads beyond them slow memory-bound decoding).
+/// Physical cores of this machine (threads beyond them slow memory-bound
+/// decoding), bounded by the CPUs this process may use.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    let logical = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    physical_cores().map_or(logical, |p| p.min(logical)).max(1)
+}
+
+/// Distinct (package, core) pairs in /proc/cpuinfo.
+fn physical_cores() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mut cores = std::collections::HashSet::new();
+    let mut package = None;
+    for line in info.lines() {
+        let mut kv = line.splitn(2, ':').map(str::trim);
+        match (kv.next(), kv.next()) {
+            (Some("physical id"), Some(v)) => package = Some(v.to_string()),
+            (Some("core id"), Some(v)) => {
+                cores.insert((package.clone(), v.to_string()));
+            }
+            _ => {}
+        }
+    }
+    (!cores.is_empty()).then_some(cores.len())
 }

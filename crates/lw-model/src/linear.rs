@@ -92,15 +92,26 @@ impl Linear {
         {
             let (storage, layout) = self.weight.storage_and_layout();
             let Storage::Cpu(cpu) = &*storage else {
-                return Err(candle_core::Error::Msg("linear: weights must be on the CPU".into()).into());
+                return Err(
+                    candle_core::Error::Msg("linear: weights must be on the CPU".into()).into(),
+                );
             };
             let start = layout.start_offset();
             match self.weight.dtype() {
-                DType::F32 => small_matmul(&cpu.as_slice::<f32>()?[start..], &xs, &mut out, rows, n, k),
-                DType::BF16 => small_matmul(&cpu.as_slice::<bf16>()?[start..], &xs, &mut out, rows, n, k),
-                DType::F16 => small_matmul(&cpu.as_slice::<f16>()?[start..], &xs, &mut out, rows, n, k),
+                DType::F32 => {
+                    small_matmul(&cpu.as_slice::<f32>()?[start..], &xs, &mut out, rows, n, k)
+                }
+                DType::BF16 => {
+                    small_matmul(&cpu.as_slice::<bf16>()?[start..], &xs, &mut out, rows, n, k)
+                }
+                DType::F16 => {
+                    small_matmul(&cpu.as_slice::<f16>()?[start..], &xs, &mut out, rows, n, k)
+                }
                 other => {
-                    return Err(candle_core::Error::Msg(format!("linear: unsupported weight dtype {other:?}")).into())
+                    return Err(candle_core::Error::Msg(format!(
+                        "linear: unsupported weight dtype {other:?}"
+                    ))
+                    .into())
                 }
             }
         }
@@ -143,22 +154,106 @@ fn small_matmul<T: Element>(w: &[T], x: &[f32], out: &mut [f32], rows: usize, n:
 fn dot<T: Element>(w: &[T], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
             // SAFETY: the features were detected at run time.
-            return unsafe { dot_avx2(w, x) };
+            return unsafe { avx2::dot(w, x) };
         }
     }
-    dot_portable(w, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_avx2<T: Element>(w: &[T], x: &[f32]) -> f32 {
-    dot_lanes::<T, true>(w, x)
-}
-
-fn dot_portable<T: Element>(w: &[T], x: &[f32]) -> f32 {
     dot_lanes::<T, false>(w, x)
+}
+
+/// Explicit AVX2 + FMA: four 8-wide accumulators, weights widened in registers.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::Element;
+
+    /// Loads 8 weights as 8 f32 lanes.
+    pub trait Load8: Element {
+        /// # Safety
+        /// `p` points to 8 readable elements; AVX2 and F16C are available.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Load8 for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+    }
+
+    impl Load8 for half::bf16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const half::bf16) -> __m256 {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
+    }
+
+    impl Load8 for half::f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const half::f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot<T: Element>(w: &[T], x: &[f32]) -> f32 {
+        // Dispatch on the element type without a second trait bound upstream.
+        use std::any::TypeId;
+        let id = TypeId::of::<T>();
+        if id == TypeId::of::<f32>() {
+            dot_typed(
+                std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()),
+                x,
+            )
+        } else if id == TypeId::of::<half::bf16>() {
+            dot_typed(
+                std::slice::from_raw_parts(w.as_ptr() as *const half::bf16, w.len()),
+                x,
+            )
+        } else {
+            dot_typed(
+                std::slice::from_raw_parts(w.as_ptr() as *const half::f16, w.len()),
+                x,
+            )
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_typed<T: Load8>(w: &[T], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let o = i + 8 * j;
+                *a = _mm256_fmadd_ps(T::load8(wp.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(T::load8(wp.add(i)), _mm256_loadu_ps(xp.add(i)), acc[0]);
+            i += 8;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let lo = _mm256_castps256_ps128(s);
+        let hi = _mm256_extractf128_ps(s, 1);
+        let q = _mm_add_ps(lo, hi);
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+        let mut total = _mm_cvtss_f32(q);
+        while i < n {
+            total += w[i].widen() * x[i];
+            i += 1;
+        }
+        total
+    }
 }
 
 /// 32 independent accumulators so the loop vectorises and pipelines.
@@ -198,7 +293,9 @@ mod tests {
         let mut out = vec![0f32; rows * n];
         for r in 0..rows {
             for j in 0..n {
-                out[r * n + j] = (0..k).map(|i| (w[j * k + i] as f64) * (x[r * k + i] as f64)).sum::<f64>() as f32;
+                out[r * n + j] = (0..k)
+                    .map(|i| (w[j * k + i] as f64) * (x[r * k + i] as f64))
+                    .sum::<f64>() as f32;
             }
         }
         out
@@ -207,10 +304,14 @@ mod tests {
     #[test]
     fn small_and_blocked_paths_agree_with_a_plain_sum() {
         let (n, k) = (70, 101);
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
         let weight = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
         for rows in [1, 3, 8, 9, 20] {
-            let x: Vec<f32> = (0..rows * k).map(|i| ((i * 13 % 29) as f32 - 14.0) / 14.0).collect();
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 14.0)
+                .collect();
             let xt = Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu).unwrap();
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let lin = Linear::new(weight.to_dtype(dtype).unwrap(), None);
@@ -224,7 +325,13 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 let want = reference(&wq, &x, rows, n, k);
-                let got: Vec<f32> = lin.forward(&xt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let got: Vec<f32> = lin
+                    .forward(&xt)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 for (a, b) in got.iter().zip(&want) {
                     assert!((a - b).abs() < 1e-4, "rows {rows} {dtype:?}: {a} vs {b}");
                 }

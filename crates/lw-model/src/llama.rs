@@ -68,16 +68,21 @@ impl Llama {
     pub fn load(cfg: ModelConfig, w: &Weights, weight_dtype: DType) -> Result<Self, ModelError> {
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (nq, nkv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, ModelError> {
-            let weight = w.get(&format!("{name}.weight"), &[out, inp], weight_dtype)?;
-            let bias = if bias {
-                Some(w.get(&format!("{name}.bias"), &[out], DType::F32)?)
-            } else {
-                None
+        let linear =
+            |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, ModelError> {
+                let weight = w.get(&format!("{name}.weight"), &[out, inp], weight_dtype)?;
+                let bias = if bias {
+                    Some(w.get(&format!("{name}.bias"), &[out], DType::F32)?)
+                } else {
+                    None
+                };
+                Ok(Linear::new(weight, bias))
             };
-            Ok(Linear::new(weight, bias))
-        };
-        let embed = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h], weight_dtype)?;
+        let embed = w.get(
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, h],
+            weight_dtype,
+        )?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
@@ -89,7 +94,11 @@ impl Llama {
                     v: linear(&format!("{p}.self_attn.v_proj"), nkv, h, cfg.qkv_bias)?,
                     o: linear(&format!("{p}.self_attn.o_proj"), h, nq, cfg.o_bias)?,
                 },
-                mlp_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h], DType::F32)?,
+                mlp_norm: w.get(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                    DType::F32,
+                )?,
                 mlp: Mlp {
                     gate: linear(&format!("{p}.mlp.gate_proj"), i, h, cfg.mlp_bias)?,
                     up: linear(&format!("{p}.mlp.up_proj"), i, h, cfg.mlp_bias)?,
@@ -141,7 +150,12 @@ impl Llama {
 
     /// Runs `tokens` after the positions already in `cache`, appends their keys
     /// and values to it, and returns logits `[positions, vocab]` (f32).
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, logits: Logits) -> Result<Tensor, ModelError> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Tensor, ModelError> {
         let n = tokens.len();
         if n == 0 {
             return Err(candle_core::Error::Msg("forward: no tokens".into()).into());
@@ -216,7 +230,10 @@ impl Llama {
         let (n, hd) = (h.dim(0)?, cfg.head_dim);
         let (nh, nkv, group) = (cfg.num_heads, cfg.num_kv_heads, cfg.group_size());
         let heads = |t: Tensor, count: usize| -> Result<Tensor, ModelError> {
-            Ok(t.reshape((n, count, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
+            Ok(t.reshape((n, count, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)?)
         };
         let q = heads(layer.attn.q.forward(h)?, nh)?;
         let k = heads(layer.attn.k.forward(h)?, nkv)?;
@@ -250,7 +267,11 @@ impl Llama {
 /// Additive mask `[n, start + n]`: query `i` (at position `start + i`) sees key
 /// `j` when `j <= start + i` and, with a window, `start + i - j < window`.
 /// `None` when nothing is masked (one query, no window in reach).
-fn causal_mask(n: usize, start: usize, window: Option<usize>) -> Result<Option<Tensor>, ModelError> {
+fn causal_mask(
+    n: usize,
+    start: usize,
+    window: Option<usize>,
+) -> Result<Option<Tensor>, ModelError> {
     let total = start + n;
     let windowed = window.is_some_and(|w| total > w);
     if n == 1 && !windowed {

@@ -35,12 +35,11 @@ impl Weights {
             }
             // SAFETY: the file is mapped read-only; like every mmap-based loader we
             // rely on nobody truncating the checkpoint while it is being read.
-            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
-                ModelError::Safetensors {
+            let st =
+                unsafe { MmapedSafetensors::new(path) }.map_err(|e| ModelError::Safetensors {
                     path: path.clone(),
                     reason: root_cause(&e),
-                }
-            })?;
+                })?;
             for (name, _) in st.tensors() {
                 routing.insert(name, index);
             }

@@ -1,0 +1,162 @@
+//! `longwriter bench`: prefill and decode speed (median of several runs) and
+//! peak memory, on a random prompt of a given length.
+
+use clap::Args;
+use lw_core::{GenerationParams, SamplingParams};
+use lw_engine::sampler::Rng;
+
+use crate::run::load_engine;
+use crate::ModelArgs;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Tokens in the (random) prompt.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens to generate after it (end-of-sequence is ignored).
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Measured runs; the median is reported. One warm-up run comes first.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
+    if a.prompt_tokens == 0 || a.gen_tokens < 2 || a.runs == 0 {
+        anyhow::bail!(
+            "--prompt-tokens must be at least 1, --gen-tokens at least 2 and --runs at least 1"
+        );
+    }
+    let mut engine = load_engine(&a.model)?;
+    let limit = engine.context_length();
+    if a.prompt_tokens + a.gen_tokens > limit {
+        anyhow::bail!(
+            "--prompt-tokens {} + --gen-tokens {} exceed the model's context of {limit} tokens",
+            a.prompt_tokens,
+            a.gen_tokens
+        );
+    }
+    let bound = engine
+        .tokenizer()
+        .id_bound()
+        .min(engine.model().config().vocab_size) as u64;
+    let mut rng = Rng::new(42);
+    let prompt: Vec<u32> = (0..a.prompt_tokens)
+        .map(|_| loop {
+            let id = (rng.next_u64() % bound) as u32;
+            if !engine.eos_ids().contains(&id) {
+                break id;
+            }
+        })
+        .collect();
+    let params = GenerationParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(a.gen_tokens),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for i in 0..=a.runs {
+        engine.reset();
+        let out = engine.generate(&prompt, &params, |_| true)?;
+        if i > 0 {
+            prefill.push(out.stats.prefill_tok_s());
+            decode.push(out.stats.decode_tok_s());
+        }
+        if !a.json {
+            eprintln!(
+                "{} prefill {:.1} tok/s, decode {:.1} tok/s",
+                if i == 0 { "warm-up:" } else { "run:    " },
+                out.stats.prefill_tok_s(),
+                out.stats.decode_tok_s()
+            );
+        }
+    }
+    let prefill_tok_s = median(&mut prefill);
+    let decode_tok_s = median(&mut decode);
+    let peak_rss_mb = peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0));
+    let cfg = engine.model().config();
+    let weight_bytes = decode_weight_bytes(cfg, engine.model().weight_dtype().size_in_bytes());
+    let threads = rayon_threads();
+    if a.json {
+        let v = serde_json::json!({
+            "model": a.model.model,
+            "model_type": cfg.model_type,
+            "parameters": cfg.parameter_count(),
+            "weight_dtype": format!("{:?}", engine.model().weight_dtype()).to_lowercase(),
+            "threads": threads,
+            "prompt_tokens": a.prompt_tokens,
+            "gen_tokens": a.gen_tokens,
+            "runs": a.runs,
+            "prefill_tok_s": prefill_tok_s,
+            "decode_tok_s": decode_tok_s,
+            "peak_rss_mb": peak_rss_mb,
+            "decode_weight_bytes_per_token": weight_bytes,
+            "decode_effective_gb_s": decode_tok_s * weight_bytes as f64 / 1e9,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "model:   {} ({}, {:.1}M parameters, {:?} weights, {threads} threads)",
+            a.model.model,
+            cfg.model_type,
+            cfg.parameter_count() as f64 / 1e6,
+            engine.model().weight_dtype()
+        );
+        println!(
+            "prefill: {prefill_tok_s:.1} tok/s ({} prompt tokens, median of {})",
+            a.prompt_tokens, a.runs
+        );
+        println!(
+            "decode:  {decode_tok_s:.1} tok/s ({} tokens; {:.1} GB/s of weights streamed)",
+            a.gen_tokens,
+            decode_tok_s * weight_bytes as f64 / 1e9
+        );
+        match peak_rss_mb {
+            Some(mb) => println!("peak memory: {mb:.0} MiB"),
+            None => println!("peak memory: unknown on this platform"),
+        }
+    }
+    Ok(())
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// Bytes of weights one decode step reads: every layer's matrices and the
+/// classifier (the embedding table contributes one row, unless it is the classifier).
+fn decode_weight_bytes(cfg: &lw_model::ModelConfig, dtype_size: usize) -> usize {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let q = cfg.num_heads * cfg.head_dim;
+    let kv = cfg.num_kv_heads * cfg.head_dim;
+    let layer = h * q + 2 * h * kv + q * h + 3 * h * i;
+    (cfg.num_layers * layer + cfg.vocab_size * h) * dtype_size
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
+/// High-water mark of resident memory (Linux: VmHWM).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

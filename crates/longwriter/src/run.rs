@@ -1,0 +1,164 @@
+//! Loading a model from the command line's options, streaming a generation
+//! to the terminal, and the interactive chat.
+
+use std::io::{BufRead, Write};
+use std::time::Instant;
+
+use anyhow::Context;
+use lw_core::{GenerationParams, Message, SamplingParams};
+use lw_engine::{Engine, Generation, LoadOptions};
+use lw_model::DType;
+
+use crate::{ModelArgs, SamplingArgs, WeightDtype};
+
+pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
+    lw_model::set_threads(m.threads.unwrap_or_else(lw_model::default_threads));
+    let dir = lw_engine::resolve_model(&m.model)?;
+    let started = Instant::now();
+    let opts = LoadOptions {
+        dtype: m.dtype.map(|d| match d {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::F16 => DType::F16,
+            WeightDtype::Bf16 => DType::BF16,
+        }),
+        prefill_chunk: m.prefill_chunk,
+    };
+    let engine =
+        Engine::load(&dir, &opts).with_context(|| format!("loading model {}", dir.display()))?;
+    let cfg = engine.model().config();
+    eprintln!(
+        "loaded {} ({}, {:.1}M parameters, weights {:?}, context {}) in {:.2}s",
+        dir.display(),
+        cfg.model_type,
+        cfg.parameter_count() as f64 / 1e6,
+        engine.model().weight_dtype(),
+        engine.context_length(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(engine)
+}
+
+/// The user's sampling flags over the model's own defaults.
+pub fn generation_params(engine: &Engine, s: &SamplingArgs) -> GenerationParams {
+    let d = engine.default_sampling();
+    let seed = s.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|t| t.as_nanos() as u64)
+            .unwrap_or(0)
+    });
+    GenerationParams {
+        sampling: SamplingParams {
+            temperature: s.temperature.unwrap_or(d.temperature),
+            top_k: s.top_k.unwrap_or(d.top_k),
+            top_p: s.top_p.unwrap_or(d.top_p),
+            min_p: s.min_p.unwrap_or(d.min_p),
+            repetition_penalty: s.repetition_penalty.unwrap_or(d.repetition_penalty),
+            seed,
+        },
+        max_tokens: Some(s.max_tokens),
+        stop: s.stop.clone(),
+        ignore_eos: false,
+    }
+}
+
+/// Generates, writing each text delta to stdout as it arrives.
+pub fn stream_to_stdout(
+    engine: &mut Engine,
+    ids: &[u32],
+    params: &GenerationParams,
+) -> anyhow::Result<Generation> {
+    let stdout = std::io::stdout();
+    let mut write_failed = None;
+    let out = engine.generate(ids, params, |delta| {
+        let mut lock = stdout.lock();
+        match lock.write_all(delta.as_bytes()).and_then(|_| lock.flush()) {
+            Ok(()) => true,
+            Err(e) => {
+                // A closed pipe (`| head`) ends the generation quietly.
+                write_failed = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = write_failed {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e).context("writing to stdout");
+        }
+    }
+    Ok(out)
+}
+
+pub fn print_stats(out: &Generation, seed: u64) {
+    let s = &out.stats;
+    eprintln!();
+    eprintln!(
+        "prompt tokens: {} ({} reused), generated tokens: {}, prefill: {:.1} tok/s, decode: {:.1} tok/s, finish: {}, seed: {}",
+        s.prompt_tokens,
+        s.cached_prompt_tokens,
+        s.generated_tokens,
+        s.prefill_tok_s(),
+        s.decode_tok_s(),
+        out.finish_reason.as_str(),
+        seed
+    );
+}
+
+/// A multi-turn conversation on stdin/stdout. The KV cache of the previous
+/// turns is reused, so each turn only computes its new tokens.
+pub fn chat(m: &ModelArgs, s: &SamplingArgs, system: Option<&str>) -> anyhow::Result<()> {
+    let mut engine = load_engine(m)?;
+    // Fail early, before the user types, if there is no template.
+    engine.chat_prompt(&[Message::user("test")], true)?;
+    let mut messages = Vec::new();
+    if let Some(sys) = system {
+        messages.push(Message::system(sys));
+    }
+    let base = messages.clone();
+    let mut params = generation_params(&engine, s);
+    eprintln!("Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) quits.");
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        eprint!("> ");
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            eprintln!();
+            return Ok(());
+        }
+        let text = line.trim();
+        match text {
+            "" => continue,
+            "/exit" | "/quit" => return Ok(()),
+            "/reset" => {
+                messages = base.clone();
+                engine.reset();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(Message::user(text));
+        let ids = match engine.encode_chat(&messages) {
+            Ok(ids) => ids,
+            Err(e) => {
+                messages.pop();
+                eprintln!("error: {e}");
+                continue;
+            }
+        };
+        match stream_to_stdout(&mut engine, &ids, &params) {
+            Ok(out) => {
+                println!();
+                print_stats(&out, params.sampling.seed);
+                messages.push(Message::assistant(out.text));
+            }
+            Err(e) => {
+                // A full context or similar: keep the session alive.
+                messages.pop();
+                eprintln!("error: {e:#}");
+            }
+        }
+        params.sampling.seed = params.sampling.seed.wrapping_add(1);
+    }
+}

@@ -1,0 +1,266 @@
+//! The `longwriter` binary as a user runs it: real processes, real files.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model(name: &str) -> String {
+    root()
+        .join("tests/fixtures/models")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn longwriter(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args(args)
+        .env_remove("LONGWRITER_MODEL")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn fixture(name: &str) -> serde_json::Value {
+    let p = root().join("tests/fixtures").join(format!("{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for sub in [
+        &["--help"][..],
+        &["generate", "--help"],
+        &["chat", "--help"],
+        &["bench", "--help"],
+    ] {
+        let out = longwriter(sub);
+        assert!(out.status.success(), "{sub:?}");
+        let help = text(&out.stdout);
+        assert!(help.contains("Usage: longwriter"), "{sub:?}: {help}");
+    }
+    let help = text(&longwriter(&["generate", "--help"]).stdout);
+    for flag in [
+        "--model",
+        "--chat",
+        "--max-tokens",
+        "--temperature",
+        "--seed",
+        "--top-p",
+        "--min-p",
+        "--stop",
+        "--threads",
+    ] {
+        assert!(help.contains(flag), "generate --help lacks {flag}");
+    }
+}
+
+#[test]
+fn generate_streams_only_the_text_to_stdout_and_figures_to_stderr() {
+    let fx = fixture("llama3-untied");
+    let out = longwriter(&[
+        "generate",
+        "--model",
+        &model("llama3-untied"),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "32",
+        "--threads",
+        "1",
+        fx["prompt"].as_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let greedy = fx["greedy_text"].as_str().unwrap();
+    // Greedy output is transformers' greedy output, up to a possible
+    // end-of-sequence token (which the fixture's loop did not stop at).
+    assert!(
+        !stdout.is_empty() && greedy.starts_with(&stdout),
+        "{stdout:?} vs {greedy:?}"
+    );
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("prompt tokens: 39"), "{stderr}");
+    for figure in ["generated tokens:", "prefill:", "decode:", "tok/s"] {
+        assert!(stderr.contains(figure), "{stderr}");
+    }
+    assert!(!stdout.contains("tok/s"));
+}
+
+#[test]
+fn chat_mode_and_seeds_repeat() {
+    let run = |seed: &str| {
+        let out = longwriter(&[
+            "generate",
+            "--model",
+            &model("qwen2"),
+            "--chat",
+            "--system",
+            "Be brief.",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "1.0",
+            "--seed",
+            seed,
+            "Write about rivers.",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("prompt tokens: "));
+        text(&out.stdout)
+    };
+    assert_eq!(run("3"), run("3"));
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_a_message_and_no_panic() {
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                "/nonexistent/model-dir".into(),
+                "hi".into(),
+            ],
+            "/nonexistent/model-dir",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                model("qwen2"),
+                "".into(),
+            ],
+            "prompt is empty",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                model("qwen2"),
+                "--chat".into(),
+                "--max-tokens".into(),
+                "2".into(),
+                "x".repeat(2000),
+            ],
+            "context holds 256",
+        ),
+        (
+            vec![
+                "bench".into(),
+                "--model".into(),
+                model("qwen2"),
+                "--prompt-tokens".into(),
+                "300".into(),
+            ],
+            "context of 256",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = longwriter(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn hub_download_failure_says_how_to_proceed() {
+    // Loopback port 9 refuses connections: the hub is unreachable.
+    let home = std::env::temp_dir().join(format!("lw-hf-home-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args(["generate", "--model", "some-org/some-model", "hi"])
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env("HF_HOME", &home)
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("some-org/some-model")
+            && stderr.contains("--model")
+            && stderr.contains("--api-base"),
+        "{stderr}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args(["generate", "--model", "some-org/some-model", "hi"])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", &home)
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains("HF_HUB_OFFLINE"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn chat_repl_answers_each_turn_and_exits() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args([
+            "chat",
+            "--model",
+            &model("qwen2"),
+            "--max-tokens",
+            "6",
+            "--seed",
+            "1",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello!\nAnd again?\n/exit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("prompt tokens:").count(), 2, "{stderr}");
+    // The second turn reuses the first turn's cache.
+    let second = stderr
+        .lines()
+        .filter(|l| l.starts_with("prompt tokens:"))
+        .nth(1)
+        .unwrap();
+    assert!(!second.contains("(0 reused)"), "{second}");
+}
+
+#[test]
+fn bench_prints_one_json_object_with_the_figures() {
+    let out = longwriter(&[
+        "bench",
+        "--model",
+        &model("llama3-untied"),
+        "--prompt-tokens",
+        "32",
+        "--gen-tokens",
+        "8",
+        "--runs",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    for key in ["prefill_tok_s", "decode_tok_s", "peak_rss_mb"] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
+    }
+    assert_eq!(v["threads"], 1);
+}
