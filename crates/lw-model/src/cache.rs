@@ -2,7 +2,9 @@
 //! position seen so far, in buffers that grow by doubling (so appending a
 //! token copies only that token) and can be truncated to reuse a prefix.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
+
+use crate::attention::{attend_one, CacheView};
 
 use crate::error::ModelError;
 
@@ -88,6 +90,36 @@ impl KvCache {
         kv.keys.slice_set(&keys.contiguous()?, 1, self.len)?;
         kv.values.slice_set(&values.contiguous()?, 1, self.len)?;
         Ok((kv.keys.narrow(1, 0, total)?, kv.values.narrow(1, 0, total)?))
+    }
+
+    /// Attention of one query (`[heads * head_dim]`) over the first `len`
+    /// positions of layer `layer`, read straight from the cache buffers.
+    pub fn attend(
+        &self,
+        layer: usize,
+        len: usize,
+        q: &[f32],
+        group: usize,
+        window: Option<usize>,
+    ) -> Result<Vec<f32>, ModelError> {
+        let kv = self.layers[layer].as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(format!("attention: layer {layer} has no cache yet"))
+        })?;
+        let (ks, kl) = kv.keys.storage_and_layout();
+        let (vs, vl) = kv.values.storage_and_layout();
+        let (Storage::Cpu(k), Storage::Cpu(v)) = (&*ks, &*vs) else {
+            return Err(
+                candle_core::Error::Msg("attention: the cache must be on the CPU".into()).into(),
+            );
+        };
+        let view = CacheView {
+            keys: &k.as_slice::<f32>()?[kl.start_offset()..],
+            values: &v.as_slice::<f32>()?[vl.start_offset()..],
+            capacity: self.capacity,
+            len,
+        };
+        let heads = q.len() / self.head_dim;
+        Ok(attend_one(q, &view, heads, group, self.head_dim, window))
     }
 
     /// Marks `n` appended positions as held (all layers have written them).

@@ -127,21 +127,29 @@ fn f32_slice(x: &Tensor) -> Result<Vec<f32>, ModelError> {
 /// weight row once. Rows of `w` are split over the rayon pool.
 fn small_matmul<T: Element>(w: &[T], x: &[f32], out: &mut [f32], rows: usize, n: usize, k: usize) {
     let threads = rayon::current_num_threads().max(1);
-    // Enough blocks to balance, few enough that scheduling stays cheap.
-    let block = (n / (threads * 8)).clamp(16, 4096);
+    // Enough blocks to balance, few enough that scheduling stays cheap; a
+    // multiple of 4 so the 4-row kernel covers whole blocks.
+    let block = (n / (threads * 4)).clamp(16, 4096).div_ceil(4) * 4;
     let mut columns = vec![0f32; n * rows];
     columns
         .par_chunks_mut(block * rows)
         .enumerate()
         .for_each(|(bi, chunk)| {
             let j0 = bi * block;
-            for (jj, cell) in chunk.chunks_mut(rows).enumerate() {
-                let wrow = &w[(j0 + jj) * k..(j0 + jj + 1) * k];
-                for (r, c) in cell.iter_mut().enumerate() {
-                    *c = dot(wrow, &x[r * k..(r + 1) * k]);
+            let count = chunk.len() / rows;
+            let wblock = &w[j0 * k..(j0 + count) * k];
+            let mut tmp = vec![0f32; count];
+            for r in 0..rows {
+                dot_rows(wblock, &x[r * k..(r + 1) * k], &mut tmp);
+                for (jj, &v) in tmp.iter().enumerate() {
+                    chunk[jj * rows + r] = v;
                 }
             }
         });
+    if rows == 1 {
+        out.copy_from_slice(&columns);
+        return;
+    }
     // `columns` is [n][rows]; the result is [rows][n].
     for j in 0..n {
         for r in 0..rows {
@@ -150,8 +158,9 @@ fn small_matmul<T: Element>(w: &[T], x: &[f32], out: &mut [f32], rows: usize, n:
     }
 }
 
-#[inline]
-fn dot<T: Element>(w: &[T], x: &[f32]) -> f32 {
+/// `out[j] = w[j] · x` for each row `j` of the row-major block `w`.
+fn dot_rows<T: Element>(w: &[T], x: &[f32], out: &mut [f32]) {
+    let k = x.len();
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2")
@@ -159,10 +168,13 @@ fn dot<T: Element>(w: &[T], x: &[f32]) -> f32 {
             && std::arch::is_x86_feature_detected!("f16c")
         {
             // SAFETY: the features were detected at run time.
-            return unsafe { avx2::dot(w, x) };
+            unsafe { avx2::dot_rows(w, x, out) };
+            return;
         }
     }
-    dot_lanes::<T, false>(w, x)
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_lanes(&w[j * k..(j + 1) * k], x);
+    }
 }
 
 /// Explicit AVX2 + FMA: four 8-wide accumulators, weights widened in registers.
@@ -202,26 +214,79 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot<T: Element>(w: &[T], x: &[f32]) -> f32 {
+    pub unsafe fn dot_rows<T: Element>(w: &[T], x: &[f32], out: &mut [f32]) {
         // Dispatch on the element type without a second trait bound upstream.
         use std::any::TypeId;
         let id = TypeId::of::<T>();
+        let (p, n) = (w.as_ptr(), w.len());
         if id == TypeId::of::<f32>() {
-            dot_typed(
-                std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()),
-                x,
-            )
+            rows_typed(std::slice::from_raw_parts(p as *const f32, n), x, out)
         } else if id == TypeId::of::<half::bf16>() {
-            dot_typed(
-                std::slice::from_raw_parts(w.as_ptr() as *const half::bf16, w.len()),
+            rows_typed(
+                std::slice::from_raw_parts(p as *const half::bf16, n),
                 x,
+                out,
             )
         } else {
-            dot_typed(
-                std::slice::from_raw_parts(w.as_ptr() as *const half::f16, w.len()),
-                x,
-            )
+            rows_typed(std::slice::from_raw_parts(p as *const half::f16, n), x, out)
         }
+    }
+
+    /// Four rows at a time: each load of `x` serves four weight streams, and
+    /// four streams keep more memory requests in flight than one.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_typed<T: Load8>(w: &[T], x: &[f32], out: &mut [f32]) {
+        let k = x.len();
+        let rows = out.len();
+        let xp = x.as_ptr();
+        let mut j = 0;
+        if k.is_multiple_of(8) {
+            while j + 4 <= rows {
+                let p0 = w.as_ptr().add(j * k);
+                let (p1, p2, p3) = (p0.add(k), p0.add(2 * k), p0.add(3 * k));
+                // Named accumulators stay in registers (an indexed array may not).
+                let (mut a0, mut a1, mut a2, mut a3) = (
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                );
+                let mut i = 0;
+                // Ask for the next four rows while these stream in.
+                let ahead = p0.add(8 * k) as *const i8;
+                let ahead_bytes = 4 * k * std::mem::size_of::<T>();
+                let mut off = 0;
+                while i < k {
+                    if off < ahead_bytes {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(off));
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(off + 64));
+                        off += 128;
+                    }
+                    let xv = _mm256_loadu_ps(xp.add(i));
+                    a0 = _mm256_fmadd_ps(T::load8(p0.add(i)), xv, a0);
+                    a1 = _mm256_fmadd_ps(T::load8(p1.add(i)), xv, a1);
+                    a2 = _mm256_fmadd_ps(T::load8(p2.add(i)), xv, a2);
+                    a3 = _mm256_fmadd_ps(T::load8(p3.add(i)), xv, a3);
+                    i += 8;
+                }
+                out[j] = hsum(a0);
+                out[j + 1] = hsum(a1);
+                out[j + 2] = hsum(a2);
+                out[j + 3] = hsum(a3);
+                j += 4;
+            }
+        }
+        while j < rows {
+            out[j] = dot_typed(&w[j * k..(j + 1) * k], x);
+            j += 1;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(s: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -242,12 +307,7 @@ mod avx2 {
             i += 8;
         }
         let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let lo = _mm256_castps256_ps128(s);
-        let hi = _mm256_extractf128_ps(s, 1);
-        let q = _mm_add_ps(lo, hi);
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-        let mut total = _mm_cvtss_f32(q);
+        let mut total = hsum(s);
         while i < n {
             total += w[i].widen() * x[i];
             i += 1;
@@ -256,19 +316,15 @@ mod avx2 {
     }
 }
 
-/// 32 independent accumulators so the loop vectorises and pipelines.
+/// Portable fallback: 32 independent accumulators so the loop vectorises.
 #[inline(always)]
-fn dot_lanes<T: Element, const FMA: bool>(w: &[T], x: &[f32]) -> f32 {
+fn dot_lanes<T: Element>(w: &[T], x: &[f32]) -> f32 {
     const L: usize = 32;
     let mut acc = [0f32; L];
     let full = w.len() / L * L;
     for (wc, xc) in w[..full].chunks_exact(L).zip(x[..full].chunks_exact(L)) {
         for i in 0..L {
-            if FMA {
-                acc[i] = wc[i].widen().mul_add(xc[i], acc[i]);
-            } else {
-                acc[i] += wc[i].widen() * xc[i];
-            }
+            acc[i] += wc[i].widen() * xc[i];
         }
     }
     let mut tail = 0f32;

@@ -16,16 +16,15 @@ use crate::error::ModelError;
 use crate::linear::Linear;
 use crate::weights::Weights;
 
+/// q, k and v projections stacked into one matrix (one pass over the input).
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Linear,
     o: Linear,
 }
 
+/// gate and up projections stacked into one matrix.
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -78,6 +77,34 @@ impl Llama {
                 };
                 Ok(Linear::new(weight, bias))
             };
+        // Stacks projections that read the same input: [q; k; v] and [gate; up].
+        let stacked = |names: &[&str],
+                       outs: &[usize],
+                       inp: usize,
+                       bias: bool|
+         -> Result<Linear, ModelError> {
+            let wn: Vec<String> = names.iter().map(|n| format!("{n}.weight")).collect();
+            let shapes: Vec<[usize; 2]> = outs.iter().map(|&o| [o, inp]).collect();
+            let parts: Vec<(&str, &[usize])> = wn
+                .iter()
+                .zip(&shapes)
+                .map(|(n, s)| (n.as_str(), &s[..]))
+                .collect();
+            let weight = w.get_stacked(&parts, weight_dtype)?;
+            let bias = if bias {
+                let bn: Vec<String> = names.iter().map(|n| format!("{n}.bias")).collect();
+                let shapes: Vec<[usize; 1]> = outs.iter().map(|&o| [o]).collect();
+                let parts: Vec<(&str, &[usize])> = bn
+                    .iter()
+                    .zip(&shapes)
+                    .map(|(n, s)| (n.as_str(), &s[..]))
+                    .collect();
+                Some(w.get_stacked(&parts, DType::F32)?)
+            } else {
+                None
+            };
+            Ok(Linear::new(weight, bias))
+        };
         let embed = w.get(
             "model.embed_tokens.weight",
             &[cfg.vocab_size, h],
@@ -89,9 +116,16 @@ impl Llama {
             layers.push(Layer {
                 attn_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h], DType::F32)?,
                 attn: Attention {
-                    q: linear(&format!("{p}.self_attn.q_proj"), nq, h, cfg.qkv_bias)?,
-                    k: linear(&format!("{p}.self_attn.k_proj"), nkv, h, cfg.qkv_bias)?,
-                    v: linear(&format!("{p}.self_attn.v_proj"), nkv, h, cfg.qkv_bias)?,
+                    qkv: stacked(
+                        &[
+                            &format!("{p}.self_attn.q_proj"),
+                            &format!("{p}.self_attn.k_proj"),
+                            &format!("{p}.self_attn.v_proj"),
+                        ],
+                        &[nq, nkv, nkv],
+                        h,
+                        cfg.qkv_bias,
+                    )?,
                     o: linear(&format!("{p}.self_attn.o_proj"), h, nq, cfg.o_bias)?,
                 },
                 mlp_norm: w.get(
@@ -100,8 +134,12 @@ impl Llama {
                     DType::F32,
                 )?,
                 mlp: Mlp {
-                    gate: linear(&format!("{p}.mlp.gate_proj"), i, h, cfg.mlp_bias)?,
-                    up: linear(&format!("{p}.mlp.up_proj"), i, h, cfg.mlp_bias)?,
+                    gate_up: stacked(
+                        &[&format!("{p}.mlp.gate_proj"), &format!("{p}.mlp.up_proj")],
+                        &[i, i],
+                        h,
+                        cfg.mlp_bias,
+                    )?,
                     down: linear(&format!("{p}.mlp.down_proj"), h, i, cfg.mlp_bias)?,
                 },
                 window: cfg.sliding_window[l],
@@ -185,7 +223,10 @@ impl Llama {
             x = (x + a)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
             let m = &layer.mlp;
-            let gated = (candle_nn::ops::silu(&m.gate.forward(&h)?)? * m.up.forward(&h)?)?;
+            let gate_up = m.gate_up.forward(&h)?;
+            let inter = self.cfg.intermediate_size;
+            let gated = (candle_nn::ops::silu(&gate_up.narrow(1, 0, inter)?)?
+                * gate_up.narrow(1, inter, inter)?)?;
             x = (x + m.down.forward(&gated)?)?;
         }
         cache.advance(n);
@@ -235,13 +276,23 @@ impl Llama {
                 .contiguous()?
                 .unsqueeze(0)?)
         };
-        let q = heads(layer.attn.q.forward(h)?, nh)?;
-        let k = heads(layer.attn.k.forward(h)?, nkv)?;
-        let v = heads(layer.attn.v.forward(h)?, nkv)?;
+        let qkv = layer.attn.qkv.forward(h)?;
+        let q = heads(qkv.narrow(1, 0, nh * hd)?, nh)?;
+        let k = heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?;
+        let v = heads(qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?, nkv)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
         let (keys, values) = cache.append(index, &k, &v.squeeze(0)?)?;
         let total = start + n;
+        if n == 1 {
+            // Decoding: straight over the cache buffers.
+            let qv = q.flatten_all()?.to_vec1::<f32>()?;
+            let out = cache.attend(index, total, &qv, group, layer.window)?;
+            return layer
+                .attn
+                .o
+                .forward(&Tensor::from_vec(out, (1, nh * hd), &Device::Cpu)?);
+        }
         // Grouped-query: the `group` query heads of one kv head attend together,
         // so keys and values are never copied per query head.
         let q = q.reshape((nkv, group * n, hd))?;
