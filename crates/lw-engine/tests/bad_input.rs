@@ -215,3 +215,74 @@ fn padded_embedding_never_yields_ids_the_tokenizer_lacks() {
         .unwrap();
     assert!(out.tokens.iter().all(|&t| t < 640), "{:?}", out.tokens);
 }
+
+/// Splits a copy of the qwen2 fixture into two shards with an index, as large
+/// checkpoints are published.
+fn shard_model(tag: &str) -> PathBuf {
+    let dir = copy_model("qwen2", tag);
+    let st_path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&st_path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let half = names.len() / 2;
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [&names[..half], &names[half..]].into_iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView)> = part
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), file.clone().into());
+        }
+    }
+    std::fs::remove_file(&st_path).unwrap();
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn sharded_checkpoints_load_and_compute_the_same_logits() {
+    let dir = shard_model("sharded");
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_model("qwen2").join("../../qwen2.json")).unwrap(),
+    )
+    .unwrap();
+    let prompt: Vec<u32> = fx["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let mut engine = load(&dir).unwrap();
+    let rows = engine.score(&prompt).unwrap();
+    let want: Vec<f32> = fx["logits"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let diff = rows
+        .last()
+        .unwrap()
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "{diff}");
+}
+
+#[test]
+fn missing_shard_names_the_shard() {
+    let dir = shard_model("missing-shard");
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let msg = load(&dir).err().unwrap().to_string();
+    assert!(msg.contains("model-00002-of-00002.safetensors"), "{msg}");
+}
