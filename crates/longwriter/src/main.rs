@@ -32,6 +32,19 @@ enum Command {
     Chat(ChatArgs),
     /// Measure prefill and decode speed and peak memory on a model.
     Bench(bench::BenchArgs),
+    /// Count the words of a text (the number alone on the first line).
+    Count(CountArgs),
+}
+
+#[derive(Args)]
+struct CountArgs {
+    /// `unicode`: words of space-separated scripts plus one per CJK
+    /// character (the default for budgets); `longbench`: LongBench-Write's
+    /// definition, for comparable length scores.
+    #[arg(long, default_value = "unicode", value_parser = ["unicode", "longbench"])]
+    counter: String,
+    /// File to count; `-` or nothing reads stdin.
+    file: Option<std::path::PathBuf>,
 }
 
 /// Which model to run and how to hold it.
@@ -124,6 +137,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => run::chat(&a.model, &a.sampling, a.system.as_deref()),
         Command::Bench(a) => bench::run(&a),
+        Command::Count(a) => count(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -160,5 +174,23 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let params = run::generation_params(&engine, &a.sampling);
     let out = run::stream_to_stdout(&mut engine, &ids, &params)?;
     run::print_stats(&out, params.sampling.seed);
+    Ok(())
+}
+
+fn count(a: &CountArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text = match &a.file {
+        Some(p) if p.as_os_str() != "-" => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        _ => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .context("reading stdin")?;
+            s
+        }
+    };
+    let counter: lw_core::Counter = a.counter.parse().map_err(anyhow::Error::msg)?;
+    println!("{}", counter.count(&text));
     Ok(())
 }

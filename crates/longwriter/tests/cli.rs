@@ -264,3 +264,32 @@ fn bench_prints_one_json_object_with_the_figures() {
     }
     assert_eq!(v["threads"], 1);
 }
+
+#[test]
+fn count_prints_the_number_alone_with_either_counter() {
+    let path = std::env::temp_dir().join(format!("lw-count-{}.txt", std::process::id()));
+    std::fs::write(&path, "中文English中文 don't GPT4").unwrap();
+    let p = path.display().to_string();
+    let first_line = |out: Output| text(&out.stdout).lines().next().unwrap().to_string();
+    assert_eq!(
+        first_line(longwriter(&["count", "--counter", "longbench", &p])),
+        "6"
+    );
+    assert_eq!(first_line(longwriter(&["count", &p])), "7");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args(["count", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"three small words")
+        .unwrap();
+    assert_eq!(first_line(child.wait_with_output().unwrap()), "3");
+    let missing = longwriter(&["count", "/nonexistent/file.txt"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("/nonexistent/file.txt"));
+}

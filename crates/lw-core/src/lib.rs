@@ -1,9 +1,14 @@
-//! Shared types of longwriter: chat messages and generation parameters.
+//! Shared types of longwriter: chat messages, generation parameters, and
+//! word counting.
 //!
 //! This crate sits at the bottom of the workspace; it knows nothing about
 //! tensors, tokenizers, HTTP or files.
 
+pub mod words;
+
 use serde::{Deserialize, Serialize};
+
+pub use words::Counter;
 
 /// Who said a message in a chat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,408 @@
+//! The plan: paragraphs, each with a main point and a word budget, parsed
+//! from whatever shape a model writes it in, and checked against the length
+//! the instruction asks for.
+
+use std::sync::OnceLock;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+/// Budgets per paragraph are clamped to this range (as in the original
+/// method), except that a short piece may have a shorter paragraph.
+pub const MIN_WORDS: u32 = 200;
+pub const MAX_WORDS: u32 = 1000;
+/// A plan may miss the asked length by this much before it is re-asked.
+pub const LOW_RATIO: f64 = 0.8;
+pub const HIGH_RATIO: f64 = 1.3;
+/// Longer plans are refused (the original skipped them).
+pub const MAX_PARAGRAPHS: usize = 50;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Paragraph {
+    pub main_point: String,
+    /// Word budget (characters for Chinese).
+    pub words: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub paragraphs: Vec<Paragraph>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("no paragraphs found: write one line per paragraph, e.g. `Paragraph 1 - Main Point: … - Word Count: 400 words`")]
+    NoParagraphs,
+    #[error("paragraph {paragraph} has no word count: \"{text}\"")]
+    MissingWordCount { paragraph: usize, text: String },
+    #[error("the plan has {count} paragraphs; at most {MAX_PARAGRAPHS} are allowed")]
+    TooManyParagraphs { count: usize },
+    #[error("the paragraphs add up to {planned} words, less than {min} (80% of the {asked} asked for)", min = (*asked as f64 * LOW_RATIO).ceil() as u32)]
+    TooShort { planned: u32, asked: u32 },
+    #[error("the paragraphs add up to {planned} words, more than {max} (130% of the {asked} asked for)", max = (*asked as f64 * HIGH_RATIO).floor() as u32)]
+    TooLong { planned: u32, asked: u32 },
+}
+
+impl Plan {
+    pub fn total_words(&self) -> u32 {
+        self.paragraphs.iter().map(|p| p.words).sum()
+    }
+
+    /// Checks the total against the asked length (80%–130%).
+    pub fn check_length(&self, asked: Option<u32>) -> Result<(), PlanError> {
+        let Some(asked) = asked else { return Ok(()) };
+        let planned = self.total_words();
+        if (planned as f64) < asked as f64 * LOW_RATIO {
+            return Err(PlanError::TooShort { planned, asked });
+        }
+        if (planned as f64) > asked as f64 * HIGH_RATIO {
+            return Err(PlanError::TooLong { planned, asked });
+        }
+        Ok(())
+    }
+
+    /// The plan in the canonical one-line-per-paragraph form (what `plan`
+    /// prints and `--plan FILE` reads back).
+    pub fn to_text(&self) -> String {
+        self.paragraphs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                format!(
+                    "Paragraph {} - Main Point: {} - Word Count: {} words\n",
+                    i + 1,
+                    p.main_point,
+                    p.words
+                )
+            })
+            .collect()
+    }
+}
+
+/// How an item of the list starts, strongest first: a document's items are
+/// the lines of the strongest kind it contains; weaker ones continue an item.
+fn markers() -> &'static [Regex; 4] {
+    static RE: OnceLock<[Regex; 4]> = OnceLock::new();
+    RE.get_or_init(|| {
+        let re = |s: &str| Regex::new(s).expect("valid regex");
+        [
+            re(r"(?i)^(?:#+\s*)?(?:[-*+•]\s*)?(?:\*\*|__)?\s*(?:paragraph|para\.?|section|part|step)\s*#?\s*\d+\b(?:\*\*|__)?\s*[:：.\-–—)]?|^(?:#+\s*)?(?:[-*+•]\s*)?(?:\*\*)?\s*(?:段落|第)\s*[0-9一二三四五六七八九十百]+\s*(?:段|部分|节|章)?(?:\*\*)?\s*[:：.\-–—、]?"),
+            re(r"^(?:#+\s*)?(?:\*\*)?\d+\s*[.)、．:：]\s*(?:\*\*)?"),
+            re(r"^[-*+•]\s+"),
+            re(r"^#{1,6}\s+"),
+        ]
+    })
+}
+
+/// Summary lines after the list ("Total: 10000 words") end the list.
+fn trailer() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    RE.get_or_init(|| {
+        Regex::new(r"(?i)^(?:[-*#\s]|\*\*)*(?:total|overall|in total|sum|总计|合计|总字数|共计)")
+            .expect("valid regex")
+    })
+}
+
+/// A labelled count ("Word Count: 300", "字数要求：500字", "~400 words").
+fn count_patterns() -> &'static [Regex; 2] {
+    static RE: OnceLock<[Regex; 2]> = OnceLock::new();
+    RE.get_or_init(|| {
+        let num = r"(\d[\d,]*)(?:\s*(?:-|–|—|~|～|to|至|到)\s*(\d[\d,]*))?";
+        [
+            Regex::new(&format!(
+                r"(?i)(?:word\s*count|words|length|字数要求|字数|字數|篇幅)\s*(?:\*\*)?\s*[:：]?\s*(?:\*\*)?\s*(?:about|approximately|approx\.?|around|roughly|约|大约|左右)?\s*~?\s*{num}"
+            ))
+            .expect("valid regex"),
+            Regex::new(&format!(r"(?i)(?:about|approximately|approx\.?|around|roughly|约|大约)?\s*~?\s*{num}\s*(?:words?\b|字|词|個字|个字)")).expect("valid regex"),
+        ]
+    })
+}
+
+/// Labels and filler removed from a main point.
+fn label_pattern() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    RE.get_or_init(|| {
+        Regex::new(
+            r"(?i)(?:main\s*point|主要内容|主要內容|要点|要點|内容|內容|主题|主題|topic)\s*[:：]",
+        )
+        .expect("valid regex")
+    })
+}
+
+/// Parses a plan from model output. Budgets are clamped to
+/// [`MIN_WORDS`]–[`MAX_WORDS`] (the minimum lowered to `asked` for short pieces).
+pub fn parse_plan(text: &str, asked: Option<u32>) -> Result<Plan, PlanError> {
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.starts_with("```"))
+        .collect();
+    let kind = markers()
+        .iter()
+        .position(|re| {
+            lines
+                .iter()
+                .any(|l| re.is_match(l) && !trailer().is_match(l))
+        })
+        .ok_or(PlanError::NoParagraphs)?;
+    let marker = &markers()[kind];
+    let mut items: Vec<(String, String)> = Vec::new(); // (marker text, body)
+    let mut open = false;
+    for line in &lines {
+        if trailer().is_match(line) {
+            open = false;
+            continue;
+        }
+        if let Some(m) = marker.find(line) {
+            items.push((m.as_str().to_string(), line[m.end()..].to_string()));
+            open = true;
+        } else if open && !line.is_empty() {
+            let last = items.last_mut().expect("an item is open");
+            last.1.push(' ');
+            last.1.push_str(line);
+        }
+    }
+    if items.is_empty() {
+        return Err(PlanError::NoParagraphs);
+    }
+    if items.len() > MAX_PARAGRAPHS {
+        return Err(PlanError::TooManyParagraphs { count: items.len() });
+    }
+    let min = asked.map_or(MIN_WORDS, |a| a.min(MIN_WORDS)).max(1);
+    let mut paragraphs = Vec::with_capacity(items.len());
+    for (i, (_, body)) in items.iter().enumerate() {
+        let (words, span) = find_count(body).ok_or_else(|| PlanError::MissingWordCount {
+            paragraph: i + 1,
+            text: body.trim().to_string(),
+        })?;
+        let mut point = body.clone();
+        point.replace_range(span, " ");
+        paragraphs.push(Paragraph {
+            main_point: clean_point(&point).unwrap_or_else(|| format!("Paragraph {}", i + 1)),
+            words: words.clamp(min, MAX_WORDS),
+        });
+    }
+    Ok(Plan { paragraphs })
+}
+
+/// The word count of an item and the span of text that states it. A labelled
+/// count wins; otherwise the last "N words" in the item.
+fn find_count(body: &str) -> Option<(u32, std::ops::Range<usize>)> {
+    let [labelled, unit] = count_patterns();
+    let caps = labelled
+        .captures(body)
+        .or_else(|| unit.captures_iter(body).last())?;
+    let n = |i: usize| {
+        caps.get(i)
+            .and_then(|m| m.as_str().replace(',', "").parse::<f64>().ok())
+    };
+    let low = n(1)?;
+    let value = match n(2) {
+        Some(high) => (low + high) / 2.0,
+        None => low,
+    };
+    let whole = caps.get(0)?;
+    // Take the enclosing brackets and the unit along with the count.
+    let mut start = whole.start();
+    let mut end = whole.end();
+    let rest = &body[end..];
+    for unit in ["words", "word", "个字", "字", "词"] {
+        if let Some(r) = rest.trim_start().strip_prefix(unit) {
+            end = body.len() - r.len();
+            break;
+        }
+    }
+    let before = body[..start].trim_end();
+    let after = body[end..].trim_start();
+    if let (Some(o), Some(c)) = (before.chars().last(), after.chars().next()) {
+        if matches!(
+            (o, c),
+            ('(', ')') | ('（', '）') | ('[', ']') | ('【', '】')
+        ) {
+            start = before.len() - o.len_utf8();
+            end = body.len() - after.len() + c.len_utf8();
+        }
+    }
+    Some((value.round() as u32, start..end))
+}
+
+fn clean_point(text: &str) -> Option<String> {
+    let s = label_pattern().replace_all(text, " ");
+    let s = s.replace("**", "").replace("__", "");
+    let s: String = s
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace(" :", ":")
+        .replace(" ：", "：");
+    let trimmed =
+        s.trim_matches(|c: char| c.is_whitespace() || "-–—:：|,，;；.。()（）[]".contains(c));
+    // Separators left between removed parts (" - - ") collapse.
+    let collapsed = trimmed.replace(" - -", " -").replace("- -", "-");
+    let out = collapsed
+        .trim_end_matches(['-', '–', '—', ' '])
+        .trim()
+        .to_string();
+    (!out.is_empty()).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(plan: &Plan) -> Vec<u32> {
+        plan.paragraphs.iter().map(|p| p.words).collect()
+    }
+
+    #[test]
+    fn the_original_form() {
+        let p = parse_plan(
+            "Paragraph 1 - Main Point: Introduce the printing press and why it matters - Word Count: 400 words\n\
+             Paragraph 2 - Main Point: Gutenberg's workshop in Mainz - Word Count: 700 words",
+            None,
+        )
+        .unwrap();
+        assert_eq!(words(&p), [400, 700]);
+        assert_eq!(
+            p.paragraphs[0].main_point,
+            "Introduce the printing press and why it matters"
+        );
+        assert_eq!(p.paragraphs[1].main_point, "Gutenberg's workshop in Mainz");
+    }
+
+    /// Real-world shapes: (plan text, expected budgets or the error).
+    #[test]
+    fn a_table_of_plan_shapes() {
+        type Want = Result<Vec<u32>, fn(&PlanError) -> bool>;
+        let cases: Vec<(&str, Want)> = vec![
+            // 1. Original form with a preamble and a trailer.
+            ("Here is the plan:\nParagraph 1 - Main Point: A - Word Count: 300 words\nParagraph 2 - Main Point: B - Word Count: 500 words\nTotal: 800 words", Ok(vec![300, 500])),
+            // 2. Ranges take the midpoint.
+            ("Paragraph 1 - Main Point: A - Word Count: 300-400 words\nParagraph 2 - Main Point: B - Word Count: 500–700 words", Ok(vec![350, 600])),
+            // 3. Markdown bold labels.
+            ("**Paragraph 1** - **Main Point:** Origins - **Word Count:** 450 words\n**Paragraph 2** - **Main Point:** Spread - **Word Count:** 550 words", Ok(vec![450, 550])),
+            // 4. Numbered list with counts in parentheses.
+            ("1. Introduction (400 words): what the essay covers\n2. History (800 words)\n3. Conclusion (300 words)", Ok(vec![400, 800, 300])),
+            // 5. Numbered with ")" and "~".
+            ("1) Background ~ 600 words\n2) Method ~ 900 words", Ok(vec![600, 900])),
+            // 6. Markdown bullets.
+            ("- Opening scene — 500 words\n- The storm — 700 words\n- Aftermath — 400 words", Ok(vec![500, 700, 400])),
+            // 7. Headings with counts.
+            ("## The river (600 words)\nWhere it rises.\n## The delta (500 words)\nWhere it ends.", Ok(vec![600, 500])),
+            // 8. Multi-line items: sub-bullets carry the main point and the count.
+            ("Paragraph 1:\n- Main Point: Early life\n- Word Count: 400 words\nParagraph 2:\n- Main Point: Later years\n- Word Count: 600 words", Ok(vec![400, 600])),
+            // 9. Chinese, original form.
+            ("段落1 - 主要内容：介绍造纸术的起源 - 字数要求：500字\n段落2 - 主要内容：蔡伦改进造纸术 - 字数要求：800字", Ok(vec![500, 800])),
+            // 10. Chinese 第N段 with a range.
+            ("第1段 - 要点：开篇 - 字数：300-500字\n第2段 - 要点：发展 - 字数：600字", Ok(vec![400, 600])),
+            // 11. Chinese numbered list with full-width parentheses.
+            ("1、引言（约400字）\n2、正文（800字）\n3、结语（300字）", Ok(vec![400, 800, 300])),
+            // 12. Counts with thousands separators are clamped to 1000.
+            ("Paragraph 1 - Main Point: Everything - Word Count: 1,500 words", Ok(vec![1000])),
+            // 13. Tiny budgets are raised to 200.
+            ("Paragraph 1 - Main Point: A - Word Count: 50 words\nParagraph 2 - Main Point: B - Word Count: 300 words", Ok(vec![200, 300])),
+            // 14. "Word count" without a unit.
+            ("Paragraph 1 - Main Point: A - Word Count: 350\nParagraph 2 - Main Point: B - Word Count: 450", Ok(vec![350, 450])),
+            // 15. "approximately".
+            ("Paragraph 1: The harbour at dawn, approximately 400 words\nParagraph 2: The market, approximately 500 words", Ok(vec![400, 500])),
+            // 16. Code fence around the plan.
+            ("```\nParagraph 1 - Main Point: A - Word Count: 300 words\n```", Ok(vec![300])),
+            // 17. Junk lines between items are continuation text, not items.
+            ("Paragraph 1 - Main Point: A - Word Count: 300 words\n(this one sets the tone)\nParagraph 2 - Main Point: B - Word Count: 400 words", Ok(vec![300, 400])),
+            // 18. Sub-numbering under "Paragraph N" does not make items.
+            ("Paragraph 1 - Word Count: 500 words\n1. point a\n2. point b\nParagraph 2 - Word Count: 600 words", Ok(vec![500, 600])),
+            // 19. Missing count: an error naming the paragraph.
+            ("Paragraph 1 - Main Point: A - Word Count: 300 words\nParagraph 2 - Main Point: B", Err(|e| matches!(e, PlanError::MissingWordCount { paragraph: 2, .. }))),
+            // 20. No list at all.
+            ("I'm sorry, I can't help with that.", Err(|e| matches!(e, PlanError::NoParagraphs))),
+            // 21. Empty output.
+            ("", Err(|e| matches!(e, PlanError::NoParagraphs))),
+            // 22. Counts inside the sentence.
+            ("Paragraph 1 - Main Point: A, around 350 words.\nParagraph 2 - Main Point: B, around 450 words.", Ok(vec![350, 450])),
+            // 23. Step N form and "words" spelled singular.
+            ("Step 1: set the scene (250 word)\nStep 2: the journey (750 words)", Ok(vec![250, 750])),
+            // 24. Traditional Chinese 字數.
+            ("段落1 - 主要內容：開場 - 字數：450字", Ok(vec![450])),
+        ];
+        for (i, (text, want)) in cases.into_iter().enumerate() {
+            let got = parse_plan(text, None);
+            match want {
+                Ok(budgets) => {
+                    let plan = got.unwrap_or_else(|e| panic!("case {}: {e}\n{text}", i + 1));
+                    assert_eq!(words(&plan), budgets, "case {}:\n{text}", i + 1);
+                    assert!(plan.paragraphs.iter().all(|p| !p.main_point.is_empty()));
+                }
+                Err(check) => {
+                    let e = got
+                        .err()
+                        .unwrap_or_else(|| panic!("case {} should fail:\n{text}", i + 1));
+                    assert!(check(&e), "case {}: {e:?}", i + 1);
+                }
+            }
+        }
+        let long: String = (1..=60)
+            .map(|i| format!("Paragraph {i} - Main Point: x - Word Count: 300 words\n"))
+            .collect();
+        assert!(matches!(
+            parse_plan(&long, None),
+            Err(PlanError::TooManyParagraphs { count: 60 })
+        ));
+    }
+
+    #[test]
+    fn main_points_lose_their_labels_and_counts() {
+        let p = parse_plan(
+            "1. **Introduction** (400 words): what the essay covers",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            p.paragraphs[0].main_point,
+            "Introduction: what the essay covers"
+        );
+        let p = parse_plan("段落1 - 主要内容：介绍造纸术的起源 - 字数要求：500字", None).unwrap();
+        assert_eq!(p.paragraphs[0].main_point, "介绍造纸术的起源");
+    }
+
+    #[test]
+    fn short_pieces_may_have_short_paragraphs() {
+        let p = parse_plan(
+            "Paragraph 1 - Main Point: A poem - Word Count: 120 words",
+            Some(120),
+        )
+        .unwrap();
+        assert_eq!(words(&p), [120]);
+    }
+
+    #[test]
+    fn totals_are_checked_against_the_asked_length() {
+        let plan = |n: u32| Plan {
+            paragraphs: vec![Paragraph {
+                main_point: "x".into(),
+                words: n,
+            }],
+        };
+        assert!(plan(800).check_length(Some(1000)).is_ok());
+        assert!(plan(1300).check_length(Some(1000)).is_ok());
+        assert!(matches!(
+            plan(799).check_length(Some(1000)),
+            Err(PlanError::TooShort {
+                planned: 799,
+                asked: 1000
+            })
+        ));
+        assert!(matches!(
+            plan(1301).check_length(Some(1000)),
+            Err(PlanError::TooLong { .. })
+        ));
+        assert!(plan(5).check_length(None).is_ok());
+        let msg = plan(500).check_length(Some(1000)).unwrap_err().to_string();
+        assert!(msg.contains("500") && msg.contains("1000"), "{msg}");
+    }
+
+    #[test]
+    fn canonical_text_parses_back_to_the_same_plan() {
+        let p = parse_plan("1. Origins (400 words)\n2. 发展（600字）", None).unwrap();
+        assert_eq!(parse_plan(&p.to_text(), None).unwrap(), p);
+    }
+}
