@@ -4,6 +4,7 @@
 
 mod bench;
 mod run;
+mod write;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -26,6 +27,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Plan and write a long document (AgentWrite), resumably, into a run directory.
+    Write(write::WriteArgs),
+    /// Print the paragraph plan for an instruction (edit it, then `write --plan FILE`).
+    Plan(write::PlanArgs),
     /// Continue a prompt (or answer it with --chat), streaming the text to stdout.
     Generate(GenerateArgs),
     /// Talk to a model in a multi-turn conversation on the terminal.
@@ -134,6 +139,8 @@ struct ChatArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Write(a) => write::write(&a),
+        Command::Plan(a) => write::plan(&a),
         Command::Generate(a) => generate(a),
         Command::Chat(a) => run::chat(&a.model, &a.sampling, a.system.as_deref()),
         Command::Bench(a) => bench::run(&a),

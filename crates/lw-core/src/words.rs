@@ -180,3 +180,35 @@ mod tests {
         assert!("words".parse::<Counter>().is_err());
     }
 }
+
+/// LongBench-Write's length score of one item: 100 when the produced length
+/// `y` equals the required `x`, falling linearly to 0 at 4·x above and x/3
+/// below (0 for an empty output).
+pub fn length_score(required: f64, produced: f64) -> f64 {
+    if required <= 0.0 {
+        return 0.0;
+    }
+    if produced > required {
+        100.0 * (1.0 - (produced / required - 1.0) / 3.0).max(0.0)
+    } else if produced <= 0.0 {
+        0.0
+    } else {
+        100.0 * (1.0 - (required / produced - 1.0) / 2.0).max(0.0)
+    }
+}
+
+#[cfg(test)]
+mod score_tests {
+    use super::length_score;
+
+    #[test]
+    fn the_benchmark_checks() {
+        let close = |a: f64, b: f64| (a - b).abs() < 0.01;
+        assert!(close(length_score(1000.0, 2000.0), 66.67));
+        assert!(close(length_score(1000.0, 4000.0), 0.0));
+        assert!(close(length_score(1000.0, 500.0), 50.0));
+        assert!(close(length_score(1000.0, 333.0), 0.0));
+        assert!(close(length_score(1000.0, 1000.0), 100.0));
+        assert_eq!(length_score(1000.0, 0.0), 0.0);
+    }
+}

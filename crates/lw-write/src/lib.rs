@@ -5,7 +5,14 @@
 //! tensors, and reaches models only through a language-model interface.
 
 pub mod length;
+pub mod model;
 pub mod plan;
+pub mod prompts;
+pub mod run;
+pub mod writer;
 
 pub use length::{requested_length, Language};
+pub use model::{ChatRequest, ChatResponse, LanguageModel, LocalModel, ModelCallError, Usage};
 pub use plan::{parse_plan, Paragraph, Plan, PlanError};
+pub use run::{Mode, Request, RunDir, RunDirError, SectionRecord, State};
+pub use writer::{make_plan, write, Event, Summary, WriteError, WriteOptions};

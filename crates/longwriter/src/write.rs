@@ -1,0 +1,386 @@
+//! `longwriter plan` and `longwriter write`: the AgentWrite run on the
+//! command line, with a progress display, JSON events, Ctrl-C and resume.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use lw_core::{Counter, SamplingParams};
+use lw_write::{Event, Language, LanguageModel, LocalModel, Mode, Request, RunDir, WriteOptions};
+
+use crate::ModelArgs;
+
+#[derive(Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    style: StyleArgs,
+    /// The writing instruction; `-` reads it from stdin.
+    instruction: String,
+}
+
+#[derive(Args)]
+pub struct WriteArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    style: StyleArgs,
+    /// Run directory (default: ./longwriter-runs/<instruction>-<time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory (finished sections are kept).
+    #[arg(long, conflicts_with_all = ["out", "instruction", "plan"])]
+    resume: Option<PathBuf>,
+    /// Write from this plan (as printed by `longwriter plan`) instead of asking for one.
+    #[arg(long)]
+    plan: Option<PathBuf>,
+    /// agentwrite: plan, then write paragraph by paragraph; direct: one pass.
+    #[arg(long, value_enum, default_value = "agentwrite")]
+    mode: ModeArg,
+    /// No progress display.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+    /// Machine-readable events on stdout, one JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// The writing instruction; `-` reads it from stdin.
+    #[arg(required_unless_present = "resume")]
+    instruction: Option<String>,
+}
+
+/// Language and sampling of plan and write calls.
+#[derive(Args)]
+struct StyleArgs {
+    /// Prompt language (default: the instruction's).
+    #[arg(long)]
+    language: Option<Language>,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Penalise repeated tokens (1 = off).
+    #[arg(long, default_value_t = 1.05)]
+    repetition_penalty: f32,
+    /// Random seed: the same seed and model give the same document.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Plans asked for before giving up.
+    #[arg(long, default_value_t = 3)]
+    plan_tries: usize,
+    /// Word counter for budgets and lengths.
+    #[arg(long, default_value = "unicode", value_parser = ["unicode", "longbench"])]
+    counter: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Agentwrite,
+    Direct,
+}
+
+impl StyleArgs {
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            ..Default::default()
+        }
+    }
+}
+
+fn read_instruction(s: &str) -> anyhow::Result<String> {
+    let text = if s == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).context("reading stdin")?;
+        t
+    } else {
+        s.to_string()
+    };
+    let text = text.trim().to_string();
+    if text.is_empty() {
+        anyhow::bail!("the instruction is empty");
+    }
+    Ok(text)
+}
+
+fn local_model(m: &ModelArgs) -> anyhow::Result<LocalModel> {
+    let engine = crate::run::load_engine(m)?;
+    Ok(LocalModel::new(engine, m.model.clone()))
+}
+
+pub fn plan(a: &PlanArgs) -> anyhow::Result<()> {
+    let instruction = read_instruction(&a.instruction)?;
+    let lang = a
+        .style
+        .language
+        .unwrap_or_else(|| Language::detect(&instruction));
+    let asked = lw_write::requested_length(&instruction);
+    let mut model = local_model(&a.model)?;
+    let mut usage = lw_write::Usage::default();
+    let plan = lw_write::make_plan(
+        &mut model,
+        &instruction,
+        asked,
+        lang,
+        &a.style.sampling(),
+        a.style.plan_tries,
+        &mut usage,
+    )?;
+    print!("{}", plan.to_text());
+    eprintln!(
+        "{} paragraphs, {} words planned{}",
+        plan.paragraphs.len(),
+        plan.total_words(),
+        asked.map(|n| format!(" ({n} asked)")).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Set by the SIGINT handler; the run stops after saving what is finished.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
+    let counter: Counter = a.style.counter.parse().map_err(anyhow::Error::msg)?;
+    let mut model = local_model(&a.model)?;
+    let dir = match &a.resume {
+        Some(path) => RunDir::open(path)?.0,
+        None => {
+            let instruction = read_instruction(a.instruction.as_deref().unwrap_or("-"))?;
+            let language = a
+                .style
+                .language
+                .unwrap_or_else(|| Language::detect(&instruction));
+            let request = Request {
+                asked_words: lw_write::requested_length(&instruction),
+                instruction,
+                language,
+                mode: match a.mode {
+                    ModeArg::Agentwrite => Mode::AgentWrite,
+                    ModeArg::Direct => Mode::Direct,
+                },
+                sampling: a.style.sampling(),
+                model: model.name(),
+            };
+            let out = a.out.clone().unwrap_or_else(|| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                PathBuf::from("longwriter-runs")
+                    .join(lw_write::run::default_run_name(&request.instruction, now))
+            });
+            let dir = RunDir::create(&out, &request)?;
+            if let Some(p) = &a.plan {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                let plan = lw_write::parse_plan(&text, request.asked_words)
+                    .with_context(|| format!("{}: not a usable plan", p.display()))?;
+                dir.save_plan(&plan)?;
+            }
+            dir
+        }
+    };
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+    if !a.json {
+        eprintln!("run directory: {}", dir.path().display());
+    }
+    let mut display = Display::new(a.quiet || a.json, a.json, counter);
+    let opts = WriteOptions {
+        plan_tries: a.style.plan_tries,
+        counter,
+        ..Default::default()
+    };
+    let result = lw_write::write(&mut model, &dir, &opts, &STOP, &mut |e| display.event(e));
+    display.finish();
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) => {
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "failed", "error": e.to_string(), "run_dir": dir.path()})
+                );
+            }
+            return Err(
+                anyhow::Error::new(e).context(format!("run directory {}", dir.path().display()))
+            );
+        }
+    };
+    let score = summary.asked_words.map(|x| {
+        lw_core::words::length_score(
+            x as f64,
+            lw_core::words::count_longbench(&summary.document) as f64,
+        )
+    });
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "event": "summary",
+                "run_dir": dir.path(),
+                "document": dir.document_path(),
+                "asked_words": summary.asked_words,
+                "planned_words": summary.planned_words,
+                "delivered_words": summary.delivered_words,
+                "length_score": score,
+                "usage": summary.usage,
+                "seconds": summary.seconds,
+            })
+        );
+    } else {
+        eprintln!(
+            "done: {} words delivered ({} planned{}){}; tokens in {} ({} reused), out {}; {:.1}s\ndocument: {}",
+            summary.delivered_words,
+            summary.planned_words,
+            summary.asked_words.map(|n| format!(", {n} asked")).unwrap_or_default(),
+            score.map(|s| format!("; length score {s:.1}")).unwrap_or_default(),
+            summary.usage.prompt_tokens,
+            summary.usage.cached_prompt_tokens,
+            summary.usage.completion_tokens,
+            summary.seconds,
+            dir.document_path().display()
+        );
+    }
+    Ok(())
+}
+
+/// Progress bar (words written / words planned) or JSON events.
+struct Display {
+    bar: Option<ProgressBar>,
+    json: bool,
+    counter: Counter,
+    done_words: u64,
+    current: String,
+}
+
+impl Display {
+    fn new(hidden: bool, json: bool, counter: Counter) -> Self {
+        Display {
+            bar: (!hidden).then(|| {
+                let bar = ProgressBar::new(0);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {pos}/{len} words, {per_sec}, ETA {eta}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+                bar
+            }),
+            json,
+            counter,
+            done_words: 0,
+            current: String::new(),
+        }
+    }
+
+    fn event(&mut self, e: Event) {
+        if self.json {
+            let v = match &e {
+                Event::PlanReady { plan, reused } => {
+                    serde_json::json!({"event": "plan", "reused": reused, "paragraphs": plan.paragraphs})
+                }
+                Event::SectionStart {
+                    index,
+                    total,
+                    asked_words,
+                } => {
+                    serde_json::json!({"event": "section_start", "index": index, "total": total, "asked_words": asked_words})
+                }
+                Event::Delta { index, text } => {
+                    serde_json::json!({"event": "delta", "index": index, "text": text})
+                }
+                Event::SectionRetry {
+                    index,
+                    attempt,
+                    reason,
+                } => {
+                    serde_json::json!({"event": "section_retry", "index": index, "attempt": attempt, "reason": reason})
+                }
+                Event::SectionDone { record, resumed } => {
+                    serde_json::json!({"event": "section_done", "resumed": resumed, "section": record})
+                }
+                Event::Finished { words } => {
+                    serde_json::json!({"event": "finished", "words": words})
+                }
+            };
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{v}");
+            let _ = out.flush();
+            return;
+        }
+        let Some(bar) = &self.bar else { return };
+        match e {
+            Event::PlanReady { plan, reused } => {
+                bar.println(format!(
+                    "plan{}: {} paragraphs, {} words",
+                    if reused {
+                        " (from the run directory)"
+                    } else {
+                        ""
+                    },
+                    plan.paragraphs.len(),
+                    plan.total_words()
+                ));
+                for (i, p) in plan.paragraphs.iter().enumerate() {
+                    bar.println(format!(
+                        "  {:>2}. [{} words] {}",
+                        i + 1,
+                        p.words,
+                        p.main_point
+                    ));
+                }
+                bar.set_length(plan.total_words() as u64);
+            }
+            Event::SectionStart { index, total, .. } => {
+                self.current.clear();
+                bar.set_message(format!("section {}/{}", index + 1, total));
+            }
+            Event::Delta { text, .. } => {
+                self.current.push_str(text);
+                bar.set_position(self.done_words + self.counter.count(&self.current) as u64);
+            }
+            Event::SectionRetry {
+                index,
+                attempt,
+                reason,
+            } => {
+                self.current.clear();
+                bar.println(format!(
+                    "section {}: {reason}, retrying (attempt {})",
+                    index + 1,
+                    attempt + 1
+                ));
+            }
+            Event::SectionDone { record, resumed } => {
+                self.done_words += record.delivered_words as u64;
+                bar.set_position(self.done_words);
+                if resumed {
+                    bar.set_message(format!("section {} (kept)", record.index + 1));
+                }
+            }
+            Event::Finished { .. } => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

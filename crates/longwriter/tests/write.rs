@@ -1,0 +1,280 @@
+//! `longwriter write` end to end on the local engine: real processes, real
+//! run directories, kills and resumes. The model is the tiny Qwen2 fixture
+//! with its context widened (its text is noise, but it goes through every
+//! code path a real model does).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lw-write-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The qwen2 fixture with a context of `context` positions.
+fn model(tag: &str, context: usize) -> PathBuf {
+    let dst = scratch(&format!("model-{tag}"));
+    let src = root().join("tests/fixtures/models/qwen2");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    let cfg = dst.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["max_position_embeddings"] = context.into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    dst
+}
+
+fn plan_file(dir: &Path, sections: usize, words: u32) -> PathBuf {
+    let text: String = (1..=sections)
+        .map(|i| format!("Paragraph {i} - Main Point: Part {i} of the river's story - Word Count: {words} words\n"))
+        .collect();
+    let p = dir.join("plan.txt");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn write_cmd(model: &Path, out: &Path, plan: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_longwriter"));
+    c.args(["write", "--model"])
+        .arg(model)
+        .arg("--plan")
+        .arg(plan)
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--temperature",
+            "1.0",
+            "--seed",
+            "7",
+            "--threads",
+            "1",
+            "--quiet",
+        ])
+        .arg("Write a 2000-word story about a river.");
+    c
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn state(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("state.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn a_run_writes_every_section_and_the_document_atomically() {
+    let m = model("basic", 16384);
+    let work = scratch("basic");
+    let plan = plan_file(&work, 3, 200);
+    let run = work.join("run");
+    let out = write_cmd(&m, &run, &plan).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sections: Vec<String> = (1..=3)
+        .map(|i| std::fs::read_to_string(run.join(format!("sections/{i:03}.md"))).unwrap())
+        .collect();
+    let doc = std::fs::read_to_string(run.join("document.md")).unwrap();
+    assert_eq!(doc, sections.join("\n\n"));
+    let st = state(&run);
+    assert_eq!(st["finished"], true);
+    assert_eq!(st["sections"].as_array().unwrap().len(), 3);
+    for s in st["sections"].as_array().unwrap() {
+        assert_eq!(s["asked_words"], 200);
+        assert!(s["usage"]["completion_tokens"].as_u64().unwrap() <= 200 * 2 + 64);
+    }
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("words delivered") && stderr.contains("length score"),
+        "{stderr}"
+    );
+    // No temporary files remain.
+    assert!(!std::fs::read_dir(run.join("sections")).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".tmp")));
+}
+
+#[test]
+fn json_mode_prints_one_event_per_line() {
+    let m = model("json", 16384);
+    let work = scratch("json");
+    let plan = plan_file(&work, 2, 200);
+    let out = write_cmd(&m, &work.join("run"), &plan)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let events: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"plan"));
+    assert_eq!(kinds.iter().filter(|k| **k == "section_done").count(), 2);
+    assert_eq!(kinds.last(), Some(&"summary"));
+    let deltas: String = events
+        .iter()
+        .filter(|e| e["event"] == "delta" && e["index"] == 0)
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    let first = std::fs::read_to_string(work.join("run/sections/001.md")).unwrap();
+    assert_eq!(deltas.trim(), first);
+}
+
+#[test]
+fn killed_runs_resume_to_the_same_document_without_losing_or_repeating_sections() {
+    let m = model("resume", 16384);
+    let work = scratch("resume");
+    let plan = plan_file(&work, 6, 200);
+    let reference = work.join("reference");
+    let started = std::time::Instant::now();
+    let out = write_cmd(&m, &reference, &plan).output().unwrap();
+    let duration_ms = started.elapsed().as_millis() as u64;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let want = std::fs::read_to_string(reference.join("document.md")).unwrap();
+    // Ten kill points spread over the length of an uninterrupted run.
+    let mut interrupted = 0;
+    for k in 0..10u64 {
+        let delay_ms = duration_ms * (2 * k + 1) / 20;
+        let run = work.join(format!("killed-{k}"));
+        let mut child = write_cmd(&m, &run, &plan)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        if !run.join("document.md").exists() {
+            interrupted += 1;
+        }
+        let finished_before = if run.join("state.json").exists() {
+            state(&run)["sections"].as_array().map_or(0, |s| s.len())
+        } else {
+            0
+        };
+        if !run.join("request.json").exists() {
+            // Killed before the run directory existed: start it again.
+            let out = write_cmd(&m, &run, &plan).output().unwrap();
+            assert!(out.status.success(), "{}", text(&out.stderr));
+        } else {
+            let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+                .args(["write", "--quiet", "--threads", "1", "--model"])
+                .arg(&m)
+                .arg("--resume")
+                .arg(&run)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "kill {k}: {}", text(&out.stderr));
+        }
+        let got = std::fs::read_to_string(run.join("document.md")).unwrap();
+        assert_eq!(
+            got, want,
+            "kill point {k} ({delay_ms} ms, {finished_before} sections done before)"
+        );
+        let st = state(&run);
+        let indices: Vec<u64> = st["sections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["index"].as_u64().unwrap())
+            .collect();
+        let mut sorted = indices.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(
+            sorted,
+            (0..6).collect::<Vec<_>>(),
+            "kill point {k}: {indices:?}"
+        );
+    }
+    assert!(
+        interrupted >= 5,
+        "only {interrupted} of 10 kills landed before the end of the run"
+    );
+}
+
+#[test]
+fn the_local_engine_prefills_each_token_about_once() {
+    let m = model("prefix", 32768);
+    let work = scratch("prefix");
+    let plan = plan_file(&work, 20, 200);
+    let run = work.join("run");
+    let out = write_cmd(&m, &run, &plan).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let st = state(&run);
+    let sections = st["sections"].as_array().unwrap();
+    let prefilled: u64 = sections
+        .iter()
+        .map(|s| {
+            s["usage"]["prompt_tokens"].as_u64().unwrap()
+                - s["usage"]["cached_prompt_tokens"].as_u64().unwrap()
+        })
+        .sum();
+    let stateless: u64 = sections
+        .iter()
+        .map(|s| s["usage"]["prompt_tokens"].as_u64().unwrap())
+        .sum();
+    let last = &sections[19]["usage"];
+    let final_len =
+        last["prompt_tokens"].as_u64().unwrap() + last["completion_tokens"].as_u64().unwrap();
+    println!("prefilled {prefilled} tokens; final prompt + output {final_len}; a stateless backend prefills {stateless}");
+    assert!(
+        (prefilled as f64) <= 1.2 * final_len as f64,
+        "prefilled {prefilled} vs final {final_len}"
+    );
+    assert!(
+        stateless > 5 * prefilled,
+        "stateless {stateless} vs {prefilled}"
+    );
+}
+
+#[test]
+fn a_context_overflow_names_the_step_and_the_sizes() {
+    let m = model("overflow", 700);
+    let work = scratch("overflow");
+    let plan = plan_file(&work, 3, 200);
+    let out: Output = write_cmd(&m, &work.join("run"), &plan).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("paragraph")
+            && stderr.contains("of 3")
+            && stderr.contains("context of 700"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"));
+    // What was finished before the overflow is kept and no error text is in it.
+    for e in std::fs::read_dir(work.join("run/sections")).unwrap() {
+        let t = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        assert!(!t.contains("context"), "{t}");
+    }
+}
+
+#[test]
+fn a_model_that_cannot_plan_fails_clearly_after_its_tries() {
+    let m = model("noplan", 16384);
+    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args(["plan", "--threads", "1", "--plan-tries", "2", "--model"])
+        .arg(&m)
+        .arg("Write a 3000-word essay on tea.")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("no usable plan after 2 tries"), "{stderr}");
+}

@@ -1,0 +1,142 @@
+//! The interface AgentWrite reaches models through, and the in-process
+//! implementation on the local engine.
+
+use lw_core::{FinishReason, GenerationParams, Message, SamplingParams};
+use serde::{Deserialize, Serialize};
+
+/// One chat completion to run.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+/// What a completion produced and what it cost.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    /// Prompt tokens the backend reused from an earlier request.
+    pub cached_prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+impl Usage {
+    pub fn add(&mut self, other: &Usage) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.cached_prompt_tokens += other.cached_prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+    }
+
+    /// Prompt tokens actually computed (not reused).
+    pub fn prefilled_tokens(&self) -> usize {
+        self.prompt_tokens - self.cached_prompt_tokens
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ChatResponse {
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+}
+
+/// Why a call to a model failed. None of these ever becomes document text.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelCallError {
+    #[error("the prompt ({prompt_tokens} tokens) plus the answer ({max_tokens} tokens) exceed the model's context of {context} tokens")]
+    ContextLength {
+        prompt_tokens: usize,
+        max_tokens: usize,
+        context: usize,
+    },
+    #[error("the model refused (content filter): {0}")]
+    ContentFilter(String),
+    #[error("stopped by the user")]
+    Cancelled,
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// A chat model: the local engine or a server.
+pub trait LanguageModel {
+    /// A name for people and run records.
+    fn name(&self) -> String;
+
+    /// Runs one chat completion, streaming text deltas to `on_text`
+    /// (`false` from it cancels).
+    fn complete(
+        &mut self,
+        request: &ChatRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<ChatResponse, ModelCallError>;
+}
+
+/// The in-process engine. Consecutive requests share the KV cache of their
+/// longest common token prefix, so a growing document is computed about once.
+pub struct LocalModel {
+    engine: lw_engine::Engine,
+    name: String,
+}
+
+impl LocalModel {
+    pub fn new(engine: lw_engine::Engine, name: impl Into<String>) -> Self {
+        LocalModel {
+            engine,
+            name: name.into(),
+        }
+    }
+
+    pub fn engine(&self) -> &lw_engine::Engine {
+        &self.engine
+    }
+}
+
+impl LanguageModel for LocalModel {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn complete(
+        &mut self,
+        request: &ChatRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<ChatResponse, ModelCallError> {
+        let backend = |e: lw_engine::EngineError| ModelCallError::Backend(e.to_string());
+        let ids = self
+            .engine
+            .encode_chat(&request.messages)
+            .map_err(backend)?;
+        let context = self.engine.context_length();
+        if ids.len() + request.max_tokens > context {
+            return Err(ModelCallError::ContextLength {
+                prompt_tokens: ids.len(),
+                max_tokens: request.max_tokens,
+                context,
+            });
+        }
+        let params = GenerationParams {
+            sampling: request.sampling.clone(),
+            max_tokens: Some(request.max_tokens),
+            stop: request.stop.clone(),
+            ignore_eos: false,
+        };
+        let out = self
+            .engine
+            .generate(&ids, &params, |d| on_text(d))
+            .map_err(backend)?;
+        if out.finish_reason == FinishReason::Cancelled {
+            return Err(ModelCallError::Cancelled);
+        }
+        Ok(ChatResponse {
+            text: out.text,
+            finish_reason: out.finish_reason,
+            usage: Usage {
+                prompt_tokens: out.stats.prompt_tokens,
+                cached_prompt_tokens: out.stats.cached_prompt_tokens,
+                completion_tokens: out.stats.generated_tokens,
+            },
+        })
+    }
+}

@@ -1,0 +1,286 @@
+//! The run directory: everything a writing run needs to resume, written
+//! atomically (temporary file + rename), so a kill at any moment loses at
+//! most the section in progress.
+//!
+//! ```text
+//! DIR/request.json    what was asked (instruction, length, language, sampling)
+//! DIR/plan.json       the plan
+//! DIR/sections/NNN.md one file per finished section
+//! DIR/state.json      per-section figures and totals
+//! DIR/document.md     the sections joined by blank lines, when finished
+//! ```
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use lw_core::SamplingParams;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::length::Language;
+use crate::model::Usage;
+use crate::plan::Plan;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Plan, then write paragraph by paragraph.
+    AgentWrite,
+    /// One pass (models trained to write long).
+    Direct,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub instruction: String,
+    /// Length asked for, in words (characters for Chinese), when stated.
+    pub asked_words: Option<u32>,
+    pub language: Language,
+    pub mode: Mode,
+    pub sampling: SamplingParams,
+    pub model: String,
+}
+
+/// Figures of one finished section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SectionRecord {
+    pub index: usize,
+    pub asked_words: u32,
+    pub delivered_words: usize,
+    pub usage: Usage,
+    pub seconds: f64,
+    pub attempts: usize,
+    pub finish_reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub sections: Vec<SectionRecord>,
+    /// Tokens of every call, the plan's included.
+    pub usage: Usage,
+    pub finished: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunDirError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{}: a run already exists here; resume it with --resume or choose another --out", path.display())]
+    Exists { path: PathBuf },
+    #[error("{}: not a run directory (no request.json)", path.display())]
+    NotARun { path: PathBuf },
+}
+
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    /// Starts a new run in `path` (created if missing; refused if it holds a run).
+    pub fn create(path: &Path, request: &Request) -> Result<Self, RunDirError> {
+        if path.join("request.json").exists() {
+            return Err(RunDirError::Exists {
+                path: path.to_path_buf(),
+            });
+        }
+        std::fs::create_dir_all(path.join("sections")).map_err(|e| io(path, e))?;
+        let dir = RunDir {
+            path: path.to_path_buf(),
+        };
+        dir.write_json("request.json", request)?;
+        dir.write_json("state.json", &State::default())?;
+        Ok(dir)
+    }
+
+    /// Opens an existing run.
+    pub fn open(path: &Path) -> Result<(Self, Request), RunDirError> {
+        if !path.join("request.json").exists() {
+            return Err(RunDirError::NotARun {
+                path: path.to_path_buf(),
+            });
+        }
+        let dir = RunDir {
+            path: path.to_path_buf(),
+        };
+        let request = dir
+            .read_json("request.json")?
+            .ok_or_else(|| RunDirError::NotARun {
+                path: path.to_path_buf(),
+            })?;
+        Ok((dir, request))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn plan(&self) -> Result<Option<Plan>, RunDirError> {
+        self.read_json("plan.json")
+    }
+
+    pub fn save_plan(&self, plan: &Plan) -> Result<(), RunDirError> {
+        self.write_json("plan.json", plan)
+    }
+
+    pub fn state(&self) -> Result<State, RunDirError> {
+        Ok(self.read_json("state.json")?.unwrap_or_default())
+    }
+
+    pub fn save_state(&self, state: &State) -> Result<(), RunDirError> {
+        self.write_json("state.json", state)
+    }
+
+    fn section_path(&self, index: usize) -> PathBuf {
+        self.path
+            .join("sections")
+            .join(format!("{:03}.md", index + 1))
+    }
+
+    /// Text of a finished section, if it is on disk.
+    pub fn section(&self, index: usize) -> Result<Option<String>, RunDirError> {
+        let p = self.section_path(index);
+        match std::fs::read_to_string(&p) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&p, e)),
+        }
+    }
+
+    pub fn save_section(&self, index: usize, text: &str) -> Result<(), RunDirError> {
+        write_atomic(&self.section_path(index), text.as_bytes())
+    }
+
+    pub fn document_path(&self) -> PathBuf {
+        self.path.join("document.md")
+    }
+
+    pub fn save_document(&self, text: &str) -> Result<(), RunDirError> {
+        write_atomic(&self.document_path(), text.as_bytes())
+    }
+
+    fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, RunDirError> {
+        let p = self.path.join(name);
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&p, e)),
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| RunDirError::Corrupt {
+                path: p,
+                reason: e.to_string(),
+            })
+    }
+
+    fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), RunDirError> {
+        let text = serde_json::to_string_pretty(value).expect("run records serialise");
+        write_atomic(&self.path.join(name), text.as_bytes())
+    }
+}
+
+fn io(path: &Path, source: std::io::Error) -> RunDirError {
+    RunDirError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` so that readers see the old or the new content,
+/// never a mix: a synced temporary file renamed over the target.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunDirError> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| io(&tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
+}
+
+/// A directory name from the instruction's first words and the time.
+pub fn default_run_name(instruction: &str, unix_secs: u64) -> String {
+    let slug: String = instruction
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect::<String>()
+        .split('-')
+        .filter(|w| !w.is_empty())
+        .take(6)
+        .collect::<Vec<_>>()
+        .join("-");
+    let slug: String = slug.chars().take(48).collect();
+    format!(
+        "{}-{unix_secs}",
+        if slug.is_empty() {
+            "run".to_string()
+        } else {
+            slug
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Request {
+        Request {
+            instruction: "Write a 1000-word essay.".into(),
+            asked_words: Some(1000),
+            language: Language::English,
+            mode: Mode::AgentWrite,
+            sampling: SamplingParams::default(),
+            model: "m".into(),
+        }
+    }
+
+    #[test]
+    fn a_run_round_trips_and_refuses_to_be_created_twice() {
+        let dir = std::env::temp_dir().join(format!("lw-rundir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let run = RunDir::create(&dir, &request()).unwrap();
+        run.save_section(0, "First.").unwrap();
+        assert_eq!(run.section(0).unwrap().as_deref(), Some("First."));
+        assert_eq!(run.section(1).unwrap(), None);
+        assert!(matches!(
+            RunDir::create(&dir, &request()),
+            Err(RunDirError::Exists { .. })
+        ));
+        let (_, req) = RunDir::open(&dir).unwrap();
+        assert_eq!(req, request());
+        // No temporary files are left behind.
+        let leftovers: Vec<_> = std::fs::read_dir(dir.join("sections"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+        std::fs::write(dir.join("state.json"), "{ broken").unwrap();
+        let err = run.state().unwrap_err().to_string();
+        assert!(err.contains("state.json"), "{err}");
+    }
+
+    #[test]
+    fn run_names_come_from_the_instruction() {
+        assert_eq!(
+            default_run_name("Write a 10000-word guide to tea!", 7),
+            "write-a-10000-word-guide-to-7"
+        );
+        assert_eq!(default_run_name("!!!", 7), "run-7");
+    }
+}

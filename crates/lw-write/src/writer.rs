@@ -1,0 +1,386 @@
+//! The AgentWrite loop: plan (re-asked until it parses and fits the asked
+//! length), then one call per paragraph, each seeing all the text so far.
+//! Every finished section is saved before the next starts, so a run resumes
+//! where it stopped and never repeats a finished section.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use lw_core::{Counter, FinishReason, Message, SamplingParams};
+
+use crate::length::Language;
+use crate::model::{ChatRequest, LanguageModel, ModelCallError, Usage};
+use crate::plan::{parse_plan, Plan, PlanError};
+use crate::prompts;
+use crate::run::{Mode, RunDir, RunDirError, SectionRecord};
+
+/// Knobs of a run.
+#[derive(Debug, Clone)]
+pub struct WriteOptions {
+    /// Plans asked for before giving up.
+    pub plan_tries: usize,
+    /// Attempts per section when the text degenerates into a loop.
+    pub section_attempts: usize,
+    /// Counter for budgets and delivered lengths.
+    pub counter: Counter,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            plan_tries: 3,
+            section_attempts: 3,
+            counter: Counter::Unicode,
+        }
+    }
+}
+
+/// What happens during a run, for progress displays and event streams.
+#[derive(Debug)]
+pub enum Event<'a> {
+    PlanReady {
+        plan: &'a Plan,
+        reused: bool,
+    },
+    SectionStart {
+        index: usize,
+        total: usize,
+        asked_words: u32,
+    },
+    Delta {
+        index: usize,
+        text: &'a str,
+    },
+    SectionRetry {
+        index: usize,
+        attempt: usize,
+        reason: &'a str,
+    },
+    SectionDone {
+        record: &'a SectionRecord,
+        resumed: bool,
+    },
+    Finished {
+        words: usize,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("no usable plan after {tries} tries; last problem: {last}")]
+    Plan { tries: usize, last: PlanError },
+    #[error("{step}: {source}")]
+    Model {
+        step: String,
+        #[source]
+        source: ModelCallError,
+    },
+    #[error("paragraph {index}: the text fell into a repeating loop in all {attempts} attempts")]
+    Degenerate { index: usize, attempts: usize },
+    #[error("stopped; finished sections are saved, resume with --resume")]
+    Cancelled,
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
+}
+
+/// What a finished run produced.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub document: String,
+    pub asked_words: Option<u32>,
+    pub planned_words: u32,
+    pub delivered_words: usize,
+    pub usage: Usage,
+    pub seconds: f64,
+}
+
+fn seed_for(base: u64, index: usize, attempt: usize) -> u64 {
+    base.wrapping_add((index as u64) << 8)
+        .wrapping_add(attempt as u64 * 7919)
+}
+
+/// Asks `model` for a plan until one parses and fits the asked length.
+pub fn make_plan(
+    model: &mut dyn LanguageModel,
+    instruction: &str,
+    asked: Option<u32>,
+    lang: Language,
+    sampling: &SamplingParams,
+    tries: usize,
+    usage: &mut Usage,
+) -> Result<Plan, WriteError> {
+    let mut problem: Option<PlanError> = None;
+    for attempt in 0..tries.max(1) {
+        let prompt = prompts::plan_prompt(
+            instruction,
+            asked,
+            lang,
+            problem.as_ref().map(|p| p.to_string()).as_deref(),
+        );
+        let request = ChatRequest {
+            messages: vec![Message::user(prompt)],
+            max_tokens: 2048,
+            sampling: SamplingParams {
+                seed: sampling
+                    .seed
+                    .wrapping_add(0x706c_616e)
+                    .wrapping_add(attempt as u64 * 7919),
+                ..sampling.clone()
+            },
+            stop: vec![],
+        };
+        let response =
+            model
+                .complete(&request, &mut |_| true)
+                .map_err(|source| WriteError::Model {
+                    step: format!("plan (try {})", attempt + 1),
+                    source,
+                })?;
+        usage.add(&response.usage);
+        match parse_plan(&response.text, asked).and_then(|p| p.check_length(asked).map(|_| p)) {
+            Ok(plan) => return Ok(plan),
+            Err(e) => problem = Some(e),
+        }
+    }
+    Err(WriteError::Plan {
+        tries: tries.max(1),
+        last: problem.expect("at least one try"),
+    })
+}
+
+/// Runs (or resumes) the writing run in `dir`. `stop` set by another thread
+/// (Ctrl-C) ends the run after saving what is finished.
+pub fn write(
+    model: &mut dyn LanguageModel,
+    dir: &RunDir,
+    opts: &WriteOptions,
+    stop: &AtomicBool,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Summary, WriteError> {
+    let started = Instant::now();
+    let (_, request) = RunDir::open(dir.path())?;
+    let mut state = dir.state()?;
+    let plan = match (request.mode, dir.plan()?) {
+        (_, Some(plan)) => {
+            on_event(Event::PlanReady {
+                plan: &plan,
+                reused: true,
+            });
+            plan
+        }
+        (Mode::Direct, None) => {
+            let plan = Plan {
+                paragraphs: vec![crate::plan::Paragraph {
+                    main_point: "The whole piece in one pass".into(),
+                    words: request.asked_words.unwrap_or(2000),
+                }],
+            };
+            dir.save_plan(&plan)?;
+            on_event(Event::PlanReady {
+                plan: &plan,
+                reused: false,
+            });
+            plan
+        }
+        (Mode::AgentWrite, None) => {
+            let plan = make_plan(
+                model,
+                &request.instruction,
+                request.asked_words,
+                request.language,
+                &request.sampling,
+                opts.plan_tries,
+                &mut state.usage,
+            )?;
+            dir.save_plan(&plan)?;
+            dir.save_state(&state)?;
+            on_event(Event::PlanReady {
+                plan: &plan,
+                reused: false,
+            });
+            plan
+        }
+    };
+    let total = plan.paragraphs.len();
+    let mut sections: Vec<String> = Vec::with_capacity(total);
+    for index in 0..total {
+        if stop.load(Ordering::SeqCst) {
+            return Err(WriteError::Cancelled);
+        }
+        if let Some(text) = dir.section(index)? {
+            if let Some(record) = state.sections.iter().find(|r| r.index == index) {
+                on_event(Event::SectionDone {
+                    record,
+                    resumed: true,
+                });
+            }
+            sections.push(text);
+            continue;
+        }
+        let asked_words = plan.paragraphs[index].words;
+        on_event(Event::SectionStart {
+            index,
+            total,
+            asked_words,
+        });
+        let written = sections.join("\n\n");
+        let prompt = match request.mode {
+            Mode::Direct => prompts::direct_prompt(&request.instruction),
+            Mode::AgentWrite => prompts::write_prompt(
+                &request.instruction,
+                &plan,
+                &written,
+                index,
+                request.language,
+            ),
+        };
+        let section_started = Instant::now();
+        let mut usage = Usage::default();
+        let mut attempt = 0;
+        let (text, finish) = loop {
+            attempt += 1;
+            let req = ChatRequest {
+                messages: vec![Message::user(prompt.clone())],
+                max_tokens: match request.mode {
+                    Mode::Direct => {
+                        prompts::max_tokens_for(asked_words, request.language).max(4096)
+                    }
+                    Mode::AgentWrite => prompts::max_tokens_for(asked_words, request.language),
+                },
+                sampling: SamplingParams {
+                    seed: seed_for(request.sampling.seed, index, attempt - 1),
+                    ..request.sampling.clone()
+                },
+                stop: vec![],
+            };
+            let mut streamed = String::new();
+            let mut looped = false;
+            let result = model.complete(&req, &mut |delta| {
+                streamed.push_str(delta);
+                on_event(Event::Delta { index, text: delta });
+                if is_degenerate(&streamed) {
+                    looped = true;
+                    return false;
+                }
+                !stop.load(Ordering::SeqCst)
+            });
+            match result {
+                Ok(r) => {
+                    usage.add(&r.usage);
+                    break (r.text, r.finish_reason);
+                }
+                Err(ModelCallError::Cancelled) if looped => {
+                    if attempt >= opts.section_attempts {
+                        return Err(WriteError::Degenerate {
+                            index: index + 1,
+                            attempts: attempt,
+                        });
+                    }
+                    on_event(Event::SectionRetry {
+                        index,
+                        attempt,
+                        reason: "repeating loop",
+                    });
+                }
+                Err(ModelCallError::Cancelled) => return Err(WriteError::Cancelled),
+                Err(source) => {
+                    return Err(WriteError::Model {
+                        step: format!("paragraph {} of {total}", index + 1),
+                        source,
+                    })
+                }
+            }
+        };
+        let text = text.trim().to_string();
+        dir.save_section(index, &text)?;
+        let record = SectionRecord {
+            index,
+            asked_words,
+            delivered_words: opts.counter.count(&text),
+            usage: usage.clone(),
+            seconds: section_started.elapsed().as_secs_f64(),
+            attempts: attempt,
+            finish_reason: finish_name(finish).to_string(),
+        };
+        state.usage.add(&usage);
+        state.sections.retain(|r| r.index != index);
+        state.sections.push(record.clone());
+        dir.save_state(&state)?;
+        on_event(Event::SectionDone {
+            record: &record,
+            resumed: false,
+        });
+        sections.push(text);
+    }
+    let document = sections.join("\n\n");
+    dir.save_document(&document)?;
+    state.finished = true;
+    dir.save_state(&state)?;
+    let delivered = opts.counter.count(&document);
+    on_event(Event::Finished { words: delivered });
+    Ok(Summary {
+        document,
+        asked_words: request.asked_words,
+        planned_words: plan.total_words(),
+        delivered_words: delivered,
+        usage: state.usage,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn finish_name(f: FinishReason) -> &'static str {
+    f.as_str()
+}
+
+/// True when the text ends in a loop: its last units (words, or characters
+/// for CJK) are one short sequence repeated at least four times.
+pub fn is_degenerate(text: &str) -> bool {
+    let units: Vec<&str> = if Language::detect(text) == Language::Chinese {
+        text.char_indices()
+            .filter(|(_, c)| !c.is_whitespace())
+            .map(|(i, c)| &text[i..i + c.len_utf8()])
+            .collect()
+    } else {
+        text.split_whitespace().collect()
+    };
+    const REPEATS: usize = 4;
+    let max_period = 30.min(units.len() / REPEATS);
+    (1..=max_period).any(|p| {
+        // Short periods must repeat longer before they count as a loop.
+        let repeats = if p < 4 {
+            12 / p.max(1) + REPEATS
+        } else {
+            REPEATS
+        };
+        if units.len() < p * repeats {
+            return false;
+        }
+        let tail = &units[units.len() - p * repeats..];
+        tail.chunks(p).all(|c| c == &tail[..p])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loops_are_detected_and_prose_is_not() {
+        let looped = format!(
+            "The story begins. {}",
+            "and then the river rose again ".repeat(5)
+        );
+        assert!(is_degenerate(&looped));
+        assert!(is_degenerate(&format!(
+            "开始。{}",
+            "我们一起走吧，".repeat(5)
+        )));
+        assert!(is_degenerate(&"no ".repeat(20)));
+        let prose =
+            "The river rose in spring. The farmers watched it from the hills, and in the evening \
+                     they went down to the banks to see how far the water had come.";
+        assert!(!is_degenerate(prose));
+        // A few repeated words are style, not a loop.
+        assert!(!is_degenerate("It was very, very, very cold."));
+    }
+}
