@@ -278,3 +278,32 @@ fn a_model_that_cannot_plan_fails_clearly_after_its_tries() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("no usable plan after 2 tries"), "{stderr}");
 }
+
+#[test]
+fn the_readme_main_job_runs_offline_with_the_bundled_model() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("cargo run --release -p longwriter -- write"))
+        .expect("the README gives the main job");
+    assert!(line.contains("models/tiny-random-qwen2") && line.contains("examples/river-plan.txt"));
+    let out_dir = scratch("readme").join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .current_dir(root())
+        .args([
+            "write",
+            "--model",
+            "models/tiny-random-qwen2",
+            "--plan",
+            "examples/river-plan.txt",
+            "--quiet",
+            "--out",
+        ])
+        .arg(&out_dir)
+        .arg("Write a 2000-word story about a river.")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out_dir.join("document.md").exists());
+    assert_eq!(state(&out_dir)["sections"].as_array().unwrap().len(), 4);
+}
