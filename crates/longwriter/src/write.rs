@@ -11,12 +11,74 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lw_core::{Counter, SamplingParams};
 use lw_write::{Event, Language, LanguageModel, LocalModel, Mode, Request, RunDir, WriteOptions};
 
-use crate::ModelArgs;
+use crate::{ModelArgs, WeightDtype};
+
+/// The local engine (`--model`) or an OpenAI-compatible server (`--api-base`).
+#[derive(Args)]
+struct BackendArgs {
+    /// Local model: a Hugging Face model directory or a hub id (org/name).
+    #[arg(
+        long,
+        short = 'm',
+        env = "LONGWRITER_MODEL",
+        required_unless_present = "api_base"
+    )]
+    model: Option<String>,
+    /// Dtype to hold local weights in (default: the checkpoint's own).
+    #[arg(long, value_enum)]
+    dtype: Option<WeightDtype>,
+    /// Worker threads of the local engine (default: physical cores).
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+    /// Prompt tokens per prefill step of the local engine.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+    /// An OpenAI-compatible server instead of the local engine, e.g.
+    /// http://127.0.0.1:8000/v1 (vLLM, SGLang, llama.cpp, Ollama, OpenAI).
+    #[arg(long, conflicts_with = "model")]
+    api_base: Option<String>,
+    /// Model name on the server.
+    #[arg(long, requires = "api_base", default_value = "default")]
+    api_model: String,
+    /// Bearer token for the server.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Context size to ask the server for (Ollama's num_ctx; without it
+    /// Ollama silently truncates prompts at 2,048 tokens).
+    #[arg(long, requires = "api_base")]
+    context_size: Option<usize>,
+    /// Retries on 429, 5xx and connection errors (exponential backoff).
+    #[arg(long, default_value_t = 5)]
+    retries: usize,
+}
+
+impl BackendArgs {
+    fn open(&self) -> anyhow::Result<Box<dyn LanguageModel>> {
+        if let Some(base) = &self.api_base {
+            let mut opts = lw_write::HttpOptions::new(base.clone(), self.api_model.clone());
+            opts.api_key = self.api_key.clone();
+            opts.context_size = self.context_size;
+            opts.retries = self.retries;
+            return Ok(Box::new(lw_write::HttpModel::new(opts)));
+        }
+        let m = ModelArgs {
+            model: self
+                .model
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("pass --model or --api-base"))?,
+            dtype: self.dtype,
+            threads: self.threads,
+            prefill_chunk: self.prefill_chunk,
+        };
+        let engine = crate::run::load_engine(&m)?;
+        Ok(Box::new(LocalModel::new(engine, m.model)))
+    }
+}
 
 #[derive(Args)]
 pub struct PlanArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    model: BackendArgs,
     #[command(flatten)]
     style: StyleArgs,
     /// The writing instruction; `-` reads it from stdin.
@@ -26,7 +88,7 @@ pub struct PlanArgs {
 #[derive(Args)]
 pub struct WriteArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    model: BackendArgs,
     #[command(flatten)]
     style: StyleArgs,
     /// Run directory (default: ./longwriter-runs/<instruction>-<time>).
@@ -111,11 +173,6 @@ fn read_instruction(s: &str) -> anyhow::Result<String> {
     Ok(text)
 }
 
-fn local_model(m: &ModelArgs) -> anyhow::Result<LocalModel> {
-    let engine = crate::run::load_engine(m)?;
-    Ok(LocalModel::new(engine, m.model.clone()))
-}
-
 pub fn plan(a: &PlanArgs) -> anyhow::Result<()> {
     let instruction = read_instruction(&a.instruction)?;
     let lang = a
@@ -123,10 +180,10 @@ pub fn plan(a: &PlanArgs) -> anyhow::Result<()> {
         .language
         .unwrap_or_else(|| Language::detect(&instruction));
     let asked = lw_write::requested_length(&instruction);
-    let mut model = local_model(&a.model)?;
+    let mut model = a.model.open()?;
     let mut usage = lw_write::Usage::default();
     let plan = lw_write::make_plan(
-        &mut model,
+        model.as_mut(),
         &instruction,
         asked,
         lang,
@@ -153,7 +210,7 @@ extern "C" fn on_sigint(_: libc::c_int) {
 
 pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
     let counter: Counter = a.style.counter.parse().map_err(anyhow::Error::msg)?;
-    let mut model = local_model(&a.model)?;
+    let mut model = a.model.open()?;
     let dir = match &a.resume {
         Some(path) => RunDir::open(path)?.0,
         None => {
@@ -205,7 +262,9 @@ pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
         counter,
         ..Default::default()
     };
-    let result = lw_write::write(&mut model, &dir, &opts, &STOP, &mut |e| display.event(e));
+    let result = lw_write::write(model.as_mut(), &dir, &opts, &STOP, &mut |e| {
+        display.event(e)
+    });
     display.finish();
     let summary = match result {
         Ok(s) => s,

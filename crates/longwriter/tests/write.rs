@@ -307,3 +307,33 @@ fn the_readme_main_job_runs_offline_with_the_bundled_model() {
     assert!(out_dir.join("document.md").exists());
     assert_eq!(state(&out_dir)["sections"].as_array().unwrap().len(), 4);
 }
+
+#[test]
+fn an_unreachable_api_server_fails_clearly_and_writes_no_text() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let run = scratch("api").join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args(["write", "--quiet", "--retries", "1", "--api-base"])
+        .arg(format!("http://127.0.0.1:{port}/v1"))
+        .arg("--out")
+        .arg(&run)
+        .arg("Write a 1000-word essay.")
+        .env_remove("LONGWRITER_MODEL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("cannot reach") && stderr.contains("plan"),
+        "{stderr}"
+    );
+    assert!(!run.join("document.md").exists());
+    assert!(std::fs::read_dir(run.join("sections"))
+        .unwrap()
+        .next()
+        .is_none());
+}

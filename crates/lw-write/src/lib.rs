@@ -4,6 +4,7 @@
 //! This crate owns the method (plans, prompts, runs); it knows nothing of
 //! tensors, and reaches models only through a language-model interface.
 
+pub mod http;
 pub mod length;
 pub mod model;
 pub mod plan;
@@ -11,6 +12,7 @@ pub mod prompts;
 pub mod run;
 pub mod writer;
 
+pub use http::{HttpModel, HttpOptions};
 pub use length::{requested_length, Language};
 pub use model::{ChatRequest, ChatResponse, LanguageModel, LocalModel, ModelCallError, Usage};
 pub use plan::{parse_plan, Paragraph, Plan, PlanError};

@@ -51,6 +51,8 @@ pub enum ModelCallError {
         max_tokens: usize,
         context: usize,
     },
+    #[error("the server refused: the prompt is longer than the model's context ({0})")]
+    ContextLengthServer(String),
     #[error("the model refused (content filter): {0}")]
     ContentFilter(String),
     #[error("stopped by the user")]

@@ -1,0 +1,306 @@
+//! Any OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama, OpenAI) as
+//! a [`LanguageModel`]: chat completions streamed over SSE, with timeouts,
+//! retries (exponential backoff with jitter, honouring `Retry-After`) on
+//! 429, 5xx and connection errors, and typed errors for context-length and
+//! content-filter refusals. An error never becomes text.
+
+use std::io::{BufRead, BufReader};
+use std::time::Duration;
+
+use lw_core::FinishReason;
+use serde_json::{json, Value};
+
+use crate::model::{ChatRequest, ChatResponse, LanguageModel, ModelCallError, Usage};
+
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Base URL up to and including `/v1`, e.g. `http://127.0.0.1:8000/v1`.
+    pub api_base: String,
+    pub model: String,
+    pub api_key: Option<String>,
+    /// Retries after the first attempt for transient failures.
+    pub retries: usize,
+    /// First backoff; doubled per retry, with jitter.
+    pub backoff: Duration,
+    pub connect_timeout: Duration,
+    /// Longest silence while reading a response.
+    pub read_timeout: Duration,
+    /// Context size to ask for (`options.num_ctx`, for Ollama, which
+    /// otherwise truncates prompts at 2,048 tokens).
+    pub context_size: Option<usize>,
+}
+
+impl HttpOptions {
+    pub fn new(api_base: impl Into<String>, model: impl Into<String>) -> Self {
+        HttpOptions {
+            api_base: api_base.into(),
+            model: model.into(),
+            api_key: None,
+            retries: 5,
+            backoff: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(300),
+            context_size: None,
+        }
+    }
+}
+
+pub struct HttpModel {
+    opts: HttpOptions,
+    agent: ureq::Agent,
+    jitter: u64,
+}
+
+/// A failed attempt: worth retrying or not.
+enum Attempt {
+    Retry {
+        reason: String,
+        after: Option<Duration>,
+    },
+    Fail(ModelCallError),
+}
+
+impl HttpModel {
+    pub fn new(opts: HttpOptions) -> Self {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(opts.connect_timeout)
+            .timeout_read(opts.read_timeout)
+            .build();
+        HttpModel {
+            opts,
+            agent,
+            jitter: 0x2545_F491_4F6C_DD1D,
+        }
+    }
+
+    fn body(&self, request: &ChatRequest) -> Value {
+        let messages: Vec<Value> = request
+            .messages
+            .iter()
+            .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
+            .collect();
+        let s = &request.sampling;
+        let mut body = json!({
+            "model": self.opts.model,
+            "messages": messages,
+            "max_tokens": request.max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "seed": s.seed,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        });
+        if !request.stop.is_empty() {
+            body["stop"] = json!(request.stop);
+        }
+        if let Some(n) = self.opts.context_size {
+            body["options"] = json!({"num_ctx": n});
+            body["num_ctx"] = json!(n);
+        }
+        body
+    }
+
+    fn next_jitter(&mut self) -> f64 {
+        self.jitter ^= self.jitter << 13;
+        self.jitter ^= self.jitter >> 7;
+        self.jitter ^= self.jitter << 17;
+        (self.jitter % 1000) as f64 / 1000.0
+    }
+
+    fn attempt(
+        &self,
+        body: &Value,
+        streamed: &mut bool,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<ChatResponse, Attempt> {
+        let url = format!(
+            "{}/chat/completions",
+            self.opts.api_base.trim_end_matches('/')
+        );
+        let mut req = self
+            .agent
+            .post(&url)
+            .set("Content-Type", "application/json");
+        if let Some(key) = &self.opts.api_key {
+            req = req.set("Authorization", &format!("Bearer {key}"));
+        }
+        let response = match req.send_string(&body.to_string()) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(code, r)) => {
+                let after = r
+                    .header("Retry-After")
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .map(Duration::from_secs_f64);
+                let text = r.into_string().unwrap_or_default();
+                return Err(classify_status(code, &text, after));
+            }
+            Err(ureq::Error::Transport(t)) => {
+                return Err(Attempt::Retry {
+                    reason: format!("cannot reach {url}: {t}"),
+                    after: None,
+                })
+            }
+        };
+        let mut text = String::new();
+        let mut finish = FinishReason::Stop;
+        let mut usage = Usage::default();
+        let reader = BufReader::new(response.into_reader());
+        for line in reader.lines() {
+            let line = line.map_err(|e| transient(*streamed, format!("the stream broke: {e}")))?;
+            let Some(data) = line.strip_prefix("data:") else {
+                continue;
+            };
+            let data = data.trim();
+            if data == "[DONE]" {
+                break;
+            }
+            let v: Value = serde_json::from_str(data).map_err(|e| {
+                Attempt::Fail(ModelCallError::Backend(format!(
+                    "the server sent invalid JSON ({e}): {data}"
+                )))
+            })?;
+            if let Some(err) = v.get("error") {
+                return Err(Attempt::Fail(error_from_body(err)));
+            }
+            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0) as usize;
+                usage.prompt_tokens = n("prompt_tokens");
+                usage.completion_tokens = n("completion_tokens");
+                usage.cached_prompt_tokens = u
+                    .pointer("/prompt_tokens_details/cached_tokens")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0) as usize;
+            }
+            let Some(choice) = v.pointer("/choices/0") else {
+                continue;
+            };
+            match choice.get("finish_reason").and_then(Value::as_str) {
+                Some("content_filter") => {
+                    return Err(Attempt::Fail(ModelCallError::ContentFilter(
+                        "the server stopped the answer (finish_reason content_filter)".into(),
+                    )))
+                }
+                Some("length") => finish = FinishReason::Length,
+                Some(_) => finish = FinishReason::Stop,
+                None => {}
+            }
+            if let Some(delta) = choice.pointer("/delta/content").and_then(Value::as_str) {
+                if !delta.is_empty() {
+                    *streamed = true;
+                    text.push_str(delta);
+                    if !on_text(delta) {
+                        return Err(Attempt::Fail(ModelCallError::Cancelled));
+                    }
+                }
+            }
+        }
+        Ok(ChatResponse {
+            text,
+            finish_reason: finish,
+            usage,
+        })
+    }
+}
+
+/// A failure after text was streamed cannot be retried transparently.
+fn transient(streamed: bool, reason: String) -> Attempt {
+    if streamed {
+        Attempt::Fail(ModelCallError::Backend(reason))
+    } else {
+        Attempt::Retry {
+            reason,
+            after: None,
+        }
+    }
+}
+
+fn classify_status(code: u16, body: &str, after: Option<Duration>) -> Attempt {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    if let Some(err) = parsed.as_ref().and_then(|v| v.get("error")) {
+        let e = error_from_body(err);
+        if matches!(
+            e,
+            ModelCallError::ContextLengthServer(_) | ModelCallError::ContentFilter(_)
+        ) {
+            return Attempt::Fail(e);
+        }
+    }
+    let summary = format!(
+        "HTTP {code}: {}",
+        body.chars().take(300).collect::<String>()
+    );
+    match code {
+        429 | 500..=599 => Attempt::Retry {
+            reason: summary,
+            after,
+        },
+        401 | 403 => Attempt::Fail(ModelCallError::Backend(format!(
+            "{summary} (check --api-key or OPENAI_API_KEY)"
+        ))),
+        _ => Attempt::Fail(ModelCallError::Backend(summary)),
+    }
+}
+
+/// OpenAI's error object → a typed error.
+fn error_from_body(err: &Value) -> ModelCallError {
+    let message = err
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let code = err.get("code").and_then(Value::as_str).unwrap_or("");
+    let kind = err.get("type").and_then(Value::as_str).unwrap_or("");
+    let lower = message.to_lowercase();
+    if code == "context_length_exceeded"
+        || lower.contains("maximum context length")
+        || lower.contains("context length")
+    {
+        ModelCallError::ContextLengthServer(message)
+    } else if code == "content_filter"
+        || code == "content_policy_violation"
+        || kind == "content_filter"
+    {
+        ModelCallError::ContentFilter(message)
+    } else {
+        ModelCallError::Backend(if message.is_empty() {
+            err.to_string()
+        } else {
+            message
+        })
+    }
+}
+
+impl LanguageModel for HttpModel {
+    fn name(&self) -> String {
+        format!("{} at {}", self.opts.model, self.opts.api_base)
+    }
+
+    fn complete(
+        &mut self,
+        request: &ChatRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<ChatResponse, ModelCallError> {
+        let body = self.body(request);
+        let mut last = String::new();
+        for attempt in 0..=self.opts.retries {
+            let mut streamed = false;
+            match self.attempt(&body, &mut streamed, on_text) {
+                Ok(r) => return Ok(r),
+                Err(Attempt::Fail(e)) => return Err(e),
+                Err(Attempt::Retry { reason, after }) => {
+                    last = reason;
+                    if attempt == self.opts.retries {
+                        break;
+                    }
+                    let base = self.opts.backoff.as_secs_f64() * 2f64.powi(attempt as i32);
+                    let wait = after.map_or(base * (0.5 + self.next_jitter()), |a| a.as_secs_f64());
+                    std::thread::sleep(Duration::from_secs_f64(wait.min(60.0)));
+                }
+            }
+        }
+        Err(ModelCallError::Backend(format!(
+            "gave up after {} attempts: {last}",
+            self.opts.retries + 1
+        )))
+    }
+}
