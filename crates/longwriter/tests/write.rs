@@ -337,3 +337,58 @@ fn an_unreachable_api_server_fails_clearly_and_writes_no_text() {
         .next()
         .is_none());
 }
+
+#[test]
+fn ctrl_c_stops_cleanly_with_the_partial_document_saved_and_resume_finishes() {
+    let m = model("sigint", 32768);
+    let work = scratch("sigint");
+    let plan = plan_file(&work, 10, 200);
+    let run = work.join("run");
+    let child = write_cmd(&m, &run, &plan)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until a few sections are done, then interrupt.
+    let started = std::time::Instant::now();
+    loop {
+        let done = run.join("sections").read_dir().map_or(0, |d| d.count());
+        if done >= 3 || started.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("stopped") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    let st = state(&run);
+    assert_eq!(st["finished"], false);
+    let done = st["sections"].as_array().unwrap().len();
+    assert!((3..10).contains(&done), "{done} sections done");
+    let partial = std::fs::read_to_string(run.join("document.md")).unwrap();
+    let sections: Vec<String> = (1..=done)
+        .map(|i| std::fs::read_to_string(run.join(format!("sections/{i:03}.md"))).unwrap())
+        .collect();
+    assert_eq!(partial, sections.join("\n\n"));
+    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args(["write", "--quiet", "--threads", "1", "--model"])
+        .arg(&m)
+        .arg("--resume")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(state(&run)["finished"], true);
+    assert!(std::fs::read_to_string(run.join("document.md"))
+        .unwrap()
+        .starts_with(&partial));
+}

@@ -77,7 +77,9 @@ pub enum WriteError {
     },
     #[error("paragraph {index}: the text fell into a repeating loop in all {attempts} attempts")]
     Degenerate { index: usize, attempts: usize },
-    #[error("stopped; finished sections are saved, resume with --resume")]
+    #[error(
+        "stopped; the finished sections are saved (document.md holds them), resume with --resume"
+    )]
     Cancelled,
     #[error(transparent)]
     RunDir(#[from] RunDirError),
@@ -203,9 +205,17 @@ pub fn write(
     };
     let total = plan.paragraphs.len();
     let mut sections: Vec<String> = Vec::with_capacity(total);
+    // On a stop, what is finished is assembled into document.md (the run
+    // stays unfinished; a resume rewrites it at the end).
+    let stopped = |sections: &[String]| -> WriteError {
+        match dir.save_document(&sections.join("\n\n")) {
+            Ok(()) => WriteError::Cancelled,
+            Err(e) => WriteError::RunDir(e),
+        }
+    };
     for index in 0..total {
         if stop.load(Ordering::SeqCst) {
-            return Err(WriteError::Cancelled);
+            return Err(stopped(&sections));
         }
         if let Some(text) = dir.section(index)? {
             if let Some(record) = state.sections.iter().find(|r| r.index == index) {
@@ -282,7 +292,7 @@ pub fn write(
                         reason: "repeating loop",
                     });
                 }
-                Err(ModelCallError::Cancelled) => return Err(WriteError::Cancelled),
+                Err(ModelCallError::Cancelled) => return Err(stopped(&sections)),
                 Err(source) => {
                     return Err(WriteError::Model {
                         step: format!("paragraph {} of {total}", index + 1),

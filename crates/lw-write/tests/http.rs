@@ -25,6 +25,8 @@ enum Behaviour {
     RateLimited,
     ContentFilter,
     ContextLength,
+    /// A degenerate answer: one phrase over and over.
+    Loop,
 }
 
 struct Server {
@@ -99,6 +101,10 @@ fn handle(mut stream: TcpStream, behaviour: Behaviour, seen: &Mutex<Vec<Value>>)
             r#"{"error":{"message":"This model's maximum context length is 4096 tokens. However, you requested 9000 tokens.","code":"context_length_exceeded","type":"invalid_request_error"}}"#,
         ),
         Behaviour::ContentFilter => sse(&["I can't write", " that."], "content_filter"),
+        Behaviour::Loop => {
+            let deltas: Vec<&str> = std::iter::repeat_n("and the river rose again ", 40).collect();
+            sse(&deltas, "stop")
+        }
         Behaviour::Answer => {
             let prompt = request["messages"][0]["content"].as_str().unwrap();
             let text = answer(prompt);
@@ -286,4 +292,28 @@ fn an_unreachable_server_fails_after_the_retries() {
         msg.contains("gave up after 3 attempts") && msg.contains("cannot reach"),
         "{msg}"
     );
+}
+
+#[test]
+fn a_section_that_loops_is_stopped_and_written_again() {
+    let server = serve(vec![Behaviour::Answer, Behaviour::Loop, Behaviour::Answer]);
+    let dir = run_dir("loop");
+    let mut events = Vec::new();
+    let mut m = model(&server);
+    let summary = lw_write::write(
+        &mut m,
+        &dir,
+        &WriteOptions::default(),
+        &AtomicBool::new(false),
+        &mut |e| {
+            if let lw_write::Event::SectionRetry { index, reason, .. } = e {
+                events.push((index, reason.to_string()));
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(events, vec![(0, "repeating loop".to_string())]);
+    assert!(!summary.document.contains("river rose again"));
+    let st = dir.state().unwrap();
+    assert_eq!(st.sections[0].attempts, 2);
 }
