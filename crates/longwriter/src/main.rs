@@ -37,8 +37,28 @@ enum Command {
     Chat(ChatArgs),
     /// Measure prefill and decode speed and peak memory on a model.
     Bench(bench::BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat completions, streaming).
+    Serve(ServeArgs),
     /// Count the words of a text (the number alone on the first line).
     Count(CountArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    #[arg(long, env = "LONGWRITER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 32768)]
+    max_new_tokens: usize,
 }
 
 #[derive(Args)]
@@ -145,6 +165,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => run::chat(&a.model, &a.sampling, a.system.as_deref()),
         Command::Bench(a) => bench::run(&a),
         Command::Count(a) => count(&a),
+        Command::Serve(a) => serve(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -200,4 +221,17 @@ fn count(a: &CountArgs) -> anyhow::Result<()> {
     let counter: lw_core::Counter = a.counter.parse().map_err(anyhow::Error::msg)?;
     println!("{}", counter.count(&text));
     Ok(())
+}
+
+fn serve(a: &ServeArgs) -> anyhow::Result<()> {
+    let engine = run::load_engine(&a.model)?;
+    let opts = lw_server::ServeOptions {
+        model_name: a.model.model.clone(),
+        api_key: a.api_key.clone(),
+        max_new_tokens: a.max_new_tokens,
+    };
+    lw_server::run(engine, opts, &a.host, a.port, |addr| {
+        eprintln!("listening on http://{addr} (OpenAI-compatible API at http://{addr}/v1)");
+    })
+    .map_err(|e| anyhow::anyhow!("serving on {}:{}: {e}", a.host, a.port))
 }
