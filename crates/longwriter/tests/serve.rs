@@ -62,6 +62,7 @@ fn start_with(key: &str, model: &std::path::Path, max_new: usize) -> Server {
     Server { child, base }
 }
 
+#[allow(clippy::result_large_err)] // ureq's error type, in a test helper
 fn post(s: &Server, path: &str, key: &str, body: &Value) -> Result<ureq::Response, ureq::Error> {
     ureq::post(&format!("{}{path}", s.base))
         .set("Authorization", &format!("Bearer {key}"))
