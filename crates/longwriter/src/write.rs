@@ -325,6 +325,9 @@ struct Display {
     counter: Counter,
     done_words: u64,
     current: String,
+    /// Tokens generated and seconds spent by the sections written in this process.
+    tokens: usize,
+    seconds: f64,
 }
 
 impl Display {
@@ -333,11 +336,9 @@ impl Display {
             bar: (!hidden).then(|| {
                 let bar = ProgressBar::new(0);
                 bar.set_style(
-                    ProgressStyle::with_template(
-                        "{msg} [{bar:30}] {pos}/{len} words, {per_sec}, ETA {eta}",
-                    )
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                    ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} words, ETA {eta}")
+                        .expect("valid template")
+                        .progress_chars("=> "),
                 );
                 bar
             }),
@@ -345,6 +346,8 @@ impl Display {
             counter,
             done_words: 0,
             current: String::new(),
+            tokens: 0,
+            seconds: 0.0,
         }
     }
 
@@ -408,7 +411,12 @@ impl Display {
             }
             Event::SectionStart { index, total, .. } => {
                 self.current.clear();
-                bar.set_message(format!("section {}/{}", index + 1, total));
+                let speed = if self.seconds > 0.0 {
+                    format!(", {:.1} tok/s", self.tokens as f64 / self.seconds)
+                } else {
+                    String::new()
+                };
+                bar.set_message(format!("section {}/{}{speed}", index + 1, total));
             }
             Event::Delta { text, .. } => {
                 self.current.push_str(text);
@@ -429,6 +437,10 @@ impl Display {
             Event::SectionDone { record, resumed } => {
                 self.done_words += record.delivered_words as u64;
                 bar.set_position(self.done_words);
+                if !resumed {
+                    self.tokens += record.usage.completion_tokens;
+                    self.seconds += record.seconds;
+                }
                 if resumed {
                     bar.set_message(format!("section {} (kept)", record.index + 1));
                 }

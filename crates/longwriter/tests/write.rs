@@ -64,6 +64,16 @@ fn write_cmd(model: &Path, out: &Path, plan: &Path) -> Command {
     c
 }
 
+/// `longwriter write --resume RUN` on the same model.
+fn resume_cmd(model: &Path, run: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_longwriter"));
+    c.args(["write", "--quiet", "--threads", "1", "--model"])
+        .arg(model)
+        .arg("--resume")
+        .arg(run);
+    c
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -172,13 +182,7 @@ fn killed_runs_resume_to_the_same_document_without_losing_or_repeating_sections(
             let out = write_cmd(&m, &run, &plan).output().unwrap();
             assert!(out.status.success(), "{}", text(&out.stderr));
         } else {
-            let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
-                .args(["write", "--quiet", "--threads", "1", "--model"])
-                .arg(&m)
-                .arg("--resume")
-                .arg(&run)
-                .output()
-                .unwrap();
+            let out = resume_cmd(&m, &run).output().unwrap();
             assert!(out.status.success(), "kill {k}: {}", text(&out.stderr));
         }
         let got = std::fs::read_to_string(run.join("document.md")).unwrap();
@@ -379,13 +383,7 @@ fn ctrl_c_stops_cleanly_with_the_partial_document_saved_and_resume_finishes() {
         .map(|i| std::fs::read_to_string(run.join(format!("sections/{i:03}.md"))).unwrap())
         .collect();
     assert_eq!(partial, sections.join("\n\n"));
-    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
-        .args(["write", "--quiet", "--threads", "1", "--model"])
-        .arg(&m)
-        .arg("--resume")
-        .arg(&run)
-        .output()
-        .unwrap();
+    let out = resume_cmd(&m, &run).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(state(&run)["finished"], true);
     assert!(std::fs::read_to_string(run.join("document.md"))
