@@ -293,3 +293,63 @@ fn count_prints_the_number_alone_with_either_counter() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(text(&missing.stderr).contains("/nonexistent/file.txt"));
 }
+
+/// A private copy of the qwen2 fixture, broken by `breakage`.
+fn broken_model(tag: &str, breakage: impl FnOnce(&std::path::Path)) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("lw-cli-broken-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(root().join("tests/fixtures/models/qwen2")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    breakage(&dst);
+    dst
+}
+
+fn set_config(dir: &std::path::Path, key: &str, value: serde_json::Value) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    v[key] = value;
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+#[test]
+fn broken_model_directories_exit_non_zero_naming_the_culprit() {
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (
+            broken_model("noconfig", |d| {
+                std::fs::remove_file(d.join("config.json")).unwrap()
+            }),
+            "config.json",
+        ),
+        (
+            broken_model("truncated", |d| {
+                let p = d.join("model.safetensors");
+                let b = std::fs::read(&p).unwrap();
+                std::fs::write(&p, &b[..b.len() / 2]).unwrap();
+            }),
+            "model.safetensors",
+        ),
+        (
+            broken_model("shape", |d| set_config(d, "intermediate_size", 120.into())),
+            "model.layers.0.mlp.gate_proj.weight",
+        ),
+        (
+            broken_model("arch", |d| set_config(d, "model_type", "mamba".into())),
+            "mamba",
+        ),
+        (
+            broken_model("vocab", |d| set_config(d, "vocab_size", 600.into())),
+            "tokenizer.json",
+        ),
+    ];
+    for (dir, needle) in cases {
+        let out = longwriter(&["generate", "--model", &dir.display().to_string(), "hi"]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {stderr}", dir.display());
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
