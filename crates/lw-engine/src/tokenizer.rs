@@ -159,20 +159,7 @@ impl StreamDecoder {
     /// Adds one token; returns the new complete text, if any.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>, EngineError> {
         self.ids.push(id);
-        let before = tok.decode(&self.ids[self.prefix..self.read])?;
-        let now = tok.decode(&self.ids[self.prefix..])?;
-        if now.ends_with('\u{FFFD}') || now.len() <= before.len() {
-            return Ok(None);
-        }
-        let mut cut = before.len();
-        while !now.is_char_boundary(cut) {
-            cut += 1;
-        }
-        let delta = now[cut..].to_string();
-        self.prefix = self.read;
-        self.read = self.ids.len();
-        self.emitted.push_str(&delta);
-        Ok(Some(delta))
+        self.release(tok, false)
     }
 
     /// Releases text still held for an incomplete character (as U+FFFD, like
@@ -181,11 +168,15 @@ impl StreamDecoder {
         if self.read == self.ids.len() {
             return Ok(None);
         }
+        self.release(tok, true)
+    }
+
+    /// Decodes the window and releases what is new past the text already
+    /// released; unless `force`, text ending in an incomplete character waits.
+    fn release(&mut self, tok: &Tokenizer, force: bool) -> Result<Option<String>, EngineError> {
         let before = tok.decode(&self.ids[self.prefix..self.read])?;
         let now = tok.decode(&self.ids[self.prefix..])?;
-        self.prefix = self.read;
-        self.read = self.ids.len();
-        if now.len() <= before.len() {
+        if (!force && now.ends_with('\u{FFFD}')) || now.len() <= before.len() {
             return Ok(None);
         }
         let mut cut = before.len();
@@ -193,6 +184,8 @@ impl StreamDecoder {
             cut += 1;
         }
         let delta = now[cut..].to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
         self.emitted.push_str(&delta);
         Ok(Some(delta))
     }
