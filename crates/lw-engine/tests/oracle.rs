@@ -291,3 +291,54 @@ fn sampling_with_a_seed_repeats_and_stop_strings_cut_the_text() {
     assert_eq!(cancelled.finish_reason, lw_core::FinishReason::Cancelled);
     assert!(cancelled.tokens.len() < 32);
 }
+
+/// Logits of every position, bit for bit, however the positions are grouped:
+/// one prefill, chunks of several sizes, one token at a time, or decoding in a
+/// batch beside other sequences. This is what lets the server batch requests
+/// and reuse cached prefixes without changing anyone's output.
+#[test]
+fn a_positions_result_does_not_depend_on_how_it_was_batched() {
+    use lw_model::{KvCache, Llama, Logits};
+    let bits = |t: &candle_core::Tensor| -> Vec<Vec<u32>> {
+        t.to_vec2::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.into_iter().map(f32::to_bits).collect())
+            .collect()
+    };
+    for name in ["mistral", "qwen2", "llama31-tied-rope-scaling"] {
+        for dtype in [DType::F32, DType::BF16] {
+            let model = Llama::load_dir(&fixtures().join("models").join(name), dtype).unwrap();
+            let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 200).collect();
+            let mut cache = model.new_cache();
+            let whole = bits(&model.forward(&prompt, &mut cache, Logits::All).unwrap());
+            for chunk in [1, 3, 9, 17] {
+                let mut cache = model.new_cache();
+                let mut rows = Vec::new();
+                for c in prompt.chunks(chunk) {
+                    rows.extend(bits(&model.forward(c, &mut cache, Logits::All).unwrap()));
+                }
+                assert_eq!(rows, whole, "{name} {dtype:?}: chunks of {chunk}");
+            }
+            // Three sequences decoding together: each row equals its solo run.
+            let others: Vec<Vec<u32>> = vec![vec![5, 6, 7], vec![9; 25]];
+            let mut caches: Vec<KvCache> = others
+                .iter()
+                .map(|p| {
+                    let mut c = model.new_cache();
+                    model.forward(p, &mut c, Logits::Last).unwrap();
+                    c
+                })
+                .collect();
+            let mut mine = model.new_cache();
+            model.forward(&prompt[..30], &mut mine, Logits::Last).unwrap();
+            for (step, &tok) in prompt[30..].iter().enumerate() {
+                let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                refs.insert(1, &mut mine);
+                let toks = [3 + step as u32, tok, 4];
+                let out = bits(&model.forward_batch(&toks, &mut refs).unwrap());
+                assert_eq!(out[1], whole[30 + step], "{name} {dtype:?}: batched step {step}");
+            }
+        }
+    }
+}

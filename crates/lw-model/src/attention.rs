@@ -1,9 +1,6 @@
-//! Attention of one new token over the cache, computed directly on the cache
-//! buffers: no tensor ops, no copies of keys or values, heads in parallel.
-//! Decoding calls this once per layer per token; at long contexts it is the
-//! part of the step that grows.
-
-use rayon::prelude::*;
+//! Attention of one query over the cache, computed directly on the cache
+//! buffers: no tensor ops, no copies of keys or values, and no score matrix
+//! beyond one row, so long contexts cost memory only for the cache itself.
 
 /// Shapes of the cache buffers: `[kv_heads, capacity, head_dim]`.
 pub struct CacheView<'a> {
@@ -14,47 +11,44 @@ pub struct CacheView<'a> {
     pub len: usize,
 }
 
-/// `q`: `[heads * head_dim]` (rope applied). Returns `[heads * head_dim]`.
-/// Query head `h` reads kv head `h / group` (grouped-query attention). Keys
-/// older than `window` positions are skipped.
-pub fn attend_one(
-    q: &[f32],
+/// Attention of one query head `qh` (rope applied) over kv head `kv` of the
+/// view's first `len` positions, written to `out` (`[head_dim]`). Keys older
+/// than `window` positions are skipped. Every position of every sequence goes
+/// through this one function, prefill and decode alike, so a position's
+/// result never depends on how positions were grouped into steps.
+pub fn attend_head(
+    qh: &[f32],
     cache: &CacheView,
-    heads: usize,
-    group: usize,
+    kv: usize,
     head_dim: usize,
     window: Option<usize>,
-) -> Vec<f32> {
+    out: &mut [f32],
+) {
     let scale = 1.0 / (head_dim as f32).sqrt();
     let first = window.map_or(0, |w| cache.len.saturating_sub(w));
-    let mut out = vec![0f32; heads * head_dim];
-    out.par_chunks_mut(head_dim).enumerate().for_each(|(h, o)| {
-        let kv = h / group;
-        let base = kv * cache.capacity * head_dim;
-        let qh = &q[h * head_dim..(h + 1) * head_dim];
-        let mut scores: Vec<f32> = (first..cache.len)
-            .map(|t| {
-                let k = &cache.keys[base + t * head_dim..base + (t + 1) * head_dim];
-                dot(qh, k) * scale
-            })
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+    let base = kv * cache.capacity * head_dim;
+    let mut scores: Vec<f32> = (first..cache.len)
+        .map(|t| {
+            let k = &cache.keys[base + t * head_dim..base + (t + 1) * head_dim];
+            dot(qh, k) * scale
+        })
+        .collect();
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    out.fill(0.0);
+    for (i, &p) in scores.iter().enumerate() {
+        let t = first + i;
+        let v = &cache.values[base + t * head_dim..base + (t + 1) * head_dim];
+        let p = p * inv;
+        for (acc, &x) in out.iter_mut().zip(v) {
+            *acc += p * x;
         }
-        let inv = 1.0 / sum;
-        for (i, &p) in scores.iter().enumerate() {
-            let t = first + i;
-            let v = &cache.values[base + t * head_dim..base + (t + 1) * head_dim];
-            let p = p * inv;
-            for (acc, &x) in o.iter_mut().zip(v) {
-                *acc += p * x;
-            }
-        }
-    });
-    out
+    }
 }
 
 #[inline]

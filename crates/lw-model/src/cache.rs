@@ -1,21 +1,17 @@
 //! The key/value cache of one sequence: per layer, keys and values of every
-//! position seen so far, in buffers that grow by doubling (so appending a
-//! token copies only that token) and can be truncated to reuse a prefix.
+//! position seen so far, in plain buffers that grow by doubling (so appending
+//! a token copies only that token) and can be truncated to reuse a prefix.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use crate::attention::{attend_head, CacheView};
 
-use crate::attention::{attend_one, CacheView};
-
-use crate::error::ModelError;
-
+/// `[kv_heads, capacity, head_dim]` keys and values of one layer.
 struct LayerKv {
-    /// `[kv_heads, capacity, head_dim]`; positions `..len` are valid.
-    keys: Tensor,
-    values: Tensor,
+    keys: Vec<f32>,
+    values: Vec<f32>,
 }
 
 pub struct KvCache {
-    layers: Vec<Option<LayerKv>>,
+    layers: Vec<LayerKv>,
     kv_heads: usize,
     head_dim: usize,
     capacity: usize,
@@ -28,7 +24,12 @@ const FIRST_CAPACITY: usize = 256;
 impl KvCache {
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize, limit: usize) -> Self {
         KvCache {
-            layers: (0..layers).map(|_| None).collect(),
+            layers: (0..layers)
+                .map(|_| LayerKv {
+                    keys: Vec::new(),
+                    values: Vec::new(),
+                })
+                .collect(),
             kv_heads,
             head_dim,
             capacity: 0,
@@ -57,43 +58,59 @@ impl KvCache {
 
     /// Bytes held by the buffers.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().flatten().count() * 2 * self.kv_heads * self.capacity * self.head_dim * 4
+        self.layers.len() * 2 * self.kv_heads * self.capacity * self.head_dim * 4
     }
 
-    /// Writes `keys`/`values` (`[kv_heads, n, head_dim]`) of layer `layer`
-    /// after the held positions and returns views of all `len + n` positions.
-    /// The new positions count once `advance` is called after the last layer.
-    pub fn append(
-        &mut self,
-        layer: usize,
-        keys: &Tensor,
-        values: &Tensor,
-    ) -> Result<(Tensor, Tensor), ModelError> {
-        let n = keys.dim(1)?;
-        let total = self.len + n;
-        if total > self.capacity {
-            self.grow(total)?;
+    /// Makes room for `needed` positions (existing ones are kept).
+    pub fn reserve(&mut self, needed: usize) {
+        if needed <= self.capacity {
+            return;
         }
-        let kv = self.layers[layer].get_or_insert_with(|| {
-            let zeros = || {
-                Tensor::zeros(
-                    (self.kv_heads, self.capacity, self.head_dim),
-                    DType::F32,
-                    &Device::Cpu,
-                )
-            };
-            LayerKv {
-                keys: zeros().expect("allocating the KV cache"),
-                values: zeros().expect("allocating the KV cache"),
+        let mut cap = self.capacity.max(FIRST_CAPACITY);
+        while cap < needed {
+            cap *= 2;
+        }
+        let cap = cap.min(self.limit.max(needed));
+        let (hd, old) = (self.head_dim, self.capacity);
+        for kv in &mut self.layers {
+            for buf in [&mut kv.keys, &mut kv.values] {
+                let mut bigger = vec![0f32; self.kv_heads * cap * hd];
+                for h in 0..self.kv_heads {
+                    let n = self.len * hd;
+                    bigger[h * cap * hd..h * cap * hd + n]
+                        .copy_from_slice(&buf[h * old * hd..h * old * hd + n]);
+                }
+                *buf = bigger;
             }
-        });
-        kv.keys.slice_set(&keys.contiguous()?, 1, self.len)?;
-        kv.values.slice_set(&values.contiguous()?, 1, self.len)?;
-        Ok((kv.keys.narrow(1, 0, total)?, kv.values.narrow(1, 0, total)?))
+        }
+        self.capacity = cap;
+    }
+
+    /// Writes the key and value (`[kv_heads * head_dim]` each) of position
+    /// `pos` in layer `layer`. Room must have been reserved.
+    pub fn write(&mut self, layer: usize, pos: usize, key: &[f32], value: &[f32]) {
+        let (hd, cap) = (self.head_dim, self.capacity);
+        let kv = &mut self.layers[layer];
+        for h in 0..self.kv_heads {
+            let at = (h * cap + pos) * hd;
+            kv.keys[at..at + hd].copy_from_slice(&key[h * hd..(h + 1) * hd]);
+            kv.values[at..at + hd].copy_from_slice(&value[h * hd..(h + 1) * hd]);
+        }
+    }
+
+    /// A read-only view of layer `layer` whose first `len` positions are valid.
+    pub fn view(&self, layer: usize, len: usize) -> CacheView<'_> {
+        let kv = &self.layers[layer];
+        CacheView {
+            keys: &kv.keys,
+            values: &kv.values,
+            capacity: self.capacity,
+            len,
+        }
     }
 
     /// Attention of one query (`[heads * head_dim]`) over the first `len`
-    /// positions of layer `layer`, read straight from the cache buffers.
+    /// positions of layer `layer`, one head after another.
     pub fn attend(
         &self,
         layer: usize,
@@ -101,52 +118,18 @@ impl KvCache {
         q: &[f32],
         group: usize,
         window: Option<usize>,
-    ) -> Result<Vec<f32>, ModelError> {
-        let kv = self.layers[layer].as_ref().ok_or_else(|| {
-            candle_core::Error::Msg(format!("attention: layer {layer} has no cache yet"))
-        })?;
-        let (ks, kl) = kv.keys.storage_and_layout();
-        let (vs, vl) = kv.values.storage_and_layout();
-        let (Storage::Cpu(k), Storage::Cpu(v)) = (&*ks, &*vs) else {
-            return Err(
-                candle_core::Error::Msg("attention: the cache must be on the CPU".into()).into(),
-            );
-        };
-        let view = CacheView {
-            keys: &k.as_slice::<f32>()?[kl.start_offset()..],
-            values: &v.as_slice::<f32>()?[vl.start_offset()..],
-            capacity: self.capacity,
-            len,
-        };
-        let heads = q.len() / self.head_dim;
-        Ok(attend_one(q, &view, heads, group, self.head_dim, window))
+    ) -> Vec<f32> {
+        let view = self.view(layer, len);
+        let hd = self.head_dim;
+        let mut out = vec![0f32; q.len()];
+        for (h, o) in out.chunks_mut(hd).enumerate() {
+            attend_head(&q[h * hd..(h + 1) * hd], &view, h / group, hd, window, o);
+        }
+        out
     }
 
-    /// Marks `n` appended positions as held (all layers have written them).
+    /// Marks `n` written positions as held (all layers have written them).
     pub fn advance(&mut self, n: usize) {
         self.len += n;
-    }
-
-    fn grow(&mut self, needed: usize) -> Result<(), ModelError> {
-        let mut cap = self.capacity.max(FIRST_CAPACITY);
-        while cap < needed {
-            cap *= 2;
-        }
-        let cap = cap.min(self.limit.max(needed));
-        for kv in self.layers.iter_mut().flatten() {
-            for buf in [&mut kv.keys, &mut kv.values] {
-                let bigger = Tensor::zeros(
-                    (self.kv_heads, cap, self.head_dim),
-                    DType::F32,
-                    &Device::Cpu,
-                )?;
-                if self.len > 0 {
-                    bigger.slice_set(&buf.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                }
-                *buf = bigger;
-            }
-        }
-        self.capacity = cap;
-        Ok(())
     }
 }

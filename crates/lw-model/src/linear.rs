@@ -5,16 +5,15 @@
 //! here reads each weight row once for all (few) activation rows, converts
 //! half-precision weights to f32 in registers (so bf16/f16 weights cost half
 //! the bandwidth of f32 ones), and splits the rows over the thread pool.
-//! Longer inputs (prefill) go to candle's blocked matmul in f32.
+//! Longer inputs (prefill) take the same kernel: each output is the same dot
+//! product, summed in the same order, whatever the number of input rows, so a
+//! position's result does not depend on how it was batched.
 
 use candle_core::{DType, Device, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::ModelError;
-
-/// Inputs with at most this many rows use the streaming kernel.
-const SMALL_ROWS: usize = 8;
 
 /// A weight element the kernel can widen to f32.
 trait Element: Copy + Send + Sync + 'static {
@@ -58,24 +57,14 @@ impl Linear {
 
     /// `x`: `[rows, in]` f32 → `[rows, out]` f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let (rows, _) = x.dims2()?;
-        let y = if rows <= SMALL_ROWS {
-            self.forward_small(x)?
-        } else {
-            let w = if self.weight.dtype() == DType::F32 {
-                self.weight.clone()
-            } else {
-                self.weight.to_dtype(DType::F32)?
-            };
-            x.matmul(&w.t()?)?
-        };
+        let y = self.forward_rows(x)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
 
-    fn forward_small(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+    fn forward_rows(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         let (rows, k) = x.dims2()?;
         let (n, wk) = self.weight.dims2()?;
         if k != wk {

@@ -10,6 +10,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use rayon::prelude::*;
+
+use crate::attention::attend_head;
 use crate::cache::KvCache;
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::ModelError;
@@ -195,16 +198,46 @@ impl Llama {
         logits: Logits,
     ) -> Result<Tensor, ModelError> {
         let n = tokens.len();
-        if n == 0 {
+        self.step(tokens, &mut [(cache, n)], logits)
+    }
+
+    /// One decoding step for several sequences at once: `tokens[i]` follows
+    /// the positions in `caches[i]`. Returns logits `[sequences, vocab]`.
+    /// Every weight matrix is read once for the whole batch, and each row's
+    /// result is bit-for-bit what [`Llama::forward`] gives that sequence alone.
+    pub fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor, ModelError> {
+        if tokens.len() != caches.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "forward_batch: {} tokens for {} sequences",
+                tokens.len(),
+                caches.len()
+            ))
+            .into());
+        }
+        let mut seqs: Vec<(&mut KvCache, usize)> =
+            caches.iter_mut().map(|c| (&mut **c, 1)).collect();
+        self.step(tokens, &mut seqs, Logits::Last)
+    }
+
+    /// The forward pass over rows that belong to one or more sequences:
+    /// `seqs[s].1` consecutive rows of `tokens` extend `seqs[s].0`. With
+    /// `Logits::Last`, one row of logits per sequence.
+    fn step(
+        &self,
+        tokens: &[u32],
+        seqs: &mut [(&mut KvCache, usize)],
+        logits: Logits,
+    ) -> Result<Tensor, ModelError> {
+        let n = tokens.len();
+        if n == 0 || seqs.iter().any(|(_, c)| *c == 0) {
             return Err(candle_core::Error::Msg("forward: no tokens".into()).into());
         }
-        let start = cache.len();
-        let needed = start + n;
-        if needed > self.context_length() {
-            return Err(ModelError::ContextFull {
-                needed,
-                limit: self.context_length(),
-            });
+        if seqs.iter().map(|(_, c)| c).sum::<usize>() != n {
+            return Err(candle_core::Error::Msg("forward: rows do not add up".into()).into());
         }
         if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
             return Err(ModelError::TokenOutOfRange {
@@ -212,134 +245,105 @@ impl Llama {
                 vocab: self.cfg.vocab_size,
             });
         }
+        // Which sequence and position each row is.
+        let mut rows: Vec<(usize, usize)> = Vec::with_capacity(n);
+        for (s, (cache, count)) in seqs.iter_mut().enumerate() {
+            let start = cache.len();
+            let needed = start + *count;
+            if needed > self.context_length() {
+                return Err(ModelError::ContextFull {
+                    needed,
+                    limit: self.context_length(),
+                });
+            }
+            cache.reserve(needed);
+            rows.extend((start..needed).map(|p| (s, p)));
+        }
+        let cfg = &self.cfg;
+        let (hd, nh, nkv, group) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.group_size());
+        let half = self.inv_freq.len();
+        let (cos, sin) = self.rope_tables(rows.iter().map(|&(_, p)| p));
         let dev = Device::Cpu;
         let ids = Tensor::from_slice(tokens, n, &dev)?;
         let mut x = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
-        let (cos, sin) = self.rope_tables(start, n)?;
-        let eps = self.cfg.rms_norm_eps as f32;
+        let eps = cfg.rms_norm_eps as f32;
+        let width = (nh + 2 * nkv) * hd;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let a = self.attention(layer, l, &h, &cos, &sin, cache, start)?;
+            let mut qkv = layer.attn.qkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            for (r, row) in qkv.chunks_mut(width).enumerate() {
+                let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+                for head in row[..(nh + nkv) * hd].chunks_mut(hd) {
+                    rope(head, c, s);
+                }
+                let (s_idx, pos) = rows[r];
+                let kv = &row[nh * hd..];
+                seqs[s_idx].0.write(l, pos, &kv[..nkv * hd], &kv[nkv * hd..]);
+            }
+            let views: Vec<&KvCache> = seqs.iter().map(|(c, _)| &**c).collect();
+            let mut out = vec![0f32; n * nh * hd];
+            out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+                let (r, head) = (i / nh, i % nh);
+                let (s_idx, pos) = rows[r];
+                let view = views[s_idx].view(l, pos + 1);
+                let q = &qkv[r * width + head * hd..r * width + (head + 1) * hd];
+                attend_head(q, &view, head / group, hd, layer.window, o);
+            });
+            let a = layer.attn.o.forward(&Tensor::from_vec(out, (n, nh * hd), &dev)?)?;
             x = (x + a)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
             let m = &layer.mlp;
             let gate_up = m.gate_up.forward(&h)?;
-            let inter = self.cfg.intermediate_size;
+            let inter = cfg.intermediate_size;
             let gated = (candle_nn::ops::silu(&gate_up.narrow(1, 0, inter)?)?
                 * gate_up.narrow(1, inter, inter)?)?;
             x = (x + m.down.forward(&gated)?)?;
         }
-        cache.advance(n);
+        for (cache, count) in seqs.iter_mut() {
+            cache.advance(*count);
+        }
         if logits == Logits::Last {
-            x = x.narrow(0, n - 1, 1)?;
+            let mut last = Vec::with_capacity(seqs.len());
+            let mut end = 0u32;
+            for (_, count) in seqs.iter() {
+                end += *count as u32;
+                last.push(end - 1);
+            }
+            x = if last.len() == 1 {
+                x.narrow(0, last[0] as usize, 1)?
+            } else {
+                x.index_select(&Tensor::from_vec(last, seqs.len(), &dev)?, 0)?
+            };
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         self.lm_head.forward(&x)
     }
 
-    /// cos and sin of (position × inverse frequency), `[n, head_dim / 2]`.
-    fn rope_tables(&self, start: usize, n: usize) -> Result<(Tensor, Tensor), ModelError> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
-        for p in start..start + n {
+    /// cos and sin of (position × inverse frequency), `[rows, head_dim / 2]`.
+    fn rope_tables(&self, positions: impl Iterator<Item = usize>) -> (Vec<f32>, Vec<f32>) {
+        let mut cos = Vec::new();
+        let mut sin = Vec::new();
+        for p in positions {
             for &f in &self.inv_freq {
                 let angle = p as f32 * f;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }
         }
-        let dev = Device::Cpu;
-        Ok((
-            Tensor::from_vec(cos, (n, half), &dev)?,
-            Tensor::from_vec(sin, (n, half), &dev)?,
-        ))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        layer: &Layer,
-        index: usize,
-        h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        cache: &mut KvCache,
-        start: usize,
-    ) -> Result<Tensor, ModelError> {
-        let cfg = &self.cfg;
-        let (n, hd) = (h.dim(0)?, cfg.head_dim);
-        let (nh, nkv, group) = (cfg.num_heads, cfg.num_kv_heads, cfg.group_size());
-        let heads = |t: Tensor, count: usize| -> Result<Tensor, ModelError> {
-            Ok(t.reshape((n, count, hd))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .unsqueeze(0)?)
-        };
-        let qkv = layer.attn.qkv.forward(h)?;
-        let q = heads(qkv.narrow(1, 0, nh * hd)?, nh)?;
-        let k = heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?;
-        let v = heads(qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?, nkv)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
-        let (keys, values) = cache.append(index, &k, &v.squeeze(0)?)?;
-        let total = start + n;
-        if n == 1 {
-            // Decoding: straight over the cache buffers.
-            let qv = q.flatten_all()?.to_vec1::<f32>()?;
-            let out = cache.attend(index, total, &qv, group, layer.window)?;
-            return layer
-                .attn
-                .o
-                .forward(&Tensor::from_vec(out, (1, nh * hd), &Device::Cpu)?);
-        }
-        // Grouped-query: the `group` query heads of one kv head attend together,
-        // so keys and values are never copied per query head.
-        let q = q.reshape((nkv, group * n, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (q.matmul(&keys.t()?)? * scale)?;
-        if let Some(mask) = causal_mask(n, start, layer.window)? {
-            scores = scores
-                .reshape((nkv, group, n, total))?
-                .broadcast_add(&mask)?
-                .reshape((nkv, group * n, total))?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&values)?; // [nkv, group * n, hd]
-        let out = out
-            .reshape((nh, n, hd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((n, nh * hd))?;
-        layer.attn.o.forward(&out)
+        (cos, sin)
     }
 }
 
-/// Additive mask `[n, start + n]`: query `i` (at position `start + i`) sees key
-/// `j` when `j <= start + i` and, with a window, `start + i - j < window`.
-/// `None` when nothing is masked (one query, no window in reach).
-fn causal_mask(
-    n: usize,
-    start: usize,
-    window: Option<usize>,
-) -> Result<Option<Tensor>, ModelError> {
-    let total = start + n;
-    let windowed = window.is_some_and(|w| total > w);
-    if n == 1 && !windowed {
-        return Ok(None);
+/// Rotary embedding of one head in place (the halves layout: element `i`
+/// pairs with element `i + head_dim / 2`).
+fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    let (a, b) = head.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x2 * cos[i] + x1 * sin[i];
     }
-    let mut m = vec![0f32; n * total];
-    for i in 0..n {
-        let pos = start + i;
-        for j in 0..total {
-            let future = j > pos;
-            let too_old = window.is_some_and(|w| pos - j.min(pos) >= w);
-            if future || too_old {
-                m[i * total + j] = f32::NEG_INFINITY;
-            }
-        }
-    }
-    Ok(Some(Tensor::from_vec(m, (n, total), &Device::Cpu)?))
 }
 
 /// The last row of a `[positions, vocab]` logits tensor.
