@@ -217,80 +217,151 @@ impl Engine {
             ..Default::default()
         };
         let decode_start = Instant::now();
-        let id_bound = self
-            .tokenizer
-            .id_bound()
-            .min(self.model.config().vocab_size);
-        let mut sampler = Sampler::new(params.sampling.clone(), id_bound);
-        let mut decoder = StreamDecoder::new();
-        let mut stops = StopMatcher::new(&params.stop);
-        let mut text = String::new();
-        let mut tokens = Vec::new();
-        let mut seen: Vec<u32> = if params.sampling.repetition_penalty != 1.0 {
-            prompt.to_vec()
-        } else {
-            Vec::new()
-        };
-        let max_tokens = params.max_tokens.unwrap_or(usize::MAX);
-        let finish = loop {
-            if tokens.len() >= max_tokens {
-                break FinishReason::Length;
+        let mut seq = Decoding::new(params, prompt, self.id_bound());
+        let mut finish = seq.finished_before_start();
+        while finish.is_none() {
+            let (ready, done) = seq.step(&mut logits, &self.tokenizer, &self.eos_ids)?;
+            if !ready.is_empty() && !on_text(&ready) {
+                finish = Some(FinishReason::Cancelled);
+                break;
             }
-            let next = sampler.sample(&mut logits, &seen);
-            if !params.ignore_eos && self.eos_ids.contains(&next) {
-                break FinishReason::Stop;
-            }
-            tokens.push(next);
-            seen.push(next);
-            if let Some(delta) = decoder.push(&self.tokenizer, next)? {
-                let (ready, hit) = stops.push(&delta);
-                if !ready.is_empty() {
-                    text.push_str(&ready);
-                    if !on_text(&ready) {
-                        break FinishReason::Cancelled;
-                    }
-                }
-                if hit {
-                    break FinishReason::Stop;
-                }
-            }
-            if tokens.len() >= max_tokens {
-                break FinishReason::Length;
+            if done.is_some() {
+                finish = done;
+                break;
             }
             if self.cache.len() + 1 > self.context_length() {
-                break FinishReason::ContextFull;
+                finish = Some(FinishReason::ContextFull);
+                break;
             }
+            let next = seq.last_token();
             let out = self.model.forward(&[next], &mut self.cache, Logits::Last)?;
             self.cached.push(next);
             logits = lw_model::llama::last_row(&out)?;
-        };
-        if finish != FinishReason::Stop && finish != FinishReason::Cancelled {
-            let mut rest = String::new();
-            if let Some(held) = decoder.finish(&self.tokenizer)? {
-                let (ready, hit) = stops.push(&held);
-                rest.push_str(&ready);
-                if hit {
-                    stops.flush();
-                }
-            }
-            rest.push_str(&stops.flush());
-            if !rest.is_empty() {
-                text.push_str(&rest);
-                on_text(&rest);
-            }
         }
-        stats.generated_tokens = tokens.len();
+        let finish = finish.unwrap_or(FinishReason::Stop);
+        let rest = seq.finish(finish, &self.tokenizer)?;
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+        stats.generated_tokens = seq.tokens.len();
         stats.decode_seconds = decode_start.elapsed().as_secs_f64();
         Ok(Generation {
-            text,
-            tokens,
+            text: seq.text,
+            tokens: seq.tokens,
             finish_reason: finish,
             stats,
         })
     }
+
+    /// Prompt tokens per prefill step.
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
+    }
+
+    /// Token ids the sampler may pick: the tokenizer's, within the embedding.
+    pub fn id_bound(&self) -> usize {
+        self.tokenizer
+            .id_bound()
+            .min(self.model.config().vocab_size)
+    }
 }
 
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+/// The per-sequence side of decoding: sampling, end conditions, text
+/// assembly (whole characters only) and stop strings. The engine's own loop
+/// and the batching scheduler both drive sequences through it.
+pub(crate) struct Decoding {
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    pub(crate) text: String,
+    pub(crate) tokens: Vec<u32>,
+    seen: Vec<u32>,
+    max_tokens: usize,
+    ignore_eos: bool,
+}
+
+impl Decoding {
+    pub(crate) fn new(params: &GenerationParams, prompt: &[u32], id_bound: usize) -> Self {
+        Decoding {
+            sampler: Sampler::new(params.sampling.clone(), id_bound),
+            decoder: StreamDecoder::new(),
+            stops: StopMatcher::new(&params.stop),
+            text: String::new(),
+            tokens: Vec::new(),
+            seen: if params.sampling.repetition_penalty != 1.0 {
+                prompt.to_vec()
+            } else {
+                Vec::new()
+            },
+            max_tokens: params.max_tokens.unwrap_or(usize::MAX),
+            ignore_eos: params.ignore_eos,
+        }
+    }
+
+    /// `Length` when no token may be generated at all.
+    pub(crate) fn finished_before_start(&self) -> Option<FinishReason> {
+        (self.max_tokens == 0).then_some(FinishReason::Length)
+    }
+
+    /// Samples the next token from `logits` and takes it: returns the text it
+    /// releases and, when the sequence ends here, why.
+    pub(crate) fn step(
+        &mut self,
+        logits: &mut [f32],
+        tok: &Tokenizer,
+        eos: &[u32],
+    ) -> Result<(String, Option<FinishReason>), EngineError> {
+        let next = self.sampler.sample(logits, &self.seen);
+        if !self.ignore_eos && eos.contains(&next) {
+            return Ok((String::new(), Some(FinishReason::Stop)));
+        }
+        self.tokens.push(next);
+        self.seen.push(next);
+        let mut ready = String::new();
+        if let Some(delta) = self.decoder.push(tok, next)? {
+            let (r, hit) = self.stops.push(&delta);
+            self.text.push_str(&r);
+            ready = r;
+            if hit {
+                return Ok((ready, Some(FinishReason::Stop)));
+            }
+        }
+        if self.tokens.len() >= self.max_tokens {
+            return Ok((ready, Some(FinishReason::Length)));
+        }
+        Ok((ready, None))
+    }
+
+    /// The token taken last (the next one to feed the model).
+    pub(crate) fn last_token(&self) -> u32 {
+        *self.tokens.last().expect("a token was taken")
+    }
+
+    /// Text still held when the sequence ends for a reason other than a stop
+    /// or a cancel (a partial character or a partial stop-string match).
+    pub(crate) fn finish(
+        &mut self,
+        reason: FinishReason,
+        tok: &Tokenizer,
+    ) -> Result<String, EngineError> {
+        if reason == FinishReason::Stop || reason == FinishReason::Cancelled {
+            return Ok(String::new());
+        }
+        let mut rest = String::new();
+        if let Some(held) = self.decoder.finish(tok)? {
+            let (ready, hit) = self.stops.push(&held);
+            rest.push_str(&ready);
+            if hit {
+                self.stops.flush();
+            }
+        }
+        rest.push_str(&self.stops.flush());
+        self.text.push_str(&rest);
+        Ok(rest)
+    }
+}
+
+pub(crate) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 

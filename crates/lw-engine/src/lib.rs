@@ -4,6 +4,7 @@
 //!
 //! It speaks tokens and text; it knows nothing of HTTP or writing runs.
 
+pub mod batch;
 pub mod engine;
 pub mod error;
 pub mod sampler;
@@ -11,6 +12,7 @@ pub mod source;
 pub mod template;
 pub mod tokenizer;
 
+pub use batch::{BatchEvent, BatchOptions, Batcher, Busy};
 pub use engine::{Engine, Generation, LoadOptions, StopMatcher};
 pub use error::EngineError;
 pub use sampler::Sampler;
