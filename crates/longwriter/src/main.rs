@@ -7,6 +7,9 @@ mod run;
 mod write;
 
 use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -53,12 +56,39 @@ struct ServeArgs {
     /// Port to listen on (0 picks a free one).
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    /// Require `Authorization: Bearer KEY` on /v1 routes (the page asks for it).
     #[arg(long, env = "LONGWRITER_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// A file of accepted API keys, one per line (`#` starts a comment);
+    /// combined with --api-key.
+    #[arg(long, value_name = "FILE")]
+    keys_file: Option<PathBuf>,
+    /// Where long-writing jobs are kept (an SQLite file, jobs.sqlite).
+    /// Default: $XDG_DATA_HOME/longwriter or ~/.local/share/longwriter.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     /// Largest max_tokens a request may ask for.
     #[arg(long, default_value_t = 32768)]
     max_new_tokens: usize,
+    /// Longest prompt accepted, in tokens (default: the model's context).
+    #[arg(long)]
+    max_prompt_tokens: Option<usize>,
+    /// Largest request body in bytes (larger ones get 413).
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// Long-writing jobs one API key may have queued or running at once.
+    #[arg(long, default_value_t = 4)]
+    max_jobs_per_key: usize,
+    /// The model's name in /v1/models (default: the model directory's name or
+    /// the hub id). Requests may also name it as given to --model, or "default".
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Sequences decoded together (continuous batching).
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Requests waiting for the batch before new ones get 503.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
 }
 
 #[derive(Args)]
@@ -206,7 +236,6 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn count(a: &CountArgs) -> anyhow::Result<()> {
-    use anyhow::Context;
     let text = match &a.file {
         Some(p) if p.as_os_str() != "-" => {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
@@ -224,14 +253,61 @@ fn count(a: &CountArgs) -> anyhow::Result<()> {
 }
 
 fn serve(a: &ServeArgs) -> anyhow::Result<()> {
+    let mut api_keys: Vec<String> = a.api_key.iter().cloned().collect();
+    if let Some(path) = &a.keys_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the keys file {}", path.display()))?;
+        let keys: Vec<String> = text
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        if keys.is_empty() {
+            anyhow::bail!("{}: the keys file holds no keys", path.display());
+        }
+        api_keys.extend(keys);
+    }
+    let data_dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
     let engine = run::load_engine(&a.model)?;
     let opts = lw_server::ServeOptions {
-        model_name: a.model.model.clone(),
-        api_key: a.api_key.clone(),
+        model_name: a.served_model_name.clone().unwrap_or_else(|| {
+            let given = std::path::Path::new(&a.model.model);
+            match given.file_name() {
+                Some(n) if given.exists() => n.to_string_lossy().into_owned(),
+                _ => a.model.model.clone(),
+            }
+        }),
+        model_aliases: vec![a.model.model.clone(), "default".into()],
+        api_keys,
         max_new_tokens: a.max_new_tokens,
+        max_prompt_tokens: a.max_prompt_tokens,
+        max_body_bytes: a.max_body_bytes,
+        max_jobs_per_key: a.max_jobs_per_key.max(1),
+        batch: lw_engine::BatchOptions {
+            max_batch: a.max_batch.max(1),
+            max_queue: a.max_queue,
+            idle_caches: a.max_batch.max(1),
+        },
+        data_dir: data_dir.clone(),
     };
-    lw_server::run(engine, opts, &a.host, a.port, |addr| {
-        eprintln!("listening on http://{addr} (OpenAI-compatible API at http://{addr}/v1)");
+    lw_server::run(engine, opts, &a.host, a.port, |addr, resumed| {
+        eprintln!("jobs: {}", data_dir.join("jobs.sqlite").display());
+        if resumed > 0 {
+            eprintln!("resuming {resumed} unfinished job(s)");
+        }
+        eprintln!("listening on http://{addr} (OpenAI-compatible API at http://{addr}/v1, page at http://{addr}/)");
     })
     .map_err(|e| anyhow::anyhow!("serving on {}:{}: {e}", a.host, a.port))
+}
+
+/// `$XDG_DATA_HOME/longwriter`, else `~/.local/share/longwriter`, else `./longwriter-data`.
+fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("longwriter");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".local/share/longwriter"),
+        None => PathBuf::from("longwriter-data"),
+    }
 }

@@ -9,7 +9,9 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use lw_core::{Counter, SamplingParams};
-use lw_write::{Event, Language, LanguageModel, LocalModel, Mode, Request, RunDir, WriteOptions};
+use lw_write::{
+    Event, Language, LanguageModel, LocalModel, Mode, Request, RunDir, RunStore, WriteOptions,
+};
 
 use crate::{ModelArgs, WeightDtype};
 

@@ -40,6 +40,8 @@ fn start_with(key: &str, model: &std::path::Path, max_new: usize) -> Server {
             "--max-new-tokens",
         ])
         .arg(max_new.to_string())
+        .arg("--data-dir")
+        .arg(std::env::temp_dir().join(format!("lw-serve-data-{}-{key}", std::process::id())))
         .arg("--model")
         .arg(model)
         .stderr(Stdio::piped())

@@ -57,7 +57,9 @@ pub enum BatchEvent {
 
 /// The queue is full: try again later.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the server is busy: {waiting} requests are already waiting (limit {limit}); retry shortly")]
+#[error(
+    "the server is busy: {waiting} requests are already waiting (limit {limit}); retry shortly"
+)]
 pub struct Busy {
     pub waiting: usize,
     pub limit: usize,
@@ -351,11 +353,17 @@ impl Scheduler {
                         }
                     }
                     Err(e) => {
-                        ended.extend(feed.iter().map(|&i| (i, Err(EngineError::Step(e.to_string())))));
+                        ended.extend(
+                            feed.iter()
+                                .map(|&i| (i, Err(EngineError::Step(e.to_string())))),
+                        );
                     }
                 },
                 Err(e) => {
-                    ended.extend(feed.iter().map(|&i| (i, Err(EngineError::Step(e.to_string())))));
+                    ended.extend(
+                        feed.iter()
+                            .map(|&i| (i, Err(EngineError::Step(e.to_string())))),
+                    );
                 }
             }
         }
@@ -373,14 +381,16 @@ impl Scheduler {
             };
             let end = (next + chunk).min(r.job.prompt.len());
             let part = &r.job.prompt[next..end];
-            match engine.model().forward(part, &mut r.slot.cache, Logits::Last) {
+            match engine
+                .model()
+                .forward(part, &mut r.slot.cache, Logits::Last)
+            {
                 Ok(out) => {
                     r.slot.cached.extend_from_slice(part);
                     if end == r.job.prompt.len() {
                         match lw_model::llama::last_row(&out) {
                             Ok(logits) => {
-                                r.stats.prefill_seconds =
-                                    r.job.submitted.elapsed().as_secs_f64();
+                                r.stats.prefill_seconds = r.job.submitted.elapsed().as_secs_f64();
                                 r.decode_start = Some(Instant::now());
                                 r.phase = Phase::Decode { logits };
                             }
@@ -403,9 +413,7 @@ impl Scheduler {
                     let _ = r.job.tx.send(BatchEvent::Delta(rest));
                 }
                 r.stats.generated_tokens = r.decoding.tokens.len();
-                r.stats.decode_seconds = r
-                    .decode_start
-                    .map_or(0.0, |t| t.elapsed().as_secs_f64());
+                r.stats.decode_seconds = r.decode_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
                 Ok(Generation {
                     text: std::mem::take(&mut r.decoding.text),
                     tokens: std::mem::take(&mut r.decoding.tokens),

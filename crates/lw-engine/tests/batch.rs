@@ -73,7 +73,10 @@ fn concurrent_requests_get_exactly_their_solo_outputs() {
         };
         assert_eq!(got.tokens, want[i].tokens, "request {i}");
         assert_eq!(got.text, want[i].text, "request {i}");
-        assert_eq!(streamed, got.text, "request {i}: deltas concatenate to the text");
+        assert_eq!(
+            streamed, got.text,
+            "request {i}: deltas concatenate to the text"
+        );
         assert_eq!(got.finish_reason, FinishReason::Length);
     }
 }
@@ -98,7 +101,12 @@ fn a_full_queue_is_refused_and_a_dropped_receiver_frees_its_slot() {
     };
     // The first runs (context-bound), the next two wait, the fourth is refused.
     let first = batcher.submit(vec![1, 2, 3], long.clone()).unwrap();
-    while batcher.load().running.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+    while batcher
+        .load()
+        .running
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0
+    {
         std::thread::yield_now();
     }
     let second = batcher.submit(vec![4, 5], params(1)).unwrap();

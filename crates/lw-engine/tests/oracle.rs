@@ -331,13 +331,19 @@ fn a_positions_result_does_not_depend_on_how_it_was_batched() {
                 })
                 .collect();
             let mut mine = model.new_cache();
-            model.forward(&prompt[..30], &mut mine, Logits::Last).unwrap();
+            model
+                .forward(&prompt[..30], &mut mine, Logits::Last)
+                .unwrap();
             for (step, &tok) in prompt[30..].iter().enumerate() {
                 let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
                 refs.insert(1, &mut mine);
                 let toks = [3 + step as u32, tok, 4];
                 let out = bits(&model.forward_batch(&toks, &mut refs).unwrap());
-                assert_eq!(out[1], whole[30 + step], "{name} {dtype:?}: batched step {step}");
+                assert_eq!(
+                    out[1],
+                    whole[30 + step],
+                    "{name} {dtype:?}: batched step {step}"
+                );
             }
         }
     }

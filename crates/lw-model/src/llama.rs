@@ -260,7 +260,12 @@ impl Llama {
             rows.extend((start..needed).map(|p| (s, p)));
         }
         let cfg = &self.cfg;
-        let (hd, nh, nkv, group) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.group_size());
+        let (hd, nh, nkv, group) = (
+            cfg.head_dim,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.group_size(),
+        );
         let half = self.inv_freq.len();
         let (cos, sin) = self.rope_tables(rows.iter().map(|&(_, p)| p));
         let dev = Device::Cpu;
@@ -270,15 +275,25 @@ impl Llama {
         let width = (nh + 2 * nkv) * hd;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut qkv = layer.attn.qkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut qkv = layer
+                .attn
+                .qkv
+                .forward(&h)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             for (r, row) in qkv.chunks_mut(width).enumerate() {
-                let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+                let (c, s) = (
+                    &cos[r * half..(r + 1) * half],
+                    &sin[r * half..(r + 1) * half],
+                );
                 for head in row[..(nh + nkv) * hd].chunks_mut(hd) {
                     rope(head, c, s);
                 }
                 let (s_idx, pos) = rows[r];
                 let kv = &row[nh * hd..];
-                seqs[s_idx].0.write(l, pos, &kv[..nkv * hd], &kv[nkv * hd..]);
+                seqs[s_idx]
+                    .0
+                    .write(l, pos, &kv[..nkv * hd], &kv[nkv * hd..]);
             }
             let views: Vec<&KvCache> = seqs.iter().map(|(c, _)| &**c).collect();
             let mut out = vec![0f32; n * nh * hd];
@@ -289,7 +304,10 @@ impl Llama {
                 let q = &qkv[r * width + head * hd..r * width + (head + 1) * hd];
                 attend_head(q, &view, head / group, hd, layer.window, o);
             });
-            let a = layer.attn.o.forward(&Tensor::from_vec(out, (n, nh * hd), &dev)?)?;
+            let a = layer
+                .attn
+                .o
+                .forward(&Tensor::from_vec(out, (n, nh * hd), &dev)?)?;
             x = (x + a)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
             let m = &layer.mlp;

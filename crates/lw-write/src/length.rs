@@ -15,6 +15,14 @@ pub enum Language {
 }
 
 impl Language {
+    /// `en` or `zh`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Language::English => "en",
+            Language::Chinese => "zh",
+        }
+    }
+
     /// Chinese when a fifth or more of the letters are CJK ideographs.
     pub fn detect(text: &str) -> Language {
         let (mut cjk, mut letters) = (0usize, 0usize);

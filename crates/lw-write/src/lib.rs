@@ -14,7 +14,9 @@ pub mod writer;
 
 pub use http::{HttpModel, HttpOptions};
 pub use length::{requested_length, Language};
-pub use model::{ChatRequest, ChatResponse, LanguageModel, LocalModel, ModelCallError, Usage};
+pub use model::{
+    BatchedModel, ChatRequest, ChatResponse, LanguageModel, LocalModel, ModelCallError, Usage,
+};
 pub use plan::{parse_plan, Paragraph, Plan, PlanError};
-pub use run::{Mode, Request, RunDir, RunDirError, SectionRecord, State};
+pub use run::{Mode, Request, RunDir, RunDirError, RunStore, SectionRecord, State};
 pub use writer::{make_plan, write, Event, Summary, WriteError, WriteOptions};

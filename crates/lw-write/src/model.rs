@@ -142,3 +142,75 @@ impl LanguageModel for LocalModel {
         })
     }
 }
+
+/// The local engine behind the batching scheduler, shared with other
+/// requests (the server's jobs run through this). A full queue is waited
+/// out, not reported: a writing run is background work.
+pub struct BatchedModel {
+    batcher: lw_engine::Batcher,
+    name: String,
+}
+
+impl BatchedModel {
+    pub fn new(batcher: lw_engine::Batcher, name: impl Into<String>) -> Self {
+        BatchedModel {
+            batcher,
+            name: name.into(),
+        }
+    }
+}
+
+impl LanguageModel for BatchedModel {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn complete(
+        &mut self,
+        request: &ChatRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<ChatResponse, ModelCallError> {
+        let backend = |e: lw_engine::EngineError| ModelCallError::Backend(e.to_string());
+        let engine = self.batcher.engine().clone();
+        let ids = engine.encode_chat(&request.messages).map_err(backend)?;
+        let context = engine.context_length();
+        if ids.len() + request.max_tokens > context {
+            return Err(ModelCallError::ContextLength {
+                prompt_tokens: ids.len(),
+                max_tokens: request.max_tokens,
+                context,
+            });
+        }
+        let params = GenerationParams {
+            sampling: request.sampling.clone(),
+            max_tokens: Some(request.max_tokens),
+            stop: request.stop.clone(),
+            ignore_eos: false,
+        };
+        let out = loop {
+            match self
+                .batcher
+                .generate_blocking(ids.clone(), params.clone(), |d| on_text(d))
+            {
+                Ok(result) => break result,
+                Err(_busy) => std::thread::sleep(std::time::Duration::from_millis(200)),
+            }
+        };
+        let out = match out {
+            Err(lw_engine::EngineError::Cancelled) => return Err(ModelCallError::Cancelled),
+            other => other.map_err(backend)?,
+        };
+        if out.finish_reason == FinishReason::Cancelled {
+            return Err(ModelCallError::Cancelled);
+        }
+        Ok(ChatResponse {
+            text: out.text,
+            finish_reason: out.finish_reason,
+            usage: Usage {
+                prompt_tokens: out.stats.prompt_tokens,
+                cached_prompt_tokens: out.stats.cached_prompt_tokens,
+                completion_tokens: out.stats.generated_tokens,
+            },
+        })
+    }
+}

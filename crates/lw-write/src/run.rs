@@ -74,6 +74,54 @@ pub enum RunDirError {
     Exists { path: PathBuf },
     #[error("{}: not a run directory (no request.json)", path.display())]
     NotARun { path: PathBuf },
+    #[error("job store: {0}")]
+    Store(String),
+}
+
+/// Where a run keeps its state: a [`RunDir`] for the CLI, a database for
+/// the server's jobs. Each save is atomic.
+pub trait RunStore {
+    fn request(&self) -> Result<Request, RunDirError>;
+    fn plan(&self) -> Result<Option<Plan>, RunDirError>;
+    fn save_plan(&self, plan: &Plan) -> Result<(), RunDirError>;
+    fn state(&self) -> Result<State, RunDirError>;
+    fn save_state(&self, state: &State) -> Result<(), RunDirError>;
+    /// Text of a finished section, if saved.
+    fn section(&self, index: usize) -> Result<Option<String>, RunDirError>;
+    fn save_section(&self, index: usize, text: &str) -> Result<(), RunDirError>;
+    fn save_document(&self, text: &str) -> Result<(), RunDirError>;
+}
+
+impl RunStore for RunDir {
+    fn request(&self) -> Result<Request, RunDirError> {
+        Ok(RunDir::open(&self.path)?.1)
+    }
+    fn plan(&self) -> Result<Option<Plan>, RunDirError> {
+        self.read_json("plan.json")
+    }
+    fn save_plan(&self, plan: &Plan) -> Result<(), RunDirError> {
+        self.write_json("plan.json", plan)
+    }
+    fn state(&self) -> Result<State, RunDirError> {
+        Ok(self.read_json("state.json")?.unwrap_or_default())
+    }
+    fn save_state(&self, state: &State) -> Result<(), RunDirError> {
+        self.write_json("state.json", state)
+    }
+    fn section(&self, index: usize) -> Result<Option<String>, RunDirError> {
+        let p = self.section_path(index);
+        match std::fs::read_to_string(&p) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&p, e)),
+        }
+    }
+    fn save_section(&self, index: usize, text: &str) -> Result<(), RunDirError> {
+        write_atomic(&self.section_path(index), text.as_bytes())
+    }
+    fn save_document(&self, text: &str) -> Result<(), RunDirError> {
+        write_atomic(&self.document_path(), text.as_bytes())
+    }
 }
 
 pub struct RunDir {
@@ -119,48 +167,14 @@ impl RunDir {
         &self.path
     }
 
-    pub fn plan(&self) -> Result<Option<Plan>, RunDirError> {
-        self.read_json("plan.json")
-    }
-
-    pub fn save_plan(&self, plan: &Plan) -> Result<(), RunDirError> {
-        self.write_json("plan.json", plan)
-    }
-
-    pub fn state(&self) -> Result<State, RunDirError> {
-        Ok(self.read_json("state.json")?.unwrap_or_default())
-    }
-
-    pub fn save_state(&self, state: &State) -> Result<(), RunDirError> {
-        self.write_json("state.json", state)
-    }
-
     fn section_path(&self, index: usize) -> PathBuf {
         self.path
             .join("sections")
             .join(format!("{:03}.md", index + 1))
     }
 
-    /// Text of a finished section, if it is on disk.
-    pub fn section(&self, index: usize) -> Result<Option<String>, RunDirError> {
-        let p = self.section_path(index);
-        match std::fs::read_to_string(&p) {
-            Ok(s) => Ok(Some(s)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io(&p, e)),
-        }
-    }
-
-    pub fn save_section(&self, index: usize, text: &str) -> Result<(), RunDirError> {
-        write_atomic(&self.section_path(index), text.as_bytes())
-    }
-
     pub fn document_path(&self) -> PathBuf {
         self.path.join("document.md")
-    }
-
-    pub fn save_document(&self, text: &str) -> Result<(), RunDirError> {
-        write_atomic(&self.document_path(), text.as_bytes())
     }
 
     fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, RunDirError> {

@@ -12,7 +12,7 @@ use crate::length::Language;
 use crate::model::{ChatRequest, LanguageModel, ModelCallError, Usage};
 use crate::plan::{parse_plan, Plan, PlanError};
 use crate::prompts;
-use crate::run::{Mode, RunDir, RunDirError, SectionRecord};
+use crate::run::{Mode, RunDirError, RunStore, SectionRecord};
 
 /// Knobs of a run.
 #[derive(Debug, Clone)]
@@ -154,13 +154,13 @@ pub fn make_plan(
 /// (Ctrl-C) ends the run after saving what is finished.
 pub fn write(
     model: &mut dyn LanguageModel,
-    dir: &RunDir,
+    dir: &dyn RunStore,
     opts: &WriteOptions,
     stop: &AtomicBool,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Summary, WriteError> {
     let started = Instant::now();
-    let (_, request) = RunDir::open(dir.path())?;
+    let request = dir.request()?;
     let mut state = dir.state()?;
     let plan = match (request.mode, dir.plan()?) {
         (_, Some(plan)) => {
