@@ -1,67 +1,22 @@
 //! `longwriter serve` as a client sees it: a real server process on
-//! loopback, real HTTP, streaming and not.
+//! loopback, real HTTP, streaming and not, faults and bad input.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
+use common::{root, scratch, start, tiny_model, Server};
 use serde_json::{json, Value};
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn start(key: &str) -> Server {
-    start_with(key, &root().join("tests/fixtures/models/qwen2"), 64)
-}
-
-fn start_with(key: &str, model: &std::path::Path, max_new: usize) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_longwriter"))
-        .args([
-            "serve",
-            "--port",
-            "0",
-            "--threads",
-            "1",
-            "--api-key",
-            key,
-            "--max-new-tokens",
-        ])
-        .arg(max_new.to_string())
-        .arg("--data-dir")
-        .arg(std::env::temp_dir().join(format!("lw-serve-data-{}-{key}", std::process::id())))
-        .arg("--model")
-        .arg(model)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let base = loop {
-        let line = lines
-            .next()
-            .expect("the server printed its address")
-            .unwrap();
-        if let Some(rest) = line.strip_prefix("listening on ") {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    // Keep draining stderr so the server never blocks on it.
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, base }
+fn start_fixture(key: &str, max_new: usize) -> Server {
+    start(
+        key,
+        &root().join("tests/fixtures/models/qwen2"),
+        &scratch(&format!("serve-{key}")),
+        &["--max-new-tokens", &max_new.to_string()],
+    )
 }
 
 #[allow(clippy::result_large_err)] // ureq's error type, in a test helper
@@ -73,7 +28,7 @@ fn post(s: &Server, path: &str, key: &str, body: &Value) -> Result<ureq::Respons
 
 #[test]
 fn health_models_auth_and_errors() {
-    let s = start("k1");
+    let s = start_fixture("k1", 64);
     assert_eq!(
         ureq::get(&format!("{}/health", s.base))
             .call()
@@ -126,7 +81,7 @@ fn health_models_auth_and_errors() {
 
 #[test]
 fn streamed_deltas_concatenate_to_the_plain_answer_with_the_same_seed() {
-    let s = start("k2");
+    let s = start_fixture("k2", 64);
     let body = |stream: bool| {
         json!({"model": "qwen2", "messages": [{"role": "user", "content": "Write about rivers."}],
                "max_tokens": 20, "temperature": 1.0, "seed": 5, "stream": stream,
@@ -194,7 +149,12 @@ fn streamed_deltas_concatenate_to_the_plain_answer_with_the_same_seed() {
 
 #[test]
 fn longwriter_write_runs_against_longwriter_serve_and_reuses_the_prefix() {
-    let s = start_with("k3", &root().join("models/tiny-random-qwen2"), 4096);
+    let s = start(
+        "k3",
+        &tiny_model(),
+        &scratch("serve-k3"),
+        &["--max-new-tokens", "4096"],
+    );
     let run = std::env::temp_dir().join(format!("lw-serve-write-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&run);
     let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
@@ -228,4 +188,206 @@ fn longwriter_write_runs_against_longwriter_serve_and_reuses_the_prefix() {
         "{state}"
     );
     assert!(run.join("document.md").exists());
+}
+
+/// Every kind of bad request gets OpenAI's error shape and the right status.
+#[test]
+fn faults_and_bad_input_get_the_right_status_and_shape() {
+    let dir = scratch("faults");
+    let keys = dir.join("keys.txt");
+    std::fs::write(&keys, "# team keys\nalpha\n\nbeta  # second\n").unwrap();
+    let mut s = start(
+        "",
+        &root().join("tests/fixtures/models/qwen2"),
+        &dir,
+        &[
+            "--keys-file",
+            keys.to_str().unwrap(),
+            "--max-body-bytes",
+            "4000",
+            "--max-prompt-tokens",
+            "100",
+            "--max-new-tokens",
+            "64",
+        ],
+    );
+    let send = |key: Option<&str>, path: &str, body: &str| -> (u16, Value) {
+        let mut r = ureq::post(&format!("{}{path}", s.base));
+        if let Some(k) = key {
+            r = r.set("Authorization", &format!("Bearer {k}"));
+        }
+        let resp = match r.send_string(body) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{e}"),
+        };
+        let status = resp.status();
+        (
+            status,
+            serde_json::from_str(&resp.into_string().unwrap()).unwrap(),
+        )
+    };
+    s.key = "alpha".into();
+    let chat = "/v1/chat/completions";
+    let ok = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).to_string();
+    // Both keys of the file work; others and none get 401.
+    assert_eq!(send(Some("alpha"), chat, &ok).0, 200);
+    assert_eq!(send(Some("beta"), chat, &ok).0, 200);
+    for key in [None, Some("gamma")] {
+        let (st, v) = send(key, chat, &ok);
+        assert_eq!(st, 401, "{v}");
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+    }
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            "{\"messages\": [".into(),
+            400,
+            "invalid request body",
+        ),
+        (
+            "wrong type",
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"})
+                .to_string(),
+            400,
+            "invalid request body",
+        ),
+        (
+            "negative max_tokens",
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": -5}).to_string(),
+            400,
+            "invalid request body",
+        ),
+        (
+            "zero max_tokens",
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).to_string(),
+            400,
+            "at least 1",
+        ),
+        (
+            "max_tokens over the limit",
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 65}).to_string(),
+            400,
+            "limit of 64",
+        ),
+        (
+            "unknown model",
+            json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).to_string(),
+            404,
+            "gpt-9",
+        ),
+        (
+            "unknown role",
+            json!({"messages": [{"role": "wizard", "content": "x"}]}).to_string(),
+            400,
+            "wizard",
+        ),
+        (
+            "temperature out of range",
+            json!({"messages": [{"role": "user", "content": "x"}], "temperature": 7}).to_string(),
+            400,
+            "temperature",
+        ),
+        (
+            "prompt over --max-prompt-tokens",
+            json!({"messages": [{"role": "user", "content": "word ".repeat(150)}]}).to_string(),
+            400,
+            "at most 100",
+        ),
+        (
+            "oversized body",
+            json!({"messages": [{"role": "user", "content": "x".repeat(5000)}]}).to_string(),
+            413,
+            "larger than",
+        ),
+    ];
+    for (what, body, status, needle) in cases {
+        let (st, v) = send(Some("alpha"), chat, &body);
+        assert_eq!(st, status, "{what}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{what}: {msg}");
+        assert!(v["error"]["type"].is_string(), "{what}: {v}");
+    }
+    let (st, v) = send(
+        Some("alpha"),
+        chat,
+        &json!({"messages": [{"role": "user", "content": "word ".repeat(150)}]}).to_string(),
+    );
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (400, Some("context_length_exceeded"))
+    );
+    // The text completions endpoint, plain and streamed.
+    let (st, v) = send(
+        Some("alpha"),
+        "/v1/completions",
+        &json!({"prompt": "Once upon a time", "max_tokens": 5, "seed": 3, "temperature": 0})
+            .to_string(),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    let parts = s.stream("/v1/completions", &json!({"prompt": "Once upon a time", "max_tokens": 5, "seed": 3, "temperature": 0, "stream": true}));
+    assert_eq!(parts.last().map(String::as_str), Some("[DONE]"));
+    let streamed: String = parts[..parts.len() - 1]
+        .iter()
+        .map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(streamed, text);
+    let (st, _) = send(
+        Some("alpha"),
+        "/v1/completions",
+        &json!({"prompt": ["a", "b"]}).to_string(),
+    );
+    assert_eq!(st, 400);
+    // Unknown routes answer 404 in the same shape.
+    let (st, v) = send(Some("alpha"), "/v1/nothing", "{}");
+    assert_eq!((st, v["error"]["code"].as_str()), (404, Some("not_found")));
+}
+
+/// A client that leaves mid-stream frees its sequence: the server's batch
+/// empties while the request was far from its token limit.
+#[test]
+fn a_client_that_disconnects_mid_stream_frees_its_slot() {
+    let s = start("k5", &tiny_model(), &scratch("disconnect"), &[]);
+    let body = json!({"messages": [{"role": "user", "content": "Go on forever."}],
+                      "max_tokens": 30000, "stream": true, "temperature": 1.0, "seed": 1});
+    let resp = post(&s, "/v1/chat/completions", "k5", &body).unwrap();
+    let mut reader = BufReader::new(resp.into_reader());
+    let mut chunks = 0;
+    let mut line = String::new();
+    while chunks < 20 {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line.starts_with("data: ") {
+            chunks += 1;
+        }
+    }
+    let (_, health) = s.get("/health");
+    assert_eq!(health["running"], 1, "{health}");
+    drop(reader);
+    let start = Instant::now();
+    loop {
+        let (_, health) = s.get("/health");
+        if health["running"] == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the sequence was not freed: {health}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The server still answers.
+    let (st, _) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    );
+    assert_eq!(st, 200);
 }

@@ -1,0 +1,179 @@
+//! A real `longwriter serve` process on loopback, and small HTTP helpers.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub key: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A fresh scratch directory for `tag`.
+pub fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lw-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The bundled 32k-context random model (deterministic, fast, noisy text).
+pub fn tiny_model() -> PathBuf {
+    root().join("models/tiny-random-qwen2")
+}
+
+/// Starts `longwriter serve --port 0 --threads 1 --api-key KEY --model M
+/// --data-dir D EXTRA…` and waits for its address.
+pub fn start(key: &str, model: &Path, data_dir: &Path, extra: &[&str]) -> Server {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_longwriter"));
+    cmd.args(["serve", "--port", "0", "--threads", "1"]);
+    if !key.is_empty() {
+        cmd.args(["--api-key", key]);
+    }
+    let mut child = cmd
+        .arg("--model")
+        .arg(model)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra)
+        .env_remove("LONGWRITER_API_KEY")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let base = loop {
+        let line = lines
+            .next()
+            .expect("the server printed its address")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix("listening on ") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    // Keep draining stderr so the server never blocks on it.
+    std::thread::spawn(move || for _ in lines {});
+    Server {
+        child,
+        base,
+        key: key.to_string(),
+    }
+}
+
+impl Server {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn auth(&self, r: ureq::Request) -> ureq::Request {
+        if self.key.is_empty() {
+            r
+        } else {
+            r.set("Authorization", &format!("Bearer {}", self.key))
+        }
+    }
+
+    /// POST a JSON body; any status comes back as (status, JSON).
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .auth(ureq::post(&self.url(path)))
+            .send_string(&body.to_string());
+        status_json(r)
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        status_json(self.auth(ureq::get(&self.url(path))).call())
+    }
+
+    pub fn get_text(&self, path: &str) -> String {
+        self.auth(ureq::get(&self.url(path)))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    }
+
+    /// POST, then read the SSE stream: every `data:` payload until `[DONE]`
+    /// or the end (`[DONE]` itself is kept as the string "[DONE]").
+    pub fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let r = self
+            .auth(ureq::post(&self.url(path)))
+            .send_string(&body.to_string())
+            .unwrap();
+        sse_data(r)
+    }
+
+    /// GET an SSE stream (job events) until it ends.
+    pub fn events(&self, path: &str) -> Vec<Value> {
+        let r = self.auth(ureq::get(&self.url(path))).call().unwrap();
+        sse_data(r)
+            .into_iter()
+            .map(|d| serde_json::from_str(&d).unwrap())
+            .collect()
+    }
+
+    /// Polls `GET path` until `done` holds for its JSON (or panics after `limit`).
+    pub fn wait_for(&self, path: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let (_, v) = self.get(path);
+            if done(&v) {
+                return v;
+            }
+            assert!(start.elapsed() < limit, "timed out waiting on {path}: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn status_json(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("transport error: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn sse_data(r: ureq::Response) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in BufReader::new(r.into_reader()).lines() {
+        let Ok(line) = line else { break };
+        if let Some(data) = line.strip_prefix("data: ") {
+            out.push(data.to_string());
+            if data == "[DONE]" {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// An AgentWrite plan of `n` paragraphs of `words` words each.
+pub fn plan_text(n: usize, words: u32) -> String {
+    (1..=n)
+        .map(|i| format!("Paragraph {i} - Main Point: Part {i} of the river's story - Word Count: {words} words\n"))
+        .collect()
+}
