@@ -24,6 +24,11 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Instead: aggregate generation speed with this many concurrent
+    /// sequences through the batching scheduler (the server's path), e.g.
+    /// `--concurrency 1,4,16`. Each sequence has its own random prompt.
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    concurrency: Vec<usize>,
 }
 
 pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
@@ -60,6 +65,9 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         ignore_eos: true,
         ..Default::default()
     };
+    if !a.concurrency.is_empty() {
+        return batched(a, engine, bound, &params);
+    }
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     for i in 0..=a.runs {
@@ -121,6 +129,89 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         match peak_rss_mb {
             Some(mb) => println!("peak memory: {mb:.0} MiB"),
             None => println!("peak memory: unknown on this platform"),
+        }
+    }
+    Ok(())
+}
+
+/// Aggregate tok/s at each concurrency: all sequences submitted at once,
+/// timed from submission until the last one ends (prefills included).
+fn batched(
+    a: &BenchArgs,
+    engine: lw_engine::Engine,
+    bound: u64,
+    params: &GenerationParams,
+) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    if a.concurrency.contains(&0) {
+        anyhow::bail!("--concurrency values must be at least 1");
+    }
+    let most = *a.concurrency.iter().max().expect("not empty");
+    let eos = engine.eos_ids().to_vec();
+    let batcher = lw_engine::Batcher::start(
+        Arc::new(engine),
+        lw_engine::BatchOptions {
+            max_batch: most,
+            max_queue: most * 2,
+            idle_caches: 0,
+        },
+    );
+    let mut rng = Rng::new(7);
+    let mut prompt = || -> Vec<u32> {
+        (0..a.prompt_tokens)
+            .map(|_| loop {
+                let id = (rng.next_u64() % bound) as u32;
+                if !eos.contains(&id) {
+                    break id;
+                }
+            })
+            .collect()
+    };
+    let mut rows = Vec::new();
+    // A warm-up sequence first (page faults, thread pool).
+    batcher
+        .generate_blocking(prompt(), params.clone(), |_| true)
+        .map_err(anyhow::Error::msg)??;
+    for &n in &a.concurrency {
+        let started = std::time::Instant::now();
+        let receivers = (0..n)
+            .map(|_| batcher.submit(prompt(), params.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut generated = 0;
+        for mut rx in receivers {
+            while let Some(ev) = rx.blocking_recv() {
+                if let lw_engine::BatchEvent::Done(r) = ev {
+                    generated += r?.tokens.len();
+                    break;
+                }
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        rows.push((n, generated, secs, generated as f64 / secs));
+    }
+    let base = rows[0].3;
+    if a.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|&(n, g, s, r)| serde_json::json!({"concurrency": n, "generated_tokens": g, "seconds": s, "aggregate_tok_s": r, "vs_first": r / base}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"model": a.model.model, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens, "threads": rayon_threads(), "batched": v})
+        );
+    } else {
+        println!(
+            "batched generation: {} prompt + {} new tokens per sequence, {} threads",
+            a.prompt_tokens,
+            a.gen_tokens,
+            rayon_threads()
+        );
+        for (n, g, s, r) in rows {
+            println!(
+                "  concurrency {n:>3}: {r:>8.1} tok/s aggregate ({g} tokens in {s:.2}s), {:.2}x concurrency {}",
+                r / base,
+                a.concurrency[0]
+            );
         }
     }
     Ok(())
