@@ -17,7 +17,7 @@ use base64::Engine as _;
 use common::{plan_text, scratch, start, tiny_model};
 use serde_json::{json, Value};
 
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735a9ec9ee";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 fn find_tool(names: &[&str]) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -55,7 +55,10 @@ fn wd(method: &str, url: &str, body: Option<Value>) -> Value {
     let text = match resp {
         Ok(r) => r.into_string().unwrap(),
         Err(ureq::Error::Status(code, r)) => {
-            panic!("WebDriver {method} {url}: {code} {}", r.into_string().unwrap())
+            panic!(
+                "WebDriver {method} {url}: {code} {}",
+                r.into_string().unwrap()
+            )
         }
         Err(e) => panic!("WebDriver {method} {url}: {e}"),
     };
@@ -78,7 +81,10 @@ impl Driver {
         let base = format!("http://127.0.0.1:{port}");
         let started = Instant::now();
         while ureq::get(&format!("{base}/status")).call().is_err() {
-            assert!(started.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "chromedriver did not start"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
@@ -89,7 +95,10 @@ impl Driver {
                      format!("--user-data-dir={}", profile.display())],
         }}}});
         let v = wd("POST", &format!("{base}/session"), Some(caps));
-        let session = v["sessionId"].as_str().unwrap().to_string();
+        let session = v["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no WebDriver session: {v}"))
+            .to_string();
         Driver {
             child,
             base,
@@ -111,12 +120,19 @@ impl Driver {
             &self.url("/element"),
             Some(json!({"using": "css selector", "value": css})),
         );
-        v[ELEMENT].as_str().unwrap().to_string()
+        v[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {v}"))
+            .to_string()
     }
 
     fn click(&self, css: &str) {
         let e = self.el(css);
-        wd("POST", &self.url(&format!("/element/{e}/click")), Some(json!({})));
+        wd(
+            "POST",
+            &self.url(&format!("/element/{e}/click")),
+            Some(json!({})),
+        );
     }
 
     fn type_into(&self, css: &str, text: &str) {
@@ -169,12 +185,18 @@ fn the_page_writes_a_document_in_a_real_browser() {
         if msg.as_str().is_some_and(|m| m.contains("API key")) {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "no key prompt: {msg}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no key prompt: {msg}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     d.type_into("#key", "page-key");
     d.click("#save-key");
-    d.type_into("#instruction", "Write a story about a river and the town beside it.");
+    d.type_into(
+        "#instruction",
+        "Write a story about a river and the town beside it.",
+    );
     d.type_into("#length", "600");
     d.click("details summary");
     d.type_into("#plan", &plan_text(4, 150));
@@ -195,14 +217,20 @@ fn the_page_writes_a_document_in_a_real_browser() {
             break v;
         }
         assert!(v["state"] != "failed", "the job failed: {v}");
-        assert!(started.elapsed() < Duration::from_secs(90), "the page never finished: {v}");
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the page never finished: {v}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     let png = d.screenshot();
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("page-finished.png");
     std::fs::write(&shot, &png).unwrap();
     eprintln!("screenshot: {}", shot.display());
-    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "a real screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "a real screenshot"
+    );
 
     // What the page shows is the job as the API has it.
     s.key = "page-key".into();
@@ -225,9 +253,17 @@ fn the_page_writes_a_document_in_a_real_browser() {
     assert_eq!(on_page, sections, "the page shows the finished document");
     let words = job["delivered_words"].as_u64().unwrap();
     assert!(words > 0);
-    assert_eq!(shown["words"], format!("{words} words"), "the page shows its word count");
+    assert_eq!(
+        shown["words"],
+        format!("{words} words"),
+        "the page shows its word count"
+    );
     assert_eq!(shown["plan"], 4);
     assert_eq!(shown["download"], true);
-    assert!(shown["jobs"].as_array().unwrap().iter().any(|j| j == id.as_str()));
+    assert!(shown["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|j| j == id.as_str()));
     assert_eq!(shown["error"], "");
 }
