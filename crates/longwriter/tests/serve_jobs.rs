@@ -54,7 +54,7 @@ fn a_job_streams_its_plan_and_sections_and_its_document_matches() {
     // What streamed is what was saved, section by section (the snapshot may
     // already hold sections finished before the subscription began).
     let mut streamed = vec![String::new(); 3];
-    let mut from_snapshot = vec![false; 3];
+    let mut from_snapshot = [false; 3];
     for s in events[0]["sections"].as_array().unwrap() {
         from_snapshot[s["index"].as_u64().unwrap() as usize] = true;
     }

@@ -12,7 +12,7 @@ fn body(i: usize) -> Value {
     json!({
         "messages": [{"role": "user", "content": format!("Tell story number {i} about the sea.")}],
         "max_tokens": 40 + 10 * (i % 5),
-        "temperature": if i % 3 == 0 { 0.0 } else { 0.9 },
+        "temperature": if i.is_multiple_of(3) { 0.0 } else { 0.9 },
         "top_p": 0.95,
         "seed": 100 + i,
         "stream": true,

@@ -15,7 +15,7 @@ fn model_dir(name: &str) -> PathBuf {
 fn params(i: usize) -> GenerationParams {
     GenerationParams {
         sampling: SamplingParams {
-            temperature: if i % 2 == 0 { 0.0 } else { 0.9 },
+            temperature: if i.is_multiple_of(2) { 0.0 } else { 0.9 },
             top_p: 0.95,
             seed: 1000 + i as u64,
             ..Default::default()

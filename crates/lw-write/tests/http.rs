@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use lw_core::SamplingParams;
 use lw_write::{
-    HttpModel, HttpOptions, Language, Mode, ModelCallError, Request, RunDir, WriteError,
+    HttpModel, HttpOptions, Language, Mode, ModelCallError, Request, RunDir, RunStore, WriteError,
     WriteOptions,
 };
 use serde_json::{json, Value};
