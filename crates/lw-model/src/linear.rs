@@ -128,7 +128,26 @@ fn small_matmul<T: Element>(w: &[T], x: &[f32], out: &mut [f32], rows: usize, n:
             let count = chunk.len() / rows;
             let wblock = &w[j0 * k..(j0 + count) * k];
             let mut tmp = vec![0f32; count];
-            for r in 0..rows {
+            let mut tmp1 = vec![0f32; count];
+            let mut r = 0;
+            // Two input rows per pass over the weight block (prefill): each
+            // weight load serves both, and every dot product is summed in the
+            // same order as when its row comes alone.
+            while r + 2 <= rows {
+                dot_rows2(
+                    wblock,
+                    &x[r * k..(r + 1) * k],
+                    &x[(r + 1) * k..(r + 2) * k],
+                    &mut tmp,
+                    &mut tmp1,
+                );
+                for jj in 0..count {
+                    chunk[jj * rows + r] = tmp[jj];
+                    chunk[jj * rows + r + 1] = tmp1[jj];
+                }
+                r += 2;
+            }
+            if r < rows {
                 dot_rows(wblock, &x[r * k..(r + 1) * k], &mut tmp);
                 for (jj, &v) in tmp.iter().enumerate() {
                     chunk[jj * rows + r] = v;
@@ -164,6 +183,23 @@ fn dot_rows<T: Element>(w: &[T], x: &[f32], out: &mut [f32]) {
     for (j, o) in out.iter_mut().enumerate() {
         *o = dot_lanes(&w[j * k..(j + 1) * k], x);
     }
+}
+
+/// [`dot_rows`] for two input rows at once, bit for bit the same results.
+fn dot_rows2<T: Element>(w: &[T], x0: &[f32], x1: &[f32], out0: &mut [f32], out1: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the features were detected at run time.
+            unsafe { avx2::dot_rows2(w, x0, x1, out0, out1) };
+            return;
+        }
+    }
+    dot_rows(w, x0, out0);
+    dot_rows(w, x1, out1);
 }
 
 /// Explicit AVX2 + FMA: four 8-wide accumulators, weights widened in registers.
@@ -218,6 +254,110 @@ mod avx2 {
             )
         } else {
             rows_typed(std::slice::from_raw_parts(p as *const half::f16, n), x, out)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows2<T: Element>(
+        w: &[T],
+        x0: &[f32],
+        x1: &[f32],
+        out0: &mut [f32],
+        out1: &mut [f32],
+    ) {
+        use std::any::TypeId;
+        let id = TypeId::of::<T>();
+        let (p, n) = (w.as_ptr(), w.len());
+        if id == TypeId::of::<f32>() {
+            rows2_typed(
+                std::slice::from_raw_parts(p as *const f32, n),
+                x0,
+                x1,
+                out0,
+                out1,
+            )
+        } else if id == TypeId::of::<half::bf16>() {
+            rows2_typed(
+                std::slice::from_raw_parts(p as *const half::bf16, n),
+                x0,
+                x1,
+                out0,
+                out1,
+            )
+        } else {
+            rows2_typed(
+                std::slice::from_raw_parts(p as *const half::f16, n),
+                x0,
+                x1,
+                out0,
+                out1,
+            )
+        }
+    }
+
+    /// Four weight rows against two input rows: eight accumulators, one per
+    /// dot product, each summed exactly as [`rows_typed`] sums it.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows2_typed<T: Load8>(
+        w: &[T],
+        x0: &[f32],
+        x1: &[f32],
+        out0: &mut [f32],
+        out1: &mut [f32],
+    ) {
+        let k = x0.len();
+        let rows = out0.len();
+        let (xp, yp) = (x0.as_ptr(), x1.as_ptr());
+        let mut j = 0;
+        if k.is_multiple_of(8) {
+            while j + 4 <= rows {
+                let p0 = w.as_ptr().add(j * k);
+                let (p1, p2, p3) = (p0.add(k), p0.add(2 * k), p0.add(3 * k));
+                let (mut a0, mut a1, mut a2, mut a3) = (
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                );
+                let (mut b0, mut b1, mut b2, mut b3) = (
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                );
+                let mut i = 0;
+                while i < k {
+                    let xv = _mm256_loadu_ps(xp.add(i));
+                    let yv = _mm256_loadu_ps(yp.add(i));
+                    let w0 = T::load8(p0.add(i));
+                    a0 = _mm256_fmadd_ps(w0, xv, a0);
+                    b0 = _mm256_fmadd_ps(w0, yv, b0);
+                    let w1 = T::load8(p1.add(i));
+                    a1 = _mm256_fmadd_ps(w1, xv, a1);
+                    b1 = _mm256_fmadd_ps(w1, yv, b1);
+                    let w2 = T::load8(p2.add(i));
+                    a2 = _mm256_fmadd_ps(w2, xv, a2);
+                    b2 = _mm256_fmadd_ps(w2, yv, b2);
+                    let w3 = T::load8(p3.add(i));
+                    a3 = _mm256_fmadd_ps(w3, xv, a3);
+                    b3 = _mm256_fmadd_ps(w3, yv, b3);
+                    i += 8;
+                }
+                out0[j] = hsum(a0);
+                out0[j + 1] = hsum(a1);
+                out0[j + 2] = hsum(a2);
+                out0[j + 3] = hsum(a3);
+                out1[j] = hsum(b0);
+                out1[j + 1] = hsum(b1);
+                out1[j + 2] = hsum(b2);
+                out1[j + 3] = hsum(b3);
+                j += 4;
+            }
+        }
+        while j < rows {
+            out0[j] = dot_typed(&w[j * k..(j + 1) * k], x0);
+            out1[j] = dot_typed(&w[j * k..(j + 1) * k], x1);
+            j += 1;
         }
     }
 
