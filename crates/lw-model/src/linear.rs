@@ -117,8 +117,15 @@ fn f32_slice(x: &Tensor) -> Result<Vec<f32>, ModelError> {
 fn small_matmul<T: Element>(w: &[T], x: &[f32], out: &mut [f32], rows: usize, n: usize, k: usize) {
     let threads = rayon::current_num_threads().max(1);
     // Enough blocks to balance, few enough that scheduling stays cheap; a
-    // multiple of 4 so the 4-row kernel covers whole blocks.
-    let block = (n / (threads * 4)).clamp(16, 4096).div_ceil(4) * 4;
+    // multiple of 4 so the 4-row kernel covers whole blocks (which rows it
+    // covers then depends on `n` alone, so results do not depend on the
+    // block size). With many input rows each block is re-read once per pair
+    // of rows: keep it small enough to stay in the core's L2 cache.
+    let mut block = (n / (threads * 4)).clamp(16, 4096).div_ceil(4) * 4;
+    if rows > 8 {
+        let fits = (96 * 1024 / (k * std::mem::size_of::<T>()).max(1)).max(4) / 4 * 4;
+        block = block.min(fits);
+    }
     let mut columns = vec![0f32; n * rows];
     columns
         .par_chunks_mut(block * rows)
