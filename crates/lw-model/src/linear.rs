@@ -126,50 +126,57 @@ fn small_matmul<T: Element>(w: &[T], x: &[f32], out: &mut [f32], rows: usize, n:
         let fits = (96 * 1024 / (k * std::mem::size_of::<T>()).max(1)).max(4) / 4 * 4;
         block = block.min(fits);
     }
-    let mut columns = vec![0f32; n * rows];
-    columns
-        .par_chunks_mut(block * rows)
-        .enumerate()
-        .for_each(|(bi, chunk)| {
-            let j0 = bi * block;
-            let count = chunk.len() / rows;
-            let wblock = &w[j0 * k..(j0 + count) * k];
-            let mut tmp = vec![0f32; count];
-            let mut tmp1 = vec![0f32; count];
-            let mut r = 0;
-            // Two input rows per pass over the weight block (prefill): each
-            // weight load serves both, and every dot product is summed in the
-            // same order as when its row comes alone.
-            while r + 2 <= rows {
-                dot_rows2(
-                    wblock,
-                    &x[r * k..(r + 1) * k],
-                    &x[(r + 1) * k..(r + 2) * k],
-                    &mut tmp,
-                    &mut tmp1,
-                );
-                for jj in 0..count {
-                    chunk[jj * rows + r] = tmp[jj];
-                    chunk[jj * rows + r + 1] = tmp1[jj];
-                }
-                r += 2;
+    let blocks = n.div_ceil(block);
+    // Each block writes its own columns of every output row: disjoint.
+    let dst = SharedOut(out.as_mut_ptr());
+    (0..blocks).into_par_iter().for_each(|bi| {
+        let j0 = bi * block;
+        let count = block.min(n - j0);
+        let wblock = &w[j0 * k..(j0 + count) * k];
+        let put = |r: usize, vals: &[f32]| {
+            // SAFETY: row `r`, columns `j0..j0 + count` of `out` belong to
+            // this block alone, and `out` outlives the parallel loop.
+            unsafe {
+                std::ptr::copy_nonoverlapping(vals.as_ptr(), dst.at(r * n + j0), count);
             }
-            if r < rows {
-                dot_rows(wblock, &x[r * k..(r + 1) * k], &mut tmp);
-                for (jj, &v) in tmp.iter().enumerate() {
-                    chunk[jj * rows + r] = v;
-                }
-            }
-        });
-    if rows == 1 {
-        out.copy_from_slice(&columns);
-        return;
-    }
-    // `columns` is [n][rows]; the result is [rows][n].
-    for j in 0..n {
-        for r in 0..rows {
-            out[r * n + j] = columns[j * rows + r];
+        };
+        let mut tmp = vec![0f32; count];
+        let mut tmp1 = vec![0f32; count];
+        let mut r = 0;
+        // Two input rows per pass over the weight block (prefill): each
+        // weight load serves both, and every dot product is summed in the
+        // same order as when its row comes alone.
+        while r + 2 <= rows {
+            dot_rows2(
+                wblock,
+                &x[r * k..(r + 1) * k],
+                &x[(r + 1) * k..(r + 2) * k],
+                &mut tmp,
+                &mut tmp1,
+            );
+            put(r, &tmp);
+            put(r + 1, &tmp1);
+            r += 2;
         }
+        if r < rows {
+            dot_rows(wblock, &x[r * k..(r + 1) * k], &mut tmp);
+            put(r, &tmp);
+        }
+    });
+}
+
+/// The output buffer, shared by blocks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: only used for disjoint writes while the buffer is borrowed.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `i` is within the buffer.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
     }
 }
 
