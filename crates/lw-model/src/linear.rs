@@ -123,7 +123,7 @@ fn small_matmul<T: Element>(w: &[T], x: &[f32], out: &mut [f32], rows: usize, n:
     // of rows: keep it small enough to stay in the core's L2 cache.
     let mut block = (n / (threads * 4)).clamp(16, 4096).div_ceil(4) * 4;
     if rows > 8 {
-        let fits = (96 * 1024 / (k * std::mem::size_of::<T>()).max(1)).max(4) / 4 * 4;
+        let fits = (96 * 1024 / (k * 4).max(1)).max(4) / 4 * 4;
         block = block.min(fits);
     }
     let blocks = n.div_ceil(block);
@@ -142,6 +142,29 @@ fn small_matmul<T: Element>(w: &[T], x: &[f32], out: &mut [f32], rows: usize, n:
         };
         let mut tmp = vec![0f32; count];
         let mut tmp1 = vec![0f32; count];
+        if rows > 8 && std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() {
+            // Widen the block once instead of once per pair of rows. The
+            // widening is exact, so the sums are the same bits.
+            let wide: Vec<f32> = wblock.iter().map(|v| v.widen()).collect();
+            let mut r = 0;
+            while r + 2 <= rows {
+                dot_rows2(
+                    &wide,
+                    &x[r * k..(r + 1) * k],
+                    &x[(r + 1) * k..(r + 2) * k],
+                    &mut tmp,
+                    &mut tmp1,
+                );
+                put(r, &tmp);
+                put(r + 1, &tmp1);
+                r += 2;
+            }
+            if r < rows {
+                dot_rows(&wide, &x[r * k..(r + 1) * k], &mut tmp);
+                put(r, &tmp);
+            }
+            return;
+        }
         let mut r = 0;
         // Two input rows per pass over the weight block (prefill): each
         // weight load serves both, and every dot product is summed in the
