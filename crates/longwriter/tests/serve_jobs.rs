@@ -72,6 +72,13 @@ fn a_job_streams_its_plan_and_sections_and_its_document_matches() {
             );
         }
     }
+    for e in events.iter().filter(|e| e["type"] == "section_done") {
+        let i = e["index"].as_u64().unwrap() as usize;
+        assert_eq!(
+            e["text"], sections[i]["text"],
+            "section_done carries the saved text"
+        );
+    }
     let doc = s.get_text(&format!("/v1/longwrite/{id}/document"));
     let joined: Vec<&str> = sections
         .iter()

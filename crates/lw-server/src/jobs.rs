@@ -256,8 +256,14 @@ impl Jobs {
                 ),
                 Event::SectionDone { record, resumed } => {
                     if !resumed {
+                        // The saved text rides along: a subscriber that fell
+                        // behind and lost deltas still ends up with it.
+                        let text = lw_write::RunStore::section(&run, record.index)
+                            .ok()
+                            .flatten()
+                            .unwrap_or_default();
                         emit(
-                            json!({"type": "section_done", "index": record.index, "words": record.delivered_words, "asked_words": record.asked_words}),
+                            json!({"type": "section_done", "index": record.index, "text": text, "words": record.delivered_words, "asked_words": record.asked_words}),
                             &|p| {
                                 p.section = None;
                                 p.partial.clear();
