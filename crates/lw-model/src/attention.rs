@@ -51,29 +51,7 @@ pub fn attend_head(
     }
 }
 
-/// Sixteen independent lanes (two vector registers), so the sums of one
-/// dot product do not wait on each other.
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0f32; L];
-    let chunks = a.len() / L * L;
-    for (x, y) in a[..chunks].chunks_exact(L).zip(b[..chunks].chunks_exact(L)) {
-        for i in 0..L {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = a[chunks..]
-        .iter()
-        .zip(&b[chunks..])
-        .map(|(x, y)| x * y)
-        .sum();
-    let mut width = L;
-    while width > 1 {
-        width /= 2;
-        for i in 0..width {
-            acc[i] += acc[i + width];
-        }
-    }
-    acc[0] + tail
+    crate::linear::dot_lanes(a, b)
 }

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use crate::error::ModelError;
 
 /// A weight element the kernel can widen to f32.
-trait Element: Copy + Send + Sync + 'static {
+pub(crate) trait Element: Copy + Send + Sync + 'static {
     fn widen(self) -> f32;
 }
 impl Element for f32 {
@@ -140,52 +140,42 @@ fn small_matmul<T: Element>(w: &[T], x: &[f32], out: &mut [f32], rows: usize, n:
                 std::ptr::copy_nonoverlapping(vals.as_ptr(), dst.at(r * n + j0), count);
             }
         };
-        let mut tmp = vec![0f32; count];
-        let mut tmp1 = vec![0f32; count];
         if rows > 8 && std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() {
             // Widen the block once instead of once per pair of rows. The
             // widening is exact, so the sums are the same bits.
             let wide: Vec<f32> = wblock.iter().map(|v| v.widen()).collect();
-            let mut r = 0;
-            while r + 2 <= rows {
-                dot_rows2(
-                    &wide,
-                    &x[r * k..(r + 1) * k],
-                    &x[(r + 1) * k..(r + 2) * k],
-                    &mut tmp,
-                    &mut tmp1,
-                );
-                put(r, &tmp);
-                put(r + 1, &tmp1);
-                r += 2;
-            }
-            if r < rows {
-                dot_rows(&wide, &x[r * k..(r + 1) * k], &mut tmp);
-                put(r, &tmp);
-            }
-            return;
-        }
-        let mut r = 0;
-        // Two input rows per pass over the weight block (prefill): each
-        // weight load serves both, and every dot product is summed in the
-        // same order as when its row comes alone.
-        while r + 2 <= rows {
-            dot_rows2(
-                wblock,
-                &x[r * k..(r + 1) * k],
-                &x[(r + 1) * k..(r + 2) * k],
-                &mut tmp,
-                &mut tmp1,
-            );
-            put(r, &tmp);
-            put(r + 1, &tmp1);
-            r += 2;
-        }
-        if r < rows {
-            dot_rows(wblock, &x[r * k..(r + 1) * k], &mut tmp);
-            put(r, &tmp);
+            block_rows(&wide, x, rows, k, put);
+        } else {
+            block_rows(wblock, x, rows, k, put);
         }
     });
+}
+
+/// Every input row of `x` against the weight block `w`, handing each row's
+/// results to `put`. Two input rows per pass (prefill): each weight load
+/// serves both, and every dot product is summed in the same order as when
+/// its row comes alone.
+fn block_rows<T: Element>(w: &[T], x: &[f32], rows: usize, k: usize, put: impl Fn(usize, &[f32])) {
+    let count = w.len() / k;
+    let mut tmp = vec![0f32; count];
+    let mut tmp1 = vec![0f32; count];
+    let mut r = 0;
+    while r + 2 <= rows {
+        dot_rows2(
+            w,
+            &x[r * k..(r + 1) * k],
+            &x[(r + 1) * k..(r + 2) * k],
+            &mut tmp,
+            &mut tmp1,
+        );
+        put(r, &tmp);
+        put(r + 1, &tmp1);
+        r += 2;
+    }
+    if r < rows {
+        dot_rows(w, &x[r * k..(r + 1) * k], &mut tmp);
+        put(r, &tmp);
+    }
 }
 
 /// The output buffer, shared by blocks that write disjoint parts of it.
@@ -484,7 +474,7 @@ mod avx2 {
 
 /// Portable fallback: 32 independent accumulators so the loop vectorises.
 #[inline(always)]
-fn dot_lanes<T: Element>(w: &[T], x: &[f32]) -> f32 {
+pub(crate) fn dot_lanes<T: Element>(w: &[T], x: &[f32]) -> f32 {
     const L: usize = 32;
     let mut acc = [0f32; L];
     let full = w.len() / L * L;

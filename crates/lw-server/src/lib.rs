@@ -378,18 +378,8 @@ fn generation_params(state: &AppState, c: &Common) -> Result<GenerationParams, A
             state.opts.max_new_tokens
         )));
     }
-    let temperature = c.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad_request(format!(
-            "temperature {temperature} is outside [0, 2]"
-        )));
-    }
-    let top_p = c.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad_request(format!(
-            "top_p {top_p} is outside (0, 1]"
-        )));
-    }
+    let (temperature, top_p) = (c.temperature.unwrap_or(1.0), c.top_p.unwrap_or(1.0));
+    check_sampling(temperature, top_p)?;
     Ok(GenerationParams {
         sampling: SamplingParams {
             temperature,
@@ -406,6 +396,20 @@ fn generation_params(state: &AppState, c: &Common) -> Result<GenerationParams, A
         stop: c.stop.take_vec(),
         ignore_eos: false,
     })
+}
+
+fn check_sampling(temperature: f32, top_p: f32) -> Result<(), ApiError> {
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad_request(format!(
+            "temperature {temperature} is outside [0, 2]"
+        )));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad_request(format!(
+            "top_p {top_p} is outside (0, 1]"
+        )));
+    }
+    Ok(())
 }
 
 trait TakeVec {
@@ -680,18 +684,8 @@ async fn create_job(
                 .map_err(|e| ApiError::bad_request(format!("`plan` is not usable: {e}")))?,
         ),
     };
-    let temperature = req.temperature.unwrap_or(0.7);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad_request(format!(
-            "temperature {temperature} is outside [0, 2]"
-        )));
-    }
-    let top_p = req.top_p.unwrap_or(0.8);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad_request(format!(
-            "top_p {top_p} is outside (0, 1]"
-        )));
-    }
+    let (temperature, top_p) = (req.temperature.unwrap_or(0.7), req.top_p.unwrap_or(0.8));
+    check_sampling(temperature, top_p)?;
     let open = state.jobs.open_count(&owner);
     if open >= state.opts.max_jobs_per_key {
         return Err(ApiError::new(

@@ -105,42 +105,58 @@ impl LanguageModel for LocalModel {
         request: &ChatRequest,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<ChatResponse, ModelCallError> {
-        let backend = |e: lw_engine::EngineError| ModelCallError::Backend(e.to_string());
-        let ids = self
-            .engine
-            .encode_chat(&request.messages)
-            .map_err(backend)?;
-        let context = self.engine.context_length();
-        if ids.len() + request.max_tokens > context {
-            return Err(ModelCallError::ContextLength {
-                prompt_tokens: ids.len(),
-                max_tokens: request.max_tokens,
-                context,
-            });
-        }
-        let params = GenerationParams {
-            sampling: request.sampling.clone(),
-            max_tokens: Some(request.max_tokens),
-            stop: request.stop.clone(),
-            ignore_eos: false,
-        };
-        let out = self
-            .engine
-            .generate(&ids, &params, |d| on_text(d))
-            .map_err(backend)?;
-        if out.finish_reason == FinishReason::Cancelled {
-            return Err(ModelCallError::Cancelled);
-        }
-        Ok(ChatResponse {
-            text: out.text,
-            finish_reason: out.finish_reason,
-            usage: Usage {
-                prompt_tokens: out.stats.prompt_tokens,
-                cached_prompt_tokens: out.stats.cached_prompt_tokens,
-                completion_tokens: out.stats.generated_tokens,
-            },
-        })
+        let (ids, params) = local_request(&self.engine, request)?;
+        let out = self.engine.generate(&ids, &params, |d| on_text(d));
+        local_response(out)
     }
+}
+
+/// Token ids and generation parameters of a request for the local engine,
+/// refused when prompt plus answer would not fit its context.
+fn local_request(
+    engine: &lw_engine::Engine,
+    request: &ChatRequest,
+) -> Result<(Vec<u32>, GenerationParams), ModelCallError> {
+    let ids = engine
+        .encode_chat(&request.messages)
+        .map_err(|e| ModelCallError::Backend(e.to_string()))?;
+    let context = engine.context_length();
+    if ids.len() + request.max_tokens > context {
+        return Err(ModelCallError::ContextLength {
+            prompt_tokens: ids.len(),
+            max_tokens: request.max_tokens,
+            context,
+        });
+    }
+    let params = GenerationParams {
+        sampling: request.sampling.clone(),
+        max_tokens: Some(request.max_tokens),
+        stop: request.stop.clone(),
+        ignore_eos: false,
+    };
+    Ok((ids, params))
+}
+
+/// A local generation as the writer sees it.
+fn local_response(
+    out: Result<lw_engine::Generation, lw_engine::EngineError>,
+) -> Result<ChatResponse, ModelCallError> {
+    let out = match out {
+        Err(lw_engine::EngineError::Cancelled) => return Err(ModelCallError::Cancelled),
+        other => other.map_err(|e| ModelCallError::Backend(e.to_string()))?,
+    };
+    if out.finish_reason == FinishReason::Cancelled {
+        return Err(ModelCallError::Cancelled);
+    }
+    Ok(ChatResponse {
+        text: out.text,
+        finish_reason: out.finish_reason,
+        usage: Usage {
+            prompt_tokens: out.stats.prompt_tokens,
+            cached_prompt_tokens: out.stats.cached_prompt_tokens,
+            completion_tokens: out.stats.generated_tokens,
+        },
+    })
 }
 
 /// The local engine behind the batching scheduler, shared with other
@@ -170,23 +186,8 @@ impl LanguageModel for BatchedModel {
         request: &ChatRequest,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<ChatResponse, ModelCallError> {
-        let backend = |e: lw_engine::EngineError| ModelCallError::Backend(e.to_string());
         let engine = self.batcher.engine().clone();
-        let ids = engine.encode_chat(&request.messages).map_err(backend)?;
-        let context = engine.context_length();
-        if ids.len() + request.max_tokens > context {
-            return Err(ModelCallError::ContextLength {
-                prompt_tokens: ids.len(),
-                max_tokens: request.max_tokens,
-                context,
-            });
-        }
-        let params = GenerationParams {
-            sampling: request.sampling.clone(),
-            max_tokens: Some(request.max_tokens),
-            stop: request.stop.clone(),
-            ignore_eos: false,
-        };
+        let (ids, params) = local_request(&engine, request)?;
         let out = loop {
             match self
                 .batcher
@@ -196,21 +197,6 @@ impl LanguageModel for BatchedModel {
                 Err(_busy) => std::thread::sleep(std::time::Duration::from_millis(200)),
             }
         };
-        let out = match out {
-            Err(lw_engine::EngineError::Cancelled) => return Err(ModelCallError::Cancelled),
-            other => other.map_err(backend)?,
-        };
-        if out.finish_reason == FinishReason::Cancelled {
-            return Err(ModelCallError::Cancelled);
-        }
-        Ok(ChatResponse {
-            text: out.text,
-            finish_reason: out.finish_reason,
-            usage: Usage {
-                prompt_tokens: out.stats.prompt_tokens,
-                cached_prompt_tokens: out.stats.cached_prompt_tokens,
-                completion_tokens: out.stats.generated_tokens,
-            },
-        })
+        local_response(out)
     }
 }
