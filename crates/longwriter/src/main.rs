@@ -3,6 +3,7 @@
 //! messages and exit codes. Model internals live in the library crates.
 
 mod bench;
+mod eval;
 mod run;
 mod write;
 
@@ -44,6 +45,9 @@ enum Command {
     Serve(ServeArgs),
     /// Count the words of a text (the number alone on the first line).
     Count(CountArgs),
+    /// Evaluate long outputs: generate for a benchmark, score length and quality.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
 }
 
 #[derive(Args)]
@@ -196,6 +200,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(&a),
         Command::Count(a) => count(&a),
         Command::Serve(a) => serve(&a),
+        Command::Eval(c) => eval::run(&c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,7 +17,7 @@ use crate::{ModelArgs, WeightDtype};
 
 /// The local engine (`--model`) or an OpenAI-compatible server (`--api-base`).
 #[derive(Args)]
-struct BackendArgs {
+pub(crate) struct BackendArgs {
     /// Local model: a Hugging Face model directory or a hub id (org/name).
     #[arg(
         long,
@@ -54,7 +54,54 @@ struct BackendArgs {
     retries: usize,
 }
 
+/// A model for each of several workers (eval run).
+pub(crate) type Factory = Box<dyn Fn() -> Result<Box<dyn LanguageModel + Send>, String> + Sync>;
+
 impl BackendArgs {
+    /// Several models at once: HTTP clients each, or one local engine behind
+    /// the batching scheduler, shared by `workers` sequences.
+    pub(crate) fn factory(&self, workers: usize) -> anyhow::Result<Factory> {
+        if let Some(base) = &self.api_base {
+            let mut opts = lw_write::HttpOptions::new(base.clone(), self.api_model.clone());
+            opts.api_key = self.api_key.clone();
+            opts.context_size = self.context_size;
+            opts.retries = self.retries;
+            return Ok(Box::new(move || {
+                Ok(Box::new(lw_write::HttpModel::new(opts.clone()))
+                    as Box<dyn LanguageModel + Send>)
+            }));
+        }
+        let m = self.local_args()?;
+        let engine = crate::run::load_engine(&m)?;
+        let batcher = lw_engine::Batcher::start(
+            std::sync::Arc::new(engine),
+            lw_engine::BatchOptions {
+                max_batch: workers.max(1),
+                max_queue: workers.max(1) * 2,
+                idle_caches: workers.max(1),
+            },
+        );
+        let name = m.model.clone();
+        Ok(Box::new(move || {
+            Ok(
+                Box::new(lw_write::BatchedModel::new(batcher.clone(), name.clone()))
+                    as Box<dyn LanguageModel + Send>,
+            )
+        }))
+    }
+
+    fn local_args(&self) -> anyhow::Result<ModelArgs> {
+        Ok(ModelArgs {
+            model: self
+                .model
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("pass --model or --api-base"))?,
+            dtype: self.dtype,
+            threads: self.threads,
+            prefill_chunk: self.prefill_chunk,
+        })
+    }
+
     fn open(&self) -> anyhow::Result<Box<dyn LanguageModel>> {
         if let Some(base) = &self.api_base {
             let mut opts = lw_write::HttpOptions::new(base.clone(), self.api_model.clone());
@@ -63,15 +110,7 @@ impl BackendArgs {
             opts.retries = self.retries;
             return Ok(Box::new(lw_write::HttpModel::new(opts)));
         }
-        let m = ModelArgs {
-            model: self
-                .model
-                .clone()
-                .ok_or_else(|| anyhow::anyhow!("pass --model or --api-base"))?,
-            dtype: self.dtype,
-            threads: self.threads,
-            prefill_chunk: self.prefill_chunk,
-        };
+        let m = self.local_args()?;
         let engine = crate::run::load_engine(&m)?;
         Ok(Box::new(LocalModel::new(engine, m.model)))
     }

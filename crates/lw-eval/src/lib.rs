@@ -9,6 +9,7 @@ pub mod items;
 pub mod judge;
 pub mod length;
 pub mod repetition;
+pub mod run;
 
 pub use items::{read_items, read_predictions, EvalError, Item, Prediction};
 pub use judge::{
@@ -16,3 +17,4 @@ pub use judge::{
 };
 pub use length::{bucket_of, LengthReport, BUCKETS};
 pub use repetition::Repetition;
+pub use run::{latest_predictions, run, ModelFactory, RunOptions, RunSummary};

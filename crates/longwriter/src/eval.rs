@@ -1,0 +1,470 @@
+//! `longwriter eval`: generate responses for a benchmark (`run`), score
+//! their length (`length`), have a judge score their quality (`quality`),
+//! read the length ruler (`ruler`).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use lw_core::{Counter, Message, SamplingParams};
+use lw_eval::judge::{judge_prompt, parse_judgement, quality_scores, Judgement, DIMENSIONS};
+use lw_eval::{read_items, read_predictions, LengthReport, Prediction, Repetition};
+use lw_write::{ChatRequest, Mode};
+use serde_json::json;
+
+use crate::write::BackendArgs;
+
+#[derive(Subcommand)]
+pub enum EvalCommand {
+    /// Generate a response for every benchmark item into DIR/pred.jsonl (resumable).
+    Run(RunArgs),
+    /// Length score S_l per item, per length bucket, per type and overall,
+    /// with repetition metrics.
+    Length(LengthArgs),
+    /// Quality score S_q from a judge model (any backend) on six dimensions.
+    Quality(QualityArgs),
+    /// Produced against required length per model: the length ruler.
+    Ruler(RulerArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    model: BackendArgs,
+    /// Benchmark file: JSON lines {"prompt", "type", "length"} (e.g. data/eval/longbench-lw.jsonl).
+    #[arg(long)]
+    bench: PathBuf,
+    /// Output directory (pred.jsonl; runs/ in agentwrite mode). Rerun to resume.
+    #[arg(long)]
+    out: PathBuf,
+    /// `direct`: one call per item; `agentwrite`: plan, then write.
+    #[arg(long, default_value = "direct", value_parser = ["direct", "agentwrite"])]
+    mode: String,
+    /// Items in flight at once.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 0.5)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0.8)]
+    top_p: f32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Largest answer in direct mode, in tokens.
+    #[arg(long, default_value_t = 32768)]
+    max_tokens: usize,
+    /// Only the first N items.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Counter for the lengths stored with predictions.
+    #[arg(long, default_value = "longbench", value_parser = ["longbench", "unicode"])]
+    counter: String,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+pub struct LengthArgs {
+    /// Predictions: ours (pred.jsonl) or the original benchmark's files.
+    pred: PathBuf,
+    /// `longbench` (the benchmark's definition, for comparable scores) or `unicode`.
+    #[arg(long, default_value = "longbench", value_parser = ["longbench", "unicode"])]
+    counter: String,
+    /// One JSON object: overall, by_bucket, by_type, items.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct QualityArgs {
+    /// The judge: a local model (--model) or a server (--api-base).
+    #[command(flatten)]
+    judge: BackendArgs,
+    /// Predictions to judge.
+    pred: PathBuf,
+    /// Where judgements go (default: judge.jsonl beside the predictions).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Asks per item before it is reported as unparsed.
+    #[arg(long, default_value_t = 5)]
+    tries: usize,
+    /// Items judged at once.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Largest judge answer, in tokens.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// Counter for S_l in the combined score.
+    #[arg(long, default_value = "longbench", value_parser = ["longbench", "unicode"])]
+    counter: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct RulerArgs {
+    /// One predictions file per model (ruler runs).
+    #[arg(required = true)]
+    preds: Vec<PathBuf>,
+    #[arg(long, default_value = "longbench", value_parser = ["longbench", "unicode"])]
+    counter: String,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: &EvalCommand) -> anyhow::Result<()> {
+    match cmd {
+        EvalCommand::Run(a) => eval_run(a),
+        EvalCommand::Length(a) => length(a),
+        EvalCommand::Quality(a) => quality(a),
+        EvalCommand::Ruler(a) => ruler(a),
+    }
+}
+
+/// Set by the SIGINT handler: the run ends after the items in flight.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn eval_run(a: &RunArgs) -> anyhow::Result<()> {
+    let mut items = read_items(&a.bench)?;
+    if let Some(n) = a.limit {
+        items.truncate(n);
+    }
+    let opts = lw_eval::RunOptions {
+        mode: if a.mode == "agentwrite" {
+            Mode::AgentWrite
+        } else {
+            Mode::Direct
+        },
+        concurrency: a.concurrency.max(1),
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: a.seed,
+            ..Default::default()
+        },
+        max_new_tokens: a.max_tokens,
+        counter: a.counter.parse().map_err(anyhow::Error::msg)?,
+    };
+    let factory = a.model.factory(opts.concurrency)?;
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(items.len() as u64);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} items  {elapsed} (eta {eta})  {msg}",
+            )
+            .expect("valid template"),
+        );
+        b
+    };
+    let failed = Mutex::new(0usize);
+    let summary = lw_eval::run(
+        &items,
+        &a.out,
+        &opts,
+        &*factory,
+        &STOP,
+        &|p: &Prediction| {
+            if p.error.is_some() {
+                *failed.lock().unwrap() += 1;
+            }
+            bar.inc(1);
+            bar.set_message(format!(
+                "{}: {} of {} words{}",
+                p.id,
+                p.response_length,
+                p.length,
+                if p.error.is_some() { " (failed)" } else { "" }
+            ));
+        },
+    )?;
+    bar.finish_and_clear();
+    let path = lw_eval::run::predictions_path(&a.out);
+    eprintln!(
+        "{}: {} items, {} resumed, {} generated now, {} failed{}",
+        path.display(),
+        summary.total,
+        summary.resumed,
+        summary.generated,
+        summary.failed,
+        if summary.stopped {
+            "; stopped (rerun the same command to resume)"
+        } else {
+            ""
+        }
+    );
+    let preds = lw_eval::latest_predictions(read_predictions(&path)?);
+    let r = LengthReport::new(&preds, opts.counter);
+    eprintln!(
+        "S_l = {:.1} over {} items ({} counter)",
+        r.overall, r.items_scored, r.counter
+    );
+    if summary.stopped {
+        anyhow::bail!("stopped before the end; rerun the same command to resume");
+    }
+    Ok(())
+}
+
+fn load_preds(path: &Path) -> anyhow::Result<Vec<Prediction>> {
+    let preds = lw_eval::latest_predictions(read_predictions(path)?);
+    if preds.is_empty() {
+        anyhow::bail!("{}: no predictions", path.display());
+    }
+    Ok(preds)
+}
+
+fn length(a: &LengthArgs) -> anyhow::Result<()> {
+    let counter: Counter = a.counter.parse().map_err(anyhow::Error::msg)?;
+    let preds = load_preds(&a.pred)?;
+    let r = LengthReport::new(&preds, counter);
+    let reps: Vec<Repetition> = preds.iter().map(|p| Repetition::of(&p.response)).collect();
+    let degenerate: Vec<&str> = preds
+        .iter()
+        .zip(&reps)
+        .filter(|(_, r)| r.degenerate)
+        .map(|(p, _)| p.id.as_str())
+        .collect();
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        for (item, rep) in v["items"]
+            .as_array_mut()
+            .expect("items")
+            .iter_mut()
+            .zip(&reps)
+        {
+            item["repetition"] = serde_json::to_value(rep)?;
+        }
+        v["degenerate"] = json!(degenerate);
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "S_l = {:.2} over {} items ({} counter)",
+        r.overall, r.items_scored, r.counter
+    );
+    if r.failed > 0 {
+        println!("  {} items failed to generate (scored 0)", r.failed);
+    }
+    println!("by required length:");
+    for (b, g) in &r.by_bucket {
+        println!("  {b:<10} {:>4} items  S_l {:>6.2}", g.items, g.score);
+    }
+    println!("by type:");
+    for (t, g) in &r.by_type {
+        println!("  {t:<14} {:>4} items  S_l {:>6.2}", g.items, g.score);
+    }
+    let mean = |f: &dyn Fn(&Repetition) -> f64| reps.iter().map(f).sum::<f64>() / reps.len() as f64;
+    println!(
+        "repetition: seq-rep-4 {:.3}, distinct-2 {:.3} (means); {} degenerate{}",
+        mean(&|r| r.seq_rep_4),
+        mean(&|r| r.distinct_2),
+        degenerate.len(),
+        if degenerate.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", degenerate.join(", "))
+        }
+    );
+    Ok(())
+}
+
+/// One item's judgement record.
+fn judge_one(
+    model: &mut dyn lw_write::LanguageModel,
+    p: &Prediction,
+    tries: usize,
+    max_tokens: usize,
+) -> (Option<Judgement>, usize, Vec<String>) {
+    let mut problems = Vec::new();
+    for attempt in 0..tries.max(1) {
+        let req = ChatRequest {
+            messages: vec![Message::user(judge_prompt(&p.prompt, &p.response))],
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: if attempt == 0 { 0.0 } else { 0.7 },
+                seed: attempt as u64,
+                ..Default::default()
+            },
+            stop: vec![],
+        };
+        match model.complete(&req, &mut |_| true) {
+            Ok(r) => match parse_judgement(&r.text) {
+                Ok(j) => return (Some(j), attempt + 1, problems),
+                Err(e) => problems.push(format!("try {}: {e}", attempt + 1)),
+            },
+            Err(e) => problems.push(format!("try {}: {e}", attempt + 1)),
+        }
+    }
+    (None, tries.max(1), problems)
+}
+
+fn quality(a: &QualityArgs) -> anyhow::Result<()> {
+    let counter: Counter = a.counter.parse().map_err(anyhow::Error::msg)?;
+    let preds = load_preds(&a.pred)?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| a.pred.with_file_name("judge.jsonl"));
+    let factory = a.judge.factory(a.concurrency.max(1))?;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, Option<Judgement>, usize, Vec<String>)>> =
+        Mutex::new(Vec::new());
+    let bar = ProgressBar::new(preds.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} judged  {elapsed} (eta {eta})")
+            .expect("valid template"),
+    );
+    let open_error: Mutex<Option<String>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..a.concurrency.clamp(1, preds.len()) {
+            s.spawn(|| {
+                let mut model = match factory() {
+                    Ok(m) => m,
+                    Err(e) => {
+                        open_error.lock().unwrap().get_or_insert(e);
+                        return;
+                    }
+                };
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(p) = preds.get(i) else { return };
+                    let (j, attempts, problems) =
+                        judge_one(model.as_mut(), p, a.tries, a.max_tokens);
+                    results.lock().unwrap().push((i, j, attempts, problems));
+                    bar.inc(1);
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    if let Some(e) = open_error.into_inner().unwrap() {
+        anyhow::bail!("cannot open the judge: {e}");
+    }
+    let mut results = results.into_inner().unwrap();
+    results.sort_by_key(|r| r.0);
+    let mut lines = String::new();
+    for (i, j, attempts, problems) in &results {
+        let p = &preds[*i];
+        let v = match j {
+            Some(j) => {
+                json!({"id": p.id, "scores": DIMENSIONS.iter().zip(j.scores).map(|(d, s)| (d.to_string(), json!(s))).collect::<serde_json::Map<_, _>>(), "attempts": attempts})
+            }
+            None => json!({"id": p.id, "scores": null, "attempts": attempts, "problems": problems}),
+        };
+        lines.push_str(&v.to_string());
+        lines.push('\n');
+    }
+    lw_write::run::write_atomic(&out, lines.as_bytes())?;
+    let judged: Vec<Judgement> = results.iter().filter_map(|r| r.1.clone()).collect();
+    let unparsed: Vec<&str> = results
+        .iter()
+        .filter(|r| r.1.is_none())
+        .map(|r| preds[r.0].id.as_str())
+        .collect();
+    let s_l = LengthReport::new(&preds, counter).overall;
+    let q = quality_scores(&judged);
+    if a.json {
+        let v = json!({
+            "judged": judged.len(),
+            "unparsed": unparsed,
+            "by_dimension": q.map(|(d, _)| DIMENSIONS.iter().zip(d).map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>()),
+            "s_q": q.map(|(_, o)| o),
+            "s_l": s_l,
+            "overall": q.map(|(_, o)| (s_l + o) / 2.0),
+            "judgements": out,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "judged {} of {} items (judgements: {})",
+            judged.len(),
+            preds.len(),
+            out.display()
+        );
+        if !unparsed.is_empty() {
+            println!(
+                "  {} items never gave a usable judgement after {} tries: {}",
+                unparsed.len(),
+                a.tries,
+                unparsed.join(", ")
+            );
+        }
+        if let Some((dims, overall)) = q {
+            for (d, v) in DIMENSIONS.iter().zip(dims) {
+                println!("  {d:<20} {v:>6.2}");
+            }
+            println!(
+                "S_q = {overall:.2}, S_l = {s_l:.2}, (S_l + S_q)/2 = {:.2}",
+                (s_l + overall) / 2.0
+            );
+        }
+    }
+    if judged.is_empty() {
+        anyhow::bail!("no item could be judged");
+    }
+    Ok(())
+}
+
+fn ruler(a: &RulerArgs) -> anyhow::Result<()> {
+    let counter: Counter = a.counter.parse().map_err(anyhow::Error::msg)?;
+    let mut models = Vec::new();
+    for path in &a.preds {
+        let preds = load_preds(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut by_len: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+        for p in &preds {
+            by_len
+                .entry(p.length)
+                .or_default()
+                .push(counter.count(&p.response) as u64);
+        }
+        let rows: Vec<(u64, f64, u64)> = by_len
+            .into_iter()
+            .map(|(req, v)| {
+                (
+                    req,
+                    v.iter().sum::<u64>() as f64 / v.len() as f64,
+                    *v.iter().max().unwrap_or(&0),
+                )
+            })
+            .collect();
+        let max_reached = preds
+            .iter()
+            .map(|p| counter.count(&p.response) as u64)
+            .max()
+            .unwrap_or(0);
+        models.push((path.display().to_string(), rows, max_reached));
+    }
+    if a.json {
+        let v: Vec<_> = models
+            .iter()
+            .map(|(name, rows, max)| json!({"run": name, "max_length": max, "rows": rows.iter().map(|(r, m, x)| json!({"required": r, "mean_produced": m, "max_produced": x})).collect::<Vec<_>>()}))
+            .collect();
+        println!("{}", json!({"counter": counter.name(), "runs": v}));
+        return Ok(());
+    }
+    for (name, rows, max) in &models {
+        println!(
+            "{name}: longest output {max} words ({} counter)",
+            counter.name()
+        );
+        for (r, m, x) in rows {
+            println!(
+                "  required {r:>6}: mean {m:>8.0}, max {x:>6}  ({:.2}x)",
+                m / *r as f64
+            );
+        }
+    }
+    Ok(())
+}
