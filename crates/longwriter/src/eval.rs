@@ -280,13 +280,16 @@ fn length(a: &LengthArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One item's judgement record.
+/// One item's judgement (`None` if no answer parsed), the asks it took, and
+/// what was wrong with the answers that did not parse.
+type Judged = (Option<Judgement>, usize, Vec<String>);
+
 fn judge_one(
     model: &mut dyn lw_write::LanguageModel,
     p: &Prediction,
     tries: usize,
     max_tokens: usize,
-) -> (Option<Judgement>, usize, Vec<String>) {
+) -> Judged {
     let mut problems = Vec::new();
     for attempt in 0..tries.max(1) {
         let req = ChatRequest {
@@ -319,8 +322,7 @@ fn quality(a: &QualityArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| a.pred.with_file_name("judge.jsonl"));
     let factory = a.judge.factory(a.concurrency.max(1))?;
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Mutex<Vec<(usize, Option<Judgement>, usize, Vec<String>)>> =
-        Mutex::new(Vec::new());
+    let results: Mutex<Vec<(usize, Judged)>> = Mutex::new(Vec::new());
     let bar = ProgressBar::new(preds.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} judged  {elapsed} (eta {eta})")
@@ -355,7 +357,7 @@ fn quality(a: &QualityArgs) -> anyhow::Result<()> {
     let mut results = results.into_inner().unwrap();
     results.sort_by_key(|r| r.0);
     let mut lines = String::new();
-    for (i, j, attempts, problems) in &results {
+    for (i, (j, attempts, problems)) in &results {
         let p = &preds[*i];
         let v = match j {
             Some(j) => {
@@ -367,10 +369,10 @@ fn quality(a: &QualityArgs) -> anyhow::Result<()> {
         lines.push('\n');
     }
     lw_write::run::write_atomic(&out, lines.as_bytes())?;
-    let judged: Vec<Judgement> = results.iter().filter_map(|r| r.1.clone()).collect();
+    let judged: Vec<Judgement> = results.iter().filter_map(|r| r.1 .0.clone()).collect();
     let unparsed: Vec<&str> = results
         .iter()
-        .filter(|r| r.1.is_none())
+        .filter(|r| r.1 .0.is_none())
         .map(|r| preds[r.0].id.as_str())
         .collect();
     let s_l = LengthReport::new(&preds, counter).overall;
