@@ -342,9 +342,8 @@ fn quality(a: &QualityArgs) -> anyhow::Result<()> {
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let Some(p) = preds.get(i) else { return };
-                    let (j, attempts, problems) =
-                        judge_one(model.as_mut(), p, a.tries, a.max_tokens);
-                    results.lock().unwrap().push((i, j, attempts, problems));
+                    let judged = judge_one(model.as_mut(), p, a.tries, a.max_tokens);
+                    results.lock().unwrap().push((i, judged));
                     bar.inc(1);
                 }
             });
