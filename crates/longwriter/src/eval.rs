@@ -28,6 +28,21 @@ pub enum EvalCommand {
     Quality(QualityArgs),
     /// Produced against required length per model: the length ruler.
     Ruler(RulerArgs),
+    /// A Markdown report with PNG and SVG charts over one or more runs.
+    Report(ReportArgs),
+}
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// Run directories of `eval run` (or pred.jsonl files); judge.jsonl
+    /// beside the predictions adds quality.
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// Where report.md and the charts go.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "longbench", value_parser = ["longbench", "unicode"])]
+    counter: String,
 }
 
 #[derive(Args)]
@@ -121,6 +136,7 @@ pub fn run(cmd: &EvalCommand) -> anyhow::Result<()> {
         EvalCommand::Length(a) => length(a),
         EvalCommand::Quality(a) => quality(a),
         EvalCommand::Ruler(a) => ruler(a),
+        EvalCommand::Report(a) => report(a),
     }
 }
 
@@ -468,4 +484,67 @@ fn ruler(a: &RulerArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn report(a: &ReportArgs) -> anyhow::Result<()> {
+    let counter: Counter = a.counter.parse().map_err(anyhow::Error::msg)?;
+    let mut runs = Vec::new();
+    for path in &a.runs {
+        let (pred_path, name) = if path.is_dir() {
+            (
+                lw_eval::run::predictions_path(path),
+                path.file_name().map(|n| n.to_string_lossy().into_owned()),
+            )
+        } else {
+            (
+                path.clone(),
+                path.parent()
+                    .and_then(|p| p.file_name())
+                    .map(|n| n.to_string_lossy().into_owned()),
+            )
+        };
+        let preds = load_preds(&pred_path)?;
+        let judge_path = pred_path.with_file_name("judge.jsonl");
+        let judgements = if judge_path.exists() {
+            Some(read_judgements(&judge_path, &preds)?)
+        } else {
+            None
+        };
+        runs.push(lw_eval::report::RunData {
+            name: name.unwrap_or_else(|| pred_path.display().to_string()),
+            preds,
+            judgements,
+        });
+    }
+    let path = lw_eval::report::write_report(&runs, counter, &a.out)?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+/// judge.jsonl, aligned with the predictions (None where never parsed).
+fn read_judgements(path: &Path, preds: &[Prediction]) -> anyhow::Result<Vec<Option<Judgement>>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut by_id = std::collections::HashMap::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+        let id = v["id"].as_str().map(String::from).unwrap_or_default();
+        let j = v["scores"].as_object().and_then(|m| {
+            let mut scores = [0f64; 6];
+            for (k, d) in DIMENSIONS.iter().enumerate() {
+                scores[k] = m.get(*d)?.as_f64()?;
+            }
+            Some(Judgement { scores })
+        });
+        by_id.insert(id, j);
+    }
+    Ok(preds
+        .iter()
+        .map(|p| by_id.get(&p.id).cloned().flatten())
+        .collect())
 }

@@ -9,6 +9,7 @@ pub mod items;
 pub mod judge;
 pub mod length;
 pub mod repetition;
+pub mod report;
 pub mod run;
 
 pub use items::{read_items, read_predictions, EvalError, Item, Prediction};
