@@ -154,6 +154,44 @@ mod tests {
         assert_eq!(count_longbench(p), 10 + 10);
     }
 
+    /// A second formulation of the definition: per maximal run of word
+    /// characters, its ideographs, plus one if the run is ASCII letters only.
+    fn longbench_by_runs(text: &str) -> usize {
+        text.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .filter(|run| !run.is_empty())
+            .map(|run| {
+                let ideographs = run.chars().filter(|&c| is_longbench_cjk(c)).count();
+                ideographs + usize::from(run.chars().all(|c| c.is_ascii_alphabetic()))
+            })
+            .sum()
+    }
+
+    #[test]
+    fn longbench_on_long_mixed_texts_agrees_with_a_second_formulation() {
+        let pieces = [
+            "river", "河流", "don't", "GPT4", "café", "e.g.", "3D", "中文English中文", "naïve",
+            "snake_case", "—", "，", "。", "(note)", "x2", "Ünïcode", "全角ＡＢＣ", "tab\tsep", "\n\n",
+            "1990s", "U.S.A.", "emoji🙂word", "日本語かな", "ok",
+        ];
+        let mut x = 0x2545f4914f6cdd1du64;
+        let mut text = String::new();
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            text.push_str(pieces[(x % pieces.len() as u64) as usize]);
+            if x & 0x30 != 0 {
+                text.push(' ');
+            }
+        }
+        assert!(text.chars().count() > 80_000);
+        assert_eq!(count_longbench(&text), longbench_by_runs(&text));
+        // Counting is additive over paragraphs.
+        let para = "长文本生成（long-form generation）是一个难题。We plan first, then write.";
+        let doc = vec![para; 500].join("\n\n");
+        assert_eq!(count_longbench(&doc), 500 * count_longbench(para));
+    }
+
     #[test]
     fn unicode_counter_counts_what_readers_count() {
         for (text, n) in [
