@@ -169,9 +169,30 @@ mod tests {
     #[test]
     fn longbench_on_long_mixed_texts_agrees_with_a_second_formulation() {
         let pieces = [
-            "river", "河流", "don't", "GPT4", "café", "e.g.", "3D", "中文English中文", "naïve",
-            "snake_case", "—", "，", "。", "(note)", "x2", "Ünïcode", "全角ＡＢＣ", "tab\tsep", "\n\n",
-            "1990s", "U.S.A.", "emoji🙂word", "日本語かな", "ok",
+            "river",
+            "河流",
+            "don't",
+            "GPT4",
+            "café",
+            "e.g.",
+            "3D",
+            "中文English中文",
+            "naïve",
+            "snake_case",
+            "—",
+            "，",
+            "。",
+            "(note)",
+            "x2",
+            "Ünïcode",
+            "全角ＡＢＣ",
+            "tab\tsep",
+            "\n\n",
+            "1990s",
+            "U.S.A.",
+            "emoji🙂word",
+            "日本語かな",
+            "ok",
         ];
         let mut x = 0x2545f4914f6cdd1du64;
         let mut text = String::new();

@@ -6,7 +6,6 @@
 //! (`length`, `response`, `response_length`) read as predictions too; their
 //! `response_length` is ignored and the response recounted.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -73,26 +72,20 @@ pub struct Prediction {
     pub extra: Map<String, Value>,
 }
 
-fn open(path: &Path) -> Result<BufReader<std::fs::File>, EvalError> {
-    std::fs::File::open(path)
-        .map(BufReader::new)
-        .map_err(|source| EvalError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
 /// A JSON object and the line it came from (from 1).
 type NumberedObject = (usize, Map<String, Value>);
 
-/// Each non-blank line of a JSONL file as a JSON object.
-fn objects(path: &Path) -> Result<Vec<NumberedObject>, EvalError> {
+/// Each non-blank line of a JSONL file as a JSON object. With
+/// `torn_tail`, a last line without its newline that does not parse (the
+/// writer died mid-line) is skipped instead of refused.
+fn objects(path: &Path, torn_tail: bool) -> Result<Vec<NumberedObject>, EvalError> {
+    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::new();
-    for (i, line) in open(path)?.lines().enumerate() {
-        let line = line.map_err(|source| EvalError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    for (i, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
@@ -101,9 +94,10 @@ fn objects(path: &Path) -> Result<Vec<NumberedObject>, EvalError> {
             line: i + 1,
             reason,
         };
-        match serde_json::from_str::<Value>(&line) {
+        match serde_json::from_str::<Value>(line) {
             Ok(Value::Object(m)) => out.push((i + 1, m)),
             Ok(_) => return Err(bad("not a JSON object".into())),
+            Err(_) if torn_tail && i + 1 == lines.len() && !text.ends_with('\n') => break,
             Err(e) => return Err(bad(format!("invalid JSON: {e}"))),
         }
     }
@@ -141,7 +135,7 @@ fn take_length(m: &mut Map<String, Value>, key: &str) -> Result<u64, String> {
 /// Reads benchmark items (`prompt`, `type`, `length`; others kept).
 pub fn read_items(path: &Path) -> Result<Vec<Item>, EvalError> {
     let mut items = Vec::new();
-    for (line, mut m) in objects(path)? {
+    for (line, mut m) in objects(path, false)? {
         let bad = |reason: String| EvalError::Line {
             path: path.to_path_buf(),
             line,
@@ -186,34 +180,19 @@ pub fn read_items(path: &Path) -> Result<Vec<Item>, EvalError> {
 /// Reads predictions: ours, or the original benchmark's files. A last line
 /// cut short (a crash mid-write) is skipped, not an error.
 pub fn read_predictions(path: &Path) -> Result<Vec<Prediction>, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::new();
-    for (i, line) in lines.iter().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
+    for (line, mut m) in objects(path, true)? {
         let bad = |reason: String| EvalError::Line {
             path: path.to_path_buf(),
-            line: i + 1,
+            line,
             reason,
-        };
-        let mut m = match serde_json::from_str::<Value>(line) {
-            Ok(Value::Object(m)) => m,
-            Ok(_) => return Err(bad("not a JSON object".into())),
-            // A torn final line: the writer died mid-line.
-            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => break,
-            Err(e) => return Err(bad(format!("invalid JSON: {e}"))),
         };
         let response =
             take_string(&mut m, "response").ok_or_else(|| bad("missing `response`".into()))?;
         let length = take_length(&mut m, "length").map_err(bad)?;
         let prompt = take_string(&mut m, "prompt").unwrap_or_default();
         let kind = take_string(&mut m, "type").unwrap_or_else(|| "unknown".into());
-        let id = take_string(&mut m, "id").unwrap_or_else(|| (i + 1).to_string());
+        let id = take_string(&mut m, "id").unwrap_or_else(|| line.to_string());
         let num = |m: &mut Map<String, Value>, k: &str| {
             m.remove(k).and_then(|v| v.as_f64()).unwrap_or(0.0)
         };

@@ -83,6 +83,21 @@ fn scatter_loglog<DB: DrawingBackend>(
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(64);
+    // The axes differ in type between the branches; the styling does not.
+    macro_rules! mesh {
+        ($chart:expr, $y_fmt:expr) => {
+            $chart
+                .configure_mesh()
+                .x_desc("required length (words)")
+                .y_desc(y_desc)
+                .x_label_formatter(&|v| format!("{v:.0}"))
+                .y_label_formatter($y_fmt)
+                .light_line_style(RGBColor(238, 238, 238))
+                .label_style(("sans-serif", 14))
+                .draw()
+                .map_err(err)
+        };
+    }
     if y_log {
         let (ymin, ymax) = if diagonal {
             (xmin, xmax)
@@ -92,16 +107,7 @@ fn scatter_loglog<DB: DrawingBackend>(
         let mut chart = builder
             .build_cartesian_2d((xmin..xmax).log_scale(), (ymin..ymax).log_scale())
             .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("required length (words)")
-            .y_desc(y_desc)
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&|v| format!("{v:.0}"))
-            .light_line_style(RGBColor(238, 238, 238))
-            .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(err)?;
+        mesh!(chart, &|v| format!("{v:.0}"))?;
         if diagonal {
             chart
                 .draw_series(LineSeries::new(
@@ -112,46 +118,40 @@ fn scatter_loglog<DB: DrawingBackend>(
                 .label("y = x")
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
         }
-        for (i, (name, pts)) in series.iter().enumerate() {
-            let c = PALETTE[i % PALETTE.len()];
-            chart
-                .draw_series(
-                    pts.iter()
-                        .map(|&(x, y)| Circle::new((x, y.max(ymin)), 4, c.mix(0.8).filled())),
-                )
-                .map_err(err)?
-                .label(name.as_str())
-                .legend(move |(x, y)| Circle::new((x + 9, y), 4, c.filled()));
-        }
-        legend(&mut chart)
+        points(&mut chart, series, ymin)
     } else {
         let mut chart = builder
             .build_cartesian_2d((xmin..xmax).log_scale(), 0.0..(top * 1.2).max(0.05))
             .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("required length (words)")
-            .y_desc(y_desc)
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&|v| format!("{v:.2}"))
-            .light_line_style(RGBColor(238, 238, 238))
-            .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(err)?;
-        for (i, (name, pts)) in series.iter().enumerate() {
-            let c = PALETTE[i % PALETTE.len()];
-            chart
-                .draw_series(
-                    pts.iter()
-                        .map(|&(x, y)| Circle::new((x, y), 4, c.mix(0.8).filled())),
-                )
-                .map_err(err)?
-                .label(name.as_str())
-                .legend(move |(x, y)| Circle::new((x + 9, y), 4, c.filled()));
-        }
-        legend(&mut chart)
+        mesh!(chart, &|v| format!("{v:.2}"))?;
+        points(&mut chart, series, f64::MIN)
     }?;
     root.present().map_err(err)
+}
+
+/// One colour per run; values below `floor` are drawn at it (log axes).
+fn points<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    series: &[(String, Vec<(f64, f64)>)],
+    floor: f64,
+) -> DrawResult
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let c = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(
+                pts.iter()
+                    .map(|&(x, y)| Circle::new((x, y.max(floor)), 4, c.mix(0.8).filled())),
+            )
+            .map_err(err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| Circle::new((x + 9, y), 4, c.filled()));
+    }
+    legend(chart)
 }
 
 /// The series legend, top left.
