@@ -48,6 +48,39 @@ enum Command {
     /// Evaluate long outputs: generate for a benchmark, score length and quality.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Tokenizers: train a byte-level BPE vocabulary.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Learn a byte-level BPE vocabulary from text files; writes tokenizer.json
+    /// and tokenizer_config.json (special tokens, ChatML chat template).
+    Train(TokenizerTrainArgs),
+}
+
+#[derive(Args)]
+struct TokenizerTrainArgs {
+    /// Text files to learn from (UTF-8).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Directory to write the tokenizer into.
+    #[arg(long)]
+    out: PathBuf,
+    /// Vocabulary size, the 256 byte tokens and special tokens included.
+    #[arg(long, default_value_t = 8192)]
+    vocab_size: usize,
+    /// Pairs seen fewer times are not merged.
+    #[arg(long, default_value_t = 2)]
+    min_frequency: u64,
+    /// Special tokens in id order (repeatable); default <|endoftext|>,
+    /// <|im_start|>, <|im_end|> (the ChatML template needs the last two).
+    #[arg(long = "special")]
+    special: Vec<String>,
+    /// model_max_length in tokenizer_config.json.
+    #[arg(long, default_value_t = 32768)]
+    max_length: usize,
 }
 
 #[derive(Args)]
@@ -201,6 +234,7 @@ fn main() -> ExitCode {
         Command::Count(a) => count(&a),
         Command::Serve(a) => serve(&a),
         Command::Eval(c) => eval::run(&c),
+        Command::Tokenizer(TokenizerCommand::Train(a)) => tokenizer_train(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -304,6 +338,33 @@ fn serve(a: &ServeArgs) -> anyhow::Result<()> {
         eprintln!("listening on http://{addr} (OpenAI-compatible API at http://{addr}/v1, page at http://{addr}/)");
     })
     .map_err(|e| anyhow::anyhow!("serving on {}:{}: {e}", a.host, a.port))
+}
+
+fn tokenizer_train(a: &TokenizerTrainArgs) -> anyhow::Result<()> {
+    let mut spec = lw_train::TokenizerSpec {
+        vocab_size: a.vocab_size,
+        min_frequency: a.min_frequency,
+        max_length: a.max_length,
+        ..Default::default()
+    };
+    if !a.special.is_empty() {
+        spec.special_tokens = a.special.clone();
+    }
+    let started = std::time::Instant::now();
+    let vocab = lw_train::train_tokenizer(&a.files, &spec, &a.out)?;
+    eprintln!(
+        "trained a byte-level BPE of {vocab} entries on {} file(s) in {:.1}s: {}",
+        a.files.len(),
+        started.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    if vocab < a.vocab_size {
+        eprintln!(
+            "note: the text supports only {vocab} entries of the {} asked (more text, or a lower --min-frequency, gives more)",
+            a.vocab_size
+        );
+    }
+    Ok(())
 }
 
 /// `$XDG_DATA_HOME/longwriter`, else `~/.local/share/longwriter`, else `./longwriter-data`.

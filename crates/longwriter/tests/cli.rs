@@ -40,6 +40,14 @@ fn every_subcommand_has_help() {
         &["generate", "--help"],
         &["chat", "--help"],
         &["bench", "--help"],
+        &["serve", "--help"],
+        &["write", "--help"],
+        &["eval", "run", "--help"],
+        &["eval", "length", "--help"],
+        &["eval", "quality", "--help"],
+        &["eval", "ruler", "--help"],
+        &["eval", "report", "--help"],
+        &["tokenizer", "train", "--help"],
     ] {
         let out = longwriter(sub);
         assert!(out.status.success(), "{sub:?}");
@@ -352,4 +360,58 @@ fn broken_model_directories_exit_non_zero_naming_the_culprit() {
         assert!(stderr.contains(needle), "{needle}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+}
+
+#[test]
+fn tokenizer_train_writes_a_loadable_tokenizer_and_names_bad_files() {
+    let out = std::env::temp_dir().join(format!("lw-cli-tok-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let readme = root().join("README.md");
+    let o = longwriter(&[
+        "tokenizer",
+        "train",
+        readme.to_str().unwrap(),
+        "--vocab-size",
+        "600",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("byte-level BPE of 600 entries"),
+        "{}",
+        text(&o.stderr)
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert!(cfg["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>"));
+    assert!(out.join("tokenizer.json").exists());
+    let o = longwriter(&[
+        "tokenizer",
+        "train",
+        "/no/such.txt",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("/no/such.txt"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = longwriter(&[
+        "tokenizer",
+        "train",
+        readme.to_str().unwrap(),
+        "--vocab-size",
+        "10",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("too small"), "{}", text(&o.stderr));
 }
