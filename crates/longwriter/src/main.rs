@@ -51,6 +51,36 @@ enum Command {
     /// Tokenizers: train a byte-level BPE vocabulary.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
+    /// Training data: tokenize a corpus into memory-mapped shards.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Tokenize text files (a whole file is one document) and JSONL files
+    /// (each line's "text" is one) into OUT/train-*.bin, OUT/val-*.bin and
+    /// OUT/meta.json, documents separated by the end-of-text token.
+    Tokenize(DataTokenizeArgs),
+}
+
+#[derive(Args)]
+struct DataTokenizeArgs {
+    /// Inputs: .txt (or any text) and .jsonl files.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Directory with tokenizer.json (e.g. from `longwriter tokenizer train`).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Share of documents (by content hash, so the split is stable) for validation.
+    #[arg(long, default_value_t = 0.01)]
+    val_fraction: f64,
+    /// Tokens per shard file.
+    #[arg(long, default_value_t = 100_000_000)]
+    shard_tokens: usize,
 }
 
 #[derive(Subcommand)]
@@ -235,6 +265,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve(&a),
         Command::Eval(c) => eval::run(&c),
         Command::Tokenizer(TokenizerCommand::Train(a)) => tokenizer_train(&a),
+        Command::Data(DataCommand::Tokenize(a)) => data_tokenize(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -364,6 +395,30 @@ fn tokenizer_train(a: &TokenizerTrainArgs) -> anyhow::Result<()> {
             a.vocab_size
         );
     }
+    Ok(())
+}
+
+fn data_tokenize(a: &DataTokenizeArgs) -> anyhow::Result<()> {
+    if !(0.0..1.0).contains(&a.val_fraction) {
+        anyhow::bail!("--val-fraction must be in [0, 1), not {}", a.val_fraction);
+    }
+    let started = std::time::Instant::now();
+    let s = lw_train::tokenize_corpus(
+        &a.tokenizer,
+        &a.files,
+        &a.out,
+        a.val_fraction,
+        a.shard_tokens,
+    )?;
+    eprintln!(
+        "{} documents: {} training and {} validation tokens in {} shard(s), {:.1}s: {}",
+        s.documents,
+        s.train_tokens,
+        s.val_tokens,
+        s.shards.len(),
+        started.elapsed().as_secs_f64(),
+        a.out.display()
+    );
     Ok(())
 }
 

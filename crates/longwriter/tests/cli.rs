@@ -48,6 +48,7 @@ fn every_subcommand_has_help() {
         &["eval", "ruler", "--help"],
         &["eval", "report", "--help"],
         &["tokenizer", "train", "--help"],
+        &["data", "tokenize", "--help"],
     ] {
         let out = longwriter(sub);
         assert!(out.status.success(), "{sub:?}");
