@@ -128,7 +128,7 @@ pub struct CorpusSummary {
 
 /// The documents of one input: each line's `text` of a `.jsonl` file, or
 /// the whole file.
-fn documents(path: &Path) -> Result<Vec<String>, TrainError> {
+pub(crate) fn documents(path: &Path) -> Result<Vec<String>, TrainError> {
     let text = std::fs::read_to_string(path).map_err(|e| file_error(path, e))?;
     if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
         return Ok(vec![text]);

@@ -1,5 +1,6 @@
 //! `longwriter tokenizer train`: a byte-level BPE vocabulary learned from
-//! text files with the `tokenizers` crate's trainer. Every byte is in the
+//! text files (or the `text` fields of JSONL files) with the `tokenizers`
+//! crate's trainer. Every byte is in the
 //! base alphabet, so any text (Chinese, emoji, code) encodes and decodes
 //! back exactly. The special tokens come first (ids 0, 1, 2, …) and the chat
 //! template is ChatML, which the special tokens spell.
@@ -135,9 +136,14 @@ pub fn train_tokenizer(
     .with_decoder(Some(byte_level.into()))
     .build()
     .map_err(|e| TrainError::Train(e.to_string()))?;
-    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    // The same documents `data tokenize` sees: a JSONL file's "text" fields,
+    // not its JSON syntax.
+    let mut docs = Vec::new();
+    for f in files {
+        docs.extend(crate::shards::documents(f)?);
+    }
     tokenizer
-        .train_from_files(&mut trainer, names)
+        .train(&mut trainer, docs.iter())
         .map_err(|e| TrainError::Train(e.to_string()))?;
     std::fs::create_dir_all(out).map_err(|e| file_error(out, e))?;
     let tok_path = out.join("tokenizer.json");

@@ -20,11 +20,16 @@ fn scratch(tag: &str) -> PathBuf {
 #[test]
 fn a_trained_tokenizer_round_trips_and_loads_in_the_engine() {
     let out = scratch("train");
-    // English and Chinese text from the repository itself.
-    let files = vec![
-        root().join("README.md"),
-        root().join("data/eval/longbench-lw.jsonl"),
-    ];
+    // English and Chinese text from the repository itself, plain and JSONL
+    // (whose "text" fields are the documents).
+    let jsonl = out.join("docs.jsonl");
+    let prompts: Vec<String> = std::fs::read_to_string(root().join("data/eval/longbench-lw.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::json!({"text": serde_json::from_str::<serde_json::Value>(l).unwrap()["prompt"]}).to_string())
+        .collect();
+    std::fs::write(&jsonl, prompts.join("\n")).unwrap();
+    let files = vec![root().join("README.md"), jsonl];
     let spec = TokenizerSpec {
         vocab_size: 700,
         ..Default::default()
@@ -61,6 +66,24 @@ fn a_trained_tokenizer_round_trips_and_loads_in_the_engine() {
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
     assert_eq!(tok.eos_token(), Some("<|im_end|>"));
+    // Only the documents were learned, not the JSON around them: trained on
+    // the JSONL alone (whose prompts hold no ASCII quotes), no merged token
+    // contains a quote, though `{"text": "` starts every line.
+    let only = scratch("jsonl-only");
+    train_tokenizer(&files[1..], &spec, &only).unwrap();
+    let vocab: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(only.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let quoted: Vec<&String> = vocab["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|t| t.chars().count() > 1 && t.contains('"'))
+        .collect();
+    assert!(
+        quoted.is_empty(),
+        "JSON syntax leaked into the vocabulary: {quoted:?}"
+    );
 }
 
 #[test]
