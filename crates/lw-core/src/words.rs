@@ -84,7 +84,8 @@ pub fn count_longbench(text: &str) -> usize {
 }
 
 /// Scripts written without spaces: every character is a word.
-fn is_unspaced_script(c: char) -> bool {
+/// Chinese and Japanese characters: written without spaces, one word each.
+pub fn is_unspaced_script(c: char) -> bool {
     matches!(c as u32,
         0x3040..=0x30FF      // Hiragana, Katakana
         | 0x3400..=0x4DBF    // CJK Extension A

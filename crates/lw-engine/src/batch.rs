@@ -232,7 +232,7 @@ impl Scheduler {
             if job.tx.is_closed() {
                 continue;
             }
-            if let Err(e) = self.check_prompt(&job.prompt) {
+            if let Err(e) = self.engine.check_prompt(&job.prompt) {
                 let _ = job.tx.send(BatchEvent::Done(Err(e)));
                 continue;
             }
@@ -257,20 +257,6 @@ impl Scheduler {
             });
         }
         self.load.running.store(self.active.len(), Ordering::SeqCst);
-    }
-
-    fn check_prompt(&self, prompt: &[u32]) -> Result<(), EngineError> {
-        let limit = self.engine.context_length();
-        if prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if prompt.len() >= limit {
-            return Err(EngineError::PromptTooLong {
-                tokens: prompt.len(),
-                limit,
-            });
-        }
-        Ok(())
     }
 
     /// The idle cache sharing the longest prefix with `prompt`, or a new one.

@@ -176,7 +176,7 @@ impl Engine {
         Ok(rows)
     }
 
-    fn check_prompt(&self, prompt: &[u32]) -> Result<(), EngineError> {
+    pub(crate) fn check_prompt(&self, prompt: &[u32]) -> Result<(), EngineError> {
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }

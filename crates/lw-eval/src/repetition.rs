@@ -23,10 +23,6 @@ pub struct Repetition {
     pub degenerate: bool,
 }
 
-fn unspaced(c: char) -> bool {
-    matches!(c as u32, 0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xF900..=0xFAFF | 0x20000..=0x3FFFF)
-}
-
 /// The text as unit ids (equal units, equal ids; case folded).
 pub fn units(text: &str) -> Vec<u32> {
     let mut ids: HashMap<String, u32> = HashMap::new();
@@ -37,7 +33,7 @@ pub fn units(text: &str) -> Vec<u32> {
         out.push(*ids.entry(w.to_string()).or_insert(next));
     };
     for c in text.chars() {
-        if unspaced(c) {
+        if lw_core::words::is_unspaced_script(c) {
             if !word.is_empty() {
                 push(&word, &mut out);
                 word.clear();

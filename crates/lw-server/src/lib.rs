@@ -274,7 +274,7 @@ struct ChatMessageIn {
     content: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(untagged)]
 enum OneOrMany {
     One(String),
@@ -393,7 +393,7 @@ fn generation_params(state: &AppState, c: &Common) -> Result<GenerationParams, A
             ..Default::default()
         },
         max_tokens: Some(max_tokens),
-        stop: c.stop.take_vec(),
+        stop: c.stop.clone().map(OneOrMany::into_vec).unwrap_or_default(),
         ignore_eos: false,
     })
 }
@@ -410,20 +410,6 @@ fn check_sampling(temperature: f32, top_p: f32) -> Result<(), ApiError> {
         )));
     }
     Ok(())
-}
-
-trait TakeVec {
-    fn take_vec(&self) -> Vec<String>;
-}
-
-impl TakeVec for Option<OneOrMany> {
-    fn take_vec(&self) -> Vec<String> {
-        match self {
-            None => vec![],
-            Some(OneOrMany::One(s)) => vec![s.clone()],
-            Some(OneOrMany::Many(v)) => v.clone(),
-        }
-    }
 }
 
 fn check_prompt_length(state: &AppState, ids: &[u32]) -> Result<(), ApiError> {
