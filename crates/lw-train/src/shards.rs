@@ -14,17 +14,11 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::tokenizer::TrainError;
+use crate::error::{file_error, TrainError};
 
 const MAGIC: &[u8; 8] = b"LWTOKENS";
 const HEADER: usize = 32;
 
-fn file_error(path: &Path, e: impl ToString) -> TrainError {
-    TrainError::File {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }
-}
 
 /// Writes `tokens` as one shard, atomically (temporary file, then rename).
 pub fn write_shard(path: &Path, tokens: &[u32]) -> Result<(), TrainError> {

@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
+
+use crate::error::{file_error, TrainError};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -16,23 +18,6 @@ use tokenizers::{
     PreTokenizerWrapper, TokenizerBuilder,
 };
 
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    #[error("{}: {reason}", path.display())]
-    File { path: PathBuf, reason: String },
-    #[error("no training files given")]
-    NoFiles,
-    #[error("a vocabulary of {asked} is too small: the 256 byte tokens and {special} special tokens need {needed}")]
-    VocabTooSmall {
-        asked: usize,
-        special: usize,
-        needed: usize,
-    },
-    #[error("the special token \"{0}\" is given twice")]
-    DuplicateSpecial(String),
-    #[error("tokenizer training failed: {0}")]
-    Train(String),
-}
 
 /// What to train.
 #[derive(Debug, Clone)]
@@ -70,12 +55,6 @@ pub const CHAT_TEMPLATE: &str = "{%- for message in messages -%}\
 {%- endfor -%}\
 {%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}";
 
-fn file_error(path: &Path, e: impl ToString) -> TrainError {
-    TrainError::File {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }
-}
 
 /// Trains on `files` and writes `out/tokenizer.json` and
 /// `out/tokenizer_config.json`. Returns the vocabulary size reached (smaller

@@ -1,0 +1,530 @@
+//! The Llama family (Llama, Mistral, Qwen2) as a differentiable graph on
+//! candle, with the tensor names of a Hugging Face checkpoint, so what it saves
+//! the engine loads.
+//!
+//! Only ops with a backward pass are used: rmsnorm, rope, softmax and the
+//! log-softmax of the loss are written out of elementary ops, because candle's
+//! fused versions return no gradient. Packed rows are supported: every token
+//! carries its position (reset per sequence) and a segment id, and attention
+//! is causal within a segment only (block-diagonal).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use lw_model::config::{rope_inv_freq, ModelConfig};
+use lw_model::Weights;
+use serde_json::Value;
+
+use crate::error::{file_error, TrainError};
+
+/// A small deterministic generator (SplitMix64): initial weights, data order
+/// and dropout masks are functions of the seed alone, which is what makes a
+/// resumed run repeat an uninterrupted one.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// A generator for one purpose at one step, independent of the others.
+    pub fn derive(seed: u64, stream: u64, index: u64) -> Self {
+        let mut r = Rng(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        r.0 ^= r.next_u64() ^ index.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        r
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Uniform in 0..n.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i + 1);
+            items.swap(i, j);
+        }
+    }
+}
+
+/// Low-rank adapters on chosen projections (the PEFT LoRA recipe):
+/// `y = W x + (alpha / rank) · B A dropout(x)`, A random, B zero at start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    /// Module names, e.g. `q_proj`, `v_proj`, `down_proj`.
+    pub targets: Vec<String>,
+}
+
+impl LoraSpec {
+    pub fn scale(&self) -> f32 {
+        self.alpha / self.rank as f32
+    }
+}
+
+/// The projections a LoRA target may name.
+pub const LORA_MODULES: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// One packed micro-batch: `rows` rows of `len` tokens, flattened row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub rows: usize,
+    pub len: usize,
+    pub inputs: Vec<u32>,
+    /// The token each position should predict (any id where `weights` is 0).
+    pub targets: Vec<u32>,
+    /// Each position's share of the loss; the loss is `Σ weight · nll`.
+    pub weights: Vec<f32>,
+    /// Rotary position of each token (restarts at 0 for each packed sequence).
+    pub positions: Vec<u32>,
+    /// Tokens attend to earlier tokens of the same segment only.
+    pub segments: Vec<u32>,
+}
+
+impl Batch {
+    /// Supervised positions (weight > 0).
+    pub fn supervised(&self) -> usize {
+        self.weights.iter().filter(|w| **w > 0.0).count()
+    }
+}
+
+/// A parameter: frozen ones are plain tensors, trainable ones variables.
+struct Param {
+    value: Tensor,
+    var: Option<Var>,
+}
+
+pub struct TrainModel {
+    pub cfg: ModelConfig,
+    /// The checkpoint's `config.json`, written back unchanged with checkpoints.
+    pub config_json: Value,
+    names: Vec<String>,
+    params: HashMap<String, Param>,
+    lora: Option<LoraSpec>,
+    /// Module path (`model.layers.0.self_attn.q_proj`) → (A, B).
+    adapters: Vec<(String, Var, Var)>,
+    inv_freq: Vec<f32>,
+    device: Device,
+}
+
+/// Every tensor of a checkpoint with this config, in a fixed order, with its shape.
+pub fn param_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let q = cfg.num_heads * cfg.head_dim;
+    let kv = cfg.num_kv_heads * cfg.head_dim;
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        for (m, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+            out.push((format!("{p}.self_attn.{m}.weight"), vec![rows, h]));
+            if cfg.qkv_bias {
+                out.push((format!("{p}.self_attn.{m}.bias"), vec![rows]));
+            }
+        }
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+        if cfg.o_bias {
+            out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        for (m, shape) in [
+            ("gate_proj", vec![i, h]),
+            ("up_proj", vec![i, h]),
+            ("down_proj", vec![h, i]),
+        ] {
+            let rows = shape[0];
+            out.push((format!("{p}.mlp.{m}.weight"), shape));
+            if cfg.mlp_bias {
+                out.push((format!("{p}.mlp.{m}.bias"), vec![rows]));
+            }
+        }
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    out
+}
+
+fn check_trainable(cfg: &ModelConfig) -> Result<(), TrainError> {
+    if cfg.sliding_window.iter().any(|w| w.is_some()) {
+        return Err(TrainError::Setting(
+            "training with sliding-window attention is not supported".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl TrainModel {
+    /// A new model: matrices and embeddings drawn from N(0, 0.02²) (the
+    /// Hugging Face `initializer_range`), biases zero, norm weights one.
+    pub fn init(cfg: ModelConfig, config_json: Value, seed: u64) -> Result<Self, TrainError> {
+        check_trainable(&cfg)?;
+        let mut rng = Rng::derive(seed, 1, 0);
+        let mut tensors = HashMap::new();
+        for (name, shape) in param_shapes(&cfg) {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("layernorm.weight") || name == "model.norm.weight"
+            {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| 0.02 * rng.normal()).collect()
+            };
+            tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        }
+        Self::from_tensors(cfg, config_json, tensors, None, seed)
+    }
+
+    /// Loads an HF checkpoint directory (weights converted to f32).
+    pub fn load(dir: &Path, lora: Option<LoraSpec>, seed: u64) -> Result<Self, TrainError> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| file_error(&config_path, e))?;
+        let config_json: Value =
+            serde_json::from_str(&text).map_err(|e| file_error(&config_path, e))?;
+        let cfg = ModelConfig::from_file(&config_path)?;
+        check_trainable(&cfg)?;
+        let weights = Weights::from_dir(dir)?;
+        let mut tensors = HashMap::new();
+        for (name, shape) in param_shapes(&cfg) {
+            tensors.insert(name.clone(), weights.get(&name, &shape, DType::F32)?);
+        }
+        Self::from_tensors(cfg, config_json, tensors, lora, seed)
+    }
+
+    /// Builds a model from named f32 tensors. With `lora`, the tensors are
+    /// frozen and only new adapters train.
+    pub fn from_tensors(
+        cfg: ModelConfig,
+        config_json: Value,
+        mut tensors: HashMap<String, Tensor>,
+        lora: Option<LoraSpec>,
+        seed: u64,
+    ) -> Result<Self, TrainError> {
+        let mut names = Vec::new();
+        let mut params = HashMap::new();
+        for (name, shape) in param_shapes(&cfg) {
+            let t = tensors
+                .remove(&name)
+                .ok_or_else(|| TrainError::Setting(format!("tensor \"{name}\" is missing")))?;
+            if t.dims() != shape.as_slice() {
+                return Err(TrainError::Setting(format!(
+                    "tensor \"{name}\" has shape {:?}, expected {shape:?}",
+                    t.dims()
+                )));
+            }
+            let t = t.to_dtype(DType::F32)?;
+            let param = if lora.is_some() {
+                Param {
+                    value: t,
+                    var: None,
+                }
+            } else {
+                let var = Var::from_tensor(&t)?;
+                Param {
+                    value: var.as_tensor().clone(),
+                    var: Some(var),
+                }
+            };
+            names.push(name.clone());
+            params.insert(name, param);
+        }
+        let mut adapters = Vec::new();
+        if let Some(spec) = &lora {
+            if spec.rank == 0 {
+                return Err(TrainError::Setting("the LoRA rank must be positive".into()));
+            }
+            if !(0.0..1.0).contains(&spec.dropout) {
+                return Err(TrainError::Setting(format!(
+                    "LoRA dropout {} is outside [0, 1)",
+                    spec.dropout
+                )));
+            }
+            for t in &spec.targets {
+                if !LORA_MODULES.contains(&t.as_str()) {
+                    return Err(TrainError::Setting(format!(
+                        "unknown LoRA target module \"{t}\" (known: {})",
+                        LORA_MODULES.join(", ")
+                    )));
+                }
+            }
+            let mut rng = Rng::derive(seed, 2, 0);
+            for name in &names {
+                let Some(module) = name.strip_suffix(".weight") else {
+                    continue;
+                };
+                let short = module.rsplit('.').next().unwrap_or("");
+                if !spec.targets.iter().any(|t| t == short) {
+                    continue;
+                }
+                let dims = params[name].value.dims().to_vec();
+                let (out_f, in_f) = (dims[0], dims[1]);
+                // PEFT's default: A ~ kaiming-uniform(a = √5) = U(±1/√in), B = 0.
+                let bound = 1.0 / (in_f as f32).sqrt();
+                let a: Vec<f32> = (0..spec.rank * in_f)
+                    .map(|_| (2.0 * rng.uniform() - 1.0) * bound)
+                    .collect();
+                let a = Var::from_vec(a, (spec.rank, in_f), &Device::Cpu)?;
+                let b = Var::zeros((out_f, spec.rank), DType::F32, &Device::Cpu)?;
+                adapters.push((module.to_string(), a, b));
+            }
+            if adapters.is_empty() {
+                return Err(TrainError::Setting(
+                    "no LoRA target module matched the model".into(),
+                ));
+            }
+        }
+        let inv_freq = rope_inv_freq(&cfg);
+        Ok(TrainModel {
+            cfg,
+            config_json,
+            names,
+            params,
+            lora,
+            adapters,
+            inv_freq,
+            device: Device::Cpu,
+        })
+    }
+
+    pub fn lora(&self) -> Option<&LoraSpec> {
+        self.lora.as_ref()
+    }
+
+    /// The trainable tensors with their checkpoint names: every parameter in
+    /// full training; the adapters (PEFT names) with LoRA.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        if self.lora.is_some() {
+            let mut out = Vec::new();
+            for (module, a, b) in &self.adapters {
+                out.push((format!("base_model.model.{module}.lora_A.weight"), a.clone()));
+                out.push((format!("base_model.model.{module}.lora_B.weight"), b.clone()));
+            }
+            out
+        } else {
+            self.names
+                .iter()
+                .filter_map(|n| Some((n.clone(), self.params[n].var.clone()?)))
+                .collect()
+        }
+    }
+
+    /// Sets the trainable tensors from a safetensors file with their names
+    /// (a checkpoint's `model.safetensors`, or a PEFT `adapter_model.safetensors`).
+    pub fn load_trainable(&self, path: &Path) -> Result<(), TrainError> {
+        let stored =
+            candle_core::safetensors::load(path, &self.device).map_err(|e| file_error(path, e))?;
+        for (name, var) in self.trainable() {
+            let t = stored.get(&name).ok_or_else(|| TrainError::File {
+                path: path.to_path_buf(),
+                reason: format!("tensor \"{name}\" is missing"),
+            })?;
+            if t.dims() != var.dims() {
+                return Err(TrainError::File {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "tensor \"{name}\" has shape {:?}, the model's is {:?}",
+                        t.dims(),
+                        var.dims()
+                    ),
+                });
+            }
+            var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+
+    /// Number of trainable values.
+    pub fn trainable_count(&self) -> usize {
+        self.trainable().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// The base weights by checkpoint name.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.names
+            .iter()
+            .map(|n| (n.clone(), self.params[n].value.clone()))
+            .collect()
+    }
+
+    fn get(&self, name: &str) -> &Tensor {
+        &self.params[name].value
+    }
+
+    fn linear(&self, x: &Tensor, module: &str, rng: &mut Option<Rng>) -> Result<Tensor, TrainError> {
+        let w = self.get(&format!("{module}.weight"));
+        let mut y = x.matmul(&w.t()?)?;
+        if let Some(b) = self.params.get(&format!("{module}.bias")) {
+            y = y.broadcast_add(&b.value)?;
+        }
+        if let Some((_, a, b)) = self.adapters.iter().find(|(m, _, _)| m == module) {
+            let spec = self.lora.as_ref().expect("adapters imply a LoRA spec");
+            let xd = match rng {
+                Some(rng) if spec.dropout > 0.0 => {
+                    let keep = 1.0 / (1.0 - spec.dropout);
+                    let mask: Vec<f32> = (0..x.elem_count())
+                        .map(|_| if rng.uniform() < spec.dropout { 0.0 } else { keep })
+                        .collect();
+                    (x * Tensor::from_vec(mask, x.dims(), &self.device)?)?
+                }
+                _ => x.clone(),
+            };
+            let low = xd.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)?;
+            y = (y + (low * spec.scale() as f64)?)?;
+        }
+        Ok(y)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &str) -> Result<Tensor, TrainError> {
+        let eps = self.cfg.rms_norm_eps;
+        let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        Ok(x.broadcast_mul(&inv)?.broadcast_mul(self.get(weight))?)
+    }
+
+    /// Logits for every position, `[rows·len, vocab]`. `dropout` is the
+    /// generator for LoRA dropout (`None`: evaluation, no dropout).
+    pub fn forward(&self, batch: &Batch, dropout: Option<Rng>) -> Result<Tensor, TrainError> {
+        let mut rng = dropout;
+        let (b, l) = (batch.rows, batch.len);
+        let n = b * l;
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let g = nh / nkv;
+        let dev = &self.device;
+        if let Some(&bad) = batch.inputs.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(TrainError::Setting(format!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                cfg.vocab_size
+            )));
+        }
+
+        // Rotary tables for these positions: [rows, 1, len, head_dim].
+        let half = hd / 2;
+        let mut cos = Vec::with_capacity(n * hd);
+        let mut sin = Vec::with_capacity(n * hd);
+        for &p in &batch.positions {
+            for _ in 0..2 {
+                for f in &self.inv_freq[..half] {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (b, 1, l, hd), dev)?;
+        let sin = Tensor::from_vec(sin, (b, 1, l, hd), dev)?;
+        // Block-diagonal causal mask: [rows, 1, 1, len, len].
+        let mut mask = vec![0f32; b * l * l];
+        for r in 0..b {
+            let seg = &batch.segments[r * l..(r + 1) * l];
+            for i in 0..l {
+                for j in 0..l {
+                    if j > i || seg[j] != seg[i] {
+                        mask[(r * l + i) * l + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, 1, l, l), dev)?;
+        let rope = |x: &Tensor| -> Result<Tensor, TrainError> {
+            let x1 = x.narrow(D::Minus1, 0, half)?;
+            let x2 = x.narrow(D::Minus1, half, half)?;
+            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+            Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+        };
+
+        let ids = Tensor::from_slice(&batch.inputs, n, dev)?;
+        let mut x = self.get("model.embed_tokens.weight").index_select(&ids, 0)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for layer in 0..cfg.num_layers {
+            let p = format!("model.layers.{layer}");
+            let h = self.rms_norm(&x, &format!("{p}.input_layernorm.weight"))?;
+            let q = self.linear(&h, &format!("{p}.self_attn.q_proj"), &mut rng)?;
+            let k = self.linear(&h, &format!("{p}.self_attn.k_proj"), &mut rng)?;
+            let v = self.linear(&h, &format!("{p}.self_attn.v_proj"), &mut rng)?;
+            let q = rope(&q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?)?;
+            let k = rope(&k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?)?;
+            let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            // Query heads grouped under their key/value head: no copies of k, v.
+            let q = q.reshape((b, nkv, g * l, hd))?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nkv, g, l, l))?;
+            let scores = scores.broadcast_add(&mask)?;
+            let max = scores.max_keepdim(D::Minus1)?;
+            let e = scores.broadcast_sub(&max)?.exp()?;
+            let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+            let attn = probs.reshape((b, nkv, g * l, l))?.matmul(&v)?;
+            let attn = attn
+                .reshape((b, nh, l, hd))?
+                .transpose(1, 2)?
+                .reshape((n, nh * hd))?;
+            let o = self.linear(&attn, &format!("{p}.self_attn.o_proj"), &mut rng)?;
+            x = (x + o)?;
+            let h = self.rms_norm(&x, &format!("{p}.post_attention_layernorm.weight"))?;
+            let gate = self.linear(&h, &format!("{p}.mlp.gate_proj"), &mut rng)?;
+            let up = self.linear(&h, &format!("{p}.mlp.up_proj"), &mut rng)?;
+            let act = (gate.silu()? * up)?;
+            let down = self.linear(&act, &format!("{p}.mlp.down_proj"), &mut rng)?;
+            x = (x + down)?;
+        }
+        let x = self.rms_norm(&x, "model.norm.weight")?;
+        let head = if cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        Ok(x.matmul(&self.get(head).t()?)?)
+    }
+
+    /// `Σ weight · (−log p(target))` over the batch, as a scalar tensor.
+    pub fn loss(&self, batch: &Batch, dropout: Option<Rng>) -> Result<Tensor, TrainError> {
+        let logits = self.forward(batch, dropout)?;
+        weighted_nll(&logits, batch)
+    }
+}
+
+/// The weighted negative log-likelihood of `targets` under `logits` `[n, vocab]`.
+pub fn weighted_nll(logits: &Tensor, batch: &Batch) -> Result<Tensor, TrainError> {
+    let dev = logits.device();
+    let n = batch.targets.len();
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let targets = Tensor::from_slice(&batch.targets, (n, 1), dev)?;
+    let picked = shifted.gather(&targets, 1)?;
+    let nll = (lse - picked)?.squeeze(1)?;
+    let weights = Tensor::from_slice(&batch.weights, n, dev)?;
+    Ok((nll * weights)?.sum_all()?)
+}
