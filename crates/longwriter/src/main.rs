@@ -5,6 +5,7 @@
 mod bench;
 mod eval;
 mod run;
+mod train;
 mod write;
 
 use std::io::Write;
@@ -54,6 +55,12 @@ enum Command {
     /// Training data: tokenize a corpus into memory-mapped shards.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Train models: pretraining from scratch, supervised fine-tuning (full or LoRA).
+    #[command(subcommand)]
+    Train(train::TrainCommand),
+    /// LoRA adapters: merge into the base model.
+    #[command(subcommand)]
+    Lora(train::LoraCommand),
 }
 
 #[derive(Subcommand)]
@@ -62,6 +69,32 @@ enum DataCommand {
     /// (each line's "text" is one) into OUT/train-*.bin, OUT/val-*.bin and
     /// OUT/meta.json, documents separated by the end-of-text token.
     Tokenize(DataTokenizeArgs),
+    /// Make synthetic AgentWrite fine-tuning data from text: runs of
+    /// consecutive paragraphs become documents whose plan lists each
+    /// paragraph's first sentence and real length; writes chat JSONL (one
+    /// planning and one writing conversation per paragraph) for `train sft`.
+    Synth(DataSynthArgs),
+}
+
+#[derive(Args)]
+struct DataSynthArgs {
+    /// Inputs: .txt files and .jsonl files (their "text" fields, joined by blank lines).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Output JSONL file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Keep at most this many documents (after a seeded shuffle).
+    #[arg(long)]
+    max_documents: Option<usize>,
+    /// Paragraphs per document, as MIN-MAX.
+    #[arg(long, default_value = "3-5")]
+    paragraphs: String,
+    /// Paragraph length in words (characters for Chinese), as MIN-MAX.
+    #[arg(long, default_value = "20-300")]
+    words: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -266,6 +299,17 @@ fn main() -> ExitCode {
         Command::Eval(c) => eval::run(&c),
         Command::Tokenizer(TokenizerCommand::Train(a)) => tokenizer_train(&a),
         Command::Data(DataCommand::Tokenize(a)) => data_tokenize(&a),
+        Command::Data(DataCommand::Synth(a)) => train::data_synth(
+            &a.files,
+            &a.out,
+            a.max_documents,
+            &a.paragraphs,
+            &a.words,
+            a.seed,
+        ),
+        Command::Train(train::TrainCommand::Pretrain(a)) => train::pretrain(&a),
+        Command::Train(train::TrainCommand::Sft(a)) => train::sft(&a),
+        Command::Lora(train::LoraCommand::Merge(a)) => train::merge(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

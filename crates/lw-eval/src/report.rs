@@ -252,6 +252,88 @@ enum Chart {
         groups: Vec<String>,
         runs: Vec<(String, Vec<Option<f64>>)>,
     },
+    Lines {
+        title: String,
+        x_desc: String,
+        y_desc: String,
+        series: Vec<(String, Vec<(f64, f64)>)>,
+    },
+}
+
+/// Line series on linear axes (loss curves).
+fn lines<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> DrawResult {
+    root.fill(&WHITE).map_err(err)?;
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+    let xmax = all.iter().map(|p| p.0).fold(1.0, f64::max);
+    let xmin = all.iter().map(|p| p.0).fold(xmax, f64::min).min(xmax - 1.0);
+    let ymax = all
+        .iter()
+        .map(|p| p.1)
+        .filter(|y| y.is_finite())
+        .fold(0.0, f64::max);
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(xmin..xmax, 0.0..(ymax * 1.05).max(0.05))
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.2}"))
+        .light_line_style(RGBColor(238, 238, 238))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let style = color.stroke_width(2);
+        if pts.len() == 1 {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(err)?;
+        }
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), style))
+            .map_err(err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
+/// Writes `dir/NAME.png` and `dir/NAME.svg`: one line per series.
+pub fn line_chart(
+    dir: &Path,
+    name: &str,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<(), ReportError> {
+    let chart = Chart::Lines {
+        title: title.into(),
+        x_desc: x_desc.into(),
+        y_desc: y_desc.into(),
+        series: series.to_vec(),
+    };
+    save(&chart, dir, name)
 }
 
 fn render<DB: DrawingBackend>(chart: &Chart, root: &DrawingArea<DB, Shift>) -> DrawResult {
@@ -269,6 +351,12 @@ fn render<DB: DrawingBackend>(chart: &Chart, root: &DrawingArea<DB, Shift>) -> D
             groups,
             runs,
         } => grouped_bars(root, title, y_desc, groups, runs),
+        Chart::Lines {
+            title,
+            x_desc,
+            y_desc,
+            series,
+        } => lines(root, title, x_desc, y_desc, series),
     }
 }
 

@@ -266,7 +266,10 @@ pub fn read_conversations(
             .and_then(|v| parse_messages(&v));
         match parsed {
             Ok(m) => convs.push(m),
-            Err(reason) if skip_bad => bad.push(BadLine { line: i + 1, reason }),
+            Err(reason) if skip_bad => bad.push(BadLine {
+                line: i + 1,
+                reason,
+            }),
             Err(reason) => {
                 return Err(TrainError::Line {
                     path: path.to_path_buf(),
@@ -422,9 +425,7 @@ impl SftData {
                 if sup {
                     b.weights[r * len + j] = match self.mode {
                         LossMode::TokenMean => 1.0 / total as f32,
-                        LossMode::SequenceMean => {
-                            1.0 / (counts[r][s as usize] * sequences) as f32
-                        }
+                        LossMode::SequenceMean => 1.0 / (counts[r][s as usize] * sequences) as f32,
                     };
                 }
             }

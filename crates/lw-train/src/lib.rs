@@ -6,6 +6,7 @@ pub mod data;
 pub mod error;
 pub mod lora;
 pub mod model;
+pub mod ops;
 pub mod presets;
 pub mod shards;
 pub mod tokenizer;

@@ -196,14 +196,14 @@ impl TrainModel {
         let mut tensors = HashMap::new();
         for (name, shape) in param_shapes(&cfg) {
             let n: usize = shape.iter().product();
-            let data: Vec<f32> = if name.ends_with("layernorm.weight") || name == "model.norm.weight"
-            {
-                vec![1.0; n]
-            } else if name.ends_with(".bias") {
-                vec![0.0; n]
-            } else {
-                (0..n).map(|_| 0.02 * rng.normal()).collect()
-            };
+            let data: Vec<f32> =
+                if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
+                    vec![1.0; n]
+                } else if name.ends_with(".bias") {
+                    vec![0.0; n]
+                } else {
+                    (0..n).map(|_| 0.02 * rng.normal()).collect()
+                };
             tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
         }
         Self::from_tensors(cfg, config_json, tensors, None, seed)
@@ -212,7 +212,8 @@ impl TrainModel {
     /// Loads an HF checkpoint directory (weights converted to f32).
     pub fn load(dir: &Path, lora: Option<LoraSpec>, seed: u64) -> Result<Self, TrainError> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| file_error(&config_path, e))?;
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| file_error(&config_path, e))?;
         let config_json: Value =
             serde_json::from_str(&text).map_err(|e| file_error(&config_path, e))?;
         let cfg = ModelConfig::from_file(&config_path)?;
@@ -330,8 +331,14 @@ impl TrainModel {
         if self.lora.is_some() {
             let mut out = Vec::new();
             for (module, a, b) in &self.adapters {
-                out.push((format!("base_model.model.{module}.lora_A.weight"), a.clone()));
-                out.push((format!("base_model.model.{module}.lora_B.weight"), b.clone()));
+                out.push((
+                    format!("base_model.model.{module}.lora_A.weight"),
+                    a.clone(),
+                ));
+                out.push((
+                    format!("base_model.model.{module}.lora_B.weight"),
+                    b.clone(),
+                ));
             }
             out
         } else {
@@ -384,7 +391,12 @@ impl TrainModel {
         &self.params[name].value
     }
 
-    fn linear(&self, x: &Tensor, module: &str, rng: &mut Option<Rng>) -> Result<Tensor, TrainError> {
+    fn linear(
+        &self,
+        x: &Tensor,
+        module: &str,
+        rng: &mut Option<Rng>,
+    ) -> Result<Tensor, TrainError> {
         let w = self.get(&format!("{module}.weight"));
         let mut y = x.matmul(&w.t()?)?;
         if let Some(b) = self.params.get(&format!("{module}.bias")) {
@@ -396,13 +408,21 @@ impl TrainModel {
                 Some(rng) if spec.dropout > 0.0 => {
                     let keep = 1.0 / (1.0 - spec.dropout);
                     let mask: Vec<f32> = (0..x.elem_count())
-                        .map(|_| if rng.uniform() < spec.dropout { 0.0 } else { keep })
+                        .map(|_| {
+                            if rng.uniform() < spec.dropout {
+                                0.0
+                            } else {
+                                keep
+                            }
+                        })
                         .collect();
                     (x * Tensor::from_vec(mask, x.dims(), &self.device)?)?
                 }
                 _ => x.clone(),
             };
-            let low = xd.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)?;
+            let low = xd
+                .matmul(&a.as_tensor().t()?)?
+                .matmul(&b.as_tensor().t()?)?;
             y = (y + (low * spec.scale() as f64)?)?;
         }
         Ok(y)
@@ -467,7 +487,9 @@ impl TrainModel {
         };
 
         let ids = Tensor::from_slice(&batch.inputs, n, dev)?;
-        let mut x = self.get("model.embed_tokens.weight").index_select(&ids, 0)?;
+        let mut x = self
+            .get("model.embed_tokens.weight")
+            .index_select(&ids, 0)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for layer in 0..cfg.num_layers {
             let p = format!("model.layers.{layer}");
@@ -517,14 +539,9 @@ impl TrainModel {
 
 /// The weighted negative log-likelihood of `targets` under `logits` `[n, vocab]`.
 pub fn weighted_nll(logits: &Tensor, batch: &Batch) -> Result<Tensor, TrainError> {
-    let dev = logits.device();
-    let n = batch.targets.len();
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let targets = Tensor::from_slice(&batch.targets, (n, 1), dev)?;
-    let picked = shifted.gather(&targets, 1)?;
-    let nll = (lse - picked)?.squeeze(1)?;
-    let weights = Tensor::from_slice(&batch.weights, n, dev)?;
-    Ok((nll * weights)?.sum_all()?)
+    let op = crate::ops::WeightedNll {
+        targets: batch.targets.clone(),
+        weights: batch.weights.clone(),
+    };
+    Ok(logits.contiguous()?.apply_op1(op)?.sum_all()?)
 }

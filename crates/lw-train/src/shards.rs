@@ -19,7 +19,6 @@ use crate::error::{file_error, TrainError};
 const MAGIC: &[u8; 8] = b"LWTOKENS";
 const HEADER: usize = 32;
 
-
 /// Writes `tokens` as one shard, atomically (temporary file, then rename).
 pub fn write_shard(path: &Path, tokens: &[u32]) -> Result<(), TrainError> {
     let tmp = path.with_extension("bin.tmp");

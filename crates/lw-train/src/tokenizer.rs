@@ -18,7 +18,6 @@ use tokenizers::{
     PreTokenizerWrapper, TokenizerBuilder,
 };
 
-
 /// What to train.
 #[derive(Debug, Clone)]
 pub struct TokenizerSpec {
@@ -54,7 +53,6 @@ pub const CHAT_TEMPLATE: &str = "{%- for message in messages -%}\
 {{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}\
 {%- endfor -%}\
 {%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}";
-
 
 /// Trains on `files` and writes `out/tokenizer.json` and
 /// `out/tokenizer_config.json`. Returns the vocabulary size reached (smaller

@@ -228,7 +228,10 @@ pub fn checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path().join("trainer_state.json").exists().then(|| (step, e.path()))
+            e.path()
+                .join("trainer_state.json")
+                .exists()
+                .then(|| (step, e.path()))
         })
         .collect();
     found.sort();
@@ -246,7 +249,11 @@ fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), Tr
 
 /// Writes the model (or its adapters) into `dir`: config.json and
 /// model.safetensors, or adapter_config.json and adapter_model.safetensors.
-pub fn save_model(model: &TrainModel, dir: &Path, extra_files: &[PathBuf]) -> Result<(), TrainError> {
+pub fn save_model(
+    model: &TrainModel,
+    dir: &Path,
+    extra_files: &[PathBuf],
+) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
     match model.lora() {
         None => {
@@ -331,7 +338,10 @@ impl Run<'_> {
             &tmp.join("trainer_state.json"),
             &serde_json::to_value(&ts).expect("state serializes"),
         )?;
-        for entry in std::fs::read_dir(&tmp).map_err(|e| file_error(&tmp, e))?.flatten() {
+        for entry in std::fs::read_dir(&tmp)
+            .map_err(|e| file_error(&tmp, e))?
+            .flatten()
+        {
             if let Ok(f) = std::fs::File::open(entry.path()) {
                 let _ = f.sync_all();
             }

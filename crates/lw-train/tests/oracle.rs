@@ -57,10 +57,7 @@ fn values(t: &Tensor) -> Vec<f32> {
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-    a.iter()
-        .zip(b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 fn lora_spec() -> LoraSpec {
@@ -77,7 +74,10 @@ fn check(model: &TrainModel, reference_file: &str, expect_tensors: usize) {
     let (loss, grads) = gradients(model, &load_batch(), None).unwrap();
     let want = values(&expected["loss"])[0];
     let rel = ((loss - want) / want).abs();
-    assert!(rel < 1e-5, "loss {loss} vs PyTorch {want} (relative {rel:e})");
+    assert!(
+        rel < 1e-5,
+        "loss {loss} vs PyTorch {want} (relative {rel:e})"
+    );
     assert_eq!(grads.len(), expect_tensors);
     for (name, g) in grads {
         let g = g.unwrap_or_else(|| panic!("{name} received no gradient"));

@@ -10,6 +10,7 @@ pub mod model;
 pub mod plan;
 pub mod prompts;
 pub mod run;
+pub mod synth;
 pub mod writer;
 
 pub use http::{HttpModel, HttpOptions};

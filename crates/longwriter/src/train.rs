@@ -1,0 +1,613 @@
+//! `longwriter train pretrain|sft` and `longwriter lora merge`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use lw_train::data::{steps_for_epochs, LossMode, PretrainData, SftData};
+use lw_train::model::{LoraSpec, TrainModel};
+use lw_train::train::{self, latest_checkpoint, BatchSource, OptimSpec, TrainEvent, TrainSpec};
+
+#[derive(Subcommand)]
+pub enum TrainCommand {
+    /// Pretrain a Llama-architecture model from scratch (or continue one) on
+    /// token shards made by `longwriter data tokenize`.
+    Pretrain(PretrainArgs),
+    /// Supervised fine-tuning on chat JSONL ({"messages": [...]}, the
+    /// LongWriter-6k format): assistant tokens only, packed rows, full or LoRA.
+    Sft(SftArgs),
+}
+
+#[derive(Subcommand)]
+pub enum LoraCommand {
+    /// Fold LoRA adapters (PEFT layout) into their base model and write a
+    /// complete model directory the engine loads.
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// The base model directory the adapters were trained on.
+    #[arg(long)]
+    base: PathBuf,
+    /// Directory with adapter_config.json and adapter_model.safetensors.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Settings shared by both kinds of training.
+#[derive(Args)]
+pub struct LoopArgs {
+    /// Output directory: checkpoint-NNNNNNN/, final/, loss.jsonl, loss.png.
+    #[arg(long)]
+    out: PathBuf,
+    /// Rows (sequences) per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    accum: usize,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Final learning rate of the cosine decay (default: lr / 10).
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// Linear warmup steps.
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Decoupled weight decay (matrices only).
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    /// AdamW beta2.
+    #[arg(long, default_value_t = 0.95)]
+    beta2: f64,
+    /// Clip the global gradient norm to this (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// Validation loss every N steps (0 = at the end only).
+    #[arg(long, default_value_t = 100)]
+    eval_every: u64,
+    /// Checkpoint every N steps (0 = at the end only). Ctrl-C also saves one.
+    #[arg(long, default_value_t = 200)]
+    save_every: u64,
+    /// Keep this many most recent checkpoints.
+    #[arg(long, default_value_t = 2)]
+    keep_last: usize,
+    /// Also keep checkpoints at multiples of this step (0 = none).
+    #[arg(long, default_value_t = 0)]
+    keep_every: u64,
+    /// Seed for initialisation, data order and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from a checkpoint (default: the newest in --out).
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    resume: Option<PathBuf>,
+    /// Worker threads (default: the number of physical cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// No progress bar; one line per evaluation.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+pub struct PretrainArgs {
+    /// Directory from `longwriter data tokenize` (meta.json and shards).
+    #[arg(long)]
+    data: PathBuf,
+    /// Model size preset: 1m, 3m, 5m, 10m, 25m, 50m, 100m.
+    #[arg(long, default_value = "5m", conflicts_with_all = ["config", "init"])]
+    preset: String,
+    /// A config.json to build the model from instead of a preset.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Start from this model directory's weights instead of random ones.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Tokenizer directory (default: the one meta.json names).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: u64,
+    /// Validation batches.
+    #[arg(long, default_value_t = 8)]
+    eval_batches: usize,
+    #[command(flatten)]
+    run: LoopArgs,
+}
+
+#[derive(Args)]
+pub struct SftArgs {
+    /// The model directory to fine-tune (config, weights, tokenizer with a chat template).
+    #[arg(long)]
+    model: PathBuf,
+    /// Chat JSONL: one {"messages": [{"role", "content"}, …]} per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// Tokens per packed row; longer conversations are skipped and counted.
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// Passes over the data (ignored when --steps is given).
+    #[arg(long, default_value_t = 1.0)]
+    epochs: f64,
+    /// Optimizer steps (default: from --epochs).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Loss normalisation: `sequence` (LongAlign: mean per sequence, then over
+    /// sequences) or `token` (mean over all supervised tokens).
+    #[arg(long, default_value = "sequence")]
+    loss: String,
+    /// Skip malformed lines (reported with their numbers) instead of stopping.
+    #[arg(long)]
+    skip_bad_lines: bool,
+    /// Train LoRA adapters of this rank instead of all weights (0 = full fine-tuning).
+    #[arg(long, default_value_t = 0)]
+    lora_rank: usize,
+    /// LoRA alpha (the update is scaled by alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f32,
+    /// LoRA dropout on the adapters' input.
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f32,
+    /// Comma-separated modules to adapt.
+    #[arg(
+        long,
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    lora_targets: String,
+    #[command(flatten)]
+    run: LoopArgs,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Training allocates and frees the same large activation buffers every
+/// step; served from fresh mmap'd pages each time, the kernel spends a
+/// quarter of the run zeroing pages. Keep freed memory in the heap instead.
+fn keep_freed_memory() {
+    // SAFETY: mallopt only changes allocator tunables; called before the
+    // training threads allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+fn tokenizer_files(dir: &Path) -> Vec<PathBuf> {
+    [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ]
+    .iter()
+    .map(|f| dir.join(f))
+    .filter(|p| p.exists())
+    .collect()
+}
+
+fn optim(a: &LoopArgs, lr: f64, warmup: u64) -> OptimSpec {
+    let lr = a.lr.unwrap_or(lr);
+    OptimSpec {
+        lr,
+        min_lr: a.min_lr.unwrap_or(lr / 10.0),
+        warmup_steps: a.warmup.unwrap_or(warmup),
+        beta2: a.beta2,
+        weight_decay: a.weight_decay,
+        clip: a.clip,
+        ..OptimSpec::default()
+    }
+}
+
+fn resume_dir(a: &LoopArgs) -> anyhow::Result<Option<PathBuf>> {
+    match &a.resume {
+        None => Ok(None),
+        Some(p) if p.as_os_str().is_empty() => latest_checkpoint(&a.out)
+            .map(Some)
+            .ok_or_else(|| anyhow::anyhow!("--resume: no checkpoint in {}", a.out.display())),
+        Some(p) => Ok(Some(p.clone())),
+    }
+}
+
+fn check_vocab(model: &TrainModel, tokenizer_dir: &Path) -> anyhow::Result<()> {
+    let tok = lw_engine::Tokenizer::from_dir(tokenizer_dir)?;
+    if tok.id_bound() > model.cfg.vocab_size {
+        return Err(lw_train::TrainError::VocabMismatch {
+            path: tokenizer_dir.join("tokenizer.json"),
+            tokenizer: tok.id_bound(),
+            model: model.cfg.vocab_size,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Runs the loop with a progress bar and writes final/ and the loss chart.
+fn run_loop(
+    model: &TrainModel,
+    source: &dyn BatchSource,
+    spec: &TrainSpec,
+    a: &LoopArgs,
+    tokens_per_step: u64,
+) -> anyhow::Result<()> {
+    let resume = resume_dir(a)?;
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(spec.steps);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} step {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        b
+    };
+    let quiet = a.quiet;
+    let mut last_val = None;
+    let summary = train::train(
+        model,
+        source,
+        spec,
+        resume.as_deref(),
+        &STOP,
+        &mut |e| match e {
+            TrainEvent::Step(s) => {
+                bar.set_position(s.step);
+                if s.val_loss.is_some() {
+                    last_val = s.val_loss;
+                }
+                let val = last_val.map(|v| format!(" val {v:.3}")).unwrap_or_default();
+                bar.set_message(format!(
+                    "loss {:.3}{val} lr {:.2e} {:.0} tok/s",
+                    s.loss, s.lr, s.tokens_per_s
+                ));
+                if quiet && s.val_loss.is_some() {
+                    eprintln!(
+                        "step {}/{}: loss {:.4}, validation {:.4}, {:.0} tok/s",
+                        s.step,
+                        spec.steps,
+                        s.loss,
+                        s.val_loss.unwrap_or(f32::NAN),
+                        s.tokens_per_s
+                    );
+                }
+            }
+            TrainEvent::Checkpoint(p) => bar.println(format!("saved {}", p.display())),
+            TrainEvent::Resumed { step, from } => {
+                bar.set_position(step);
+                bar.reset_eta();
+                bar.println(format!("resumed at step {step} from {}", from.display()));
+            }
+        },
+    )?;
+    bar.finish_and_clear();
+    let log = train::read_loss_log(&spec.out.join("loss.jsonl"))?;
+    let series = vec![
+        (
+            "training".to_string(),
+            log.iter().map(|s| (s.step as f64, s.loss as f64)).collect(),
+        ),
+        (
+            "validation".to_string(),
+            log.iter()
+                .filter_map(|s| Some((s.step as f64, s.val_loss? as f64)))
+                .collect(),
+        ),
+    ];
+    lw_eval::report::line_chart(&spec.out, "loss", "Loss", "step", "loss", &series)?;
+    if summary.interrupted {
+        eprintln!(
+            "interrupted at step {}; continue with the same command and --resume ({})",
+            summary.steps_done,
+            summary
+                .last_checkpoint
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let final_dir = spec.out.join("final");
+    train::save_model(model, &final_dir, &spec.extra_files)?;
+    let _ = tokens_per_step;
+    eprintln!(
+        "done: {} steps, loss {:.4}{}; model in {}",
+        summary.steps_done,
+        summary.final_loss.unwrap_or(f32::NAN),
+        summary
+            .val_loss
+            .map(|v| format!(", validation loss {v:.4}"))
+            .unwrap_or_default(),
+        final_dir.display()
+    );
+    Ok(())
+}
+
+pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<()> {
+    lw_model::set_threads(a.run.threads.unwrap_or_else(lw_model::default_threads));
+    keep_freed_memory();
+    let mut data = PretrainData::open(&a.data, a.run.batch, a.seq_len, a.run.seed)?;
+    data.val_batches = a.eval_batches;
+    let tokenizer = a
+        .tokenizer
+        .clone()
+        .or_else(|| data.tokenizer.clone())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}/meta.json names no tokenizer; pass --tokenizer",
+                a.data.display()
+            )
+        })?;
+    let tok = lw_engine::Tokenizer::from_dir(&tokenizer)?;
+    let bos = tok.bos_token().and_then(|t| tok.token_id(t));
+    let eos = tok.eos_token().and_then(|t| tok.token_id(t));
+    let model = if let Some(dir) = &a.init {
+        TrainModel::load(dir, None, a.run.seed)?
+    } else {
+        let json = match &a.config {
+            Some(p) => serde_json::from_str(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("{}: not JSON", p.display()))?,
+            None => lw_train::presets::preset_config(
+                &a.preset,
+                tok.id_bound(),
+                a.seq_len.max(2048),
+                bos,
+                eos,
+            )
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "unknown preset \"{}\" (known: {})",
+                    a.preset,
+                    lw_train::presets::preset_names().join(", ")
+                )
+            })?,
+        };
+        let cfg = lw_model::ModelConfig::from_json(&json.to_string())
+            .map_err(|e| anyhow::anyhow!("model config: {e}"))?;
+        TrainModel::init(cfg, json, a.run.seed)?
+    };
+    check_vocab(&model, &tokenizer)?;
+    let spec = TrainSpec {
+        steps: a.steps,
+        accum: a.run.accum,
+        optim: optim(&a.run, 1e-3, (a.steps / 20).clamp(1, 500)),
+        seed: a.run.seed,
+        eval_every: a.run.eval_every,
+        save_every: a.run.save_every,
+        keep_last: a.run.keep_last,
+        keep_every: a.run.keep_every,
+        out: a.run.out.clone(),
+        extra_files: tokenizer_files(&tokenizer),
+        kind: "pretrain".into(),
+    };
+    let per_step = (a.run.batch * a.seq_len * a.run.accum) as u64;
+    eprintln!(
+        "model: {:.2}M parameters ({} layers, hidden {}); data: {} training tokens; {} steps × {} tokens = {:.1}M tokens",
+        model.cfg.parameter_count() as f64 / 1e6,
+        model.cfg.num_layers,
+        model.cfg.hidden_size,
+        data.train_tokens(),
+        a.steps,
+        per_step,
+        (a.steps * per_step) as f64 / 1e6
+    );
+    run_loop(&model, &data, &spec, &a.run, per_step)
+}
+
+pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
+    lw_model::set_threads(a.run.threads.unwrap_or_else(lw_model::default_threads));
+    keep_freed_memory();
+    let mode = match a.loss.as_str() {
+        "sequence" | "longalign" => LossMode::SequenceMean,
+        "token" => LossMode::TokenMean,
+        other => anyhow::bail!("--loss must be `sequence` or `token`, not \"{other}\""),
+    };
+    let lora = (a.lora_rank > 0).then(|| LoraSpec {
+        rank: a.lora_rank,
+        alpha: a.lora_alpha,
+        dropout: a.lora_dropout,
+        targets: a
+            .lora_targets
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+    });
+    let model = TrainModel::load(&a.model, lora, a.run.seed)?;
+    check_vocab(&model, &a.model)?;
+    let tok = lw_engine::Tokenizer::from_dir(&a.model)?;
+    let (convs, bad) = lw_train::read_conversations(&a.data, a.skip_bad_lines)?;
+    for b in bad.iter().take(10) {
+        eprintln!(
+            "{}, line {}: skipped: {}",
+            a.data.display(),
+            b.line,
+            b.reason
+        );
+    }
+    if bad.len() > 10 {
+        eprintln!("… {} more lines skipped", bad.len() - 10);
+    }
+    let mut seqs = Vec::with_capacity(convs.len());
+    for (i, c) in convs.iter().enumerate() {
+        seqs.push(
+            lw_train::tokenize_conversation(&tok, c).map_err(|e| {
+                anyhow::anyhow!("{}: conversation {}: {e}", a.data.display(), i + 1)
+            })?,
+        );
+    }
+    let data = SftData::pack(seqs, a.seq_len, a.run.batch, mode, a.run.seed)?;
+    let st = &data.stats;
+    eprintln!(
+        "data: {} conversations ({} skipped as malformed, {} longer than {} tokens) packed into {} rows of {} ({} tokens, {} supervised)",
+        st.sequences,
+        bad.len(),
+        st.too_long,
+        a.seq_len,
+        st.rows,
+        a.seq_len,
+        st.tokens,
+        st.supervised
+    );
+    let steps = a
+        .steps
+        .unwrap_or_else(|| steps_for_epochs(data.train_rows(), a.run.batch, a.run.accum, a.epochs));
+    let spec = TrainSpec {
+        steps,
+        accum: a.run.accum,
+        optim: optim(
+            &a.run,
+            if model.lora().is_some() { 2e-4 } else { 2e-5 },
+            (steps / 20).max(1),
+        ),
+        seed: a.run.seed,
+        eval_every: a.run.eval_every,
+        save_every: a.run.save_every,
+        keep_last: a.run.keep_last,
+        keep_every: a.run.keep_every,
+        out: a.run.out.clone(),
+        extra_files: tokenizer_files(&a.model),
+        kind: "sft".into(),
+    };
+    eprintln!(
+        "{} trainable values ({}); {steps} steps",
+        model.trainable_count(),
+        match model.lora() {
+            Some(l) => format!("LoRA rank {} on {}", l.rank, l.targets.join(",")),
+            None => "all weights".into(),
+        }
+    );
+    run_loop(
+        &model,
+        &data,
+        &spec,
+        &a.run,
+        (a.run.batch * a.seq_len) as u64,
+    )
+}
+
+pub fn merge(a: &MergeArgs) -> anyhow::Result<()> {
+    let s = lw_train::lora::merge(&a.base, &a.adapter, &a.out)?;
+    eprintln!(
+        "merged {} adapted matrices into {} ({} weights)",
+        s.merged_modules,
+        a.out.display(),
+        s.dtype
+    );
+    Ok(())
+}
+
+fn range_arg(s: &str, flag: &str) -> anyhow::Result<(usize, usize)> {
+    let parse = |x: &str| x.trim().parse::<usize>().ok();
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (parse(a), parse(b)),
+        None => (parse(s), parse(s)),
+    };
+    match (lo, hi) {
+        (Some(lo), Some(hi)) if lo >= 1 && lo <= hi => Ok((lo, hi)),
+        _ => anyhow::bail!("{flag} must be MIN-MAX with 1 <= MIN <= MAX, not \"{s}\""),
+    }
+}
+
+/// The texts of a corpus file: a .jsonl file's "text" fields joined by blank
+/// lines, any other file whole.
+fn corpus_text(path: &Path) -> anyhow::Result<String> {
+    let raw =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "jsonl") {
+        let mut parts = Vec::new();
+        for (i, line) in raw.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}, line {}: not JSON", path.display(), i + 1))?;
+            if let Some(t) = v.get("text").and_then(|t| t.as_str()) {
+                parts.push(t.to_string());
+            }
+        }
+        Ok(parts.join("\n\n"))
+    } else {
+        Ok(raw)
+    }
+}
+
+pub fn data_synth(
+    files: &[PathBuf],
+    out: &Path,
+    max_documents: Option<usize>,
+    paragraphs: &str,
+    words: &str,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let (min_paragraphs, max_paragraphs) = range_arg(paragraphs, "--paragraphs")?;
+    let (min_words, max_words) = range_arg(words, "--words")?;
+    let opts = lw_write::synth::SynthOptions {
+        min_paragraphs,
+        max_paragraphs,
+        min_words,
+        max_words,
+    };
+    let mut docs = Vec::new();
+    for f in files {
+        let text = corpus_text(f)?;
+        let found = lw_write::synth::documents(&text, &opts, seed as usize);
+        eprintln!("{}: {} documents", f.display(), found.len());
+        docs.extend(found);
+    }
+    lw_train::Rng::derive(seed, 7, 0).shuffle(&mut docs);
+    if let Some(n) = max_documents {
+        docs.truncate(n);
+    }
+    if docs.is_empty() {
+        anyhow::bail!(
+            "no documents: no run of {min_paragraphs}+ paragraphs of {min_words}-{max_words} words"
+        );
+    }
+    let mut text = String::new();
+    let mut conversations = 0;
+    for d in &docs {
+        for (i, (user, assistant)) in d.turns().into_iter().enumerate() {
+            let line = serde_json::json!({
+                "messages": [
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": assistant},
+                ],
+                "kind": if i == 0 { "plan" } else { "write" },
+                "language": d.language.code(),
+            });
+            text.push_str(&line.to_string());
+            text.push('\n');
+            conversations += 1;
+        }
+    }
+    lw_write::run::write_atomic(out, text.as_bytes())
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "{} documents, {conversations} conversations: {}",
+        docs.len(),
+        out.display()
+    );
+    Ok(())
+}
