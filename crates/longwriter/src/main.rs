@@ -206,10 +206,14 @@ struct CountArgs {
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     /// Model: a Hugging Face model directory (config.json, *.safetensors,
-    /// tokenizer.json) or a hub id such as `Qwen/Qwen2.5-0.5B-Instruct`,
-    /// downloaded into the Hugging Face cache (HF_HOME).
+    /// tokenizer.json), a hub id such as `Qwen/Qwen2.5-0.5B-Instruct`
+    /// (downloaded into the Hugging Face cache, HF_HOME), or `tiny` (the toy
+    /// model shipped in models/longwriter-tiny, for offline tries).
     #[arg(long, short = 'm', env = "LONGWRITER_MODEL")]
     pub model: String,
+    /// Fall back to the shipped tiny model when the hub cannot be reached.
+    #[arg(skip)]
+    pub fallback_to_tiny: bool,
     /// Dtype to hold the weights in; activations are computed in f32.
     /// Default: the checkpoint's own (f32, f16 or bf16).
     #[arg(long, value_enum)]

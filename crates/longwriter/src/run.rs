@@ -13,7 +13,15 @@ use crate::{ModelArgs, SamplingArgs, WeightDtype};
 
 pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
     lw_model::set_threads(m.threads.unwrap_or_else(lw_model::default_threads));
-    let dir = lw_engine::resolve_model(&m.model)?;
+    let dir = if m.fallback_to_tiny {
+        let (dir, warning) = lw_engine::resolve_model_or_tiny(&m.model)?;
+        if let Some(w) = warning {
+            eprintln!("warning: {w}");
+        }
+        dir
+    } else {
+        lw_engine::resolve_model(&m.model)?
+    };
     let started = Instant::now();
     let opts = LoadOptions {
         dtype: m.dtype.map(|d| match d {

@@ -18,13 +18,11 @@ use crate::{ModelArgs, WeightDtype};
 /// The local engine (`--model`) or an OpenAI-compatible server (`--api-base`).
 #[derive(Args)]
 pub(crate) struct BackendArgs {
-    /// Local model: a Hugging Face model directory or a hub id (org/name).
-    #[arg(
-        long,
-        short = 'm',
-        env = "LONGWRITER_MODEL",
-        required_unless_present = "api_base"
-    )]
+    /// Local model: a Hugging Face model directory, a hub id (org/name), or
+    /// `tiny` (the toy model shipped in models/longwriter-tiny). Default:
+    /// Qwen/Qwen2.5-0.5B-Instruct, or `tiny` with a warning when the hub
+    /// cannot be reached.
+    #[arg(long, short = 'm', env = "LONGWRITER_MODEL")]
     model: Option<String>,
     /// Dtype to hold local weights in (default: the checkpoint's own).
     #[arg(long, value_enum)]
@@ -95,7 +93,8 @@ impl BackendArgs {
             model: self
                 .model
                 .clone()
-                .ok_or_else(|| anyhow::anyhow!("pass --model or --api-base"))?,
+                .unwrap_or_else(|| lw_engine::DEFAULT_MODEL.to_string()),
+            fallback_to_tiny: self.model.is_none(),
             dtype: self.dtype,
             threads: self.threads,
             prefill_chunk: self.prefill_chunk,

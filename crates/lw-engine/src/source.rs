@@ -14,8 +14,42 @@ const FILES: &[(&str, bool)] = &[
     ("generation_config.json", false),
 ];
 
+/// Names of the small model shipped in the repository (`models/longwriter-tiny`).
+pub const TINY_NAMES: &[&str] = &["tiny", "longwriter-tiny"];
+
+/// The model `write` uses when none is named: small enough for a laptop CPU.
+/// When the hub cannot be reached it falls back to the shipped tiny model.
+pub const DEFAULT_MODEL: &str = "Qwen/Qwen2.5-0.5B-Instruct";
+
+/// The shipped tiny model's directory: `$LONGWRITER_TINY_DIR`, then
+/// `models/longwriter-tiny` under the working directory, beside the
+/// executable's checkout (`target/release/..`), or in the source tree the
+/// binary was built from.
+pub fn shipped_tiny() -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(d) = std::env::var_os("LONGWRITER_TINY_DIR") {
+        candidates.push(PathBuf::from(d));
+    }
+    candidates.push(PathBuf::from("models/longwriter-tiny"));
+    if let Ok(exe) = std::env::current_exe() {
+        for up in exe.ancestors().skip(1).take(4) {
+            candidates.push(up.join("models/longwriter-tiny"));
+        }
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/longwriter-tiny"));
+    candidates
+        .into_iter()
+        .find(|d| d.join("config.json").is_file())
+}
+
 /// Resolves `--model` to a local directory, downloading it when it is a hub id.
+/// `tiny` names the shipped model.
 pub fn resolve_model(spec: &str) -> Result<PathBuf, EngineError> {
+    if TINY_NAMES.contains(&spec) && !Path::new(spec).exists() {
+        return shipped_tiny().ok_or_else(|| EngineError::ModelNotFound {
+            model: format!("{spec} (models/longwriter-tiny is not beside this binary; set LONGWRITER_TINY_DIR)"),
+        });
+    }
     let path = Path::new(spec);
     if path.exists() {
         if path
@@ -63,6 +97,12 @@ fn download(id: &str) -> Result<PathBuf, EngineError> {
             hub_err("HF_HUB_OFFLINE is set and the model is not in the local cache".into())
         });
     }
+    if let Some(dir) = from_cache(id).filter(|d| {
+        d.join("model.safetensors").exists() || d.join("model.safetensors.index.json").exists()
+    }) {
+        return Ok(dir);
+    }
+    reachable().map_err(hub_err)?;
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(true)
         .build()
@@ -93,6 +133,61 @@ fn download(id: &str) -> Result<PathBuf, EngineError> {
         }
     }
     Ok(dir)
+}
+
+/// A quick check that the hub's host accepts connections, so an unreachable
+/// hub fails in seconds rather than after the system's connect timeout.
+fn reachable() -> Result<(), String> {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let endpoint =
+        std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".to_string());
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint.as_str(), |(_, r)| r);
+    let host = rest.split('/').next().unwrap_or(rest);
+    let with_port = if host.contains(':') {
+        host.to_string()
+    } else if endpoint.starts_with("http://") {
+        format!("{host}:80")
+    } else {
+        format!("{host}:443")
+    };
+    let addrs = with_port
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    let mut last = format!("no address for {host}");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, std::time::Duration::from_secs(5)) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = format!("cannot connect to {endpoint}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// `resolve_model`, falling back to the shipped tiny model when `spec` is a
+/// hub id that cannot be fetched. The second value is the warning to show.
+pub fn resolve_model_or_tiny(spec: &str) -> Result<(PathBuf, Option<String>), EngineError> {
+    match resolve_model(spec) {
+        Ok(dir) => Ok((dir, None)),
+        Err(e @ EngineError::Hub { .. }) => match shipped_tiny() {
+            Some(dir) => {
+                let reason = match &e {
+                    EngineError::Hub { reason, .. } => reason.clone(),
+                    _ => unreachable!("matched above"),
+                };
+                Ok((
+                    dir.clone(),
+                    Some(format!(
+                        "could not fetch {spec} from the Hugging Face hub ({reason}); using the shipped toy model {} instead — its text is not useful writing. Pass --model DIR or --api-base URL for a real model.",
+                        dir.display()
+                    )),
+                ))
+            }
+            None => Err(e),
+        },
+        Err(e) => Err(e),
+    }
 }
 
 /// The snapshot directory of a cached model, if its config is there.
