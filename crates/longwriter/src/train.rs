@@ -85,8 +85,8 @@ pub struct LoopArgs {
     /// Seed for initialisation, data order and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Continue from a checkpoint (default: the newest in --out).
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    /// Continue from a checkpoint directory; alone (or `latest`): the newest in --out.
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
     resume: Option<PathBuf>,
     /// Worker threads (default: the number of physical cores).
     #[arg(long)]
@@ -216,7 +216,7 @@ fn optim(a: &LoopArgs, lr: f64, warmup: u64) -> OptimSpec {
 fn resume_dir(a: &LoopArgs) -> anyhow::Result<Option<PathBuf>> {
     match &a.resume {
         None => Ok(None),
-        Some(p) if p.as_os_str().is_empty() => latest_checkpoint(&a.out)
+        Some(p) if p.as_os_str() == "latest" => latest_checkpoint(&a.out)
             .map(Some)
             .ok_or_else(|| anyhow::anyhow!("--resume: no checkpoint in {}", a.out.display())),
         Some(p) => Ok(Some(p.clone())),
@@ -262,6 +262,13 @@ fn run_loop(
         b
     };
     let quiet = a.quiet;
+    let say = |line: String| {
+        if quiet {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
     let mut last_val = None;
     let summary = train::train(
         model,
@@ -291,11 +298,11 @@ fn run_loop(
                     );
                 }
             }
-            TrainEvent::Checkpoint(p) => bar.println(format!("saved {}", p.display())),
+            TrainEvent::Checkpoint(p) => say(format!("saved {}", p.display())),
             TrainEvent::Resumed { step, from } => {
                 bar.set_position(step);
                 bar.reset_eta();
-                bar.println(format!("resumed at step {step} from {}", from.display()));
+                say(format!("resumed at step {step} from {}", from.display()));
             }
         },
     )?;

@@ -48,6 +48,10 @@ fn every_subcommand_has_help() {
         &["eval", "ruler", "--help"],
         &["eval", "report", "--help"],
         &["tokenizer", "train", "--help"],
+        &["train", "pretrain", "--help"],
+        &["train", "sft", "--help"],
+        &["lora", "merge", "--help"],
+        &["data", "synth", "--help"],
         &["data", "tokenize", "--help"],
     ] {
         let out = longwriter(sub);

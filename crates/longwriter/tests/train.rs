@@ -1,0 +1,521 @@
+//! `longwriter tokenizer train` → `data tokenize` → `train pretrain` (with
+//! Ctrl-C and `--resume`) → `generate`; `data synth` → `train sft` (full and
+//! LoRA) → `lora merge` → `generate`; and the errors of bad training input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{root, scratch, tiny_model};
+use serde_json::json;
+
+fn longwriter(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args(args)
+        .env_remove("LONGWRITER_MODEL")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = longwriter(args);
+    assert!(
+        out.status.success(),
+        "longwriter {args:?} failed:\n{}",
+        text(&out.stderr)
+    );
+    text(&out.stderr)
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = longwriter(args);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "longwriter {args:?} should fail");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Sentences from a small grammar: enough structure to learn quickly.
+fn corpus(dir: &Path) -> PathBuf {
+    let subjects = [
+        "The river",
+        "A small boat",
+        "The old miller",
+        "Her sister",
+        "The north wind",
+    ];
+    let verbs = ["carried", "followed", "remembered", "crossed", "warmed"];
+    let objects = [
+        "the valley.",
+        "the stone bridge.",
+        "a quiet song.",
+        "the morning light.",
+        "the long road home.",
+    ];
+    let mut s = String::new();
+    let mut docs = Vec::new();
+    for i in 0..1500 {
+        s.push_str(&format!(
+            "{} {} {}",
+            subjects[i % 5],
+            verbs[(i / 5) % 5],
+            objects[(i / 25) % 5]
+        ));
+        s.push(if i % 4 == 3 { '\n' } else { ' ' });
+        if i % 12 == 11 {
+            docs.push(json!({ "text": std::mem::take(&mut s) }).to_string());
+        }
+    }
+    // One document per line, so some go to validation.
+    let f = dir.join("corpus.jsonl");
+    std::fs::write(&f, docs.join("\n")).unwrap();
+    f
+}
+
+fn tiny_config(dir: &Path, vocab: usize) -> PathBuf {
+    let cfg = json!({
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "tie_word_embeddings": true, "eos_token_id": 0,
+    });
+    let f = dir.join(format!("config-{vocab}.json"));
+    std::fs::write(&f, cfg.to_string()).unwrap();
+    f
+}
+
+fn loss_lines(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("loss.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn pretrain_survives_ctrl_c_resumes_exactly_and_the_model_generates() {
+    let d = scratch("pretrain");
+    let corpus = corpus(&d);
+    let tok = d.join("tok");
+    ok(&[
+        "tokenizer",
+        "train",
+        p(&corpus),
+        "--out",
+        p(&tok),
+        "--vocab-size",
+        "300",
+    ]);
+    let shards = d.join("shards");
+    ok(&[
+        "data",
+        "tokenize",
+        p(&corpus),
+        "--tokenizer",
+        p(&tok),
+        "--out",
+        p(&shards),
+        "--val-fraction",
+        "0.2",
+    ]);
+    // The tokenizer has 300 entries: a 64-row embedding is refused.
+    let small = tiny_config(&d, 64);
+    let e = fails(&[
+        "train",
+        "pretrain",
+        "--data",
+        p(&shards),
+        "--config",
+        p(&small),
+        "--out",
+        p(&d.join("x")),
+        "--steps",
+        "2",
+    ]);
+    assert!(
+        e.contains("vocab_size") && e.contains("tokenizer.json"),
+        "{e}"
+    );
+
+    let cfg = tiny_config(&d, 320);
+    let common = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "pretrain",
+            "--data",
+            p(&shards),
+            "--config",
+            p(&cfg),
+            "--out",
+            p(out),
+            "--seq-len",
+            "32",
+            "--batch",
+            "4",
+            "--steps",
+            "300",
+            "--lr",
+            "1e-2",
+            "--warmup",
+            "10",
+            "--eval-every",
+            "50",
+            "--save-every",
+            "100",
+            "--threads",
+            "1",
+            "--quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let a = d.join("a");
+    let args: Vec<String> = common(&a);
+    let err = ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("validation loss"), "{err}");
+    assert!(a.join("final/model.safetensors").exists() && a.join("final/tokenizer.json").exists());
+    assert!(a.join("loss.png").exists() && a.join("loss.svg").exists());
+    // keep-last 2: the step-300 and step-200 checkpoints.
+    let mut kept: Vec<String> = std::fs::read_dir(&a)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, vec!["checkpoint-0000200", "checkpoint-0000300"]);
+    let la = loss_lines(&a);
+    let first = la[0]["loss"].as_f64().unwrap();
+    let val = la.last().unwrap()["val_loss"].as_f64().unwrap();
+    assert!(
+        val < first / 3.0,
+        "validation loss {val} vs first training loss {first}"
+    );
+
+    // Ctrl-C part-way, then --resume: the same losses as the uninterrupted run.
+    let b = d.join("b");
+    let child = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args(common(&b))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while loss_lines(&b).len() < 120 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "training made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("interrupted at step"), "{err}");
+    let stopped = loss_lines(&b).len();
+    assert!(stopped < 300, "stopped at {stopped}");
+    assert!(b
+        .join(format!("checkpoint-{stopped:07}/optimizer.safetensors"))
+        .exists());
+    assert!(!b.join("final").exists());
+    let mut resumed = common(&b);
+    resumed.push("--resume".into());
+    let err = ok(&resumed.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains(&format!("resumed at step {stopped}")), "{err}");
+    let lb = loss_lines(&b);
+    assert_eq!(lb.len(), 300);
+    for (x, y) in la.iter().zip(&lb) {
+        for k in ["step", "loss", "grad_norm", "tokens", "val_loss"] {
+            assert_eq!(x.get(k), y.get(k), "{k} differs at step {}", x["step"]);
+        }
+    }
+    // The engine loads and runs the trained model.
+    let out = longwriter(&[
+        "generate",
+        "--model",
+        p(&b.join("final")),
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--threads",
+        "1",
+        "The river",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).trim().is_empty());
+}
+
+fn chat_line(user: &str, answer: &str) -> String {
+    json!({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}).to_string()
+}
+
+#[test]
+fn sft_full_and_lora_then_merge_gives_a_model_the_engine_runs() {
+    let d = scratch("sft");
+    let data = d.join("chat.jsonl");
+    let lines: Vec<String> = (0..12)
+        .map(|i| chat_line(&format!("Say {i}."), &format!("Here is {i}, as asked.")))
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let model = tiny_model();
+    let full = d.join("full");
+    let err = ok(&[
+        "train",
+        "sft",
+        "--model",
+        p(&model),
+        "--data",
+        p(&data),
+        "--out",
+        p(&full),
+        "--seq-len",
+        "96",
+        "--batch",
+        "2",
+        "--steps",
+        "3",
+        "--threads",
+        "1",
+        "--quiet",
+    ]);
+    assert!(err.contains("12 conversations"), "{err}");
+    assert!(
+        full.join("final/model.safetensors").exists()
+            && full.join("final/tokenizer_config.json").exists()
+    );
+    let lora = d.join("lora");
+    let err = ok(&[
+        "train",
+        "sft",
+        "--model",
+        p(&model),
+        "--data",
+        p(&data),
+        "--out",
+        p(&lora),
+        "--seq-len",
+        "96",
+        "--batch",
+        "2",
+        "--steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--lora-rank",
+        "4",
+        "--lora-targets",
+        "q_proj,v_proj",
+        "--threads",
+        "1",
+        "--quiet",
+    ]);
+    assert!(err.contains("LoRA rank 4"), "{err}");
+    let adapter = lora.join("final");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    let merged = d.join("merged");
+    let err = ok(&[
+        "lora",
+        "merge",
+        "--base",
+        p(&model),
+        "--adapter",
+        p(&adapter),
+        "--out",
+        p(&merged),
+    ]);
+    assert!(err.contains("merged 4 adapted matrices"), "{err}");
+    for m in [&full.join("final"), &merged] {
+        let out = longwriter(&[
+            "generate",
+            "--model",
+            p(m),
+            "--chat",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--threads",
+            "1",
+            "Say 3.",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn bad_sft_input_is_reported_and_skippable() {
+    let d = scratch("sft-bad");
+    let data = d.join("chat.jsonl");
+    let long = "word ".repeat(400);
+    let lines = [
+        chat_line("Hi.", "Hello."),
+        "{broken".to_string(),
+        json!({"messages": [{"role": "user", "content": "no answer"}]}).to_string(),
+        chat_line("Tell me everything.", &long),
+        chat_line("Bye.", "Goodbye."),
+    ];
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let model = tiny_model();
+    let out = d.join("out");
+    let base = [
+        "train",
+        "sft",
+        "--model",
+        p(&model),
+        "--data",
+        p(&data),
+        "--out",
+        p(&out),
+        "--seq-len",
+        "64",
+        "--batch",
+        "1",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+        "--quiet",
+    ];
+    let e = fails(&base);
+    assert!(
+        e.contains("chat.jsonl, line 2") && e.contains("not JSON"),
+        "{e}"
+    );
+    let mut skip = base.to_vec();
+    skip.push("--skip-bad-lines");
+    let err = ok(&skip);
+    assert!(err.contains("line 2: skipped"), "{err}");
+    assert!(
+        err.contains("line 3: skipped: the conversation has no assistant turn"),
+        "{err}"
+    );
+    assert!(
+        err.contains("2 conversations (2 skipped as malformed, 1 longer than 64 tokens)"),
+        "{err}"
+    );
+    let e = fails(&[
+        "train",
+        "sft",
+        "--model",
+        p(&model),
+        "--data",
+        p(&d.join("missing.jsonl")),
+        "--out",
+        p(&out),
+    ]);
+    assert!(e.contains("missing.jsonl"), "{e}");
+    let e = fails(&[
+        "train",
+        "sft",
+        "--model",
+        p(&model),
+        "--data",
+        p(&data),
+        "--out",
+        p(&out),
+        "--skip-bad-lines",
+        "--lora-rank",
+        "2",
+        "--lora-targets",
+        "qq_proj",
+    ]);
+    assert!(e.contains("qq_proj"), "{e}");
+    let e = fails(&[
+        "lora",
+        "merge",
+        "--base",
+        p(&model),
+        "--adapter",
+        p(&d),
+        "--out",
+        p(&d.join("m")),
+    ]);
+    assert!(e.contains("adapter_config.json"), "{e}");
+}
+
+#[test]
+fn synthetic_agentwrite_data_trains() {
+    let d = scratch("synth");
+    let paras: Vec<String> = (0..20)
+        .map(|i| {
+            format!(
+                "Chapter part {i} begins by the water. {}",
+                "The boat moved slowly past the reeds and the mill. ".repeat(3)
+            )
+        })
+        .collect();
+    let src = d.join("book.txt");
+    std::fs::write(&src, paras.join("\n\n")).unwrap();
+    let out = d.join("synth.jsonl");
+    let err = ok(&[
+        "data",
+        "synth",
+        p(&src),
+        "--out",
+        p(&out),
+        "--paragraphs",
+        "3-4",
+    ]);
+    assert!(err.contains("conversations"), "{err}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let plans = lines.iter().filter(|l| l["kind"] == "plan").count();
+    assert!(plans >= 4, "{plans} documents");
+    assert!(lines[0]["messages"][1]["content"]
+        .as_str()
+        .unwrap()
+        .contains("Word Count:"));
+    let e = fails(&[
+        "data",
+        "synth",
+        p(&src),
+        "--out",
+        p(&out),
+        "--paragraphs",
+        "5-2",
+    ]);
+    assert!(e.contains("--paragraphs"), "{e}");
+    let train = d.join("train");
+    ok(&[
+        "train",
+        "sft",
+        "--model",
+        p(&tiny_model()),
+        "--data",
+        p(&out),
+        "--out",
+        p(&train),
+        "--seq-len",
+        "4096",
+        "--batch",
+        "1",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+        "--quiet",
+    ]);
+    assert!(train.join("final/model.safetensors").exists());
+    let _ = root();
+}
