@@ -242,7 +242,6 @@ fn run_loop(
     source: &dyn BatchSource,
     spec: &TrainSpec,
     a: &LoopArgs,
-    tokens_per_step: u64,
 ) -> anyhow::Result<()> {
     let resume = resume_dir(a)?;
     // SAFETY: the handler only stores to an atomic.
@@ -335,16 +334,22 @@ fn run_loop(
     }
     let final_dir = spec.out.join("final");
     train::save_model(model, &final_dir, &spec.extra_files)?;
-    let _ = tokens_per_step;
+    let what = match model.lora() {
+        Some(_) => format!(
+            "LoRA adapters in {} (merge them with `longwriter lora merge --base MODEL --adapter {} --out DIR`)",
+            final_dir.display(),
+            final_dir.display()
+        ),
+        None => format!("model in {}", final_dir.display()),
+    };
     eprintln!(
-        "done: {} steps, loss {:.4}{}; model in {}",
+        "done: {} steps, loss {:.4}{}; {what}",
         summary.steps_done,
         summary.final_loss.unwrap_or(f32::NAN),
         summary
             .val_loss
             .map(|v| format!(", validation loss {v:.4}"))
             .unwrap_or_default(),
-        final_dir.display()
     );
     Ok(())
 }
@@ -419,7 +424,7 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<()> {
         per_step,
         (a.steps * per_step) as f64 / 1e6
     );
-    run_loop(&model, &data, &spec, &a.run, per_step)
+    run_loop(&model, &data, &spec, &a.run)
 }
 
 pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
@@ -505,13 +510,7 @@ pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
             None => "all weights".into(),
         }
     );
-    run_loop(
-        &model,
-        &data,
-        &spec,
-        &a.run,
-        (a.run.batch * a.seq_len) as u64,
-    )
+    run_loop(&model, &data, &spec, &a.run)
 }
 
 pub fn merge(a: &MergeArgs) -> anyhow::Result<()> {

@@ -151,6 +151,9 @@ pub struct StepLog {
     /// Tokens fed so far (padding excluded).
     pub tokens: u64,
     pub tokens_per_s: f64,
+    /// Seconds since this process started training (a resumed run restarts at 0).
+    #[serde(default)]
+    pub elapsed_s: f64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub val_loss: Option<f32>,
 }
@@ -182,13 +185,15 @@ struct TrainerState {
     kind: String,
 }
 
-/// Runs one forward and backward pass and returns the loss and each trainable
-/// tensor's gradient (`None` where no gradient reached it).
+/// Each trainable tensor's name and gradient (`None` where none reached it).
+pub type Gradients = Vec<(String, Option<Vec<f32>>)>;
+
+/// Runs one forward and backward pass and returns the loss and the gradients.
 pub fn gradients(
     model: &TrainModel,
     batch: &Batch,
     dropout: Option<Rng>,
-) -> Result<(f32, Vec<(String, Option<Vec<f32>>)>), TrainError> {
+) -> Result<(f32, Gradients), TrainError> {
     let loss = model.loss(batch, dropout)?;
     let value = loss.to_scalar::<f32>()?;
     let grads = loss.backward()?;
@@ -565,6 +570,7 @@ pub fn train(
             grad_norm: norm as f32,
             tokens: run.tokens,
             tokens_per_s: (run.tokens - tokens_at_start) as f64 / elapsed,
+            elapsed_s: elapsed,
             val_loss,
         };
         let line = serde_json::to_string(&entry).expect("log entry serializes");
