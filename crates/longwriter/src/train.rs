@@ -200,6 +200,30 @@ fn tokenizer_files(dir: &Path) -> Vec<PathBuf> {
     .collect()
 }
 
+impl LoopArgs {
+    fn spec(
+        &self,
+        steps: u64,
+        optim: OptimSpec,
+        extra_files: Vec<PathBuf>,
+        kind: &str,
+    ) -> TrainSpec {
+        TrainSpec {
+            steps,
+            accum: self.accum,
+            optim,
+            seed: self.seed,
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+            keep_last: self.keep_last,
+            keep_every: self.keep_every,
+            out: self.out.clone(),
+            extra_files,
+            kind: kind.into(),
+        }
+    }
+}
+
 fn optim(a: &LoopArgs, lr: f64, warmup: u64) -> OptimSpec {
     let lr = a.lr.unwrap_or(lr);
     OptimSpec {
@@ -400,19 +424,12 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<()> {
         TrainModel::init(cfg, json, a.run.seed)?
     };
     check_vocab(&model, &tokenizer)?;
-    let spec = TrainSpec {
-        steps: a.steps,
-        accum: a.run.accum,
-        optim: optim(&a.run, 1e-3, (a.steps / 20).clamp(1, 500)),
-        seed: a.run.seed,
-        eval_every: a.run.eval_every,
-        save_every: a.run.save_every,
-        keep_last: a.run.keep_last,
-        keep_every: a.run.keep_every,
-        out: a.run.out.clone(),
-        extra_files: tokenizer_files(&tokenizer),
-        kind: "pretrain".into(),
-    };
+    let spec = a.run.spec(
+        a.steps,
+        optim(&a.run, 1e-3, (a.steps / 20).clamp(1, 500)),
+        tokenizer_files(&tokenizer),
+        "pretrain",
+    );
     let per_step = (a.run.batch * a.seq_len * a.run.accum) as u64;
     eprintln!(
         "model: {:.2}M parameters ({} layers, hidden {}); data: {} training tokens; {} steps × {} tokens = {:.1}M tokens",
@@ -485,23 +502,13 @@ pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
     let steps = a
         .steps
         .unwrap_or_else(|| steps_for_epochs(data.train_rows(), a.run.batch, a.run.accum, a.epochs));
-    let spec = TrainSpec {
+    let lr = if model.lora().is_some() { 2e-4 } else { 2e-5 };
+    let spec = a.run.spec(
         steps,
-        accum: a.run.accum,
-        optim: optim(
-            &a.run,
-            if model.lora().is_some() { 2e-4 } else { 2e-5 },
-            (steps / 20).max(1),
-        ),
-        seed: a.run.seed,
-        eval_every: a.run.eval_every,
-        save_every: a.run.save_every,
-        keep_last: a.run.keep_last,
-        keep_every: a.run.keep_every,
-        out: a.run.out.clone(),
-        extra_files: tokenizer_files(&a.model),
-        kind: "sft".into(),
-    };
+        optim(&a.run, lr, (steps / 20).max(1)),
+        tokenizer_files(&a.model),
+        "sft",
+    );
     eprintln!(
         "{} trainable values ({}); {steps} steps",
         model.trainable_count(),

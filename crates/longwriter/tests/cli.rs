@@ -1,12 +1,11 @@
 //! The `longwriter` binary as a user runs it: real processes, real files.
 
+mod common;
+
+use common::{longwriter, root, text};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn model(name: &str) -> String {
     root()
@@ -14,18 +13,6 @@ fn model(name: &str) -> String {
         .join(name)
         .display()
         .to_string()
-}
-
-fn longwriter(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_longwriter"))
-        .args(args)
-        .env_remove("LONGWRITER_MODEL")
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn fixture(name: &str) -> serde_json::Value {
@@ -419,4 +406,56 @@ fn tokenizer_train_writes_a_loadable_tokenizer_and_names_bad_files() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o.stderr).contains("too small"), "{}", text(&o.stderr));
+}
+
+#[test]
+fn the_shipped_tiny_model_runs_offline_and_is_the_fallback_of_write() {
+    let home = std::env::temp_dir().join(format!("lw-hf-home-tiny-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args([
+            "generate",
+            "--model",
+            "tiny",
+            "--chat",
+            "--max-tokens",
+            "16",
+            "--threads",
+            "1",
+            "Write about a river.",
+        ])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", &home)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("longwriter-tiny"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!text(&out.stdout).trim().is_empty());
+    // No --model: the default hub model is unreachable, so `write` warns and
+    // uses the tiny model.
+    let runs = std::env::temp_dir().join(format!("lw-tiny-runs-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args(["write", "--quiet", "--threads", "1", "--plan"])
+        .arg(root().join("examples/river-plan.txt"))
+        .arg("--out")
+        .arg(&runs)
+        .arg("Write a 2000-word story about a river.")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env("HF_HOME", &home)
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("LONGWRITER_MODEL")
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: could not fetch Qwen/Qwen2.5-0.5B-Instruct")
+            && stderr.contains("longwriter-tiny"),
+        "{stderr}"
+    );
+    assert!(!text(&out.stdout).trim().is_empty());
+    let _ = std::fs::remove_dir_all(&runs);
 }

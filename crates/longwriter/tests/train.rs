@@ -5,23 +5,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{root, scratch, tiny_model};
+use common::{longwriter, root, scratch, text, tiny_model};
 use serde_json::json;
-
-fn longwriter(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_longwriter"))
-        .args(args)
-        .env_remove("LONGWRITER_MODEL")
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn ok(args: &[&str]) -> String {
     let out = longwriter(args);
@@ -271,57 +259,48 @@ fn sft_full_and_lora_then_merge_gives_a_model_the_engine_runs() {
         .collect();
     std::fs::write(&data, lines.join("\n")).unwrap();
     let model = tiny_model();
+    let sft = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "sft",
+            "--model",
+            p(&model),
+            "--data",
+            p(&data),
+            "--out",
+            p(out),
+            "--seq-len",
+            "96",
+            "--batch",
+            "2",
+            "--steps",
+            "3",
+            "--threads",
+            "1",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
     let full = d.join("full");
-    let err = ok(&[
-        "train",
-        "sft",
-        "--model",
-        p(&model),
-        "--data",
-        p(&data),
-        "--out",
-        p(&full),
-        "--seq-len",
-        "96",
-        "--batch",
-        "2",
-        "--steps",
-        "3",
-        "--threads",
-        "1",
-        "--quiet",
-    ]);
+    let err = sft(&full, &[]);
     assert!(err.contains("12 conversations"), "{err}");
     assert!(
         full.join("final/model.safetensors").exists()
             && full.join("final/tokenizer_config.json").exists()
     );
     let lora = d.join("lora");
-    let err = ok(&[
-        "train",
-        "sft",
-        "--model",
-        p(&model),
-        "--data",
-        p(&data),
-        "--out",
-        p(&lora),
-        "--seq-len",
-        "96",
-        "--batch",
-        "2",
-        "--steps",
-        "3",
-        "--lr",
-        "1e-2",
-        "--lora-rank",
-        "4",
-        "--lora-targets",
-        "q_proj,v_proj",
-        "--threads",
-        "1",
-        "--quiet",
-    ]);
+    let err = sft(
+        &lora,
+        &[
+            "--lr",
+            "1e-2",
+            "--lora-rank",
+            "4",
+            "--lora-targets",
+            "q_proj,v_proj",
+        ],
+    );
     assert!(err.contains("LoRA rank 4"), "{err}");
     let adapter = lora.join("final");
     let cfg: serde_json::Value = serde_json::from_str(

@@ -18,30 +18,28 @@ use serde_json::Value;
 
 use crate::error::{file_error, TrainError};
 
-/// A small deterministic generator (SplitMix64): initial weights, data order
-/// and dropout masks are functions of the seed alone, which is what makes a
-/// resumed run repeat an uninterrupted one.
+/// A small deterministic generator (the engine's SplitMix64): initial
+/// weights, data order and dropout masks are functions of the seed alone,
+/// which is what makes a resumed run repeat an uninterrupted one.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(lw_engine::sampler::Rng);
+
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed)
+        Rng(lw_engine::sampler::Rng::new(seed))
     }
 
     /// A generator for one purpose at one step, independent of the others.
     pub fn derive(seed: u64, stream: u64, index: u64) -> Self {
-        let mut r = Rng(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        r.0 ^= r.next_u64() ^ index.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        r
+        let start = seed ^ stream.wrapping_mul(GOLDEN);
+        let mixed = lw_engine::sampler::Rng::new(start).next_u64();
+        Rng::new(start.wrapping_add(GOLDEN) ^ mixed ^ index.wrapping_mul(0xBF58_476D_1CE4_E5B9))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).

@@ -21,6 +21,19 @@ impl Drop for Server {
     }
 }
 
+/// Runs the binary (without a model from the environment) to completion.
+pub fn longwriter(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args(args)
+        .env_remove("LONGWRITER_MODEL")
+        .output()
+        .unwrap()
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
