@@ -284,31 +284,45 @@ fn a_model_that_cannot_plan_fails_clearly_after_its_tries() {
 }
 
 #[test]
-fn the_readme_main_job_runs_offline_with_the_bundled_model() {
+fn the_readme_main_job_runs_offline_with_the_shipped_model() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     let line = readme
         .lines()
         .find(|l| l.starts_with("cargo run --release -p longwriter -- write"))
         .expect("the README gives the main job");
-    assert!(line.contains("models/tiny-random-qwen2") && line.contains("examples/river-plan.txt"));
+    // The README's own arguments: `write [FLAGS…] "INSTRUCTION"`.
+    let rest = line.split(" -- ").nth(1).unwrap();
+    let (flags, instruction) = rest.split_once(" \"").unwrap();
+    let flags: Vec<&str> = flags.split_whitespace().collect();
+    assert_eq!(flags[0], "write");
+    assert!(
+        !flags.contains(&"--model"),
+        "the main job uses the default model: {line}"
+    );
     let out_dir = scratch("readme").join("run");
+    let home = scratch("readme-hf");
     let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
         .current_dir(root())
-        .args([
-            "write",
-            "--model",
-            "models/tiny-random-qwen2",
-            "--plan",
-            "examples/river-plan.txt",
-            "--quiet",
-            "--out",
-        ])
+        .args(&flags)
+        .args(["--quiet", "--threads", "1", "--out"])
         .arg(&out_dir)
-        .arg("Write a 2000-word story about a river.")
+        .arg(instruction.trim_end_matches('"'))
+        // The hub is unreachable (loopback port 9 refuses connections).
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env("HF_HOME", &home)
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("LONGWRITER_MODEL")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(out_dir.join("document.md").exists());
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: could not fetch Qwen/Qwen2.5-0.5B-Instruct")
+            && stderr.contains("longwriter-tiny"),
+        "{stderr}"
+    );
+    let doc = std::fs::read_to_string(out_dir.join("document.md")).unwrap();
+    assert!(doc.split_whitespace().count() > 20, "{doc}");
     assert_eq!(state(&out_dir)["sections"].as_array().unwrap().len(), 4);
 }
 
