@@ -246,6 +246,34 @@ fn pretrain_survives_ctrl_c_resumes_exactly_and_the_model_generates() {
     assert!(!text(&out.stdout).trim().is_empty());
 }
 
+/// `train sft` on `data` into `out` with one thread and no progress bar,
+/// rows of `seq_len`, then `extra`.
+fn sft_args<'a>(
+    model: &'a Path,
+    data: &'a Path,
+    out: &'a Path,
+    seq_len: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "train",
+        "sft",
+        "--model",
+        p(model),
+        "--data",
+        p(data),
+        "--out",
+        p(out),
+        "--seq-len",
+        seq_len,
+        "--threads",
+        "1",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 fn chat_line(user: &str, answer: &str) -> String {
     json!({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}).to_string()
 }
@@ -260,27 +288,9 @@ fn sft_full_and_lora_then_merge_gives_a_model_the_engine_runs() {
     std::fs::write(&data, lines.join("\n")).unwrap();
     let model = tiny_model();
     let sft = |out: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "sft",
-            "--model",
-            p(&model),
-            "--data",
-            p(&data),
-            "--out",
-            p(out),
-            "--seq-len",
-            "96",
-            "--batch",
-            "2",
-            "--steps",
-            "3",
-            "--threads",
-            "1",
-            "--quiet",
-        ];
+        let mut args = vec!["--batch", "2", "--steps", "3"];
         args.extend_from_slice(extra);
-        ok(&args)
+        ok(&sft_args(&model, &data, out, "96", &args))
     };
     let full = d.join("full");
     let err = sft(&full, &[]);
@@ -354,31 +364,13 @@ fn bad_sft_input_is_reported_and_skippable() {
     std::fs::write(&data, lines.join("\n")).unwrap();
     let model = tiny_model();
     let out = d.join("out");
-    let base = [
-        "train",
-        "sft",
-        "--model",
-        p(&model),
-        "--data",
-        p(&data),
-        "--out",
-        p(&out),
-        "--seq-len",
-        "64",
-        "--batch",
-        "1",
-        "--steps",
-        "1",
-        "--threads",
-        "1",
-        "--quiet",
-    ];
+    let base = sft_args(&model, &data, &out, "64", &["--batch", "1", "--steps", "1"]);
     let e = fails(&base);
     assert!(
         e.contains("chat.jsonl, line 2") && e.contains("not JSON"),
         "{e}"
     );
-    let mut skip = base.to_vec();
+    let mut skip = base.clone();
     skip.push("--skip-bad-lines");
     let err = ok(&skip);
     assert!(err.contains("line 2: skipped"), "{err}");
@@ -390,32 +382,22 @@ fn bad_sft_input_is_reported_and_skippable() {
         err.contains("2 conversations (2 skipped as malformed, 1 longer than 64 tokens)"),
         "{err}"
     );
-    let e = fails(&[
-        "train",
-        "sft",
-        "--model",
-        p(&model),
-        "--data",
-        p(&d.join("missing.jsonl")),
-        "--out",
-        p(&out),
-    ]);
+    let missing = d.join("missing.jsonl");
+    let e = fails(&sft_args(&model, &missing, &out, "64", &[]));
     assert!(e.contains("missing.jsonl"), "{e}");
-    let e = fails(&[
-        "train",
-        "sft",
-        "--model",
-        p(&model),
-        "--data",
-        p(&data),
-        "--out",
-        p(&out),
-        "--skip-bad-lines",
-        "--lora-rank",
-        "2",
-        "--lora-targets",
-        "qq_proj",
-    ]);
+    let e = fails(&sft_args(
+        &model,
+        &data,
+        &out,
+        "64",
+        &[
+            "--skip-bad-lines",
+            "--lora-rank",
+            "2",
+            "--lora-targets",
+            "qq_proj",
+        ],
+    ));
     assert!(e.contains("qq_proj"), "{e}");
     let e = fails(&[
         "lora",
@@ -444,15 +426,20 @@ fn synthetic_agentwrite_data_trains() {
     let src = d.join("book.txt");
     std::fs::write(&src, paras.join("\n\n")).unwrap();
     let out = d.join("synth.jsonl");
-    let err = ok(&[
-        "data",
-        "synth",
-        p(&src),
-        "--out",
-        p(&out),
-        "--paragraphs",
-        "3-4",
-    ]);
+    let synth = |paragraphs: &'static str| {
+        longwriter(&[
+            "data",
+            "synth",
+            p(&src),
+            "--out",
+            p(&out),
+            "--paragraphs",
+            paragraphs,
+        ])
+    };
+    let run = synth("3-4");
+    let err = text(&run.stderr);
+    assert!(run.status.success(), "{err}");
     assert!(err.contains("conversations"), "{err}");
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
         .unwrap()
@@ -465,36 +452,18 @@ fn synthetic_agentwrite_data_trains() {
         .as_str()
         .unwrap()
         .contains("Word Count:"));
-    let e = fails(&[
-        "data",
-        "synth",
-        p(&src),
-        "--out",
-        p(&out),
-        "--paragraphs",
-        "5-2",
-    ]);
-    assert!(e.contains("--paragraphs"), "{e}");
+    let run = synth("5-2");
+    let e = text(&run.stderr);
+    assert!(!run.status.success() && e.contains("--paragraphs"), "{e}");
     let train = d.join("train");
-    ok(&[
-        "train",
-        "sft",
-        "--model",
-        p(&tiny_model()),
-        "--data",
-        p(&out),
-        "--out",
-        p(&train),
-        "--seq-len",
-        "4096",
-        "--batch",
-        "1",
-        "--steps",
-        "1",
-        "--threads",
-        "1",
-        "--quiet",
-    ]);
+    let model = tiny_model();
+    ok(&sft_args(
+        &model,
+        &out,
+        &train,
+        "2048",
+        &["--batch", "1", "--steps", "1"],
+    ));
     assert!(train.join("final/model.safetensors").exists());
     let _ = root();
 }
