@@ -52,13 +52,14 @@ pub struct LoopArgs {
     /// Micro-batches per optimizer step (gradient accumulation).
     #[arg(long, default_value_t = 1)]
     accum: usize,
-    /// Peak learning rate.
+    /// Peak learning rate (default: 1e-3 for pretraining; 2e-5 for full
+    /// fine-tuning, 2e-4 for LoRA).
     #[arg(long)]
     lr: Option<f64>,
     /// Final learning rate of the cosine decay (default: lr / 10).
     #[arg(long)]
     min_lr: Option<f64>,
-    /// Linear warmup steps.
+    /// Linear warmup steps (default: 5% of the steps, at most 500 in pretraining).
     #[arg(long)]
     warmup: Option<u64>,
     /// Decoupled weight decay (matrices only).
