@@ -145,8 +145,15 @@ fn a_corpus_tokenizes_into_shards_that_decode_back_to_its_documents() {
         .map(|d| serde_json::json!({"text": d}).to_string())
         .collect();
     std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    // A plain text file is one document (fixed text: the split hashes content).
+    let story = work.join("story.txt");
+    std::fs::write(
+        &story,
+        "The river rose in the hills.\n\nIt ran to the sea.\n",
+    )
+    .unwrap();
     let out = work.join("shards");
-    let s = lw_train::tokenize_corpus(&tok_dir, &[jsonl.clone(), readme.clone()], &out, 0.1, 1500)
+    let s = lw_train::tokenize_corpus(&tok_dir, &[jsonl.clone(), story.clone()], &out, 0.1, 1500)
         .unwrap();
     assert_eq!(s.documents, 201);
     assert!(s.val_tokens > 0 && s.train_tokens > s.val_tokens);
@@ -162,7 +169,7 @@ fn a_corpus_tokenizes_into_shards_that_decode_back_to_its_documents() {
         }
     }
     let mut want: Vec<String> = docs.clone();
-    want.push(std::fs::read_to_string(&readme).unwrap());
+    want.push(std::fs::read_to_string(&story).unwrap());
     decoded.sort();
     want.sort();
     assert_eq!(
@@ -172,7 +179,7 @@ fn a_corpus_tokenizes_into_shards_that_decode_back_to_its_documents() {
     // The split is by content: a second run writes the same shards.
     let again = work.join("again");
     let s2 =
-        lw_train::tokenize_corpus(&tok_dir, &[jsonl.clone(), readme], &again, 0.1, 1500).unwrap();
+        lw_train::tokenize_corpus(&tok_dir, &[jsonl.clone(), story], &again, 0.1, 1500).unwrap();
     assert_eq!(
         (s2.train_tokens, s2.val_tokens),
         (s.train_tokens, s.val_tokens)
