@@ -188,19 +188,6 @@ fn keep_freed_memory() {
     }
 }
 
-fn tokenizer_files(dir: &Path) -> Vec<PathBuf> {
-    [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "generation_config.json",
-    ]
-    .iter()
-    .map(|f| dir.join(f))
-    .filter(|p| p.exists())
-    .collect()
-}
-
 impl LoopArgs {
     fn spec(
         &self,
@@ -248,8 +235,11 @@ fn resume_dir(a: &LoopArgs) -> anyhow::Result<Option<PathBuf>> {
     }
 }
 
-fn check_vocab(model: &TrainModel, tokenizer_dir: &Path) -> anyhow::Result<()> {
-    let tok = lw_engine::Tokenizer::from_dir(tokenizer_dir)?;
+fn check_vocab(
+    model: &TrainModel,
+    tok: &lw_engine::Tokenizer,
+    tokenizer_dir: &Path,
+) -> anyhow::Result<()> {
     if tok.id_bound() > model.cfg.vocab_size {
         return Err(lw_train::TrainError::VocabMismatch {
             path: tokenizer_dir.join("tokenizer.json"),
@@ -424,11 +414,11 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("model config: {e}"))?;
         TrainModel::init(cfg, json, a.run.seed)?
     };
-    check_vocab(&model, &tokenizer)?;
+    check_vocab(&model, &tok, &tokenizer)?;
     let spec = a.run.spec(
         a.steps,
         optim(&a.run, 1e-3, (a.steps / 20).clamp(1, 500)),
-        tokenizer_files(&tokenizer),
+        train::tokenizer_files(&tokenizer),
         "pretrain",
     );
     let per_step = (a.run.batch * a.seq_len * a.run.accum) as u64;
@@ -465,8 +455,8 @@ pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
             .collect(),
     });
     let model = TrainModel::load(&a.model, lora, a.run.seed)?;
-    check_vocab(&model, &a.model)?;
     let tok = lw_engine::Tokenizer::from_dir(&a.model)?;
+    check_vocab(&model, &tok, &a.model)?;
     let (convs, bad) = lw_train::read_conversations(&a.data, a.skip_bad_lines)?;
     for b in bad.iter().take(10) {
         eprintln!(
@@ -507,7 +497,7 @@ pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
     let spec = a.run.spec(
         steps,
         optim(&a.run, lr, (steps / 20).max(1)),
-        tokenizer_files(&a.model),
+        train::tokenizer_files(&a.model),
         "sft",
     );
     eprintln!(

@@ -170,21 +170,15 @@ fn reachable() -> Result<(), String> {
 pub fn resolve_model_or_tiny(spec: &str) -> Result<(PathBuf, Option<String>), EngineError> {
     match resolve_model(spec) {
         Ok(dir) => Ok((dir, None)),
-        Err(e @ EngineError::Hub { .. }) => match shipped_tiny() {
+        Err(EngineError::Hub { model, reason }) => match shipped_tiny() {
             Some(dir) => {
-                let reason = match &e {
-                    EngineError::Hub { reason, .. } => reason.clone(),
-                    _ => unreachable!("matched above"),
-                };
-                Ok((
-                    dir.clone(),
-                    Some(format!(
-                        "could not fetch {spec} from the Hugging Face hub ({reason}); using the shipped toy model {} instead — its text is not useful writing. Pass --model DIR or --api-base URL for a real model.",
-                        dir.display()
-                    )),
-                ))
+                let warning = format!(
+                    "could not fetch {spec} from the Hugging Face hub ({reason}); using the shipped toy model {} instead — its text is not useful writing. Pass --model DIR or --api-base URL for a real model.",
+                    dir.display()
+                );
+                Ok((dir, Some(warning)))
             }
-            None => Err(e),
+            None => Err(EngineError::Hub { model, reason }),
         },
         Err(e) => Err(e),
     }

@@ -10,15 +10,7 @@ use serde_json::Value;
 
 use crate::error::{file_error, TrainError};
 use crate::model::param_shapes;
-
-/// Files of a model directory besides its weights that a merged copy keeps.
-const SIDE_FILES: &[&str] = &[
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-];
+use crate::train::TOKENIZER_FILES;
 
 /// What a merge did.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,12 +89,13 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<MergeSum
     let tmp = out.join(".model.safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp).map_err(|e| file_error(&tmp, e))?;
     std::fs::rename(&tmp, &target).map_err(|e| file_error(&target, e))?;
-    for f in SIDE_FILES {
-        let src = base_dir.join(f);
-        let src = if *f != "config.json" && adapter_dir.join(f).exists() {
+    // The base's config; the tokenizer files saved with the adapters, else the base's.
+    let side = std::iter::once("config.json").chain(TOKENIZER_FILES.iter().copied());
+    for f in side {
+        let src = if f != "config.json" && adapter_dir.join(f).exists() {
             adapter_dir.join(f)
         } else {
-            src
+            base_dir.join(f)
         };
         if src.exists() {
             std::fs::copy(&src, out.join(f)).map_err(|e| file_error(&src, e))?;

@@ -252,6 +252,24 @@ fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), Tr
     candle_core::safetensors::save(tensors, path).map_err(|e| file_error(path, e))
 }
 
+/// Files of a model directory that travel with its weights: the tokenizer
+/// and the sampling defaults.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
+/// Those of [`TOKENIZER_FILES`] present in `dir`.
+pub fn tokenizer_files(dir: &Path) -> Vec<PathBuf> {
+    TOKENIZER_FILES
+        .iter()
+        .map(|f| dir.join(f))
+        .filter(|p| p.exists())
+        .collect()
+}
+
 /// Writes the model (or its adapters) into `dir`: config.json and
 /// model.safetensors, or adapter_config.json and adapter_model.safetensors.
 pub fn save_model(
@@ -388,34 +406,18 @@ impl Run<'_> {
         } else {
             dir.join("model.safetensors")
         };
-        let weights = candle_core::safetensors::load(&weights_file, &Device::Cpu)
-            .map_err(|e| file_error(&weights_file, e))?;
+        self.model.load_trainable(&weights_file)?;
         let opt_file = dir.join("optimizer.safetensors");
         let opt = candle_core::safetensors::load(&opt_file, &Device::Cpu)
             .map_err(|e| file_error(&opt_file, e))?;
         for (i, (name, var)) in self.params.iter().enumerate() {
-            let missing = |file: &Path, t: &str| TrainError::File {
-                path: file.to_path_buf(),
-                reason: format!("tensor \"{t}\" is missing"),
-            };
-            let w = weights
-                .get(name)
-                .ok_or_else(|| missing(&weights_file, name))?;
-            if w.dims() != var.dims() {
-                return Err(TrainError::File {
-                    path: weights_file.clone(),
-                    reason: format!(
-                        "tensor \"{name}\" has shape {:?}, the model's is {:?}",
-                        w.dims(),
-                        var.dims()
-                    ),
-                });
-            }
-            var.set(w)?;
-            self.values[i] = w.flatten_all()?.to_vec1::<f32>()?;
+            self.values[i] = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             for (prefix, buf) in [("m", &mut self.opt.m[i]), ("v", &mut self.opt.v[i])] {
                 let key = format!("{prefix}.{name}");
-                let t = opt.get(&key).ok_or_else(|| missing(&opt_file, &key))?;
+                let t = opt.get(&key).ok_or_else(|| TrainError::File {
+                    path: opt_file.clone(),
+                    reason: format!("tensor \"{key}\" is missing"),
+                })?;
                 *buf = t.to_vec1::<f32>()?;
             }
         }
