@@ -24,6 +24,9 @@ pub enum RopeScaling {
     },
     /// Positions divided by `factor` (all frequencies divided by it).
     Linear { factor: f32 },
+    /// Each frequency divided by its own factor (llama.cpp's `rope_freqs`
+    /// tensor, which is how GGUF files carry Llama 3.1's rescaling).
+    Factors(Vec<f32>),
 }
 
 /// Everything the forward pass needs to know about a checkpoint.
@@ -53,6 +56,9 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The dtype the checkpoint says it was saved in (`torch_dtype`), if any.
     pub torch_dtype: Option<String>,
+    /// Rotary pairs are adjacent elements (`2i`, `2i + 1`), as in llama.cpp's
+    /// Llama GGUF files, instead of the two halves of a head.
+    pub rope_interleaved: bool,
 }
 
 #[derive(Deserialize)]
@@ -184,6 +190,7 @@ impl ModelConfig {
             eos_token_ids: token_ids(raw.eos_token_id.as_ref(), "eos_token_id")?,
             torch_dtype: raw.torch_dtype.or(raw.dtype),
             model_type,
+            rope_interleaved: false,
         })
     }
 
@@ -259,6 +266,11 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
     match cfg.rope_scaling {
         None => base,
         Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+        Some(RopeScaling::Factors(ref factors)) => base
+            .iter()
+            .zip(factors.iter().chain(std::iter::repeat(&1.0)))
+            .map(|(f, s)| f / s)
+            .collect(),
         Some(RopeScaling::Llama3 {
             factor,
             low_freq_factor,

@@ -33,6 +33,8 @@ pub enum ModelError {
     ContextFull { needed: usize, limit: usize },
     #[error("token id {id} is outside the model's vocabulary of {vocab} entries")]
     TokenOutOfRange { id: u32, vocab: usize },
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::FileError),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

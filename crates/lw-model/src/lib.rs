@@ -8,15 +8,21 @@ pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod gguf;
+pub mod gguf_model;
 pub mod linear;
 pub mod llama;
+pub mod loader;
+pub mod quant;
 pub mod weights;
 
 pub use cache::KvCache;
 pub use candle_core::DType;
 pub use config::ModelConfig;
 pub use error::ModelError;
+pub use gguf::GgufFile;
 pub use llama::{Llama, Logits};
+pub use quant::QType;
 pub use weights::Weights;
 
 /// Sets the number of threads the kernels use. Call once, before any model work.

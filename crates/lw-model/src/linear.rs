@@ -14,6 +14,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::ModelError;
+use crate::quant::QMatrix;
 
 /// A weight element the kernel can widen to f32.
 pub(crate) trait Element: Copy + Send + Sync + 'static {
@@ -39,20 +40,97 @@ impl Element for f16 {
     }
 }
 
-/// `y = x · Wᵀ + b` with `W` of shape `[out, in]`, kept in its load dtype.
+/// A weight matrix `[out, in]`: dense in its load dtype, or block-quantized.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Quant(QMatrix),
+}
+
+impl Weight {
+    /// `(out, in)`.
+    pub fn dims(&self) -> Result<(usize, usize), ModelError> {
+        match self {
+            Weight::Dense(t) => Ok(t.dims2()?),
+            Weight::Quant(q) => Ok((q.rows(), q.cols())),
+        }
+    }
+
+    /// Bytes read per product (what decoding streams from memory).
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Quant(q) => q.bytes().len(),
+        }
+    }
+
+    /// `[rows, in]` f32 values → `[rows, out]` f32 values.
+    fn product(&self, xs: &[f32], rows: usize) -> Result<Vec<f32>, ModelError> {
+        let (n, k) = self.dims()?;
+        let mut out = vec![0f32; rows * n];
+        match self {
+            Weight::Quant(q) => q.matmul(xs, &mut out),
+            Weight::Dense(w) => {
+                let (storage, layout) = w.storage_and_layout();
+                let Storage::Cpu(cpu) = &*storage else {
+                    return Err(candle_core::Error::Msg(
+                        "linear: weights must be on the CPU".into(),
+                    )
+                    .into());
+                };
+                let start = layout.start_offset();
+                match w.dtype() {
+                    DType::F32 => {
+                        small_matmul(&cpu.as_slice::<f32>()?[start..], xs, &mut out, rows, n, k)
+                    }
+                    DType::BF16 => {
+                        small_matmul(&cpu.as_slice::<bf16>()?[start..], xs, &mut out, rows, n, k)
+                    }
+                    DType::F16 => {
+                        small_matmul(&cpu.as_slice::<f16>()?[start..], xs, &mut out, rows, n, k)
+                    }
+                    other => {
+                        return Err(candle_core::Error::Msg(format!(
+                            "linear: unsupported weight dtype {other:?}"
+                        ))
+                        .into())
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `y = x · Wᵀ + b` with `W` of shape `[out, in]`, kept in its load format.
+/// `W` may be several matrices stacked by rows (`[q; k; v]`) that are kept
+/// apart because their formats differ (a Q4_K_M file mixes Q4_K and Q6_K).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    parts: Vec<Weight>,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+        Linear {
+            parts: vec![Weight::Dense(weight)],
+            bias,
+        }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// Stacked parts with the same input width.
+    pub fn from_parts(parts: Vec<Weight>, bias: Option<Tensor>) -> Self {
+        Linear { parts, bias }
+    }
+
+    pub fn parts(&self) -> &[Weight] {
+        &self.parts
+    }
+
+    /// Bytes of weights one product reads.
+    pub fn size_bytes(&self) -> usize {
+        self.parts.iter().map(Weight::size_bytes).sum()
     }
 
     /// `x`: `[rows, in]` f32 → `[rows, out]` f32.
@@ -66,45 +144,35 @@ impl Linear {
 
     fn forward_rows(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         let (rows, k) = x.dims2()?;
-        let (n, wk) = self.weight.dims2()?;
-        if k != wk {
-            return Err(candle_core::Error::ShapeMismatchBinaryOp {
-                lhs: x.shape().clone(),
-                rhs: self.weight.shape().clone(),
-                op: "linear",
+        let mut widths = Vec::with_capacity(self.parts.len());
+        for p in &self.parts {
+            let (n, wk) = p.dims()?;
+            if k != wk {
+                return Err(candle_core::Error::Msg(format!(
+                    "linear: input of width {k} for a weight of shape [{n}, {wk}]"
+                ))
+                .into());
             }
-            .into());
+            widths.push(n);
         }
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let xs = f32_slice(&x)?;
-        let mut out = vec![0f32; rows * n];
-        {
-            let (storage, layout) = self.weight.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else {
-                return Err(
-                    candle_core::Error::Msg("linear: weights must be on the CPU".into()).into(),
-                );
-            };
-            let start = layout.start_offset();
-            match self.weight.dtype() {
-                DType::F32 => {
-                    small_matmul(&cpu.as_slice::<f32>()?[start..], &xs, &mut out, rows, n, k)
-                }
-                DType::BF16 => {
-                    small_matmul(&cpu.as_slice::<bf16>()?[start..], &xs, &mut out, rows, n, k)
-                }
-                DType::F16 => {
-                    small_matmul(&cpu.as_slice::<f16>()?[start..], &xs, &mut out, rows, n, k)
-                }
-                other => {
-                    return Err(candle_core::Error::Msg(format!(
-                        "linear: unsupported weight dtype {other:?}"
-                    ))
-                    .into())
-                }
-            }
+        if self.parts.len() == 1 {
+            let out = self.parts[0].product(&xs, rows)?;
+            return Ok(Tensor::from_vec(out, (rows, widths[0]), &Device::Cpu)?);
         }
-        Ok(Tensor::from_vec(out, (rows, n), &Device::Cpu)?)
+        let total: usize = widths.iter().sum();
+        let mut out = vec![0f32; rows * total];
+        let mut col = 0;
+        for (p, &n) in self.parts.iter().zip(&widths) {
+            let part = p.product(&xs, rows)?;
+            for r in 0..rows {
+                out[r * total + col..r * total + col + n]
+                    .copy_from_slice(&part[r * n..(r + 1) * n]);
+            }
+            col += n;
+        }
+        Ok(Tensor::from_vec(out, (rows, total), &Device::Cpu)?)
     }
 }
 

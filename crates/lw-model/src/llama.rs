@@ -16,7 +16,9 @@ use crate::attention::attend_head;
 use crate::cache::KvCache;
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::ModelError;
-use crate::linear::Linear;
+use crate::gguf::GgufFile;
+use crate::linear::{Linear, Weight};
+use crate::loader::{GgufSource, SafetensorsSource, TensorSource};
 use crate::weights::Weights;
 
 /// q, k and v projections stacked into one matrix (one pass over the input).
@@ -50,7 +52,7 @@ pub enum Logits {
 
 pub struct Llama {
     cfg: ModelConfig,
-    embed: Tensor,
+    embed: Weight,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
@@ -67,93 +69,77 @@ impl Llama {
         Self::load(cfg, &weights, weight_dtype)
     }
 
+    /// A safetensors checkpoint held in `weight_dtype`.
     pub fn load(cfg: ModelConfig, w: &Weights, weight_dtype: DType) -> Result<Self, ModelError> {
+        let src = SafetensorsSource {
+            weights: w,
+            dtype: weight_dtype,
+            quantize: None,
+        };
+        Self::load_from(cfg, &src, weight_dtype)
+    }
+
+    /// A GGUF file: config from its metadata, tensors in the file's formats.
+    pub fn load_gguf(file: &GgufFile) -> Result<Self, ModelError> {
+        let cfg = crate::gguf_model::config(file)?;
+        Self::load_from(cfg, &GgufSource { file }, DType::F32)
+    }
+
+    /// Builds the model from any tensor source.
+    pub fn load_from(
+        cfg: ModelConfig,
+        w: &dyn TensorSource,
+        weight_dtype: DType,
+    ) -> Result<Self, ModelError> {
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (nq, nkv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-        let linear =
-            |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, ModelError> {
-                let weight = w.get(&format!("{name}.weight"), &[out, inp], weight_dtype)?;
-                let bias = if bias {
-                    Some(w.get(&format!("{name}.bias"), &[out], DType::F32)?)
-                } else {
-                    None
-                };
-                Ok(Linear::new(weight, bias))
-            };
-        // Stacks projections that read the same input: [q; k; v] and [gate; up].
-        let stacked = |names: &[&str],
-                       outs: &[usize],
-                       inp: usize,
-                       bias: bool|
-         -> Result<Linear, ModelError> {
-            let wn: Vec<String> = names.iter().map(|n| format!("{n}.weight")).collect();
-            let shapes: Vec<[usize; 2]> = outs.iter().map(|&o| [o, inp]).collect();
-            let parts: Vec<(&str, &[usize])> = wn
-                .iter()
-                .zip(&shapes)
-                .map(|(n, s)| (n.as_str(), &s[..]))
-                .collect();
-            let weight = w.get_stacked(&parts, weight_dtype)?;
+        // Projections that read the same input are stacked: [q; k; v] and [gate; up].
+        let linear = |names: &[String], outs: &[usize], inp: usize, bias: bool| {
+            let weights: Vec<String> = names.iter().map(|n| format!("{n}.weight")).collect();
+            let wn: Vec<&str> = weights.iter().map(String::as_str).collect();
+            let parts = w.matrices(&wn, outs, inp)?;
             let bias = if bias {
-                let bn: Vec<String> = names.iter().map(|n| format!("{n}.bias")).collect();
-                let shapes: Vec<[usize; 1]> = outs.iter().map(|&o| [o]).collect();
-                let parts: Vec<(&str, &[usize])> = bn
-                    .iter()
-                    .zip(&shapes)
-                    .map(|(n, s)| (n.as_str(), &s[..]))
-                    .collect();
-                Some(w.get_stacked(&parts, DType::F32)?)
+                let biases: Vec<String> = names.iter().map(|n| format!("{n}.bias")).collect();
+                let bn: Vec<&str> = biases.iter().map(String::as_str).collect();
+                Some(w.vector(&bn, outs)?)
             } else {
                 None
             };
-            Ok(Linear::new(weight, bias))
+            Ok::<_, ModelError>(Linear::from_parts(parts, bias))
         };
-        let embed = w.get(
-            "model.embed_tokens.weight",
-            &[cfg.vocab_size, h],
-            weight_dtype,
-        )?;
+        let norm = |name: String| w.vector(&[&name], &[h]);
+        let mut embed = w.matrices(&["model.embed_tokens.weight"], &[cfg.vocab_size], h)?;
+        let embed = embed.remove(0);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
+            let a = |m: &str| format!("{p}.self_attn.{m}");
+            let m = |m: &str| format!("{p}.mlp.{m}");
             layers.push(Layer {
-                attn_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h], DType::F32)?,
+                attn_norm: norm(format!("{p}.input_layernorm.weight"))?,
                 attn: Attention {
-                    qkv: stacked(
-                        &[
-                            &format!("{p}.self_attn.q_proj"),
-                            &format!("{p}.self_attn.k_proj"),
-                            &format!("{p}.self_attn.v_proj"),
-                        ],
+                    qkv: linear(
+                        &[a("q_proj"), a("k_proj"), a("v_proj")],
                         &[nq, nkv, nkv],
                         h,
                         cfg.qkv_bias,
                     )?,
-                    o: linear(&format!("{p}.self_attn.o_proj"), h, nq, cfg.o_bias)?,
+                    o: linear(&[a("o_proj")], &[h], nq, cfg.o_bias)?,
                 },
-                mlp_norm: w.get(
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    &[h],
-                    DType::F32,
-                )?,
+                mlp_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate_up: stacked(
-                        &[&format!("{p}.mlp.gate_proj"), &format!("{p}.mlp.up_proj")],
-                        &[i, i],
-                        h,
-                        cfg.mlp_bias,
-                    )?,
-                    down: linear(&format!("{p}.mlp.down_proj"), h, i, cfg.mlp_bias)?,
+                    gate_up: linear(&[m("gate_proj"), m("up_proj")], &[i, i], h, cfg.mlp_bias)?,
+                    down: linear(&[m("down_proj")], &[h], i, cfg.mlp_bias)?,
                 },
                 window: cfg.sliding_window[l],
             });
         }
-        let norm = w.get("model.norm.weight", &[h], DType::F32)?;
+        let norm = norm("model.norm.weight".into())?;
         // Some tied checkpoints still ship lm_head.weight; untied ones must.
         let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
-            Linear::new(embed.clone(), None)
+            Linear::from_parts(vec![embed.clone()], None)
         } else {
-            linear("lm_head", cfg.vocab_size, h, false)?
+            linear(&["lm_head".into()], &[cfg.vocab_size], h, false)?
         };
         Ok(Llama {
             inv_freq: rope_inv_freq(&cfg),
@@ -164,6 +150,22 @@ impl Llama {
             lm_head,
             weight_dtype,
         })
+    }
+
+    /// Bytes of weights read per decoded token (every matrix once; the
+    /// embedding row is negligible).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.attn.qkv.size_bytes()
+                    + l.attn.o.size_bytes()
+                    + l.mlp.gate_up.size_bytes()
+                    + l.mlp.down.size_bytes()
+            })
+            .sum();
+        layers + self.lm_head.size_bytes()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -269,8 +271,7 @@ impl Llama {
         let half = self.inv_freq.len();
         let (cos, sin) = self.rope_tables(rows.iter().map(|&(_, p)| p));
         let dev = Device::Cpu;
-        let ids = Tensor::from_slice(tokens, n, &dev)?;
-        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
+        let mut x = self.embed_rows(tokens)?;
         let eps = cfg.rms_norm_eps as f32;
         let width = (nh + 2 * nkv) * hd;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -287,7 +288,11 @@ impl Llama {
                     &sin[r * half..(r + 1) * half],
                 );
                 for head in row[..(nh + nkv) * hd].chunks_mut(hd) {
-                    rope(head, c, s);
+                    if cfg.rope_interleaved {
+                        rope_pairs(head, c, s);
+                    } else {
+                        rope(head, c, s);
+                    }
                 }
                 let (s_idx, pos) = rows[r];
                 let kv = &row[nh * hd..];
@@ -337,6 +342,26 @@ impl Llama {
         self.lm_head.forward(&x)
     }
 
+    /// Embedding rows of `tokens`, `[n, hidden]` f32.
+    fn embed_rows(&self, tokens: &[u32]) -> Result<Tensor, ModelError> {
+        let n = tokens.len();
+        let dev = Device::Cpu;
+        match &self.embed {
+            Weight::Dense(t) => {
+                let ids = Tensor::from_slice(tokens, n, &dev)?;
+                Ok(t.index_select(&ids, 0)?.to_dtype(DType::F32)?)
+            }
+            Weight::Quant(q) => {
+                let h = q.cols();
+                let mut x = vec![0f32; n * h];
+                for (row, &t) in x.chunks_mut(h).zip(tokens) {
+                    q.dequantize_row(t as usize, row);
+                }
+                Ok(Tensor::from_vec(x, (n, h), &dev)?)
+            }
+        }
+    }
+
     /// cos and sin of (position × inverse frequency), `[rows, head_dim / 2]`.
     fn rope_tables(&self, positions: impl Iterator<Item = usize>) -> (Vec<f32>, Vec<f32>) {
         let mut cos = Vec::new();
@@ -361,6 +386,16 @@ fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
         let (x1, x2) = (a[i], b[i]);
         a[i] = x1 * cos[i] - x2 * sin[i];
         b[i] = x2 * cos[i] + x1 * sin[i];
+    }
+}
+
+/// Rotary embedding of one head in place, llama.cpp's layout for Llama
+/// GGUF files: element `2i` pairs with element `2i + 1`.
+fn rope_pairs(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+        let (x1, x2) = (pair[0], pair[1]);
+        pair[0] = x1 * cos[i] - x2 * sin[i];
+        pair[1] = x2 * cos[i] + x1 * sin[i];
     }
 }
 

@@ -1,0 +1,190 @@
+//! The Llama family in GGUF files: the model config from llama.cpp's
+//! metadata keys, and the other direction, writing a checkpoint as GGUF
+//! (`longwriter convert`) in the layout llama.cpp reads.
+
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::ModelError;
+use crate::gguf::{GgufError, GgufFile, Value};
+use crate::quant::dequantize_row;
+
+/// GGUF architectures this crate runs, as llama.cpp names them.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
+
+/// The model config a GGUF file describes.
+pub fn config(file: &GgufFile) -> Result<ModelConfig, ModelError> {
+    config_of(file).map_err(|e| file.err(e))
+}
+
+fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
+    let h = file.header();
+    let arch = h.require("general.architecture", h.string("general.architecture"))?;
+    if !SUPPORTED_ARCHITECTURES.contains(&arch) {
+        return Err(GgufError::Architecture(arch.to_string()));
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let need = |k: &str| -> Result<usize, GgufError> {
+        let name = key(k);
+        match h.uint(&name)? {
+            Some(0) | None => Err(GgufError::MissingKey(name)),
+            Some(v) => Ok(v as usize),
+        }
+    };
+    let hidden_size = need("embedding_length")?;
+    let num_heads = need("attention.head_count")?;
+    let num_kv_heads = match h.uint(&key("attention.head_count_kv"))? {
+        Some(v) if v > 0 => v as usize,
+        _ => num_heads,
+    };
+    let bad = |k: String, reason: String| GgufError::TensorShape { name: k, reason };
+    if num_heads % num_kv_heads != 0 {
+        return Err(bad(
+            key("attention.head_count_kv"),
+            format!("{num_kv_heads} does not divide the {num_heads} query heads"),
+        ));
+    }
+    let head_dim = match h.uint(&key("attention.key_length"))? {
+        Some(d) if d > 0 => d as usize,
+        _ => hidden_size / num_heads,
+    };
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(bad(
+            key("attention.key_length"),
+            format!("head size {head_dim} must be even and positive"),
+        ));
+    }
+    let embd = file
+        .tensor("token_embd.weight")
+        .ok_or_else(|| GgufError::MissingKey("tensor token_embd.weight".into()))?;
+    if embd.shape.len() != 2 || embd.shape[1] != hidden_size {
+        return Err(bad(
+            "token_embd.weight".into(),
+            format!(
+                "shape {:?} does not match embedding_length {hidden_size}",
+                embd.shape
+            ),
+        ));
+    }
+    let vocab_size = embd.shape[0];
+    let num_layers = need("block_count")?;
+    let rope_dims = h.uint(&key("rope.dimension_count"))?.map(|v| v as usize);
+    if let Some(d) = rope_dims {
+        if d != head_dim {
+            return Err(bad(
+                key("rope.dimension_count"),
+                format!(
+                    "partial rotary ({d} of {head_dim} dimensions) is not supported for {arch}"
+                ),
+            ));
+        }
+    }
+    let rope_scaling = match h.string(&key("rope.scaling.type"))? {
+        Some("linear") => Some(RopeScaling::Linear {
+            factor: h.float(&key("rope.scaling.factor"))?.unwrap_or(1.0) as f32,
+        }),
+        Some("none") | None => None,
+        Some(other) => {
+            return Err(bad(
+                key("rope.scaling.type"),
+                format!("rope scaling \"{other}\" is not supported"),
+            ))
+        }
+    };
+    // Llama 3.1's rescaling arrives as a tensor of per-frequency factors.
+    let rope_scaling = match file.tensor("rope_freqs.weight") {
+        Some(t) if t.shape == [head_dim / 2] => {
+            let mut f = vec![0f32; head_dim / 2];
+            dequantize_row(t.qtype, file.data(t).as_slice(), &mut f);
+            Some(RopeScaling::Factors(f))
+        }
+        Some(t) => {
+            return Err(bad(
+                "rope_freqs.weight".into(),
+                format!("shape {:?}, expected [{}]", t.shape, head_dim / 2),
+            ))
+        }
+        None => rope_scaling,
+    };
+    let has = |n: &str| file.tensor(n).is_some();
+    let mut eos_token_ids = Vec::new();
+    for k in [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ] {
+        if let Some(id) = h.uint(k)? {
+            eos_token_ids.push(id as u32);
+        }
+    }
+    Ok(ModelConfig {
+        model_type: if arch == "qwen2" { "qwen2" } else { "llama" }.into(),
+        vocab_size,
+        hidden_size,
+        intermediate_size: need("feed_forward_length")?,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rms_norm_eps: h
+            .float(&key("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5),
+        rope_theta: h.float(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32,
+        rope_scaling,
+        max_position_embeddings: need("context_length")?,
+        tie_word_embeddings: !has("output.weight"),
+        qkv_bias: has("blk.0.attn_q.bias"),
+        o_bias: has("blk.0.attn_output.bias"),
+        mlp_bias: has("blk.0.ffn_up.bias"),
+        sliding_window: vec![None; num_layers],
+        bos_token_id: h.uint("tokenizer.ggml.bos_token_id")?.map(|v| v as u32),
+        eos_token_ids,
+        torch_dtype: None,
+        // llama.cpp's Llama graph rotates adjacent pairs (its converter
+        // permutes q and k rows to match); Qwen2 keeps the halves layout.
+        rope_interleaved: arch == "llama",
+    })
+}
+
+/// Metadata values for a config, in llama.cpp's keys (tokenizer keys aside).
+pub fn config_metadata(cfg: &ModelConfig, name: &str) -> Vec<(String, Value)> {
+    let arch = if cfg.model_type == "qwen2" {
+        "qwen2"
+    } else {
+        "llama"
+    };
+    let k = |s: &str| format!("{arch}.{s}");
+    let mut m = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String(arch.into()),
+        ),
+        ("general.name".to_string(), Value::String(name.into())),
+        (
+            k("context_length"),
+            Value::U32(cfg.max_position_embeddings as u32),
+        ),
+        (k("embedding_length"), Value::U32(cfg.hidden_size as u32)),
+        (k("block_count"), Value::U32(cfg.num_layers as u32)),
+        (
+            k("feed_forward_length"),
+            Value::U32(cfg.intermediate_size as u32),
+        ),
+        (k("attention.head_count"), Value::U32(cfg.num_heads as u32)),
+        (
+            k("attention.head_count_kv"),
+            Value::U32(cfg.num_kv_heads as u32),
+        ),
+        (k("attention.key_length"), Value::U32(cfg.head_dim as u32)),
+        (k("attention.value_length"), Value::U32(cfg.head_dim as u32)),
+        (k("rope.dimension_count"), Value::U32(cfg.head_dim as u32)),
+        (k("rope.freq_base"), Value::F32(cfg.rope_theta)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+    ];
+    if let Some(RopeScaling::Linear { factor }) = cfg.rope_scaling {
+        m.push((k("rope.scaling.type"), Value::String("linear".into())));
+        m.push((k("rope.scaling.factor"), Value::F32(factor)));
+    }
+    m
+}

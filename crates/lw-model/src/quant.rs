@@ -1,0 +1,542 @@
+//! Block-quantized weight matrices (the GGUF types) and their matrix product.
+//!
+//! A quantized matrix is kept as the bytes of its blocks, straight from the
+//! memory-mapped file, and never dequantized as a whole. A product quantizes
+//! each activation row once (to Q8_0 for Q8_0/Q4_0 weights, to Q8_K for the
+//! k-quants) and takes integer dot products block by block with candle's
+//! SIMD kernels (AVX2 chosen at run time), weight rows split over the thread
+//! pool. Embedding lookups dequantize only the rows they need.
+
+use std::sync::Arc;
+
+use candle_core::quantized::k_quants::{
+    BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
+};
+use rayon::prelude::*;
+
+/// The tensor types this crate reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QType {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q4_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl QType {
+    pub const SUPPORTED: &'static str = "F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K";
+
+    /// `Some(Ok)` for a supported ggml type id, `Some(Err(name))` for a known
+    /// one this crate does not run, `None` for an unknown id.
+    pub fn from_ggml(id: u32) -> Option<Result<QType, &'static str>> {
+        Some(Ok(match id {
+            0 => QType::F32,
+            1 => QType::F16,
+            2 => QType::Q4_0,
+            8 => QType::Q8_0,
+            12 => QType::Q4K,
+            13 => QType::Q5K,
+            14 => QType::Q6K,
+            30 => QType::BF16,
+            3 => return Some(Err("Q4_1")),
+            6 => return Some(Err("Q5_0")),
+            7 => return Some(Err("Q5_1")),
+            9 => return Some(Err("Q8_1")),
+            10 => return Some(Err("Q2_K")),
+            11 => return Some(Err("Q3_K")),
+            15 => return Some(Err("Q8_K")),
+            16..=23 | 29 => return Some(Err("an IQ type")),
+            24 => return Some(Err("I8")),
+            25 => return Some(Err("I16")),
+            26 => return Some(Err("I32")),
+            27 => return Some(Err("I64")),
+            28 => return Some(Err("F64")),
+            34 | 35 => return Some(Err("a ternary type (TQ1_0/TQ2_0)")),
+            39 => return Some(Err("MXFP4")),
+            _ => return None,
+        }))
+    }
+
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            QType::F32 => 0,
+            QType::F16 => 1,
+            QType::Q4_0 => 2,
+            QType::Q8_0 => 8,
+            QType::Q4K => 12,
+            QType::Q5K => 13,
+            QType::Q6K => 14,
+            QType::BF16 => 30,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QType::F32 => "F32",
+            QType::F16 => "F16",
+            QType::BF16 => "BF16",
+            QType::Q8_0 => "Q8_0",
+            QType::Q4_0 => "Q4_0",
+            QType::Q4K => "Q4_K",
+            QType::Q5K => "Q5_K",
+            QType::Q6K => "Q6_K",
+        }
+    }
+
+    /// Parses a name as users write it: `q4_k`, `Q4_K`, `q4k`, `f16`…
+    pub fn parse(s: &str) -> Option<QType> {
+        let norm: String = s
+            .chars()
+            .filter(|c| *c != '_')
+            .collect::<String>()
+            .to_ascii_lowercase();
+        Some(match norm.as_str() {
+            "f32" => QType::F32,
+            "f16" => QType::F16,
+            "bf16" => QType::BF16,
+            "q80" => QType::Q8_0,
+            "q40" => QType::Q4_0,
+            "q4k" => QType::Q4K,
+            "q5k" => QType::Q5K,
+            "q6k" => QType::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Elements per block.
+    pub fn block_elems(self) -> usize {
+        match self {
+            QType::F32 | QType::F16 | QType::BF16 => 1,
+            QType::Q8_0 | QType::Q4_0 => 32,
+            QType::Q4K | QType::Q5K | QType::Q6K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QType::F32 => 4,
+            QType::F16 | QType::BF16 => 2,
+            QType::Q8_0 => 34,
+            QType::Q4_0 => 18,
+            QType::Q4K => 144,
+            QType::Q5K => 176,
+            QType::Q6K => 210,
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self.block_elems() > 1
+    }
+
+    /// Bytes of a row of `cols` elements (a multiple of the block size).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_elems() * self.block_bytes()
+    }
+}
+
+/// Bytes of a tensor: a range of a memory-mapped file, or owned (aligned to 8).
+#[derive(Clone)]
+pub enum Bytes {
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        start: usize,
+        len: usize,
+    },
+    Owned {
+        words: Arc<Vec<u64>>,
+        len: usize,
+    },
+}
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bytes({})", self.as_slice().len())
+    }
+}
+
+impl Bytes {
+    pub fn owned(bytes: &[u8]) -> Bytes {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        // SAFETY: `words` holds at least `bytes.len()` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                words.as_mut_ptr() as *mut u8,
+                bytes.len(),
+            )
+        };
+        Bytes::Owned {
+            words: Arc::new(words),
+            len: bytes.len(),
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped { map, start, len } => &map[*start..*start + *len],
+            // SAFETY: the vector holds at least `len` initialised bytes.
+            Bytes::Owned { words, len } => unsafe {
+                std::slice::from_raw_parts(words.as_ptr() as *const u8, *len)
+            },
+        }
+    }
+}
+
+/// Views bytes as blocks of `T`. GGUF data is 32-byte aligned and owned
+/// bytes 8-byte aligned; the block types need at most 4.
+fn blocks<T>(bytes: &[u8]) -> &[T] {
+    assert_eq!(bytes.as_ptr() as usize % std::mem::align_of::<T>(), 0);
+    assert_eq!(bytes.len() % std::mem::size_of::<T>(), 0);
+    // SAFETY: alignment and length checked; the block types are plain
+    // `repr(C)` data for which every bit pattern is a value.
+    unsafe {
+        std::slice::from_raw_parts(
+            bytes.as_ptr() as *const T,
+            bytes.len() / std::mem::size_of::<T>(),
+        )
+    }
+}
+
+fn blocks_mut<T>(bytes: &mut [u8]) -> &mut [T] {
+    assert_eq!(bytes.as_ptr() as usize % std::mem::align_of::<T>(), 0);
+    assert_eq!(bytes.len() % std::mem::size_of::<T>(), 0);
+    // SAFETY: as in `blocks`, and the borrow is unique.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            bytes.as_mut_ptr() as *mut T,
+            bytes.len() / std::mem::size_of::<T>(),
+        )
+    }
+}
+
+/// A `[rows, cols]` matrix of blocks, row-major.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    qtype: QType,
+    rows: usize,
+    cols: usize,
+    data: Bytes,
+}
+
+impl QMatrix {
+    /// Wraps block data; `data` must hold exactly `rows` rows of `cols`.
+    pub fn new(qtype: QType, rows: usize, cols: usize, data: Bytes) -> Result<Self, String> {
+        if !qtype.is_quantized() {
+            return Err(format!("{} is not a block-quantized type", qtype.name()));
+        }
+        if cols % qtype.block_elems() != 0 {
+            return Err(format!(
+                "rows of {cols} elements are not whole {} blocks of {}",
+                qtype.name(),
+                qtype.block_elems()
+            ));
+        }
+        let want = rows * qtype.row_bytes(cols);
+        if data.as_slice().len() != want {
+            return Err(format!(
+                "{} bytes for {rows}×{cols} {} (expected {want})",
+                data.as_slice().len(),
+                qtype.name()
+            ));
+        }
+        Ok(QMatrix {
+            qtype,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// Quantizes a row-major f32 matrix.
+    pub fn quantize(
+        qtype: QType,
+        values: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, String> {
+        if values.len() != rows * cols {
+            return Err(format!("{} values for {rows}×{cols}", values.len()));
+        }
+        if !qtype.is_quantized() || cols % qtype.block_elems() != 0 {
+            return Err(format!(
+                "cannot quantize rows of {cols} to {} (blocks of {})",
+                qtype.name(),
+                qtype.block_elems()
+            ));
+        }
+        let row_bytes = qtype.row_bytes(cols);
+        let mut words = vec![0u64; (rows * row_bytes).div_ceil(8)];
+        {
+            // SAFETY: `words` holds at least rows * row_bytes bytes.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, rows * row_bytes)
+            };
+            bytes
+                .par_chunks_mut(row_bytes)
+                .zip(values.par_chunks(cols))
+                .for_each(|(dst, src)| quantize_row(qtype, src, dst));
+        }
+        Ok(QMatrix {
+            qtype,
+            rows,
+            cols,
+            data: Bytes::Owned {
+                words: Arc::new(words),
+                len: rows * row_bytes,
+            },
+        })
+    }
+
+    pub fn qtype(&self) -> QType {
+        self.qtype
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.data.as_slice()
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let rb = self.qtype.row_bytes(self.cols);
+        &self.data.as_slice()[r * rb..(r + 1) * rb]
+    }
+
+    /// Row `r` as f32 values.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        dequantize_row(self.qtype, self.row(r), out);
+    }
+
+    /// The whole matrix as f32 (tests, conversion).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(r, o)| self.dequantize_row(r, o));
+        out
+    }
+
+    /// `out[r][j] = Σ_i x[r][i] · W[j][i]`: `x` is `[rows, cols]`, `out` is `[rows, self.rows]`.
+    pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
+        match self.qtype {
+            QType::Q8_0 => self.matmul_as::<BlockQ8_0>(x, out),
+            QType::Q4_0 => self.matmul_as::<BlockQ4_0>(x, out),
+            QType::Q4K => self.matmul_as::<BlockQ4K>(x, out),
+            QType::Q5K => self.matmul_as::<BlockQ5K>(x, out),
+            QType::Q6K => self.matmul_as::<BlockQ6K>(x, out),
+            QType::F32 | QType::F16 | QType::BF16 => unreachable!("QMatrix holds block types"),
+        }
+    }
+
+    fn matmul_as<T: GgmlType>(&self, x: &[f32], out: &mut [f32]) {
+        let (n, k) = (self.rows, self.cols);
+        let m = x.len() / k;
+        debug_assert_eq!(out.len(), m * n);
+        let per_row = k / T::VecDotType::BLCK_SIZE;
+        // Activations quantized once per product.
+        let mut xq: Vec<T::VecDotType> = (0..m * per_row).map(|_| T::VecDotType::zeros()).collect();
+        xq.par_chunks_mut(per_row)
+            .zip(x.par_chunks(k))
+            .for_each(|(q, row)| T::VecDotType::from_float(row, q));
+        let w: &[T] = blocks(self.data.as_slice());
+        let wrow = k / T::BLCK_SIZE;
+        let threads = rayon::current_num_threads().max(1);
+        // Blocks of weight rows; with many input rows, small enough that a
+        // block stays in cache while every input row passes over it.
+        let mut block = (n / (threads * 4)).clamp(8, 1024);
+        if m > 4 {
+            let fits = (256 * 1024 / self.qtype.row_bytes(k).max(1)).max(8);
+            block = block.min(fits);
+        }
+        let dst = SharedOut(out.as_mut_ptr());
+        (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
+            let j0 = bi * block;
+            let j1 = (j0 + block).min(n);
+            for (r, xr) in xq.chunks(per_row).enumerate() {
+                for j in j0..j1 {
+                    let v = T::vec_dot(k, &w[j * wrow..(j + 1) * wrow], xr);
+                    // SAFETY: element (r, j) belongs to this block alone, and
+                    // `out` outlives the loop.
+                    unsafe { *dst.at(r * n + j) = v };
+                }
+            }
+        });
+    }
+}
+
+/// The output buffer, shared by blocks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: only used for disjoint writes while the buffer is borrowed.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `i` is within the buffer.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
+
+/// One row of `qtype` data to f32 (dense types included).
+pub fn dequantize_row(qtype: QType, bytes: &[u8], out: &mut [f32]) {
+    match qtype {
+        QType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        QType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        QType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        QType::Q8_0 => BlockQ8_0::to_float(blocks(bytes), out),
+        QType::Q4_0 => BlockQ4_0::to_float(blocks(bytes), out),
+        QType::Q4K => BlockQ4K::to_float(blocks(bytes), out),
+        QType::Q5K => BlockQ5K::to_float(blocks(bytes), out),
+        QType::Q6K => BlockQ6K::to_float(blocks(bytes), out),
+    }
+}
+
+/// One row of f32 values encoded as `qtype` into `out` (`row_bytes` long).
+pub fn quantize_row(qtype: QType, values: &[f32], out: &mut [u8]) {
+    match qtype {
+        QType::F32 => {
+            for (c, v) in out.chunks_exact_mut(4).zip(values) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        QType::F16 => {
+            for (c, v) in out.chunks_exact_mut(2).zip(values) {
+                c.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+        }
+        QType::BF16 => {
+            for (c, v) in out.chunks_exact_mut(2).zip(values) {
+                c.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+            }
+        }
+        QType::Q8_0 => BlockQ8_0::from_float(values, blocks_mut(out)),
+        QType::Q4_0 => BlockQ4_0::from_float(values, blocks_mut(out)),
+        QType::Q4K => BlockQ4K::from_float(values, blocks_mut(out)),
+        QType::Q5K => BlockQ5K::from_float(values, blocks_mut(out)),
+        QType::Q6K => BlockQ6K::from_float(values, blocks_mut(out)),
+    }
+}
+
+/// Encodes a whole row-major matrix (any type) into bytes, rows in parallel.
+pub fn encode(qtype: QType, values: &[f32], cols: usize) -> Vec<u8> {
+    let rb = qtype.row_bytes(cols);
+    let rows = values.len() / cols;
+    let mut words = vec![0u64; (rows * rb).div_ceil(8)];
+    // SAFETY: `words` holds at least rows * rb bytes.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, rows * rb) };
+    bytes
+        .par_chunks_mut(rb)
+        .zip(values.par_chunks(cols))
+        .for_each(|(dst, src)| quantize_row(qtype, src, dst));
+    bytes.to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Quantization error relative to the values' scale, per type: the
+    /// bits per weight bound how close a round trip can come.
+    #[test]
+    fn round_trips_are_close() {
+        let (rows, cols) = (8, 512);
+        let v = values(rows * cols, 1);
+        for (q, tol) in [
+            (QType::Q8_0, 0.01),
+            (QType::Q6K, 0.03),
+            (QType::Q5K, 0.06),
+            (QType::Q4K, 0.12),
+            (QType::Q4_0, 0.15),
+        ] {
+            let m = QMatrix::quantize(q, &v, rows, cols).unwrap();
+            assert_eq!(m.bytes().len(), rows * q.row_bytes(cols));
+            let back = m.dequantize();
+            let err = v
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < tol, "{}: max error {err}", q.name());
+            assert!(err > 0.0, "{}: a lossy type came back exact", q.name());
+        }
+    }
+
+    /// The integer-dot product against the plain product of the dequantized
+    /// weights with the activations.
+    #[test]
+    fn matmul_matches_dequantized_product() {
+        let (n, k, m) = (37, 512, 3);
+        let w = values(n * k, 2);
+        let x = values(m * k, 3);
+        for q in [QType::Q8_0, QType::Q4_0, QType::Q4K, QType::Q5K, QType::Q6K] {
+            let qm = QMatrix::quantize(q, &w, n, k).unwrap();
+            let wd = qm.dequantize();
+            let mut out = vec![0f32; m * n];
+            qm.matmul(&x, &mut out);
+            for r in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|i| x[r * k + i] * wd[j * k + i]).sum();
+                    let got = out[r * n + j];
+                    // Activations are quantized to 8 bits: ~1% of the terms' scale.
+                    assert!(
+                        (got - want).abs() < 0.02 * (k as f32).sqrt(),
+                        "{} ({r},{j}): {got} vs {want}",
+                        q.name()
+                    );
+                }
+            }
+            // One row alone gives the same result as in a batch.
+            let mut one = vec![0f32; n];
+            qm.matmul(&x[k..2 * k], &mut one);
+            assert_eq!(one, out[n..2 * n]);
+        }
+    }
+
+    #[test]
+    fn names_parse() {
+        for q in [QType::Q8_0, QType::Q4K, QType::Q6K, QType::F16, QType::BF16] {
+            assert_eq!(QType::parse(q.name()), Some(q));
+            assert_eq!(QType::from_ggml(q.ggml_id()), Some(Ok(q)));
+        }
+        assert_eq!(QType::parse("q4_k"), Some(QType::Q4K));
+        assert_eq!(QType::from_ggml(10), Some(Err("Q2_K")));
+        assert_eq!(QType::from_ggml(1000), None);
+    }
+}
