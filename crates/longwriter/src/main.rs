@@ -61,6 +61,23 @@ enum Command {
     /// LoRA adapters: merge into the base model.
     #[command(subcommand)]
     Lora(train::LoraCommand),
+    /// Write a Hugging Face checkpoint as a GGUF file (llama.cpp's format),
+    /// quantized or not; `--model FILE.gguf` runs it.
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Model directory (config.json, *.safetensors, tokenizer.json) or hub id.
+    model: String,
+    /// Output file (.gguf); written to a temporary file, then renamed.
+    #[arg(long, short = 'o')]
+    out: PathBuf,
+    /// Tensor type: q4_k_m (llama.cpp's mix of Q4_K and Q6_K), q5_k_m,
+    /// q8_0, q4_k, q5_k, q6_k, q4_0, f16, bf16 or f32. Norms stay f32;
+    /// matrices whose rows are not whole blocks fall back to Q8_0 or F16.
+    #[arg(long = "type", default_value = "q8_0")]
+    qtype: String,
 }
 
 #[derive(Subcommand)]
@@ -206,7 +223,9 @@ struct CountArgs {
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     /// Model: a Hugging Face model directory (config.json, *.safetensors,
-    /// tokenizer.json), a hub id such as `Qwen/Qwen2.5-0.5B-Instruct`
+    /// tokenizer.json), a GGUF file (Llama family or Qwen2; F32, F16, BF16,
+    /// Q8_0, Q4_0, Q4_K, Q5_K and Q6_K tensors, memory-mapped as they are),
+    /// a hub id such as `Qwen/Qwen2.5-0.5B-Instruct`
     /// (downloaded into the Hugging Face cache, HF_HOME), or `tiny` (the toy
     /// model shipped in models/longwriter-tiny, for offline tries).
     #[arg(long, short = 'm', env = "LONGWRITER_MODEL")]
@@ -224,6 +243,61 @@ pub struct ModelArgs {
     /// Prompt tokens computed per prefill step.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Quantize a safetensors checkpoint's matrices as it loads: q8_0
+    /// (near-lossless, half of f16's bytes) or q4_k (a quarter), so bf16 or
+    /// f32 checkpoints decode at quantized speed. GGUF files keep their types.
+    #[arg(long, value_parser = parse_quantize)]
+    pub quantize: Option<lw_model::QType>,
+}
+
+fn parse_quantize(s: &str) -> Result<lw_model::QType, String> {
+    match lw_model::QType::parse(s) {
+        Some(q) if q.is_quantized() => Ok(q),
+        _ => Err(format!(
+            "unknown quantization \"{s}\" (use q8_0, q4_k, q5_k, q6_k or q4_0)"
+        )),
+    }
+}
+
+fn convert(a: &ConvertArgs) -> anyhow::Result<()> {
+    let target = lw_engine::gguf::Target::parse(&a.qtype).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown --type \"{}\" (use q4_k_m, q5_k_m, q8_0, q4_k, q5_k, q6_k, q4_0, f16, bf16 or f32)",
+            a.qtype
+        )
+    })?;
+    let dir = lw_engine::resolve_model(&a.model)?;
+    if lw_engine::source::is_gguf(&dir) {
+        anyhow::bail!("{} is already a GGUF file", dir.display());
+    }
+    let started = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} tensors  {msg}")
+            .expect("valid template"),
+    );
+    let report = lw_engine::gguf::convert(&dir, &a.out, target, |i, n, name| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+        bar.set_message(name.to_string());
+    })?;
+    bar.finish_and_clear();
+    for (name, q) in &report.fallbacks {
+        eprintln!(
+            "note: {name}: rows are not whole {} blocks, written as {}",
+            target.name(),
+            q.name()
+        );
+    }
+    eprintln!(
+        "wrote {} ({}, {} tensors, {:.1} MB) in {:.1}s",
+        report.path.display(),
+        target.name(),
+        report.tensors,
+        report.bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -314,6 +388,7 @@ fn main() -> ExitCode {
         Command::Train(train::TrainCommand::Pretrain(a)) => train::pretrain(&a),
         Command::Train(train::TrainCommand::Sft(a)) => train::sft(&a),
         Command::Lora(train::LoraCommand::Merge(a)) => train::merge(&a),
+        Command::Convert(a) => convert(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,16 +30,18 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
             WeightDtype::Bf16 => DType::BF16,
         }),
         prefill_chunk: m.prefill_chunk,
+        quantize: m.quantize,
     };
     let engine =
         Engine::load(&dir, &opts).with_context(|| format!("loading model {}", dir.display()))?;
     let cfg = engine.model().config();
     eprintln!(
-        "loaded {} ({}, {:.1}M parameters, weights {:?}, context {}) in {:.2}s",
+        "loaded {} ({}, {:.1}M parameters, weights {}, {:.1} MB read per token, context {}) in {:.2}s",
         dir.display(),
         cfg.model_type,
         cfg.parameter_count() as f64 / 1e6,
-        engine.model().weight_dtype(),
+        engine.model().weight_format(),
+        engine.model().weight_bytes_per_token() as f64 / 1e6,
         engine.context_length(),
         started.elapsed().as_secs_f64()
     );

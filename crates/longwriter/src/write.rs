@@ -33,6 +33,9 @@ pub(crate) struct BackendArgs {
     /// Prompt tokens per prefill step of the local engine.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// Quantize a safetensors checkpoint as it loads (q8_0, q4_k…).
+    #[arg(long, value_parser = crate::parse_quantize)]
+    quantize: Option<lw_model::QType>,
     /// An OpenAI-compatible server instead of the local engine, e.g.
     /// http://127.0.0.1:8000/v1 (vLLM, SGLang, llama.cpp, Ollama, OpenAI).
     #[arg(long, conflicts_with = "model")]
@@ -98,6 +101,7 @@ impl BackendArgs {
             dtype: self.dtype,
             threads: self.threads,
             prefill_chunk: self.prefill_chunk,
+            quantize: self.quantize,
         })
     }
 

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use lw_core::{FinishReason, GenerationParams, GenerationStats, Message, SamplingParams};
-use lw_model::{DType, KvCache, Llama, Logits, ModelConfig};
+use lw_model::loader::SafetensorsSource;
+use lw_model::{DType, GgufFile, KvCache, Llama, Logits, ModelConfig, QType};
 use serde_json::Value;
 
 use crate::error::EngineError;
@@ -25,6 +26,10 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Prompt tokens per prefill step.
     pub prefill_chunk: usize,
+    /// Quantize the weight matrices of a safetensors checkpoint as they load
+    /// (Q8_0, Q4_K…), so a bf16 or f32 checkpoint decodes at quantized speed.
+    /// GGUF files keep their own types.
+    pub quantize: Option<QType>,
 }
 
 impl Default for LoadOptions {
@@ -32,6 +37,7 @@ impl Default for LoadOptions {
         LoadOptions {
             dtype: None,
             prefill_chunk: 512,
+            quantize: None,
         }
     }
 }
@@ -58,8 +64,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads a model directory: config, weights, tokenizer, generation config.
+    /// Loads a model directory (config, weights, tokenizer, generation
+    /// config) or a GGUF file.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
+        if crate::source::is_gguf(dir) {
+            return Self::load_gguf(dir, opts);
+        }
         let config_path = dir.join("config.json");
         let cfg = ModelConfig::from_file(&config_path)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
@@ -86,7 +96,12 @@ impl Engine {
         }
         eos_ids.sort_unstable();
         eos_ids.dedup();
-        let model = Llama::load(cfg, &weights, dtype)?;
+        let src = SafetensorsSource {
+            weights: &weights,
+            dtype,
+            quantize: opts.quantize,
+        };
+        let model = Llama::load_from(cfg, &src, dtype)?;
         let cache = model.new_cache();
         Ok(Engine {
             model,
@@ -94,6 +109,39 @@ impl Engine {
             dir: dir.to_path_buf(),
             eos_ids,
             defaults,
+            cache,
+            cached: Vec::new(),
+            prefill_chunk: opts.prefill_chunk.max(1),
+        })
+    }
+
+    /// Loads a GGUF file: the model, its tokenizer and chat template.
+    fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
+        let file = GgufFile::open(path)?;
+        let tokenizer = crate::gguf::tokenizer_from_gguf(&file)?;
+        let model = Llama::load_gguf(&file)?;
+        let tok_vocab = tokenizer.id_bound();
+        if tok_vocab > model.config().vocab_size {
+            return Err(EngineError::VocabMismatch {
+                tokenizer_path: path.to_path_buf(),
+                config_path: path.to_path_buf(),
+                tokenizer: tok_vocab,
+                model: model.config().vocab_size,
+            });
+        }
+        let mut eos_ids = model.config().eos_token_ids.clone();
+        if let Some(id) = tokenizer.eos_token().and_then(|t| tokenizer.token_id(t)) {
+            eos_ids.push(id);
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        let cache = model.new_cache();
+        Ok(Engine {
+            model,
+            tokenizer,
+            dir: path.to_path_buf(),
+            eos_ids,
+            defaults: SamplingParams::default(),
             cache,
             cached: Vec::new(),
             prefill_chunk: opts.prefill_chunk.max(1),

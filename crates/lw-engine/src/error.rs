@@ -37,8 +37,6 @@ pub enum EngineError {
     Cancelled,
     #[error("the engine has stopped")]
     Stopped,
-    #[error("{}: GGUF files are not supported yet; pass a Hugging Face model directory", path.display())]
-    GgufUnsupported { path: PathBuf },
 }
 
 impl EngineError {

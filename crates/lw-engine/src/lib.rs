@@ -7,6 +7,7 @@
 pub mod batch;
 pub mod engine;
 pub mod error;
+pub mod gguf;
 pub mod sampler;
 pub mod source;
 pub mod template;

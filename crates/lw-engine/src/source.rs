@@ -52,18 +52,13 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf, EngineError> {
     }
     let path = Path::new(spec);
     if path.exists() {
-        if path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-        {
-            return Err(EngineError::GgufUnsupported {
-                path: path.to_path_buf(),
-            });
+        if is_gguf(path) {
+            return Ok(path.to_path_buf());
         }
         if path.is_file() {
             return Err(EngineError::file(
                 path,
-                "expected a model directory (config.json, *.safetensors, tokenizer.json), found a file",
+                "expected a model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file, found another file",
             ));
         }
         return Ok(path.to_path_buf());
@@ -72,6 +67,12 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf, EngineError> {
         return Err(EngineError::ModelNotFound { model: spec.into() });
     }
     download(spec)
+}
+
+/// A `.gguf` file (by its name).
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 fn looks_like_hub_id(spec: &str) -> bool {

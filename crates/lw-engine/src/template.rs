@@ -11,6 +11,7 @@ use crate::error::EngineError;
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -33,9 +34,15 @@ impl ChatTemplate {
             .map_err(|e| EngineError::Template(describe(&e)))?;
         Ok(ChatTemplate {
             env,
+            source: source.to_string(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
+    }
+
+    /// The Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders the conversation; `add_generation_prompt` opens the assistant's turn.

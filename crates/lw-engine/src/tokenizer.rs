@@ -69,6 +69,21 @@ impl Tokenizer {
         })
     }
 
+    /// A tokenizer built elsewhere (from a GGUF file's metadata).
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        chat_template: Option<ChatTemplate>,
+    ) -> Self {
+        Tokenizer {
+            inner,
+            bos_token,
+            eos_token,
+            chat_template,
+        }
+    }
+
     /// Entries in the vocabulary, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

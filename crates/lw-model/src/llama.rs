@@ -152,6 +152,40 @@ impl Llama {
         })
     }
 
+    /// The formats the weight matrices are held in, most bytes first, e.g.
+    /// `Q4_K 78%, Q6_K 22%` or `BF16`.
+    pub fn weight_format(&self) -> String {
+        let mut by: Vec<(String, usize)> = Vec::new();
+        let mut add = |l: &Linear| {
+            for p in l.parts() {
+                let name = match p {
+                    Weight::Dense(t) => format!("{:?}", t.dtype()).to_uppercase(),
+                    Weight::Quant(q) => q.qtype().name().to_string(),
+                };
+                match by.iter_mut().find(|(n, _)| *n == name) {
+                    Some(e) => e.1 += p.size_bytes(),
+                    None => by.push((name, p.size_bytes())),
+                }
+            }
+        };
+        for l in &self.layers {
+            add(&l.attn.qkv);
+            add(&l.attn.o);
+            add(&l.mlp.gate_up);
+            add(&l.mlp.down);
+        }
+        add(&self.lm_head);
+        by.sort_by(|a, b| b.1.cmp(&a.1));
+        let total: usize = by.iter().map(|b| b.1).sum::<usize>().max(1);
+        if by.len() == 1 {
+            return by.remove(0).0;
+        }
+        by.iter()
+            .map(|(n, b)| format!("{n} {:.0}%", 100.0 * *b as f64 / total as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// Bytes of weights read per decoded token (every matrix once; the
     /// embedding row is negligible).
     pub fn weight_bytes_per_token(&self) -> usize {

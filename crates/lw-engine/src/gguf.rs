@@ -1,0 +1,584 @@
+//! GGUF on the engine's side: the tokenizer and chat template a GGUF file
+//! carries (llama.cpp's `tokenizer.ggml.*` keys, byte-level BPE), and
+//! `convert`, which writes a Hugging Face checkpoint as a GGUF file that both
+//! this engine and llama.cpp load.
+
+use std::path::{Path, PathBuf};
+
+use lw_model::gguf::{self, GgufFile, OutTensor, Value};
+use lw_model::gguf_model::config_metadata;
+use lw_model::quant::encode;
+use lw_model::{DType, ModelConfig, QType, Weights};
+use serde_json::{json, Value as Json};
+
+use crate::error::EngineError;
+use crate::template::ChatTemplate;
+use crate::tokenizer::Tokenizer;
+
+/// Split patterns of the pre-tokenizers llama.cpp names in `tokenizer.ggml.pre`.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// llama.cpp's token types.
+const NORMAL: i32 = 1;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+
+/// The tokenizer of a GGUF file.
+pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Tokenizer, EngineError> {
+    let h = file.header();
+    let bad = |reason: String| EngineError::file(file.path(), reason);
+    let m = |e: lw_model::gguf::GgufError| EngineError::from(file.err(e));
+    let model = h.string("tokenizer.ggml.model").map_err(m)?;
+    match model {
+        Some("gpt2") => {}
+        Some(other) => {
+            return Err(bad(format!(
+                "tokenizer model \"{other}\" is not supported (byte-level BPE, \"gpt2\", is)"
+            )))
+        }
+        None => return Err(bad("no tokenizer (tokenizer.ggml.model is missing)".into())),
+    }
+    let tokens = h
+        .require("tokenizer.ggml.tokens", h.strings("tokenizer.ggml.tokens"))
+        .map_err(m)?;
+    let types: Vec<i32> = match h.array("tokenizer.ggml.token_type").map_err(m)? {
+        Some(a) => a
+            .iter()
+            .map(|v| match v {
+                Value::I32(t) => Ok(*t),
+                v => Err(bad(format!(
+                    "tokenizer.ggml.token_type holds {}, expected i32",
+                    v.type_name()
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+        None => vec![NORMAL; tokens.len()],
+    };
+    if types.len() != tokens.len() {
+        return Err(bad(format!(
+            "{} token types for {} tokens",
+            types.len(),
+            tokens.len()
+        )));
+    }
+    let merges = h
+        .strings("tokenizer.ggml.merges")
+        .map_err(m)?
+        .unwrap_or_default();
+    let pre = h
+        .string("tokenizer.ggml.pre")
+        .map_err(m)?
+        .unwrap_or("default");
+    let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+    let split = |pattern: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+            byte_level(false)
+        ]})
+    };
+    let pre_tokenizer = match pre {
+        "default" | "gpt-2" | "gpt2" => byte_level(true),
+        "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3_SPLIT),
+        "qwen2" => split(QWEN2_SPLIT),
+        other => {
+            return Err(bad(format!(
+                "pre-tokenizer \"{other}\" is not supported (gpt-2, llama-bpe, qwen2 are)"
+            )))
+        }
+    };
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (id, (tok, &ty)) in tokens.iter().zip(&types).enumerate() {
+        match ty {
+            UNUSED => continue,
+            CONTROL | USER_DEFINED => added.push(json!({
+                "id": id, "content": tok, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": ty == CONTROL,
+            })),
+            _ => {}
+        }
+        vocab.insert(tok.to_string(), json!(id));
+    }
+    let token_at = |key: &str| -> Result<Option<(u32, String)>, EngineError> {
+        Ok(h.uint(key)
+            .map_err(m)?
+            .and_then(|id| tokens.get(id as usize).map(|t| (id as u32, t.to_string()))))
+    };
+    let bos = token_at("tokenizer.ggml.bos_token_id")?;
+    let eos = token_at("tokenizer.ggml.eos_token_id")?;
+    let add_bos = matches!(
+        h.get("tokenizer.ggml.add_bos_token"),
+        Some(Value::Bool(true))
+    );
+    let post_processor = match (&bos, add_bos) {
+        (Some((id, tok)), true) => json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": tok, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {tok.as_str(): {"id": tok, "ids": [id], "tokens": [tok]}},
+        }),
+        _ => Json::Null,
+    };
+    let spec = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post_processor,
+        "decoder": byte_level(true),
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": pre != "default" && pre != "gpt-2" && pre != "gpt2",
+            "vocab": vocab, "merges": merges,
+        },
+    });
+    let inner = tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes())
+        .map_err(|e| bad(format!("the tokenizer it describes does not build: {e}")))?;
+    let bos_token = bos.map(|b| b.1);
+    let eos_token = eos.map(|e| e.1);
+    let chat_template = h
+        .string("tokenizer.chat_template")
+        .map_err(m)?
+        .map(|src| {
+            ChatTemplate::new(
+                src,
+                bos_token.as_deref().unwrap_or(""),
+                eos_token.as_deref().unwrap_or(""),
+            )
+            .map_err(|e| bad(format!("tokenizer.chat_template: {e}")))
+        })
+        .transpose()?;
+    Ok(Tokenizer::from_parts(
+        inner,
+        bos_token,
+        eos_token,
+        chat_template,
+    ))
+}
+
+/// The tokenizer keys for a model directory's `tokenizer.json` and
+/// `tokenizer_config.json`, with the token list padded to `vocab_size`.
+fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>, EngineError> {
+    let path = dir.join("tokenizer.json");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| EngineError::file(&path, e.to_string()))?;
+    let tj: Json = serde_json::from_str(&text)
+        .map_err(|e| EngineError::file(&path, format!("invalid JSON: {e}")))?;
+    let bad = |reason: String| EngineError::file(&path, reason);
+    let model = &tj["model"];
+    if model["type"] != "BPE" {
+        return Err(bad(format!(
+            "only byte-level BPE tokenizers can be written to GGUF (this one is {})",
+            model["type"]
+        )));
+    }
+    let pre = pre_name(&tj["pre_tokenizer"]).ok_or_else(|| {
+        bad(format!(
+            "its pre-tokenizer has no llama.cpp name (byte-level with the GPT-2, Llama 3 or Qwen2 split is supported): {}",
+            tj["pre_tokenizer"]
+        ))
+    })?;
+    let mut tokens: Vec<Option<(String, i32)>> = vec![None; vocab_size];
+    let mut put = |id: u64, tok: &str, ty: i32| -> Result<(), EngineError> {
+        let slot = tokens.get_mut(id as usize).ok_or_else(|| {
+            bad(format!(
+                "token id {id} ({tok:?}) is beyond the model's vocabulary of {vocab_size}"
+            ))
+        })?;
+        *slot = Some((tok.to_string(), ty));
+        Ok(())
+    };
+    for (tok, id) in model["vocab"].as_object().into_iter().flatten() {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| bad(format!("vocab entry {tok:?} has no id")))?;
+        put(id, tok, NORMAL)?;
+    }
+    for t in tj["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(tok)) = (t["id"].as_u64(), t["content"].as_str()) else {
+            return Err(bad(format!("an added token without id or content: {t}")));
+        };
+        let ty = if t["special"].as_bool().unwrap_or(false) {
+            CONTROL
+        } else {
+            USER_DEFINED
+        };
+        put(id, tok, ty)?;
+    }
+    let (names, types): (Vec<Value>, Vec<Value>) = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| match t {
+            Some((tok, ty)) => (Value::String(tok), Value::I32(ty)),
+            None => (Value::String(format!("[PAD{i}]")), Value::I32(UNUSED)),
+        })
+        .unzip();
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|mg| match mg {
+            Json::String(s) => Ok(Value::String(s.clone())),
+            Json::Array(p) if p.len() == 2 => Ok(Value::String(format!(
+                "{} {}",
+                p[0].as_str().unwrap_or_default(),
+                p[1].as_str().unwrap_or_default()
+            ))),
+            other => Err(bad(format!("a merge that is not a pair: {other}"))),
+        })
+        .collect::<Result<_, _>>()?;
+    let mut meta = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
+        ("tokenizer.ggml.pre".to_string(), Value::String(pre.into())),
+        ("tokenizer.ggml.tokens".to_string(), Value::Array(names)),
+        ("tokenizer.ggml.token_type".to_string(), Value::Array(types)),
+        ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
+    ];
+    // Special tokens and the chat template from tokenizer_config.json.
+    let cfg_path = dir.join("tokenizer_config.json");
+    let cfg: Json = std::fs::read_to_string(&cfg_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Json::Null);
+    let probe = Tokenizer::from_dir(dir)?;
+    let id_of = |key: &str| -> Option<u32> {
+        let tok = match &cfg[key] {
+            Json::String(s) => Some(s.as_str()),
+            Json::Object(o) => o.get("content").and_then(Json::as_str),
+            _ => None,
+        }?;
+        probe.token_id(tok)
+    };
+    for (key, name) in [
+        ("bos_token", "tokenizer.ggml.bos_token_id"),
+        ("eos_token", "tokenizer.ggml.eos_token_id"),
+        ("pad_token", "tokenizer.ggml.padding_token_id"),
+    ] {
+        if let Some(id) = id_of(key) {
+            meta.push((name.to_string(), Value::U32(id)));
+        }
+    }
+    let adds_bos = probe
+        .encode("a", true)
+        .map(|ids| ids.len() > 1 && Some(ids[0]) == id_of("bos_token"))
+        .unwrap_or(false);
+    meta.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(adds_bos)));
+    if let Some(t) = probe.chat_template() {
+        meta.push((
+            "tokenizer.chat_template".into(),
+            Value::String(t.source().to_string()),
+        ));
+    }
+    Ok(meta)
+}
+
+/// llama.cpp's name for a `tokenizer.json` pre-tokenizer.
+fn pre_name(pre: &Json) -> Option<&'static str> {
+    let is_byte_level = |p: &Json, regex: bool| {
+        p["type"] == "ByteLevel" && p["use_regex"].as_bool().unwrap_or(true) == regex
+    };
+    if is_byte_level(pre, true) {
+        return Some("gpt-2");
+    }
+    let parts = pre["pretokenizers"].as_array()?;
+    if pre["type"] != "Sequence" || parts.len() != 2 || !is_byte_level(&parts[1], false) {
+        return None;
+    }
+    match parts[0]["pattern"]["Regex"].as_str()? {
+        LLAMA3_SPLIT => Some("llama-bpe"),
+        QWEN2_SPLIT => Some("qwen2"),
+        _ => None,
+    }
+}
+
+/// What `convert` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Every matrix in one type (norms stay f32).
+    Uniform(QType),
+    /// llama.cpp's Q4_K_M recipe: Q4_K, with Q6_K for the output matrix and
+    /// for `attn_v` / `ffn_down` in the first and last eighth of the layers
+    /// and every third layer between.
+    Q4KM,
+    /// The same recipe with Q5_K in place of Q4_K.
+    Q5KM,
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Option<Target> {
+        match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "q4_k_m" | "q4km" => Some(Target::Q4KM),
+            "q5_k_m" | "q5km" => Some(Target::Q5KM),
+            other => QType::parse(other).map(Target::Uniform),
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Target::Uniform(q) => q.name().to_string(),
+            Target::Q4KM => "Q4_K_M".into(),
+            Target::Q5KM => "Q5_K_M".into(),
+        }
+    }
+
+    /// The type of matrix `name` (GGUF name) of layer `layer` of `layers`.
+    fn qtype(self, name: &str, layer: Option<usize>, layers: usize) -> QType {
+        let base = match self {
+            Target::Uniform(q) => return q,
+            Target::Q4KM => QType::Q4K,
+            Target::Q5KM => QType::Q5K,
+        };
+        let more_bits = |i: usize| {
+            i < layers / 8 || i >= 7 * layers / 8 || (i >= layers / 8 && (i - layers / 8) % 3 == 2)
+        };
+        if name == "output.weight" {
+            return QType::Q6K;
+        }
+        match layer {
+            Some(i) if (name.contains("attn_v") || name.contains("ffn_down")) && more_bits(i) => {
+                QType::Q6K
+            }
+            _ => base,
+        }
+    }
+}
+
+/// What `convert` wrote.
+#[derive(Debug, Clone)]
+pub struct ConvertReport {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub tensors: usize,
+    /// Tensors whose rows were not whole blocks of the asked type, with the
+    /// type they got instead.
+    pub fallbacks: Vec<(String, QType)>,
+}
+
+/// Writes the checkpoint in `dir` as a GGUF file at `out` (atomically:
+/// a temporary file beside it, then a rename). `progress` gets each tensor's
+/// name as it is encoded.
+pub fn convert(
+    dir: &Path,
+    out: &Path,
+    target: Target,
+    mut progress: impl FnMut(usize, usize, &str),
+) -> Result<ConvertReport, EngineError> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let weights = Weights::from_dir(dir)?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let mut meta = config_metadata(&cfg, &name);
+    meta.push(("general.file_type".into(), Value::U32(file_type(target))));
+    meta.extend(tokenizer_metadata(dir, cfg.vocab_size)?);
+    if !cfg.eos_token_ids.is_empty()
+        && !meta.iter().any(|(k, _)| k == "tokenizer.ggml.eos_token_id")
+    {
+        meta.push((
+            "tokenizer.ggml.eos_token_id".into(),
+            Value::U32(cfg.eos_token_ids[0]),
+        ));
+    }
+    let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let (nq, nkv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    // (HF name, shape, layer, rotary heads to permute for llama.cpp's Llama)
+    let mut plan: Vec<(String, Vec<usize>, Option<usize>, Option<usize>)> = vec![(
+        "model.embed_tokens.weight".into(),
+        vec![cfg.vocab_size, h],
+        None,
+        None,
+    )];
+    let interleave = cfg.model_type != "qwen2";
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        let mut add = |n: String, shape: Vec<usize>, heads: Option<usize>| {
+            plan.push((n, shape, Some(l), heads.filter(|_| interleave)))
+        };
+        add(format!("{p}.input_layernorm.weight"), vec![h], None);
+        for (m, out, heads) in [
+            ("q_proj", nq, Some(cfg.num_heads)),
+            ("k_proj", nkv, Some(cfg.num_kv_heads)),
+            ("v_proj", nkv, None),
+        ] {
+            add(format!("{p}.self_attn.{m}.weight"), vec![out, h], heads);
+            if cfg.qkv_bias {
+                add(format!("{p}.self_attn.{m}.bias"), vec![out], heads);
+            }
+        }
+        add(format!("{p}.self_attn.o_proj.weight"), vec![h, nq], None);
+        if cfg.o_bias {
+            add(format!("{p}.self_attn.o_proj.bias"), vec![h], None);
+        }
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            None,
+        );
+        for (m, shape) in [
+            ("gate_proj", vec![i, h]),
+            ("up_proj", vec![i, h]),
+            ("down_proj", vec![h, i]),
+        ] {
+            let out = shape[0];
+            add(format!("{p}.mlp.{m}.weight"), shape, None);
+            if cfg.mlp_bias {
+                add(format!("{p}.mlp.{m}.bias"), vec![out], None);
+            }
+        }
+    }
+    plan.push(("model.norm.weight".into(), vec![h], None, None));
+    if !cfg.tie_word_embeddings {
+        plan.push(("lm_head.weight".into(), vec![cfg.vocab_size, h], None, None));
+    }
+    let mut tensors = Vec::with_capacity(plan.len());
+    let mut fallbacks = Vec::new();
+    let total = plan.len();
+    for (n, (hf, shape, layer, heads)) in plan.into_iter().enumerate() {
+        let gname = lw_model::loader::gguf_name(&hf).unwrap_or_else(|| hf.clone());
+        progress(n, total, &gname);
+        let t = weights.get(&hf, &shape, DType::F32)?;
+        let mut values = t
+            .flatten_all()
+            .map_err(lw_model::ModelError::from)?
+            .to_vec1::<f32>()
+            .map_err(lw_model::ModelError::from)?;
+        drop(t);
+        if let Some(heads) = heads {
+            values = permute_rows(&values, heads, shape[0] / heads, values.len() / shape[0]);
+        }
+        let cols = *shape.last().unwrap();
+        let qtype = if shape.len() == 1 {
+            QType::F32
+        } else {
+            let want = target.qtype(&gname, layer, cfg.num_layers);
+            if cols % want.block_elems() == 0 {
+                want
+            } else {
+                let fb = if want.is_quantized() && cols % 32 == 0 {
+                    QType::Q8_0
+                } else if want.is_quantized() {
+                    QType::F16
+                } else {
+                    want
+                };
+                fallbacks.push((gname.clone(), fb));
+                fb
+            }
+        };
+        let data = encode(qtype, &values, cols);
+        tensors.push(OutTensor {
+            name: gname,
+            shape,
+            qtype,
+            data,
+        });
+    }
+    // Llama 3.1's rescaling travels as per-frequency factors.
+    if let Some(lw_model::config::RopeScaling::Llama3 { .. }) = cfg.rope_scaling {
+        let scaled = lw_model::config::rope_inv_freq(&cfg);
+        let plain = lw_model::config::rope_inv_freq(&ModelConfig {
+            rope_scaling: None,
+            ..cfg.clone()
+        });
+        let factors: Vec<f32> = plain.iter().zip(&scaled).map(|(p, s)| p / s).collect();
+        tensors.push(OutTensor {
+            name: "rope_freqs.weight".into(),
+            shape: vec![factors.len()],
+            qtype: QType::F32,
+            data: encode(QType::F32, &factors, factors.len()),
+        });
+    }
+    progress(total, total, "writing");
+    let tmp = out.with_extension("gguf.tmp");
+    let write = || -> std::io::Result<u64> {
+        let file = std::fs::File::create(&tmp)?;
+        let mut w = std::io::BufWriter::new(file);
+        gguf::write(&mut w, &meta, &tensors)?;
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        let bytes = file.metadata()?.len();
+        std::fs::rename(&tmp, out)?;
+        Ok(bytes)
+    };
+    let bytes = write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        EngineError::file(out, e.to_string())
+    })?;
+    Ok(ConvertReport {
+        path: out.to_path_buf(),
+        bytes,
+        tensors: tensors.len(),
+        fallbacks,
+    })
+}
+
+/// llama.cpp's `general.file_type` codes.
+fn file_type(target: Target) -> u32 {
+    match target {
+        Target::Uniform(QType::F32) => 0,
+        Target::Uniform(QType::F16) => 1,
+        Target::Uniform(QType::Q4_0) => 2,
+        Target::Uniform(QType::Q8_0) => 7,
+        Target::Uniform(QType::Q4K) | Target::Q4KM => 15,
+        Target::Uniform(QType::Q5K) | Target::Q5KM => 17,
+        Target::Uniform(QType::Q6K) => 18,
+        Target::Uniform(QType::BF16) => 32,
+    }
+}
+
+/// Reorders the rows of each head from the halves layout (`i`, `i + d/2`
+/// rotate together) to adjacent pairs (`2i`, `2i + 1`): llama.cpp's layout
+/// for Llama q and k projections. `cols` is 1 for a bias.
+fn permute_rows(values: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * head_dim + j * half + i;
+                let dst = h * head_dim + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q4_k_m_gives_more_bits_to_a_third_of_the_layers() {
+        let t = Target::Q4KM;
+        let v: Vec<QType> = (0..16)
+            .map(|l| t.qtype("blk.x.ffn_down.weight", Some(l), 16))
+            .collect();
+        assert_eq!(v[0], QType::Q6K);
+        assert_eq!(v[1], QType::Q6K);
+        assert_eq!(v[2], QType::Q4K);
+        assert_eq!(v[4], QType::Q6K);
+        assert_eq!(v[15], QType::Q6K);
+        assert_eq!(t.qtype("blk.3.attn_q.weight", Some(3), 16), QType::Q4K);
+        assert_eq!(t.qtype("output.weight", None, 16), QType::Q6K);
+        assert_eq!(Target::parse("Q4_K_M"), Some(Target::Q4KM));
+        assert_eq!(Target::parse("q8_0"), Some(Target::Uniform(QType::Q8_0)));
+    }
+
+    #[test]
+    fn permutation_moves_halves_to_pairs() {
+        // One head of 4 rows (cols 1): [a0 a1 b0 b1] → [a0 b0 a1 b1].
+        assert_eq!(permute_rows(&[0., 1., 2., 3.], 1, 4, 1), [0., 2., 1., 3.]);
+    }
+}
