@@ -453,7 +453,7 @@ pub fn parse(bytes: &[u8]) -> Result<Header, GgufError> {
             });
         }
         let row = r.dims[0] as usize;
-        if row % qtype.block_elems() != 0 {
+        if !row.is_multiple_of(qtype.block_elems()) {
             return Err(GgufError::TensorShape {
                 name: r.name,
                 reason: format!(

@@ -175,7 +175,7 @@ impl Llama {
             add(&l.mlp.down);
         }
         add(&self.lm_head);
-        by.sort_by(|a, b| b.1.cmp(&a.1));
+        by.sort_by_key(|b| std::cmp::Reverse(b.1));
         let total: usize = by.iter().map(|b| b.1).sum::<usize>().max(1);
         if by.len() == 1 {
             return by.remove(0).0;

@@ -67,7 +67,7 @@ impl TensorSource for SafetensorsSource<'_> {
             .map(|(n, s)| (*n, &s[..]))
             .collect();
         match self.quantize {
-            Some(q) if q.is_quantized() && inp % q.block_elems() == 0 => {
+            Some(q) if q.is_quantized() && inp.is_multiple_of(q.block_elems()) => {
                 let t = self.weights.get_stacked(&parts, DType::F32)?;
                 let rows = outs.iter().sum();
                 let values = t.flatten_all()?.to_vec1::<f32>()?;

@@ -229,7 +229,7 @@ impl QMatrix {
         if !qtype.is_quantized() {
             return Err(format!("{} is not a block-quantized type", qtype.name()));
         }
-        if cols % qtype.block_elems() != 0 {
+        if !cols.is_multiple_of(qtype.block_elems()) {
             return Err(format!(
                 "rows of {cols} elements are not whole {} blocks of {}",
                 qtype.name(),
@@ -262,7 +262,7 @@ impl QMatrix {
         if values.len() != rows * cols {
             return Err(format!("{} values for {rows}×{cols}", values.len()));
         }
-        if !qtype.is_quantized() || cols % qtype.block_elems() != 0 {
+        if !qtype.is_quantized() || !cols.is_multiple_of(qtype.block_elems()) {
             return Err(format!(
                 "cannot quantize rows of {cols} to {} (blocks of {})",
                 qtype.name(),
