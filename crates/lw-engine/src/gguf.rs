@@ -337,9 +337,8 @@ impl Target {
             Target::Q4KM => QType::Q4K,
             Target::Q5KM => QType::Q5K,
         };
-        let more_bits = |i: usize| {
-            i < layers / 8 || i >= 7 * layers / 8 || (i >= layers / 8 && (i - layers / 8) % 3 == 2)
-        };
+        let more_bits =
+            |i: usize| i < layers / 8 || i >= 7 * layers / 8 || (i - layers / 8) % 3 == 2;
         if name == "output.weight" {
             return QType::Q6K;
         }
@@ -351,6 +350,10 @@ impl Target {
         }
     }
 }
+
+/// A tensor to convert: HF name, shape, layer, and the number of rotary
+/// heads whose rows to permute for llama.cpp's Llama layout.
+type Planned = (String, Vec<usize>, Option<usize>, Option<usize>);
 
 /// What `convert` wrote.
 #[derive(Debug, Clone)]
@@ -391,8 +394,7 @@ pub fn convert(
     }
     let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let (nq, nkv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-    // (HF name, shape, layer, rotary heads to permute for llama.cpp's Llama)
-    let mut plan: Vec<(String, Vec<usize>, Option<usize>, Option<usize>)> = vec![(
+    let mut plan: Vec<Planned> = vec![(
         "model.embed_tokens.weight".into(),
         vec![cfg.vocab_size, h],
         None,
