@@ -90,14 +90,14 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let decode_tok_s = median(&mut decode);
     let peak_rss_mb = peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0));
     let cfg = engine.model().config();
-    let weight_bytes = decode_weight_bytes(cfg, engine.model().weight_dtype().size_in_bytes());
+    let weight_bytes = engine.model().weight_bytes_per_token();
     let threads = rayon_threads();
     if a.json {
         let v = serde_json::json!({
             "model": a.model.model,
             "model_type": cfg.model_type,
             "parameters": cfg.parameter_count(),
-            "weight_dtype": format!("{:?}", engine.model().weight_dtype()).to_lowercase(),
+            "weights": engine.model().weight_format(),
             "threads": threads,
             "prompt_tokens": a.prompt_tokens,
             "gen_tokens": a.gen_tokens,
@@ -111,11 +111,11 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         println!("{v}");
     } else {
         println!(
-            "model:   {} ({}, {:.1}M parameters, {:?} weights, {threads} threads)",
+            "model:   {} ({}, {:.1}M parameters, {} weights, {threads} threads)",
             a.model.model,
             cfg.model_type,
             cfg.parameter_count() as f64 / 1e6,
-            engine.model().weight_dtype()
+            engine.model().weight_format()
         );
         println!(
             "prefill: {prefill_tok_s:.1} tok/s ({} prompt tokens, median of {})",
@@ -225,16 +225,6 @@ fn median(xs: &mut [f64]) -> f64 {
     } else {
         (xs[n / 2 - 1] + xs[n / 2]) / 2.0
     }
-}
-
-/// Bytes of weights one decode step reads: every layer's matrices and the
-/// classifier (the embedding table contributes one row, unless it is the classifier).
-fn decode_weight_bytes(cfg: &lw_model::ModelConfig, dtype_size: usize) -> usize {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let q = cfg.num_heads * cfg.head_dim;
-    let kv = cfg.num_kv_heads * cfg.head_dim;
-    let layer = h * q + 2 * h * kv + q * h + 3 * h * i;
-    (cfg.num_layers * layer + cfg.vocab_size * h) * dtype_size
 }
 
 fn rayon_threads() -> usize {

@@ -64,6 +64,54 @@ enum Command {
     /// Write a Hugging Face checkpoint as a GGUF file (llama.cpp's format),
     /// quantized or not; `--model FILE.gguf` runs it.
     Convert(ConvertArgs),
+    /// Compute the logits of a sequence of token ids (every position), to
+    /// compare with another engine on the same model file.
+    Score(ScoreArgs),
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Token ids, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    ids: Vec<u32>,
+    /// Write the logits here as little-endian f32, `[positions, vocab]`;
+    /// without it, each position's top token and logit are printed.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn score(a: &ScoreArgs) -> anyhow::Result<()> {
+    let mut engine = run::load_engine(&a.model)?;
+    let rows = engine.score(&a.ids)?;
+    match &a.out {
+        Some(path) => {
+            let bytes: Vec<u8> = rows
+                .iter()
+                .flatten()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "wrote {} positions × {} logits to {}",
+                rows.len(),
+                rows.first().map_or(0, Vec::len),
+                path.display()
+            );
+        }
+        None => {
+            for (i, r) in rows.iter().enumerate() {
+                let (best, v) = r
+                    .iter()
+                    .enumerate()
+                    .max_by(|x, y| x.1.total_cmp(y.1))
+                    .unwrap_or((0, &0.0));
+                println!("{i}\t{best}\t{v:.4}");
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -389,6 +437,7 @@ fn main() -> ExitCode {
         Command::Train(train::TrainCommand::Sft(a)) => train::sft(&a),
         Command::Lora(train::LoraCommand::Merge(a)) => train::merge(&a),
         Command::Convert(a) => convert(&a),
+        Command::Score(a) => score(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

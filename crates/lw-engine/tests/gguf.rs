@@ -220,3 +220,131 @@ fn quantized_files_stay_close_to_the_full_precision_model() {
         .fold(0.0, f32::max);
     assert!(worst < 1e-3, "--quantize q8_0 vs the Q8_0 file: {worst}");
 }
+
+/// The metadata and tensors of a converted fixture, to rewrite broken.
+fn parts() -> (
+    Vec<(String, lw_model::gguf::Value)>,
+    Vec<lw_model::gguf::OutTensor>,
+) {
+    let tmp = scratch("parts");
+    let path = to_gguf(
+        &model_dir("qwen2"),
+        &tmp.join("q.gguf"),
+        Target::Uniform(QType::Q8_0),
+    );
+    let file = lw_model::GgufFile::open(&path).unwrap();
+    let tensors = file
+        .header()
+        .tensors
+        .iter()
+        .map(|t| lw_model::gguf::OutTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            qtype: t.qtype,
+            data: file.data(t).as_slice().to_vec(),
+        })
+        .collect();
+    (file.header().metadata.clone(), tensors)
+}
+
+fn write_gguf(
+    path: &Path,
+    meta: &[(String, lw_model::gguf::Value)],
+    tensors: &[lw_model::gguf::OutTensor],
+) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    lw_model::gguf::write(&mut bytes, meta, tensors).unwrap();
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+fn load_error(path: &Path) -> String {
+    match Engine::load(path, &LoadOptions::default()) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn broken_gguf_files_are_clear_errors() {
+    use lw_model::gguf::Value;
+    let tmp = scratch("bad");
+    let (meta, tensors) = parts();
+    let good = write_gguf(&tmp.join("good.gguf"), &meta, &tensors);
+    assert!(Engine::load(&tmp.join("good.gguf"), &LoadOptions::default()).is_ok());
+
+    // Cut in the middle of the tensor data.
+    let cut = tmp.join("cut.gguf");
+    std::fs::write(&cut, &good[..good.len() * 2 / 3]).unwrap();
+    let e = load_error(&cut);
+    assert!(
+        e.contains("cut.gguf") && e.contains("run past the end"),
+        "{e}"
+    );
+
+    // Cut inside the header.
+    std::fs::write(&cut, &good[..200]).unwrap();
+    let e = load_error(&cut);
+    assert!(e.contains("truncated"), "{e}");
+
+    // A tensor whose shape needs more bytes than it has.
+    let mut t2 = parts().1;
+    let last = t2.len() - 1;
+    t2[last].shape[0] *= 4;
+    let big = tmp.join("big.gguf");
+    let mut bytes = Vec::new();
+    lw_model::gguf::write(&mut bytes, &meta, &t2).unwrap();
+    std::fs::write(&big, &bytes[..good.len()]).unwrap();
+    let e = load_error(&big);
+    assert!(e.contains(&format!("tensor \"{}\"", t2[last].name)), "{e}");
+
+    // An unknown tensor type id, and a known one this engine does not run.
+    for (id, want) in [
+        (77u32, "unknown tensor type 77"),
+        (10, "Q2_K, which is not supported"),
+    ] {
+        let mut bytes = good.clone();
+        let name = b"blk.0.attn_q.weight";
+        let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+        let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        let ty = at + 4 + 8 * n_dims;
+        bytes[ty..ty + 4].copy_from_slice(&id.to_le_bytes());
+        let path = tmp.join("type.gguf");
+        std::fs::write(&path, &bytes).unwrap();
+        let e = load_error(&path);
+        assert!(e.contains("blk.0.attn_q.weight") && e.contains(want), "{e}");
+    }
+
+    // Metadata of the wrong type, and an architecture this engine lacks.
+    for (value, want) in [
+        (
+            Value::U32(7),
+            "\"general.architecture\" is u32, expected a string",
+        ),
+        (
+            Value::String("rwkv6".into()),
+            "architecture \"rwkv6\" is not supported",
+        ),
+    ] {
+        let mut m = meta.clone();
+        m.iter_mut()
+            .find(|(k, _)| k == "general.architecture")
+            .unwrap()
+            .1 = value;
+        let path = tmp.join("meta.gguf");
+        write_gguf(&path, &m, &tensors);
+        let e = load_error(&path);
+        assert!(e.contains("meta.gguf") && e.contains(want), "{e}");
+    }
+
+    // A required key missing.
+    let m: Vec<_> = meta
+        .iter()
+        .filter(|(k, _)| k != "qwen2.block_count")
+        .cloned()
+        .collect();
+    let path = tmp.join("nokey.gguf");
+    write_gguf(&path, &m, &tensors);
+    let e = load_error(&path);
+    assert!(e.contains("\"qwen2.block_count\" is missing"), "{e}");
+}

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Writes a random-weight Llama-family checkpoint of a real model's shape,
+for speed benchmarks (never committed): config.json, model.safetensors (f16)
+and a synthetic byte-level BPE tokenizer of the right vocabulary size.
+
+    python3 scripts/make_bench_model.py llama-3.2-1b OUT_DIR
+    python3 scripts/make_bench_model.py smollm2-135m OUT_DIR
+
+Only numpy is needed. Then `longwriter convert OUT_DIR -o m.gguf --type q4_k_m`.
+"""
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {
+    # Llama-3.2-1B: 16 layers, GQA 32/8, tied embeddings, Llama 3.1 rope.
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
+    # SmolLM2-135M: 30 layers, GQA 9/3, tied embeddings.
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
+}
+
+
+def byte_alphabet():
+    """The byte-level BPE alphabet: printable bytes map to themselves, the
+    rest to code points from 256 up, in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def tokenizer(vocab_size, rng):
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    tokens = byte_alphabet()
+    seen = set(tokens)
+    merges = []
+    target = vocab_size - len(specials)
+    while len(tokens) < target:
+        # Merge two existing tokens; short ones are favoured so the
+        # vocabulary looks like a real one (most tokens 2-8 bytes).
+        a = tokens[int(rng.integers(0, min(len(tokens), 4096)))]
+        b = tokens[int(rng.integers(0, min(len(tokens), 4096)))]
+        t = a + b
+        if t in seen:
+            continue
+        seen.add(t)
+        tokens.append(t)
+        merges.append(f"{a} {b}")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    added = [
+        dict(id=len(tokens) + i, content=s, single_word=False, lstrip=False,
+             rstrip=False, normalized=False, special=True)
+        for i, s in enumerate(specials)
+    ]
+    byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=True)
+    return dict(
+        version="1.0", truncation=None, padding=None, added_tokens=added,
+        normalizer=None, pre_tokenizer=byte_level, post_processor=None,
+        decoder=byte_level,
+        model=dict(type="BPE", dropout=None, unk_token=None,
+                   continuing_subword_prefix=None, end_of_word_suffix=None,
+                   fuse_unk=False, byte_fallback=False, vocab=vocab, merges=merges),
+    ), specials
+
+
+def tensors(cfg):
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    yield "model.embed_tokens.weight", (cfg["vocab_size"], h)
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}"
+        yield f"{p}.input_layernorm.weight", (h,)
+        yield f"{p}.self_attn.q_proj.weight", (q, h)
+        yield f"{p}.self_attn.k_proj.weight", (kv, h)
+        yield f"{p}.self_attn.v_proj.weight", (kv, h)
+        yield f"{p}.self_attn.o_proj.weight", (h, q)
+        yield f"{p}.post_attention_layernorm.weight", (h,)
+        yield f"{p}.mlp.gate_proj.weight", (i, h)
+        yield f"{p}.mlp.up_proj.weight", (i, h)
+        yield f"{p}.mlp.down_proj.weight", (h, i)
+    yield "model.norm.weight", (h,)
+
+
+def main():
+    if len(sys.argv) != 3 or sys.argv[1] not in SHAPES:
+        sys.exit(f"usage: {sys.argv[0]} {{{'|'.join(SHAPES)}}} OUT_DIR")
+    shape, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5,
+               bos_token_id=None, eos_token_id=None, torch_dtype="float16", **SHAPES[shape])
+    tok, specials = tokenizer(cfg["vocab_size"], rng)
+    n = cfg["vocab_size"] - len(specials)
+    cfg["bos_token_id"], cfg["eos_token_id"] = n, n + 1
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        dict(bos_token=specials[0], eos_token=specials[1], model_max_length=cfg["max_position_embeddings"])))
+    header, offset = {}, 0
+    for name, dims in tensors(cfg):
+        size = int(np.prod(dims)) * 2
+        header[name] = dict(dtype="F16", shape=list(dims), data_offsets=[offset, offset + size])
+        offset += size
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(out / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for name, dims in tensors(cfg):
+            if len(dims) == 1:
+                w = np.ones(dims, dtype=np.float16)
+            else:
+                w = (rng.standard_normal(dims, dtype=np.float32) * 0.02).astype(np.float16)
+            f.write(w.tobytes())
+    print(f"wrote {out} ({shape}, {offset / 1e9:.2f} GB of f16 weights)")
+
+
+if __name__ == "__main__":
+    main()
