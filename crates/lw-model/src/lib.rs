@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod gguf;
 pub mod gguf_model;
+pub mod kernels;
 pub mod linear;
 pub mod llama;
 pub mod loader;

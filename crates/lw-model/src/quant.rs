@@ -329,6 +329,10 @@ impl QMatrix {
 
     /// `out[r][j] = Σ_i x[r][i] · W[j][i]`: `x` is `[rows, cols]`, `out` is `[rows, self.rows]`.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self.qtype, QType::Q8_0 | QType::Q4K) && crate::kernels::available() {
+            return self.matmul_x4(x, out);
+        }
         match self.qtype {
             QType::Q8_0 => self.matmul_as::<BlockQ8_0>(x, out),
             QType::Q4_0 => self.matmul_as::<BlockQ4_0>(x, out),
@@ -337,6 +341,55 @@ impl QMatrix {
             QType::Q6K => self.matmul_as::<BlockQ6K>(x, out),
             QType::F32 | QType::F16 | QType::BF16 => unreachable!("QMatrix holds block types"),
         }
+    }
+
+    /// Q8_0 and Q4_K through the four-row kernels of [`crate::kernels`].
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_x4(&self, x: &[f32], out: &mut [f32]) {
+        use crate::kernels::{q4k_x4, q8_0_x4, quantize_row};
+        let (n, k) = (self.rows, self.cols);
+        let m = x.len() / k;
+        let group = if self.qtype == QType::Q8_0 { 32 } else { 256 };
+        let xq: Vec<_> = x.par_chunks(k).map(|r| quantize_row(r, group)).collect();
+        let rb = self.qtype.row_bytes(k);
+        let threads = rayon::current_num_threads().max(1);
+        let mut block = (n / (threads * 4)).clamp(16, 1024);
+        if m > 4 {
+            block = block.min((256 * 1024 / rb.max(1)).max(16));
+        }
+        let block = block.div_ceil(4) * 4;
+        let base = SharedIn(self.data.as_slice().as_ptr());
+        let dst = SharedOut(out.as_mut_ptr());
+        let q8 = self.qtype == QType::Q8_0;
+        (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
+            let j0 = bi * block;
+            let j1 = (j0 + block).min(n);
+            // Input rows in chunks that stay in cache while the block's
+            // weight rows pass over them four at a time.
+            for r0 in (0..m).step_by(64) {
+                let r1 = (r0 + 64).min(m);
+                for j in (j0..j1).step_by(4) {
+                    // SAFETY: row indices are clamped to the matrix; a tail
+                    // group repeats its last row and drops the extra results.
+                    let rows = std::array::from_fn(|i| unsafe { base.at((j + i).min(n - 1) * rb) });
+                    for (r, xr) in xq.iter().enumerate().take(r1).skip(r0) {
+                        // SAFETY: the features were checked by the caller;
+                        // each row holds k / group blocks.
+                        let v = unsafe {
+                            if q8 {
+                                q8_0_x4(rows, xr)
+                            } else {
+                                q4k_x4(rows, xr)
+                            }
+                        };
+                        for (i, &vi) in v.iter().enumerate().take(j1.min(j + 4) - j) {
+                            // SAFETY: element (r, j + i) belongs to this block alone.
+                            unsafe { *dst.at(r * n + j + i) = vi };
+                        }
+                    }
+                }
+            }
+        });
     }
 
     fn matmul_as<T: GgmlType>(&self, x: &[f32], out: &mut [f32]) {
@@ -386,6 +439,21 @@ impl SharedOut {
     /// # Safety
     /// `i` is within the buffer.
     unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
+
+/// The weight bytes, read by blocks of the parallel loop.
+#[derive(Clone, Copy)]
+struct SharedIn(*const u8);
+// SAFETY: read-only while the matrix is borrowed.
+unsafe impl Send for SharedIn {}
+unsafe impl Sync for SharedIn {}
+
+impl SharedIn {
+    /// # Safety
+    /// `i` is within the bytes.
+    unsafe fn at(self, i: usize) -> *const u8 {
         self.0.add(i)
     }
 }
@@ -538,5 +606,38 @@ mod tests {
         assert_eq!(QType::parse("q4_k"), Some(QType::Q4K));
         assert_eq!(QType::from_ggml(10), Some(Err("Q2_K")));
         assert_eq!(QType::from_ggml(1000), None);
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// `cargo test --release -p lw-model speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn matvec_throughput() {
+        let (n, k) = (8192, 2048);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        let x: Vec<f32> = (0..k).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect();
+        for q in [QType::Q8_0, QType::Q4K, QType::Q6K] {
+            let m = QMatrix::quantize(q, &w, n, k).unwrap();
+            let mut out = vec![0f32; n];
+            m.matmul(&x, &mut out);
+            let t = std::time::Instant::now();
+            let reps = 50;
+            for _ in 0..reps {
+                m.matmul(&x, &mut out);
+            }
+            let s = t.elapsed().as_secs_f64() / reps as f64;
+            eprintln!(
+                "{}: {:.2} ms per {n}x{k} matvec, {:.1} GB/s",
+                q.name(),
+                s * 1e3,
+                m.bytes().len() as f64 / s / 1e9
+            );
+        }
     }
 }

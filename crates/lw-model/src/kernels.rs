@@ -1,0 +1,180 @@
+//! Hand-written AVX2 dot products for the two weight types that carry most
+//! quantized models: Q8_0 and Q4_K. Each pass takes four weight rows against
+//! one quantized activation row, so every activation load serves four rows
+//! and the block scales are widened in registers (F16C), not by calls.
+//!
+//! Block layouts (ggml's):
+//! - Q8_0, 32 weights in 34 bytes: scale `d` (f16), then 32 × i8.
+//! - Q4_K, 256 weights in 144 bytes: `d` (f16), `dmin` (f16), 12 bytes of
+//!   6-bit scales and mins for eight sub-blocks of 32, then 128 bytes of
+//!   4-bit values; bytes `32c..32c + 32` hold sub-block `2c` in their low
+//!   nibbles and `2c + 1` in their high ones. A weight is `d·sc·q − dmin·m`.
+//!
+//! Activations are quantized to i8 with one f32 scale per 32 values (Q8_0
+//! weights) or per 256 values with per-32 sums (Q4_K weights: the sums carry
+//! the `dmin·m` term).
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// An activation row quantized to i8.
+pub struct QuantRow {
+    /// One scale per `group` values.
+    pub scales: Vec<f32>,
+    pub values: Vec<i8>,
+    /// Sum of the i8 values of each run of 32.
+    pub sums: Vec<i32>,
+}
+
+/// Quantizes `x` with one scale per `group` values (32 or 256).
+pub fn quantize_row(x: &[f32], group: usize) -> QuantRow {
+    let mut scales = Vec::with_capacity(x.len() / group);
+    let mut values = vec![0i8; x.len()];
+    for (g, chunk) in x.chunks(group).enumerate() {
+        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        for (o, v) in values[g * group..].iter_mut().zip(chunk) {
+            *o = (v * inv).round() as i8;
+        }
+        scales.push(d);
+    }
+    let sums = values
+        .chunks(32)
+        .map(|c| c.iter().map(|&v| v as i32).sum())
+        .collect();
+    QuantRow {
+        scales,
+        values,
+        sums,
+    }
+}
+
+/// Whether this CPU runs the kernels here.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    let bits = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Products of signed bytes summed in fours into i32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_i8(w: __m256i, y: __m256i) -> __m256i {
+    let ones = _mm256_set1_epi16(1);
+    let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
+    _mm256_madd_epi16(p, ones)
+}
+
+/// Four Q8_0 rows (`rows[i]` points at a row's first block) against `x`.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; each row holds `x.values.len() / 32` blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8_0_x4(rows: [*const u8; 4], x: &QuantRow) -> [f32; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let yv = x.values.as_ptr();
+    for b in 0..x.scales.len() {
+        let y = _mm256_loadu_si256(yv.add(b * 32) as *const __m256i);
+        let dy = x.scales[b];
+        for r in 0..4 {
+            let blk = rows[r].add(b * 34);
+            let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            let d = _mm256_set1_ps(f16_at(blk) * dy);
+            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8(w, y)), acc[r]);
+        }
+    }
+    [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+}
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K block.
+#[inline(always)]
+fn scale_min(s: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Four Q4_K rows against `x` (quantized with one scale per 256).
+///
+/// # Safety
+/// As for [`q8_0_x4`], with blocks of 256.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4k_x4(rows: [*const u8; 4], x: &QuantRow) -> [f32; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut mins = [0f32; 4];
+    let low = _mm256_set1_epi8(0x0F);
+    let yv = x.values.as_ptr();
+    for b in 0..x.scales.len() {
+        let dy = x.scales[b];
+        let sums = &x.sums[b * 8..b * 8 + 8];
+        for r in 0..4 {
+            let blk = rows[r].add(b * 144);
+            let d = f16_at(blk) * dy;
+            let dmin = f16_at(blk.add(2)) * dy;
+            let sc = std::slice::from_raw_parts(blk.add(4), 12);
+            let qs = blk.add(16);
+            let mut isum = _mm256_setzero_si256();
+            let mut msum = 0i32;
+            for c in 0..4 {
+                let q = _mm256_loadu_si256(qs.add(c * 32) as *const __m256i);
+                let q_lo = _mm256_and_si256(q, low);
+                let q_hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+                let y_lo = _mm256_loadu_si256(yv.add(b * 256 + c * 64) as *const __m256i);
+                let y_hi = _mm256_loadu_si256(yv.add(b * 256 + c * 64 + 32) as *const __m256i);
+                let (s0, m0) = scale_min(sc, 2 * c);
+                let (s1, m1) = scale_min(sc, 2 * c + 1);
+                // Unsigned nibbles times signed activations, in i16 pairs,
+                // then scaled and summed into i32 lanes.
+                let p0 = _mm256_maddubs_epi16(q_lo, y_lo);
+                let p1 = _mm256_maddubs_epi16(q_hi, y_hi);
+                isum = _mm256_add_epi32(
+                    isum,
+                    _mm256_add_epi32(
+                        _mm256_madd_epi16(p0, _mm256_set1_epi16(s0 as i16)),
+                        _mm256_madd_epi16(p1, _mm256_set1_epi16(s1 as i16)),
+                    ),
+                );
+                msum += m0 as i32 * sums[2 * c] + m1 as i32 * sums[2 * c + 1];
+            }
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc[r]);
+            mins[r] += dmin * msum as f32;
+        }
+    }
+    [
+        hsum(acc[0]) - mins[0],
+        hsum(acc[1]) - mins[1],
+        hsum(acc[2]) - mins[2],
+        hsum(acc[3]) - mins[3],
+    ]
+}
