@@ -98,7 +98,13 @@ unsafe fn dot_i8(w: __m256i, y: __m256i) -> __m256i {
 pub unsafe fn q8_0_x4(rows: [*const u8; 4], x: &QuantRow) -> [f32; 4] {
     let mut acc = [_mm256_setzero_ps(); 4];
     let yv = x.values.as_ptr();
+    // The next group of four rows usually follows these in memory: fetch it
+    // while this one is summed (136 bytes per block of the four rows).
+    let ahead = rows[3].add(x.scales.len() * 34);
     for b in 0..x.scales.len() {
+        _mm_prefetch(ahead.add(b * 136) as *const i8, _MM_HINT_T0);
+        _mm_prefetch(ahead.add(b * 136 + 64) as *const i8, _MM_HINT_T0);
+        _mm_prefetch(ahead.add(b * 136 + 128) as *const i8, _MM_HINT_T0);
         let y = _mm256_loadu_si256(yv.add(b * 32) as *const __m256i);
         let dy = x.scales[b];
         for r in 0..4 {
@@ -135,7 +141,12 @@ pub unsafe fn q4k_x4(rows: [*const u8; 4], x: &QuantRow) -> [f32; 4] {
     let mut mins = [0f32; 4];
     let low = _mm256_set1_epi8(0x0F);
     let yv = x.values.as_ptr();
+    // As in `q8_0_x4`: the next four rows, 576 bytes per block of these.
+    let ahead = rows[3].add(x.scales.len() * 144);
     for b in 0..x.scales.len() {
+        for line in 0..9 {
+            _mm_prefetch(ahead.add(b * 576 + line * 64) as *const i8, _MM_HINT_T0);
+        }
         let dy = x.scales[b];
         let sums = &x.sums[b * 8..b * 8 + 8];
         for r in 0..4 {

@@ -163,6 +163,17 @@ impl Linear {
         }
         let total: usize = widths.iter().sum();
         let mut out = vec![0f32; rows * total];
+        let quant: Vec<&QMatrix> = self
+            .parts
+            .iter()
+            .filter_map(|p| match p {
+                Weight::Quant(q) => Some(q),
+                Weight::Dense(_) => None,
+            })
+            .collect();
+        if quant.len() == self.parts.len() && QMatrix::matmul_stacked(&quant, &xs, &mut out) {
+            return Ok(Tensor::from_vec(out, (rows, total), &Device::Cpu)?);
+        }
         let mut col = 0;
         for (p, &n) in self.parts.iter().zip(&widths) {
             let part = p.product(&xs, rows)?;

@@ -346,50 +346,27 @@ impl QMatrix {
     /// Q8_0 and Q4_K through the four-row kernels of [`crate::kernels`].
     #[cfg(target_arch = "x86_64")]
     fn matmul_x4(&self, x: &[f32], out: &mut [f32]) {
-        use crate::kernels::{q4k_x4, q8_0_x4, quantize_row};
-        let (n, k) = (self.rows, self.cols);
-        let m = x.len() / k;
-        let group = if self.qtype == QType::Q8_0 { 32 } else { 256 };
-        let xq: Vec<_> = x.par_chunks(k).map(|r| quantize_row(r, group)).collect();
-        let rb = self.qtype.row_bytes(k);
-        let threads = rayon::current_num_threads().max(1);
-        let mut block = (n / (threads * 4)).clamp(16, 1024);
-        if m > 4 {
-            block = block.min((256 * 1024 / rb.max(1)).max(16));
+        matmul_x4_stacked(&[self], x, out);
+    }
+
+    /// The product with matrices stacked by rows (`[q; k; v]`), in one
+    /// parallel pass, when they share a type the four-row kernels take.
+    /// `out` is `[rows of x, Σ rows]`. Returns `false` (and does nothing)
+    /// otherwise.
+    pub fn matmul_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) -> bool {
+        let Some(first) = parts.first() else {
+            return false;
+        };
+        let same = parts
+            .iter()
+            .all(|p| p.qtype == first.qtype && p.cols == first.cols);
+        #[cfg(target_arch = "x86_64")]
+        if same && matches!(first.qtype, QType::Q8_0 | QType::Q4K) && crate::kernels::available() {
+            matmul_x4_stacked(parts, x, out);
+            return true;
         }
-        let block = block.div_ceil(4) * 4;
-        let base = SharedIn(self.data.as_slice().as_ptr());
-        let dst = SharedOut(out.as_mut_ptr());
-        let q8 = self.qtype == QType::Q8_0;
-        (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
-            let j0 = bi * block;
-            let j1 = (j0 + block).min(n);
-            // Input rows in chunks that stay in cache while the block's
-            // weight rows pass over them four at a time.
-            for r0 in (0..m).step_by(64) {
-                let r1 = (r0 + 64).min(m);
-                for j in (j0..j1).step_by(4) {
-                    // SAFETY: row indices are clamped to the matrix; a tail
-                    // group repeats its last row and drops the extra results.
-                    let rows = std::array::from_fn(|i| unsafe { base.at((j + i).min(n - 1) * rb) });
-                    for (r, xr) in xq.iter().enumerate().take(r1).skip(r0) {
-                        // SAFETY: the features were checked by the caller;
-                        // each row holds k / group blocks.
-                        let v = unsafe {
-                            if q8 {
-                                q8_0_x4(rows, xr)
-                            } else {
-                                q4k_x4(rows, xr)
-                            }
-                        };
-                        for (i, &vi) in v.iter().enumerate().take(j1.min(j + 4) - j) {
-                            // SAFETY: element (r, j + i) belongs to this block alone.
-                            unsafe { *dst.at(r * n + j + i) = vi };
-                        }
-                    }
-                }
-            }
-        });
+        let _ = (same, x, out);
+        false
     }
 
     fn matmul_as<T: GgmlType>(&self, x: &[f32], out: &mut [f32]) {
@@ -441,6 +418,76 @@ impl SharedOut {
     unsafe fn at(self, i: usize) -> *mut f32 {
         self.0.add(i)
     }
+}
+
+/// Stacked Q8_0 or Q4_K matrices (one type, one width) times `x`, four
+/// weight rows per kernel pass, blocks of rows over the thread pool.
+#[cfg(target_arch = "x86_64")]
+fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
+    use crate::kernels::{q4k_x4, q8_0_x4, quantize_row};
+    let qtype = parts[0].qtype;
+    let k = parts[0].cols;
+    let n: usize = parts.iter().map(|p| p.rows).sum();
+    let m = x.len() / k;
+    let group = if qtype == QType::Q8_0 { 32 } else { 256 };
+    let xq: Vec<_> = if m == 1 {
+        vec![quantize_row(x, group)]
+    } else {
+        x.par_chunks(k).map(|r| quantize_row(r, group)).collect()
+    };
+    let rb = qtype.row_bytes(k);
+    let bases: Vec<(SharedIn, usize)> = parts
+        .iter()
+        .map(|p| (SharedIn(p.data.as_slice().as_ptr()), p.rows))
+        .collect();
+    // Row `j` of the stack (clamped to the last row).
+    let row_ptr = |j: usize| -> *const u8 {
+        let mut j = j.min(n - 1);
+        for &(base, rows) in &bases {
+            if j < rows {
+                // SAFETY: row `j` lies within this part's bytes.
+                return unsafe { base.at(j * rb) };
+            }
+            j -= rows;
+        }
+        unreachable!("row within the stack")
+    };
+    let threads = rayon::current_num_threads().max(1);
+    let mut block = (n / (threads * 4)).clamp(16, 1024);
+    if m > 4 {
+        block = block.min((256 * 1024 / rb.max(1)).max(16));
+    }
+    let block = block.div_ceil(4) * 4;
+    let dst = SharedOut(out.as_mut_ptr());
+    let q8 = qtype == QType::Q8_0;
+    (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
+        let j0 = bi * block;
+        let j1 = (j0 + block).min(n);
+        // Input rows in chunks that stay in cache while the block's weight
+        // rows pass over them four at a time.
+        for r0 in (0..m).step_by(64) {
+            let r1 = (r0 + 64).min(m);
+            for j in (j0..j1).step_by(4) {
+                // A tail group repeats its last row and drops the extras.
+                let rows: [*const u8; 4] = std::array::from_fn(|i| row_ptr(j + i));
+                for (r, xr) in xq.iter().enumerate().take(r1).skip(r0) {
+                    // SAFETY: the features were checked by the caller; each
+                    // row holds k / group blocks.
+                    let v = unsafe {
+                        if q8 {
+                            q8_0_x4(rows, xr)
+                        } else {
+                            q4k_x4(rows, xr)
+                        }
+                    };
+                    for (i, &vi) in v.iter().enumerate().take(j1.min(j + 4) - j) {
+                        // SAFETY: element (r, j + i) belongs to this block alone.
+                        unsafe { *dst.at(r * n + j + i) = vi };
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// The weight bytes, read by blocks of the parallel loop.
