@@ -45,7 +45,30 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
         engine.context_length(),
         started.elapsed().as_secs_f64()
     );
+    let per_token = engine.model().kv_bytes_per_token();
+    let full = per_token as f64 * engine.context_length() as f64;
+    eprintln!(
+        "KV cache: {:.1} KB per token, {:.2} GB at the full context of {} tokens{}",
+        per_token as f64 / 1024.0,
+        full / 1e9,
+        engine.context_length(),
+        match available_memory() {
+            Some(avail) if full > avail as f64 => format!(
+                " (more than the {:.1} GB of memory available: long generations will run out first)",
+                avail as f64 / 1e9
+            ),
+            _ => String::new(),
+        }
+    );
     Ok(engine)
+}
+
+/// MemAvailable of /proc/meminfo, in bytes (Linux).
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// The user's sampling flags over the model's own defaults.

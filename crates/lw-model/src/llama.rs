@@ -152,6 +152,11 @@ impl Llama {
         })
     }
 
+    /// Bytes of KV cache one position takes (keys and values, f32, all layers).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.num_layers * self.cfg.num_kv_heads * self.cfg.head_dim * 4
+    }
+
     /// The formats the weight matrices are held in, most bytes first, e.g.
     /// `Q4_K 78%, Q6_K 22%` or `BF16`.
     pub fn weight_format(&self) -> String {

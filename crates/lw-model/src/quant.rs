@@ -688,3 +688,55 @@ mod speed {
         }
     }
 }
+
+#[cfg(test)]
+mod kernel_check {
+    use super::*;
+
+    /// The four-row kernels against candle's block dot products on the same
+    /// quantized weights: both quantize the activations to 8 bits, so their
+    /// errors against the exact product must be of the same size.
+    #[test]
+    fn own_kernels_are_as_close_as_candles() {
+        let (n, k) = (64, 1024);
+        let mut s = 7u64;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+        let x: Vec<f32> = (0..k).map(|_| next()).collect();
+        for q in [QType::Q8_0, QType::Q4K] {
+            let m = QMatrix::quantize(q, &w, n, k).unwrap();
+            let wd = m.dequantize();
+            let exact: Vec<f32> = (0..n)
+                .map(|j| (0..k).map(|i| x[i] * wd[j * k + i]).sum())
+                .collect();
+            let mut ours = vec![0f32; n];
+            m.matmul(&x, &mut ours);
+            let mut theirs = vec![0f32; n];
+            match q {
+                QType::Q8_0 => m.matmul_as::<BlockQ8_0>(&x, &mut theirs),
+                _ => m.matmul_as::<BlockQ4K>(&x, &mut theirs),
+            }
+            let err = |v: &[f32]| {
+                v.iter()
+                    .zip(&exact)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max)
+            };
+            let (e_ours, e_theirs) = (err(&ours), err(&theirs));
+            eprintln!(
+                "{}: max error ours {e_ours:.5}, candle {e_theirs:.5}",
+                q.name()
+            );
+            assert!(
+                e_ours < 2.0 * e_theirs + 1e-3,
+                "{}: {e_ours} vs {e_theirs}",
+                q.name()
+            );
+        }
+    }
+}
