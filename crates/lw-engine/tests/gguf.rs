@@ -9,27 +9,16 @@ use lw_core::{Message, Role};
 use lw_engine::gguf::{convert, Target};
 use lw_engine::{Engine, LoadOptions};
 use lw_model::QType;
-use serde_json::Value;
 
-const MODELS: &[&str] = &[
-    "llama3-untied",
-    "llama31-tied-rope-scaling",
-    "llama2-head-dim",
-    "mistral",
-    "qwen2",
-];
+mod common;
+use common::{fixture, fixtures, ids, max_abs_diff, worst_logit_diff, MODELS};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn model_dir(name: &str) -> PathBuf {
-    root().join("tests/fixtures/models").join(name)
-}
-
-fn fixture(name: &str) -> Value {
-    let path = root().join(format!("tests/fixtures/{name}.json"));
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    fixtures().join("models").join(name)
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -46,22 +35,6 @@ fn to_gguf(dir: &Path, out: &Path, target: Target) -> PathBuf {
 
 fn load(path: &Path) -> Engine {
     Engine::load(path, &LoadOptions::default()).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn argmax(v: &[f32]) -> usize {
@@ -85,23 +58,13 @@ fn f32_gguf_files_match_transformers_for_every_architecture() {
         let mut engine = load(&path);
         // The tokenizer rebuilt from the GGUF metadata gives the same ids.
         let prompt = engine.encode_raw(fx["prompt"].as_str().unwrap()).unwrap();
-        let want_ids: Vec<u32> = fx["prompt_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
         assert_eq!(
-            prompt, want_ids,
+            prompt,
+            ids(&fx["prompt_ids"]),
             "{name}: prompt ids from the GGUF tokenizer"
         );
         let rows = engine.score(&prompt).unwrap();
-        let want = fx["logits"].as_array().unwrap();
-        let worst = rows
-            .iter()
-            .zip(want)
-            .map(|(r, w)| max_abs_diff(r, &floats(w)))
-            .fold(0.0, f32::max);
+        let worst = worst_logit_diff(&rows, &fx);
         assert!(worst < 1e-4, "{name}: GGUF logits differ by {worst}");
     }
 }

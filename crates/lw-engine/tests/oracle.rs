@@ -1,56 +1,15 @@
 //! The engine against Hugging Face `transformers`: the fixtures were written
 //! by `scripts/make_fixtures.py` from the same model directories.
 
-use std::path::PathBuf;
-
 use lw_core::{GenerationParams, Message, Role, SamplingParams};
 use lw_engine::{Engine, LoadOptions, StreamDecoder};
 use lw_model::DType;
-use serde_json::Value;
 
-const MODELS: &[&str] = &[
-    "llama3-untied",
-    "llama31-tied-rope-scaling",
-    "llama2-head-dim",
-    "mistral",
-    "qwen2",
-];
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn fixture(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
+mod common;
+use common::{fixture, fixtures, floats, ids, max_abs_diff, worst_logit_diff, MODELS};
 
 fn load(name: &str, opts: LoadOptions) -> Engine {
     Engine::load(&fixtures().join("models").join(name), &opts).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn greedy(n: usize) -> GenerationParams {
@@ -70,13 +29,7 @@ fn logits_match_transformers_for_every_architecture() {
         let prompt = engine.encode_raw(fx["prompt"].as_str().unwrap()).unwrap();
         assert_eq!(prompt, ids(&fx["prompt_ids"]), "{name}: prompt token ids");
         let rows = engine.score(&prompt).unwrap();
-        let want = fx["logits"].as_array().unwrap();
-        assert_eq!(rows.len(), want.len());
-        let worst = rows
-            .iter()
-            .zip(want)
-            .map(|(r, w)| max_abs_diff(r, &floats(w)))
-            .fold(0.0, f32::max);
+        let worst = worst_logit_diff(&rows, &fx);
         assert!(worst < 1e-4, "{name}: logits differ by {worst}");
     }
 }

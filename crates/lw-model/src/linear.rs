@@ -259,7 +259,7 @@ fn block_rows<T: Element>(w: &[T], x: &[f32], rows: usize, k: usize, put: impl F
 
 /// The output buffer, shared by blocks that write disjoint parts of it.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 // SAFETY: only used for disjoint writes while the buffer is borrowed.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
@@ -267,7 +267,7 @@ unsafe impl Sync for SharedOut {}
 impl SharedOut {
     /// # Safety
     /// `i` is within the buffer.
-    unsafe fn at(self, i: usize) -> *mut f32 {
+    pub(crate) unsafe fn at(self, i: usize) -> *mut f32 {
         self.0.add(i)
     }
 }

@@ -14,6 +14,8 @@ use candle_core::quantized::k_quants::{
 };
 use rayon::prelude::*;
 
+use crate::linear::SharedOut;
+
 /// The tensor types this crate reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QType {
@@ -402,21 +404,6 @@ impl QMatrix {
                 }
             }
         });
-    }
-}
-
-/// The output buffer, shared by blocks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: only used for disjoint writes while the buffer is borrowed.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// # Safety
-    /// `i` is within the buffer.
-    unsafe fn at(self, i: usize) -> *mut f32 {
-        self.0.add(i)
     }
 }
 

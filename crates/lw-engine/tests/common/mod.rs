@@ -1,0 +1,62 @@
+//! Helpers shared by the engine's test files: the committed fixtures and
+//! comparisons of logit rows.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+/// The fixture checkpoints, one per architecture variant.
+pub const MODELS: &[&str] = &[
+    "llama3-untied",
+    "llama31-tied-rope-scaling",
+    "llama2-head-dim",
+    "mistral",
+    "qwen2",
+];
+
+/// `tests/fixtures` at the repository root.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// A fixture file `tests/fixtures/NAME.json`.
+pub fn fixture(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The largest difference between logit rows and a fixture's `logits`
+/// (the same number of rows).
+pub fn worst_logit_diff(rows: &[Vec<f32>], fx: &Value) -> f32 {
+    let want = fx["logits"].as_array().unwrap();
+    assert_eq!(rows.len(), want.len());
+    rows.iter()
+        .zip(want)
+        .map(|(r, w)| max_abs_diff(r, &floats(w)))
+        .fold(0.0, f32::max)
+}
