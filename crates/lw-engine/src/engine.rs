@@ -91,11 +91,7 @@ impl Engine {
         let (gen_eos, defaults) = read_generation_config(&dir.join("generation_config.json"))?;
         let mut eos_ids = cfg.eos_token_ids.clone();
         eos_ids.extend(gen_eos);
-        if let Some(id) = tokenizer.eos_token().and_then(|t| tokenizer.token_id(t)) {
-            eos_ids.push(id);
-        }
-        eos_ids.sort_unstable();
-        eos_ids.dedup();
+        let eos_ids = with_tokenizer_eos(eos_ids, &tokenizer);
         let src = SafetensorsSource {
             weights: &weights,
             dtype,
@@ -129,12 +125,7 @@ impl Engine {
                 model: model.config().vocab_size,
             });
         }
-        let mut eos_ids = model.config().eos_token_ids.clone();
-        if let Some(id) = tokenizer.eos_token().and_then(|t| tokenizer.token_id(t)) {
-            eos_ids.push(id);
-        }
-        eos_ids.sort_unstable();
-        eos_ids.dedup();
+        let eos_ids = with_tokenizer_eos(model.config().eos_token_ids.clone(), &tokenizer);
         let cache = model.new_cache();
         Ok(Engine {
             model,
@@ -414,6 +405,16 @@ pub(crate) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 }
 
 /// eos ids and sampling defaults from `generation_config.json` (optional file).
+/// End-of-sequence ids plus the tokenizer's own EOS token, sorted, no repeats.
+fn with_tokenizer_eos(mut ids: Vec<u32>, tokenizer: &Tokenizer) -> Vec<u32> {
+    if let Some(id) = tokenizer.eos_token().and_then(|t| tokenizer.token_id(t)) {
+        ids.push(id);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 fn read_generation_config(path: &Path) -> Result<(Vec<u32>, SamplingParams), EngineError> {
     let mut defaults = SamplingParams::default();
     if !path.exists() {

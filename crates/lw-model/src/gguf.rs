@@ -51,6 +51,8 @@ pub enum GgufError {
     },
     #[error("architecture \"{0}\" is not supported (supported: llama, qwen2)")]
     Architecture(String),
+    #[error("metadata \"{key}\": {reason}")]
+    Metadata { key: String, reason: String },
     #[error("metadata \"{0}\" is missing")]
     MissingKey(String),
     #[error("general.alignment is {0}; it must be a power of two")]

@@ -35,7 +35,7 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         Some(v) if v > 0 => v as usize,
         _ => num_heads,
     };
-    let bad = |k: String, reason: String| GgufError::TensorShape { name: k, reason };
+    let bad = |key: String, reason: String| GgufError::Metadata { key, reason };
     if num_heads % num_kv_heads != 0 {
         return Err(bad(
             key("attention.head_count_kv"),
@@ -56,13 +56,13 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         .tensor("token_embd.weight")
         .ok_or_else(|| GgufError::MissingKey("tensor token_embd.weight".into()))?;
     if embd.shape.len() != 2 || embd.shape[1] != hidden_size {
-        return Err(bad(
-            "token_embd.weight".into(),
-            format!(
+        return Err(GgufError::TensorShape {
+            name: "token_embd.weight".into(),
+            reason: format!(
                 "shape {:?} does not match embedding_length {hidden_size}",
                 embd.shape
             ),
-        ));
+        });
     }
     let vocab_size = embd.shape[0];
     let num_layers = need("block_count")?;
@@ -97,10 +97,10 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
             Some(RopeScaling::Factors(f))
         }
         Some(t) => {
-            return Err(bad(
-                "rope_freqs.weight".into(),
-                format!("shape {:?}, expected [{}]", t.shape, head_dim / 2),
-            ))
+            return Err(GgufError::TensorShape {
+                name: "rope_freqs.weight".into(),
+                reason: format!("shape {:?}, expected [{}]", t.shape, head_dim / 2),
+            })
         }
         None => rope_scaling,
     };

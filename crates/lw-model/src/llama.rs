@@ -173,13 +173,7 @@ impl Llama {
                 }
             }
         };
-        for l in &self.layers {
-            add(&l.attn.qkv);
-            add(&l.attn.o);
-            add(&l.mlp.gate_up);
-            add(&l.mlp.down);
-        }
-        add(&self.lm_head);
+        self.linears().for_each(&mut add);
         by.sort_by_key(|b| std::cmp::Reverse(b.1));
         let total: usize = by.iter().map(|b| b.1).sum::<usize>().max(1);
         if by.len() == 1 {
@@ -194,17 +188,15 @@ impl Llama {
     /// Bytes of weights read per decoded token (every matrix once; the
     /// embedding row is negligible).
     pub fn weight_bytes_per_token(&self) -> usize {
-        let layers: usize = self
-            .layers
+        self.linears().map(Linear::size_bytes).sum()
+    }
+
+    /// Every weight matrix a decoded token reads, the classifier last.
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers
             .iter()
-            .map(|l| {
-                l.attn.qkv.size_bytes()
-                    + l.attn.o.size_bytes()
-                    + l.mlp.gate_up.size_bytes()
-                    + l.mlp.down.size_bytes()
-            })
-            .sum();
-        layers + self.lm_head.size_bytes()
+            .flat_map(|l| [&l.attn.qkv, &l.attn.o, &l.mlp.gate_up, &l.mlp.down])
+            .chain(std::iter::once(&self.lm_head))
     }
 
     pub fn config(&self) -> &ModelConfig {

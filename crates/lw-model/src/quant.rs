@@ -271,25 +271,14 @@ impl QMatrix {
                 qtype.block_elems()
             ));
         }
-        let row_bytes = qtype.row_bytes(cols);
-        let mut words = vec![0u64; (rows * row_bytes).div_ceil(8)];
-        {
-            // SAFETY: `words` holds at least rows * row_bytes bytes.
-            let bytes = unsafe {
-                std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, rows * row_bytes)
-            };
-            bytes
-                .par_chunks_mut(row_bytes)
-                .zip(values.par_chunks(cols))
-                .for_each(|(dst, src)| quantize_row(qtype, src, dst));
-        }
+        let (words, len) = encode_words(qtype, values, cols);
         Ok(QMatrix {
             qtype,
             rows,
             cols,
             data: Bytes::Owned {
                 words: Arc::new(words),
-                len: rows * row_bytes,
+                len,
             },
         })
     }
@@ -331,9 +320,8 @@ impl QMatrix {
 
     /// `out[r][j] = Σ_i x[r][i] · W[j][i]`: `x` is `[rows, cols]`, `out` is `[rows, self.rows]`.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if matches!(self.qtype, QType::Q8_0 | QType::Q4K) && crate::kernels::available() {
-            return self.matmul_x4(x, out);
+        if QMatrix::matmul_stacked(&[self], x, out) {
+            return;
         }
         match self.qtype {
             QType::Q8_0 => self.matmul_as::<BlockQ8_0>(x, out),
@@ -343,12 +331,6 @@ impl QMatrix {
             QType::Q6K => self.matmul_as::<BlockQ6K>(x, out),
             QType::F32 | QType::F16 | QType::BF16 => unreachable!("QMatrix holds block types"),
         }
-    }
-
-    /// Q8_0 and Q4_K through the four-row kernels of [`crate::kernels`].
-    #[cfg(target_arch = "x86_64")]
-    fn matmul_x4(&self, x: &[f32], out: &mut [f32]) {
-        matmul_x4_stacked(&[self], x, out);
     }
 
     /// The product with matrices stacked by rows (`[q; k; v]`), in one
@@ -546,16 +528,28 @@ pub fn quantize_row(qtype: QType, values: &[f32], out: &mut [u8]) {
 
 /// Encodes a whole row-major matrix (any type) into bytes, rows in parallel.
 pub fn encode(qtype: QType, values: &[f32], cols: usize) -> Vec<u8> {
+    let (words, len) = encode_words(qtype, values, cols);
+    Bytes::Owned {
+        words: Arc::new(words),
+        len,
+    }
+    .as_slice()
+    .to_vec()
+}
+
+/// Encodes rows into 8-byte-aligned storage (the block types need
+/// alignment); returns the words and the byte length.
+fn encode_words(qtype: QType, values: &[f32], cols: usize) -> (Vec<u64>, usize) {
     let rb = qtype.row_bytes(cols);
-    let rows = values.len() / cols;
-    let mut words = vec![0u64; (rows * rb).div_ceil(8)];
-    // SAFETY: `words` holds at least rows * rb bytes.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, rows * rb) };
+    let len = values.len() / cols * rb;
+    let mut words = vec![0u64; len.div_ceil(8)];
+    // SAFETY: `words` holds at least `len` bytes.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, len) };
     bytes
         .par_chunks_mut(rb)
         .zip(values.par_chunks(cols))
         .for_each(|(dst, src)| quantize_row(qtype, src, dst));
-    bytes.to_vec()
+    (words, len)
 }
 
 #[cfg(test)]
