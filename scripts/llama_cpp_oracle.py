@@ -109,7 +109,7 @@ def main():
     ap.add_argument("model", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=2, help="alternating speed rounds; the best of each is kept")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating speed rounds; the best of each is kept (0: numerics only)")
     ap.add_argument("--bin", default=str(Path(__file__).resolve().parent.parent / "target/release/longwriter"))
     ap.add_argument("--skip-numerics", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -133,6 +133,15 @@ def main():
             print(f"round {r + 1} {name}: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in res.items() if isinstance(v, float)), flush=True)
     report["speed"] = best
+    if args.rounds > 0:  # --rounds 0: numerics only
+        print_speed(best)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if "numerics" in report and report["numerics"]["top1_agreement"] < 0.99:
+        sys.exit("top-1 agreement below 99%")
+
+
+def print_speed(best):
     print(f"\n{'tok/s':<18}{'llama.cpp':>11}{'longwriter':>12}{'ratio':>8}")
     for k in ("prefill_512", "decode_depth0", "decode_depth512"):
         a, b = best["llama.cpp"][k], best["longwriter"][k]
@@ -140,10 +149,6 @@ def main():
     wb = best["longwriter"]["weight_bytes_per_token"]
     print(f"weights read per token: {wb / 1e6:.1f} MB ({best['longwriter']['weights']}); "
           f"decode at depth 0 streams {best['longwriter']['decode_depth0'] * wb / 1e9:.1f} GB/s")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    if "numerics" in report and report["numerics"]["top1_agreement"] < 0.99:
-        sys.exit("top-1 agreement below 99%")
 
 
 if __name__ == "__main__":

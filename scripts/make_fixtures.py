@@ -17,8 +17,10 @@ import sys
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
+    GlmConfig,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
@@ -96,6 +98,16 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# GLM-4's turn markers: `[gMASK]<sop>`, then `<|role|>` + newline + content per
+# message; the generation prompt is a bare `<|assistant|>`.
+GLM4_TEMPLATE = (
+    "[gMASK]<sop>"
+    "{%- for message in messages %}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>' }}{%- endif %}"
+)
+
 # One tokenizer layout per template family: special tokens, bos/eos, and
 # whether a BOS is prepended when encoding raw text.
 FAMILIES = {
@@ -112,6 +124,16 @@ FAMILIES = {
         eos="</s>",
         add_bos=True,
         template=INST_TEMPLATE,
+    ),
+    "glm4": dict(
+        specials=[
+            "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
+            "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+        ],
+        bos=None,
+        eos="<|endoftext|>",
+        add_bos=False,
+        template=GLM4_TEMPLATE,
     ),
     "chatml": dict(
         specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -198,6 +220,19 @@ MODELS = {
         Qwen2Config,
         dict(rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False),
     ),
+    # GLM-4: half of each head rotated (interleaved pairs), q/k/v biases,
+    # fused gate/up. Written again in the original ChatGLM layout below.
+    "glm4": (
+        "glm4",
+        GlmConfig,
+        dict(
+            rope_parameters=dict(rope_type="default", rope_theta=500000.0, partial_rotary_factor=0.5),
+            head_dim=16,
+            attention_bias=True,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+        ),
+    ),
 }
 
 
@@ -220,6 +255,67 @@ def to_legacy_config(path):
         json.dump(cfg, f, indent=2)
 
 
+def write_chatglm_layout(model, hf_dir, out, eos_ids):
+    """The same weights under the original ChatGLM names and config
+    (LongWriter-glm4-9b's layout): q/k/v fused into `query_key_value`,
+    gate/up as `dense_h_to_4h`, rotary base as 10000 × `rope_ratio`."""
+    os.makedirs(out, exist_ok=True)
+    cfg = model.config
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    t = {
+        "transformer.embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
+        "transformer.encoder.final_layernorm.weight": sd["model.norm.weight"],
+        "transformer.output_layer.weight": sd["lm_head.weight"],
+    }
+    for l in range(cfg.num_hidden_layers):
+        a, b = f"model.layers.{l}", f"transformer.encoder.layers.{l}"
+        for kind in ("weight", "bias"):
+            t[f"{b}.self_attention.query_key_value.{kind}"] = torch.cat(
+                [sd[f"{a}.self_attn.{m}.{kind}"] for m in ("q_proj", "k_proj", "v_proj")]
+            ).contiguous()
+        t[f"{b}.self_attention.dense.weight"] = sd[f"{a}.self_attn.o_proj.weight"]
+        t[f"{b}.mlp.dense_h_to_4h.weight"] = sd[f"{a}.mlp.gate_up_proj.weight"]
+        t[f"{b}.mlp.dense_4h_to_h.weight"] = sd[f"{a}.mlp.down_proj.weight"]
+        t[f"{b}.input_layernorm.weight"] = sd[f"{a}.input_layernorm.weight"]
+        t[f"{b}.post_attention_layernorm.weight"] = sd[f"{a}.post_attention_layernorm.weight"]
+    save_file(t, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    glm = dict(
+        model_type="chatglm",
+        architectures=["ChatGLMModel"],
+        padded_vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        kv_channels=cfg.head_dim,
+        multi_query_attention=True,
+        multi_query_group_num=cfg.num_key_value_heads,
+        layernorm_epsilon=cfg.rms_norm_eps,
+        seq_length=cfg.max_position_embeddings,
+        rope_ratio=cfg.rope_parameters["rope_theta"] / 10000.0,
+        add_qkv_bias=True,
+        add_bias_linear=False,
+        rmsnorm=True,
+        apply_residual_connection_post_layernorm=False,
+        post_layer_norm=True,
+        original_rope=True,
+        eos_token_id=eos_ids,
+        pad_token_id=eos_ids[0],
+        torch_dtype="float32",
+    )
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(glm, f, indent=2)
+    # The original ships a tiktoken file; the tiny copy keeps tokenizer.json
+    # and has no chat template, so the built-in GLM-4 format applies.
+    with open(os.path.join(hf_dir, "tokenizer_config.json")) as f:
+        tc = json.load(f)
+    tc.pop("chat_template")
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump(tc, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(hf_dir, "tokenizer.json"), "rb") as a, open(os.path.join(out, "tokenizer.json"), "wb") as b:
+        b.write(a.read())
+
+
 def greedy(model, ids, n):
     """Plain greedy decoding with the KV cache, no stopping: the reference
     for the engine's greedy path."""
@@ -236,17 +332,22 @@ def greedy(model, ids, n):
     return out
 
 
-def main(root):
+def main(root, only=None):
     torch.manual_seed(1234)
     models_dir = os.path.join(root, "models")
     os.makedirs(models_dir, exist_ok=True)
     for name, (family, cls, extra) in MODELS.items():
+        if only and name not in only:
+            continue
         out = os.path.join(models_dir, name)
         os.makedirs(out, exist_ok=True)
         tok = train_tokenizer(family)
         hf_tok = save_tokenizer(tok, family, out)
         vocab = tok.get_vocab_size()
         spec = FAMILIES[family]
+        eos_ids = tok.token_to_id(spec["eos"])
+        if family == "glm4":
+            eos_ids = [tok.token_to_id(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
         cfg = cls(
             vocab_size=vocab,
             hidden_size=64,
@@ -257,7 +358,7 @@ def main(root):
             max_position_embeddings=256,
             rms_norm_eps=1e-5,
             bos_token_id=tok.token_to_id(spec["bos"]) if spec["bos"] else None,
-            eos_token_id=tok.token_to_id(spec["eos"]),
+            eos_token_id=eos_ids,
             torch_dtype="float32",
             **extra,
         )
@@ -274,6 +375,8 @@ def main(root):
         model.generation_config.save_pretrained(out)
         if name in LEGACY_CONFIG:
             to_legacy_config(os.path.join(out, "config.json"))
+        if family == "glm4":
+            write_chatglm_layout(model, out, os.path.join(models_dir, f"{name}-chatglm"), eos_ids)
 
         ids = hf_tok(PROMPT)["input_ids"]
         with torch.no_grad():
@@ -316,7 +419,7 @@ def main(root):
             prompt_ids=ids,
             logits=[[round(float(v), 7) for v in row] for row in logits.tolist()],
             greedy_tokens=tokens,
-            greedy_text=hf_tok.decode(tokens),
+            greedy_text=hf_tok.decode(tokens, skip_special_tokens=True),
             half_precision_last_logits=half,
             chat=chats,
             encodings=encodings,
@@ -327,4 +430,12 @@ def main(root):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures")
+    # make_fixtures.py [ROOT] [--only NAME,NAME]: --only rebuilds some models
+    # and leaves the others' files as they are.
+    args = sys.argv[1:]
+    only = None
+    if "--only" in args:
+        i = args.index("--only")
+        only = set(args[i + 1].split(","))
+        del args[i : i + 2]
+    main(args[0] if args else "tests/fixtures", only)

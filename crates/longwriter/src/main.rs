@@ -271,7 +271,8 @@ struct CountArgs {
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     /// Model: a Hugging Face model directory (config.json, *.safetensors,
-    /// tokenizer.json), a GGUF file (Llama family or Qwen2; F32, F16, BF16,
+    /// tokenizer.json; GLM-4 in the transformers or the original ChatGLM
+    /// layout), a GGUF file (Llama family, Qwen2 or GLM-4; F32, F16, BF16,
     /// Q8_0, Q4_0, Q4_K, Q5_K and Q6_K tensors, memory-mapped as they are),
     /// a hub id such as `Qwen/Qwen2.5-0.5B-Instruct`
     /// (downloaded into the Hugging Face cache, HF_HOME), or `tiny` (the toy
@@ -296,6 +297,18 @@ pub struct ModelArgs {
     /// f32 checkpoints decode at quantized speed. GGUF files keep their types.
     #[arg(long, value_parser = parse_quantize)]
     pub quantize: Option<lw_model::QType>,
+    /// How chat messages become a prompt: `auto` (the model's own template;
+    /// GLM-4's format for GLM checkpoints without one), `template` (the
+    /// model's own, required), `glm4` (`[gMASK]<sop><|user|>\n…<|assistant|>`)
+    /// or `inst` (Llama-2 style `[INST]…[/INST]`, the format
+    /// LongWriter-llama3.1-8b was trained with).
+    #[arg(long, default_value = "auto", value_parser = parse_chat_format)]
+    pub chat_format: lw_engine::ChatFormat,
+}
+
+fn parse_chat_format(s: &str) -> Result<lw_engine::ChatFormat, String> {
+    lw_engine::ChatFormat::parse(s)
+        .ok_or_else(|| format!("unknown chat format \"{s}\" (use auto, template, glm4 or inst)"))
 }
 
 fn parse_quantize(s: &str) -> Result<lw_model::QType, String> {

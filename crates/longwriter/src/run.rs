@@ -31,6 +31,7 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
         }),
         prefill_chunk: m.prefill_chunk,
         quantize: m.quantize,
+        chat_format: m.chat_format,
     };
     let engine =
         Engine::load(&dir, &opts).with_context(|| format!("loading model {}", dir.display()))?;

@@ -36,6 +36,10 @@ pub(crate) struct BackendArgs {
     /// Quantize a safetensors checkpoint as it loads (q8_0, q4_k…).
     #[arg(long, value_parser = crate::parse_quantize)]
     quantize: Option<lw_model::QType>,
+    /// Chat format of the local model: auto, template, glm4 or inst
+    /// (Llama-2 style `[INST]…[/INST]`, LongWriter-llama3.1-8b's format).
+    #[arg(long, default_value = "auto", value_parser = crate::parse_chat_format)]
+    chat_format: lw_engine::ChatFormat,
     /// An OpenAI-compatible server instead of the local engine, e.g.
     /// http://127.0.0.1:8000/v1 (vLLM, SGLang, llama.cpp, Ollama, OpenAI).
     #[arg(long, conflicts_with = "model")]
@@ -102,6 +106,7 @@ impl BackendArgs {
             threads: self.threads,
             prefill_chunk: self.prefill_chunk,
             quantize: self.quantize,
+            chat_format: self.chat_format,
         })
     }
 

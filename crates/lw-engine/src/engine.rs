@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::error::EngineError;
 use crate::sampler::Sampler;
+use crate::template::{ChatFormat, GLM4_STOP_TOKENS};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// How to load a model.
@@ -30,6 +31,8 @@ pub struct LoadOptions {
     /// (Q8_0, Q4_K…), so a bf16 or f32 checkpoint decodes at quantized speed.
     /// GGUF files keep their own types.
     pub quantize: Option<QType>,
+    /// How chat messages become a prompt.
+    pub chat_format: ChatFormat,
 }
 
 impl Default for LoadOptions {
@@ -38,6 +41,7 @@ impl Default for LoadOptions {
             dtype: None,
             prefill_chunk: 512,
             quantize: None,
+            chat_format: ChatFormat::Auto,
         }
     }
 }
@@ -72,7 +76,8 @@ impl Engine {
         }
         let config_path = dir.join("config.json");
         let cfg = ModelConfig::from_file(&config_path)?;
-        let tokenizer = Tokenizer::from_dir(dir)?;
+        let mut tokenizer = Tokenizer::from_dir(dir)?;
+        apply_chat_format(&mut tokenizer, &cfg, opts.chat_format, dir)?;
         let tok_vocab = tokenizer.id_bound();
         if tok_vocab > cfg.vocab_size {
             return Err(EngineError::VocabMismatch {
@@ -82,7 +87,7 @@ impl Engine {
                 model: cfg.vocab_size,
             });
         }
-        let weights = lw_model::Weights::from_dir(dir)?;
+        let weights = lw_model::Weights::for_config(dir, &cfg)?;
         let dtype = opts.dtype.unwrap_or_else(|| match weights.stored_dtype() {
             DType::BF16 => DType::BF16,
             DType::F16 => DType::F16,
@@ -91,7 +96,7 @@ impl Engine {
         let (gen_eos, defaults) = read_generation_config(&dir.join("generation_config.json"))?;
         let mut eos_ids = cfg.eos_token_ids.clone();
         eos_ids.extend(gen_eos);
-        let eos_ids = with_tokenizer_eos(eos_ids, &tokenizer);
+        let eos_ids = with_tokenizer_eos(eos_ids, &tokenizer, &cfg);
         let src = SafetensorsSource {
             weights: &weights,
             dtype,
@@ -114,8 +119,9 @@ impl Engine {
     /// Loads a GGUF file: the model, its tokenizer and chat template.
     fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
         let file = GgufFile::open(path)?;
-        let tokenizer = crate::gguf::tokenizer_from_gguf(&file)?;
+        let mut tokenizer = crate::gguf::tokenizer_from_gguf(&file)?;
         let model = Llama::load_gguf(&file)?;
+        apply_chat_format(&mut tokenizer, model.config(), opts.chat_format, path)?;
         let tok_vocab = tokenizer.id_bound();
         if tok_vocab > model.config().vocab_size {
             return Err(EngineError::VocabMismatch {
@@ -125,7 +131,11 @@ impl Engine {
                 model: model.config().vocab_size,
             });
         }
-        let eos_ids = with_tokenizer_eos(model.config().eos_token_ids.clone(), &tokenizer);
+        let eos_ids = with_tokenizer_eos(
+            model.config().eos_token_ids.clone(),
+            &tokenizer,
+            model.config(),
+        );
         let cache = model.new_cache();
         Ok(Engine {
             model,
@@ -406,9 +416,43 @@ pub(crate) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 
 /// eos ids and sampling defaults from `generation_config.json` (optional file).
 /// End-of-sequence ids plus the tokenizer's own EOS token, sorted, no repeats.
-fn with_tokenizer_eos(mut ids: Vec<u32>, tokenizer: &Tokenizer) -> Vec<u32> {
+/// Chooses the chat template: the checkpoint's own, or a built-in format
+/// (asked for, or GLM-4's when a GLM checkpoint ships none).
+fn apply_chat_format(
+    tokenizer: &mut Tokenizer,
+    cfg: &ModelConfig,
+    format: ChatFormat,
+    source: &Path,
+) -> Result<(), EngineError> {
+    let format = match format {
+        ChatFormat::Auto if tokenizer.chat_template().is_none() && cfg.model_type == "glm" => {
+            ChatFormat::Glm4
+        }
+        ChatFormat::Template if tokenizer.chat_template().is_none() => {
+            return Err(EngineError::NoChatTemplate(source.to_path_buf()))
+        }
+        other => other,
+    };
+    let bos = tokenizer.bos_token().unwrap_or("").to_string();
+    let eos = tokenizer.eos_token().unwrap_or("").to_string();
+    if let Some(t) = format.builtin(&bos, &eos) {
+        tokenizer.set_chat_template(Some(t));
+    }
+    Ok(())
+}
+
+/// End-of-sequence ids: the config's, the tokenizer's EOS, and for GLM-4 the
+/// turn markers that end an answer.
+fn with_tokenizer_eos(mut ids: Vec<u32>, tokenizer: &Tokenizer, cfg: &ModelConfig) -> Vec<u32> {
     if let Some(id) = tokenizer.eos_token().and_then(|t| tokenizer.token_id(t)) {
         ids.push(id);
+    }
+    if cfg.model_type == "glm" {
+        ids.extend(
+            GLM4_STOP_TOKENS
+                .iter()
+                .filter_map(|t| tokenizer.token_id(t)),
+        );
     }
     ids.sort_unstable();
     ids.dedup();

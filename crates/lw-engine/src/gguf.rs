@@ -82,6 +82,8 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Tokenizer, EngineError> {
         "default" | "gpt-2" | "gpt2" => byte_level(true),
         "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3_SPLIT),
         "qwen2" => split(QWEN2_SPLIT),
+        // GLM-4's split is Llama 3's.
+        "chatglm-bpe" => split(LLAMA3_SPLIT),
         other => {
             return Err(bad(format!(
                 "pre-tokenizer \"{other}\" is not supported (gpt-2, llama-bpe, qwen2 are)"
@@ -307,9 +309,9 @@ pub enum Target {
     Uniform(QType),
     /// llama.cpp's Q4_K_M recipe: Q4_K, with Q6_K for the output matrix and
     /// for `attn_v` / `ffn_down` in the first and last eighth of the layers
-    /// and every third layer between.
+    /// and every third layer between; a fused `attn_qkv` gets Q5_K.
     Q4KM,
-    /// The same recipe with Q5_K in place of Q4_K.
+    /// The same recipe with Q5_K in place of Q4_K (and Q6_K for `attn_qkv`).
     Q5KM,
 }
 
@@ -342,6 +344,13 @@ impl Target {
         if name == "output.weight" {
             return QType::Q6K;
         }
+        if name.contains("attn_qkv") {
+            return if self == Target::Q4KM {
+                QType::Q5K
+            } else {
+                QType::Q6K
+            };
+        }
         match layer {
             Some(i) if (name.contains("attn_v") || name.contains("ffn_down")) && more_bits(i) => {
                 QType::Q6K
@@ -351,9 +360,14 @@ impl Target {
     }
 }
 
-/// A tensor to convert: HF name, shape, layer, and the number of rotary
-/// heads whose rows to permute for llama.cpp's Llama layout.
-type Planned = (String, Vec<usize>, Option<usize>, Option<usize>);
+/// A tensor to convert: the HF tensors stacked into it (name, shape), its
+/// layer, and the number of rotary heads whose rows to permute for
+/// llama.cpp's Llama layout.
+struct Planned {
+    parts: Vec<(String, Vec<usize>)>,
+    layer: Option<usize>,
+    heads: Option<usize>,
+}
 
 /// What `convert` wrote.
 #[derive(Debug, Clone)]
@@ -376,7 +390,7 @@ pub fn convert(
     mut progress: impl FnMut(usize, usize, &str),
 ) -> Result<ConvertReport, EngineError> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    let weights = Weights::from_dir(dir)?;
+    let weights = Weights::for_config(dir, &cfg)?;
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -394,75 +408,123 @@ pub fn convert(
     }
     let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let (nq, nkv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-    let mut plan: Vec<Planned> = vec![(
+    let one = |n: String, shape: Vec<usize>, layer: Option<usize>, heads: Option<usize>| Planned {
+        parts: vec![(n, shape)],
+        layer,
+        heads,
+    };
+    let mut plan = vec![one(
         "model.embed_tokens.weight".into(),
         vec![cfg.vocab_size, h],
         None,
         None,
     )];
-    let interleave = cfg.model_type != "qwen2";
+    // llama.cpp's Llama graph wants q/k rows in adjacent-pairs order; Qwen2
+    // keeps the halves, GLM-4 is interleaved already.
+    let permute = cfg.model_type != "qwen2" && !cfg.rope_interleaved;
+    let glm = cfg.model_type == "glm";
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
         let mut add = |n: String, shape: Vec<usize>, heads: Option<usize>| {
-            plan.push((n, shape, Some(l), heads.filter(|_| interleave)))
+            plan.push(one(n, shape, Some(l), heads.filter(|_| permute)))
         };
         add(format!("{p}.input_layernorm.weight"), vec![h], None);
-        for (m, out, heads) in [
-            ("q_proj", nq, Some(cfg.num_heads)),
-            ("k_proj", nkv, Some(cfg.num_kv_heads)),
-            ("v_proj", nkv, None),
-        ] {
-            add(format!("{p}.self_attn.{m}.weight"), vec![out, h], heads);
-            if cfg.qkv_bias {
-                add(format!("{p}.self_attn.{m}.bias"), vec![out], heads);
+        if glm {
+            // llama.cpp's chatglm graph reads one fused attn_qkv.
+            for kind in ["weight", "bias"] {
+                if kind == "bias" && !cfg.qkv_bias {
+                    continue;
+                }
+                let fused = format!("{p}.self_attn.qkv_proj.{kind}");
+                let dims = |out: usize| {
+                    if kind == "weight" {
+                        vec![out, h]
+                    } else {
+                        vec![out]
+                    }
+                };
+                let parts = if weights.contains(&fused) {
+                    vec![(fused, dims(nq + 2 * nkv))]
+                } else {
+                    [("q_proj", nq), ("k_proj", nkv), ("v_proj", nkv)]
+                        .iter()
+                        .map(|(m, out)| (format!("{p}.self_attn.{m}.{kind}"), dims(*out)))
+                        .collect()
+                };
+                plan.push(Planned {
+                    parts,
+                    layer: Some(l),
+                    heads: None,
+                });
+            }
+        } else {
+            let mut add = |n: String, shape: Vec<usize>, heads: Option<usize>| {
+                plan.push(one(n, shape, Some(l), heads.filter(|_| permute)))
+            };
+            for (m, out, heads) in [
+                ("q_proj", nq, Some(cfg.num_heads)),
+                ("k_proj", nkv, Some(cfg.num_kv_heads)),
+                ("v_proj", nkv, None),
+            ] {
+                add(format!("{p}.self_attn.{m}.weight"), vec![out, h], heads);
+                if cfg.qkv_bias {
+                    add(format!("{p}.self_attn.{m}.bias"), vec![out], heads);
+                }
             }
         }
-        add(format!("{p}.self_attn.o_proj.weight"), vec![h, nq], None);
+        let mut add = |n: String, shape: Vec<usize>| plan.push(one(n, shape, Some(l), None));
+        add(format!("{p}.self_attn.o_proj.weight"), vec![h, nq]);
         if cfg.o_bias {
-            add(format!("{p}.self_attn.o_proj.bias"), vec![h], None);
+            add(format!("{p}.self_attn.o_proj.bias"), vec![h]);
         }
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            None,
-        );
-        for (m, shape) in [
-            ("gate_proj", vec![i, h]),
-            ("up_proj", vec![i, h]),
-            ("down_proj", vec![h, i]),
-        ] {
-            let out = shape[0];
-            add(format!("{p}.mlp.{m}.weight"), shape, None);
+        add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+        let mlp: &[(&str, usize, usize)] = if glm {
+            &[("gate_up_proj", 2 * i, h), ("down_proj", h, i)]
+        } else {
+            &[("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)]
+        };
+        for &(m, out, inp) in mlp {
+            add(format!("{p}.mlp.{m}.weight"), vec![out, inp]);
             if cfg.mlp_bias {
-                add(format!("{p}.mlp.{m}.bias"), vec![out], None);
+                add(format!("{p}.mlp.{m}.bias"), vec![out]);
             }
         }
     }
-    plan.push(("model.norm.weight".into(), vec![h], None, None));
+    plan.push(one("model.norm.weight".into(), vec![h], None, None));
     if !cfg.tie_word_embeddings {
-        plan.push(("lm_head.weight".into(), vec![cfg.vocab_size, h], None, None));
+        plan.push(one(
+            "lm_head.weight".into(),
+            vec![cfg.vocab_size, h],
+            None,
+            None,
+        ));
     }
     let mut tensors = Vec::with_capacity(plan.len());
     let mut fallbacks = Vec::new();
     let total = plan.len();
-    for (n, (hf, shape, layer, heads)) in plan.into_iter().enumerate() {
-        let gname = lw_model::loader::gguf_name(&hf).unwrap_or_else(|| hf.clone());
+    for (n, planned) in plan.into_iter().enumerate() {
+        let gname = gguf_tensor_name(&planned.parts);
         progress(n, total, &gname);
-        let t = weights.get(&hf, &shape, DType::F32)?;
-        let mut values = t
-            .flatten_all()
-            .map_err(lw_model::ModelError::from)?
-            .to_vec1::<f32>()
-            .map_err(lw_model::ModelError::from)?;
-        drop(t);
-        if let Some(heads) = heads {
+        let mut shape = planned.parts[0].1.clone();
+        shape[0] = planned.parts.iter().map(|p| p.1[0]).sum();
+        let mut values = Vec::with_capacity(shape.iter().product());
+        for (hf, part_shape) in &planned.parts {
+            let t = weights.get(hf, part_shape, DType::F32)?;
+            values.extend(
+                t.flatten_all()
+                    .map_err(lw_model::ModelError::from)?
+                    .to_vec1::<f32>()
+                    .map_err(lw_model::ModelError::from)?,
+            );
+        }
+        if let Some(heads) = planned.heads {
             values = permute_rows(&values, heads, shape[0] / heads, values.len() / shape[0]);
         }
         let cols = *shape.last().unwrap();
         let qtype = if shape.len() == 1 {
             QType::F32
         } else {
-            let want = target.qtype(&gname, layer, cfg.num_layers);
+            let want = target.qtype(&gname, planned.layer, cfg.num_layers);
             if cols % want.block_elems() == 0 {
                 want
             } else {
@@ -522,6 +584,17 @@ pub fn convert(
         tensors: tensors.len(),
         fallbacks,
     })
+}
+
+/// The GGUF name of a planned tensor: stacked q/k/v parts become `attn_qkv`.
+fn gguf_tensor_name(parts: &[(String, Vec<usize>)]) -> String {
+    let first = &parts[0].0;
+    let hf = if parts.len() > 1 {
+        first.replace(".q_proj.", ".qkv_proj.")
+    } else {
+        first.clone()
+    };
+    lw_model::loader::gguf_name(&hf).unwrap_or(hf)
 }
 
 /// llama.cpp's `general.file_type` codes.

@@ -18,5 +18,5 @@ pub use engine::{Engine, Generation, LoadOptions, StopMatcher};
 pub use error::EngineError;
 pub use sampler::Sampler;
 pub use source::{resolve_model, resolve_model_or_tiny, shipped_tiny, DEFAULT_MODEL, TINY_NAMES};
-pub use template::ChatTemplate;
+pub use template::{ChatFormat, ChatTemplate};
 pub use tokenizer::{StreamDecoder, Tokenizer};

@@ -9,6 +9,67 @@ use lw_core::Message;
 
 use crate::error::EngineError;
 
+/// Which chat format turns messages into a prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChatFormat {
+    /// The checkpoint's own template; GLM-4 checkpoints without one get
+    /// [`ChatFormat::Glm4`].
+    #[default]
+    Auto,
+    /// The checkpoint's own template (an error if it has none).
+    Template,
+    /// GLM-4: `[gMASK]<sop>`, then `<|role|>` and a newline before each
+    /// message, and a bare `<|assistant|>` to open the answer.
+    Glm4,
+    /// Llama-2 style `[INST]…[/INST]` turns, as LongWriter-llama3.1-8b was
+    /// trained: BOS, each user turn in `[INST]`…`[/INST]`, each answer
+    /// followed by EOS; a system message opens the first user turn inside
+    /// `<<SYS>>`…`<</SYS>>`.
+    Inst,
+}
+
+/// GLM-4's format as a template.
+const GLM4: &str = "[gMASK]<sop>\
+{%- for m in messages %}{{ '<|' ~ m.role ~ '|>\n' ~ m.content }}{% endfor %}\
+{%- if add_generation_prompt %}<|assistant|>{% endif %}";
+
+/// Llama-2 style turns as a template.
+const INST: &str = "{{ bos_token }}\
+{%- set sys = messages[0].content if messages and messages[0].role == 'system' else none %}\
+{%- for m in messages if m.role != 'system' %}\
+{%- if m.role == 'user' %}[INST]\
+{%- if loop.first and sys is not none %}<<SYS>>\n{{ sys }}\n<</SYS>>\n\n{% endif %}\
+{{- m.content }}[/INST]\
+{%- elif m.role == 'assistant' %}{{ m.content ~ eos_token }}\
+{%- else %}{{ raise_exception('the [INST] format has no role ' ~ m.role) }}{% endif %}\
+{%- endfor %}";
+
+impl ChatFormat {
+    pub fn parse(s: &str) -> Option<ChatFormat> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Some(ChatFormat::Auto),
+            "template" => Some(ChatFormat::Template),
+            "glm4" | "glm-4" | "chatglm" => Some(ChatFormat::Glm4),
+            "inst" | "llama2" | "llama-2" => Some(ChatFormat::Inst),
+            _ => None,
+        }
+    }
+
+    /// The built-in template of this format (`None` for the checkpoint's own).
+    pub fn builtin(self, bos_token: &str, eos_token: &str) -> Option<ChatTemplate> {
+        let src = match self {
+            ChatFormat::Glm4 => GLM4,
+            ChatFormat::Inst => INST,
+            ChatFormat::Auto | ChatFormat::Template => return None,
+        };
+        Some(ChatTemplate::new(src, bos_token, eos_token).expect("built-in templates compile"))
+    }
+}
+
+/// GLM-4's end-of-turn tokens: EOS, and the markers of the next user or
+/// tool turn, which the model emits when its answer is done.
+pub const GLM4_STOP_TOKENS: &[&str] = &["<|endoftext|>", "<|user|>", "<|observation|>"];
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,

@@ -84,6 +84,11 @@ impl Tokenizer {
         }
     }
 
+    /// Replaces the chat template (a built-in chat format).
+    pub fn set_chat_template(&mut self, template: Option<ChatTemplate>) {
+        self.chat_template = template;
+    }
+
     /// Entries in the vocabulary, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

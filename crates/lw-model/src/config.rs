@@ -1,5 +1,6 @@
 //! `config.json` of a Hugging Face checkpoint, read into the flags of the one
-//! Llama-family implementation (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5).
+//! Llama-family implementation (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, and
+//! GLM-4 in both its `transformers` layout and the original ChatGLM one).
 
 use std::path::Path;
 
@@ -9,7 +10,17 @@ use serde_json::Value;
 use crate::error::ModelError;
 
 /// Architectures this crate runs, named by their `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "glm", "chatglm"];
+
+/// How a checkpoint names its tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `transformers` names (`model.layers.N.self_attn.q_proj.weight`, …).
+    Hf,
+    /// The original ChatGLM names (`transformer.encoder.layers.N.self_attention
+    /// .query_key_value.weight`, …), mapped to `transformers` names at load.
+    ChatGlm,
+}
 
 /// How rotary frequencies are rescaled for long contexts.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,8 +68,13 @@ pub struct ModelConfig {
     /// The dtype the checkpoint says it was saved in (`torch_dtype`), if any.
     pub torch_dtype: Option<String>,
     /// Rotary pairs are adjacent elements (`2i`, `2i + 1`), as in llama.cpp's
-    /// Llama GGUF files, instead of the two halves of a head.
+    /// Llama GGUF files and GLM-4, instead of the two halves of a head.
     pub rope_interleaved: bool,
+    /// Leading dimensions of each head that are rotated (GLM-4 rotates half);
+    /// the rest pass through unchanged.
+    pub rotary_dim: usize,
+    /// Tensor names of the checkpoint.
+    pub layout: WeightLayout,
 }
 
 #[derive(Deserialize)]
@@ -87,6 +103,41 @@ struct RawConfig {
     eos_token_id: Option<Value>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
+    partial_rotary_factor: Option<f64>,
+}
+
+/// The original ChatGLM `config.json` (LongWriter-glm4-9b, glm-4-9b-chat).
+#[derive(Deserialize)]
+struct ChatGlmConfig {
+    padded_vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    ffn_hidden_size: Option<usize>,
+    num_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    kv_channels: Option<usize>,
+    multi_query_attention: Option<bool>,
+    multi_query_group_num: Option<usize>,
+    layernorm_epsilon: Option<f64>,
+    seq_length: Option<usize>,
+    rope_ratio: Option<f64>,
+    add_qkv_bias: Option<bool>,
+    add_bias_linear: Option<bool>,
+    rmsnorm: Option<bool>,
+    apply_residual_connection_post_layernorm: Option<bool>,
+    post_layer_norm: Option<bool>,
+    original_rope: Option<bool>,
+    tie_word_embeddings: Option<bool>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    torch_dtype: Option<String>,
+}
+
+fn need(v: Option<usize>, name: &str) -> Result<usize, String> {
+    match v {
+        Some(0) => Err(format!("field `{name}` must be positive")),
+        Some(v) => Ok(v),
+        None => Err(format!("missing field `{name}`")),
+    }
 }
 
 impl ModelConfig {
@@ -111,13 +162,9 @@ impl ModelConfig {
                 SUPPORTED_MODEL_TYPES.join(", ")
             ));
         }
-        let need = |v: Option<usize>, name: &str| -> Result<usize, String> {
-            match v {
-                Some(0) => Err(format!("field `{name}` must be positive")),
-                Some(v) => Ok(v),
-                None => Err(format!("missing field `{name}`")),
-            }
-        };
+        if model_type == "chatglm" {
+            return Self::from_chatglm(text);
+        }
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
         let num_kv_heads = need(
@@ -147,7 +194,19 @@ impl ModelConfig {
         }
         let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
         let is_qwen2 = model_type == "qwen2";
-        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let is_glm = model_type == "glm";
+        // GLM-4 has q/k/v biases by default and never an output bias.
+        let attention_bias = raw.attention_bias.unwrap_or(is_glm);
+        let partial = raw
+            .partial_rotary_factor
+            .or_else(|| {
+                raw.rope_parameters
+                    .as_ref()?
+                    .get("partial_rotary_factor")?
+                    .as_f64()
+            })
+            .unwrap_or(if is_glm { 0.5 } else { 1.0 });
+        let rotary_dim = rotary_dim(head_dim, partial)?;
         let window = match model_type.as_str() {
             "mistral" => raw.sliding_window,
             "qwen2" if raw.use_sliding_window.unwrap_or(false) => raw.sliding_window,
@@ -181,7 +240,7 @@ impl ModelConfig {
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: is_qwen2 || attention_bias,
-            o_bias: !is_qwen2 && attention_bias,
+            o_bias: !is_qwen2 && !is_glm && attention_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             sliding_window,
             bos_token_id: token_ids(raw.bos_token_id.as_ref(), "bos_token_id")?
@@ -190,7 +249,76 @@ impl ModelConfig {
             eos_token_ids: token_ids(raw.eos_token_id.as_ref(), "eos_token_id")?,
             torch_dtype: raw.torch_dtype.or(raw.dtype),
             model_type,
-            rope_interleaved: false,
+            rope_interleaved: is_glm,
+            rotary_dim,
+            layout: WeightLayout::Hf,
+        })
+    }
+
+    /// An original ChatGLM config, read into the same fields as `transformers`'
+    /// Glm config (as its GLM conversion script does).
+    fn from_chatglm(text: &str) -> Result<Self, String> {
+        let raw: ChatGlmConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let unsupported =
+            |what: &str| Err(format!("ChatGLM checkpoints with {what} are not supported"));
+        if raw.rmsnorm == Some(false) {
+            return unsupported("LayerNorm (`rmsnorm: false`)");
+        }
+        if raw.apply_residual_connection_post_layernorm == Some(true) {
+            return unsupported("`apply_residual_connection_post_layernorm: true`");
+        }
+        if raw.post_layer_norm == Some(false) {
+            return unsupported("`post_layer_norm: false`");
+        }
+        if raw.original_rope == Some(false) {
+            return unsupported("`original_rope: false`");
+        }
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        let num_kv_heads = if raw.multi_query_attention.unwrap_or(false) {
+            need(raw.multi_query_group_num, "multi_query_group_num")?
+        } else {
+            num_heads
+        };
+        if num_heads % num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads ({num_heads}) is not a multiple of multi_query_group_num ({num_kv_heads})"
+            ));
+        }
+        let head_dim = need(
+            raw.kv_channels.or(Some(hidden_size / num_heads)),
+            "kv_channels",
+        )?;
+        let num_layers = need(raw.num_layers, "num_layers")?;
+        let linear_bias = raw.add_bias_linear.unwrap_or(false);
+        Ok(ModelConfig {
+            model_type: "glm".into(),
+            vocab_size: need(raw.padded_vocab_size, "padded_vocab_size")?,
+            hidden_size,
+            intermediate_size: need(raw.ffn_hidden_size, "ffn_hidden_size")?,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: raw.layernorm_epsilon.unwrap_or(1e-5),
+            // ChatGLM scales the rotary base by `rope_ratio`.
+            rope_theta: (10000.0 * raw.rope_ratio.unwrap_or(1.0)) as f32,
+            rope_scaling: None,
+            max_position_embeddings: raw.seq_length.unwrap_or(8192),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: raw.add_qkv_bias.unwrap_or(false) || linear_bias,
+            o_bias: linear_bias,
+            mlp_bias: linear_bias,
+            sliding_window: vec![None; num_layers],
+            bos_token_id: token_ids(raw.bos_token_id.as_ref(), "bos_token_id")?
+                .first()
+                .copied(),
+            eos_token_ids: token_ids(raw.eos_token_id.as_ref(), "eos_token_id")?,
+            torch_dtype: raw.torch_dtype,
+            rope_interleaved: true,
+            // ChatGLM rotates the first half of each head.
+            rotary_dim: rotary_dim(head_dim, 0.5)?,
+            layout: WeightLayout::ChatGlm,
         })
     }
 
@@ -209,6 +337,44 @@ impl ModelConfig {
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + self.num_layers * layer + h + head
     }
+}
+
+/// Rotated dimensions of a head: an even number, at most `head_dim`.
+fn rotary_dim(head_dim: usize, factor: f64) -> Result<usize, String> {
+    let d = (head_dim as f64 * factor) as usize;
+    if d == 0 || !d.is_multiple_of(2) || d > head_dim {
+        return Err(format!(
+            "partial_rotary_factor {factor} gives {d} rotated dimensions of {head_dim}; they must be even and positive"
+        ));
+    }
+    Ok(d)
+}
+
+/// The `transformers` name of a tensor stored under an original ChatGLM
+/// name; `None` for tensors the forward pass does not read.
+pub fn chatglm_to_hf(name: &str) -> Option<String> {
+    match name {
+        "transformer.embedding.word_embeddings.weight" => {
+            return Some("model.embed_tokens.weight".into())
+        }
+        "transformer.encoder.final_layernorm.weight" => return Some("model.norm.weight".into()),
+        "transformer.output_layer.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("transformer.encoder.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let hf = match module {
+        "input_layernorm" => "input_layernorm",
+        "post_attention_layernorm" => "post_attention_layernorm",
+        "self_attention.query_key_value" => "self_attn.qkv_proj",
+        "self_attention.dense" => "self_attn.o_proj",
+        "mlp.dense_h_to_4h" => "mlp.gate_up_proj",
+        "mlp.dense_4h_to_h" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
 /// `bos_token_id` / `eos_token_id` may be a number, a list of numbers or null.
@@ -259,7 +425,7 @@ fn parse_rope_scaling(v: Option<&Value>) -> Result<Option<RopeScaling>, String> 
 /// Rotary inverse frequencies, one per pair of head dimensions, with the
 /// checkpoint's scaling applied. Computed in f32 like the reference.
 pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
-    let d = cfg.head_dim;
+    let d = cfg.rotary_dim;
     let base: Vec<f32> = (0..d / 2)
         .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32))
         .collect();

@@ -8,7 +8,7 @@ use crate::gguf::{GgufError, GgufFile, Value};
 use crate::quant::dequantize_row;
 
 /// GGUF architectures this crate runs, as llama.cpp names them.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "chatglm"];
 
 /// The model config a GGUF file describes.
 pub fn config(file: &GgufFile) -> Result<ModelConfig, ModelError> {
@@ -66,17 +66,17 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
     }
     let vocab_size = embd.shape[0];
     let num_layers = need("block_count")?;
-    let rope_dims = h.uint(&key("rope.dimension_count"))?.map(|v| v as usize);
-    if let Some(d) = rope_dims {
-        if d != head_dim {
+    let rotary_dim = match h.uint(&key("rope.dimension_count"))? {
+        Some(d) if d > 0 && d % 2 == 0 && d as usize <= head_dim => d as usize,
+        None => head_dim,
+        Some(d) => {
             return Err(bad(
                 key("rope.dimension_count"),
-                format!(
-                    "partial rotary ({d} of {head_dim} dimensions) is not supported for {arch}"
-                ),
-            ));
+                format!("{d} rotated dimensions of {head_dim}: must be even, positive and at most the head size"),
+            ))
         }
-    }
+    };
+    let glm = arch == "chatglm";
     let rope_scaling = match h.string(&key("rope.scaling.type"))? {
         Some("linear") => Some(RopeScaling::Linear {
             factor: h.float(&key("rope.scaling.factor"))?.unwrap_or(1.0) as f32,
@@ -91,15 +91,15 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
     };
     // Llama 3.1's rescaling arrives as a tensor of per-frequency factors.
     let rope_scaling = match file.tensor("rope_freqs.weight") {
-        Some(t) if t.shape == [head_dim / 2] => {
-            let mut f = vec![0f32; head_dim / 2];
+        Some(t) if t.shape == [rotary_dim / 2] => {
+            let mut f = vec![0f32; rotary_dim / 2];
             dequantize_row(t.qtype, file.data(t).as_slice(), &mut f);
             Some(RopeScaling::Factors(f))
         }
         Some(t) => {
             return Err(GgufError::TensorShape {
                 name: "rope_freqs.weight".into(),
-                reason: format!("shape {:?}, expected [{}]", t.shape, head_dim / 2),
+                reason: format!("shape {:?}, expected [{}]", t.shape, rotary_dim / 2),
             })
         }
         None => rope_scaling,
@@ -116,7 +116,12 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         }
     }
     Ok(ModelConfig {
-        model_type: if arch == "qwen2" { "qwen2" } else { "llama" }.into(),
+        model_type: match arch {
+            "qwen2" => "qwen2",
+            "chatglm" => "glm",
+            _ => "llama",
+        }
+        .into(),
         vocab_size,
         hidden_size,
         intermediate_size: need("feed_forward_length")?,
@@ -131,7 +136,7 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         rope_scaling,
         max_position_embeddings: need("context_length")?,
         tie_word_embeddings: !has("output.weight"),
-        qkv_bias: has("blk.0.attn_q.bias"),
+        qkv_bias: has("blk.0.attn_q.bias") || has("blk.0.attn_qkv.bias"),
         o_bias: has("blk.0.attn_output.bias"),
         mlp_bias: has("blk.0.ffn_up.bias"),
         sliding_window: vec![None; num_layers],
@@ -139,18 +144,26 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         eos_token_ids,
         torch_dtype: None,
         // llama.cpp's Llama graph rotates adjacent pairs (its converter
-        // permutes q and k rows to match); Qwen2 keeps the halves layout.
-        rope_interleaved: arch == "llama",
+        // permutes q and k rows to match), as GLM-4 does natively; Qwen2
+        // keeps the halves layout.
+        rope_interleaved: arch == "llama" || glm,
+        rotary_dim,
+        layout: crate::config::WeightLayout::Hf,
     })
+}
+
+/// llama.cpp's architecture name for a config.
+pub fn gguf_architecture(cfg: &ModelConfig) -> &'static str {
+    match cfg.model_type.as_str() {
+        "qwen2" => "qwen2",
+        "glm" => "chatglm",
+        _ => "llama",
+    }
 }
 
 /// Metadata values for a config, in llama.cpp's keys (tokenizer keys aside).
 pub fn config_metadata(cfg: &ModelConfig, name: &str) -> Vec<(String, Value)> {
-    let arch = if cfg.model_type == "qwen2" {
-        "qwen2"
-    } else {
-        "llama"
-    };
+    let arch = gguf_architecture(cfg);
     let k = |s: &str| format!("{arch}.{s}");
     let mut m = vec![
         (
@@ -175,7 +188,7 @@ pub fn config_metadata(cfg: &ModelConfig, name: &str) -> Vec<(String, Value)> {
         ),
         (k("attention.key_length"), Value::U32(cfg.head_dim as u32)),
         (k("attention.value_length"), Value::U32(cfg.head_dim as u32)),
-        (k("rope.dimension_count"), Value::U32(cfg.head_dim as u32)),
+        (k("rope.dimension_count"), Value::U32(cfg.rotary_dim as u32)),
         (k("rope.freq_base"), Value::F32(cfg.rope_theta)),
         (
             k("attention.layer_norm_rms_epsilon"),

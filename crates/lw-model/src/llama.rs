@@ -1,6 +1,7 @@
-//! The Llama family: Llama 2/3/3.1/3.2, Mistral and Qwen2/2.5 are one
-//! computation with flags (qkv bias, rope scaling, tied embeddings, sliding
-//! window, grouped-query attention), all read from `config.json`.
+//! The Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 and GLM-4 are one
+//! computation with flags (qkv bias, rope scaling, partial and interleaved
+//! rotary, tied embeddings, sliding window, grouped-query attention), all
+//! read from `config.json` or GGUF metadata.
 //!
 //! Per layer: rmsnorm → q, k, v → rope → attention over the cache → output
 //! projection → residual → rmsnorm → SwiGLU → residual. Then the final norm
@@ -65,7 +66,7 @@ impl Llama {
     /// in `weight_dtype` (f32, f16 or bf16), activations are computed in f32.
     pub fn load_dir(dir: &Path, weight_dtype: DType) -> Result<Self, ModelError> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let weights = Weights::from_dir(dir)?;
+        let weights = Weights::for_config(dir, &cfg)?;
         Self::load(cfg, &weights, weight_dtype)
     }
 
@@ -115,20 +116,32 @@ impl Llama {
             let p = format!("model.layers.{l}");
             let a = |m: &str| format!("{p}.self_attn.{m}");
             let m = |m: &str| format!("{p}.mlp.{m}");
+            // Fused q/k/v (ChatGLM, llama.cpp's attn_qkv) or separate.
+            let qkv = if w.contains(&format!("{}.weight", a("qkv_proj"))) {
+                linear(&[a("qkv_proj")], &[nq + 2 * nkv], h, cfg.qkv_bias)?
+            } else {
+                linear(
+                    &[a("q_proj"), a("k_proj"), a("v_proj")],
+                    &[nq, nkv, nkv],
+                    h,
+                    cfg.qkv_bias,
+                )?
+            };
+            // GLM-4 stores gate and up as one matrix, gate rows first.
+            let gate_up = if cfg.model_type == "glm" {
+                linear(&[m("gate_up_proj")], &[2 * i], h, cfg.mlp_bias)?
+            } else {
+                linear(&[m("gate_proj"), m("up_proj")], &[i, i], h, cfg.mlp_bias)?
+            };
             layers.push(Layer {
                 attn_norm: norm(format!("{p}.input_layernorm.weight"))?,
                 attn: Attention {
-                    qkv: linear(
-                        &[a("q_proj"), a("k_proj"), a("v_proj")],
-                        &[nq, nkv, nkv],
-                        h,
-                        cfg.qkv_bias,
-                    )?,
+                    qkv,
                     o: linear(&[a("o_proj")], &[h], nq, cfg.o_bias)?,
                 },
                 mlp_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate_up: linear(&[m("gate_proj"), m("up_proj")], &[i, i], h, cfg.mlp_bias)?,
+                    gate_up,
                     down: linear(&[m("down_proj")], &[h], i, cfg.mlp_bias)?,
                 },
                 window: cfg.sliding_window[l],
@@ -318,11 +331,12 @@ impl Llama {
                     &cos[r * half..(r + 1) * half],
                     &sin[r * half..(r + 1) * half],
                 );
+                let rot = cfg.rotary_dim;
                 for head in row[..(nh + nkv) * hd].chunks_mut(hd) {
                     if cfg.rope_interleaved {
-                        rope_pairs(head, c, s);
+                        rope_pairs(&mut head[..rot], c, s);
                     } else {
-                        rope(head, c, s);
+                        rope(&mut head[..rot], c, s);
                     }
                 }
                 let (s_idx, pos) = rows[r];

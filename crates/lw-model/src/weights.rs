@@ -8,18 +8,46 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use crate::config::{ModelConfig, WeightLayout};
 use crate::error::ModelError;
 
 pub struct Weights {
     files: Vec<(PathBuf, MmapedSafetensors)>,
     /// Tensor name -> index into `files`.
     routing: HashMap<String, usize>,
+    /// Name the model asks for -> name stored in the file, where they differ.
+    aliases: HashMap<String, String>,
 }
 
 impl Weights {
     /// Opens the weights of a model directory.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
         Self::open(&safetensors_files(dir)?)
+    }
+
+    /// Opens the weights of a model directory whose config is `cfg`, with
+    /// tensors of other layouts (original ChatGLM) known by their
+    /// `transformers` names.
+    pub fn for_config(dir: &Path, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let mut w = Self::from_dir(dir)?;
+        if cfg.layout == WeightLayout::ChatGlm {
+            w.rename(crate::config::chatglm_to_hf);
+        }
+        Ok(w)
+    }
+
+    /// Makes each stored tensor that `canonical` maps also known by the
+    /// name it returns.
+    pub fn rename(&mut self, canonical: impl Fn(&str) -> Option<String>) {
+        for stored in self.routing.keys() {
+            if let Some(name) = canonical(stored) {
+                self.aliases.insert(name, stored.clone());
+            }
+        }
+    }
+
+    fn stored_name<'a>(&'a self, name: &'a str) -> &'a str {
+        self.aliases.get(name).map_or(name, String::as_str)
     }
 
     /// Memory-maps the given safetensors files and reads their headers.
@@ -45,11 +73,15 @@ impl Weights {
             }
             files.push((path.clone(), st));
         }
-        Ok(Weights { files, routing })
+        Ok(Weights {
+            files,
+            routing,
+            aliases: HashMap::new(),
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.routing.contains_key(name)
+        self.routing.contains_key(self.stored_name(name))
     }
 
     /// Loads tensor `name`, checks its shape, and converts it to `dtype`.
@@ -108,6 +140,7 @@ impl Weights {
 
     /// The bytes and stored dtype of tensor `name`, its shape and dtype checked.
     fn view(&self, name: &str, shape: &[usize]) -> Result<(&[u8], DType), ModelError> {
+        let name = self.stored_name(name);
         let index = *self
             .routing
             .get(name)

@@ -13,6 +13,7 @@ pub const MODELS: &[&str] = &[
     "llama2-head-dim",
     "mistral",
     "qwen2",
+    "glm4",
 ];
 
 /// `tests/fixtures` at the repository root.

@@ -1,0 +1,221 @@
+//! GLM-4 in its two checkpoint layouts, and the built-in chat formats.
+//!
+//! `tests/fixtures/models/glm4` is `transformers`' Glm model; `glm4-chatglm`
+//! holds the same weights under the original ChatGLM names and config
+//! (fused `query_key_value`, `dense_h_to_4h`, `rope_ratio`), as
+//! LongWriter-glm4-9b ships them. Both were written by
+//! `scripts/make_fixtures.py`.
+
+use std::path::PathBuf;
+
+use lw_core::{Message, Role};
+use lw_engine::gguf::{convert, Target};
+use lw_engine::{ChatFormat, Engine, LoadOptions};
+use lw_model::{GgufFile, QType};
+
+mod common;
+use common::{fixture, fixtures, ids, worst_logit_diff};
+
+fn model_dir(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+fn load(name: &str, chat_format: ChatFormat) -> Result<Engine, lw_engine::EngineError> {
+    Engine::load(
+        &model_dir(name),
+        &LoadOptions {
+            chat_format,
+            ..Default::default()
+        },
+    )
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lw-glm-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn messages(case: &serde_json::Value) -> Vec<Message> {
+    case["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let role: Role = serde_json::from_value(m["role"].clone()).unwrap();
+            Message::new(role, m["content"].as_str().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn the_chatglm_layout_gives_transformers_logits() {
+    let fx = fixture("glm4");
+    let mut engine = load("glm4-chatglm", ChatFormat::Auto).unwrap();
+    let cfg = engine.model().config();
+    assert_eq!(cfg.model_type, "glm");
+    assert_eq!(cfg.rotary_dim, cfg.head_dim / 2);
+    assert_eq!(cfg.rope_theta, 500000.0, "10000 × rope_ratio");
+    let prompt = ids(&fx["prompt_ids"]);
+    let rows = engine.score(&prompt).unwrap();
+    let worst = worst_logit_diff(&rows, &fx);
+    assert!(worst < 1e-4, "ChatGLM layout: logits differ by {worst}");
+}
+
+/// Both layouts convert to the same GGUF tensors (llama.cpp's chatglm
+/// layout: one fused attn_qkv, a fused ffn_up), and the file runs.
+#[test]
+fn both_layouts_convert_to_the_same_gguf() {
+    let dir = scratch("convert");
+    let mut files = Vec::new();
+    for name in ["glm4", "glm4-chatglm"] {
+        let out = dir.join(format!("{name}.gguf"));
+        convert(
+            &model_dir(name),
+            &out,
+            Target::Uniform(QType::F32),
+            |_, _, _| {},
+        )
+        .unwrap();
+        files.push(out);
+    }
+    let (a, b) = (
+        GgufFile::open(&files[0]).unwrap(),
+        GgufFile::open(&files[1]).unwrap(),
+    );
+    assert_eq!(
+        a.header().string("general.architecture").unwrap(),
+        Some("chatglm")
+    );
+    let names = |f: &GgufFile| -> Vec<String> {
+        let mut n: Vec<String> = f.header().tensors.iter().map(|t| t.name.clone()).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&a), names(&b));
+    assert!(names(&a).contains(&"blk.1.attn_qkv.bias".to_string()));
+    for t in &a.header().tensors {
+        let u = b.tensor(&t.name).unwrap();
+        assert_eq!(t.shape, u.shape, "{}", t.name);
+        assert_eq!(
+            a.data(t).as_slice(),
+            b.data(u).as_slice(),
+            "{} differs between the layouts",
+            t.name
+        );
+    }
+    let fx = fixture("glm4");
+    let mut engine = Engine::load(&files[1], &LoadOptions::default()).unwrap();
+    let rows = engine.score(&ids(&fx["prompt_ids"])).unwrap();
+    let worst = worst_logit_diff(&rows, &fx);
+    assert!(worst < 1e-4, "GGUF from the ChatGLM layout: {worst}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A ChatGLM checkpoint ships no Jinja template: the built-in GLM-4 format
+/// renders what the fixture's `transformers` template renders, and GLM-4's
+/// turn markers end generation.
+#[test]
+fn glm4_format_and_stop_tokens() {
+    let fx = fixture("glm4");
+    let engine = load("glm4-chatglm", ChatFormat::Auto).unwrap();
+    for case in fx["chat"].as_array().unwrap() {
+        let msgs = messages(case);
+        let agp = case["add_generation_prompt"].as_bool().unwrap();
+        let got = engine.chat_prompt(&msgs, agp).unwrap();
+        assert_eq!(got, case["text"].as_str().unwrap(), "{msgs:?}");
+    }
+    let tok = engine.tokenizer();
+    for t in ["<|endoftext|>", "<|user|>", "<|observation|>"] {
+        let id = tok.token_id(t).unwrap();
+        assert!(engine.eos_ids().contains(&id), "{t} must stop generation");
+    }
+    let assistant = tok.token_id("<|assistant|>").unwrap();
+    assert!(!engine.eos_ids().contains(&assistant));
+    // The prompt encodes its markers as single special tokens.
+    let ids = engine
+        .encode_chat(&[Message::new(Role::User, "Hello")])
+        .unwrap();
+    assert_eq!(ids[0], tok.token_id("[gMASK]").unwrap());
+    assert_eq!(ids[1], tok.token_id("<sop>").unwrap());
+    assert_eq!(*ids.last().unwrap(), assistant);
+    // Asking for the checkpoint's own template when it has none is an error.
+    let err = load("glm4-chatglm", ChatFormat::Template)
+        .err()
+        .expect("no template")
+        .to_string();
+    assert!(err.contains("chat template"), "{err}");
+}
+
+/// Llama-2 style turns, as LongWriter-llama3.1-8b was trained: BOS,
+/// `[INST]…[/INST]`, the answer and EOS; a system message inside `<<SYS>>`.
+#[test]
+fn inst_format_renders_llama2_turns() {
+    let engine = load("llama3-untied", ChatFormat::Inst).unwrap();
+    let user = |s: &str| Message::new(Role::User, s);
+    let one = engine
+        .chat_prompt(&[user("Write 5000 words on rivers.")], true)
+        .unwrap();
+    assert_eq!(
+        one,
+        "<|begin_of_text|>[INST]Write 5000 words on rivers.[/INST]"
+    );
+    let many = engine
+        .chat_prompt(
+            &[
+                Message::new(Role::System, "Be brief."),
+                user("Hi"),
+                Message::new(Role::Assistant, "Hello!"),
+                user("Plan an essay."),
+            ],
+            true,
+        )
+        .unwrap();
+    assert_eq!(
+        many,
+        "<|begin_of_text|>[INST]<<SYS>>\nBe brief.\n<</SYS>>\n\nHi[/INST]Hello!<|eot_id|>[INST]Plan an essay.[/INST]"
+    );
+    let ids = engine.encode_chat(&[user("Hi")]).unwrap();
+    assert_eq!(
+        ids[0],
+        engine.tokenizer().token_id("<|begin_of_text|>").unwrap()
+    );
+    assert_eq!(
+        ids.iter()
+            .filter(|&&i| Some(i) == engine.tokenizer().token_id("<|begin_of_text|>"))
+            .count(),
+        1,
+        "one BOS"
+    );
+}
+
+#[test]
+fn chatglm_configs_that_differ_are_refused_by_name() {
+    let dir = scratch("badcfg");
+    let src = model_dir("glm4-chatglm");
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let write = |text: &str| std::fs::write(dir.join("config.json"), text).unwrap();
+    write(&cfg.replace("\"rmsnorm\": true", "\"rmsnorm\": false"));
+    let err = Engine::load(&dir, &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("rmsnorm") && err.contains("config.json"),
+        "{err}"
+    );
+    write(&cfg.replace("\"ffn_hidden_size\": 112,", ""));
+    let err = Engine::load(&dir, &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("ffn_hidden_size"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
