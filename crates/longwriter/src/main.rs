@@ -304,6 +304,32 @@ pub struct ModelArgs {
     /// LongWriter-llama3.1-8b was trained with).
     #[arg(long, default_value = "auto", value_parser = parse_chat_format)]
     pub chat_format: lw_engine::ChatFormat,
+    /// Speculative decoding with this small model (same tokenizer): it
+    /// drafts tokens greedily and the main model checks them in one pass.
+    /// Greedy output is identical to plain decoding; sampled output has the
+    /// same distribution.
+    #[arg(long, value_name = "MODEL", conflicts_with = "prompt_lookup")]
+    pub draft_model: Option<String>,
+    /// Speculative decoding by prompt lookup: the continuation of the latest
+    /// earlier occurrence of the last few tokens is the guess (fast when the
+    /// text quotes its prompt or repeats itself).
+    #[arg(long)]
+    pub prompt_lookup: bool,
+    /// Most tokens drafted per step (--draft-model, --prompt-lookup).
+    #[arg(long, default_value_t = 5)]
+    pub draft_max: usize,
+}
+
+impl ModelArgs {
+    /// Speculative decoding runs in the one-sequence loop only.
+    pub fn no_speculation(&self, what: &str) -> anyhow::Result<()> {
+        if self.draft_model.is_some() || self.prompt_lookup {
+            anyhow::bail!(
+                "--draft-model and --prompt-lookup speed up one sequence at a time (generate, chat, bench, write with one worker); {what} batches sequences and does not speculate"
+            );
+        }
+        Ok(())
+    }
 }
 
 fn parse_chat_format(s: &str) -> Result<lw_engine::ChatFormat, String> {
@@ -508,6 +534,7 @@ fn count(a: &CountArgs) -> anyhow::Result<()> {
 }
 
 fn serve(a: &ServeArgs) -> anyhow::Result<()> {
+    a.model.no_speculation("serve")?;
     let mut api_keys: Vec<String> = a.api_key.iter().cloned().collect();
     if let Some(path) = &a.keys_file {
         let text = std::fs::read_to_string(path)

@@ -46,6 +46,31 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
         engine.context_length(),
         started.elapsed().as_secs_f64()
     );
+    let mut engine = engine;
+    if let Some(draft) = &m.draft_model {
+        let dir = lw_engine::resolve_model(draft)?;
+        let draft_opts = LoadOptions {
+            chat_format: lw_engine::ChatFormat::Auto,
+            ..opts.clone()
+        };
+        let draft_engine = Engine::load(&dir, &draft_opts)
+            .with_context(|| format!("loading draft model {}", dir.display()))?;
+        let params = draft_engine.model().config().parameter_count();
+        let spec = lw_engine::Speculation::draft_model(draft_engine, &engine, m.draft_max)?;
+        engine.set_speculation(Some(spec));
+        eprintln!(
+            "speculative decoding: draft model {} ({:.1}M parameters), up to {} tokens per step",
+            dir.display(),
+            params as f64 / 1e6,
+            m.draft_max
+        );
+    } else if m.prompt_lookup {
+        engine.set_speculation(Some(lw_engine::Speculation::prompt_lookup(m.draft_max)));
+        eprintln!(
+            "speculative decoding: prompt lookup, up to {} tokens per step",
+            m.draft_max
+        );
+    }
     let per_token = engine.model().kv_bytes_per_token();
     let full = per_token as f64 * engine.context_length() as f64;
     eprintln!(
@@ -136,6 +161,14 @@ pub fn print_stats(out: &Generation, seed: u64) {
         out.finish_reason.as_str(),
         seed
     );
+    if let Some(rate) = s.acceptance_rate() {
+        eprintln!(
+            "speculative decoding: {} of {} drafted tokens accepted ({:.0}%)",
+            s.accepted_draft_tokens,
+            s.draft_tokens,
+            100.0 * rate
+        );
+    }
 }
 
 /// A multi-turn conversation on stdin/stdout. The KV cache of the previous

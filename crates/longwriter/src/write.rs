@@ -40,6 +40,15 @@ pub(crate) struct BackendArgs {
     /// (Llama-2 style `[INST]…[/INST]`, LongWriter-llama3.1-8b's format).
     #[arg(long, default_value = "auto", value_parser = crate::parse_chat_format)]
     chat_format: lw_engine::ChatFormat,
+    /// Speculative decoding with this small draft model (same tokenizer).
+    #[arg(long, value_name = "MODEL", conflicts_with = "prompt_lookup")]
+    draft_model: Option<String>,
+    /// Speculative decoding by prompt lookup (n-gram drafting).
+    #[arg(long)]
+    prompt_lookup: bool,
+    /// Most tokens drafted per step.
+    #[arg(long, default_value_t = 5)]
+    draft_max: usize,
     /// An OpenAI-compatible server instead of the local engine, e.g.
     /// http://127.0.0.1:8000/v1 (vLLM, SGLang, llama.cpp, Ollama, OpenAI).
     #[arg(long, conflicts_with = "model")]
@@ -77,6 +86,7 @@ impl BackendArgs {
             }));
         }
         let m = self.local_args()?;
+        m.no_speculation("a run with several workers")?;
         let engine = crate::run::load_engine(&m)?;
         let batcher = lw_engine::Batcher::start(
             std::sync::Arc::new(engine),
@@ -107,6 +117,9 @@ impl BackendArgs {
             prefill_chunk: self.prefill_chunk,
             quantize: self.quantize,
             chat_format: self.chat_format,
+            draft_model: self.draft_model.clone(),
+            prompt_lookup: self.prompt_lookup,
+            draft_max: self.draft_max,
         })
     }
 

@@ -141,6 +141,12 @@ pub struct GenerationStats {
     pub generated_tokens: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    /// Tokens guessed by speculative decoding, and how many of them the
+    /// model kept.
+    #[serde(default)]
+    pub draft_tokens: usize,
+    #[serde(default)]
+    pub accepted_draft_tokens: usize,
 }
 
 impl GenerationStats {
@@ -149,6 +155,11 @@ impl GenerationStats {
             self.prompt_tokens - self.cached_prompt_tokens,
             self.prefill_seconds,
         )
+    }
+    /// Share of drafted tokens the model kept (speculative decoding).
+    pub fn acceptance_rate(&self) -> Option<f64> {
+        (self.draft_tokens > 0)
+            .then(|| self.accepted_draft_tokens as f64 / self.draft_tokens as f64)
     }
     /// Decode speed counts the tokens after the first, which prefill produced.
     pub fn decode_tok_s(&self) -> f64 {

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::error::EngineError;
 use crate::sampler::Sampler;
+use crate::speculative::Speculation;
 use crate::template::{ChatFormat, GLM4_STOP_TOKENS};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -65,6 +66,8 @@ pub struct Engine {
     /// Tokens whose keys and values are in `cache`, in order.
     cached: Vec<u32>,
     prefill_chunk: usize,
+    /// Speculative decoding in [`Engine::generate`], when set.
+    speculation: Option<Speculation>,
 }
 
 impl Engine {
@@ -113,6 +116,7 @@ impl Engine {
             cache,
             cached: Vec::new(),
             prefill_chunk: opts.prefill_chunk.max(1),
+            speculation: None,
         })
     }
 
@@ -146,11 +150,26 @@ impl Engine {
             cache,
             cached: Vec::new(),
             prefill_chunk: opts.prefill_chunk.max(1),
+            speculation: None,
         })
     }
 
     pub fn model(&self) -> &Llama {
         &self.model
+    }
+
+    /// The model alone (a draft model for another engine).
+    pub fn into_model(self) -> Llama {
+        self.model
+    }
+
+    /// Turns speculative decoding on (or off with `None`) for `generate`.
+    pub fn set_speculation(&mut self, speculation: Option<Speculation>) {
+        self.speculation = speculation;
+    }
+
+    pub fn speculation(&self) -> Option<&Speculation> {
+        self.speculation.as_ref()
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -268,14 +287,42 @@ impl Engine {
         let decode_start = Instant::now();
         let mut seq = Decoding::new(params, prompt, self.id_bound());
         let mut finish = seq.finished_before_start();
+        // `rows[j]` is the next-token distribution after the j-th token fed
+        // last; `drafts[j]` is the guess it checks (none for the last row).
+        let mut rows = vec![logits];
+        let mut drafts: Vec<u32> = Vec::new();
+        // Cache length before the last forward pass.
+        let mut base = self.cache.len();
+        let mut history: Vec<u32> = Vec::new();
         while finish.is_none() {
-            let (ready, done) = seq.step(&mut logits, &self.tokenizer, &self.eos_ids)?;
-            if !ready.is_empty() && !on_text(&ready) {
-                finish = Some(FinishReason::Cancelled);
-                break;
+            let mut kept = 0;
+            for (j, row) in rows.iter_mut().enumerate() {
+                let draft = drafts.get(j).copied();
+                let (ready, done, is_draft) =
+                    seq.step_draft(row, &self.tokenizer, &self.eos_ids, draft)?;
+                if !ready.is_empty() && !on_text(&ready) {
+                    finish = Some(FinishReason::Cancelled);
+                    break;
+                }
+                if done.is_some() {
+                    finish = done;
+                    break;
+                }
+                if !is_draft {
+                    break;
+                }
+                kept += 1;
             }
-            if done.is_some() {
-                finish = done;
+            stats.draft_tokens += drafts.len();
+            stats.accepted_draft_tokens += kept.min(drafts.len());
+            if !drafts.is_empty() {
+                // Keep the fed token and the accepted guesses; the rest of
+                // the pass was computed for tokens that were not taken.
+                let valid = base + 1 + kept.min(drafts.len());
+                self.cache.truncate(valid);
+                self.cached.truncate(valid);
+            }
+            if finish.is_some() {
                 break;
             }
             if self.cache.len() + 1 > self.context_length() {
@@ -283,9 +330,31 @@ impl Engine {
                 break;
             }
             let next = seq.last_token();
-            let out = self.model.forward(&[next], &mut self.cache, Logits::Last)?;
-            self.cached.push(next);
-            logits = lw_model::llama::last_row(&out)?;
+            drafts.clear();
+            // Room for guesses in the context, and in max_tokens after the
+            // token fed now and one more from the last row.
+            let room = (self.context_length() - self.cache.len() - 1)
+                .min(seq.remaining().saturating_sub(1));
+            if let Some(spec) = self.speculation.as_mut() {
+                if room > 0 {
+                    history.clear();
+                    history.extend_from_slice(prompt);
+                    history.extend_from_slice(&seq.tokens);
+                    drafts = spec.propose(&history, room)?;
+                }
+            }
+            base = self.cache.len();
+            let mut feed = Vec::with_capacity(1 + drafts.len());
+            feed.push(next);
+            feed.extend_from_slice(&drafts);
+            let which = if drafts.is_empty() {
+                Logits::Last
+            } else {
+                Logits::All
+            };
+            let out = self.model.forward(&feed, &mut self.cache, which)?;
+            self.cached.extend_from_slice(&feed);
+            rows = out.to_vec2::<f32>().map_err(lw_model::ModelError::from)?;
         }
         let finish = finish.unwrap_or(FinishReason::Stop);
         let rest = seq.finish(finish, &self.tokenizer)?;
@@ -360,7 +429,35 @@ impl Decoding {
         tok: &Tokenizer,
         eos: &[u32],
     ) -> Result<(String, Option<FinishReason>), EngineError> {
-        let next = self.sampler.sample(logits, &self.seen);
+        self.step_draft(logits, tok, eos, None)
+            .map(|(ready, done, _)| (ready, done))
+    }
+
+    /// [`Decoding::step`] given a drafted guess for the token; also says
+    /// whether the token taken is the draft.
+    pub(crate) fn step_draft(
+        &mut self,
+        logits: &mut [f32],
+        tok: &Tokenizer,
+        eos: &[u32],
+        draft: Option<u32>,
+    ) -> Result<(String, Option<FinishReason>, bool), EngineError> {
+        let (next, is_draft) = self.sampler.choose(logits, &self.seen, draft);
+        let (ready, done) = self.take(next, tok, eos)?;
+        Ok((ready, done, is_draft))
+    }
+
+    /// Tokens that may still be generated.
+    pub(crate) fn remaining(&self) -> usize {
+        self.max_tokens.saturating_sub(self.tokens.len())
+    }
+
+    fn take(
+        &mut self,
+        next: u32,
+        tok: &Tokenizer,
+        eos: &[u32],
+    ) -> Result<(String, Option<FinishReason>), EngineError> {
         if !self.ignore_eos && eos.contains(&next) {
             return Ok((String::new(), Some(FinishReason::Stop)));
         }

@@ -27,6 +27,8 @@ pub enum EngineError {
         tokenizer: usize,
         model: usize,
     },
+    #[error("the draft model ({}) does not share the tokenizer of the model ({}): speculative decoding needs the same token ids in both", draft.display(), target.display())]
+    DraftTokenizer { draft: PathBuf, target: PathBuf },
     #[error("model \"{model}\" not found: no such file or directory, and not a hub id of the form org/name")]
     ModelNotFound { model: String },
     #[error("could not download \"{model}\" from the Hugging Face hub: {reason}\n  The hub may be unreachable from here. Pass a local model directory instead (--model /path/to/dir with config.json, *.safetensors and tokenizer.json), or use an OpenAI-compatible server (--api-base URL).")]

@@ -10,6 +10,7 @@ pub mod error;
 pub mod gguf;
 pub mod sampler;
 pub mod source;
+pub mod speculative;
 pub mod template;
 pub mod tokenizer;
 
@@ -18,5 +19,6 @@ pub use engine::{Engine, Generation, LoadOptions, StopMatcher};
 pub use error::EngineError;
 pub use sampler::Sampler;
 pub use source::{resolve_model, resolve_model_or_tiny, shipped_tiny, DEFAULT_MODEL, TINY_NAMES};
+pub use speculative::Speculation;
 pub use template::{ChatFormat, ChatTemplate};
 pub use tokenizer::{StreamDecoder, Tokenizer};

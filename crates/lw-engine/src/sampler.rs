@@ -47,6 +47,19 @@ impl Sampler {
     /// Chooses the next token from `logits`; `seen` are the ids the repetition
     /// penalty applies to.
     pub fn sample(&mut self, logits: &mut [f32], seen: &[u32]) -> u32 {
+        self.choose(logits, seen, None).0
+    }
+
+    /// Chooses the next token, given a drafted guess for it (speculative
+    /// decoding). Returns the token and whether it is the draft.
+    ///
+    /// Greedy: the draft is kept when it is the argmax. Sampling: the draft
+    /// is kept with probability p(draft) under the final distribution
+    /// (penalty, temperature, top-k/p, min-p); otherwise a token is drawn
+    /// from that distribution with the draft left out. Each token then has
+    /// exactly its probability p, as without a draft: p(d) for the draft,
+    /// (1 − p(d)) · p(y) / (1 − p(d)) for any other y.
+    pub fn choose(&mut self, logits: &mut [f32], seen: &[u32], draft: Option<u32>) -> (u32, bool) {
         let bound = self.id_bound.min(logits.len());
         let logits = &mut logits[..bound];
         let p = &self.params;
@@ -65,15 +78,16 @@ impl Sampler {
                 }
             }
         }
+        let plain = |t: u32| (t, draft == Some(t));
         if p.is_greedy() {
-            return argmax(logits);
+            return plain(argmax(logits));
         }
         // Candidates sorted by logit, most likely first.
         let mut order: Vec<u32> = (0..logits.len() as u32)
             .filter(|&i| logits[i as usize].is_finite())
             .collect();
         if order.is_empty() {
-            return argmax(logits);
+            return plain(argmax(logits));
         }
         order.sort_unstable_by(|&a, &b| {
             logits[b as usize]
@@ -108,15 +122,31 @@ impl Sampler {
             }
             keep = n.max(1);
         }
-        let mass: f64 = probs[..keep].iter().sum();
-        let mut r = self.rng.next_f64() * mass;
-        for (i, &x) in probs[..keep].iter().enumerate() {
-            r -= x;
-            if r < 0.0 {
-                return order[i];
+        let (order, probs) = (&order[..keep], &mut probs[..keep]);
+        let mut mass: f64 = probs.iter().sum();
+        if let Some(d) = draft {
+            if let Some(i) = order.iter().position(|&o| o == d) {
+                let p_draft = probs[i] / mass;
+                if self.rng.next_f64() < p_draft || p_draft >= 1.0 {
+                    return (d, true);
+                }
+                mass -= probs[i];
+                probs[i] = 0.0;
             }
         }
-        order[keep - 1]
+        let mut r = self.rng.next_f64() * mass;
+        let mut last = order[0];
+        for (i, &x) in probs.iter().enumerate() {
+            if x == 0.0 {
+                continue;
+            }
+            last = order[i];
+            r -= x;
+            if r < 0.0 {
+                return (order[i], false);
+            }
+        }
+        (last, false)
     }
 }
 
@@ -225,5 +255,56 @@ mod tests {
     fn ids_beyond_the_tokenizer_are_never_chosen() {
         let mut s = Sampler::new(params(0.0), 2);
         assert_eq!(s.sample(&mut [0.0, 1.0, 9.0], &[]), 1);
+    }
+
+    /// Verifying a draft leaves each token's probability as it was: with
+    /// the draft kept at p(d) and otherwise a draw without it.
+    #[test]
+    fn a_checked_draft_keeps_the_distribution() {
+        let logits = [2.0f32, 1.5, 1.0, 0.2, -1.0, -3.0];
+        for (p, draft) in [
+            (params(1.0), 0u32),
+            (params(1.0), 3),
+            (params(0.7), 5),
+            (
+                SamplingParams {
+                    top_k: 4,
+                    top_p: 0.9,
+                    ..params(1.3)
+                },
+                2,
+            ),
+        ] {
+            let n = 60_000;
+            let mut plain = Sampler::new(p.clone(), 6);
+            let mut checked = Sampler::new(
+                SamplingParams {
+                    seed: 99,
+                    ..p.clone()
+                },
+                6,
+            );
+            let (mut a, mut b) = ([0usize; 6], [0usize; 6]);
+            let mut kept = 0;
+            for _ in 0..n {
+                a[plain.sample(&mut logits.clone(), &[]) as usize] += 1;
+                let (t, is_draft) = checked.choose(&mut logits.clone(), &[], Some(draft));
+                assert_eq!(is_draft, t == draft);
+                kept += is_draft as usize;
+                b[t as usize] += 1;
+            }
+            for i in 0..6 {
+                let (fa, fb) = (a[i] as f64 / n as f64, b[i] as f64 / n as f64);
+                assert!(
+                    (fa - fb).abs() < 0.01,
+                    "{p:?} draft {draft}: token {i}: {fa} vs {fb}"
+                );
+            }
+            assert_eq!(kept, b[draft as usize]);
+        }
+        // Greedy: the draft is kept exactly when it is the argmax.
+        let mut g = Sampler::new(params(0.0), 6);
+        assert_eq!(g.choose(&mut logits.clone(), &[], Some(0)), (0, true));
+        assert_eq!(g.choose(&mut logits.clone(), &[], Some(1)), (0, false));
     }
 }

@@ -127,6 +127,12 @@ impl Tokenizer {
         self.chat_template.as_ref()
     }
 
+    /// Whether both map the same strings to the same ids (added tokens
+    /// included).
+    pub fn same_vocabulary(&self, other: &Tokenizer) -> bool {
+        self.inner.get_vocab(true) == other.inner.get_vocab(true)
+    }
+
     /// The largest id the tokenizer can produce, plus one.
     pub fn id_bound(&self) -> usize {
         let added = self.inner.get_added_tokens_decoder();

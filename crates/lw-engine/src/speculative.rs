@@ -1,0 +1,179 @@
+//! Speculative decoding: a cheap drafter guesses the next few tokens, the
+//! model checks all of them in one forward pass (one read of the weights for
+//! several tokens), and the tokens it agrees with are kept.
+//!
+//! Two drafters: prompt lookup (the longest recent n-gram of the text so far
+//! that occurred before; what followed it then is the guess; free, and good
+//! when the answer quotes its input), and a small draft model with the same
+//! tokenizer, decoding greedily with its own KV cache.
+//!
+//! The verification rule ([`crate::sampler::Sampler::choose`]) keeps greedy
+//! output identical to plain decoding and sampled output identically
+//! distributed.
+
+use lw_model::{KvCache, Llama, Logits};
+
+use crate::engine::{common_prefix, Engine};
+use crate::error::EngineError;
+use crate::sampler::argmax;
+
+/// Which drafter proposes tokens, and how many at most per step.
+pub struct Speculation {
+    drafter: Drafter,
+    max_draft: usize,
+}
+
+enum Drafter {
+    PromptLookup { max_ngram: usize },
+    Model(Box<DraftModel>),
+}
+
+struct DraftModel {
+    model: Llama,
+    cache: KvCache,
+    /// Tokens whose keys and values are in `cache`, in order.
+    cached: Vec<u32>,
+    id_bound: usize,
+    prefill_chunk: usize,
+}
+
+/// Longest n-gram prompt lookup matches (a suffix of this many tokens).
+const LOOKUP_NGRAM: usize = 3;
+
+impl Speculation {
+    /// Prompt-lookup drafting, up to `max_draft` tokens per step.
+    pub fn prompt_lookup(max_draft: usize) -> Self {
+        Speculation {
+            drafter: Drafter::PromptLookup {
+                max_ngram: LOOKUP_NGRAM,
+            },
+            max_draft: max_draft.max(1),
+        }
+    }
+
+    /// Drafting with a small model that must share `target`'s tokenizer.
+    pub fn draft_model(
+        draft: Engine,
+        target: &Engine,
+        max_draft: usize,
+    ) -> Result<Self, EngineError> {
+        if !draft.tokenizer().same_vocabulary(target.tokenizer()) {
+            return Err(EngineError::DraftTokenizer {
+                draft: draft.model_dir().to_path_buf(),
+                target: target.model_dir().to_path_buf(),
+            });
+        }
+        let id_bound = draft.id_bound().min(target.id_bound());
+        let prefill_chunk = draft.prefill_chunk();
+        let model = draft.into_model();
+        Ok(Speculation {
+            drafter: Drafter::Model(Box::new(DraftModel {
+                cache: model.new_cache(),
+                model,
+                cached: Vec::new(),
+                id_bound,
+                prefill_chunk,
+            })),
+            max_draft: max_draft.max(1),
+        })
+    }
+
+    /// At most this many drafted tokens per step.
+    pub fn max_draft(&self) -> usize {
+        self.max_draft
+    }
+
+    /// Guesses up to `limit` tokens that follow `history`.
+    pub(crate) fn propose(
+        &mut self,
+        history: &[u32],
+        limit: usize,
+    ) -> Result<Vec<u32>, EngineError> {
+        let limit = limit.min(self.max_draft);
+        if limit == 0 || history.is_empty() {
+            return Ok(Vec::new());
+        }
+        match &mut self.drafter {
+            Drafter::PromptLookup { max_ngram } => Ok(lookup(history, *max_ngram, limit)),
+            Drafter::Model(m) => m.propose(history, limit),
+        }
+    }
+}
+
+impl DraftModel {
+    fn propose(&mut self, history: &[u32], limit: usize) -> Result<Vec<u32>, EngineError> {
+        // The draft cannot see beyond its own context.
+        let room = self
+            .model
+            .context_length()
+            .saturating_sub(history.len() + 1);
+        let limit = limit.min(room);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let common = common_prefix(&self.cached, history).min(history.len() - 1);
+        self.cache.truncate(common);
+        self.cached.truncate(common);
+        let mut logits = Vec::new();
+        for chunk in history[common..].chunks(self.prefill_chunk) {
+            let out = self.model.forward(chunk, &mut self.cache, Logits::Last)?;
+            self.cached.extend_from_slice(chunk);
+            logits = lw_model::llama::last_row(&out)?;
+        }
+        let mut drafts = Vec::with_capacity(limit);
+        loop {
+            let bound = self.id_bound.min(logits.len());
+            let next = argmax(&logits[..bound]);
+            drafts.push(next);
+            if drafts.len() == limit {
+                return Ok(drafts);
+            }
+            let out = self.model.forward(&[next], &mut self.cache, Logits::Last)?;
+            self.cached.push(next);
+            logits = lw_model::llama::last_row(&out)?;
+        }
+    }
+}
+
+/// Prompt lookup: for n from `max_ngram` down to 1, the last n tokens of
+/// `history` are searched for earlier in it (latest occurrence first); the
+/// tokens that followed the first match found, up to `limit`, are the guess.
+pub fn lookup(history: &[u32], max_ngram: usize, limit: usize) -> Vec<u32> {
+    let len = history.len();
+    for n in (1..=max_ngram.min(len.saturating_sub(1))).rev() {
+        let suffix = &history[len - n..];
+        // Start positions of earlier occurrences, latest first; the match
+        // must end before the suffix itself begins to follow it.
+        for start in (0..len - n).rev() {
+            if &history[start..start + n] == suffix {
+                let from = start + n;
+                let to = (from + limit).min(len);
+                return history[from..to].to_vec();
+            }
+        }
+    }
+    Vec::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_continues_the_latest_earlier_match_of_the_longest_suffix() {
+        // "1 2 3 4 5 … 1 2 3" → 4 5 follow the earlier "1 2 3".
+        let h = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3];
+        assert_eq!(lookup(&h, 3, 2), vec![4, 5]);
+        // The latest earlier occurrence wins: "7 8" then "7 6" → after "7": 6.
+        let h = [7, 8, 0, 7, 6, 0, 7];
+        assert_eq!(lookup(&h, 3, 1), vec![6]);
+        // Longer n-grams are preferred over the latest single token.
+        let h = [5, 1, 2, 3, 0, 2, 9, 0, 1, 2];
+        assert_eq!(lookup(&h, 3, 1), vec![3]);
+        // The guess stops at the end of the history.
+        let h = [4, 4];
+        assert_eq!(lookup(&h, 3, 5), vec![4]);
+        assert!(lookup(&[1, 2, 3], 3, 4).is_empty());
+        assert!(lookup(&[], 3, 4).is_empty());
+    }
+}
