@@ -104,6 +104,41 @@ def our_speed(args):
                 weights=deep["weights"])
 
 
+def speculative(args):
+    """Prompt-lookup decoding on a prompt the answer quotes, against
+    llama.cpp's plain greedy decode after the same prompt."""
+    text = args.speculative_prompt.read_text()
+    llm = llama(args.model, args.threads, False, 4096)
+    ids = llm.tokenize(text.encode(), add_bos=True, special=False)
+    best = 0.0
+    for _ in range(max(args.rounds, 1)):
+        llm.reset()
+        llm.eval(ids)
+        t = time.perf_counter()
+        for _ in range(128):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([nxt])
+        best = max(best, 128 / (time.perf_counter() - t))
+    del llm
+
+    def bench(extra):
+        out = subprocess.run([args.bin, "bench", "-m", str(args.model), "-t", str(args.threads),
+                              "--prompt-file", str(args.speculative_prompt), "--gen-tokens", "128",
+                              "--runs", "3", "--json", *extra],
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    plain = bench([])
+    spec = bench(["--prompt-lookup", "--draft-max", str(args.draft_max)])
+    print(f"\nprompt lookup on {args.speculative_prompt} ({len(ids)} prompt tokens, 128 generated):")
+    print(f"  llama.cpp plain decode   {best:8.1f} tok/s")
+    print(f"  longwriter plain decode  {plain['decode_tok_s']:8.1f} tok/s  ({plain['decode_tok_s'] / best:.2f}x)")
+    print(f"  longwriter prompt lookup {spec['decode_tok_s']:8.1f} tok/s  ({spec['decode_tok_s'] / best:.2f}x), "
+          f"{100 * (spec['draft_acceptance'] or 0):.0f}% of drafted tokens accepted")
+    return dict(llama_cpp_plain=best, plain=plain["decode_tok_s"], prompt_lookup=spec["decode_tok_s"],
+                acceptance=spec["draft_acceptance"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
@@ -113,6 +148,9 @@ def main():
     ap.add_argument("--bin", default=str(Path(__file__).resolve().parent.parent / "target/release/longwriter"))
     ap.add_argument("--skip-numerics", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--speculative-prompt", type=Path,
+                    help="also measure prompt-lookup decoding after this prompt (a passage the answer quotes)")
+    ap.add_argument("--draft-max", type=int, default=5)
     args = ap.parse_args()
 
     report = dict(model=str(args.model), threads=args.threads)
@@ -135,6 +173,8 @@ def main():
     report["speed"] = best
     if args.rounds > 0:  # --rounds 0: numerics only
         print_speed(best)
+    if args.speculative_prompt:
+        report["speculative"] = speculative(args)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     if "numerics" in report and report["numerics"]["top1_agreement"] < 0.99:

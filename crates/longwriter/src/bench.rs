@@ -1,6 +1,7 @@
 //! `longwriter bench`: prefill and decode speed (median of several runs) and
 //! peak memory, on a random prompt of a given length.
 
+use anyhow::Context;
 use clap::Args;
 use lw_core::{GenerationParams, SamplingParams};
 use lw_engine::sampler::Rng;
@@ -15,6 +16,11 @@ pub struct BenchArgs {
     /// Tokens in the (random) prompt.
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
+    /// Use this file's text as the prompt instead of random tokens (e.g. a
+    /// passage the answer quotes, for --prompt-lookup); --prompt-tokens is
+    /// then ignored.
+    #[arg(long, value_name = "FILE")]
+    prompt_file: Option<std::path::PathBuf>,
     /// Tokens to generate after it (end-of-sequence is ignored).
     #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
@@ -39,10 +45,18 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     }
     let mut engine = load_engine(&a.model)?;
     let limit = engine.context_length();
-    if a.prompt_tokens + a.gen_tokens > limit {
+    let file_prompt = match &a.prompt_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Some(engine.encode_raw(&text)?)
+        }
+        None => None,
+    };
+    let prompt_tokens = file_prompt.as_ref().map_or(a.prompt_tokens, Vec::len);
+    if prompt_tokens + a.gen_tokens > limit {
         anyhow::bail!(
-            "--prompt-tokens {} + --gen-tokens {} exceed the model's context of {limit} tokens",
-            a.prompt_tokens,
+            "{prompt_tokens} prompt tokens + --gen-tokens {} exceed the model's context of {limit} tokens",
             a.gen_tokens
         );
     }
@@ -51,14 +65,16 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         .id_bound()
         .min(engine.model().config().vocab_size) as u64;
     let mut rng = Rng::new(42);
-    let prompt: Vec<u32> = (0..a.prompt_tokens)
-        .map(|_| loop {
-            let id = (rng.next_u64() % bound) as u32;
-            if !engine.eos_ids().contains(&id) {
-                break id;
-            }
-        })
-        .collect();
+    let prompt: Vec<u32> = file_prompt.unwrap_or_else(|| {
+        (0..a.prompt_tokens)
+            .map(|_| loop {
+                let id = (rng.next_u64() % bound) as u32;
+                if !engine.eos_ids().contains(&id) {
+                    break id;
+                }
+            })
+            .collect()
+    });
     let params = GenerationParams {
         sampling: SamplingParams::greedy(),
         max_tokens: Some(a.gen_tokens),
@@ -70,19 +86,30 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     }
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
+    let mut acceptance = None;
     for i in 0..=a.runs {
         engine.reset();
         let out = engine.generate(&prompt, &params, |_| true)?;
         if i > 0 {
             prefill.push(out.stats.prefill_tok_s());
             decode.push(out.stats.decode_tok_s());
+            acceptance = out.stats.acceptance_rate();
         }
         if !a.json {
             eprintln!(
-                "{} prefill {:.1} tok/s, decode {:.1} tok/s",
+                "{} prefill {:.1} tok/s, decode {:.1} tok/s{}",
                 if i == 0 { "warm-up:" } else { "run:    " },
                 out.stats.prefill_tok_s(),
-                out.stats.decode_tok_s()
+                out.stats.decode_tok_s(),
+                match out.stats.acceptance_rate() {
+                    Some(r) => format!(
+                        ", {} of {} drafted tokens accepted ({:.0}%)",
+                        out.stats.accepted_draft_tokens,
+                        out.stats.draft_tokens,
+                        100.0 * r
+                    ),
+                    None => String::new(),
+                }
             );
         }
     }
@@ -99,8 +126,9 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             "parameters": cfg.parameter_count(),
             "weights": engine.model().weight_format(),
             "threads": threads,
-            "prompt_tokens": a.prompt_tokens,
+            "prompt_tokens": prompt_tokens,
             "gen_tokens": a.gen_tokens,
+            "draft_acceptance": acceptance,
             "runs": a.runs,
             "prefill_tok_s": prefill_tok_s,
             "decode_tok_s": decode_tok_s,
@@ -118,14 +146,17 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             engine.model().weight_format()
         );
         println!(
-            "prefill: {prefill_tok_s:.1} tok/s ({} prompt tokens, median of {})",
-            a.prompt_tokens, a.runs
+            "prefill: {prefill_tok_s:.1} tok/s ({prompt_tokens} prompt tokens, median of {})",
+            a.runs
         );
         println!(
             "decode:  {decode_tok_s:.1} tok/s ({} tokens; {:.1} GB/s of weights streamed)",
             a.gen_tokens,
             decode_tok_s * weight_bytes as f64 / 1e9
         );
+        if let Some(r) = acceptance {
+            println!("speculative decoding: {:.0}% of drafted tokens accepted", 100.0 * r);
+        }
         match peak_rss_mb {
             Some(mb) => println!("peak memory: {mb:.0} MiB"),
             None => println!("peak memory: unknown on this platform"),
