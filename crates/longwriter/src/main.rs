@@ -318,6 +318,14 @@ pub struct ModelArgs {
     /// Most tokens drafted per step (--draft-model, --prompt-lookup).
     #[arg(long, default_value_t = 5)]
     pub draft_max: usize,
+    /// Format of the KV cache: f32 (exact) or f16 (half the memory, as
+    /// llama.cpp keeps it). Its size is printed before a run starts.
+    #[arg(long, default_value = "f32", value_parser = parse_kv_cache)]
+    pub kv_cache: lw_model::KvDtype,
+}
+
+fn parse_kv_cache(s: &str) -> Result<lw_model::KvDtype, String> {
+    lw_model::KvDtype::parse(s).ok_or_else(|| format!("unknown KV cache format \"{s}\" (use f32 or f16)"))
 }
 
 impl ModelArgs {
@@ -330,6 +338,10 @@ impl ModelArgs {
         }
         Ok(())
     }
+}
+
+pub(crate) fn parse_kv_cache_arg(s: &str) -> Result<lw_model::KvDtype, String> {
+    parse_kv_cache(s)
 }
 
 fn parse_chat_format(s: &str) -> Result<lw_engine::ChatFormat, String> {

@@ -32,6 +32,8 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
         prefill_chunk: m.prefill_chunk,
         quantize: m.quantize,
         chat_format: m.chat_format,
+        kv_cache: m.kv_cache,
+        memory_limit: None,
     };
     let engine =
         Engine::load(&dir, &opts).with_context(|| format!("loading model {}", dir.display()))?;
@@ -74,11 +76,12 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
     let per_token = engine.model().kv_bytes_per_token();
     let full = per_token as f64 * engine.context_length() as f64;
     eprintln!(
-        "KV cache: {:.1} KB per token, {:.2} GB at the full context of {} tokens{}",
+        "KV cache ({}): {:.1} KB per token, {:.2} GB at the full context of {} tokens{}",
+        m.kv_cache.name(),
         per_token as f64 / 1024.0,
         full / 1e9,
         engine.context_length(),
-        match available_memory() {
+        match lw_engine::available_memory() {
             Some(avail) if full > avail as f64 => format!(
                 " (more than the {:.1} GB of memory available: long generations will run out first)",
                 avail as f64 / 1e9
@@ -87,14 +90,6 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
         }
     );
     Ok(engine)
-}
-
-/// MemAvailable of /proc/meminfo, in bytes (Linux).
-fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// The user's sampling flags over the model's own defaults.

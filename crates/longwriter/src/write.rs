@@ -49,6 +49,9 @@ pub(crate) struct BackendArgs {
     /// Most tokens drafted per step.
     #[arg(long, default_value_t = 5)]
     draft_max: usize,
+    /// Format of the local engine's KV cache: f32 or f16 (half the memory).
+    #[arg(long, default_value = "f32", value_parser = crate::parse_kv_cache_arg)]
+    kv_cache: lw_model::KvDtype,
     /// An OpenAI-compatible server instead of the local engine, e.g.
     /// http://127.0.0.1:8000/v1 (vLLM, SGLang, llama.cpp, Ollama, OpenAI).
     #[arg(long, conflicts_with = "model")]
@@ -120,6 +123,7 @@ impl BackendArgs {
             draft_model: self.draft_model.clone(),
             prompt_lookup: self.prompt_lookup,
             draft_max: self.draft_max,
+            kv_cache: self.kv_cache,
         })
     }
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use lw_core::{FinishReason, GenerationParams, GenerationStats, Message, SamplingParams};
 use lw_model::loader::SafetensorsSource;
-use lw_model::{DType, GgufFile, KvCache, Llama, Logits, ModelConfig, QType};
+use lw_model::{DType, GgufFile, KvCache, KvDtype, Llama, Logits, ModelConfig, QType};
 use serde_json::Value;
 
 use crate::error::EngineError;
@@ -34,6 +34,11 @@ pub struct LoadOptions {
     pub quantize: Option<QType>,
     /// How chat messages become a prompt.
     pub chat_format: ChatFormat,
+    /// The format of cached keys and values (f16 halves their memory).
+    pub kv_cache: KvDtype,
+    /// Memory a generation's KV cache may take; `None`: what the system
+    /// reports available (MemAvailable) when the generation starts.
+    pub memory_limit: Option<u64>,
 }
 
 impl Default for LoadOptions {
@@ -43,6 +48,8 @@ impl Default for LoadOptions {
             prefill_chunk: 512,
             quantize: None,
             chat_format: ChatFormat::Auto,
+            kv_cache: KvDtype::F32,
+            memory_limit: None,
         }
     }
 }
@@ -68,6 +75,7 @@ pub struct Engine {
     prefill_chunk: usize,
     /// Speculative decoding in [`Engine::generate`], when set.
     speculation: Option<Speculation>,
+    memory_limit: Option<u64>,
 }
 
 impl Engine {
@@ -105,7 +113,8 @@ impl Engine {
             dtype,
             quantize: opts.quantize,
         };
-        let model = Llama::load_from(cfg, &src, dtype)?;
+        let mut model = Llama::load_from(cfg, &src, dtype)?;
+        model.set_kv_dtype(opts.kv_cache);
         let cache = model.new_cache();
         Ok(Engine {
             model,
@@ -117,6 +126,7 @@ impl Engine {
             cached: Vec::new(),
             prefill_chunk: opts.prefill_chunk.max(1),
             speculation: None,
+            memory_limit: opts.memory_limit,
         })
     }
 
@@ -124,7 +134,8 @@ impl Engine {
     fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
         let file = GgufFile::open(path)?;
         let mut tokenizer = crate::gguf::tokenizer_from_gguf(&file)?;
-        let model = Llama::load_gguf(&file)?;
+        let mut model = Llama::load_gguf(&file)?;
+        model.set_kv_dtype(opts.kv_cache);
         apply_chat_format(&mut tokenizer, model.config(), opts.chat_format, path)?;
         let tok_vocab = tokenizer.id_bound();
         if tok_vocab > model.config().vocab_size {
@@ -151,6 +162,7 @@ impl Engine {
             cached: Vec::new(),
             prefill_chunk: opts.prefill_chunk.max(1),
             speculation: None,
+            memory_limit: opts.memory_limit,
         })
     }
 
@@ -272,6 +284,12 @@ impl Engine {
         let common = common_prefix(&self.cached, prompt).min(prompt.len() - 1);
         self.cache.truncate(common);
         self.cached.truncate(common);
+        // The whole generation's cache at once: no copies while it runs, and
+        // a clear error now rather than running out of memory later.
+        if let Some(max) = params.max_tokens {
+            let positions = (prompt.len() + max).min(self.context_length());
+            self.reserve_cache(positions)?;
+        }
         let mut logits = Vec::new();
         for chunk in prompt[common..].chunks(self.prefill_chunk) {
             let out = self.model.forward(chunk, &mut self.cache, Logits::Last)?;
@@ -369,6 +387,30 @@ impl Engine {
             finish_reason: finish,
             stats,
         })
+    }
+
+    /// Allocates the KV cache for `positions` positions, unless that takes
+    /// more memory than there is.
+    pub fn reserve_cache(&mut self, positions: usize) -> Result<(), EngineError> {
+        let extra = self
+            .cache
+            .bytes_for(positions)
+            .saturating_sub(self.cache.bytes()) as u64;
+        if extra == 0 {
+            return Ok(());
+        }
+        if let Some(available) = self.memory_limit.or_else(available_memory) {
+            if extra > available {
+                return Err(EngineError::KvCacheTooLarge {
+                    positions,
+                    bytes: self.cache.bytes_for(positions) as u64,
+                    available,
+                    dtype: self.cache.dtype().name(),
+                });
+            }
+        }
+        self.cache.reserve_exact(positions);
+        Ok(())
     }
 
     /// Prompt tokens per prefill step.
@@ -505,6 +547,14 @@ impl Decoding {
         self.text.push_str(&rest);
         Ok(rest)
     }
+}
+
+/// MemAvailable of /proc/meminfo, in bytes (Linux; `None` elsewhere).
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 pub(crate) fn common_prefix(a: &[u32], b: &[u32]) -> usize {

@@ -27,6 +27,13 @@ pub enum EngineError {
         tokenizer: usize,
         model: usize,
     },
+    #[error("the KV cache for {positions} positions ({dtype}) needs {:.2} GB, but only {:.2} GB of memory is available; ask for fewer tokens (--max-tokens), use --kv-cache f16, or a smaller context", *bytes as f64 / 1e9, *available as f64 / 1e9)]
+    KvCacheTooLarge {
+        positions: usize,
+        bytes: u64,
+        available: u64,
+        dtype: &'static str,
+    },
     #[error("the draft model ({}) does not share the tokenizer of the model ({}): speculative decoding needs the same token ids in both", draft.display(), target.display())]
     DraftTokenizer { draft: PathBuf, target: PathBuf },
     #[error("model \"{model}\" not found: no such file or directory, and not a hub id of the form org/name")]

@@ -15,7 +15,7 @@ pub mod template;
 pub mod tokenizer;
 
 pub use batch::{BatchEvent, BatchOptions, Batcher, Busy};
-pub use engine::{Engine, Generation, LoadOptions, StopMatcher};
+pub use engine::{available_memory, Engine, Generation, LoadOptions, StopMatcher};
 pub use error::EngineError;
 pub use sampler::Sampler;
 pub use source::{resolve_model, resolve_model_or_tiny, shipped_tiny, DEFAULT_MODEL, TINY_NAMES};

@@ -1,13 +1,90 @@
 //! The key/value cache of one sequence: per layer, keys and values of every
-//! position seen so far, in plain buffers that grow by doubling (so appending
-//! a token copies only that token) and can be truncated to reuse a prefix.
+//! position seen so far, in plain buffers that grow by doubling (or are
+//! reserved once for a whole generation, so appending a token copies only
+//! that token) and can be truncated to reuse a prefix. Entries are f32, or
+//! f16 to halve the memory of long contexts.
 
-use crate::attention::{attend_head, CacheView};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
-/// `[kv_heads, capacity, head_dim]` keys and values of one layer.
+use crate::attention::{attend_head, CacheView, KvSlice};
+
+/// The number format of cached keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// Exact: what the layer computed.
+    #[default]
+    F32,
+    /// Half the memory, rounded to f16 (llama.cpp's default).
+    F16,
+}
+
+impl KvDtype {
+    pub fn parse(s: &str) -> Option<KvDtype> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Some(KvDtype::F32),
+            "f16" => Some(KvDtype::F16),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+
+    /// Bytes per cached number.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+/// `[kv_heads, capacity, head_dim]` numbers of one layer.
+enum Buf {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl Buf {
+    fn new(dtype: KvDtype, n: usize) -> Buf {
+        match dtype {
+            KvDtype::F32 => Buf::F32(vec![0.0; n]),
+            KvDtype::F16 => Buf::F16(vec![f16::ZERO; n]),
+        }
+    }
+
+    fn slice(&self) -> KvSlice<'_> {
+        match self {
+            Buf::F32(v) => KvSlice::F32(v),
+            Buf::F16(v) => KvSlice::F16(v),
+        }
+    }
+
+    fn store(&mut self, at: usize, x: &[f32]) {
+        match self {
+            Buf::F32(v) => v[at..at + x.len()].copy_from_slice(x),
+            Buf::F16(v) => v[at..at + x.len()].convert_from_f32_slice(x),
+        }
+    }
+
+    /// Copies `n` numbers from `src[from..]` to `self[to..]`.
+    fn copy_from(&mut self, src: &Buf, from: usize, to: usize, n: usize) {
+        match (self, src) {
+            (Buf::F32(d), Buf::F32(s)) => d[to..to + n].copy_from_slice(&s[from..from + n]),
+            (Buf::F16(d), Buf::F16(s)) => d[to..to + n].copy_from_slice(&s[from..from + n]),
+            _ => unreachable!("one cache holds one dtype"),
+        }
+    }
+}
+
 struct LayerKv {
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    keys: Buf,
+    values: Buf,
 }
 
 pub struct KvCache {
@@ -17,17 +94,28 @@ pub struct KvCache {
     capacity: usize,
     limit: usize,
     len: usize,
+    dtype: KvDtype,
 }
 
 const FIRST_CAPACITY: usize = 256;
 
 impl KvCache {
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize, limit: usize) -> Self {
+        Self::with_dtype(layers, kv_heads, head_dim, limit, KvDtype::F32)
+    }
+
+    pub fn with_dtype(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        limit: usize,
+        dtype: KvDtype,
+    ) -> Self {
         KvCache {
             layers: (0..layers)
                 .map(|_| LayerKv {
-                    keys: Vec::new(),
-                    values: Vec::new(),
+                    keys: Buf::new(dtype, 0),
+                    values: Buf::new(dtype, 0),
                 })
                 .collect(),
             kv_heads,
@@ -35,7 +123,12 @@ impl KvCache {
             capacity: 0,
             limit,
             len: 0,
+            dtype,
         }
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
     }
 
     /// Positions held.
@@ -45,6 +138,11 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Positions there is room for without growing.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Forgets every position from `len` on (keeps a shared prefix).
@@ -58,10 +156,16 @@ impl KvCache {
 
     /// Bytes held by the buffers.
     pub fn bytes(&self) -> usize {
-        self.layers.len() * 2 * self.kv_heads * self.capacity * self.head_dim * 4
+        self.bytes_for(self.capacity)
     }
 
-    /// Makes room for `needed` positions (existing ones are kept).
+    /// Bytes the buffers take for `positions` positions.
+    pub fn bytes_for(&self, positions: usize) -> usize {
+        self.layers.len() * 2 * self.kv_heads * positions * self.head_dim * self.dtype.size()
+    }
+
+    /// Makes room for `needed` positions (existing ones are kept), doubling
+    /// the capacity as it grows.
     pub fn reserve(&mut self, needed: usize) {
         if needed <= self.capacity {
             return;
@@ -70,15 +174,24 @@ impl KvCache {
         while cap < needed {
             cap *= 2;
         }
-        let cap = cap.min(self.limit.max(needed));
-        let (hd, old) = (self.head_dim, self.capacity);
+        self.grow_to(cap.min(self.limit.max(needed)));
+    }
+
+    /// Makes room for exactly `needed` positions at once (a whole
+    /// generation), so no step copies the cache.
+    pub fn reserve_exact(&mut self, needed: usize) {
+        if needed > self.capacity {
+            self.grow_to(needed);
+        }
+    }
+
+    fn grow_to(&mut self, cap: usize) {
+        let (hd, old, dtype) = (self.head_dim, self.capacity, self.dtype);
         for kv in &mut self.layers {
             for buf in [&mut kv.keys, &mut kv.values] {
-                let mut bigger = vec![0f32; self.kv_heads * cap * hd];
+                let mut bigger = Buf::new(dtype, self.kv_heads * cap * hd);
                 for h in 0..self.kv_heads {
-                    let n = self.len * hd;
-                    bigger[h * cap * hd..h * cap * hd + n]
-                        .copy_from_slice(&buf[h * old * hd..h * old * hd + n]);
+                    bigger.copy_from(buf, h * old * hd, h * cap * hd, self.len * hd);
                 }
                 *buf = bigger;
             }
@@ -93,8 +206,8 @@ impl KvCache {
         let kv = &mut self.layers[layer];
         for h in 0..self.kv_heads {
             let at = (h * cap + pos) * hd;
-            kv.keys[at..at + hd].copy_from_slice(&key[h * hd..(h + 1) * hd]);
-            kv.values[at..at + hd].copy_from_slice(&value[h * hd..(h + 1) * hd]);
+            kv.keys.store(at, &key[h * hd..(h + 1) * hd]);
+            kv.values.store(at, &value[h * hd..(h + 1) * hd]);
         }
     }
 
@@ -102,8 +215,8 @@ impl KvCache {
     pub fn view(&self, layer: usize, len: usize) -> CacheView<'_> {
         let kv = &self.layers[layer];
         CacheView {
-            keys: &kv.keys,
-            values: &kv.values,
+            keys: kv.keys.slice(),
+            values: kv.values.slice(),
             capacity: self.capacity,
             len,
         }

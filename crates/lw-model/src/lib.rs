@@ -17,7 +17,7 @@ pub mod loader;
 pub mod quant;
 pub mod weights;
 
-pub use cache::KvCache;
+pub use cache::{KvCache, KvDtype};
 pub use candle_core::DType;
 pub use config::ModelConfig;
 pub use error::ModelError;

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::attention::attend_head;
-use crate::cache::KvCache;
+use crate::cache::{KvCache, KvDtype};
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
@@ -59,6 +59,7 @@ pub struct Llama {
     lm_head: Linear,
     inv_freq: Vec<f32>,
     weight_dtype: DType,
+    kv_dtype: KvDtype,
 }
 
 impl Llama {
@@ -162,12 +163,22 @@ impl Llama {
             norm,
             lm_head,
             weight_dtype,
+            kv_dtype: KvDtype::F32,
         })
     }
 
-    /// Bytes of KV cache one position takes (keys and values, f32, all layers).
+    /// Bytes of KV cache one position takes (keys and values, all layers).
     pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.cfg.num_layers * self.cfg.num_kv_heads * self.cfg.head_dim * 4
+        2 * self.cfg.num_layers * self.cfg.num_kv_heads * self.cfg.head_dim * self.kv_dtype.size()
+    }
+
+    /// The format new caches hold keys and values in.
+    pub fn set_kv_dtype(&mut self, dtype: KvDtype) {
+        self.kv_dtype = dtype;
+    }
+
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
     }
 
     /// The formats the weight matrices are held in, most bytes first, e.g.
@@ -227,11 +238,12 @@ impl Llama {
 
     /// A cache sized for this model.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(
+        KvCache::with_dtype(
             self.cfg.num_layers,
             self.cfg.num_kv_heads,
             self.cfg.head_dim,
             self.context_length(),
+            self.kv_dtype,
         )
     }
 

@@ -1,0 +1,144 @@
+//! Long contexts: 32,768 positions with the Llama 3.1 and GLM-4 rope settings
+//! against `transformers` (fixtures from `scripts/make_long_fixtures.py`),
+//! the f16 KV cache, and a clear error when the cache will not fit.
+
+use std::path::{Path, PathBuf};
+
+use lw_core::{GenerationParams, SamplingParams};
+use lw_engine::{Engine, EngineError, LoadOptions};
+use lw_model::{KvDtype, Llama, Logits};
+
+mod common;
+use common::{fixture, fixtures, floats, ids, max_abs_diff, worst_logit_diff, MODELS};
+
+/// A copy of fixture model `name` whose config.json has `override` merged in.
+fn with_config(name: &str, override_: &serde_json::Value, tag: &str) -> PathBuf {
+    let src = fixtures().join("models").join(name);
+    let dir = std::env::temp_dir().join(format!("lw-long-{}-{name}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (k, v) in override_.as_object().unwrap() {
+        cfg[k] = v.clone();
+    }
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    dir
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    lw_engine::sampler::argmax(v)
+}
+
+fn row(logits: &candle_core::Tensor) -> Vec<f32> {
+    lw_model::llama::last_row(logits).unwrap()
+}
+
+/// Prefill of 32,739 tokens in chunks, then greedy decoding until all
+/// 32,768 positions are used: the first and last logits and all 29 tokens
+/// as `transformers` computes them.
+#[test]
+fn thirty_two_thousand_positions_match_transformers() {
+    let fx = fixture("long-context");
+    for name in ["llama31-tied-rope-scaling", "glm4"] {
+        let case = &fx[name];
+        let dir = with_config(name, &case["config"], "32k");
+        let model = Llama::load_dir(&dir, lw_model::DType::F32).unwrap();
+        assert_eq!(model.context_length(), 32768);
+        let vocab = model.config().vocab_size;
+        let n = case["prompt_len"].as_u64().unwrap() as usize;
+        let prompt: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+        let mut cache = model.new_cache();
+        let mut logits = Vec::new();
+        for chunk in prompt.chunks(1024) {
+            logits = row(&model.forward(chunk, &mut cache, Logits::Last).unwrap());
+        }
+        let first = max_abs_diff(&logits, &floats(&case["first_logits"]));
+        let mut tokens = Vec::new();
+        while cache.len() < model.context_length() {
+            let next = argmax(&logits);
+            tokens.push(next);
+            logits = row(&model.forward(&[next], &mut cache, Logits::Last).unwrap());
+        }
+        tokens.push(argmax(&logits));
+        let last = max_abs_diff(&logits, &floats(&case["last_logits"]));
+        eprintln!("{name}: logits differ by {first:.2e} at position {n}, {last:.2e} at 32768");
+        assert!(first < 1e-3 && last < 1e-3, "{name}: {first} / {last}");
+        assert_eq!(tokens, ids(&case["greedy_tokens"]), "{name}: greedy tokens");
+        // The cache holds exactly the context, keys and values in f32.
+        assert_eq!(cache.bytes(), model.kv_bytes_per_token() * 32768);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+fn load(dir: &Path, opts: LoadOptions) -> Engine {
+    Engine::load(dir, &opts).unwrap()
+}
+
+/// An f16 cache halves the memory and stays close to the exact one; a
+/// position's result still does not depend on how prefill was chunked.
+#[test]
+fn an_f16_kv_cache_stays_close_to_f32() {
+    for &name in MODELS {
+        let fx = fixture(name);
+        let dir = fixtures().join("models").join(name);
+        let opts = |chunk| LoadOptions {
+            kv_cache: KvDtype::F16,
+            prefill_chunk: chunk,
+            ..Default::default()
+        };
+        let mut engine = load(&dir, opts(512));
+        assert_eq!(
+            engine.model().kv_bytes_per_token() * 2,
+            load(&dir, LoadOptions::default())
+                .model()
+                .kv_bytes_per_token()
+        );
+        let prompt = ids(&fx["prompt_ids"]);
+        let rows = engine.score(&prompt).unwrap();
+        let worst = worst_logit_diff(&rows, &fx);
+        assert!(worst < 2e-2, "{name}: f16 cache differs by {worst}");
+        assert!(worst > 0.0, "{name}: f16 rounding should show");
+        let mut chunked = load(&dir, opts(5));
+        assert_eq!(chunked.score(&prompt).unwrap(), rows, "{name}: chunks of 5");
+    }
+}
+
+/// The cache for a whole generation is checked against memory before it
+/// starts: too little memory is an error that says what to change, and the
+/// engine stays usable.
+#[test]
+fn a_kv_cache_that_does_not_fit_is_refused_before_the_run() {
+    let dir = fixtures().join("models").join("llama3-untied");
+    let mut engine = load(
+        &dir,
+        LoadOptions {
+            memory_limit: Some(64 * 1024),
+            ..Default::default()
+        },
+    );
+    let per_token = engine.model().kv_bytes_per_token();
+    let prompt = engine.encode_raw("Once upon a time").unwrap();
+    let params = |max| GenerationParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(max),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let fits = 64 * 1024 / per_token - prompt.len();
+    let err = engine
+        .generate(&prompt, &params(fits + 50), |_| true)
+        .unwrap_err();
+    assert!(matches!(err, EngineError::KvCacheTooLarge { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("KV cache") && msg.contains("--kv-cache f16") && msg.contains("--max-tokens"),
+        "{msg}"
+    );
+    let out = engine.generate(&prompt, &params(fits), |_| true).unwrap();
+    assert_eq!(out.tokens.len(), fits);
+}
