@@ -155,7 +155,10 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             decode_tok_s * weight_bytes as f64 / 1e9
         );
         if let Some(r) = acceptance {
-            println!("speculative decoding: {:.0}% of drafted tokens accepted", 100.0 * r);
+            println!(
+                "speculative decoding: {:.0}% of drafted tokens accepted",
+                100.0 * r
+            );
         }
         match peak_rss_mb {
             Some(mb) => println!("peak memory: {mb:.0} MiB"),

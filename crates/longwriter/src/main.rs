@@ -325,7 +325,8 @@ pub struct ModelArgs {
 }
 
 fn parse_kv_cache(s: &str) -> Result<lw_model::KvDtype, String> {
-    lw_model::KvDtype::parse(s).ok_or_else(|| format!("unknown KV cache format \"{s}\" (use f32 or f16)"))
+    lw_model::KvDtype::parse(s)
+        .ok_or_else(|| format!("unknown KV cache format \"{s}\" (use f32 or f16)"))
 }
 
 impl ModelArgs {

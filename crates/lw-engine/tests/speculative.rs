@@ -141,7 +141,10 @@ fn sampled_tokens_keep_their_distribution() {
         freq
     };
     let a = count(&mut plain, 0);
-    assert!(a.len() > 3, "the distribution should not be degenerate: {a:?}");
+    assert!(
+        a.len() > 3,
+        "the distribution should not be degenerate: {a:?}"
+    );
     // The model drafting for itself (its guess is always its own argmax,
     // which a biased rule would keep every time), and another model with
     // the same tokenizer (often wrong: the redraw path).
@@ -164,7 +167,10 @@ fn sampled_tokens_keep_their_distribution() {
             .sum::<f64>()
             / 2.0;
         eprintln!("draft {draft}: total variation {tv:.3}");
-        assert!(tv < 0.15, "draft {draft}: total variation {tv}: {a:?} vs {b:?}");
+        assert!(
+            tv < 0.15,
+            "draft {draft}: total variation {tv}: {a:?} vs {b:?}"
+        );
     }
 }
 

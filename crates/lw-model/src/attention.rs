@@ -1,6 +1,11 @@
-//! Attention of one query over the cache, computed directly on the cache
-//! buffers: no tensor ops, no copies of keys or values, and no score matrix
-//! beyond one row, so long contexts cost memory only for the cache itself.
+//! Attention over the cache, computed directly on the cache buffers: no
+//! tensor ops, no copies of keys or values, and no score matrix beyond one
+//! row per query head, so long contexts cost memory only for the cache.
+//!
+//! The query heads that share a key/value head (grouped-query attention) are
+//! handled together, so each cached key and value is read once per group
+//! rather than once per head: at long contexts that read is what a decoded
+//! token costs.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -21,11 +26,56 @@ pub struct CacheView<'a> {
     pub len: usize,
 }
 
-/// Attention of one query head `qh` (rope applied) over kv head `kv` of the
-/// view's first `len` positions, written to `out` (`[head_dim]`). Keys older
-/// than `window` positions are skipped. Every position of every sequence goes
-/// through this one function, prefill and decode alike, so a position's
-/// result never depends on how positions were grouped into steps.
+/// Attention of the query heads `q` (`[group, head_dim]`, rope applied) that
+/// share kv head `kv`, over the view's first `len` positions, written to
+/// `out` (`[group, head_dim]`). Keys older than `window` positions are
+/// skipped. Every position of every sequence goes through this one
+/// function, prefill and decode alike, so a position's result never depends
+/// on how positions were grouped into steps.
+pub fn attend_group(
+    q: &[f32],
+    cache: &CacheView,
+    kv: usize,
+    head_dim: usize,
+    window: Option<usize>,
+    out: &mut [f32],
+) {
+    let first = window.map_or(0, |w| cache.len.saturating_sub(w));
+    let base = kv * cache.capacity * head_dim;
+    let rows = Rows {
+        base,
+        first,
+        len: cache.len,
+        head_dim,
+    };
+    match (cache.keys, cache.values) {
+        (KvSlice::F32(k), KvSlice::F32(v)) => attend(q, k, v, &rows, out),
+        (KvSlice::F16(k), KvSlice::F16(v)) => attend(q, k, v, &rows, out),
+        _ => unreachable!("keys and values share a format"),
+    }
+}
+
+/// A cached number format, read as f32.
+trait KvElem: Sized {
+    /// `row` as f32: itself, or widened into `buf`.
+    fn as_f32<'s>(row: &'s [Self], buf: &'s mut [f32]) -> &'s [f32];
+}
+
+impl KvElem for f32 {
+    fn as_f32<'s>(row: &'s [f32], _buf: &'s mut [f32]) -> &'s [f32] {
+        row
+    }
+}
+
+impl KvElem for f16 {
+    /// Widened with F16C where the CPU has it.
+    fn as_f32<'s>(row: &'s [f16], buf: &'s mut [f32]) -> &'s [f32] {
+        row.convert_to_f32_slice(buf);
+        buf
+    }
+}
+
+/// Attention of one query head: [`attend_group`] with a group of one.
 pub fn attend_head(
     qh: &[f32],
     cache: &CacheView,
@@ -34,69 +84,48 @@ pub fn attend_head(
     window: Option<usize>,
     out: &mut [f32],
 ) {
-    match (cache.keys, cache.values) {
-        (KvSlice::F32(k), KvSlice::F32(v)) => attend(qh, k, v, cache, kv, head_dim, window, out),
-        (KvSlice::F16(k), KvSlice::F16(v)) => {
-            attend_f16(qh, k, v, cache, kv, head_dim, window, out)
+    attend_group(qh, cache, kv, head_dim, window, out)
+}
+
+/// Where the rows of one kv head lie in a layer's buffer.
+struct Rows {
+    base: usize,
+    first: usize,
+    len: usize,
+    head_dim: usize,
+}
+
+impl Rows {
+    fn at(&self, t: usize) -> std::ops::Range<usize> {
+        self.base + t * self.head_dim..self.base + (t + 1) * self.head_dim
+    }
+}
+
+fn attend<E: KvElem>(q: &[f32], keys: &[E], values: &[E], rows: &Rows, out: &mut [f32]) {
+    let hd = rows.head_dim;
+    let heads = q.len() / hd;
+    let m = rows.len - rows.first;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // scores[h * m + i]: head h, position first + i.
+    let mut scores = vec![0f32; heads * m];
+    let mut buf = vec![0f32; hd];
+    for i in 0..m {
+        let k = E::as_f32(&keys[rows.at(rows.first + i)], &mut buf);
+        for h in 0..heads {
+            scores[h * m + i] = dot(&q[h * hd..(h + 1) * hd], k) * scale;
         }
-        _ => unreachable!("keys and values share a format"),
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn attend(
-    qh: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    cache: &CacheView,
-    kv: usize,
-    head_dim: usize,
-    window: Option<usize>,
-    out: &mut [f32],
-) {
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let first = window.map_or(0, |w| cache.len.saturating_sub(w));
-    let base = kv * cache.capacity * head_dim;
-    let at = |t: usize| base + t * head_dim..base + (t + 1) * head_dim;
-    let mut scores: Vec<f32> = (first..cache.len)
-        .map(|t| dot(qh, &keys[at(t)]) * scale)
-        .collect();
-    let inv = softmax(&mut scores);
+    let inv: Vec<f32> = scores.chunks_mut(m.max(1)).map(softmax).collect();
     out.fill(0.0);
-    for (i, &p) in scores.iter().enumerate() {
-        axpy(p * inv, &values[at(first + i)], out);
-    }
-}
-
-/// [`attend`] over f16 entries, widened a row at a time (F16C where the CPU
-/// has it).
-#[allow(clippy::too_many_arguments)]
-fn attend_f16(
-    qh: &[f32],
-    keys: &[f16],
-    values: &[f16],
-    cache: &CacheView,
-    kv: usize,
-    head_dim: usize,
-    window: Option<usize>,
-    out: &mut [f32],
-) {
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let first = window.map_or(0, |w| cache.len.saturating_sub(w));
-    let base = kv * cache.capacity * head_dim;
-    let at = |t: usize| base + t * head_dim..base + (t + 1) * head_dim;
-    let mut row = vec![0f32; head_dim];
-    let mut scores: Vec<f32> = (first..cache.len)
-        .map(|t| {
-            keys[at(t)].convert_to_f32_slice(&mut row);
-            dot(qh, &row) * scale
-        })
-        .collect();
-    let inv = softmax(&mut scores);
-    out.fill(0.0);
-    for (i, &p) in scores.iter().enumerate() {
-        values[at(first + i)].convert_to_f32_slice(&mut row);
-        axpy(p * inv, &row, out);
+    for i in 0..m {
+        let v = E::as_f32(&values[rows.at(rows.first + i)], &mut buf);
+        for h in 0..heads {
+            axpy(
+                scores[h * m + i] * inv[h],
+                v,
+                &mut out[h * hd..(h + 1) * hd],
+            );
+        }
     }
 }
 
@@ -118,7 +147,21 @@ fn axpy(p: f32, x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// A dot product in eight lanes: head sizes (16 to 256) are short, and
+/// eight independent sums vectorise into one AVX register.
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    crate::linear::dot_lanes(a, b)
+    const L: usize = 8;
+    let mut acc = [0f32; L];
+    let full = a.len() / L * L;
+    for (ca, cb) in a[..full].chunks_exact(L).zip(b[..full].chunks_exact(L)) {
+        for i in 0..L {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let mut tail = 0f32;
+    for i in full..a.len() {
+        tail += a[i] * b[i];
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use rayon::prelude::*;
 
-use crate::attention::attend_head;
+use crate::attention::attend_group;
 use crate::cache::{KvCache, KvDtype};
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::ModelError;
@@ -359,13 +359,17 @@ impl Llama {
             }
             let views: Vec<&KvCache> = seqs.iter().map(|(c, _)| &**c).collect();
             let mut out = vec![0f32; n * nh * hd];
-            out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
-                let (r, head) = (i / nh, i % nh);
-                let (s_idx, pos) = rows[r];
-                let view = views[s_idx].view(l, pos + 1);
-                let q = &qkv[r * width + head * hd..r * width + (head + 1) * hd];
-                attend_head(q, &view, head / group, hd, layer.window, o);
-            });
+            // One task per (row, kv head): its query heads read each cached
+            // key and value once.
+            out.par_chunks_mut(group * hd)
+                .enumerate()
+                .for_each(|(i, o)| {
+                    let (r, kv) = (i / nkv, i % nkv);
+                    let (s_idx, pos) = rows[r];
+                    let view = views[s_idx].view(l, pos + 1);
+                    let q0 = r * width + kv * group * hd;
+                    attend_group(&qkv[q0..q0 + group * hd], &view, kv, hd, layer.window, o);
+                });
             let a = layer
                 .attn
                 .o
