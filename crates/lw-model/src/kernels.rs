@@ -80,15 +80,6 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Products of signed bytes summed in fours into i32 lanes.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn dot_i8(w: __m256i, y: __m256i) -> __m256i {
-    let ones = _mm256_set1_epi16(1);
-    let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
-    _mm256_madd_epi16(p, ones)
-}
-
 /// Four Q8_0 rows (`rows[i]` points at a row's first block) against `x`.
 ///
 /// # Safety
@@ -96,25 +87,46 @@ unsafe fn dot_i8(w: __m256i, y: __m256i) -> __m256i {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q8_0_x4(rows: [*const u8; 4], x: &QuantRow) -> [f32; 4] {
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let yv = x.values.as_ptr();
+    q8_0_tile::<1>(rows, [x])[0]
+}
+
+/// Four Q8_0 rows against `R` activation rows: each weight block is loaded
+/// and its signs taken once for all of them (prefill). Every product is
+/// summed in the same order as [`q8_0_x4`], so a row's result does not
+/// depend on the rows it was computed with.
+///
+/// # Safety
+/// As for [`q8_0_x4`], for every row of `xs`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]) -> [[f32; 4]; R] {
+    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    let blocks = xs[0].scales.len();
     // The next group of four rows usually follows these in memory: fetch it
     // while this one is summed (136 bytes per block of the four rows).
-    let ahead = rows[3].add(x.scales.len() * 34);
-    for b in 0..x.scales.len() {
+    let ahead = rows[3].add(blocks * 34);
+    let ones = _mm256_set1_epi16(1);
+    let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
+    let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
+    for b in 0..blocks {
         _mm_prefetch(ahead.add(b * 136) as *const i8, _MM_HINT_T0);
         _mm_prefetch(ahead.add(b * 136 + 64) as *const i8, _MM_HINT_T0);
         _mm_prefetch(ahead.add(b * 136 + 128) as *const i8, _MM_HINT_T0);
-        let y = _mm256_loadu_si256(yv.add(b * 32) as *const __m256i);
-        let dy = x.scales[b];
         for r in 0..4 {
             let blk = rows[r].add(b * 34);
             let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            let d = _mm256_set1_ps(f16_at(blk) * dy);
-            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8(w, y)), acc[r]);
+            let wabs = _mm256_sign_epi8(w, w);
+            let dw = f16_at(blk);
+            for i in 0..R {
+                let y = _mm256_loadu_si256(ys[i].add(b * 32) as *const __m256i);
+                let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(y, w));
+                let dot = _mm256_madd_epi16(p, ones);
+                let d = _mm256_set1_ps(dw * *dys[i].add(b));
+                acc[i][r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[i][r]);
+            }
         }
     }
-    [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    acc.map(|a| [hsum(a[0]), hsum(a[1]), hsum(a[2]), hsum(a[3])])
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K block.
@@ -137,55 +149,78 @@ fn scale_min(s: &[u8], j: usize) -> (u8, u8) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q4k_x4(rows: [*const u8; 4], x: &QuantRow) -> [f32; 4] {
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut mins = [0f32; 4];
+    q4k_tile::<1>(rows, [x])[0]
+}
+
+/// Four Q4_K rows against `R` activation rows: each block's nibbles are
+/// unpacked and its scales decoded once for all of them (prefill). Every
+/// product is summed in the same order as [`q4k_x4`], so a row's result does
+/// not depend on the rows it was computed with.
+///
+/// # Safety
+/// As for [`q4k_x4`], for every row of `xs`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]) -> [[f32; 4]; R] {
+    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    let mut mins = [[0f32; 4]; R];
     let low = _mm256_set1_epi8(0x0F);
-    let yv = x.values.as_ptr();
-    // As in `q8_0_x4`: the next four rows, 576 bytes per block of these.
-    let ahead = rows[3].add(x.scales.len() * 144);
-    for b in 0..x.scales.len() {
+    let blocks = xs[0].scales.len();
+    let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
+    let sums: [*const i32; R] = xs.map(|x| x.sums.as_ptr());
+    let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
+    // As in `q8_0_tile`: the next four rows, 576 bytes per block of these.
+    let ahead = rows[3].add(blocks * 144);
+    for b in 0..blocks {
         for line in 0..9 {
             _mm_prefetch(ahead.add(b * 576 + line * 64) as *const i8, _MM_HINT_T0);
         }
-        let dy = x.scales[b];
-        let sums = &x.sums[b * 8..b * 8 + 8];
         for r in 0..4 {
             let blk = rows[r].add(b * 144);
-            let d = f16_at(blk) * dy;
-            let dmin = f16_at(blk.add(2)) * dy;
+            let (dw, dminw) = (f16_at(blk), f16_at(blk.add(2)));
             let sc = std::slice::from_raw_parts(blk.add(4), 12);
             let qs = blk.add(16);
-            let mut isum = _mm256_setzero_si256();
-            let mut msum = 0i32;
+            let mut isum = [_mm256_setzero_si256(); R];
+            let mut msum = [0i32; R];
             for c in 0..4 {
                 let q = _mm256_loadu_si256(qs.add(c * 32) as *const __m256i);
                 let q_lo = _mm256_and_si256(q, low);
                 let q_hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
-                let y_lo = _mm256_loadu_si256(yv.add(b * 256 + c * 64) as *const __m256i);
-                let y_hi = _mm256_loadu_si256(yv.add(b * 256 + c * 64 + 32) as *const __m256i);
                 let (s0, m0) = scale_min(sc, 2 * c);
                 let (s1, m1) = scale_min(sc, 2 * c + 1);
-                // Unsigned nibbles times signed activations, in i16 pairs,
-                // then scaled and summed into i32 lanes.
-                let p0 = _mm256_maddubs_epi16(q_lo, y_lo);
-                let p1 = _mm256_maddubs_epi16(q_hi, y_hi);
-                isum = _mm256_add_epi32(
-                    isum,
-                    _mm256_add_epi32(
-                        _mm256_madd_epi16(p0, _mm256_set1_epi16(s0 as i16)),
-                        _mm256_madd_epi16(p1, _mm256_set1_epi16(s1 as i16)),
-                    ),
-                );
-                msum += m0 as i32 * sums[2 * c] + m1 as i32 * sums[2 * c + 1];
+                let (s0v, s1v) = (_mm256_set1_epi16(s0 as i16), _mm256_set1_epi16(s1 as i16));
+                for i in 0..R {
+                    let yv = ys[i].add(b * 256 + c * 64);
+                    let y_lo = _mm256_loadu_si256(yv as *const __m256i);
+                    let y_hi = _mm256_loadu_si256(yv.add(32) as *const __m256i);
+                    // Unsigned nibbles times signed activations, in i16
+                    // pairs, then scaled and summed into i32 lanes.
+                    let p0 = _mm256_maddubs_epi16(q_lo, y_lo);
+                    let p1 = _mm256_maddubs_epi16(q_hi, y_hi);
+                    isum[i] = _mm256_add_epi32(
+                        isum[i],
+                        _mm256_add_epi32(_mm256_madd_epi16(p0, s0v), _mm256_madd_epi16(p1, s1v)),
+                    );
+                    let s = sums[i].add(b * 8 + 2 * c);
+                    msum[i] += m0 as i32 * *s + m1 as i32 * *s.add(1);
+                }
             }
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc[r]);
-            mins[r] += dmin * msum as f32;
+            for i in 0..R {
+                let dy = *dys[i].add(b);
+                acc[i][r] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(dw * dy),
+                    _mm256_cvtepi32_ps(isum[i]),
+                    acc[i][r],
+                );
+                mins[i][r] += dminw * dy * msum[i] as f32;
+            }
         }
     }
-    [
-        hsum(acc[0]) - mins[0],
-        hsum(acc[1]) - mins[1],
-        hsum(acc[2]) - mins[2],
-        hsum(acc[3]) - mins[3],
-    ]
+    let mut out = [[0f32; 4]; R];
+    for i in 0..R {
+        for r in 0..4 {
+            out[i][r] = hsum(acc[i][r]) - mins[i][r];
+        }
+    }
+    out
 }

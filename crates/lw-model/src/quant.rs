@@ -393,7 +393,7 @@ impl QMatrix {
 /// weight rows per kernel pass, blocks of rows over the thread pool.
 #[cfg(target_arch = "x86_64")]
 fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
-    use crate::kernels::{q4k_x4, q8_0_x4, quantize_row};
+    use crate::kernels::{q4k_tile, q8_0_tile, quantize_row};
     let qtype = parts[0].qtype;
     let k = parts[0].cols;
     let n: usize = parts.iter().map(|p| p.rows).sum();
@@ -439,20 +439,42 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
             for j in (j0..j1).step_by(4) {
                 // A tail group repeats its last row and drops the extras.
                 let rows: [*const u8; 4] = std::array::from_fn(|i| row_ptr(j + i));
-                for (r, xr) in xq.iter().enumerate().take(r1).skip(r0) {
+                let valid = j1.min(j + 4) - j;
+                let store = |r: usize, v: [f32; 4]| {
+                    for (i, &vi) in v.iter().enumerate().take(valid) {
+                        // SAFETY: element (r, j + i) belongs to this block alone.
+                        unsafe { *dst.at(r * n + j + i) = vi };
+                    }
+                };
+                // Input rows four at a time share each unpacked weight block;
+                // the rest one by one (the same sums either way).
+                let mut r = r0;
+                while r + 4 <= r1 {
+                    let xs = [&xq[r], &xq[r + 1], &xq[r + 2], &xq[r + 3]];
                     // SAFETY: the features were checked by the caller; each
                     // row holds k / group blocks.
                     let v = unsafe {
                         if q8 {
-                            q8_0_x4(rows, xr)
+                            q8_0_tile::<4>(rows, xs)
                         } else {
-                            q4k_x4(rows, xr)
+                            q4k_tile::<4>(rows, xs)
                         }
                     };
-                    for (i, &vi) in v.iter().enumerate().take(j1.min(j + 4) - j) {
-                        // SAFETY: element (r, j + i) belongs to this block alone.
-                        unsafe { *dst.at(r * n + j + i) = vi };
+                    for (i, vi) in v.into_iter().enumerate() {
+                        store(r + i, vi);
                     }
+                    r += 4;
+                }
+                for r in r..r1 {
+                    // SAFETY: as above.
+                    let v = unsafe {
+                        if q8 {
+                            q8_0_tile::<1>(rows, [&xq[r]])
+                        } else {
+                            q4k_tile::<1>(rows, [&xq[r]])
+                        }
+                    };
+                    store(r, v[0]);
                 }
             }
         }
@@ -677,6 +699,36 @@ mod kernel_check {
     /// The four-row kernels against candle's block dot products on the same
     /// quantized weights: both quantize the activations to 8 bits, so their
     /// errors against the exact product must be of the same size.
+    #[test]
+    fn a_rows_product_does_not_depend_on_the_rows_beside_it() {
+        // Prefill multiplies four input rows per pass over a weight block,
+        // decode one: the same bits either way (speculative decoding and
+        // batching rely on it).
+        let (n, k, m) = (36, 512, 11);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 60.0)
+            .collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 40.0)
+            .collect();
+        for q in [QType::Q8_0, QType::Q4K] {
+            let mat = QMatrix::quantize(q, &w, n, k).unwrap();
+            let mut all = vec![0f32; m * n];
+            mat.matmul(&x, &mut all);
+            for r in 0..m {
+                let mut one = vec![0f32; n];
+                mat.matmul(&x[r * k..(r + 1) * k], &mut one);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&all[r * n..(r + 1) * n]),
+                    bits(&one),
+                    "{} row {r}",
+                    q.name()
+                );
+            }
+        }
+    }
+
     #[test]
     fn own_kernels_are_as_close_as_candles() {
         let (n, k) = (64, 1024);
