@@ -465,13 +465,13 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                     }
                     r += 4;
                 }
-                for r in r..r1 {
+                for (r, xr) in xq.iter().enumerate().take(r1).skip(r) {
                     // SAFETY: as above.
                     let v = unsafe {
                         if q8 {
-                            q8_0_tile::<1>(rows, [&xq[r]])
+                            q8_0_tile::<1>(rows, [xr])
                         } else {
-                            q4k_tile::<1>(rows, [&xq[r]])
+                            q4k_tile::<1>(rows, [xr])
                         }
                     };
                     store(r, v[0]);
