@@ -92,7 +92,7 @@ def our_speed(args):
     def bench(prompt):
         out = subprocess.run([args.bin, "bench", "-m", str(args.model), "-t", str(args.threads),
                               "--prompt-tokens", str(prompt), "--gen-tokens", "128",
-                              "--runs", "1", "--json"],
+                              "--runs", "1", "--json", *(["--bandwidth"] if prompt == 1 else [])],
                              check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
@@ -101,7 +101,7 @@ def our_speed(args):
     return dict(prefill_512=deep["prefill_tok_s"], decode_depth0=shallow["decode_tok_s"],
                 decode_depth512=deep["decode_tok_s"],
                 weight_bytes_per_token=deep["decode_weight_bytes_per_token"],
-                weights=deep["weights"])
+                weights=deep["weights"], read_bandwidth_gb_s=shallow["read_bandwidth_gb_s"])
 
 
 def speculative(args):
@@ -189,6 +189,11 @@ def print_speed(best):
     wb = best["longwriter"]["weight_bytes_per_token"]
     print(f"weights read per token: {wb / 1e6:.1f} MB ({best['longwriter']['weights']}); "
           f"decode at depth 0 streams {best['longwriter']['decode_depth0'] * wb / 1e9:.1f} GB/s")
+    bw = best["longwriter"]["read_bandwidth_gb_s"]
+    bound = bw * 1e9 / wb
+    print(f"memory read bandwidth {bw:.1f} GB/s: decode bound {bound:.1f} tok/s; "
+          f"longwriter reaches {100 * best['longwriter']['decode_depth0'] / bound:.0f}%, "
+          f"llama.cpp {100 * best['llama.cpp']['decode_depth0'] / bound:.0f}%")
 
 
 if __name__ == "__main__":

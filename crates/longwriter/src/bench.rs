@@ -30,6 +30,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Also measure memory read bandwidth (a STREAM-like pass over 1 GiB,
+    /// same threads) and report decode speed as a share of the bound it sets.
+    #[arg(long)]
+    bandwidth: bool,
     /// Instead: aggregate generation speed with this many concurrent
     /// sequences through the batching scheduler (the server's path), e.g.
     /// `--concurrency 1,4,16`. Each sequence has its own random prompt.
@@ -119,6 +123,9 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let cfg = engine.model().config();
     let weight_bytes = engine.model().weight_bytes_per_token();
     let threads = rayon_threads();
+    let bandwidth = a.bandwidth.then(|| lw_model::read_bandwidth(1 << 30));
+    // Decode can go no faster than the weights stream.
+    let bound = bandwidth.map(|gb| gb * 1e9 / weight_bytes as f64);
     if a.json {
         let v = serde_json::json!({
             "model": a.model.model,
@@ -135,6 +142,9 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             "peak_rss_mb": peak_rss_mb,
             "decode_weight_bytes_per_token": weight_bytes,
             "decode_effective_gb_s": decode_tok_s * weight_bytes as f64 / 1e9,
+            "read_bandwidth_gb_s": bandwidth,
+            "decode_bound_tok_s": bound,
+            "decode_share_of_bound": bound.map(|b| decode_tok_s / b),
         });
         println!("{v}");
     } else {
@@ -154,6 +164,12 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             a.gen_tokens,
             decode_tok_s * weight_bytes as f64 / 1e9
         );
+        if let (Some(gb), Some(b)) = (bandwidth, bound) {
+            println!(
+                "memory:  {gb:.1} GB/s read bandwidth ({threads} threads): decode bound {b:.1} tok/s, reached {:.0}%",
+                100.0 * decode_tok_s / b
+            );
+        }
         if let Some(r) = acceptance {
             println!(
                 "speculative decoding: {:.0}% of drafted tokens accepted",

@@ -36,6 +36,27 @@ pub fn set_threads(n: usize) {
         .build_global();
 }
 
+/// Memory read bandwidth in GB/s with the current thread pool: the best of
+/// five passes summing a buffer of `bytes` (far larger than the caches), a
+/// STREAM-like read test. Decoding reads every weight once per token, so
+/// this bounds its speed: tokens/s ≤ bandwidth / bytes per token.
+pub fn read_bandwidth(bytes: usize) -> f64 {
+    use rayon::prelude::*;
+    let n = (bytes / 8).max(1 << 16);
+    let buf: Vec<u64> = (0..n as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let sum = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        best = best.max((n * 8) as f64 / started.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
 /// Physical cores of this machine (threads beyond them slow memory-bound
 /// decoding), bounded by the CPUs this process may use.
 pub fn default_threads() -> usize {
