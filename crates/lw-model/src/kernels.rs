@@ -224,3 +224,85 @@ pub unsafe fn q4k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R])
     }
     out
 }
+
+/// Four Q6_K rows against `R` activation rows (quantized with one scale per
+/// 256).
+///
+/// Q6_K, 256 weights in 210 bytes: 128 bytes of low nibbles, 64 bytes of
+/// high 2-bit pairs, 16 i8 scales (one per 16 weights), then `d` (f16). Each
+/// half of 128 weights uses 64 low-nibble bytes `ql`, 32 high bytes `qh` and
+/// 8 scales; its weight `l + 32k` (k = 0..3) takes the low or high nibble of
+/// `ql[l]` or `ql[l + 32]` and bits `2k..2k + 2` of `qh[l]`, and is
+/// `d·scale·(q − 32)`.
+///
+/// # Safety
+/// As for [`q4k_x4`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q6k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]) -> [[f32; 4]; R] {
+    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    let low = _mm256_set1_epi8(0x0F);
+    let two = _mm256_set1_epi8(0x03);
+    let m32 = _mm256_set1_epi8(32);
+    let blocks = xs[0].scales.len();
+    let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
+    let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
+    // The next four rows, 840 bytes per block of these.
+    let ahead = rows[3].add(blocks * 210);
+    for b in 0..blocks {
+        for line in 0..14 {
+            _mm_prefetch(ahead.add(b * 840 + line * 64) as *const i8, _MM_HINT_T0);
+        }
+        for r in 0..4 {
+            let blk = rows[r].add(b * 210);
+            let dw = f16_at(blk.add(208));
+            let mut isum = [_mm256_setzero_si256(); R];
+            for half in 0..2 {
+                let ql = blk.add(half * 64);
+                let qh = _mm256_loadu_si256(blk.add(128 + half * 32) as *const __m256i);
+                let sc = blk.add(192 + half * 8) as *const i8;
+                let ql0 = _mm256_loadu_si256(ql as *const __m256i);
+                let ql1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                let hi = |shift: i32| -> __m256i {
+                    let h = match shift {
+                        0 => qh,
+                        2 => _mm256_srli_epi16(qh, 2),
+                        4 => _mm256_srli_epi16(qh, 4),
+                        _ => _mm256_srli_epi16(qh, 6),
+                    };
+                    _mm256_slli_epi16(_mm256_and_si256(h, two), 4)
+                };
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, low), hi(0)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, low), hi(2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), hi(4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), hi(6)),
+                ];
+                // i16 lanes 0..8 cover bytes 0..16 (scale 2k), 8..16 the rest.
+                let scales: [__m256i; 4] = std::array::from_fn(|k| {
+                    _mm256_set_m128i(
+                        _mm_set1_epi16(*sc.add(2 * k + 1) as i16),
+                        _mm_set1_epi16(*sc.add(2 * k) as i16),
+                    )
+                });
+                for i in 0..R {
+                    let yv = ys[i].add(b * 256 + half * 128);
+                    for k in 0..4 {
+                        let y = _mm256_loadu_si256(yv.add(32 * k) as *const __m256i);
+                        // (q − 32)·y as q·y − 32·y, both unsigned × signed.
+                        let p = _mm256_sub_epi16(
+                            _mm256_maddubs_epi16(q[k], y),
+                            _mm256_maddubs_epi16(m32, y),
+                        );
+                        isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(p, scales[k]));
+                    }
+                }
+            }
+            for i in 0..R {
+                let d = _mm256_set1_ps(dw * *dys[i].add(b));
+                acc[i][r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum[i]), acc[i][r]);
+            }
+        }
+    }
+    acc.map(|a| [hsum(a[0]), hsum(a[1]), hsum(a[2]), hsum(a[3])])
+}

@@ -345,7 +345,10 @@ impl QMatrix {
             .iter()
             .all(|p| p.qtype == first.qtype && p.cols == first.cols);
         #[cfg(target_arch = "x86_64")]
-        if same && matches!(first.qtype, QType::Q8_0 | QType::Q4K) && crate::kernels::available() {
+        if same
+            && matches!(first.qtype, QType::Q8_0 | QType::Q4K | QType::Q6K)
+            && crate::kernels::available()
+        {
             matmul_x4_stacked(parts, x, out);
             return true;
         }
@@ -393,7 +396,7 @@ impl QMatrix {
 /// weight rows per kernel pass, blocks of rows over the thread pool.
 #[cfg(target_arch = "x86_64")]
 fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
-    use crate::kernels::{q4k_tile, q8_0_tile, quantize_row};
+    use crate::kernels::{q4k_tile, q6k_tile, q8_0_tile, quantize_row};
     let qtype = parts[0].qtype;
     let k = parts[0].cols;
     let n: usize = parts.iter().map(|p| p.rows).sum();
@@ -428,7 +431,22 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     }
     let block = block.div_ceil(4) * 4;
     let dst = SharedOut(out.as_mut_ptr());
-    let q8 = qtype == QType::Q8_0;
+    // One kernel per type; all four-by-R tiles.
+    fn tile<const R: usize>(
+        qtype: QType,
+        rows: [*const u8; 4],
+        xs: [&crate::kernels::QuantRow; R],
+    ) -> [[f32; 4]; R] {
+        // SAFETY: the features were checked by the caller; each row holds
+        // k / group blocks of `qtype`.
+        unsafe {
+            match qtype {
+                QType::Q8_0 => q8_0_tile::<R>(rows, xs),
+                QType::Q4K => q4k_tile::<R>(rows, xs),
+                _ => q6k_tile::<R>(rows, xs),
+            }
+        }
+    }
     (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
         let j0 = bi * block;
         let j1 = (j0 + block).min(n);
@@ -451,30 +469,14 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                 let mut r = r0;
                 while r + 4 <= r1 {
                     let xs = [&xq[r], &xq[r + 1], &xq[r + 2], &xq[r + 3]];
-                    // SAFETY: the features were checked by the caller; each
-                    // row holds k / group blocks.
-                    let v = unsafe {
-                        if q8 {
-                            q8_0_tile::<4>(rows, xs)
-                        } else {
-                            q4k_tile::<4>(rows, xs)
-                        }
-                    };
+                    let v = tile::<4>(qtype, rows, xs);
                     for (i, vi) in v.into_iter().enumerate() {
                         store(r + i, vi);
                     }
                     r += 4;
                 }
                 for (r, xr) in xq.iter().enumerate().take(r1).skip(r) {
-                    // SAFETY: as above.
-                    let v = unsafe {
-                        if q8 {
-                            q8_0_tile::<1>(rows, [xr])
-                        } else {
-                            q4k_tile::<1>(rows, [xr])
-                        }
-                    };
-                    store(r, v[0]);
+                    store(r, tile::<1>(qtype, rows, [xr])[0]);
                 }
             }
         }
@@ -711,7 +713,7 @@ mod kernel_check {
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 53 % 97) as f32 - 48.0) / 40.0)
             .collect();
-        for q in [QType::Q8_0, QType::Q4K] {
+        for q in [QType::Q8_0, QType::Q4K, QType::Q6K] {
             let mat = QMatrix::quantize(q, &w, n, k).unwrap();
             let mut all = vec![0f32; m * n];
             mat.matmul(&x, &mut all);
@@ -741,7 +743,7 @@ mod kernel_check {
         };
         let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
         let x: Vec<f32> = (0..k).map(|_| next()).collect();
-        for q in [QType::Q8_0, QType::Q4K] {
+        for q in [QType::Q8_0, QType::Q4K, QType::Q6K] {
             let m = QMatrix::quantize(q, &w, n, k).unwrap();
             let wd = m.dequantize();
             let exact: Vec<f32> = (0..n)
@@ -752,7 +754,8 @@ mod kernel_check {
             let mut theirs = vec![0f32; n];
             match q {
                 QType::Q8_0 => m.matmul_as::<BlockQ8_0>(&x, &mut theirs),
-                _ => m.matmul_as::<BlockQ4K>(&x, &mut theirs),
+                QType::Q4K => m.matmul_as::<BlockQ4K>(&x, &mut theirs),
+                _ => m.matmul_as::<BlockQ6K>(&x, &mut theirs),
             }
             let err = |v: &[f32]| {
                 v.iter()
