@@ -12,6 +12,7 @@ pub mod sampler;
 pub mod source;
 pub mod speculative;
 pub mod template;
+pub mod tiktoken;
 pub mod tokenizer;
 
 pub use batch::{BatchEvent, BatchOptions, Batcher, Busy};

@@ -19,12 +19,6 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` from `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self, EngineError> {
-        let path = dir.join("tokenizer.json");
-        if !path.exists() {
-            return Err(EngineError::file(&path, "file not found"));
-        }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| EngineError::file(&path, e.to_string()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.exists() {
             let text = std::fs::read_to_string(&cfg_path)
@@ -33,6 +27,31 @@ impl Tokenizer {
                 .map_err(|e| EngineError::file(&cfg_path, format!("invalid JSON: {e}")))?
         } else {
             Value::Null
+        };
+        let path = dir.join("tokenizer.json");
+        let tiktoken = dir.join("tokenizer.model");
+        let inner = if path.exists() {
+            tokenizers::Tokenizer::from_file(&path)
+                .map_err(|e| EngineError::file(&path, e.to_string()))?
+        } else if crate::tiktoken::is_tiktoken(&tiktoken) {
+            // The original GLM-4 checkpoints: a tiktoken rank file, with the
+            // special tokens in tokenizer_config.json or GLM-4's own.
+            let specials = added_tokens(&cfg);
+            let mut t = crate::tiktoken::load(&tiktoken, &specials)?;
+            if specials.is_empty() {
+                let glm: Vec<tokenizers::AddedToken> = crate::tiktoken::GLM4_SPECIALS
+                    .iter()
+                    .map(|s| tokenizers::AddedToken::from(s.to_string(), true))
+                    .collect();
+                t.add_special_tokens(glm)
+                    .map_err(|e| EngineError::file(&tiktoken, e.to_string()))?;
+            }
+            t
+        } else {
+            return Err(EngineError::file(
+                &path,
+                "file not found (nor a tiktoken tokenizer.model)",
+            ));
         };
         let bos_token = special_token(&cfg, "bos_token");
         let eos_token = special_token(&cfg, "eos_token");
@@ -139,6 +158,23 @@ impl Tokenizer {
         let max_added = added.keys().max().map(|&m| m as usize + 1).unwrap_or(0);
         self.inner.get_vocab_size(false).max(max_added)
     }
+}
+
+/// `added_tokens_decoder` of tokenizer_config.json: (id, token) pairs.
+fn added_tokens(cfg: &Value) -> Vec<(u32, String)> {
+    let mut out: Vec<(u32, String)> = cfg
+        .get("added_tokens_decoder")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(id, t)| {
+                    Some((id.parse().ok()?, t.get("content")?.as_str()?.to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
 }
 
 /// `bos_token` may be a string or an `AddedToken` object with `content`.

@@ -219,3 +219,98 @@ fn chatglm_configs_that_differ_are_refused_by_name() {
     assert!(err.contains("ffn_hidden_size"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let mut b = [0u8; 3];
+        b[..chunk.len()].copy_from_slice(chunk);
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..=chunk.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+        for _ in chunk.len()..3 {
+            out.push('=');
+        }
+    }
+    out
+}
+
+/// The original GLM-4 checkpoints ship a tiktoken rank file instead of
+/// tokenizer.json: the fixture's vocabulary written that way tokenizes
+/// every fixture text to the same ids.
+#[test]
+fn a_tiktoken_rank_file_tokenizes_like_tokenizer_json() {
+    let dir = scratch("tiktoken");
+    let src = model_dir("glm4-chatglm");
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let tj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let unicode = lw_engine::tiktoken::byte_to_unicode();
+    let byte_of: std::collections::HashMap<char, u8> =
+        (0..=255u8).map(|b| (unicode[b as usize], b)).collect();
+    let specials: Vec<(u64, String)> = tj["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["id"].as_u64().unwrap(),
+                t["content"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut lines = Vec::new();
+    for (tok, id) in tj["model"]["vocab"].as_object().unwrap() {
+        if specials.iter().any(|s| &s.1 == tok) {
+            continue;
+        }
+        let bytes: Vec<u8> = tok.chars().map(|c| byte_of[&c]).collect();
+        lines.push((id.as_u64().unwrap(), base64(&bytes)));
+    }
+    lines.sort();
+    let text: String = lines.iter().map(|(id, b)| format!("{b} {id}\n")).collect();
+    std::fs::write(dir.join("tokenizer.model"), text).unwrap();
+    let decoder: serde_json::Map<String, serde_json::Value> = specials
+        .iter()
+        .map(|(id, t)| {
+            (
+                id.to_string(),
+                serde_json::json!({"content": t, "special": true}),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::json!({"added_tokens_decoder": decoder, "eos_token": "<|endoftext|>"})
+            .to_string(),
+    )
+    .unwrap();
+    let tiktoken = Engine::load(&dir, &LoadOptions::default()).unwrap();
+    let json = load("glm4-chatglm", ChatFormat::Auto).unwrap();
+    let fx = fixture("glm4");
+    for case in fx["encodings"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            tiktoken.tokenizer().encode(text, false).unwrap(),
+            ids(&case["ids_no_special"]),
+            "{text:?}"
+        );
+    }
+    // The chat prompt's markers are the same special tokens. (Text after
+    // them may split differently: the fixture's tokenizer.json has GPT-2's
+    // pre-tokenizer, a tiktoken file GLM-4's.)
+    let msgs = [Message::new(Role::User, "Hello")];
+    let (a, b) = (
+        tiktoken.encode_chat(&msgs).unwrap(),
+        json.encode_chat(&msgs).unwrap(),
+    );
+    assert_eq!(a[..3], b[..3]);
+    assert_eq!(a.last(), b.last());
+    assert_eq!(tiktoken.eos_ids(), json.eos_ids());
+    std::fs::remove_dir_all(&dir).ok();
+}
