@@ -50,7 +50,8 @@ def numerics(args):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "logits.f32"
         subprocess.run([args.bin, "score", "-m", str(args.model), "-t", str(args.threads),
-                        "--ids", ",".join(map(str, seq[:-1])), "--out", str(out)],
+                        "--ids", ",".join(map(str, seq[:-1])), "--out", str(out),
+                        "--kv-cache", args.kv_cache],
                        check=True, stderr=subprocess.DEVNULL)
         ours = np.fromfile(out, dtype=np.float32).reshape(len(seq) - 1, -1)
     # Our vocabulary may be the embedding's row count; llama.cpp's the token list's.
@@ -151,6 +152,8 @@ def main():
     ap.add_argument("--speculative-prompt", type=Path,
                     help="also measure prompt-lookup decoding after this prompt (a passage the answer quotes)")
     ap.add_argument("--draft-max", type=int, default=5)
+    ap.add_argument("--kv-cache", default="f16",
+                    help="longwriter's KV cache format for the numerics (llama.cpp keeps f16)")
     args = ap.parse_args()
 
     report = dict(model=str(args.model), threads=args.threads)

@@ -524,7 +524,14 @@ pub fn convert(
         let qtype = if shape.len() == 1 {
             QType::F32
         } else {
-            let want = target.qtype(&gname, planned.layer, cfg.num_layers);
+            // A tied embedding is also the output matrix: llama.cpp's
+            // recipes give it the output's type.
+            let role = if gname == "token_embd.weight" && cfg.tie_word_embeddings {
+                "output.weight"
+            } else {
+                gname.as_str()
+            };
+            let want = target.qtype(role, planned.layer, cfg.num_layers);
             if cols % want.block_elems() == 0 {
                 want
             } else {

@@ -26,18 +26,36 @@ pub struct QuantRow {
     pub sums: Vec<i32>,
 }
 
-/// Quantizes `x` with one scale per `group` values (32 or 256).
+/// Quantizes `x` with one scale per `group` values, rounding as llama.cpp
+/// does for the same products, so both engines multiply the same integers:
+/// - 32 (Q8_0 weights): `d = amax / 127`, values `round(x / d)` (halves away
+///   from zero), and the scale kept as f16, as in a Q8_0 block;
+/// - 256 (K-quant weights, llama.cpp's Q8_K): `s = 127 / amax`, values
+///   `round(x · s)` (halves to even), scale `1 / s` in f32.
 pub fn quantize_row(x: &[f32], group: usize) -> QuantRow {
     let mut scales = Vec::with_capacity(x.len() / group);
     let mut values = vec![0i8; x.len()];
     for (g, chunk) in x.chunks(group).enumerate() {
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        for (o, v) in values[g * group..].iter_mut().zip(chunk) {
-            *o = (v * inv).round() as i8;
+        let out = &mut values[g * group..g * group + chunk.len()];
+        if amax == 0.0 {
+            scales.push(0.0);
+            continue;
         }
-        scales.push(d);
+        if group == 32 {
+            let d = amax / 127.0;
+            let inv = 1.0 / d;
+            for (o, v) in out.iter_mut().zip(chunk) {
+                *o = (v * inv).round() as i8;
+            }
+            scales.push(half::f16::from_f32(d).to_f32());
+        } else {
+            let s = 127.0 / amax;
+            for (o, v) in out.iter_mut().zip(chunk) {
+                *o = (v * s).round_ties_even().min(127.0) as i8;
+            }
+            scales.push(1.0 / s);
+        }
     }
     let sums = values
         .chunks(32)
