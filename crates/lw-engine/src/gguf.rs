@@ -71,13 +71,7 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Tokenizer, EngineError> {
         .string("tokenizer.ggml.pre")
         .map_err(m)?
         .unwrap_or("default");
-    let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
-    let split = |pattern: &str| {
-        json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
-            byte_level(false)
-        ]})
-    };
+    use crate::tiktoken::{byte_level, split_then_bytes as split};
     let pre_tokenizer = match pre {
         "default" | "gpt-2" | "gpt2" => byte_level(true),
         "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3_SPLIT),
@@ -124,24 +118,17 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Tokenizer, EngineError> {
         }),
         _ => Json::Null,
     };
-    let spec = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": pre_tokenizer,
-        "post_processor": post_processor,
-        "decoder": byte_level(true),
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": null,
-            "continuing_subword_prefix": null, "end_of_word_suffix": null,
-            "fuse_unk": false, "byte_fallback": false, "ignore_merges": pre != "default" && pre != "gpt-2" && pre != "gpt2",
-            "vocab": vocab, "merges": merges,
-        },
-    });
-    let inner = tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes())
-        .map_err(|e| bad(format!("the tokenizer it describes does not build: {e}")))?;
+    let ignore_merges = pre != "default" && pre != "gpt-2" && pre != "gpt2";
+    let merges = merges.iter().map(|m| Json::String(m.to_string())).collect();
+    let inner = crate::tiktoken::byte_level_bpe(
+        added,
+        pre_tokenizer,
+        post_processor,
+        vocab,
+        merges,
+        ignore_merges,
+    )
+    .map_err(|e| bad(format!("the tokenizer it describes does not build: {e}")))?;
     let bos_token = bos.map(|b| b.1);
     let eos_token = eos.map(|e| e.1);
     let chat_template = h

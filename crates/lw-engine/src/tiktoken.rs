@@ -106,28 +106,50 @@ pub fn load(path: &Path, specials: &[(u32, String)]) -> Result<tokenizers::Token
                    "rstrip": false, "normalized": false, "special": true})
         })
         .collect();
-    let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+    let pre_tokenizer = split_then_bytes(GLM4_SPLIT);
+    byte_level_bpe(added, pre_tokenizer, Value::Null, vocab, merges, true)
+        .map_err(|e| bad(format!("the tokenizer it describes does not build: {e}")))
+}
+
+/// The byte-level pre-tokenizer of GPT-2 (`use_regex`: with its own split).
+pub fn byte_level(use_regex: bool) -> Value {
+    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
+}
+
+/// A regex split, then byte-level mapping (Llama 3, Qwen2, GLM-4).
+pub fn split_then_bytes(pattern: &str) -> Value {
+    json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+        byte_level(false)
+    ]})
+}
+
+/// A byte-level BPE tokenizer from its parts (the `tokenizers` JSON form).
+pub fn byte_level_bpe(
+    added: Vec<Value>,
+    pre_tokenizer: Value,
+    post_processor: Value,
+    vocab: serde_json::Map<String, Value>,
+    merges: Vec<Value>,
+    ignore_merges: bool,
+) -> Result<tokenizers::Tokenizer, String> {
     let spec = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
         "normalizer": null,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": GLM4_SPLIT}, "behavior": "Isolated", "invert": false},
-            byte_level(false)
-        ]},
-        "post_processor": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post_processor,
         "decoder": byte_level(true),
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null,
             "continuing_subword_prefix": null, "end_of_word_suffix": null,
-            "fuse_unk": false, "byte_fallback": false, "ignore_merges": true,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
             "vocab": vocab, "merges": merges,
         },
     });
-    tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes())
-        .map_err(|e| bad(format!("the tokenizer it describes does not build: {e}")))
+    tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes()).map_err(|e| e.to_string())
 }
 
 /// GPT-2's reversible map from bytes to printable characters, which

@@ -14,7 +14,7 @@ use lw_engine::{ChatFormat, Engine, LoadOptions};
 use lw_model::{GgufFile, QType};
 
 mod common;
-use common::{fixture, fixtures, ids, worst_logit_diff};
+use common::{fixture, fixtures, ids, messages, worst_logit_diff};
 
 fn model_dir(name: &str) -> PathBuf {
     fixtures().join("models").join(name)
@@ -34,18 +34,6 @@ fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lw-glm-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn messages(case: &serde_json::Value) -> Vec<Message> {
-    case["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            let role: Role = serde_json::from_value(m["role"].clone()).unwrap();
-            Message::new(role, m["content"].as_str().unwrap())
-        })
-        .collect()
 }
 
 #[test]

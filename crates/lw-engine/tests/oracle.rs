@@ -1,12 +1,12 @@
 //! The engine against Hugging Face `transformers`: the fixtures were written
 //! by `scripts/make_fixtures.py` from the same model directories.
 
-use lw_core::{GenerationParams, Message, Role, SamplingParams};
+use lw_core::{GenerationParams, SamplingParams};
 use lw_engine::{Engine, LoadOptions, StreamDecoder};
 use lw_model::DType;
 
 mod common;
-use common::{fixture, fixtures, floats, ids, max_abs_diff, worst_logit_diff, MODELS};
+use common::{fixture, fixtures, floats, ids, max_abs_diff, messages, worst_logit_diff, MODELS};
 
 fn load(name: &str, opts: LoadOptions) -> Engine {
     Engine::load(&fixtures().join("models").join(name), &opts).unwrap()
@@ -130,15 +130,7 @@ fn chat_templates_render_like_transformers() {
         let fx = fixture(name);
         let engine = load(name, LoadOptions::default());
         for case in fx["chat"].as_array().unwrap() {
-            let messages: Vec<Message> = case["messages"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| {
-                    let role: Role = serde_json::from_value(m["role"].clone()).unwrap();
-                    Message::new(role, m["content"].as_str().unwrap())
-                })
-                .collect();
+            let messages = messages(case);
             let agp = case["add_generation_prompt"].as_bool().unwrap();
             let got = engine.chat_prompt(&messages, agp);
             match case["text"].as_str() {

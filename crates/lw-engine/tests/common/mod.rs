@@ -61,3 +61,16 @@ pub fn worst_logit_diff(rows: &[Vec<f32>], fx: &Value) -> f32 {
         .map(|(r, w)| max_abs_diff(r, &floats(w)))
         .fold(0.0, f32::max)
 }
+
+/// The messages of a fixture's chat case.
+pub fn messages(case: &Value) -> Vec<lw_core::Message> {
+    case["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let role: lw_core::Role = serde_json::from_value(m["role"].clone()).unwrap();
+            lw_core::Message::new(role, m["content"].as_str().unwrap())
+        })
+        .collect()
+}
