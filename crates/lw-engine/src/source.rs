@@ -9,7 +9,10 @@ use crate::error::EngineError;
 /// Files of a model directory besides the weights.
 const FILES: &[(&str, bool)] = &[
     ("config.json", true),
-    ("tokenizer.json", true),
+    // One of these two: the original GLM-4 checkpoints ship only a tiktoken
+    // `tokenizer.model`.
+    ("tokenizer.json", false),
+    ("tokenizer.model", false),
     ("tokenizer_config.json", false),
     ("generation_config.json", false),
 ];
@@ -118,6 +121,11 @@ fn download(id: &str) -> Result<PathBuf, EngineError> {
         }
     }
     let dir = dir.ok_or_else(|| hub_err("no files".into()))?;
+    if !dir.join("tokenizer.json").exists() && !dir.join("tokenizer.model").exists() {
+        return Err(hub_err(
+            "the repository has neither tokenizer.json nor tokenizer.model".into(),
+        ));
+    }
     match repo.get("model.safetensors.index.json") {
         Ok(index) => {
             for shard in lw_model::weights::safetensors_files(index.parent().unwrap_or(&dir))?
