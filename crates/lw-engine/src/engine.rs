@@ -180,10 +180,6 @@ impl Engine {
         self.speculation = speculation;
     }
 
-    pub fn speculation(&self) -> Option<&Speculation> {
-        self.speculation.as_ref()
-    }
-
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
@@ -279,23 +275,19 @@ impl Engine {
     ) -> Result<Generation, EngineError> {
         self.check_prompt(prompt)?;
         let started = Instant::now();
-        // Reuse the longest common prefix; at least one token is recomputed so
-        // there are logits to sample from.
-        let common = common_prefix(&self.cached, prompt).min(prompt.len() - 1);
-        self.cache.truncate(common);
-        self.cached.truncate(common);
         // The whole generation's cache at once: no copies while it runs, and
         // a clear error now rather than running out of memory later.
         if let Some(max) = params.max_tokens {
             let positions = (prompt.len() + max).min(self.context_length());
             self.reserve_cache(positions)?;
         }
-        let mut logits = Vec::new();
-        for chunk in prompt[common..].chunks(self.prefill_chunk) {
-            let out = self.model.forward(chunk, &mut self.cache, Logits::Last)?;
-            self.cached.extend_from_slice(chunk);
-            logits = lw_model::llama::last_row(&out)?;
-        }
+        let (logits, common) = prefill(
+            &self.model,
+            &mut self.cache,
+            &mut self.cached,
+            prompt,
+            self.prefill_chunk,
+        )?;
         let mut stats = GenerationStats {
             prompt_tokens: prompt.len(),
             cached_prompt_tokens: common,
@@ -557,12 +549,33 @@ pub fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Brings a cache holding `cached` to `tokens`: keeps their longest common
+/// prefix (at least one token is recomputed, so there are logits) and
+/// computes the rest in chunks. Returns the last position's logits and the
+/// number of positions reused.
+pub(crate) fn prefill(
+    model: &Llama,
+    cache: &mut KvCache,
+    cached: &mut Vec<u32>,
+    tokens: &[u32],
+    chunk: usize,
+) -> Result<(Vec<f32>, usize), EngineError> {
+    let common = common_prefix(cached, tokens).min(tokens.len() - 1);
+    cache.truncate(common);
+    cached.truncate(common);
+    let mut logits = Vec::new();
+    for part in tokens[common..].chunks(chunk) {
+        let out = model.forward(part, cache, Logits::Last)?;
+        cached.extend_from_slice(part);
+        logits = lw_model::llama::last_row(&out)?;
+    }
+    Ok((logits, common))
+}
+
 pub(crate) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// eos ids and sampling defaults from `generation_config.json` (optional file).
-/// End-of-sequence ids plus the tokenizer's own EOS token, sorted, no repeats.
 /// Chooses the chat template: the checkpoint's own, or a built-in format
 /// (asked for, or GLM-4's when a GLM checkpoint ships none).
 fn apply_chat_format(
@@ -606,6 +619,7 @@ fn with_tokenizer_eos(mut ids: Vec<u32>, tokenizer: &Tokenizer, cfg: &ModelConfi
     ids
 }
 
+/// eos ids and sampling defaults from `generation_config.json` (optional file).
 fn read_generation_config(path: &Path) -> Result<(Vec<u32>, SamplingParams), EngineError> {
     let mut defaults = SamplingParams::default();
     if !path.exists() {

@@ -13,7 +13,7 @@
 
 use lw_model::{KvCache, Llama, Logits};
 
-use crate::engine::{common_prefix, Engine};
+use crate::engine::{prefill, Engine};
 use crate::error::EngineError;
 use crate::sampler::argmax;
 
@@ -78,11 +78,6 @@ impl Speculation {
         })
     }
 
-    /// At most this many drafted tokens per step.
-    pub fn max_draft(&self) -> usize {
-        self.max_draft
-    }
-
     /// Guesses up to `limit` tokens that follow `history`.
     pub(crate) fn propose(
         &mut self,
@@ -111,15 +106,13 @@ impl DraftModel {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let common = common_prefix(&self.cached, history).min(history.len() - 1);
-        self.cache.truncate(common);
-        self.cached.truncate(common);
-        let mut logits = Vec::new();
-        for chunk in history[common..].chunks(self.prefill_chunk) {
-            let out = self.model.forward(chunk, &mut self.cache, Logits::Last)?;
-            self.cached.extend_from_slice(chunk);
-            logits = lw_model::llama::last_row(&out)?;
-        }
+        let (mut logits, _) = prefill(
+            &self.model,
+            &mut self.cache,
+            &mut self.cached,
+            history,
+            self.prefill_chunk,
+        )?;
         let mut drafts = Vec::with_capacity(limit);
         loop {
             let bound = self.id_bound.min(logits.len());

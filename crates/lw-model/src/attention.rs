@@ -75,18 +75,6 @@ impl KvElem for f16 {
     }
 }
 
-/// Attention of one query head: [`attend_group`] with a group of one.
-pub fn attend_head(
-    qh: &[f32],
-    cache: &CacheView,
-    kv: usize,
-    head_dim: usize,
-    window: Option<usize>,
-    out: &mut [f32],
-) {
-    attend_group(qh, cache, kv, head_dim, window, out)
-}
-
 /// Where the rows of one kv head lie in a layer's buffer.
 struct Rows {
     base: usize,

@@ -7,7 +7,7 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use crate::attention::{attend_head, CacheView, KvSlice};
+use crate::attention::{CacheView, KvSlice};
 
 /// The number format of cached keys and values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -220,25 +220,6 @@ impl KvCache {
             capacity: self.capacity,
             len,
         }
-    }
-
-    /// Attention of one query (`[heads * head_dim]`) over the first `len`
-    /// positions of layer `layer`, one head after another.
-    pub fn attend(
-        &self,
-        layer: usize,
-        len: usize,
-        q: &[f32],
-        group: usize,
-        window: Option<usize>,
-    ) -> Vec<f32> {
-        let view = self.view(layer, len);
-        let hd = self.head_dim;
-        let mut out = vec![0f32; q.len()];
-        for (h, o) in out.chunks_mut(hd).enumerate() {
-            attend_head(&q[h * hd..(h + 1) * hd], &view, h / group, hd, window, o);
-        }
-        out
     }
 
     /// Marks `n` written positions as held (all layers have written them).
