@@ -3,6 +3,7 @@
 //! messages and exit codes. Model internals live in the library crates.
 
 mod bench;
+mod data;
 mod eval;
 mod run;
 mod train;
@@ -52,7 +53,8 @@ enum Command {
     /// Tokenizers: train a byte-level BPE vocabulary.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
-    /// Training data: tokenize a corpus into memory-mapped shards.
+    /// Data: build long-output SFT data with AgentWrite (build, export,
+    /// stats, select), tokenize a corpus, make synthetic AgentWrite data.
     #[command(subcommand)]
     Data(DataCommand),
     /// Train models: pretraining from scratch, supervised fine-tuning (full or LoRA).
@@ -130,6 +132,25 @@ struct ConvertArgs {
 
 #[derive(Subcommand)]
 enum DataCommand {
+    /// Write long answers for a file of instructions with AgentWrite, many
+    /// at once, against one or more OpenAI-compatible servers (--api-base,
+    /// repeatable) or the local engine. Everything is kept in DIR/data.sqlite:
+    /// kill it at any moment and rerun the same command to continue (no
+    /// finished section is written again). Items pass quality gates
+    /// (length, sections, repetition, refusals, language) or are kept as
+    /// rejected with the reason. Ctrl-C drains (items in flight finish);
+    /// a second Ctrl-C stops at once.
+    Build(data::BuildArgs),
+    /// Write a build's accepted items as chat JSONL ({"messages": [user,
+    /// assistant]}, LongWriter-6k's format, for `train sft`), optionally
+    /// mixed with general SFT data and shuffled.
+    Export(data::ExportArgs),
+    /// Counts, rejection reasons, tokens, throughput and a length histogram
+    /// of a build.
+    Stats(data::StatsArgs),
+    /// Keep the instructions of a JSONL file that ask for a long output
+    /// (a stated length of at least --min-words).
+    Select(data::SelectArgs),
     /// Tokenize text files (a whole file is one document) and JSONL files
     /// (each line's "text" is one) into OUT/train-*.bin, OUT/val-*.bin and
     /// OUT/meta.json, documents separated by the end-of-text token.
@@ -476,6 +497,10 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve(&a),
         Command::Eval(c) => eval::run(&c),
         Command::Tokenizer(TokenizerCommand::Train(a)) => tokenizer_train(&a),
+        Command::Data(DataCommand::Build(a)) => data::build(&a),
+        Command::Data(DataCommand::Export(a)) => data::export(&a),
+        Command::Data(DataCommand::Stats(a)) => data::stats(&a),
+        Command::Data(DataCommand::Select(a)) => data::select(&a),
         Command::Data(DataCommand::Tokenize(a)) => data_tokenize(&a),
         Command::Data(DataCommand::Synth(a)) => train::data_synth(
             &a.files,

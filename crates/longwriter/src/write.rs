@@ -54,8 +54,10 @@ pub(crate) struct BackendArgs {
     kv_cache: lw_model::KvDtype,
     /// An OpenAI-compatible server instead of the local engine, e.g.
     /// http://127.0.0.1:8000/v1 (vLLM, SGLang, llama.cpp, Ollama, OpenAI).
+    /// `data build` takes several (repeat the flag), each optionally capped
+    /// at N jobs in flight with a `#N` suffix: http://gpu1:8000/v1#16.
     #[arg(long, conflicts_with = "model")]
-    api_base: Option<String>,
+    api_base: Vec<String>,
     /// Model name on the server.
     #[arg(long, requires = "api_base", default_value = "default")]
     api_model: String,
@@ -78,11 +80,8 @@ impl BackendArgs {
     /// Several models at once: HTTP clients each, or one local engine behind
     /// the batching scheduler, shared by `workers` sequences.
     pub(crate) fn factory(&self, workers: usize) -> anyhow::Result<Factory> {
-        if let Some(base) = &self.api_base {
-            let mut opts = lw_write::HttpOptions::new(base.clone(), self.api_model.clone());
-            opts.api_key = self.api_key.clone();
-            opts.context_size = self.context_size;
-            opts.retries = self.retries;
+        if let Some(base) = self.single_api_base()? {
+            let opts = self.http_options(base);
             return Ok(Box::new(move || {
                 Ok(Box::new(lw_write::HttpModel::new(opts.clone()))
                     as Box<dyn LanguageModel + Send>)
@@ -127,13 +126,84 @@ impl BackendArgs {
         })
     }
 
+    /// The one server of a command that talks to one.
+    fn single_api_base(&self) -> anyhow::Result<Option<&String>> {
+        match self.api_base.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(one)),
+            _ => anyhow::bail!("only one --api-base here (several are for `data build`)"),
+        }
+    }
+
+    /// HTTP options for a server.
+    fn http_options(&self, base: &str) -> lw_write::HttpOptions {
+        let mut opts = lw_write::HttpOptions::new(base.to_string(), self.api_model.clone());
+        opts.api_key = self.api_key.clone();
+        opts.context_size = self.context_size;
+        opts.retries = self.retries;
+        opts
+    }
+
+    /// Endpoints of a data build: each `--api-base` (capped by its `#N`
+    /// suffix, else `concurrency`), or the local engine behind the batching
+    /// scheduler with room for `concurrency` sequences.
+    pub(crate) fn endpoints(&self, concurrency: usize) -> anyhow::Result<Vec<lw_data::Endpoint>> {
+        let mut out = Vec::new();
+        for raw in &self.api_base {
+            let (base, cap) = match raw.rsplit_once('#') {
+                Some((base, n)) => {
+                    let cap: usize = n.parse().ok().filter(|&c| c > 0).with_context(|| {
+                        format!("--api-base {raw}: the part after # must be a job cap ≥ 1")
+                    })?;
+                    (base, cap)
+                }
+                None => (raw.as_str(), concurrency),
+            };
+            let opts = self.http_options(base);
+            out.push(lw_data::Endpoint {
+                name: base.to_string(),
+                cap,
+                make: Box::new(move || Box::new(lw_write::HttpModel::new(opts.clone()))),
+            });
+        }
+        if out.is_empty() {
+            let m = self.local_args()?;
+            m.no_speculation("a data build")?;
+            let engine = crate::run::load_engine(&m)?;
+            let batcher = lw_engine::Batcher::start(
+                std::sync::Arc::new(engine),
+                lw_engine::BatchOptions {
+                    max_batch: concurrency.max(1),
+                    max_queue: concurrency.max(1) * 2,
+                    idle_caches: concurrency.max(1),
+                },
+            );
+            let name = m.model.clone();
+            out.push(lw_data::Endpoint {
+                name: format!("local:{name}"),
+                cap: concurrency.max(1),
+                make: Box::new(move || {
+                    Box::new(lw_write::BatchedModel::new(batcher.clone(), name.clone()))
+                }),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The model name recorded in requests.
+    pub(crate) fn model_name(&self) -> String {
+        if self.api_base.is_empty() {
+            self.model
+                .clone()
+                .unwrap_or_else(|| lw_engine::DEFAULT_MODEL.to_string())
+        } else {
+            self.api_model.clone()
+        }
+    }
+
     fn open(&self) -> anyhow::Result<Box<dyn LanguageModel>> {
-        if let Some(base) = &self.api_base {
-            let mut opts = lw_write::HttpOptions::new(base.clone(), self.api_model.clone());
-            opts.api_key = self.api_key.clone();
-            opts.context_size = self.context_size;
-            opts.retries = self.retries;
-            return Ok(Box::new(lw_write::HttpModel::new(opts)));
+        if let Some(base) = self.single_api_base()? {
+            return Ok(Box::new(lw_write::HttpModel::new(self.http_options(base))));
         }
         let m = self.local_args()?;
         let engine = crate::run::load_engine(&m)?;
@@ -182,7 +252,7 @@ pub struct WriteArgs {
 
 /// Language and sampling of plan and write calls.
 #[derive(Args)]
-struct StyleArgs {
+pub(crate) struct StyleArgs {
     /// Prompt language (default: the instruction's).
     #[arg(long)]
     language: Option<Language>,
@@ -200,10 +270,10 @@ struct StyleArgs {
     seed: u64,
     /// Plans asked for before giving up.
     #[arg(long, default_value_t = 3)]
-    plan_tries: usize,
+    pub(crate) plan_tries: usize,
     /// Word counter for budgets and lengths.
     #[arg(long, default_value = "unicode", value_parser = ["unicode", "longbench"])]
-    counter: String,
+    pub(crate) counter: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -213,7 +283,7 @@ enum ModeArg {
 }
 
 impl StyleArgs {
-    fn sampling(&self) -> SamplingParams {
+    pub(crate) fn sampling(&self) -> SamplingParams {
         SamplingParams {
             temperature: self.temperature,
             top_p: self.top_p,

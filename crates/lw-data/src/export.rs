@@ -1,0 +1,261 @@
+//! Instruction files in, training files out: reading `{"prompt": …}` JSONL,
+//! selecting the instructions that ask for long outputs, and exporting the
+//! accepted items as `{"messages": [user, assistant]}` lines (LongWriter-6k's
+//! format), optionally mixed with general SFT data and shuffled with a seed.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+
+use crate::store::{DataStore, Status};
+use crate::DataError;
+
+/// One instruction: its text and the line's other fields, kept as metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instruction {
+    pub prompt: String,
+    pub meta: Map<String, Value>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
+    move |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Non-empty lines of a JSONL file as (line number, JSON value).
+fn jsonl(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(io(path))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&line).map_err(|e| DataError::Input {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason: format!("not JSON: {e}"),
+        })?;
+        out.push((i + 1, v));
+    }
+    Ok(out)
+}
+
+/// Reads instructions: one JSON object per line with a non-empty string
+/// `prompt` (`instruction` is accepted too); other fields are metadata.
+pub fn read_instructions(path: &Path) -> Result<Vec<Instruction>, DataError> {
+    let bad = |line, reason: &str| DataError::Input {
+        path: path.to_path_buf(),
+        line,
+        reason: reason.to_string(),
+    };
+    let mut out = Vec::new();
+    for (line, v) in jsonl(path)? {
+        let Value::Object(mut meta) = v else {
+            return Err(bad(line, "expected a JSON object"));
+        };
+        let key = if meta.contains_key("prompt") {
+            "prompt"
+        } else {
+            "instruction"
+        };
+        let prompt = match meta.remove(key) {
+            Some(Value::String(s)) if !s.trim().is_empty() => s,
+            Some(Value::String(_)) => return Err(bad(line, "\"prompt\" is empty")),
+            Some(_) => return Err(bad(line, "\"prompt\" is not a string")),
+            None => return Err(bad(line, "no \"prompt\" field")),
+        };
+        out.push(Instruction { prompt, meta });
+    }
+    Ok(out)
+}
+
+/// Keeps the instructions that state a length of at least `min_words`
+/// (words; characters for Chinese). Returns (kept, read).
+pub fn select(input: &Path, output: &Path, min_words: u32) -> Result<(usize, usize), DataError> {
+    let all = read_instructions(input)?;
+    let mut text = String::new();
+    let mut kept = 0;
+    for ins in &all {
+        if lw_write::requested_length(&ins.prompt).is_some_and(|n| n >= min_words) {
+            let mut obj = ins.meta.clone();
+            obj.insert("prompt".into(), Value::String(ins.prompt.clone()));
+            text.push_str(&Value::Object(obj).to_string());
+            text.push('\n');
+            kept += 1;
+        }
+    }
+    write_atomic(output, text.as_bytes())?;
+    Ok((kept, all.len()))
+}
+
+/// How `export` writes its file.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub output: PathBuf,
+    /// General SFT data (`{"messages": …}` lines) to mix in.
+    pub mix: Option<PathBuf>,
+    /// General examples per long-output example (capped by the file's size).
+    pub mix_ratio: f64,
+    /// Shuffle seed (lines are shuffled whenever a seed is given or data is mixed).
+    pub seed: Option<u64>,
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exported {
+    pub long: usize,
+    pub general: usize,
+}
+
+/// SplitMix64: small, seedable, and the same everywhere.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// Writes the accepted items (and mixed-in general data) as chat JSONL.
+pub fn export(store: &DataStore, opts: &ExportOptions) -> Result<Exported, DataError> {
+    let mut lines: Vec<String> = Vec::new();
+    for item in store.items(Some(Status::Accepted))? {
+        let document = item.document.clone().unwrap_or_default();
+        lines.push(
+            json!({"messages": [
+                {"role": "user", "content": item.prompt},
+                {"role": "assistant", "content": document},
+            ]})
+            .to_string(),
+        );
+    }
+    let long = lines.len();
+    let mut rng = Rng(opts.seed.unwrap_or(0));
+    let mut general = 0;
+    if let Some(path) = &opts.mix {
+        if !(opts.mix_ratio >= 0.0 && opts.mix_ratio.is_finite()) {
+            return Err(DataError::Invalid(format!(
+                "--mix-ratio must be a number ≥ 0, not {}",
+                opts.mix_ratio
+            )));
+        }
+        let mut pool = Vec::new();
+        for (line, v) in jsonl(path)? {
+            if !v.get("messages").is_some_and(Value::is_array) {
+                return Err(DataError::Input {
+                    path: path.clone(),
+                    line,
+                    reason: "no \"messages\" array (general data must be chat JSONL)".into(),
+                });
+            }
+            pool.push(v.to_string());
+        }
+        rng.shuffle(&mut pool);
+        let want = ((long as f64 * opts.mix_ratio).round() as usize).min(pool.len());
+        pool.truncate(want);
+        general = pool.len();
+        lines.extend(pool);
+    }
+    if opts.seed.is_some() || opts.mix.is_some() {
+        rng.shuffle(&mut lines);
+    }
+    let mut text = lines.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    write_atomic(&opts.output, text.as_bytes())?;
+    Ok(Exported { long, general })
+}
+
+/// Writes via a temporary file and a rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
+    let tmp = path.with_extension("tmp-write");
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("lw-data-export-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn instructions_keep_their_metadata_and_bad_lines_are_named() {
+        let d = scratch("read");
+        let p = d.join("in.jsonl");
+        std::fs::write(
+            &p,
+            "{\"prompt\": \"Write 3000 words.\", \"id\": 7}\n\n{\"instruction\": \"写一万字\"}\n",
+        )
+        .unwrap();
+        let v = read_instructions(&p).unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].meta["id"], 7);
+        assert_eq!(v[1].prompt, "写一万字");
+        std::fs::write(&p, "{\"prompt\": \"ok\"}\n{\"text\": 1}\n").unwrap();
+        let e = read_instructions(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("in.jsonl:2") && e.contains("no \"prompt\""),
+            "{e}"
+        );
+        std::fs::write(&p, "{\"prompt\": \"ok\"}\nnot json\n").unwrap();
+        assert!(read_instructions(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("in.jsonl:2: not JSON"));
+    }
+
+    #[test]
+    fn select_keeps_instructions_that_ask_for_long_outputs() {
+        let d = scratch("select");
+        let (input, output) = (d.join("all.jsonl"), d.join("long.jsonl"));
+        std::fs::write(
+            &input,
+            "{\"prompt\": \"Write a 10000-word novel.\", \"src\": \"a\"}\n\
+             {\"prompt\": \"Write a haiku.\"}\n\
+             {\"prompt\": \"Write 500 words on tea.\"}\n\
+             {\"prompt\": \"写一篇5000字的小说\"}\n",
+        )
+        .unwrap();
+        assert_eq!(select(&input, &output, 2000).unwrap(), (2, 4));
+        let kept = read_instructions(&output).unwrap();
+        assert_eq!(kept[0].prompt, "Write a 10000-word novel.");
+        assert_eq!(kept[0].meta["src"], "a");
+        assert_eq!(kept[1].prompt, "写一篇5000字的小说");
+    }
+
+    #[test]
+    fn a_seeded_shuffle_is_a_permutation_and_repeatable() {
+        let mut a: Vec<u32> = (0..50).collect();
+        let mut b = a.clone();
+        Rng(9).shuffle(&mut a);
+        Rng(9).shuffle(&mut b);
+        assert_eq!(a, b);
+        assert_ne!(a, (0..50).collect::<Vec<_>>());
+        a.sort();
+        assert_eq!(a, (0..50).collect::<Vec<_>>());
+    }
+}
