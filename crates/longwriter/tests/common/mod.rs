@@ -54,8 +54,13 @@ pub fn tiny_model() -> PathBuf {
 /// Starts `longwriter serve --port 0 --threads 1 --api-key KEY --model M
 /// --data-dir D EXTRA…` and waits for its address.
 pub fn start(key: &str, model: &Path, data_dir: &Path, extra: &[&str]) -> Server {
+    start_on(0, key, model, data_dir, extra)
+}
+
+/// As [`start`], on a given port (0: any free one).
+pub fn start_on(port: u16, key: &str, model: &Path, data_dir: &Path, extra: &[&str]) -> Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_longwriter"));
-    cmd.args(["serve", "--port", "0", "--threads", "1"]);
+    cmd.args(["serve", "--port", &port.to_string(), "--threads", "1"]);
     if !key.is_empty() {
         cmd.args(["--api-key", key]);
     }
