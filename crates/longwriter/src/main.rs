@@ -140,7 +140,7 @@ enum DataCommand {
     /// (length, sections, repetition, refusals, language) or are kept as
     /// rejected with the reason. Ctrl-C drains (items in flight finish);
     /// a second Ctrl-C stops at once.
-    Build(data::BuildArgs),
+    Build(Box<data::BuildArgs>),
     /// Write a build's accepted items as chat JSONL ({"messages": [user,
     /// assistant]}, LongWriter-6k's format, for `train sft`), optionally
     /// mixed with general SFT data and shuffled.
