@@ -296,3 +296,62 @@ fn bad_instruction_files_are_named_and_nothing_is_stored() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("no data build here"));
 }
+
+#[test]
+fn ctrl_c_drains_the_items_in_flight_and_a_rerun_finishes() {
+    use std::io::{BufRead, BufReader};
+    let d = scratch("data-sigint");
+    let ins = instructions(&d, 8);
+    let out = d.join("b");
+    let cmd = |c: &mut Command| {
+        c.args(["data", "build", "--concurrency", "2", "--threads", "1"])
+            .args(["--length-band", "0.15,3", "--model"])
+            .arg(toy_model())
+            .arg("--out")
+            .arg(&out)
+            .arg("--instructions")
+            .arg(&ins)
+            .env_remove("LONGWRITER_MODEL");
+    };
+    let mut c = Command::new(env!("CARGO_BIN_EXE_longwriter"));
+    cmd(&mut c);
+    let mut child = c.stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    // The first finished item, then one Ctrl-C.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.starts_with("[1/8]") {
+            break;
+        }
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for line in lines {
+        log.push_str(&line.unwrap());
+        log.push('\n');
+    }
+    assert!(child.wait().unwrap().success(), "{log}");
+    assert!(log.contains("draining"), "{log}");
+    assert!(log.contains("rerun the same command to continue"), "{log}");
+    let s = stats(&out);
+    assert_eq!(s["running"], 0, "items in flight finished: {s}");
+    let done = s["accepted"].as_u64().unwrap() + s["rejected"].as_u64().unwrap();
+    assert!((2..8).contains(&done), "{s}\n{log}");
+
+    let mut c = Command::new(env!("CARGO_BIN_EXE_longwriter"));
+    cmd(&mut c);
+    let out2 = c.arg("--quiet").output().unwrap();
+    assert!(out2.status.success(), "{}", text(&out2.stderr));
+    let s = stats(&out);
+    assert_eq!(
+        s["accepted"].as_u64().unwrap() + s["rejected"].as_u64().unwrap(),
+        8
+    );
+    assert_eq!(s["section_max_writes"], 1);
+}
