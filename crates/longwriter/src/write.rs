@@ -87,18 +87,7 @@ impl BackendArgs {
                     as Box<dyn LanguageModel + Send>)
             }));
         }
-        let m = self.local_args()?;
-        m.no_speculation("a run with several workers")?;
-        let engine = crate::run::load_engine(&m)?;
-        let batcher = lw_engine::Batcher::start(
-            std::sync::Arc::new(engine),
-            lw_engine::BatchOptions {
-                max_batch: workers.max(1),
-                max_queue: workers.max(1) * 2,
-                idle_caches: workers.max(1),
-            },
-        );
-        let name = m.model.clone();
+        let (batcher, name) = self.batcher(workers, "a run with several workers")?;
         Ok(Box::new(move || {
             Ok(
                 Box::new(lw_write::BatchedModel::new(batcher.clone(), name.clone()))
@@ -124,6 +113,28 @@ impl BackendArgs {
             draft_max: self.draft_max,
             kv_cache: self.kv_cache,
         })
+    }
+
+    /// The local engine behind the batching scheduler, with room for
+    /// `sequences` at once, and the model's name.
+    fn batcher(
+        &self,
+        sequences: usize,
+        what: &str,
+    ) -> anyhow::Result<(lw_engine::Batcher, String)> {
+        let m = self.local_args()?;
+        m.no_speculation(what)?;
+        let engine = crate::run::load_engine(&m)?;
+        let n = sequences.max(1);
+        let batcher = lw_engine::Batcher::start(
+            std::sync::Arc::new(engine),
+            lw_engine::BatchOptions {
+                max_batch: n,
+                max_queue: n * 2,
+                idle_caches: n,
+            },
+        );
+        Ok((batcher, m.model))
     }
 
     /// The one server of a command that talks to one.
@@ -167,18 +178,7 @@ impl BackendArgs {
             });
         }
         if out.is_empty() {
-            let m = self.local_args()?;
-            m.no_speculation("a data build")?;
-            let engine = crate::run::load_engine(&m)?;
-            let batcher = lw_engine::Batcher::start(
-                std::sync::Arc::new(engine),
-                lw_engine::BatchOptions {
-                    max_batch: concurrency.max(1),
-                    max_queue: concurrency.max(1) * 2,
-                    idle_caches: concurrency.max(1),
-                },
-            );
-            let name = m.model.clone();
+            let (batcher, name) = self.batcher(concurrency, "a data build")?;
             out.push(lw_data::Endpoint {
                 name: format!("local:{name}"),
                 cap: concurrency.max(1),

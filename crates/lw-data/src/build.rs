@@ -383,26 +383,9 @@ fn run_item(sh: &Shared, ep: usize, mut item: ItemRow) -> Result<(), DataError> 
         .item(&item.id)?
         .map(|i| i.state.usage)
         .unwrap_or_default();
-    let spent = Usage {
-        prompt_tokens: after.prompt_tokens.saturating_sub(before.prompt_tokens),
-        cached_prompt_tokens: after
-            .cached_prompt_tokens
-            .saturating_sub(before.cached_prompt_tokens),
-        completion_tokens: after
-            .completion_tokens
-            .saturating_sub(before.completion_tokens),
-    };
-    sh.count_tokens(&Usage {
-        prompt_tokens: spent
-            .prompt_tokens
-            .saturating_sub(sections_usage.prompt_tokens),
-        cached_prompt_tokens: spent
-            .cached_prompt_tokens
-            .saturating_sub(sections_usage.cached_prompt_tokens),
-        completion_tokens: spent
-            .completion_tokens
-            .saturating_sub(sections_usage.completion_tokens),
-    });
+    let spent = after.since(&before);
+    // The sections' tokens were counted as they finished; the rest now.
+    sh.count_tokens(&spent.since(&sections_usage));
     sh.summary
         .lock()
         .unwrap_or_else(|p| p.into_inner())

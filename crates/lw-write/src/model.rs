@@ -29,6 +29,19 @@ impl Usage {
         self.completion_tokens += other.completion_tokens;
     }
 
+    /// What was spent since `earlier` (a snapshot of the same running total).
+    pub fn since(&self, earlier: &Usage) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens.saturating_sub(earlier.prompt_tokens),
+            cached_prompt_tokens: self
+                .cached_prompt_tokens
+                .saturating_sub(earlier.cached_prompt_tokens),
+            completion_tokens: self
+                .completion_tokens
+                .saturating_sub(earlier.completion_tokens),
+        }
+    }
+
     /// Prompt tokens actually computed (not reused).
     pub fn prefilled_tokens(&self) -> usize {
         self.prompt_tokens - self.cached_prompt_tokens
