@@ -512,36 +512,34 @@ impl DataStore {
                 )?;
             rows.collect()
         })?;
-        let (attempts, failures, p, cached, done) = self.with(|c| {
+        let (attempts, failures, done) = self.with(|c| {
             c.query_row(
                 "SELECT COUNT(*), COALESCE(SUM(outcome = 'endpoint-failed'), 0),
-                 COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(cached_tokens), 0),
                  COALESCE(SUM(completion_tokens), 0) FROM attempts",
                 [],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, i64>(4)?,
-                    ))
-                },
+                three_ints,
             )
         })?;
         s.attempts = attempts as usize;
         s.endpoint_failures = failures as usize;
+        // Tokens: each item's state holds those of its current round (killed
+        // attempts included, as it is saved after every section); earlier
+        // rounds are on record in the attempts.
+        let (p, cached, out) = self.with(|c| {
+            c.query_row(
+                "SELECT COALESCE(SUM(a.prompt_tokens), 0), COALESCE(SUM(a.cached_tokens), 0),
+                 COALESCE(SUM(a.completion_tokens), 0)
+                 FROM attempts a JOIN items i ON a.item = i.id WHERE a.round < i.round",
+                [],
+                three_ints,
+            )
+        })?;
         s.usage = Usage {
             prompt_tokens: p as usize,
             cached_prompt_tokens: cached as usize,
-            completion_tokens: done as usize,
+            completion_tokens: out as usize,
         };
-        // Work of attempts cut short by a kill is only in the items' state.
-        for item in self
-            .items(Some(Status::Running))?
-            .iter()
-            .chain(&self.items(Some(Status::Pending))?)
-        {
+        for item in self.items(None)? {
             s.usage.add(&item.state.usage);
         }
         let (seconds, items) = self.with(|c| {
@@ -620,6 +618,10 @@ struct RawRow {
     words: Option<i64>,
     endpoint: Option<String>,
     attempts: i64,
+}
+
+fn three_ints(r: &rusqlite::Row) -> rusqlite::Result<(i64, i64, i64)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
 }
 
 fn raw_row(r: &rusqlite::Row) -> rusqlite::Result<RawRow> {

@@ -198,6 +198,13 @@ fn each_gate_rejects_its_crafted_item_with_its_reason() {
     )
     .unwrap();
     assert_eq!((again.accepted, again.rejected), (0, 9));
+    // Tokens of both rounds are on record.
+    let total = s.stats().unwrap().usage;
+    assert_eq!(
+        total.completion_tokens,
+        summary.usage.completion_tokens + again.usage.completion_tokens
+    );
+    assert!(total.completion_tokens > 0);
     assert!(s
         .items(Some(Status::Rejected))
         .unwrap()
