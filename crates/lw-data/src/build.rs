@@ -161,6 +161,7 @@ pub fn build(
         return Err(DataError::Invalid("no endpoint to run models on".into()));
     }
     let started = Instant::now();
+    let _lock = store.lock_for_build()?;
     store.recover()?;
     let session = store.start_session()?;
     let shared = Shared {

@@ -112,6 +112,11 @@ impl Stats {
     }
 }
 
+/// Held while a build runs (see [`DataStore::lock_for_build`]).
+pub struct BuildLock {
+    _file: std::fs::File,
+}
+
 pub struct DataStore {
     conn: Mutex<Connection>,
     path: PathBuf,
@@ -204,6 +209,36 @@ impl DataStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Takes the build lock of the store's directory (`build.lock`, an
+    /// exclusive `flock`, released when the process ends, killed or not), so
+    /// two builders never work on the same items.
+    pub fn lock_for_build(&self) -> Result<BuildLock, DataError> {
+        use std::os::fd::AsRawFd;
+        let path = self.path.with_file_name("build.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| DataError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        // SAFETY: flock on a descriptor this function owns.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::WouldBlock {
+                return Err(DataError::Invalid(format!(
+                    "{}: another data build is running on this directory",
+                    path.parent().unwrap_or(&path).display()
+                )));
+            }
+            return Err(DataError::Io { path, source: err });
+        }
+        Ok(BuildLock { _file: file })
     }
 
     fn with<T>(
@@ -777,6 +812,18 @@ mod tests {
         // Reopened, the same file adds nothing again.
         let store = DataStore::open(&dir).unwrap();
         assert_eq!(store.add(&[ins("a"), ins("b"), ins("c")]).unwrap(), (0, 3));
+    }
+
+    #[test]
+    fn one_builder_at_a_time_holds_a_directory() {
+        let dir = scratch("lock");
+        let store = DataStore::open(&dir).unwrap();
+        let held = store.lock_for_build().unwrap();
+        let other = DataStore::open(&dir).unwrap();
+        let err = other.lock_for_build().err().unwrap().to_string();
+        assert!(err.contains("another data build is running"), "{err}");
+        drop(held);
+        assert!(other.lock_for_build().is_ok());
     }
 
     #[test]
