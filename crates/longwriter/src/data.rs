@@ -178,6 +178,11 @@ fn format_duration(s: f64) -> String {
 }
 
 pub fn build(a: &BuildArgs) -> anyhow::Result<()> {
+    if a.style.language.is_some() {
+        anyhow::bail!(
+            "--language is not for data build: each item is written in its instruction's language"
+        );
+    }
     let store = DataStore::open(&a.out)?;
     if let Some(path) = &a.instructions {
         let instructions = lw_data::read_instructions(path)?;

@@ -255,7 +255,7 @@ pub struct WriteArgs {
 pub(crate) struct StyleArgs {
     /// Prompt language (default: the instruction's).
     #[arg(long)]
-    language: Option<Language>,
+    pub(crate) language: Option<Language>,
     /// Sampling temperature (0 = greedy).
     #[arg(long, default_value_t = 0.8)]
     temperature: f32,
