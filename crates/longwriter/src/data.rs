@@ -135,6 +135,8 @@ struct Progress {
     accepted: usize,
     rejected: usize,
     in_flight: usize,
+    /// Attempts put back because their endpoint failed.
+    endpoint_failures: usize,
     words: usize,
     usage: Usage,
     started: Instant,
@@ -153,8 +155,12 @@ impl Progress {
         } else {
             "?".into()
         };
+        let failures = match self.endpoint_failures {
+            0 => String::new(),
+            n => format!(" · {n} endpoint failures"),
+        };
         format!(
-            "{done}/{} done ({} accepted, {} rejected) · {} in flight · {:.0} words/s · tokens in {} out {} · ETA {eta}",
+            "{done}/{} done ({} accepted, {} rejected) · {} in flight{failures} · {:.0} words/s · tokens in {} out {} · ETA {eta}",
             self.total,
             self.accepted,
             self.rejected,
@@ -267,6 +273,7 @@ pub fn build(a: &BuildArgs) -> anyhow::Result<()> {
         accepted: stats.accepted,
         rejected: stats.rejected,
         in_flight: 0,
+        endpoint_failures: 0,
         words: 0,
         usage: Usage::default(),
         started: Instant::now(),
@@ -319,6 +326,7 @@ pub fn build(a: &BuildArgs) -> anyhow::Result<()> {
                 rest,
             } => {
                 p.in_flight = p.in_flight.saturating_sub(1);
+                p.endpoint_failures += 1;
                 say(format!(
                     "endpoint {endpoint} failed ({error}); its item is queued again, the endpoint rests {:.0} s",
                     rest.as_secs_f64()
@@ -503,6 +511,34 @@ mod tests {
         assert_eq!(total, values.len());
         assert!(lines[0].starts_with("    100–"), "{lines:?}");
         assert_eq!(histogram(&[5, 5], 10, 10).len(), 1);
+    }
+
+    #[test]
+    fn the_progress_line_shows_counts_tokens_and_failures() {
+        let mut p = Progress {
+            total: 10,
+            accepted: 3,
+            rejected: 1,
+            in_flight: 2,
+            endpoint_failures: 0,
+            words: 0,
+            usage: Usage {
+                prompt_tokens: 500,
+                cached_prompt_tokens: 200,
+                completion_tokens: 120,
+            },
+            started: Instant::now(),
+            done_at_start: 0,
+        };
+        let line = p.line();
+        assert!(
+            line.starts_with("4/10 done (3 accepted, 1 rejected) · 2 in flight ·"),
+            "{line}"
+        );
+        assert!(line.contains("tokens in 300 out 120"), "{line}");
+        assert!(!line.contains("failures"), "{line}");
+        p.endpoint_failures = 2;
+        assert!(p.line().contains("· 2 endpoint failures ·"), "{}", p.line());
     }
 
     #[test]
