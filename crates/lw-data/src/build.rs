@@ -449,6 +449,23 @@ fn run_item(sh: &Shared, ep: usize, mut item: ItemRow) -> Result<(), DataError> 
             });
             return record("endpoint-failed", Some(&error));
         }
+        Err(WriteError::Model {
+            step,
+            source:
+                ModelCallError::Refused {
+                    status: 401 | 403 | 404,
+                    message,
+                },
+        }) => {
+            // Wrong key, model name or URL: every item would fail the same
+            // way, so the build stops (the item waits for the next run).
+            sh.store.requeue(&item.id)?;
+            record("refused", Some(&message))?;
+            return Err(DataError::Invalid(format!(
+                "endpoint {}: {step}: {message}",
+                endpoint.name
+            )));
+        }
         Err(WriteError::Model { step, source }) => {
             let code = match source {
                 ModelCallError::ContextLength { .. } | ModelCallError::ContextLengthServer(_) => {

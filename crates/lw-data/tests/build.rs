@@ -276,3 +276,54 @@ fn a_spent_token_budget_starts_no_new_item() {
     assert_eq!((summary.accepted, summary.pending), (1, 4));
     assert!(summary.usage.completion_tokens >= 150);
 }
+
+/// Answers every call with an HTTP 401 refusal.
+struct Unauthorized;
+
+impl LanguageModel for Unauthorized {
+    fn name(&self) -> String {
+        "unauthorized".into()
+    }
+
+    fn complete(
+        &mut self,
+        _: &ChatRequest,
+        _: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<ChatResponse, ModelCallError> {
+        Err(ModelCallError::Refused {
+            status: 401,
+            message: "HTTP 401: invalid key (check --api-key or OPENAI_API_KEY)".into(),
+        })
+    }
+}
+
+#[test]
+fn a_refused_key_stops_the_build_with_the_endpoint_named_and_loses_nothing() {
+    let s = store("refused", &["good"; 3]);
+    let (drain, stop) = (AtomicBool::new(false), AtomicBool::new(false));
+    let bad = Endpoint {
+        name: "http://gpu9:8000/v1".into(),
+        cap: 2,
+        make: Box::new(|| Box::new(Unauthorized)),
+    };
+    let err = build(&s, &[bad], &opts(), &drain, &stop, &|_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("http://gpu9:8000/v1") && err.contains("check --api-key"),
+        "{err}"
+    );
+    // Nothing was rejected for it: the items wait for a corrected run.
+    let stats = s.stats().unwrap();
+    assert_eq!((stats.pending, stats.rejected), (3, 0));
+    let again = build(
+        &s,
+        &[endpoint("e", 2, false)],
+        &opts(),
+        &drain,
+        &stop,
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!(again.accepted, 3);
+}

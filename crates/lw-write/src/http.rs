@@ -234,9 +234,14 @@ fn classify_status(code: u16, body: &str, after: Option<Duration>) -> Attempt {
             reason: summary,
             after,
         },
-        401 | 403 => Attempt::Fail(ModelCallError::Backend(format!(
-            "{summary} (check --api-key or OPENAI_API_KEY)"
-        ))),
+        401 | 403 => Attempt::Fail(ModelCallError::Refused {
+            status: code,
+            message: format!("{summary} (check --api-key or OPENAI_API_KEY)"),
+        }),
+        400..=499 => Attempt::Fail(ModelCallError::Refused {
+            status: code,
+            message: summary,
+        }),
         _ => Attempt::Fail(ModelCallError::Backend(summary)),
     }
 }

@@ -68,6 +68,10 @@ pub enum ModelCallError {
     ContextLengthServer(String),
     #[error("the model refused (content filter): {0}")]
     ContentFilter(String),
+    /// The server refused the request itself (HTTP 4xx other than 429):
+    /// retrying the same request cannot help.
+    #[error("{message}")]
+    Refused { status: u16, message: String },
     #[error("stopped by the user")]
     Cancelled,
     #[error("{0}")]
