@@ -379,12 +379,7 @@ fn run_item(sh: &Shared, ep: usize, mut item: ItemRow) -> Result<(), DataError> 
         }
     });
     // Tokens of this attempt: the saved state's growth (the plan's included).
-    let after = sh
-        .store
-        .item(&item.id)?
-        .map(|i| i.state.usage)
-        .unwrap_or_default();
-    let spent = after.since(&before);
+    let spent = run.state()?.usage.since(&before);
     // The sections' tokens were counted as they finished; the rest now.
     sh.count_tokens(&spent.since(&sections_usage));
     sh.summary
@@ -405,16 +400,14 @@ fn run_item(sh: &Shared, ep: usize, mut item: ItemRow) -> Result<(), DataError> 
     };
     let verdict: Result<usize, Rejection> = match result {
         Ok(_) => {
-            let plan = run.plan().map_err(|e| DataError::Invalid(e.to_string()))?;
-            let plan = plan.ok_or_else(|| {
+            let plan = run.plan()?.ok_or_else(|| {
                 DataError::Invalid(format!("item {}: finished without a plan", item.id))
             })?;
-            let mut texts = Vec::with_capacity(plan.paragraphs.len());
-            for i in 0..plan.paragraphs.len() {
-                texts.push(
-                    run.section(i)
-                        .map_err(|e| DataError::Invalid(e.to_string()))?,
-                );
+            let mut texts = vec![None; plan.paragraphs.len()];
+            for (i, text) in sh.store.sections(&item.id)? {
+                if let Some(slot) = texts.get_mut(i) {
+                    *slot = Some(text);
+                }
             }
             sh.opts.gates.check(&item.prompt, &plan, &texts)
         }
@@ -480,7 +473,7 @@ fn run_item(sh: &Shared, ep: usize, mut item: ItemRow) -> Result<(), DataError> 
         Err(e @ WriteError::Degenerate { .. }) => Err(Rejection::new("loop", e.to_string())),
         Err(WriteError::RunDir(e)) => {
             let _ = sh.store.requeue(&item.id);
-            return Err(DataError::Invalid(format!("job store: {e}")));
+            return Err(e.into());
         }
     };
     {

@@ -3,7 +3,7 @@
 //! accepted items as `{"messages": [user, assistant]}` lines (LongWriter-6k's
 //! format), optionally mixed with general SFT data and shuffled with a seed.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
@@ -88,7 +88,7 @@ pub fn select(input: &Path, output: &Path, min_words: u32) -> Result<(usize, usi
             kept += 1;
         }
     }
-    write_atomic(output, text.as_bytes())?;
+    lw_write::run::write_atomic(output, text.as_bytes())?;
     Ok((kept, all.len()))
 }
 
@@ -178,17 +178,8 @@ pub fn export(store: &DataStore, opts: &ExportOptions) -> Result<Exported, DataE
     if !text.is_empty() {
         text.push('\n');
     }
-    write_atomic(&opts.output, text.as_bytes())?;
+    lw_write::run::write_atomic(&opts.output, text.as_bytes())?;
     Ok(Exported { long, general })
-}
-
-/// Writes via a temporary file and a rename.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
-    let tmp = path.with_extension("tmp-write");
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 #[cfg(test)]

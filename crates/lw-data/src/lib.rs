@@ -39,6 +39,8 @@ pub enum DataError {
         field: &'static str,
         reason: String,
     },
+    #[error(transparent)]
+    Write(#[from] lw_write::RunDirError),
     #[error("{0}")]
     Invalid(String),
 }

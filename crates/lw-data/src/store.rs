@@ -574,8 +574,15 @@ impl DataStore {
             cached_prompt_tokens: cached as usize,
             completion_tokens: out as usize,
         };
-        for item in self.items(None)? {
-            s.usage.add(&item.state.usage);
+        let states: Vec<(String, String)> = self.with(|c| {
+            let mut st = c.prepare("SELECT id, state FROM items WHERE state IS NOT NULL")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })?;
+        for (id, state) in states {
+            let state: State =
+                serde_json::from_str(&state).map_err(|e| self.corrupt(&id, "state", e))?;
+            s.usage.add(&state.usage);
         }
         let (seconds, items) = self.with(|c| {
             c.query_row(

@@ -98,6 +98,18 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// Fetches block `b` of the four rows that follow the current four
+/// (`ahead` points at them; `block_bytes` per row and block) while these are
+/// summed: they usually come next in memory.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_next_rows(ahead: *const u8, b: usize, block_bytes: usize) {
+    let span = 4 * block_bytes;
+    for line in 0..span.div_ceil(64) {
+        _mm_prefetch(ahead.add(b * span + line * 64) as *const i8, _MM_HINT_T0);
+    }
+}
+
 /// Four Q8_0 rows (`rows[i]` points at a row's first block) against `x`.
 ///
 /// # Safety
@@ -120,16 +132,12 @@ pub unsafe fn q8_0_x4(rows: [*const u8; 4], x: &QuantRow) -> [f32; 4] {
 pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]) -> [[f32; 4]; R] {
     let mut acc = [[_mm256_setzero_ps(); 4]; R];
     let blocks = xs[0].scales.len();
-    // The next group of four rows usually follows these in memory: fetch it
-    // while this one is summed (136 bytes per block of the four rows).
     let ahead = rows[3].add(blocks * 34);
     let ones = _mm256_set1_epi16(1);
     let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
     let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
     for b in 0..blocks {
-        _mm_prefetch(ahead.add(b * 136) as *const i8, _MM_HINT_T0);
-        _mm_prefetch(ahead.add(b * 136 + 64) as *const i8, _MM_HINT_T0);
-        _mm_prefetch(ahead.add(b * 136 + 128) as *const i8, _MM_HINT_T0);
+        prefetch_next_rows(ahead, b, 34);
         for r in 0..4 {
             let blk = rows[r].add(b * 34);
             let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
@@ -187,12 +195,9 @@ pub unsafe fn q4k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R])
     let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
     let sums: [*const i32; R] = xs.map(|x| x.sums.as_ptr());
     let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
-    // As in `q8_0_tile`: the next four rows, 576 bytes per block of these.
     let ahead = rows[3].add(blocks * 144);
     for b in 0..blocks {
-        for line in 0..9 {
-            _mm_prefetch(ahead.add(b * 576 + line * 64) as *const i8, _MM_HINT_T0);
-        }
+        prefetch_next_rows(ahead, b, 144);
         for r in 0..4 {
             let blk = rows[r].add(b * 144);
             let (dw, dminw) = (f16_at(blk), f16_at(blk.add(2)));
@@ -265,12 +270,9 @@ pub unsafe fn q6k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R])
     let blocks = xs[0].scales.len();
     let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
     let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
-    // The next four rows, 840 bytes per block of these.
     let ahead = rows[3].add(blocks * 210);
     for b in 0..blocks {
-        for line in 0..14 {
-            _mm_prefetch(ahead.add(b * 840 + line * 64) as *const i8, _MM_HINT_T0);
-        }
+        prefetch_next_rows(ahead, b, 210);
         for r in 0..4 {
             let blk = rows[r].add(b * 210);
             let dw = f16_at(blk.add(208));
