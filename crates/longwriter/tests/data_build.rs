@@ -237,6 +237,16 @@ fn a_server_that_dies_mid_run_loses_nothing_and_the_export_trains() {
         .expect("a long-output example");
     let document = long["messages"][1]["content"].as_str().unwrap();
     assert!(items(&out).iter().any(|r| r.4.as_deref() == Some(document)));
+    // Through the model's chat template and tokenizer and back: the
+    // rendered conversation holds the instruction and the answer verbatim.
+    let messages: Vec<lw_core::Message> = serde_json::from_value(long["messages"].clone()).unwrap();
+    let engine = lw_engine::Engine::load(&toy_model(), &Default::default()).unwrap();
+    let ids = engine.encode_chat(&messages).unwrap();
+    let rendered = engine.tokenizer().decode(&ids).unwrap();
+    assert!(
+        rendered.contains(&messages[0].content) && rendered.contains(document),
+        "{rendered}"
+    );
 
     let sft = longwriter(&[
         "train",
