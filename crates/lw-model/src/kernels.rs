@@ -24,6 +24,9 @@ pub struct QuantRow {
     pub values: Vec<i8>,
     /// Sum of the i8 values of each run of 32.
     pub sums: Vec<i32>,
+    /// Sum of the i8 values of each run of 16 (at most 16 · 127; rows
+    /// quantized per 256 only).
+    pub sums16: Vec<i16>,
 }
 
 /// Quantizes `x` with one scale per `group` values, rounding as llama.cpp
@@ -61,10 +64,19 @@ pub fn quantize_row(x: &[f32], group: usize) -> QuantRow {
         .chunks(32)
         .map(|c| c.iter().map(|&v| v as i32).sum())
         .collect();
+    let sums16 = if group == 256 {
+        values
+            .chunks(16)
+            .map(|c| c.iter().map(|&v| v as i16).sum())
+            .collect()
+    } else {
+        Vec::new()
+    };
     QuantRow {
         scales,
         values,
         sums,
+        sums16,
     }
 }
 
@@ -121,16 +133,19 @@ pub unsafe fn q8_0_x4(rows: [*const u8; 4], x: &QuantRow) -> [f32; 4] {
 }
 
 /// Four Q8_0 rows against `R` activation rows: each weight block is loaded
-/// and its signs taken once for all of them (prefill). Every product is
-/// summed in the same order as [`q8_0_x4`], so a row's result does not
-/// depend on the rows it was computed with.
+/// and its signs taken once for all of them (prefill). A block's four
+/// integer dot products are summed exactly into one vector (lanes: rows 0–3,
+/// twice) before one conversion and one multiply-add with the four scales,
+/// so only `R` accumulators are live and a tile of 4 × 4 fits the sixteen
+/// registers. The sums run in the same order for every `R`, so a row's
+/// result does not depend on the rows it was computed with.
 ///
 /// # Safety
 /// As for [`q8_0_x4`], for every row of `xs`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]) -> [[f32; 4]; R] {
-    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    let mut acc = [_mm256_setzero_ps(); R];
     let blocks = xs[0].scales.len();
     let ahead = rows[3].add(blocks * 34);
     let ones = _mm256_set1_epi16(1);
@@ -138,21 +153,42 @@ pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]
     let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
     for b in 0..blocks {
         prefetch_next_rows(ahead, b, 34);
-        for r in 0..4 {
-            let blk = rows[r].add(b * 34);
-            let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            let wabs = _mm256_sign_epi8(w, w);
-            let dw = f16_at(blk);
-            for i in 0..R {
-                let y = _mm256_loadu_si256(ys[i].add(b * 32) as *const __m256i);
-                let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(y, w));
-                let dot = _mm256_madd_epi16(p, ones);
-                let d = _mm256_set1_ps(dw * *dys[i].add(b));
-                acc[i][r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[i][r]);
-            }
+        let blk: [*const u8; 4] = std::array::from_fn(|r| rows[r].add(b * 34));
+        let d4 = _mm_cvtph_ps(_mm_setr_epi16(
+            (blk[0] as *const i16).read_unaligned(),
+            (blk[1] as *const i16).read_unaligned(),
+            (blk[2] as *const i16).read_unaligned(),
+            (blk[3] as *const i16).read_unaligned(),
+            0,
+            0,
+            0,
+            0,
+        ));
+        let dw = _mm256_set_m128(d4, d4);
+        let w: [__m256i; 4] =
+            std::array::from_fn(|r| _mm256_loadu_si256(blk[r].add(2) as *const __m256i));
+        let wabs: [__m256i; 4] = std::array::from_fn(|r| _mm256_sign_epi8(w[r], w[r]));
+        for i in 0..R {
+            let y = _mm256_loadu_si256(ys[i].add(b * 32) as *const __m256i);
+            let dot: [__m256i; 4] = std::array::from_fn(|r| {
+                let p = _mm256_maddubs_epi16(wabs[r], _mm256_sign_epi8(y, w[r]));
+                _mm256_madd_epi16(p, ones)
+            });
+            // Lanes [r0, r1, r2, r3 | r0, r1, r2, r3], each a half's sum.
+            let sum = _mm256_hadd_epi32(
+                _mm256_hadd_epi32(dot[0], dot[1]),
+                _mm256_hadd_epi32(dot[2], dot[3]),
+            );
+            let d = _mm256_mul_ps(dw, _mm256_set1_ps(*dys[i].add(b)));
+            acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[i]);
         }
     }
-    acc.map(|a| [hsum(a[0]), hsum(a[1]), hsum(a[2]), hsum(a[3])])
+    acc.map(|a| {
+        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), s);
+        out
+    })
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K block.
@@ -258,17 +294,21 @@ pub unsafe fn q4k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R])
 /// `ql[l]` or `ql[l + 32]` and bits `2k..2k + 2` of `qh[l]`, and is
 /// `d·scale·(q − 32)`.
 ///
+/// The products take the unsigned `q`; the offset is one correction per
+/// block, `32 · Σ scale · (sum of the 16 activations)`, from the row's
+/// sums per 16 (exact integers either way).
+///
 /// # Safety
-/// As for [`q4k_x4`].
+/// As for [`q4k_x4`]; each row of `xs` was quantized per 256.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q6k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]) -> [[f32; 4]; R] {
     let mut acc = [[_mm256_setzero_ps(); 4]; R];
     let low = _mm256_set1_epi8(0x0F);
     let two = _mm256_set1_epi8(0x03);
-    let m32 = _mm256_set1_epi8(32);
     let blocks = xs[0].scales.len();
     let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
+    let s16: [*const i16; R] = xs.map(|x| x.sums16.as_ptr());
     let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
     let ahead = rows[3].add(blocks * 210);
     for b in 0..blocks {
@@ -276,7 +316,12 @@ pub unsafe fn q6k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R])
         for r in 0..4 {
             let blk = rows[r].add(b * 210);
             let dw = f16_at(blk.add(208));
-            let mut isum = [_mm256_setzero_si256(); R];
+            let all_scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const __m128i));
+            let mut isum: [__m256i; R] = std::array::from_fn(|i| {
+                let s = _mm256_loadu_si256(s16[i].add(b * 16) as *const __m256i);
+                let offset = _mm256_slli_epi32(_mm256_madd_epi16(all_scales, s), 5);
+                _mm256_sub_epi32(_mm256_setzero_si256(), offset)
+            });
             for half in 0..2 {
                 let ql = blk.add(half * 64);
                 let qh = _mm256_loadu_si256(blk.add(128 + half * 32) as *const __m256i);
@@ -309,11 +354,7 @@ pub unsafe fn q6k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R])
                     let yv = ys[i].add(b * 256 + half * 128);
                     for k in 0..4 {
                         let y = _mm256_loadu_si256(yv.add(32 * k) as *const __m256i);
-                        // (q − 32)·y as q·y − 32·y, both unsigned × signed.
-                        let p = _mm256_sub_epi16(
-                            _mm256_maddubs_epi16(q[k], y),
-                            _mm256_maddubs_epi16(m32, y),
-                        );
+                        let p = _mm256_maddubs_epi16(q[k], y);
                         isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(p, scales[k]));
                     }
                 }

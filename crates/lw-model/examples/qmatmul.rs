@@ -1,0 +1,108 @@
+//! Prefill throughput of the quantized products, in GMAC/s, for the
+//! projection shapes of a Llama-3.2-1B-sized model.
+//!
+//!     cargo run --release -p lw-model --example qmatmul -- [threads] [rows] [types]
+//!
+//! `types` is a comma-separated list (default `q8_0,q4_k,q6_k`). With
+//! `KERNEL_ONLY=1`, the four-by-four kernels alone on cache-resident rows,
+//! in cycles of a 2.48 GHz clock per 32 multiply-adds.
+
+use std::time::Instant;
+
+use lw_model::quant::QMatrix;
+use lw_model::QType;
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let threads: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
+    let rows: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(512);
+    let types = args.next().unwrap_or_else(|| "q8_0,q4_k,q6_k".into());
+    lw_model::set_threads(threads);
+    #[cfg(target_arch = "x86_64")]
+    if std::env::var_os("KERNEL_ONLY").is_some() && lw_model::kernels::available() {
+        kernel_only();
+        return Ok(());
+    }
+    for name in types.split(',') {
+        let qtype = QType::parse(name).ok_or_else(|| format!("unknown type {name}"))?;
+        let mut total = (0.0, 0.0);
+        for (n, k) in [(2048, 2048), (8192, 2048), (2048, 8192)] {
+            let w = QMatrix::quantize(qtype, &values(n * k, 1), n, k)?;
+            let x = values(rows * k, 2);
+            let mut out = vec![0f32; rows * n];
+            w.matmul(&x, &mut out);
+            let reps = 3;
+            let t = Instant::now();
+            for _ in 0..reps {
+                w.matmul(&x, &mut out);
+            }
+            let secs = t.elapsed().as_secs_f64() / reps as f64;
+            let macs = (rows * n * k) as f64;
+            total.0 += macs;
+            total.1 += secs;
+            println!(
+                "{:>5} {n:>5}×{k:<5} rows {rows:>4}: {:7.2} GMAC/s ({:.1} ms)",
+                qtype.name(),
+                macs / secs / 1e9,
+                secs * 1e3
+            );
+        }
+        println!(
+            "{:>5} all shapes: {:7.2} GMAC/s",
+            qtype.name(),
+            total.0 / total.1 / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// One kernel pass over cache-resident rows (4 weight rows × 4 inputs of
+/// 2048), in cycles of a 2.48 GHz clock per 32 multiply-adds.
+#[cfg(target_arch = "x86_64")]
+pub fn kernel_only() {
+    use lw_model::kernels::{q4k_tile, q8_0_tile, quantize_row};
+    let k = 2048;
+    for qtype in [QType::Q8_0, QType::Q4K] {
+        let w = QMatrix::quantize(qtype, &values(8 * k, 1), 8, k).unwrap();
+        let group = if qtype == QType::Q8_0 { 32 } else { 256 };
+        let xs: Vec<_> = (0..4)
+            .map(|i| quantize_row(&values(k, 3 + i), group))
+            .collect();
+        let rb = qtype.row_bytes(k);
+        let rows: [*const u8; 4] = std::array::from_fn(|i| w.bytes()[i * rb..].as_ptr());
+        let reps = 20000;
+        let t = Instant::now();
+        let mut sink = 0f32;
+        for _ in 0..reps {
+            let xr = [&xs[0], &xs[1], &xs[2], &xs[3]];
+            // SAFETY: AVX2 is checked by the caller; rows hold k / group blocks.
+            let v = unsafe {
+                if qtype == QType::Q8_0 {
+                    q8_0_tile::<4>(rows, xr)
+                } else {
+                    q4k_tile::<4>(rows, xr)
+                }
+            };
+            sink += v[0][0];
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let per32 = secs * 2.48e9 / (reps as f64 * 16.0 * (k / 32) as f64);
+        println!(
+            "{:>5} tile 4×4 in cache: {per32:.2} cycles per 32 MACs ({sink})",
+            qtype.name()
+        );
+    }
+}
