@@ -464,17 +464,31 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                         unsafe { *dst.at(r * n + j + i) = vi };
                     }
                 };
-                // Input rows four at a time share each unpacked weight block;
-                // the rest one by one (the same sums either way).
+                // Input rows several at a time share each unpacked weight
+                // block (six for the K-quants, whose tiles keep fewer
+                // registers per row; four for Q8_0); the rest one by one.
+                // The sums are the same either way.
                 let mut r = r0;
-                while r + 4 <= r1 {
-                    let xs = [&xq[r], &xq[r + 1], &xq[r + 2], &xq[r + 3]];
-                    let v = tile::<4>(qtype, rows, xs);
-                    for (i, vi) in v.into_iter().enumerate() {
-                        store(r + i, vi);
+                fn run<const R: usize>(
+                    qtype: QType,
+                    rows: [*const u8; 4],
+                    xq: &[crate::kernels::QuantRow],
+                    r: &mut usize,
+                    r1: usize,
+                    store: &dyn Fn(usize, [f32; 4]),
+                ) {
+                    while *r + R <= r1 {
+                        let v = tile::<R>(qtype, rows, std::array::from_fn(|i| &xq[*r + i]));
+                        for (i, vi) in v.into_iter().enumerate() {
+                            store(*r + i, vi);
+                        }
+                        *r += R;
                     }
-                    r += 4;
                 }
+                if qtype != QType::Q8_0 {
+                    run::<6>(qtype, rows, &xq, &mut r, r1, &store);
+                }
+                run::<4>(qtype, rows, &xq, &mut r, r1, &store);
                 for (r, xr) in xq.iter().enumerate().take(r1).skip(r) {
                     store(r, tile::<1>(qtype, rows, [xr])[0]);
                 }
