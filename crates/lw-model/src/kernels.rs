@@ -293,7 +293,7 @@ pub unsafe fn q4k_x4(rows: [*const u8; 4], x: &QuantRow) -> [f32; 4] {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q4k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]) -> [[f32; 4]; R] {
-    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    let mut acc = [[0f32; 4]; R];
     let mut mins = [[0f32; 4]; R];
     let low = _mm256_set1_epi8(0x0F);
     let blocks = xs[0].scales.len();
@@ -333,21 +333,181 @@ pub unsafe fn q4k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R])
                     msum[i] += m0 as i32 * *s + m1 as i32 * *s.add(1);
                 }
             }
+            // The block's exact integer sums, then one fused multiply-add
+            // each: the same steps as [`q4k_gemm`]'s lanes.
             for i in 0..R {
                 let dy = *dys[i].add(b);
-                acc[i][r] = _mm256_fmadd_ps(
-                    _mm256_set1_ps(dw * dy),
-                    _mm256_cvtepi32_ps(isum[i]),
-                    acc[i][r],
-                );
-                mins[i][r] += dminw * dy * msum[i] as f32;
+                let tot = hsum_i32(isum[i]);
+                acc[i][r] = (dw * dy).mul_add(tot as f32, acc[i][r]);
+                mins[i][r] = (dminw * dy).mul_add(msum[i] as f32, mins[i][r]);
             }
         }
     }
     let mut out = [[0f32; 4]; R];
     for i in 0..R {
         for r in 0..4 {
-            out[i][r] = hsum(acc[i][r]) - mins[i][r];
+            out[i][r] = acc[i][r] - mins[i][r];
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Activation rows for [`q4k_gemm`], eight per tile, interleaved four bytes
+/// at a time: byte `k` of row `i` is at `(k / 4 · 8 + i) · 4 + k % 4`, so one
+/// 32-byte load holds four consecutive values of all eight rows.
+pub struct ActTile {
+    bytes: Vec<i8>,
+    /// `[block][row]`: each row's scale per 256.
+    scales: Vec<f32>,
+    /// `[block][sub-block][row]`: each row's sums per 32.
+    sums: Vec<i32>,
+}
+
+impl ActTile {
+    /// Eight rows quantized per 256.
+    pub fn new(rows: &[QuantRow]) -> ActTile {
+        assert_eq!(rows.len(), 8, "a tile holds eight rows");
+        let k = rows[0].values.len();
+        let blocks = k / 256;
+        let mut bytes = vec![0i8; 8 * k];
+        for (i, row) in rows.iter().enumerate() {
+            for (g, four) in row.values.chunks_exact(4).enumerate() {
+                let at = (g * 8 + i) * 4;
+                bytes[at..at + 4].copy_from_slice(four);
+            }
+        }
+        let scales = (0..blocks * 8).map(|x| rows[x % 8].scales[x / 8]).collect();
+        let sums = (0..blocks * 64).map(|x| rows[x % 8].sums[x / 8]).collect();
+        ActTile {
+            bytes,
+            scales,
+            sums,
+        }
+    }
+}
+
+/// One Q4_K row unpacked for [`q4k_gemm`]: a byte per weight, the 6-bit
+/// scales and mins decoded, and the block scales widened.
+#[derive(Default)]
+pub struct Q4kRow {
+    q: Vec<u8>,
+    scales: Vec<u8>,
+    mins: Vec<i32>,
+    d: Vec<f32>,
+    dmin: Vec<f32>,
+}
+
+impl Q4kRow {
+    /// Unpacks `blocks` Q4_K blocks at `row`, reusing this row's buffers.
+    ///
+    /// # Safety
+    /// `row` holds `blocks` blocks; F16C is available.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn unpack(&mut self, row: *const u8, blocks: usize) {
+        self.q.resize(blocks * 256, 0);
+        self.scales.clear();
+        self.mins.clear();
+        self.d.clear();
+        self.dmin.clear();
+        let low = _mm256_set1_epi8(0x0F);
+        for b in 0..blocks {
+            let blk = row.add(b * 144);
+            self.d.push(f16_at(blk));
+            self.dmin.push(f16_at(blk.add(2)));
+            let sc = std::slice::from_raw_parts(blk.add(4), 12);
+            for j in 0..8 {
+                let (s, m) = scale_min(sc, j);
+                self.scales.push(s);
+                self.mins.push(m as i32);
+            }
+            let out = self.q.as_mut_ptr().add(b * 256);
+            for c in 0..4 {
+                let q = _mm256_loadu_si256(blk.add(16 + c * 32) as *const __m256i);
+                let lo = _mm256_and_si256(q, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+                _mm256_storeu_si256(out.add(c * 64) as *mut __m256i, lo);
+                _mm256_storeu_si256(out.add(c * 64 + 32) as *mut __m256i, hi);
+            }
+        }
+    }
+}
+
+/// Two unpacked Q4_K rows against `T` tiles of eight activation rows: the
+/// prefill product. Each lane of a 32-byte product holds one activation
+/// row, so the products of a 32-weight sub-block share one scale and are
+/// summed in i16 (at most 8 · 2 · 15 · 127 = 30,480) before one
+/// multiply by it. Per block, the exact integer sums then take the same
+/// fused steps as [`q4k_tile`], so every result has the same bits as there.
+/// Returns `[weight row][tile][activation row]`.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; the rows and tiles have the same
+/// number of blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4k_gemm<const T: usize>(
+    w: [&Q4kRow; 2],
+    tiles: [&ActTile; T],
+) -> [[[f32; 8]; T]; 2] {
+    let blocks = w[0].d.len();
+    let mut acc = [[_mm256_setzero_ps(); T]; 2];
+    let mut macc = [[_mm256_setzero_ps(); T]; 2];
+    let a_base: [*const i8; T] = tiles.map(|t| t.bytes.as_ptr());
+    let q_base: [*const u8; 2] = w.map(|r| r.q.as_ptr());
+    for b in 0..blocks {
+        let mut isum = [[_mm256_setzero_si256(); T]; 2];
+        for j in 0..8 {
+            let mut acc16 = [[_mm256_setzero_si256(); T]; 2];
+            for g in 0..8 {
+                let k = b * 256 + j * 32 + 4 * g;
+                let a: [__m256i; T] = std::array::from_fn(|t| {
+                    _mm256_loadu_si256(a_base[t].add(k * 8) as *const __m256i)
+                });
+                for r in 0..2 {
+                    let wv = _mm256_set1_epi32((q_base[r].add(k) as *const i32).read_unaligned());
+                    for t in 0..T {
+                        acc16[r][t] = _mm256_add_epi16(acc16[r][t], _mm256_maddubs_epi16(wv, a[t]));
+                    }
+                }
+            }
+            for r in 0..2 {
+                let s = _mm256_set1_epi16(w[r].scales[b * 8 + j] as i16);
+                for t in 0..T {
+                    isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(acc16[r][t], s));
+                }
+            }
+        }
+        for t in 0..T {
+            let dy = _mm256_loadu_ps(tiles[t].scales.as_ptr().add(b * 8));
+            let sums = tiles[t].sums.as_ptr().add(b * 64);
+            for r in 0..2 {
+                let mut msum = _mm256_setzero_si256();
+                for j in 0..8 {
+                    let s = _mm256_loadu_si256(sums.add(j * 8) as *const __m256i);
+                    let m = _mm256_set1_epi32(w[r].mins[b * 8 + j]);
+                    msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(m, s));
+                }
+                let d = _mm256_mul_ps(_mm256_set1_ps(w[r].d[b]), dy);
+                acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum[r][t]), acc[r][t]);
+                let dmin = _mm256_mul_ps(_mm256_set1_ps(w[r].dmin[b]), dy);
+                macc[r][t] = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(msum), macc[r][t]);
+            }
+        }
+    }
+    let mut out = [[[0f32; 8]; T]; 2];
+    for r in 0..2 {
+        for t in 0..T {
+            _mm256_storeu_ps(out[r][t].as_mut_ptr(), _mm256_sub_ps(acc[r][t], macc[r][t]));
         }
     }
     out

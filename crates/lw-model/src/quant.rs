@@ -396,7 +396,7 @@ impl QMatrix {
 /// weight rows per kernel pass, blocks of rows over the thread pool.
 #[cfg(target_arch = "x86_64")]
 fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
-    use crate::kernels::{q4k_tile, q6k_tile, q8_0_tile, quantize_row};
+    use crate::kernels::{q4k_gemm, q4k_tile, q6k_tile, q8_0_tile, quantize_row, ActTile, Q4kRow};
     let qtype = parts[0].qtype;
     let k = parts[0].cols;
     let n: usize = parts.iter().map(|p| p.rows).sum();
@@ -431,6 +431,14 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     }
     let block = block.div_ceil(4) * 4;
     let dst = SharedOut(out.as_mut_ptr());
+    // Q4_K prefill: whole tiles of eight input rows go through the GEMM
+    // kernel (the same bits as the row kernels); the rest below.
+    let tiles: Vec<ActTile> = if qtype == QType::Q4K && m >= 8 {
+        xq.par_chunks_exact(8).map(ActTile::new).collect()
+    } else {
+        Vec::new()
+    };
+    let gemm_rows = tiles.len() * 8;
     // One kernel per type; all four-by-R tiles.
     fn tile<const R: usize>(
         qtype: QType,
@@ -450,9 +458,45 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
         let j0 = bi * block;
         let j1 = (j0 + block).min(n);
+        let mut pair = [Q4kRow::default(), Q4kRow::default()];
+        // Eight tiles (64 input rows) stay in cache while the block's weight
+        // rows pass over them two at a time.
+        for t0 in (0..tiles.len()).step_by(8) {
+            let t1 = (t0 + 8).min(tiles.len());
+            for j in (j0..j1).step_by(2) {
+                let valid = j1.min(j + 2) - j;
+                for (r, w) in pair.iter_mut().enumerate() {
+                    // SAFETY: the features were checked by the caller; each
+                    // row holds k / 256 blocks. A tail pair repeats its row.
+                    unsafe { w.unpack(row_ptr(j + r.min(valid - 1)), k / 256) };
+                }
+                let store = |t: usize, v: [[f32; 8]; 2]| {
+                    for (r, lanes) in v.iter().enumerate().take(valid) {
+                        for (i, &x) in lanes.iter().enumerate() {
+                            // SAFETY: element (8t + i, j + r) belongs to this block alone.
+                            unsafe { *dst.at((8 * t + i) * n + j + r) = x };
+                        }
+                    }
+                };
+                let w = [&pair[0], &pair[1]];
+                let mut t = t0;
+                while t + 2 <= t1 {
+                    // SAFETY: as for the unpacking; the tiles have k / 256 blocks.
+                    let v = unsafe { q4k_gemm::<2>(w, [&tiles[t], &tiles[t + 1]]) };
+                    store(t, [v[0][0], v[1][0]]);
+                    store(t + 1, [v[0][1], v[1][1]]);
+                    t += 2;
+                }
+                if t < t1 {
+                    // SAFETY: as above.
+                    let v = unsafe { q4k_gemm::<1>(w, [&tiles[t]]) };
+                    store(t, [v[0][0], v[1][0]]);
+                }
+            }
+        }
         // Input rows in chunks that stay in cache while the block's weight
         // rows pass over them four at a time.
-        for r0 in (0..m).step_by(64) {
+        for r0 in (gemm_rows..m).step_by(64) {
             let r1 = (r0 + 64).min(m);
             for j in (j0..j1).step_by(4) {
                 // A tail group repeats its last row and drops the extras.
@@ -636,7 +680,7 @@ mod tests {
     /// weights with the activations.
     #[test]
     fn matmul_matches_dequantized_product() {
-        let (n, k, m) = (37, 512, 3);
+        let (n, k, m) = (37, 512, 19);
         let w = values(n * k, 2);
         let x = values(m * k, 3);
         for q in [QType::Q8_0, QType::Q4_0, QType::Q4K, QType::Q5K, QType::Q6K] {
@@ -720,7 +764,10 @@ mod kernel_check {
         // Prefill multiplies four input rows per pass over a weight block,
         // decode one: the same bits either way (speculative decoding and
         // batching rely on it).
-        let (n, k, m) = (36, 512, 11);
+        // 27 input rows: two tiles of eight and one more through the Q4_K
+        // GEMM, then six, four and one through the row kernels; 37 weight
+        // rows leave an odd pair at the end of a block.
+        let (n, k, m) = (37, 512, 27);
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 60.0)
             .collect();
