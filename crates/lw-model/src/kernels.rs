@@ -170,15 +170,6 @@ unsafe fn f16_at(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
-}
-
 /// Fetches block `b` of the four rows that follow the current four
 /// (`ahead` points at them; `block_bytes` per row and block) while these are
 /// summed: they usually come next in memory.
@@ -370,6 +361,8 @@ pub struct ActTile {
     scales: Vec<f32>,
     /// `[block][sub-block][row]`: each row's sums per 32.
     sums: Vec<i32>,
+    /// `[block][sixteenth][row]`: each row's sums per 16.
+    sums16: Vec<i32>,
 }
 
 impl ActTile {
@@ -387,10 +380,14 @@ impl ActTile {
         }
         let scales = (0..blocks * 8).map(|x| rows[x % 8].scales[x / 8]).collect();
         let sums = (0..blocks * 64).map(|x| rows[x % 8].sums[x / 8]).collect();
+        let sums16 = (0..blocks * 128)
+            .map(|x| rows[x % 8].sums16[x / 8] as i32)
+            .collect();
         ActTile {
             bytes,
             scales,
             sums,
+            sums16,
         }
     }
 }
@@ -532,7 +529,7 @@ pub unsafe fn q4k_gemm<const T: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q6k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]) -> [[f32; 4]; R] {
-    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    let mut acc = [[0f32; 4]; R];
     let low = _mm256_set1_epi8(0x0F);
     let two = _mm256_set1_epi8(0x03);
     let blocks = xs[0].scales.len();
@@ -589,12 +586,133 @@ pub unsafe fn q6k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R])
                 }
             }
             for i in 0..R {
-                let d = _mm256_set1_ps(dw * *dys[i].add(b));
-                acc[i][r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum[i]), acc[i][r]);
+                acc[i][r] = (dw * *dys[i].add(b)).mul_add(hsum_i32(isum[i]) as f32, acc[i][r]);
             }
         }
     }
-    acc.map(|a| [hsum(a[0]), hsum(a[1]), hsum(a[2]), hsum(a[3])])
+    acc
+}
+
+/// One Q6_K row unpacked for [`q6k_gemm`]: a byte (0..63) per weight, the
+/// sixteen scales per block widened, and the block scale.
+#[derive(Default)]
+pub struct Q6kRow {
+    q: Vec<u8>,
+    scales: Vec<i32>,
+    d: Vec<f32>,
+}
+
+impl Q6kRow {
+    /// Unpacks `blocks` Q6_K blocks at `row`, reusing this row's buffers.
+    ///
+    /// # Safety
+    /// `row` holds `blocks` blocks; AVX2 and F16C are available.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn unpack(&mut self, row: *const u8, blocks: usize) {
+        self.q.resize(blocks * 256, 0);
+        self.scales.clear();
+        self.d.clear();
+        let low = _mm256_set1_epi8(0x0F);
+        let two = _mm256_set1_epi8(0x03);
+        for b in 0..blocks {
+            let blk = row.add(b * 210);
+            self.d.push(f16_at(blk.add(208)));
+            for j in 0..16 {
+                self.scales.push(*(blk.add(192 + j) as *const i8) as i32);
+            }
+            for half in 0..2 {
+                let ql = blk.add(half * 64);
+                let qh = _mm256_loadu_si256(blk.add(128 + half * 32) as *const __m256i);
+                let ql0 = _mm256_loadu_si256(ql as *const __m256i);
+                let ql1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                let hi = |h: __m256i| _mm256_slli_epi16(_mm256_and_si256(h, two), 4);
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, low), hi(qh)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, low), hi(_mm256_srli_epi16(qh, 2))),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
+                        hi(_mm256_srli_epi16(qh, 4)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
+                        hi(_mm256_srli_epi16(qh, 6)),
+                    ),
+                ];
+                let out = self.q.as_mut_ptr().add(b * 256 + half * 128);
+                for (k, v) in q.iter().enumerate() {
+                    _mm256_storeu_si256(out.add(32 * k) as *mut __m256i, *v);
+                }
+            }
+        }
+    }
+}
+
+/// Two unpacked Q6_K rows against `T` tiles of eight activation rows, as
+/// [`q4k_gemm`]: products of eight weights (at most 4 · 63 · 127 = 32,004
+/// per i16 lane) share a scale and are summed before one multiply by it;
+/// the −32 offset is one correction per block from the rows' sums per 16.
+/// Per block, the exact integer sums take the same fused step as
+/// [`q6k_tile`], so every result has the same bits as there.
+///
+/// # Safety
+/// As for [`q4k_gemm`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q6k_gemm<const T: usize>(
+    w: [&Q6kRow; 2],
+    tiles: [&ActTile; T],
+) -> [[[f32; 8]; T]; 2] {
+    let blocks = w[0].d.len();
+    let mut acc = [[_mm256_setzero_ps(); T]; 2];
+    let a_base: [*const i8; T] = tiles.map(|t| t.bytes.as_ptr());
+    let q_base: [*const u8; 2] = w.map(|r| r.q.as_ptr());
+    for b in 0..blocks {
+        let mut isum = [[_mm256_setzero_si256(); T]; 2];
+        for e in 0..32 {
+            let mut acc16 = [[_mm256_setzero_si256(); T]; 2];
+            for g in 0..2 {
+                let k = b * 256 + e * 8 + 4 * g;
+                let a: [__m256i; T] = std::array::from_fn(|t| {
+                    _mm256_loadu_si256(a_base[t].add(k * 8) as *const __m256i)
+                });
+                for r in 0..2 {
+                    let wv = _mm256_set1_epi32((q_base[r].add(k) as *const i32).read_unaligned());
+                    for t in 0..T {
+                        acc16[r][t] = _mm256_add_epi16(acc16[r][t], _mm256_maddubs_epi16(wv, a[t]));
+                    }
+                }
+            }
+            for r in 0..2 {
+                let s = _mm256_set1_epi16(w[r].scales[b * 16 + e / 2] as i16);
+                for t in 0..T {
+                    isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(acc16[r][t], s));
+                }
+            }
+        }
+        for t in 0..T {
+            let dy = _mm256_loadu_ps(tiles[t].scales.as_ptr().add(b * 8));
+            let sums = tiles[t].sums16.as_ptr().add(b * 128);
+            for r in 0..2 {
+                let mut offset = _mm256_setzero_si256();
+                for j in 0..16 {
+                    let s = _mm256_loadu_si256(sums.add(j * 8) as *const __m256i);
+                    let sc = _mm256_set1_epi32(w[r].scales[b * 16 + j]);
+                    offset = _mm256_add_epi32(offset, _mm256_mullo_epi32(sc, s));
+                }
+                let tot = _mm256_sub_epi32(isum[r][t], _mm256_slli_epi32(offset, 5));
+                let d = _mm256_mul_ps(_mm256_set1_ps(w[r].d[b]), dy);
+                acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(tot), acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[[0f32; 8]; T]; 2];
+    for r in 0..2 {
+        for t in 0..T {
+            _mm256_storeu_ps(out[r][t].as_mut_ptr(), acc[r][t]);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

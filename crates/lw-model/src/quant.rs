@@ -396,7 +396,9 @@ impl QMatrix {
 /// weight rows per kernel pass, blocks of rows over the thread pool.
 #[cfg(target_arch = "x86_64")]
 fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
-    use crate::kernels::{q4k_gemm, q4k_tile, q6k_tile, q8_0_tile, quantize_row, ActTile, Q4kRow};
+    use crate::kernels::{
+        q4k_gemm, q4k_tile, q6k_gemm, q6k_tile, q8_0_tile, quantize_row, ActTile, Q4kRow, Q6kRow,
+    };
     let qtype = parts[0].qtype;
     let k = parts[0].cols;
     let n: usize = parts.iter().map(|p| p.rows).sum();
@@ -431,9 +433,9 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     }
     let block = block.div_ceil(4) * 4;
     let dst = SharedOut(out.as_mut_ptr());
-    // Q4_K prefill: whole tiles of eight input rows go through the GEMM
-    // kernel (the same bits as the row kernels); the rest below.
-    let tiles: Vec<ActTile> = if qtype == QType::Q4K && m >= 8 {
+    // K-quant prefill: whole tiles of eight input rows go through the GEMM
+    // kernels (the same bits as the row kernels); the rest below.
+    let tiles: Vec<ActTile> = if qtype != QType::Q8_0 && m >= 8 {
         xq.par_chunks_exact(8).map(ActTile::new).collect()
     } else {
         Vec::new()
@@ -458,17 +460,24 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
         let j0 = bi * block;
         let j1 = (j0 + block).min(n);
-        let mut pair = [Q4kRow::default(), Q4kRow::default()];
+        let mut q4 = [Q4kRow::default(), Q4kRow::default()];
+        let mut q6 = [Q6kRow::default(), Q6kRow::default()];
         // Eight tiles (64 input rows) stay in cache while the block's weight
         // rows pass over them two at a time.
         for t0 in (0..tiles.len()).step_by(8) {
             let t1 = (t0 + 8).min(tiles.len());
             for j in (j0..j1).step_by(2) {
                 let valid = j1.min(j + 2) - j;
-                for (r, w) in pair.iter_mut().enumerate() {
+                for r in 0..2 {
                     // SAFETY: the features were checked by the caller; each
                     // row holds k / 256 blocks. A tail pair repeats its row.
-                    unsafe { w.unpack(row_ptr(j + r.min(valid - 1)), k / 256) };
+                    let row = row_ptr(j + r.min(valid - 1));
+                    unsafe {
+                        match qtype {
+                            QType::Q4K => q4[r].unpack(row, k / 256),
+                            _ => q6[r].unpack(row, k / 256),
+                        }
+                    }
                 }
                 let store = |t: usize, v: [[f32; 8]; 2]| {
                     for (r, lanes) in v.iter().enumerate().take(valid) {
@@ -478,18 +487,30 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                         }
                     }
                 };
-                let w = [&pair[0], &pair[1]];
+                fn gemm<const T: usize>(
+                    qtype: QType,
+                    q4: &[Q4kRow; 2],
+                    q6: &[Q6kRow; 2],
+                    tiles: [&ActTile; T],
+                ) -> [[[f32; 8]; T]; 2] {
+                    // SAFETY: as for the unpacking; the tiles have k / 256
+                    // blocks, as the rows do.
+                    unsafe {
+                        match qtype {
+                            QType::Q4K => q4k_gemm::<T>([&q4[0], &q4[1]], tiles),
+                            _ => q6k_gemm::<T>([&q6[0], &q6[1]], tiles),
+                        }
+                    }
+                }
                 let mut t = t0;
                 while t + 2 <= t1 {
-                    // SAFETY: as for the unpacking; the tiles have k / 256 blocks.
-                    let v = unsafe { q4k_gemm::<2>(w, [&tiles[t], &tiles[t + 1]]) };
+                    let v = gemm::<2>(qtype, &q4, &q6, [&tiles[t], &tiles[t + 1]]);
                     store(t, [v[0][0], v[1][0]]);
                     store(t + 1, [v[0][1], v[1][1]]);
                     t += 2;
                 }
                 if t < t1 {
-                    // SAFETY: as above.
-                    let v = unsafe { q4k_gemm::<1>(w, [&tiles[t]]) };
+                    let v = gemm::<1>(qtype, &q4, &q6, [&tiles[t]]);
                     store(t, [v[0][0], v[1][0]]);
                 }
             }
@@ -764,7 +785,7 @@ mod kernel_check {
         // Prefill multiplies four input rows per pass over a weight block,
         // decode one: the same bits either way (speculative decoding and
         // batching rely on it).
-        // 27 input rows: two tiles of eight and one more through the Q4_K
+        // 27 input rows: two tiles of eight and one more through the K-quant
         // GEMM, then six, four and one through the row kernels; 37 weight
         // rows leave an odd pair at the end of a block.
         let (n, k, m) = (37, 512, 27);
