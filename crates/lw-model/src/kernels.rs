@@ -439,6 +439,45 @@ impl Q4kRow {
     }
 }
 
+/// The GEMM kernels' inner step: weights `k0..k0 + 4·groups` of two
+/// unpacked rows (each four bytes broadcast to all lanes) times the tiles'
+/// interleaved activations, summed in i16 lanes (one activation row per
+/// lane pair), then multiplied by each row's scale for the run and added to
+/// `isum` in i32.
+///
+/// # Safety
+/// As for [`q4k_gemm`]; the run lies within the rows and tiles, and its
+/// sums fit an i16 lane.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scaled_run<const T: usize>(
+    q: [*const u8; 2],
+    a: [*const i8; T],
+    k0: usize,
+    groups: usize,
+    scales: [i16; 2],
+    isum: &mut [[__m256i; T]; 2],
+) {
+    let mut acc16 = [[_mm256_setzero_si256(); T]; 2];
+    for g in 0..groups {
+        let k = k0 + 4 * g;
+        let av: [__m256i; T] =
+            std::array::from_fn(|t| _mm256_loadu_si256(a[t].add(k * 8) as *const __m256i));
+        for r in 0..2 {
+            let wv = _mm256_set1_epi32((q[r].add(k) as *const i32).read_unaligned());
+            for t in 0..T {
+                acc16[r][t] = _mm256_add_epi16(acc16[r][t], _mm256_maddubs_epi16(wv, av[t]));
+            }
+        }
+    }
+    for r in 0..2 {
+        let s = _mm256_set1_epi16(scales[r]);
+        for t in 0..T {
+            isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(acc16[r][t], s));
+        }
+    }
+}
+
 /// Two unpacked Q4_K rows against `T` tiles of eight activation rows: the
 /// prefill product. Each lane of a 32-byte product holds one activation
 /// row, so the products of a 32-weight sub-block share one scale and are
@@ -464,25 +503,8 @@ pub unsafe fn q4k_gemm<const T: usize>(
     for b in 0..blocks {
         let mut isum = [[_mm256_setzero_si256(); T]; 2];
         for j in 0..8 {
-            let mut acc16 = [[_mm256_setzero_si256(); T]; 2];
-            for g in 0..8 {
-                let k = b * 256 + j * 32 + 4 * g;
-                let a: [__m256i; T] = std::array::from_fn(|t| {
-                    _mm256_loadu_si256(a_base[t].add(k * 8) as *const __m256i)
-                });
-                for r in 0..2 {
-                    let wv = _mm256_set1_epi32((q_base[r].add(k) as *const i32).read_unaligned());
-                    for t in 0..T {
-                        acc16[r][t] = _mm256_add_epi16(acc16[r][t], _mm256_maddubs_epi16(wv, a[t]));
-                    }
-                }
-            }
-            for r in 0..2 {
-                let s = _mm256_set1_epi16(w[r].scales[b * 8 + j] as i16);
-                for t in 0..T {
-                    isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(acc16[r][t], s));
-                }
-            }
+            let scales = w.map(|r| r.scales[b * 8 + j] as i16);
+            scaled_run(q_base, a_base, b * 256 + j * 32, 8, scales, &mut isum);
         }
         for t in 0..T {
             let dy = _mm256_loadu_ps(tiles[t].scales.as_ptr().add(b * 8));
@@ -670,25 +692,8 @@ pub unsafe fn q6k_gemm<const T: usize>(
     for b in 0..blocks {
         let mut isum = [[_mm256_setzero_si256(); T]; 2];
         for e in 0..32 {
-            let mut acc16 = [[_mm256_setzero_si256(); T]; 2];
-            for g in 0..2 {
-                let k = b * 256 + e * 8 + 4 * g;
-                let a: [__m256i; T] = std::array::from_fn(|t| {
-                    _mm256_loadu_si256(a_base[t].add(k * 8) as *const __m256i)
-                });
-                for r in 0..2 {
-                    let wv = _mm256_set1_epi32((q_base[r].add(k) as *const i32).read_unaligned());
-                    for t in 0..T {
-                        acc16[r][t] = _mm256_add_epi16(acc16[r][t], _mm256_maddubs_epi16(wv, a[t]));
-                    }
-                }
-            }
-            for r in 0..2 {
-                let s = _mm256_set1_epi16(w[r].scales[b * 16 + e / 2] as i16);
-                for t in 0..T {
-                    isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(acc16[r][t], s));
-                }
-            }
+            let scales = w.map(|r| r.scales[b * 16 + e / 2] as i16);
+            scaled_run(q_base, a_base, b * 256 + e * 8, 2, scales, &mut isum);
         }
         for t in 0..T {
             let dy = _mm256_loadu_ps(tiles[t].scales.as_ptr().add(b * 8));
