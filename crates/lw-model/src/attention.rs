@@ -218,18 +218,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 33) as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_values as values;
 
     /// The chunked, register-blocked sum over values (head sizes that are
     /// multiples of 64) gives the bits of the plain position-by-position

@@ -658,18 +658,7 @@ fn encode_words(qtype: QType, values: &[f32], cols: usize) -> (Vec<u64>, usize) 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_values as values;
 
     /// Quantization error relative to the values' scale, per type: the
     /// bits per weight bound how close a round trip can come.
