@@ -11,8 +11,8 @@
 //!   nibbles and `2c + 1` in their high ones. A weight is `d·sc·q − dmin·m`.
 //!
 //! Activations are quantized to i8 with one f32 scale per 32 values (Q8_0
-//! weights) or per 256 values with per-32 sums (Q4_K weights: the sums carry
-//! the `dmin·m` term).
+//! weights) or per 256 values with sums per 16 (K-quant weights: the sums
+//! carry Q4_K's `dmin·m` term and Q6_K's offset).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -22,8 +22,6 @@ pub struct QuantRow {
     /// One scale per `group` values.
     pub scales: Vec<f32>,
     pub values: Vec<i8>,
-    /// Sum of the i8 values of each run of 32.
-    pub sums: Vec<i32>,
     /// Sum of the i8 values of each run of 16 (at most 16 · 127; rows
     /// quantized per 256 only).
     pub sums16: Vec<i16>,
@@ -78,12 +76,9 @@ fn quantize_scalar(x: &[f32], group: usize, scales: &mut [f32], values: &mut [i8
     }
 }
 
-/// The row with its sums per 32 (and per 16 for rows quantized per 256).
+/// The row with its sums per 16 (rows quantized per 256: the K-quant
+/// products take their offsets from them; a sum per 32 is two of them).
 fn with_sums(scales: Vec<f32>, values: Vec<i8>, group: usize) -> QuantRow {
-    let sums = values
-        .chunks(32)
-        .map(|c| c.iter().map(|&v| v as i32).sum())
-        .collect();
     let sums16 = if group == 256 {
         values
             .chunks(16)
@@ -95,7 +90,6 @@ fn with_sums(scales: Vec<f32>, values: Vec<i8>, group: usize) -> QuantRow {
     QuantRow {
         scales,
         values,
-        sums,
         sums16,
     }
 }
@@ -289,7 +283,7 @@ pub unsafe fn q4k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R])
     let low = _mm256_set1_epi8(0x0F);
     let blocks = xs[0].scales.len();
     let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
-    let sums: [*const i32; R] = xs.map(|x| x.sums.as_ptr());
+    let sums: [*const i16; R] = xs.map(|x| x.sums16.as_ptr());
     let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
     let ahead = rows[3].add(blocks * 144);
     for b in 0..blocks {
@@ -320,8 +314,13 @@ pub unsafe fn q4k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R])
                         isum[i],
                         _mm256_add_epi32(_mm256_madd_epi16(p0, s0v), _mm256_madd_epi16(p1, s1v)),
                     );
-                    let s = sums[i].add(b * 8 + 2 * c);
-                    msum[i] += m0 as i32 * *s + m1 as i32 * *s.add(1);
+                    // Sums per 32 from the four sums per 16.
+                    let s = sums[i].add(b * 16 + 4 * c);
+                    let (s0, s1) = (
+                        *s as i32 + *s.add(1) as i32,
+                        *s.add(2) as i32 + *s.add(3) as i32,
+                    );
+                    msum[i] += m0 as i32 * s0 + m1 as i32 * s1;
                 }
             }
             // The block's exact integer sums, then one fused multiply-add
@@ -359,8 +358,6 @@ pub struct ActTile {
     bytes: Vec<i8>,
     /// `[block][row]`: each row's scale per 256.
     scales: Vec<f32>,
-    /// `[block][sub-block][row]`: each row's sums per 32.
-    sums: Vec<i32>,
     /// `[block][sixteenth][row]`: each row's sums per 16.
     sums16: Vec<i32>,
 }
@@ -379,14 +376,12 @@ impl ActTile {
             }
         }
         let scales = (0..blocks * 8).map(|x| rows[x % 8].scales[x / 8]).collect();
-        let sums = (0..blocks * 64).map(|x| rows[x % 8].sums[x / 8]).collect();
         let sums16 = (0..blocks * 128)
             .map(|x| rows[x % 8].sums16[x / 8] as i32)
             .collect();
         ActTile {
             bytes,
             scales,
-            sums,
             sums16,
         }
     }
@@ -508,11 +503,15 @@ pub unsafe fn q4k_gemm<const T: usize>(
         }
         for t in 0..T {
             let dy = _mm256_loadu_ps(tiles[t].scales.as_ptr().add(b * 8));
-            let sums = tiles[t].sums.as_ptr().add(b * 64);
+            let sums = tiles[t].sums16.as_ptr().add(b * 128);
             for r in 0..2 {
                 let mut msum = _mm256_setzero_si256();
                 for j in 0..8 {
-                    let s = _mm256_loadu_si256(sums.add(j * 8) as *const __m256i);
+                    // Sub-block j's sums per 32: two sums per 16.
+                    let s = _mm256_add_epi32(
+                        _mm256_loadu_si256(sums.add(2 * j * 8) as *const __m256i),
+                        _mm256_loadu_si256(sums.add((2 * j + 1) * 8) as *const __m256i),
+                    );
                     let m = _mm256_set1_epi32(w[r].mins[b * 8 + j]);
                     msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(m, s));
                 }
