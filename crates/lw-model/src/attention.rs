@@ -154,6 +154,7 @@ fn attend_body<E: KvElem>(q: &[f32], keys: &[E], values: &[E], rows: &Rows, out:
     // slice of one head's output stays in registers over a chunk of
     // positions instead of being loaded and stored per position.
     let mut vbuf = vec![0f32; CHUNK * hd];
+    let mut p = [0f32; CHUNK];
     for c0 in (0..m).step_by(CHUNK) {
         let c1 = (c0 + CHUNK).min(m);
         for i in c0..c1 {
@@ -161,7 +162,10 @@ fn attend_body<E: KvElem>(q: &[f32], keys: &[E], values: &[E], rows: &Rows, out:
             vbuf[(i - c0) * hd..(i - c0 + 1) * hd].copy_from_slice(v);
         }
         for h in 0..heads {
-            let p: Vec<f32> = (c0..c1).map(|i| scores[h * m + i] * inv[h]).collect();
+            let p = &mut p[..c1 - c0];
+            for (pi, i) in p.iter_mut().zip(c0..c1) {
+                *pi = scores[h * m + i] * inv[h];
+            }
             for s0 in (0..hd).step_by(SLICE) {
                 let o = &mut out[h * hd + s0..h * hd + s0 + SLICE];
                 let mut acc = [0f32; SLICE];
