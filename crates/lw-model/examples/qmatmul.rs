@@ -73,7 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// 2048), in cycles of a 2.48 GHz clock per 32 multiply-adds.
 #[cfg(target_arch = "x86_64")]
 pub fn kernel_only() {
-    use lw_model::kernels::{q4k_tile, q8_0_tile, quantize_row};
+    use lw_model::kernels::{q4k_tile, q8_0_tile, quantize_row, QuantRow};
     let k = 2048;
     for qtype in [QType::Q8_0, QType::Q4K] {
         let w = QMatrix::quantize(qtype, &values(8 * k, 1), 8, k).unwrap();
@@ -83,26 +83,31 @@ pub fn kernel_only() {
             .collect();
         let rb = qtype.row_bytes(k);
         let rows: [*const u8; 4] = std::array::from_fn(|i| w.bytes()[i * rb..].as_ptr());
-        let reps = 20000;
-        let t = Instant::now();
-        let mut sink = 0f32;
-        for _ in 0..reps {
-            let xr = [&xs[0], &xs[1], &xs[2], &xs[3]];
-            // SAFETY: AVX2 is checked by the caller; rows hold k / group blocks.
-            let v = unsafe {
-                if qtype == QType::Q8_0 {
-                    q8_0_tile::<4>(rows, xr)
-                } else {
-                    q4k_tile::<4>(rows, xr)
-                }
-            };
-            sink += v[0][0];
+        // Four input rows (a prefill tile) and one (decode).
+        fn time<const R: usize>(qtype: QType, rows: [*const u8; 4], xs: &[QuantRow], k: usize) {
+            let reps = 80000 / R;
+            let t = Instant::now();
+            let mut sink = 0f32;
+            for _ in 0..reps {
+                let xr: [&QuantRow; R] = std::array::from_fn(|i| &xs[i]);
+                // SAFETY: AVX2 is checked by the caller; rows hold k / group blocks.
+                let v = unsafe {
+                    if qtype == QType::Q8_0 {
+                        q8_0_tile::<R>(rows, xr)
+                    } else {
+                        q4k_tile::<R>(rows, xr)
+                    }
+                };
+                sink += v[0][0];
+            }
+            let secs = t.elapsed().as_secs_f64();
+            let per32 = secs * 2.48e9 / (reps as f64 * 4.0 * R as f64 * (k / 32) as f64);
+            println!(
+                "{:>5} tile 4×{R} in cache: {per32:.2} cycles per 32 MACs ({sink})",
+                qtype.name()
+            );
         }
-        let secs = t.elapsed().as_secs_f64();
-        let per32 = secs * 2.48e9 / (reps as f64 * 16.0 * (k / 32) as f64);
-        println!(
-            "{:>5} tile 4×4 in cache: {per32:.2} cycles per 32 MACs ({sink})",
-            qtype.name()
-        );
+        time::<4>(qtype, rows, &xs, k);
+        time::<1>(qtype, rows, &xs, k);
     }
 }
