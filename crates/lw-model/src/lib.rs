@@ -36,6 +36,20 @@ pub fn set_threads(n: usize) {
         .build_global();
 }
 
+/// Runs `f` on a thread of the pool. Parallel loops started there split
+/// their work with the other threads directly; started from outside the
+/// pool, each loop would instead put the calling thread to sleep and wake it
+/// at the end, which a decoded token, with a hundred such loops, pays for
+/// every time.
+pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("the scope ran its body")
+}
+
 /// Memory read bandwidth in GB/s with the current thread pool: the best of
 /// five passes summing a buffer of `bytes` (far larger than the caches), a
 /// STREAM-like read test. Decoding reads every weight once per token, so

@@ -290,6 +290,15 @@ impl Llama {
         seqs: &mut [(&mut KvCache, usize)],
         logits: Logits,
     ) -> Result<Tensor, ModelError> {
+        crate::on_pool(|| self.step_on_pool(tokens, seqs, logits))
+    }
+
+    fn step_on_pool(
+        &self,
+        tokens: &[u32],
+        seqs: &mut [(&mut KvCache, usize)],
+        logits: Logits,
+    ) -> Result<Tensor, ModelError> {
         let n = tokens.len();
         if n == 0 || seqs.iter().any(|(_, c)| *c == 0) {
             return Err(candle_core::Error::Msg("forward: no tokens".into()).into());
