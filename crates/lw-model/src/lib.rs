@@ -111,3 +111,29 @@ pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use rayon::prelude::*;
+
+    /// `on_pool` moves work from an outside thread onto a pool thread, runs
+    /// it in place when already there, and parallel loops inside it still
+    /// reach every element.
+    #[test]
+    fn on_pool_runs_on_a_pool_thread() {
+        assert_eq!(
+            rayon::current_thread_index(),
+            None,
+            "tests start outside the pool"
+        );
+        let (index, nested, sum) = super::on_pool(|| {
+            let index = rayon::current_thread_index();
+            let nested = super::on_pool(rayon::current_thread_index);
+            let sum: u64 = (0..10_000u64).into_par_iter().sum();
+            (index, nested, sum)
+        });
+        assert!(index.is_some());
+        assert_eq!(nested, index, "a nested call stays on its thread");
+        assert_eq!(sum, 10_000 * 9_999 / 2);
+    }
+}
