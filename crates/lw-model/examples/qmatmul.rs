@@ -4,7 +4,8 @@
 //!     cargo run --release -p lw-model --example qmatmul -- [threads] [rows] [types]
 //!
 //! `types` is a comma-separated list (default `q8_0,q4_k,q6_k`). With
-//! `KERNEL_ONLY=1`, the four-by-four kernels alone on cache-resident rows,
+//! `KERNEL_ONLY=1`, the tile kernels alone (four weight rows against four
+//! inputs, as in prefill, and against one, as in decode) on cache-resident rows,
 //! in cycles of a 2.48 GHz clock per 32 multiply-adds.
 
 use std::time::Instant;
@@ -69,8 +70,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// One kernel pass over cache-resident rows (4 weight rows × 4 inputs of
-/// 2048), in cycles of a 2.48 GHz clock per 32 multiply-adds.
+/// Kernel passes over cache-resident rows (4 weight rows of 2048 against 4
+/// inputs, then against 1), in cycles of a 2.48 GHz clock per 32 multiply-adds.
 #[cfg(target_arch = "x86_64")]
 pub fn kernel_only() {
     use lw_model::kernels::{q4k_tile, q8_0_tile, quantize_row, QuantRow};
