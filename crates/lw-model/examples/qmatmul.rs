@@ -4,9 +4,9 @@
 //!     cargo run --release -p lw-model --example qmatmul -- [threads] [rows] [types]
 //!
 //! `types` is a comma-separated list (default `q8_0,q4_k,q6_k`). With
-//! `KERNEL_ONLY=1`, the tile kernels alone (four weight rows against four
-//! inputs, as in prefill, and against one, as in decode) on cache-resident rows,
-//! in cycles of a 2.48 GHz clock per 32 multiply-adds.
+//! `KERNEL_ONLY=1`, the row kernels alone (Q8_0: four weight rows; Q4_K: a
+//! group of eight; against four inputs, and against one, as in decode) on
+//! cache-resident rows, in cycles of a 2.48 GHz clock per 32 multiply-adds.
 
 use std::time::Instant;
 
@@ -70,11 +70,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Kernel passes over cache-resident rows (4 weight rows of 2048 against 4
-/// inputs, then against 1), in cycles of a 2.48 GHz clock per 32 multiply-adds.
+/// Kernel passes over cache-resident rows of 2048 (Q8_0: four weight rows;
+/// Q4_K: a group of eight) against four inputs, then against one, in cycles
+/// of a 2.48 GHz clock per 32 multiply-adds.
 #[cfg(target_arch = "x86_64")]
 pub fn kernel_only() {
-    use lw_model::kernels::{q4k_tile, q8_0_tile, quantize_row, QuantRow};
+    use lw_model::kernels::{q4k8_tile, q8_0_tile, quantize_row, QuantRow};
     let k = 2048;
     for qtype in [QType::Q8_0, QType::Q4K] {
         let w = QMatrix::quantize(qtype, &values(8 * k, 1), 8, k).unwrap();
@@ -89,22 +90,24 @@ pub fn kernel_only() {
             let reps = 80000 / R;
             let t = Instant::now();
             let mut sink = 0f32;
+            let weight_rows = if qtype == QType::Q8_0 { 4 } else { 8 };
             for _ in 0..reps {
                 let xr: [&QuantRow; R] = std::array::from_fn(|i| &xs[i]);
-                // SAFETY: AVX2 is checked by the caller; rows hold k / group blocks.
-                let v = unsafe {
+                // SAFETY: AVX2 is checked by the caller; rows hold k / group
+                // blocks (Q4_K: one packed group, at the first row's pointer).
+                sink += unsafe {
                     if qtype == QType::Q8_0 {
-                        q8_0_tile::<R>(rows, xr)
+                        q8_0_tile::<R>(rows, xr)[0][0]
                     } else {
-                        q4k_tile::<R>(rows, xr)
+                        q4k8_tile::<R>(rows[0], xr)[0][0]
                     }
                 };
-                sink += v[0][0];
             }
             let secs = t.elapsed().as_secs_f64();
-            let per32 = secs * 2.48e9 / (reps as f64 * 4.0 * R as f64 * (k / 32) as f64);
+            let macs = reps as f64 * weight_rows as f64 * R as f64 * k as f64;
+            let per32 = secs * 2.48e9 / (macs / 32.0);
             println!(
-                "{:>5} tile 4×{R} in cache: {per32:.2} cycles per 32 MACs ({sink})",
+                "{:>5} tile {weight_rows}×{R} in cache: {per32:.2} cycles per 32 MACs ({sink})",
                 qtype.name()
             );
         }

@@ -1,7 +1,10 @@
-//! Hand-written AVX2 dot products for the two weight types that carry most
-//! quantized models: Q8_0 and Q4_K. Each pass takes four weight rows against
-//! one quantized activation row, so every activation load serves four rows
-//! and the block scales are widened in registers (F16C), not by calls.
+//! Hand-written AVX2 dot products for the weight types that carry most
+//! quantized models: Q8_0, Q4_K and Q6_K. For decoding, Q8_0 and Q6_K take
+//! four weight rows against one quantized activation row per pass, so every
+//! activation load serves four rows and the block scales are widened in
+//! registers (F16C), not by calls; Q4_K takes eight rows at once, held in
+//! groups ([`crate::repack`]). For prefill, the K-quants have GEMM kernels
+//! over tiles of eight activation rows.
 //!
 //! Block layouts (ggml's):
 //! - Q8_0, 32 weights in 34 bytes: scale `d` (f16), then 32 × i8.
@@ -245,101 +248,98 @@ pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]
     })
 }
 
-/// The 6-bit scale and min of sub-block `j` of a Q4_K block.
-#[inline(always)]
-fn scale_min(s: &[u8], j: usize) -> (u8, u8) {
-    if j < 4 {
-        (s[j] & 63, s[j + 4] & 63)
-    } else {
-        (
-            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
-            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-        )
-    }
-}
-
-/// Four Q4_K rows against `x` (quantized with one scale per 256).
+/// Eight Q4_K rows, held as a group ([`crate::repack`]), against `R`
+/// activation rows (quantized per 256): the decode product, and prefill's
+/// rows that do not fill a tile.
+///
+/// The rows sit in the eight 32-bit lanes. For each four activation bytes
+/// (broadcast to all lanes), one `maddubs` multiplies them with four weights
+/// of every row; a sub-block's eight such products are summed in 16-bit
+/// lanes (at most 8 · 2 · 15 · 127 = 30,480) and then multiplied by the
+/// eight rows' scales at once. Per block, each row's exact integer sum then
+/// takes one fused multiply-add, `fma(d · dy, sum, acc)`, and the mins one
+/// more, as in [`q4k_gemm`], so a row's result has the same bits whichever
+/// kernel computed it. Returns `[activation row][weight row]`.
 ///
 /// # Safety
-/// As for [`q8_0_x4`], with blocks of 256.
+/// AVX2, FMA and F16C are available; `group` points at a group of
+/// `xs[0].scales.len()` blocks, and every row of `xs` has that many blocks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4k_x4(rows: [*const u8; 4], x: &QuantRow) -> [f32; 4] {
-    q4k_tile::<1>(rows, [x])[0]
-}
-
-/// Four Q4_K rows against `R` activation rows: each block's nibbles are
-/// unpacked and its scales decoded once for all of them (prefill). Every
-/// product is summed in the same order as [`q4k_x4`], so a row's result does
-/// not depend on the rows it was computed with.
-///
-/// # Safety
-/// As for [`q4k_x4`], for every row of `xs`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]) -> [[f32; 4]; R] {
-    let mut acc = [[0f32; 4]; R];
-    let mut mins = [[0f32; 4]; R];
-    let low = _mm256_set1_epi8(0x0F);
+pub unsafe fn q4k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R] {
+    use crate::repack::{D, DMIN, GROUP_BLOCK, MINS, QS, SCALES};
     let blocks = xs[0].scales.len();
+    let low = _mm256_set1_epi8(0x0F);
+    // From eight scale bytes (one per row, repeated in both halves), the
+    // 16-bit pairs `[s_r, s_r]` of row r's lane.
+    let spread = _mm256_setr_epi8(
+        0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1, 4, -1, 4, -1, 5, -1, 5, -1, 6, -1,
+        6, -1, 7, -1, 7, -1,
+    );
+    let scales_of = |p: *const u8| {
+        _mm256_shuffle_epi8(
+            _mm256_set1_epi64x((p as *const i64).read_unaligned()),
+            spread,
+        )
+    };
     let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
     let sums: [*const i16; R] = xs.map(|x| x.sums16.as_ptr());
     let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
-    let ahead = rows[3].add(blocks * 144);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut macc = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
-        prefetch_next_rows(ahead, b, 144);
-        for r in 0..4 {
-            let blk = rows[r].add(b * 144);
-            let (dw, dminw) = (f16_at(blk), f16_at(blk.add(2)));
-            let sc = std::slice::from_raw_parts(blk.add(4), 12);
-            let qs = blk.add(16);
-            let mut isum = [_mm256_setzero_si256(); R];
-            let mut msum = [0i32; R];
-            for c in 0..4 {
-                let q = _mm256_loadu_si256(qs.add(c * 32) as *const __m256i);
+        let rec = group.add(b * GROUP_BLOCK);
+        let mut isum = [_mm256_setzero_si256(); R];
+        for c in 0..4 {
+            let mut lo16 = [_mm256_setzero_si256(); R];
+            let mut hi16 = [_mm256_setzero_si256(); R];
+            for g in 0..8 {
+                let q = _mm256_loadu_si256(rec.add(QS + (c * 8 + g) * 32) as *const __m256i);
                 let q_lo = _mm256_and_si256(q, low);
                 let q_hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
-                let (s0, m0) = scale_min(sc, 2 * c);
-                let (s1, m1) = scale_min(sc, 2 * c + 1);
-                let (s0v, s1v) = (_mm256_set1_epi16(s0 as i16), _mm256_set1_epi16(s1 as i16));
                 for i in 0..R {
-                    let yv = ys[i].add(b * 256 + c * 64);
-                    let y_lo = _mm256_loadu_si256(yv as *const __m256i);
-                    let y_hi = _mm256_loadu_si256(yv.add(32) as *const __m256i);
-                    // Unsigned nibbles times signed activations, in i16
-                    // pairs, then scaled and summed into i32 lanes.
-                    let p0 = _mm256_maddubs_epi16(q_lo, y_lo);
-                    let p1 = _mm256_maddubs_epi16(q_hi, y_hi);
-                    isum[i] = _mm256_add_epi32(
-                        isum[i],
-                        _mm256_add_epi32(_mm256_madd_epi16(p0, s0v), _mm256_madd_epi16(p1, s1v)),
-                    );
-                    // Sums per 32 from the four sums per 16.
-                    let s = sums[i].add(b * 16 + 4 * c);
-                    let (s0, s1) = (
-                        *s as i32 + *s.add(1) as i32,
-                        *s.add(2) as i32 + *s.add(3) as i32,
-                    );
-                    msum[i] += m0 as i32 * s0 + m1 as i32 * s1;
+                    let y = ys[i].add(b * 256 + c * 64 + 4 * g);
+                    let ya = _mm256_set1_epi32((y as *const i32).read_unaligned());
+                    let yb = _mm256_set1_epi32((y.add(32) as *const i32).read_unaligned());
+                    lo16[i] = _mm256_add_epi16(lo16[i], _mm256_maddubs_epi16(q_lo, ya));
+                    hi16[i] = _mm256_add_epi16(hi16[i], _mm256_maddubs_epi16(q_hi, yb));
                 }
             }
-            // The block's exact integer sums, then one fused multiply-add
-            // each: the same steps as [`q4k_gemm`]'s lanes.
+            let s_lo = scales_of(rec.add(SCALES + 2 * c * 8));
+            let s_hi = scales_of(rec.add(SCALES + (2 * c + 1) * 8));
             for i in 0..R {
-                let dy = *dys[i].add(b);
-                let tot = hsum_i32(isum[i]);
-                acc[i][r] = (dw * dy).mul_add(tot as f32, acc[i][r]);
-                mins[i][r] = (dminw * dy).mul_add(msum[i] as f32, mins[i][r]);
+                let s = _mm256_add_epi32(
+                    _mm256_madd_epi16(lo16[i], s_lo),
+                    _mm256_madd_epi16(hi16[i], s_hi),
+                );
+                isum[i] = _mm256_add_epi32(isum[i], s);
             }
         }
-    }
-    let mut out = [[0f32; 4]; R];
-    for i in 0..R {
-        for r in 0..4 {
-            out[i][r] = acc[i][r] - mins[i][r];
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(D) as *const __m128i));
+        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(DMIN) as *const __m128i));
+        for i in 0..R {
+            // Σ min · (sum of the sub-block's activations), two sub-blocks
+            // per `madd`: mins are stored in pairs per row.
+            let s = sums[i].add(b * 16);
+            let mut msum = _mm256_setzero_si256();
+            for p in 0..4 {
+                let y0 = *s.add(4 * p) as i32 + *s.add(4 * p + 1) as i32;
+                let y1 = *s.add(4 * p + 2) as i32 + *s.add(4 * p + 3) as i32;
+                let pair = _mm256_set1_epi32((y0 & 0xFFFF) | (y1 << 16));
+                let m =
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128(rec.add(MINS + 16 * p) as *const __m128i));
+                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(m, pair));
+            }
+            let dy = _mm256_set1_ps(*dys[i].add(b));
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(d, dy), _mm256_cvtepi32_ps(isum[i]), acc[i]);
+            macc[i] = _mm256_fmadd_ps(_mm256_mul_ps(dmin, dy), _mm256_cvtepi32_ps(msum), macc[i]);
         }
     }
-    out
+    std::array::from_fn(|i| {
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc[i], macc[i]));
+        out
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -399,39 +399,93 @@ pub struct Q4kRow {
 }
 
 impl Q4kRow {
-    /// Unpacks `blocks` Q4_K blocks at `row`, reusing this row's buffers.
+    /// Unpacks the eight rows of a group of `blocks` blocks
+    /// ([`crate::repack`]), reusing the rows' buffers.
     ///
     /// # Safety
-    /// `row` holds `blocks` blocks; F16C is available.
+    /// `group` holds `blocks` group blocks; AVX2 and F16C are available.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn unpack(&mut self, row: *const u8, blocks: usize) {
-        self.q.resize(blocks * 256, 0);
-        self.scales.clear();
-        self.mins.clear();
-        self.d.clear();
-        self.dmin.clear();
+    pub unsafe fn unpack_group(rows: &mut [Q4kRow; 8], group: *const u8, blocks: usize) {
+        use crate::repack::{D, DMIN, GROUP_BLOCK, MINS, QS, SCALES};
+        for row in rows.iter_mut() {
+            row.q.resize(blocks * 256, 0);
+            row.scales.clear();
+            row.mins.clear();
+            row.d.clear();
+            row.dmin.clear();
+        }
         let low = _mm256_set1_epi8(0x0F);
         for b in 0..blocks {
-            let blk = row.add(b * 144);
-            self.d.push(f16_at(blk));
-            self.dmin.push(f16_at(blk.add(2)));
-            let sc = std::slice::from_raw_parts(blk.add(4), 12);
-            for j in 0..8 {
-                let (s, m) = scale_min(sc, j);
-                self.scales.push(s);
-                self.mins.push(m as i32);
+            let rec = group.add(b * GROUP_BLOCK);
+            let mut d = [0f32; 8];
+            let mut dmin = [0f32; 8];
+            _mm256_storeu_ps(
+                d.as_mut_ptr(),
+                _mm256_cvtph_ps(_mm_loadu_si128(rec.add(D) as *const __m128i)),
+            );
+            _mm256_storeu_ps(
+                dmin.as_mut_ptr(),
+                _mm256_cvtph_ps(_mm_loadu_si128(rec.add(DMIN) as *const __m128i)),
+            );
+            for (r, row) in rows.iter_mut().enumerate() {
+                row.d.push(d[r]);
+                row.dmin.push(dmin[r]);
+                for j in 0..8 {
+                    row.scales.push(*rec.add(SCALES + j * 8 + r));
+                    row.mins
+                        .push(*rec.add(MINS + (j / 2) * 16 + 2 * r + j % 2) as i32);
+                }
             }
-            let out = self.q.as_mut_ptr().add(b * 256);
             for c in 0..4 {
-                let q = _mm256_loadu_si256(blk.add(16 + c * 32) as *const __m256i);
-                let lo = _mm256_and_si256(q, low);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
-                _mm256_storeu_si256(out.add(c * 64) as *mut __m256i, lo);
-                _mm256_storeu_si256(out.add(c * 64 + 32) as *mut __m256i, hi);
+                // Eight loads hold four bytes of every row each: transposed,
+                // each row's 32 bytes of this sub-block pair.
+                let v: [__m256i; 8] = std::array::from_fn(|g| {
+                    _mm256_loadu_si256(rec.add(QS + (c * 8 + g) * 32) as *const __m256i)
+                });
+                for (r, t) in transpose8x32(v).into_iter().enumerate() {
+                    let out = rows[r].q.as_mut_ptr().add(b * 256 + c * 64);
+                    let lo = _mm256_and_si256(t, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), low);
+                    _mm256_storeu_si256(out as *mut __m256i, lo);
+                    _mm256_storeu_si256(out.add(32) as *mut __m256i, hi);
+                }
             }
         }
     }
+}
+
+/// An 8 × 8 matrix of 32-bit elements, one row per vector, transposed.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose8x32(v: [__m256i; 8]) -> [__m256i; 8] {
+    let t: [__m256i; 8] = std::array::from_fn(|i| {
+        let (a, b) = (v[i / 2 * 2], v[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_epi32(a, b)
+        } else {
+            _mm256_unpackhi_epi32(a, b)
+        }
+    });
+    // u[k] for k = 0..4: elements k and k + 4 of rows 0..4; u[4 + k]: of rows 4..8.
+    let u: [__m256i; 8] = std::array::from_fn(|i| {
+        let base = if i < 4 { 0 } else { 4 };
+        let k = i % 4;
+        let (a, b) = (t[base + k / 2], t[base + 2 + k / 2]);
+        if k % 2 == 0 {
+            _mm256_unpacklo_epi64(a, b)
+        } else {
+            _mm256_unpackhi_epi64(a, b)
+        }
+    });
+    std::array::from_fn(|j| {
+        let k = j % 4;
+        if j < 4 {
+            _mm256_permute2x128_si256(u[k], u[4 + k], 0x20)
+        } else {
+            _mm256_permute2x128_si256(u[k], u[4 + k], 0x31)
+        }
+    })
 }
 
 /// The GEMM kernels' inner step: weights `k0..k0 + 4·groups` of two
@@ -478,7 +532,7 @@ unsafe fn scaled_run<const T: usize>(
 /// row, so the products of a 32-weight sub-block share one scale and are
 /// summed in i16 (at most 8 · 2 · 15 · 127 = 30,480) before one
 /// multiply by it. Per block, the exact integer sums then take the same
-/// fused steps as [`q4k_tile`], so every result has the same bits as there.
+/// fused steps as [`q4k8_tile`], so every result has the same bits as there.
 /// Returns `[weight row][tile][activation row]`.
 ///
 /// # Safety
@@ -546,7 +600,7 @@ pub unsafe fn q4k_gemm<const T: usize>(
 /// sums per 16 (exact integers either way).
 ///
 /// # Safety
-/// As for [`q4k_x4`]; each row of `xs` was quantized per 256.
+/// As for [`q8_0_x4`]; each row of `xs` was quantized per 256.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q6k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]) -> [[f32; 4]; R] {

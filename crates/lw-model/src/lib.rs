@@ -15,6 +15,7 @@ pub mod linear;
 pub mod llama;
 pub mod loader;
 pub mod quant;
+pub mod repack;
 pub mod weights;
 
 pub use cache::{KvCache, KvDtype};

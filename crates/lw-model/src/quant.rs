@@ -178,6 +178,28 @@ impl Bytes {
         }
     }
 
+    /// Tells the kernel that a mapped range will not be read again, so its
+    /// pages leave this process's resident set (a later read would fetch
+    /// them from the file again). Owned bytes are left as they are.
+    fn release(&self) {
+        let Bytes::Mapped { map, start, len } = self else {
+            return;
+        };
+        // Whole pages inside the range only: the ones at its ends may hold
+        // other tensors.
+        const PAGE: usize = 4096;
+        let base = map.as_ptr() as usize;
+        let first = (base + start).next_multiple_of(PAGE) - base;
+        let end = (base + start + len) / PAGE * PAGE - base;
+        if end > first {
+            // SAFETY: the map is read-only, so dropping its pages loses
+            // nothing; the range lies within it.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first)
+            };
+        }
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         match self {
             Bytes::Mapped { map, start, len } => &map[*start..*start + *len],
@@ -216,13 +238,17 @@ fn blocks_mut<T>(bytes: &mut [u8]) -> &mut [T] {
     }
 }
 
-/// A `[rows, cols]` matrix of blocks, row-major.
+/// A `[rows, cols]` matrix of blocks: row-major as in a file, or, for Q4_K
+/// on CPUs that run the vector kernels, rearranged in groups of eight rows
+/// ([`crate::repack`]).
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     qtype: QType,
     rows: usize,
     cols: usize,
     data: Bytes,
+    /// Whether `data` holds groups of eight rows rather than rows.
+    packed: bool,
 }
 
 impl QMatrix {
@@ -251,7 +277,38 @@ impl QMatrix {
             rows,
             cols,
             data,
-        })
+            packed: false,
+        }
+        .prepared())
+    }
+
+    /// The layout the kernels read fastest: Q4_K in groups of eight rows
+    /// where the vector kernels run. Memory-mapped source pages are given
+    /// back once copied, so a loaded model holds about its file's size.
+    fn prepared(self) -> QMatrix {
+        if self.qtype != QType::Q4K || self.packed || !crate::kernels::available() {
+            return self;
+        }
+        let blocks = self.cols / 256;
+        let len = crate::repack::packed_len(self.rows, blocks);
+        let mut words = vec![0u64; len.div_ceil(8)];
+        // SAFETY: `words` holds at least `len` bytes.
+        let dst = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, len) };
+        crate::repack::pack(self.data.as_slice(), self.rows, blocks, dst);
+        self.data.release();
+        QMatrix {
+            data: Bytes::Owned {
+                words: Arc::new(words),
+                len,
+            },
+            packed: true,
+            ..self
+        }
+    }
+
+    /// Whether Q4_K data is held in groups of eight rows.
+    pub fn is_packed(&self) -> bool {
+        self.packed
     }
 
     /// Quantizes a row-major f32 matrix.
@@ -280,7 +337,9 @@ impl QMatrix {
                 words: Arc::new(words),
                 len,
             },
-        })
+            packed: false,
+        }
+        .prepared())
     }
 
     pub fn qtype(&self) -> QType {
@@ -295,18 +354,38 @@ impl QMatrix {
         self.cols
     }
 
+    /// The bytes as held (see [`QMatrix::is_packed`]): what a product reads.
     pub fn bytes(&self) -> &[u8] {
         self.data.as_slice()
     }
 
-    fn row(&self, r: usize) -> &[u8] {
+    /// Row `r` in the file's block format.
+    fn row(&self, r: usize) -> std::borrow::Cow<'_, [u8]> {
         let rb = self.qtype.row_bytes(self.cols);
-        &self.data.as_slice()[r * rb..(r + 1) * rb]
+        if self.packed {
+            let mut out = vec![0u8; rb];
+            crate::repack::unpack_row(self.data.as_slice(), self.cols / 256, r, &mut out);
+            return out.into();
+        }
+        self.data.as_slice()[r * rb..(r + 1) * rb].into()
+    }
+
+    /// All rows in the file's block format.
+    pub fn file_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        if !self.packed {
+            return self.data.as_slice().into();
+        }
+        let rb = self.qtype.row_bytes(self.cols);
+        let mut out = vec![0u8; self.rows * rb];
+        out.par_chunks_mut(rb).enumerate().for_each(|(r, o)| {
+            crate::repack::unpack_row(self.data.as_slice(), self.cols / 256, r, o)
+        });
+        out.into()
     }
 
     /// Row `r` as f32 values.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        dequantize_row(self.qtype, self.row(r), out);
+        dequantize_row(self.qtype, &self.row(r), out);
     }
 
     /// The whole matrix as f32 (tests, conversion).
@@ -345,12 +424,19 @@ impl QMatrix {
             .iter()
             .all(|p| p.qtype == first.qtype && p.cols == first.cols);
         #[cfg(target_arch = "x86_64")]
-        if same
-            && matches!(first.qtype, QType::Q8_0 | QType::Q4K | QType::Q6K)
-            && crate::kernels::available()
-        {
-            matmul_x4_stacked(parts, x, out);
-            return true;
+        if same && crate::kernels::available() {
+            match first.qtype {
+                // Q4_K is always held in groups where the kernels run.
+                QType::Q4K if parts.iter().all(|p| p.packed) => {
+                    matmul_q4k_groups(parts, x, out);
+                    return true;
+                }
+                QType::Q8_0 | QType::Q6K => {
+                    matmul_x4_stacked(parts, x, out);
+                    return true;
+                }
+                _ => {}
+            }
         }
         let _ = (same, x, out);
         false
@@ -366,7 +452,8 @@ impl QMatrix {
         xq.par_chunks_mut(per_row)
             .zip(x.par_chunks(k))
             .for_each(|(q, row)| T::VecDotType::from_float(row, q));
-        let w: &[T] = blocks(self.data.as_slice());
+        let file = self.file_bytes();
+        let w: &[T] = blocks(&file);
         let wrow = k / T::BLCK_SIZE;
         let threads = rayon::current_num_threads().max(1);
         // Blocks of weight rows; with many input rows, small enough that a
@@ -392,23 +479,17 @@ impl QMatrix {
     }
 }
 
-/// Stacked Q8_0 or Q4_K matrices (one type, one width) times `x`, four
+/// Stacked Q8_0 or Q6_K matrices (one type, one width) times `x`, four
 /// weight rows per kernel pass, blocks of rows over the thread pool.
 #[cfg(target_arch = "x86_64")]
 fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
-    use crate::kernels::{
-        q4k_gemm, q4k_tile, q6k_gemm, q6k_tile, q8_0_tile, quantize_row, ActTile, Q4kRow, Q6kRow,
-    };
+    use crate::kernels::{q6k_gemm, q6k_tile, q8_0_tile, ActTile, Q6kRow};
     let qtype = parts[0].qtype;
     let k = parts[0].cols;
     let n: usize = parts.iter().map(|p| p.rows).sum();
     let m = x.len() / k;
     let group = if qtype == QType::Q8_0 { 32 } else { 256 };
-    let xq: Vec<_> = if m == 1 {
-        vec![quantize_row(x, group)]
-    } else {
-        x.par_chunks(k).map(|r| quantize_row(r, group)).collect()
-    };
+    let xq = quantize_rows(x, k, group);
     let rb = qtype.row_bytes(k);
     let bases: Vec<(SharedIn, usize)> = parts
         .iter()
@@ -433,7 +514,7 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     }
     let block = block.div_ceil(4) * 4;
     let dst = SharedOut(out.as_mut_ptr());
-    // K-quant prefill: whole tiles of eight input rows go through the GEMM
+    // Q6_K prefill: whole tiles of eight input rows go through the GEMM
     // kernels (the same bits as the row kernels); the rest below.
     let tiles: Vec<ActTile> = if qtype != QType::Q8_0 && m >= 8 {
         xq.par_chunks_exact(8).map(ActTile::new).collect()
@@ -452,7 +533,6 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
         unsafe {
             match qtype {
                 QType::Q8_0 => q8_0_tile::<R>(rows, xs),
-                QType::Q4K => q4k_tile::<R>(rows, xs),
                 _ => q6k_tile::<R>(rows, xs),
             }
         }
@@ -460,7 +540,6 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
         let j0 = bi * block;
         let j1 = (j0 + block).min(n);
-        let mut q4 = [Q4kRow::default(), Q4kRow::default()];
         let mut q6 = [Q6kRow::default(), Q6kRow::default()];
         // Eight tiles (64 input rows) stay in cache while the block's weight
         // rows pass over them two at a time.
@@ -468,16 +547,11 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
             let t1 = (t0 + 8).min(tiles.len());
             for j in (j0..j1).step_by(2) {
                 let valid = j1.min(j + 2) - j;
-                for r in 0..2 {
+                for (r, unpacked) in q6.iter_mut().enumerate() {
                     // SAFETY: the features were checked by the caller; each
                     // row holds k / 256 blocks. A tail pair repeats its row.
                     let row = row_ptr(j + r.min(valid - 1));
-                    unsafe {
-                        match qtype {
-                            QType::Q4K => q4[r].unpack(row, k / 256),
-                            _ => q6[r].unpack(row, k / 256),
-                        }
-                    }
+                    unsafe { unpacked.unpack(row, k / 256) }
                 }
                 let store = |t: usize, v: [[f32; 8]; 2]| {
                     for (r, lanes) in v.iter().enumerate().take(valid) {
@@ -487,30 +561,17 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                         }
                     }
                 };
-                fn gemm<const T: usize>(
-                    qtype: QType,
-                    q4: &[Q4kRow; 2],
-                    q6: &[Q6kRow; 2],
-                    tiles: [&ActTile; T],
-                ) -> [[[f32; 8]; T]; 2] {
-                    // SAFETY: as for the unpacking; the tiles have k / 256
-                    // blocks, as the rows do.
-                    unsafe {
-                        match qtype {
-                            QType::Q4K => q4k_gemm::<T>([&q4[0], &q4[1]], tiles),
-                            _ => q6k_gemm::<T>([&q6[0], &q6[1]], tiles),
-                        }
-                    }
-                }
                 let mut t = t0;
+                // SAFETY (both calls): as for the unpacking; the tiles have
+                // k / 256 blocks, as the rows do.
                 while t + 2 <= t1 {
-                    let v = gemm::<2>(qtype, &q4, &q6, [&tiles[t], &tiles[t + 1]]);
+                    let v = unsafe { q6k_gemm::<2>([&q6[0], &q6[1]], [&tiles[t], &tiles[t + 1]]) };
                     store(t, [v[0][0], v[1][0]]);
                     store(t + 1, [v[0][1], v[1][1]]);
                     t += 2;
                 }
                 if t < t1 {
-                    let v = gemm::<1>(qtype, &q4, &q6, [&tiles[t]]);
+                    let v = unsafe { q6k_gemm::<1>([&q6[0], &q6[1]], [&tiles[t]]) };
                     store(t, [v[0][0], v[1][0]]);
                 }
             }
@@ -530,8 +591,8 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                     }
                 };
                 // Input rows several at a time share each unpacked weight
-                // block (six for the K-quants, whose tiles keep fewer
-                // registers per row; four for Q8_0); the rest one by one.
+                // block (six for Q6_K, whose tiles keep fewer registers
+                // per row; four for Q8_0); the rest one by one.
                 // The sums are the same either way.
                 let mut r = r0;
                 fn run<const R: usize>(
@@ -557,6 +618,134 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                 for (r, xr) in xq.iter().enumerate().take(r1).skip(r) {
                     store(r, tile::<1>(qtype, rows, [xr])[0]);
                 }
+            }
+        }
+    });
+}
+
+/// Each row of `x` (`k` wide) quantized for the kernels, one scale per `group`.
+#[cfg(target_arch = "x86_64")]
+fn quantize_rows(x: &[f32], k: usize, group: usize) -> Vec<crate::kernels::QuantRow> {
+    use crate::kernels::quantize_row;
+    if x.len() == k {
+        vec![quantize_row(x, group)]
+    } else {
+        x.par_chunks(k).map(|r| quantize_row(r, group)).collect()
+    }
+}
+
+/// Stacked Q4_K matrices held in groups of eight rows times `x`: groups of
+/// rows over the thread pool, tiles of eight input rows through the GEMM
+/// kernel, and the other input rows (all of them, when decoding) through
+/// [`crate::kernels::q4k8_tile`]. Both give a row the same bits.
+#[cfg(target_arch = "x86_64")]
+fn matmul_q4k_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
+    use crate::kernels::{q4k8_tile, q4k_gemm, ActTile, Q4kRow, QuantRow};
+    use crate::repack::{GROUP, GROUP_BLOCK};
+    let k = parts[0].cols;
+    let blocks = k / 256;
+    let n: usize = parts.iter().map(|p| p.rows).sum();
+    let m = x.len() / k;
+    let xq = quantize_rows(x, k, 256);
+    // Every group of the stack: its bytes, its first output column and how
+    // many of its eight rows are real.
+    let mut groups: Vec<(SharedIn, usize, usize)> = Vec::new();
+    let mut col = 0;
+    for p in parts {
+        let base = p.data.as_slice().as_ptr();
+        for g in 0..p.rows.div_ceil(GROUP) {
+            // SAFETY: group `g` lies within this part's bytes.
+            let at = unsafe { base.add(g * blocks * GROUP_BLOCK) };
+            groups.push((
+                SharedIn(at),
+                col + g * GROUP,
+                (p.rows - g * GROUP).min(GROUP),
+            ));
+        }
+        col += p.rows;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    // Enough pieces to balance the threads; with many input rows, few
+    // enough groups per piece that they stay in the core's cache.
+    let mut per = (groups.len() / (threads * 4)).clamp(1, 128);
+    if m > 4 {
+        per = per.min((256 * 1024 / (blocks * GROUP_BLOCK)).max(1));
+    }
+    let tiles: Vec<ActTile> = if m >= 8 {
+        xq.par_chunks_exact(8).map(ActTile::new).collect()
+    } else {
+        Vec::new()
+    };
+    let gemm_rows = tiles.len() * 8;
+    let dst = SharedOut(out.as_mut_ptr());
+    groups.par_chunks(per).for_each(|piece| {
+        let mut unpacked: [Q4kRow; 8] = Default::default();
+        // Eight tiles (64 input rows) stay in cache while the piece's rows
+        // pass over them two at a time.
+        for t0 in (0..tiles.len()).step_by(8) {
+            let t1 = (t0 + 8).min(tiles.len());
+            for &(at, col, valid) in piece {
+                // SAFETY: the features were checked by the caller; the group
+                // holds `blocks` blocks.
+                unsafe { Q4kRow::unpack_group(&mut unpacked, at.0, blocks) };
+                for pair in (0..valid).step_by(2) {
+                    let w = [&unpacked[pair], &unpacked[pair + 1]];
+                    let store = |t: usize, v: [[f32; 8]; 2]| {
+                        for (r, lanes) in v.iter().enumerate().take(valid - pair) {
+                            for (i, &y) in lanes.iter().enumerate() {
+                                // SAFETY: element (8t + i, col + pair + r)
+                                // belongs to this piece alone.
+                                unsafe { *dst.at((8 * t + i) * n + col + pair + r) = y };
+                            }
+                        }
+                    };
+                    let mut t = t0;
+                    // SAFETY (both calls): as above; the tiles have `blocks`
+                    // blocks, as the rows do.
+                    while t + 2 <= t1 {
+                        let v = unsafe { q4k_gemm::<2>(w, [&tiles[t], &tiles[t + 1]]) };
+                        store(t, [v[0][0], v[1][0]]);
+                        store(t + 1, [v[0][1], v[1][1]]);
+                        t += 2;
+                    }
+                    if t < t1 {
+                        let v = unsafe { q4k_gemm::<1>(w, [&tiles[t]]) };
+                        store(t, [v[0][0], v[1][0]]);
+                    }
+                }
+            }
+        }
+        // The remaining input rows, in chunks that stay in cache while the
+        // piece's groups pass over them.
+        for r0 in (gemm_rows..m).step_by(64) {
+            let r1 = (r0 + 64).min(m);
+            for &(at, col, valid) in piece {
+                let store = |r: usize, v: [f32; 8]| {
+                    for (i, &y) in v.iter().enumerate().take(valid) {
+                        // SAFETY: element (r, col + i) belongs to this piece alone.
+                        unsafe { *dst.at(r * n + col + i) = y };
+                    }
+                };
+                let mut r = r0;
+                fn run<const R: usize>(
+                    at: *const u8,
+                    xq: &[QuantRow],
+                    r: &mut usize,
+                    r1: usize,
+                    store: &dyn Fn(usize, [f32; 8]),
+                ) {
+                    while *r + R <= r1 {
+                        // SAFETY: the features were checked by the caller;
+                        // the group and the rows have the same blocks.
+                        let v = unsafe { q4k8_tile::<R>(at, std::array::from_fn(|i| &xq[*r + i])) };
+                        for (i, vi) in v.into_iter().enumerate() {
+                            store(*r + i, vi);
+                        }
+                        *r += R;
+                    }
+                }
+                run::<4>(at.0, &xq, &mut r, r1, &store);
+                run::<1>(at.0, &xq, &mut r, r1, &store);
             }
         }
     });
@@ -674,7 +863,7 @@ mod tests {
             (QType::Q4_0, 0.15),
         ] {
             let m = QMatrix::quantize(q, &v, rows, cols).unwrap();
-            assert_eq!(m.bytes().len(), rows * q.row_bytes(cols));
+            assert_eq!(m.file_bytes().len(), rows * q.row_bytes(cols));
             let back = m.dequantize();
             let err = v
                 .iter()
