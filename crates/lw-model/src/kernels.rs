@@ -160,13 +160,6 @@ pub fn available() -> bool {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    let bits = (p as *const u16).read_unaligned();
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
-
 /// Fetches block `b` of the four rows that follow the current four
 /// (`ahead` points at them; `block_bytes` per row and block) while these are
 /// summed: they usually come next in memory.
@@ -267,7 +260,7 @@ pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q4k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R] {
-    use crate::repack::{D, DMIN, GROUP_BLOCK, MINS, QS, SCALES};
+    use crate::repack::q4k::{D, DMIN, GROUP_BLOCK, MINS, QS, SCALES};
     let blocks = xs[0].scales.len();
     let low = _mm256_set1_epi8(0x0F);
     // From eight scale bytes (one per row, repeated in both halves), the
@@ -342,15 +335,6 @@ pub unsafe fn q4k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
     })
 }
 
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01));
-    _mm_cvtsi128_si32(s)
-}
-
 /// Activation rows for [`q4k_gemm`], eight per tile, interleaved four bytes
 /// at a time: byte `k` of row `i` is at `(k / 4 · 8 + i) · 4 + k % 4`, so one
 /// 32-byte load holds four consecutive values of all eight rows.
@@ -407,7 +391,7 @@ impl Q4kRow {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn unpack_group(rows: &mut [Q4kRow; 8], group: *const u8, blocks: usize) {
-        use crate::repack::{D, DMIN, GROUP_BLOCK, MINS, QS, SCALES};
+        use crate::repack::q4k::{D, DMIN, GROUP_BLOCK, MINS, QS, SCALES};
         for row in rows.iter_mut() {
             row.q.resize(blocks * 256, 0);
             row.scales.clear();
@@ -585,8 +569,9 @@ pub unsafe fn q4k_gemm<const T: usize>(
     out
 }
 
-/// Four Q6_K rows against `R` activation rows (quantized with one scale per
-/// 256).
+/// Eight Q6_K rows, held as a group ([`crate::repack`]), against `R`
+/// activation rows (quantized per 256): the decode product, and prefill's
+/// rows that do not fill a tile.
 ///
 /// Q6_K, 256 weights in 210 bytes: 128 bytes of low nibbles, 64 bytes of
 /// high 2-bit pairs, 16 i8 scales (one per 16 weights), then `d` (f16). Each
@@ -595,77 +580,127 @@ pub unsafe fn q4k_gemm<const T: usize>(
 /// `ql[l]` or `ql[l + 32]` and bits `2k..2k + 2` of `qh[l]`, and is
 /// `d·scale·(q − 32)`.
 ///
-/// The products take the unsigned `q`; the offset is one correction per
-/// block, `32 · Σ scale · (sum of the 16 activations)`, from the row's
-/// sums per 16 (exact integers either way).
+/// The rows sit in the eight 32-bit lanes, as in [`q4k8_tile`]. The
+/// products take the unsigned `q` (0..63): two of them per 16-bit lane, two
+/// steps summed (at most 4 · 63 · 127 = 32,004) before one multiply by the
+/// rows' scales. The offset is one correction per block, `32 · Σ scale ·
+/// (sum of the 16 activations)`, from the row's sums per 16 (exact integers
+/// either way); then one fused multiply-add per block, as in [`q6k_gemm`],
+/// so a row's result has the same bits whichever kernel computed it.
+/// Returns `[activation row][weight row]`.
 ///
 /// # Safety
-/// As for [`q8_0_x4`]; each row of `xs` was quantized per 256.
+/// As for [`q4k8_tile`], with a Q6_K group.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q6k_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]) -> [[f32; 4]; R] {
-    let mut acc = [[0f32; 4]; R];
-    let low = _mm256_set1_epi8(0x0F);
-    let two = _mm256_set1_epi8(0x03);
+pub unsafe fn q6k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R] {
+    use crate::repack::q6k::{D, GROUP_BLOCK, QS, SCALES};
     let blocks = xs[0].scales.len();
+    let two = _mm256_set1_epi8(0x03);
+    let spread = scale_spread();
     let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
-    let s16: [*const i16; R] = xs.map(|x| x.sums16.as_ptr());
+    let sums: [*const i16; R] = xs.map(|x| x.sums16.as_ptr());
     let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
-    let ahead = rows[3].add(blocks * 210);
+    let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
-        prefetch_next_rows(ahead, b, 210);
-        for r in 0..4 {
-            let blk = rows[r].add(b * 210);
-            let dw = f16_at(blk.add(208));
-            let all_scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const __m128i));
-            let mut isum: [__m256i; R] = std::array::from_fn(|i| {
-                let s = _mm256_loadu_si256(s16[i].add(b * 16) as *const __m256i);
-                let offset = _mm256_slli_epi32(_mm256_madd_epi16(all_scales, s), 5);
-                _mm256_sub_epi32(_mm256_setzero_si256(), offset)
-            });
-            for half in 0..2 {
-                let ql = blk.add(half * 64);
-                let qh = _mm256_loadu_si256(blk.add(128 + half * 32) as *const __m256i);
-                let sc = blk.add(192 + half * 8) as *const i8;
-                let ql0 = _mm256_loadu_si256(ql as *const __m256i);
-                let ql1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-                let hi = |shift: i32| -> __m256i {
-                    let h = match shift {
-                        0 => qh,
-                        2 => _mm256_srli_epi16(qh, 2),
-                        4 => _mm256_srli_epi16(qh, 4),
-                        _ => _mm256_srli_epi16(qh, 6),
-                    };
-                    _mm256_slli_epi16(_mm256_and_si256(h, two), 4)
-                };
-                let q = [
-                    _mm256_or_si256(_mm256_and_si256(ql0, low), hi(0)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, low), hi(2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), hi(4)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), hi(6)),
-                ];
-                // i16 lanes 0..8 cover bytes 0..16 (scale 2k), 8..16 the rest.
-                let scales: [__m256i; 4] = std::array::from_fn(|k| {
-                    _mm256_set_m128i(
-                        _mm_set1_epi16(*sc.add(2 * k + 1) as i16),
-                        _mm_set1_epi16(*sc.add(2 * k) as i16),
-                    )
-                });
-                for i in 0..R {
-                    let yv = ys[i].add(b * 256 + half * 128);
-                    for k in 0..4 {
-                        let y = _mm256_loadu_si256(yv.add(32 * k) as *const __m256i);
-                        let p = _mm256_maddubs_epi16(q[k], y);
-                        isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(p, scales[k]));
+        let rec = group.add(b * GROUP_BLOCK);
+        let mut isum = [_mm256_setzero_si256(); R];
+        for h in 0..2 {
+            for gp in 0..4 {
+                let mut acc16 = [[_mm256_setzero_si256(); R]; 4];
+                for g in 2 * gp..2 * gp + 2 {
+                    let w = q6k_values(rec.add(QS + (h * 8 + g) * 96), two);
+                    for i in 0..R {
+                        let y = ys[i].add(b * 256 + h * 128 + 4 * g);
+                        for k in 0..4 {
+                            let yv =
+                                _mm256_set1_epi32((y.add(32 * k) as *const i32).read_unaligned());
+                            acc16[k][i] =
+                                _mm256_add_epi16(acc16[k][i], _mm256_maddubs_epi16(w[k], yv));
+                        }
+                    }
+                }
+                // Weights 4g.. of quarter k use scale 8h + 2k + (g ≥ 4).
+                for (k, a) in acc16.iter().enumerate() {
+                    let sc = scale_pairs(rec.add(SCALES + (4 * h + k) * 16), spread[gp / 2]);
+                    for i in 0..R {
+                        isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(a[i], sc));
                     }
                 }
             }
-            for i in 0..R {
-                acc[i][r] = (dw * *dys[i].add(b)).mul_add(hsum_i32(isum[i]) as f32, acc[i][r]);
+        }
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(D) as *const __m128i));
+        for i in 0..R {
+            let s = sums[i].add(b * 16);
+            let mut offset = _mm256_setzero_si256();
+            for p in 0..8 {
+                let pair = _mm256_set1_epi32(
+                    (*s.add(2 * p) as u16 as i32) | ((*s.add(2 * p + 1) as i32) << 16),
+                );
+                let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                    rec.add(SCALES + 16 * p) as *const __m128i
+                ));
+                offset = _mm256_add_epi32(offset, _mm256_madd_epi16(sc, pair));
             }
+            let tot = _mm256_sub_epi32(isum[i], _mm256_slli_epi32(offset, 5));
+            let dy = _mm256_set1_ps(*dys[i].add(b));
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(d, dy), _mm256_cvtepi32_ps(tot), acc[i]);
         }
     }
-    acc
+    std::array::from_fn(|i| {
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc[i]);
+        out
+    })
+}
+
+/// The four value vectors of one step of a Q6_K group (`at`: its `ql`,
+/// `ql + 32` and `qh` loads): quarter `k`'s weights `4g..4g + 4` of the
+/// eight rows, 0..63 each.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q6k_values(at: *const u8, two: __m256i) -> [__m256i; 4] {
+    let low = _mm256_set1_epi8(0x0F);
+    let x = _mm256_loadu_si256(at as *const __m256i);
+    let y = _mm256_loadu_si256(at.add(32) as *const __m256i);
+    let h = _mm256_loadu_si256(at.add(64) as *const __m256i);
+    let hi = |h: __m256i| _mm256_slli_epi16(_mm256_and_si256(h, two), 4);
+    [
+        _mm256_or_si256(_mm256_and_si256(x, low), hi(h)),
+        _mm256_or_si256(_mm256_and_si256(y, low), hi(_mm256_srli_epi16(h, 2))),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(x, 4), low),
+            hi(_mm256_srli_epi16(h, 4)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(y, 4), low),
+            hi(_mm256_srli_epi16(h, 6)),
+        ),
+    ]
+}
+
+/// Shuffles that take scale `2p + e` of each row from a pair's 16 bytes
+/// (`[row][2]`, in both halves of a vector) into the high byte of both
+/// 16-bit halves of the row's lane.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scale_spread() -> [__m256i; 2] {
+    std::array::from_fn(|e| {
+        let mut m = [-1i8; 32];
+        for r in 0..8 {
+            m[4 * r + 1] = (2 * r + e) as i8;
+            m[4 * r + 3] = (2 * r + e) as i8;
+        }
+        _mm256_loadu_si256(m.as_ptr() as *const __m256i)
+    })
+}
+
+/// The eight rows' signed scales as 16-bit pairs `[s_r, s_r]` per lane.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scale_pairs(pair: *const u8, spread: __m256i) -> __m256i {
+    let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(pair as *const __m128i));
+    _mm256_srai_epi16(_mm256_shuffle_epi8(v, spread), 8)
 }
 
 /// One Q6_K row unpacked for [`q6k_gemm`]: a byte (0..63) per weight, the
@@ -678,45 +713,45 @@ pub struct Q6kRow {
 }
 
 impl Q6kRow {
-    /// Unpacks `blocks` Q6_K blocks at `row`, reusing this row's buffers.
+    /// Unpacks the eight rows of a Q6_K group of `blocks` blocks
+    /// ([`crate::repack`]), reusing the rows' buffers.
     ///
     /// # Safety
-    /// `row` holds `blocks` blocks; AVX2 and F16C are available.
+    /// `group` holds `blocks` group blocks; AVX2 and F16C are available.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn unpack(&mut self, row: *const u8, blocks: usize) {
-        self.q.resize(blocks * 256, 0);
-        self.scales.clear();
-        self.d.clear();
-        let low = _mm256_set1_epi8(0x0F);
+    pub unsafe fn unpack_group(rows: &mut [Q6kRow; 8], group: *const u8, blocks: usize) {
+        use crate::repack::q6k::{D, GROUP_BLOCK, QS, SCALES};
+        for row in rows.iter_mut() {
+            row.q.resize(blocks * 256, 0);
+            row.scales.clear();
+            row.d.clear();
+        }
         let two = _mm256_set1_epi8(0x03);
         for b in 0..blocks {
-            let blk = row.add(b * 210);
-            self.d.push(f16_at(blk.add(208)));
-            for j in 0..16 {
-                self.scales.push(*(blk.add(192 + j) as *const i8) as i32);
+            let rec = group.add(b * GROUP_BLOCK);
+            let mut d = [0f32; 8];
+            _mm256_storeu_ps(
+                d.as_mut_ptr(),
+                _mm256_cvtph_ps(_mm_loadu_si128(rec.add(D) as *const __m128i)),
+            );
+            for (r, row) in rows.iter_mut().enumerate() {
+                row.d.push(d[r]);
+                for j in 0..16 {
+                    let s = *rec.add(SCALES + (j / 2) * 16 + 2 * r + j % 2) as i8;
+                    row.scales.push(s as i32);
+                }
             }
-            for half in 0..2 {
-                let ql = blk.add(half * 64);
-                let qh = _mm256_loadu_si256(blk.add(128 + half * 32) as *const __m256i);
-                let ql0 = _mm256_loadu_si256(ql as *const __m256i);
-                let ql1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-                let hi = |h: __m256i| _mm256_slli_epi16(_mm256_and_si256(h, two), 4);
-                let q = [
-                    _mm256_or_si256(_mm256_and_si256(ql0, low), hi(qh)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, low), hi(_mm256_srli_epi16(qh, 2))),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
-                        hi(_mm256_srli_epi16(qh, 4)),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
-                        hi(_mm256_srli_epi16(qh, 6)),
-                    ),
-                ];
-                let out = self.q.as_mut_ptr().add(b * 256 + half * 128);
-                for (k, v) in q.iter().enumerate() {
-                    _mm256_storeu_si256(out.add(32 * k) as *mut __m256i, *v);
+            for h in 0..2 {
+                let w: [[__m256i; 4]; 8] =
+                    std::array::from_fn(|g| q6k_values(rec.add(QS + (h * 8 + g) * 96), two));
+                for k in 0..4 {
+                    // Quarter k's 32 weights of each row: four per step.
+                    let t = transpose8x32(w.map(|step| step[k]));
+                    for (row, v) in rows.iter_mut().zip(t) {
+                        let out = row.q.as_mut_ptr().add(b * 256 + h * 128 + 32 * k);
+                        _mm256_storeu_si256(out as *mut __m256i, v);
+                    }
                 }
             }
         }
@@ -728,7 +763,7 @@ impl Q6kRow {
 /// per i16 lane) share a scale and are summed before one multiply by it;
 /// the −32 offset is one correction per block from the rows' sums per 16.
 /// Per block, the exact integer sums take the same fused step as
-/// [`q6k_tile`], so every result has the same bits as there.
+/// [`q6k8_tile`], so every result has the same bits as there.
 ///
 /// # Safety
 /// As for [`q4k_gemm`].

@@ -239,8 +239,8 @@ fn blocks_mut<T>(bytes: &mut [u8]) -> &mut [T] {
 }
 
 /// A `[rows, cols]` matrix of blocks: row-major as in a file, or, for Q4_K
-/// on CPUs that run the vector kernels, rearranged in groups of eight rows
-/// ([`crate::repack`]).
+/// and Q6_K on CPUs that run the vector kernels, rearranged in groups of
+/// eight rows ([`crate::repack`]).
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     qtype: QType,
@@ -282,19 +282,19 @@ impl QMatrix {
         .prepared())
     }
 
-    /// The layout the kernels read fastest: Q4_K in groups of eight rows
-    /// where the vector kernels run. Memory-mapped source pages are given
+    /// The layout the kernels read fastest: Q4_K and Q6_K in groups of
+    /// eight rows where the vector kernels run. Memory-mapped source pages are given
     /// back once copied, so a loaded model holds about its file's size.
     fn prepared(self) -> QMatrix {
-        if self.qtype != QType::Q4K || self.packed || !crate::kernels::available() {
+        if !crate::repack::groups(self.qtype) || self.packed || !crate::kernels::available() {
             return self;
         }
         let blocks = self.cols / 256;
-        let len = crate::repack::packed_len(self.rows, blocks);
+        let len = crate::repack::packed_len(self.qtype, self.rows, blocks);
         let mut words = vec![0u64; len.div_ceil(8)];
         // SAFETY: `words` holds at least `len` bytes.
         let dst = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, len) };
-        crate::repack::pack(self.data.as_slice(), self.rows, blocks, dst);
+        crate::repack::pack(self.qtype, self.data.as_slice(), self.rows, blocks, dst);
         self.data.release();
         QMatrix {
             data: Bytes::Owned {
@@ -306,7 +306,8 @@ impl QMatrix {
         }
     }
 
-    /// Whether Q4_K data is held in groups of eight rows.
+    /// Whether the data is held in groups of eight rows (K-quants where the
+    /// vector kernels run).
     pub fn is_packed(&self) -> bool {
         self.packed
     }
@@ -364,7 +365,13 @@ impl QMatrix {
         let rb = self.qtype.row_bytes(self.cols);
         if self.packed {
             let mut out = vec![0u8; rb];
-            crate::repack::unpack_row(self.data.as_slice(), self.cols / 256, r, &mut out);
+            crate::repack::unpack_row(
+                self.qtype,
+                self.data.as_slice(),
+                self.cols / 256,
+                r,
+                &mut out,
+            );
             return out.into();
         }
         self.data.as_slice()[r * rb..(r + 1) * rb].into()
@@ -378,7 +385,7 @@ impl QMatrix {
         let rb = self.qtype.row_bytes(self.cols);
         let mut out = vec![0u8; self.rows * rb];
         out.par_chunks_mut(rb).enumerate().for_each(|(r, o)| {
-            crate::repack::unpack_row(self.data.as_slice(), self.cols / 256, r, o)
+            crate::repack::unpack_row(self.qtype, self.data.as_slice(), self.cols / 256, r, o)
         });
         out.into()
     }
@@ -426,12 +433,12 @@ impl QMatrix {
         #[cfg(target_arch = "x86_64")]
         if same && crate::kernels::available() {
             match first.qtype {
-                // Q4_K is always held in groups where the kernels run.
-                QType::Q4K if parts.iter().all(|p| p.packed) => {
-                    matmul_q4k_groups(parts, x, out);
+                // K-quants are always held in groups where the kernels run.
+                QType::Q4K | QType::Q6K if parts.iter().all(|p| p.packed) => {
+                    matmul_groups(parts, x, out);
                     return true;
                 }
-                QType::Q8_0 | QType::Q6K => {
+                QType::Q8_0 => {
                     matmul_x4_stacked(parts, x, out);
                     return true;
                 }
@@ -479,18 +486,16 @@ impl QMatrix {
     }
 }
 
-/// Stacked Q8_0 or Q6_K matrices (one type, one width) times `x`, four
-/// weight rows per kernel pass, blocks of rows over the thread pool.
+/// Stacked Q8_0 matrices (one width) times `x`, four weight rows per
+/// kernel pass, blocks of rows over the thread pool.
 #[cfg(target_arch = "x86_64")]
 fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
-    use crate::kernels::{q6k_gemm, q6k_tile, q8_0_tile, ActTile, Q6kRow};
-    let qtype = parts[0].qtype;
+    use crate::kernels::{q8_0_tile, QuantRow};
     let k = parts[0].cols;
     let n: usize = parts.iter().map(|p| p.rows).sum();
     let m = x.len() / k;
-    let group = if qtype == QType::Q8_0 { 32 } else { 256 };
-    let xq = quantize_rows(x, k, group);
-    let rb = qtype.row_bytes(k);
+    let xq = quantize_rows(x, k, 32);
+    let rb = QType::Q8_0.row_bytes(k);
     let bases: Vec<(SharedIn, usize)> = parts
         .iter()
         .map(|p| (SharedIn(p.data.as_slice().as_ptr()), p.rows))
@@ -514,71 +519,12 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     }
     let block = block.div_ceil(4) * 4;
     let dst = SharedOut(out.as_mut_ptr());
-    // Q6_K prefill: whole tiles of eight input rows go through the GEMM
-    // kernels (the same bits as the row kernels); the rest below.
-    let tiles: Vec<ActTile> = if qtype != QType::Q8_0 && m >= 8 {
-        xq.par_chunks_exact(8).map(ActTile::new).collect()
-    } else {
-        Vec::new()
-    };
-    let gemm_rows = tiles.len() * 8;
-    // One kernel per type; all four-by-R tiles.
-    fn tile<const R: usize>(
-        qtype: QType,
-        rows: [*const u8; 4],
-        xs: [&crate::kernels::QuantRow; R],
-    ) -> [[f32; 4]; R] {
-        // SAFETY: the features were checked by the caller; each row holds
-        // k / group blocks of `qtype`.
-        unsafe {
-            match qtype {
-                QType::Q8_0 => q8_0_tile::<R>(rows, xs),
-                _ => q6k_tile::<R>(rows, xs),
-            }
-        }
-    }
     (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
         let j0 = bi * block;
         let j1 = (j0 + block).min(n);
-        let mut q6 = [Q6kRow::default(), Q6kRow::default()];
-        // Eight tiles (64 input rows) stay in cache while the block's weight
-        // rows pass over them two at a time.
-        for t0 in (0..tiles.len()).step_by(8) {
-            let t1 = (t0 + 8).min(tiles.len());
-            for j in (j0..j1).step_by(2) {
-                let valid = j1.min(j + 2) - j;
-                for (r, unpacked) in q6.iter_mut().enumerate() {
-                    // SAFETY: the features were checked by the caller; each
-                    // row holds k / 256 blocks. A tail pair repeats its row.
-                    let row = row_ptr(j + r.min(valid - 1));
-                    unsafe { unpacked.unpack(row, k / 256) }
-                }
-                let store = |t: usize, v: [[f32; 8]; 2]| {
-                    for (r, lanes) in v.iter().enumerate().take(valid) {
-                        for (i, &x) in lanes.iter().enumerate() {
-                            // SAFETY: element (8t + i, j + r) belongs to this block alone.
-                            unsafe { *dst.at((8 * t + i) * n + j + r) = x };
-                        }
-                    }
-                };
-                let mut t = t0;
-                // SAFETY (both calls): as for the unpacking; the tiles have
-                // k / 256 blocks, as the rows do.
-                while t + 2 <= t1 {
-                    let v = unsafe { q6k_gemm::<2>([&q6[0], &q6[1]], [&tiles[t], &tiles[t + 1]]) };
-                    store(t, [v[0][0], v[1][0]]);
-                    store(t + 1, [v[0][1], v[1][1]]);
-                    t += 2;
-                }
-                if t < t1 {
-                    let v = unsafe { q6k_gemm::<1>([&q6[0], &q6[1]], [&tiles[t]]) };
-                    store(t, [v[0][0], v[1][0]]);
-                }
-            }
-        }
         // Input rows in chunks that stay in cache while the block's weight
         // rows pass over them four at a time.
-        for r0 in (gemm_rows..m).step_by(64) {
+        for r0 in (0..m).step_by(64) {
             let r1 = (r0 + 64).min(m);
             for j in (j0..j1).step_by(4) {
                 // A tail group repeats its last row and drops the extras.
@@ -590,33 +536,22 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                         unsafe { *dst.at(r * n + j + i) = vi };
                     }
                 };
-                // Input rows several at a time share each unpacked weight
-                // block (six for Q6_K, whose tiles keep fewer registers
-                // per row; four for Q8_0); the rest one by one.
-                // The sums are the same either way.
+                // Four input rows at a time share each weight block; the
+                // rest one by one. The sums are the same either way.
                 let mut r = r0;
-                fn run<const R: usize>(
-                    qtype: QType,
-                    rows: [*const u8; 4],
-                    xq: &[crate::kernels::QuantRow],
-                    r: &mut usize,
-                    r1: usize,
-                    store: &dyn Fn(usize, [f32; 4]),
-                ) {
-                    while *r + R <= r1 {
-                        let v = tile::<R>(qtype, rows, std::array::from_fn(|i| &xq[*r + i]));
-                        for (i, vi) in v.into_iter().enumerate() {
-                            store(*r + i, vi);
-                        }
-                        *r += R;
+                while r + 4 <= r1 {
+                    // SAFETY: the features were checked by the caller; each
+                    // row holds k / 32 blocks.
+                    let v = unsafe { q8_0_tile::<4>(rows, std::array::from_fn(|i| &xq[r + i])) };
+                    for (i, vi) in v.into_iter().enumerate() {
+                        store(r + i, vi);
                     }
+                    r += 4;
                 }
-                if qtype != QType::Q8_0 {
-                    run::<6>(qtype, rows, &xq, &mut r, r1, &store);
-                }
-                run::<4>(qtype, rows, &xq, &mut r, r1, &store);
                 for (r, xr) in xq.iter().enumerate().take(r1).skip(r) {
-                    store(r, tile::<1>(qtype, rows, [xr])[0]);
+                    let xr: [&QuantRow; 1] = [xr];
+                    // SAFETY: as above.
+                    store(r, unsafe { q8_0_tile::<1>(rows, xr) }[0]);
                 }
             }
         }
@@ -634,28 +569,34 @@ fn quantize_rows(x: &[f32], k: usize, group: usize) -> Vec<crate::kernels::Quant
     }
 }
 
-/// Stacked Q4_K matrices held in groups of eight rows times `x`: groups of
-/// rows over the thread pool, tiles of eight input rows through the GEMM
-/// kernel, and the other input rows (all of them, when decoding) through
-/// [`crate::kernels::q4k8_tile`]. Both give a row the same bits.
+/// Stacked Q4_K or Q6_K matrices (one type, one width) held in groups of
+/// eight rows, times `x`: groups of rows over the thread pool, tiles of
+/// eight input rows through the GEMM kernels, and the other input rows (all
+/// of them, when decoding) through the group kernels
+/// ([`crate::kernels::q4k8_tile`], [`crate::kernels::q6k8_tile`]). Both give
+/// a row the same bits.
 #[cfg(target_arch = "x86_64")]
-fn matmul_q4k_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
-    use crate::kernels::{q4k8_tile, q4k_gemm, ActTile, Q4kRow, QuantRow};
-    use crate::repack::{GROUP, GROUP_BLOCK};
+fn matmul_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
+    use crate::kernels::{
+        q4k8_tile, q4k_gemm, q6k8_tile, q6k_gemm, ActTile, Q4kRow, Q6kRow, QuantRow,
+    };
+    use crate::repack::{group_block, GROUP};
+    let qtype = parts[0].qtype;
     let k = parts[0].cols;
     let blocks = k / 256;
     let n: usize = parts.iter().map(|p| p.rows).sum();
     let m = x.len() / k;
     let xq = quantize_rows(x, k, 256);
+    let group_bytes = blocks * group_block(qtype);
     // Every group of the stack: its bytes, its first output column and how
     // many of its eight rows are real.
     let mut groups: Vec<(SharedIn, usize, usize)> = Vec::new();
     let mut col = 0;
     for p in parts {
-        let base = p.data.as_slice().as_ptr();
+        let base = SharedIn(p.data.as_slice().as_ptr());
         for g in 0..p.rows.div_ceil(GROUP) {
             // SAFETY: group `g` lies within this part's bytes.
-            let at = unsafe { base.add(g * blocks * GROUP_BLOCK) };
+            let at = unsafe { base.at(g * group_bytes) };
             groups.push((
                 SharedIn(at),
                 col + g * GROUP,
@@ -669,7 +610,7 @@ fn matmul_q4k_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     // enough groups per piece that they stay in the core's cache.
     let mut per = (groups.len() / (threads * 4)).clamp(1, 128);
     if m > 4 {
-        per = per.min((256 * 1024 / (blocks * GROUP_BLOCK)).max(1));
+        per = per.min((256 * 1024 / group_bytes).max(1));
     }
     let tiles: Vec<ActTile> = if m >= 8 {
         xq.par_chunks_exact(8).map(ActTile::new).collect()
@@ -678,18 +619,51 @@ fn matmul_q4k_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     };
     let gemm_rows = tiles.len() * 8;
     let dst = SharedOut(out.as_mut_ptr());
+    // Rows of one group, unpacked for the GEMM kernels.
+    enum Unpacked {
+        Q4k(Box<[Q4kRow; 8]>),
+        Q6k(Box<[Q6kRow; 8]>),
+    }
+    impl Unpacked {
+        /// # Safety
+        /// As for [`matmul_groups`]; `at` holds a group of `blocks` blocks.
+        unsafe fn fill(&mut self, at: *const u8, blocks: usize) {
+            match self {
+                Unpacked::Q4k(rows) => Q4kRow::unpack_group(rows, at, blocks),
+                Unpacked::Q6k(rows) => Q6kRow::unpack_group(rows, at, blocks),
+            }
+        }
+
+        /// Rows `pair`, `pair + 1` against the tiles.
+        ///
+        /// # Safety
+        /// As for [`matmul_groups`]; the tiles have as many blocks as the rows.
+        unsafe fn gemm<const T: usize>(
+            &self,
+            pair: usize,
+            tiles: [&ActTile; T],
+        ) -> [[[f32; 8]; T]; 2] {
+            match self {
+                Unpacked::Q4k(r) => q4k_gemm::<T>([&r[pair], &r[pair + 1]], tiles),
+                Unpacked::Q6k(r) => q6k_gemm::<T>([&r[pair], &r[pair + 1]], tiles),
+            }
+        }
+    }
     groups.par_chunks(per).for_each(|piece| {
-        let mut unpacked: [Q4kRow; 8] = Default::default();
+        let mut unpacked = if qtype == QType::Q4K {
+            Unpacked::Q4k(Default::default())
+        } else {
+            Unpacked::Q6k(Default::default())
+        };
         // Eight tiles (64 input rows) stay in cache while the piece's rows
         // pass over them two at a time.
         for t0 in (0..tiles.len()).step_by(8) {
             let t1 = (t0 + 8).min(tiles.len());
             for &(at, col, valid) in piece {
                 // SAFETY: the features were checked by the caller; the group
-                // holds `blocks` blocks.
-                unsafe { Q4kRow::unpack_group(&mut unpacked, at.0, blocks) };
+                // holds `blocks` blocks, as the tiles do.
+                unsafe { unpacked.fill(at.0, blocks) };
                 for pair in (0..valid).step_by(2) {
-                    let w = [&unpacked[pair], &unpacked[pair + 1]];
                     let store = |t: usize, v: [[f32; 8]; 2]| {
                         for (r, lanes) in v.iter().enumerate().take(valid - pair) {
                             for (i, &y) in lanes.iter().enumerate() {
@@ -700,16 +674,16 @@ fn matmul_q4k_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                         }
                     };
                     let mut t = t0;
-                    // SAFETY (both calls): as above; the tiles have `blocks`
-                    // blocks, as the rows do.
                     while t + 2 <= t1 {
-                        let v = unsafe { q4k_gemm::<2>(w, [&tiles[t], &tiles[t + 1]]) };
+                        // SAFETY: as above.
+                        let v = unsafe { unpacked.gemm::<2>(pair, [&tiles[t], &tiles[t + 1]]) };
                         store(t, [v[0][0], v[1][0]]);
                         store(t + 1, [v[0][1], v[1][1]]);
                         t += 2;
                     }
                     if t < t1 {
-                        let v = unsafe { q4k_gemm::<1>(w, [&tiles[t]]) };
+                        // SAFETY: as above.
+                        let v = unsafe { unpacked.gemm::<1>(pair, [&tiles[t]]) };
                         store(t, [v[0][0], v[1][0]]);
                     }
                 }
@@ -728,6 +702,7 @@ fn matmul_q4k_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                 };
                 let mut r = r0;
                 fn run<const R: usize>(
+                    qtype: QType,
                     at: *const u8,
                     xq: &[QuantRow],
                     r: &mut usize,
@@ -735,17 +710,24 @@ fn matmul_q4k_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                     store: &dyn Fn(usize, [f32; 8]),
                 ) {
                     while *r + R <= r1 {
+                        let xs = std::array::from_fn(|i| &xq[*r + i]);
                         // SAFETY: the features were checked by the caller;
                         // the group and the rows have the same blocks.
-                        let v = unsafe { q4k8_tile::<R>(at, std::array::from_fn(|i| &xq[*r + i])) };
+                        let v = unsafe {
+                            if qtype == QType::Q4K {
+                                q4k8_tile::<R>(at, xs)
+                            } else {
+                                q6k8_tile::<R>(at, xs)
+                            }
+                        };
                         for (i, vi) in v.into_iter().enumerate() {
                             store(*r + i, vi);
                         }
                         *r += R;
                     }
                 }
-                run::<4>(at.0, &xq, &mut r, r1, &store);
-                run::<1>(at.0, &xq, &mut r, r1, &store);
+                run::<4>(qtype, at.0, &xq, &mut r, r1, &store);
+                run::<1>(qtype, at.0, &xq, &mut r, r1, &store);
             }
         }
     });

@@ -1,49 +1,85 @@
-//! Q4_K matrices rearranged at load time so that decoding can keep eight
-//! weight rows in the lanes of one vector.
+//! K-quant matrices (Q4_K, Q6_K) rearranged at load time so that decoding
+//! can keep eight weight rows in the lanes of one vector.
 //!
-//! In a file, a Q4_K row is a run of 144-byte blocks (see [`crate::kernels`]).
-//! A product that walks rows one by one has to scale every 32-weight sub-block
-//! of every row with its own multiply. Here eight consecutive rows form a
-//! group, and block `b` of the eight rows is stored together as one
-//! [`GROUP_BLOCK`]-byte record:
+//! In a file, a row is a run of blocks of 256 weights (see
+//! [`crate::kernels`]). A product that walks rows one by one has to scale
+//! every sub-block of every row with its own multiply. Here eight consecutive
+//! rows form a group, and block `b` of the eight rows is stored together as
+//! one record, values interleaved four bytes at a time: four bytes of row 0,
+//! then of row 1, …, row 7. So one 32-byte load holds the same four byte
+//! positions of all eight rows, and a sub-block's products for the eight rows
+//! are summed in 16-bit lanes before one multiply by their eight scales (see
+//! [`crate::kernels::q4k8_tile`] and [`crate::kernels::q6k8_tile`]).
+//!
+//! Q4_K ([`q4k`], 1184 bytes against the file's 8 × 144 = 1152: the 6-bit
+//! scales and mins take a byte each):
 //!
 //! | bytes | content |
 //! |---|---|
 //! | 0..16 | `d` of rows 0..8 (f16) |
 //! | 16..32 | `dmin` of rows 0..8 (f16) |
-//! | 32..96 | 6-bit scales, unpacked to bytes, `[sub-block][row]` |
-//! | 96..160 | 6-bit mins, unpacked to bytes, `[sub-block pair][row][2]` |
-//! | 160..1184 | the rows' 4-bit values, four bytes of row 0, then row 1, …, row 7, then the next four bytes of each |
+//! | 32..96 | scales, `[sub-block][row]` |
+//! | 96..160 | mins, `[sub-block pair][row][2]` |
+//! | 160..1184 | the 128 value bytes of each row, interleaved |
 //!
-//! So one 32-byte load of values holds four bytes of all eight rows: their
-//! low nibbles are four weights of sub-block `2c`, their high nibbles four of
-//! sub-block `2c + 1`, for the same positions in every row. A sub-block's
-//! eight such loads are summed in 16-bit lanes before one multiply by the
-//! eight rows' scales (see [`crate::kernels::q4k8_tile`]).
+//! A value load's low nibbles are four weights of sub-block `2c`, its high
+//! nibbles four of sub-block `2c + 1`.
 //!
-//! The record is 1184 bytes against the file's 8 × 144 = 1152 (the scales
-//! and mins take a byte each). A matrix whose row count is not a multiple of
-//! eight is padded with zero rows, which are never read back.
+//! Q6_K ([`q6k`], 1680 bytes, as in the file):
+//!
+//! | bytes | content |
+//! |---|---|
+//! | 0..16 | `d` of rows 0..8 (f16) |
+//! | 16..144 | the sixteen i8 scales, `[pair][row][2]` |
+//! | 144..1680 | per half `h` and step `g` (0..8), three loads of 32 bytes: `ql[64h + 4g..]`, `ql[64h + 32 + 4g..]` and `qh[32h + 4g..]` of each row |
+//!
+//! A matrix whose row count is not a multiple of eight is padded with zero
+//! rows, which are never read back.
 
 use rayon::prelude::*;
 
+use crate::quant::QType;
+
 /// Rows per group.
 pub const GROUP: usize = 8;
-/// Bytes of one block of a group (eight rows, 256 weights each).
-pub const GROUP_BLOCK: usize = 1184;
-/// Offsets within a group block.
-pub const D: usize = 0;
-pub const DMIN: usize = 16;
-pub const SCALES: usize = 32;
-pub const MINS: usize = 96;
-pub const QS: usize = 160;
 
-/// Bytes of a Q4_K block in a file.
-const BLOCK: usize = 144;
+/// Offsets within a Q4_K group block.
+pub mod q4k {
+    /// Bytes of one block of a group (eight rows, 256 weights each).
+    pub const GROUP_BLOCK: usize = 1184;
+    pub const D: usize = 0;
+    pub const DMIN: usize = 16;
+    pub const SCALES: usize = 32;
+    pub const MINS: usize = 96;
+    pub const QS: usize = 160;
+}
+
+/// Offsets within a Q6_K group block.
+pub mod q6k {
+    /// Bytes of one block of a group (eight rows, 256 weights each).
+    pub const GROUP_BLOCK: usize = 1680;
+    pub const D: usize = 0;
+    pub const SCALES: usize = 16;
+    pub const QS: usize = 144;
+}
+
+/// Whether matrices of `qtype` are held in groups (where the kernels run).
+pub fn groups(qtype: QType) -> bool {
+    matches!(qtype, QType::Q4K | QType::Q6K)
+}
+
+/// Bytes of one block of a group of `qtype` (Q4_K or Q6_K).
+pub fn group_block(qtype: QType) -> usize {
+    if qtype == QType::Q4K {
+        q4k::GROUP_BLOCK
+    } else {
+        q6k::GROUP_BLOCK
+    }
+}
 
 /// Bytes of a packed matrix of `rows` rows of `blocks` blocks.
-pub fn packed_len(rows: usize, blocks: usize) -> usize {
-    rows.div_ceil(GROUP) * blocks * GROUP_BLOCK
+pub fn packed_len(qtype: QType, rows: usize, blocks: usize) -> usize {
+    rows.div_ceil(GROUP) * blocks * group_block(qtype)
 }
 
 /// The 6-bit scale and min of sub-block `j` from a block's 12 scale bytes.
@@ -70,58 +106,89 @@ fn pack_scale_mins(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
     s
 }
 
-/// Rearranges `rows` file rows of `blocks` Q4_K blocks each (`src`, row
-/// after row) into groups, writing [`packed_len`] bytes to `dst`.
-pub fn pack(src: &[u8], rows: usize, blocks: usize, dst: &mut [u8]) {
-    let row_bytes = blocks * BLOCK;
-    assert_eq!(src.len(), rows * row_bytes, "Q4_K rows to pack");
-    assert_eq!(dst.len(), packed_len(rows, blocks), "packed Q4_K buffer");
-    dst.par_chunks_mut(blocks * GROUP_BLOCK)
+/// Rearranges `rows` file rows of `blocks` blocks of `qtype` each (`src`,
+/// row after row) into groups, writing [`packed_len`] bytes to `dst`.
+pub fn pack(qtype: QType, src: &[u8], rows: usize, blocks: usize, dst: &mut [u8]) {
+    let block = qtype.block_bytes();
+    let row_bytes = blocks * block;
+    let rec_bytes = group_block(qtype);
+    assert_eq!(src.len(), rows * row_bytes, "rows to pack");
+    assert_eq!(dst.len(), packed_len(qtype, rows, blocks), "packed buffer");
+    dst.par_chunks_mut(blocks * rec_bytes)
         .enumerate()
         .for_each(|(g, out)| {
-            for b in 0..blocks {
-                let rec = &mut out[b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK];
+            for (b, rec) in out.chunks_exact_mut(rec_bytes).enumerate() {
                 rec.fill(0);
-                for r in 0..GROUP {
+                for r in 0..GROUP.min(rows - g * GROUP) {
                     let row = g * GROUP + r;
-                    if row >= rows {
-                        break;
+                    let blk = &src[row * row_bytes + b * block..][..block];
+                    for (file, packed) in places(qtype, r) {
+                        rec[packed..packed + file.len()].copy_from_slice(&blk[file]);
                     }
-                    let blk = &src[row * row_bytes + b * BLOCK..][..BLOCK];
-                    rec[D + 2 * r..D + 2 * r + 2].copy_from_slice(&blk[0..2]);
-                    rec[DMIN + 2 * r..DMIN + 2 * r + 2].copy_from_slice(&blk[2..4]);
-                    for j in 0..8 {
-                        let (s, m) = scale_min(&blk[4..16], j);
-                        rec[SCALES + j * GROUP + r] = s;
-                        rec[MINS + (j / 2) * 16 + 2 * r + j % 2] = m;
-                    }
-                    for t in 0..32 {
-                        let at = QS + (t * GROUP + r) * 4;
-                        rec[at..at + 4].copy_from_slice(&blk[16 + 4 * t..20 + 4 * t]);
+                    if qtype == QType::Q4K {
+                        for j in 0..8 {
+                            let (s, m) = scale_min(&blk[4..16], j);
+                            rec[q4k::SCALES + j * GROUP + r] = s;
+                            rec[q4k::MINS + (j / 2) * 16 + 2 * r + j % 2] = m;
+                        }
                     }
                 }
             }
         });
 }
 
-/// Row `row` of a packed matrix as it was in the file (`blocks` blocks of
-/// 144 bytes into `out`).
-pub fn unpack_row(packed: &[u8], blocks: usize, row: usize, out: &mut [u8]) {
-    assert_eq!(out.len(), blocks * BLOCK, "Q4_K row buffer");
+/// Row `row` of a packed matrix as it was in the file (`blocks` blocks into
+/// `out`).
+pub fn unpack_row(qtype: QType, packed: &[u8], blocks: usize, row: usize, out: &mut [u8]) {
+    let block = qtype.block_bytes();
+    let rec_bytes = group_block(qtype);
+    assert_eq!(out.len(), blocks * block, "row buffer");
     let (g, r) = (row / GROUP, row % GROUP);
-    let group = &packed[g * blocks * GROUP_BLOCK..(g + 1) * blocks * GROUP_BLOCK];
-    for (b, blk) in out.chunks_exact_mut(BLOCK).enumerate() {
-        let rec = &group[b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK];
-        blk[0..2].copy_from_slice(&rec[D + 2 * r..D + 2 * r + 2]);
-        blk[2..4].copy_from_slice(&rec[DMIN + 2 * r..DMIN + 2 * r + 2]);
-        let sc: [u8; 8] = std::array::from_fn(|j| rec[SCALES + j * GROUP + r]);
-        let m: [u8; 8] = std::array::from_fn(|j| rec[MINS + (j / 2) * 16 + 2 * r + j % 2]);
-        blk[4..16].copy_from_slice(&pack_scale_mins(&sc, &m));
-        for t in 0..32 {
-            let at = QS + (t * GROUP + r) * 4;
-            blk[16 + 4 * t..20 + 4 * t].copy_from_slice(&rec[at..at + 4]);
+    let group = &packed[g * blocks * rec_bytes..(g + 1) * blocks * rec_bytes];
+    for (blk, rec) in out
+        .chunks_exact_mut(block)
+        .zip(group.chunks_exact(rec_bytes))
+    {
+        for (file, packed) in places(qtype, r) {
+            let len = file.len();
+            blk[file].copy_from_slice(&rec[packed..packed + len]);
+        }
+        if qtype == QType::Q4K {
+            let sc: [u8; 8] = std::array::from_fn(|j| rec[q4k::SCALES + j * GROUP + r]);
+            let m: [u8; 8] = std::array::from_fn(|j| rec[q4k::MINS + (j / 2) * 16 + 2 * r + j % 2]);
+            blk[4..16].copy_from_slice(&pack_scale_mins(&sc, &m));
         }
     }
+}
+
+/// Where the bytes of row `r`'s file block go in a group block, as (range
+/// in the file block, offset in the group block), apart from Q4_K's scales
+/// and mins, which are re-encoded.
+fn places(qtype: QType, r: usize) -> Vec<(std::ops::Range<usize>, usize)> {
+    let mut v = Vec::with_capacity(64);
+    if qtype == QType::Q4K {
+        v.push((0..2, q4k::D + 2 * r));
+        v.push((2..4, q4k::DMIN + 2 * r));
+        for t in 0..32 {
+            v.push((16 + 4 * t..20 + 4 * t, q4k::QS + (t * GROUP + r) * 4));
+        }
+    } else {
+        v.push((208..210, q6k::D + 2 * r));
+        for j in 0..16 {
+            v.push((192 + j..193 + j, q6k::SCALES + (j / 2) * 16 + 2 * r + j % 2));
+        }
+        for h in 0..2 {
+            for g in 0..8 {
+                let at = q6k::QS + (h * 8 + g) * 96 + 4 * r;
+                let ql = 64 * h + 4 * g;
+                let qh = 128 + 32 * h + 4 * g;
+                v.push((ql..ql + 4, at));
+                v.push((ql + 32..ql + 36, at + 32));
+                v.push((qh..qh + 4, at + 64));
+            }
+        }
+    }
+    v
 }
 
 #[cfg(test)]
@@ -143,24 +210,31 @@ mod tests {
     }
 
     /// Packing then unpacking gives back the file's bytes, for a row count
-    /// that leaves a partial group.
+    /// that leaves a partial group; every byte of a file block has a place.
     #[test]
     fn rows_come_back_as_they_were() {
         let (rows, cols) = (13, 512);
         let w = crate::test_values(rows * cols, 5);
-        let src = &encode(QType::Q4K, &w, cols)[..];
-        let blocks = cols / 256;
-        let mut packed = vec![0u8; packed_len(rows, blocks)];
-        pack(src, rows, blocks, &mut packed);
-        assert_eq!(packed.len(), 2 * blocks * GROUP_BLOCK);
-        let mut row = vec![0u8; blocks * BLOCK];
-        for r in 0..rows {
-            unpack_row(&packed, blocks, r, &mut row);
-            assert_eq!(
-                row,
-                src[r * blocks * BLOCK..(r + 1) * blocks * BLOCK],
-                "row {r}"
-            );
+        for qtype in [QType::Q4K, QType::Q6K] {
+            let src = &encode(qtype, &w, cols)[..];
+            let blocks = cols / 256;
+            let rb = qtype.row_bytes(cols);
+            let mut packed = vec![0u8; packed_len(qtype, rows, blocks)];
+            pack(qtype, src, rows, blocks, &mut packed);
+            assert_eq!(packed.len(), 2 * blocks * group_block(qtype));
+            let mut row = vec![0u8; rb];
+            for r in 0..rows {
+                unpack_row(qtype, &packed, blocks, r, &mut row);
+                assert_eq!(row, src[r * rb..(r + 1) * rb], "{} row {r}", qtype.name());
+            }
+            let mut covered = vec![false; qtype.block_bytes()];
+            for (file, _) in places(qtype, 0) {
+                covered[file].fill(true);
+            }
+            if qtype == QType::Q4K {
+                covered[4..16].fill(true);
+            }
+            assert!(covered.iter().all(|&c| c), "{}", qtype.name());
         }
     }
 }
