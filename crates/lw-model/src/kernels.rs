@@ -195,7 +195,7 @@ pub unsafe fn q8_0_x4(rows: [*const u8; 4], x: &QuantRow) -> [f32; 4] {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]) -> [[f32; 4]; R] {
-    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc = [_mm_setzero_ps(); R];
     let blocks = xs[0].scales.len();
     let ahead = rows[3].add(blocks * 34);
     let ones = _mm256_set1_epi16(1);
@@ -214,7 +214,6 @@ pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]
             0,
             0,
         ));
-        let dw = _mm256_set_m128(d4, d4);
         let w: [__m256i; 4] =
             std::array::from_fn(|r| _mm256_loadu_si256(blk[r].add(2) as *const __m256i));
         let wabs: [__m256i; 4] = std::array::from_fn(|r| _mm256_sign_epi8(w[r], w[r]));
@@ -224,21 +223,86 @@ pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]
                 let p = _mm256_maddubs_epi16(wabs[r], _mm256_sign_epi8(y, w[r]));
                 _mm256_madd_epi16(p, ones)
             });
-            // Lanes [r0, r1, r2, r3 | r0, r1, r2, r3], each a half's sum.
+            // Lanes [r0, r1, r2, r3 | r0, r1, r2, r3], each a half's sum,
+            // then the halves added: each row's block sum.
             let sum = _mm256_hadd_epi32(
                 _mm256_hadd_epi32(dot[0], dot[1]),
                 _mm256_hadd_epi32(dot[2], dot[3]),
             );
-            let d = _mm256_mul_ps(dw, _mm256_set1_ps(*dys[i].add(b)));
-            acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[i]);
+            let sum = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256(sum, 1),
+            );
+            let d = _mm_mul_ps(d4, _mm_set1_ps(*dys[i].add(b)));
+            acc[i] = _mm_fmadd_ps(d, _mm_cvtepi32_ps(sum), acc[i]);
         }
     }
     acc.map(|a| {
-        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         let mut out = [0f32; 4];
-        _mm_storeu_ps(out.as_mut_ptr(), s);
+        _mm_storeu_ps(out.as_mut_ptr(), a);
         out
     })
+}
+
+/// Two Q8_0 rows against `T` tiles of eight activation rows (quantized per
+/// 32): the prefill product. Each lane of a 32-byte product holds one
+/// activation row; four weight bytes are broadcast to all lanes, and their
+/// signs moved onto the activations so that `maddubs` can take them
+/// unsigned. A block's two halves of 16 weights are summed exactly, each
+/// takes one fused multiply-add into its own accumulator, and the two are
+/// added at the end: the same steps as the lanes of [`q8_0_tile`], so every
+/// result has the same bits as there. Returns `[weight row][tile][activation
+/// row]`.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; each row holds as many blocks as the
+/// tiles have groups of 32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8_0_gemm<const T: usize>(
+    rows: [*const u8; 2],
+    tiles: [&ActTile; T],
+) -> [[[f32; 8]; T]; 2] {
+    let blocks = tiles[0].scales.len() / 8;
+    let ones = _mm256_set1_epi16(1);
+    let a_base: [*const i8; T] = tiles.map(|t| t.bytes.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); T]; 2];
+    for b in 0..blocks {
+        let blk = rows.map(|p| p.add(b * 34));
+        let dw = blk.map(|p| {
+            let bits = (p as *const u16).read_unaligned();
+            _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
+        });
+        let mut isum = [[_mm256_setzero_si256(); T]; 2];
+        for g in 0..8 {
+            let k = b * 32 + 4 * g;
+            let av: [__m256i; T] =
+                std::array::from_fn(|t| _mm256_loadu_si256(a_base[t].add(k * 8) as *const __m256i));
+            for r in 0..2 {
+                let at = blk[r].add(2 + 4 * g);
+                let wv = _mm256_set1_epi32((at as *const i32).read_unaligned());
+                let wabs = _mm256_sign_epi8(wv, wv);
+                for t in 0..T {
+                    let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(av[t], wv));
+                    isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        for t in 0..T {
+            let dy = _mm256_loadu_ps(tiles[t].scales.as_ptr().add(b * 8));
+            for r in 0..2 {
+                let d = _mm256_mul_ps(dw[r], dy);
+                acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum[r][t]), acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[[0f32; 8]; T]; 2];
+    for r in 0..2 {
+        for t in 0..T {
+            _mm256_storeu_ps(out[r][t].as_mut_ptr(), acc[r][t]);
+        }
+    }
+    out
 }
 
 /// Eight Q4_K rows, held as a group ([`crate::repack`]), against `R`
@@ -335,23 +399,25 @@ pub unsafe fn q4k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
     })
 }
 
-/// Activation rows for [`q4k_gemm`], eight per tile, interleaved four bytes
+/// Activation rows for the GEMM kernels, eight per tile, interleaved four bytes
 /// at a time: byte `k` of row `i` is at `(k / 4 · 8 + i) · 4 + k % 4`, so one
 /// 32-byte load holds four consecutive values of all eight rows.
 pub struct ActTile {
     bytes: Vec<i8>,
-    /// `[block][row]`: each row's scale per 256.
+    /// `[group][row]`: each row's scale per 32 or 256.
     scales: Vec<f32>,
-    /// `[block][sixteenth][row]`: each row's sums per 16.
+    /// `[block][sixteenth][row]`: each row's sums per 16 (rows quantized
+    /// per 256).
     sums16: Vec<i32>,
 }
 
 impl ActTile {
-    /// Eight rows quantized per 256.
+    /// Eight rows quantized alike (per 32 or per 256).
     pub fn new(rows: &[QuantRow]) -> ActTile {
         assert_eq!(rows.len(), 8, "a tile holds eight rows");
         let k = rows[0].values.len();
-        let blocks = k / 256;
+        let groups = rows[0].scales.len();
+        let sixteenths = rows[0].sums16.len();
         let mut bytes = vec![0i8; 8 * k];
         for (i, row) in rows.iter().enumerate() {
             for (g, four) in row.values.chunks_exact(4).enumerate() {
@@ -359,8 +425,8 @@ impl ActTile {
                 bytes[at..at + 4].copy_from_slice(four);
             }
         }
-        let scales = (0..blocks * 8).map(|x| rows[x % 8].scales[x / 8]).collect();
-        let sums16 = (0..blocks * 128)
+        let scales = (0..groups * 8).map(|x| rows[x % 8].scales[x / 8]).collect();
+        let sums16 = (0..sixteenths * 8)
             .map(|x| rows[x % 8].sums16[x / 8] as i32)
             .collect();
         ActTile {

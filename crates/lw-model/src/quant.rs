@@ -486,11 +486,14 @@ impl QMatrix {
     }
 }
 
-/// Stacked Q8_0 matrices (one width) times `x`, four weight rows per
-/// kernel pass, blocks of rows over the thread pool.
+/// Stacked Q8_0 matrices (one width) times `x`: blocks of rows over the
+/// thread pool, tiles of eight input rows through the GEMM kernel
+/// ([`crate::kernels::q8_0_gemm`]), two weight rows at a time, and the
+/// other input rows (all of them, when decoding) through the four-row
+/// kernel ([`crate::kernels::q8_0_tile`]). Both give a row the same bits.
 #[cfg(target_arch = "x86_64")]
 fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
-    use crate::kernels::{q8_0_tile, QuantRow};
+    use crate::kernels::{q8_0_gemm, q8_0_tile, ActTile, QuantRow};
     let k = parts[0].cols;
     let n: usize = parts.iter().map(|p| p.rows).sum();
     let m = x.len() / k;
@@ -519,12 +522,52 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     }
     let block = block.div_ceil(4) * 4;
     let dst = SharedOut(out.as_mut_ptr());
+    // Prefill: whole tiles of eight input rows go through the GEMM kernel
+    // (the same bits as the row kernel); the rest below.
+    let tiles: Vec<ActTile> = if m >= 8 {
+        xq.par_chunks_exact(8).map(ActTile::new).collect()
+    } else {
+        Vec::new()
+    };
+    let gemm_rows = tiles.len() * 8;
     (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
         let j0 = bi * block;
         let j1 = (j0 + block).min(n);
+        // Eight tiles (64 input rows) stay in cache while the block's weight
+        // rows pass over them two at a time.
+        for t0 in (0..tiles.len()).step_by(8) {
+            let t1 = (t0 + 8).min(tiles.len());
+            for j in (j0..j1).step_by(2) {
+                let valid = j1.min(j + 2) - j;
+                // A tail pair repeats its row and drops the extra.
+                let rows = [row_ptr(j), row_ptr(j + valid - 1)];
+                let store = |t: usize, v: [[f32; 8]; 2]| {
+                    for (r, lanes) in v.iter().enumerate().take(valid) {
+                        for (i, &x) in lanes.iter().enumerate() {
+                            // SAFETY: element (8t + i, j + r) belongs to this block alone.
+                            unsafe { *dst.at((8 * t + i) * n + j + r) = x };
+                        }
+                    }
+                };
+                let mut t = t0;
+                while t + 2 <= t1 {
+                    // SAFETY: the features were checked by the caller; the
+                    // rows hold k / 32 blocks, as the tiles do.
+                    let v = unsafe { q8_0_gemm::<2>(rows, [&tiles[t], &tiles[t + 1]]) };
+                    store(t, [v[0][0], v[1][0]]);
+                    store(t + 1, [v[0][1], v[1][1]]);
+                    t += 2;
+                }
+                if t < t1 {
+                    // SAFETY: as above.
+                    let v = unsafe { q8_0_gemm::<1>(rows, [&tiles[t]]) };
+                    store(t, [v[0][0], v[1][0]]);
+                }
+            }
+        }
         // Input rows in chunks that stay in cache while the block's weight
         // rows pass over them four at a time.
-        for r0 in (0..m).step_by(64) {
+        for r0 in (gemm_rows..m).step_by(64) {
             let r1 = (r0 + 64).min(m);
             for j in (j0..j1).step_by(4) {
                 // A tail group repeats its last row and drops the extras.

@@ -199,9 +199,9 @@ mod tests {
     #[test]
     fn scale_bytes_round_trip() {
         // Every 6-bit value in every position, high bits included.
-        for v in 0..64u8 {
-            let sc: [u8; 8] = std::array::from_fn(|j| (v + 7 * j as u8) % 64);
-            let m: [u8; 8] = std::array::from_fn(|j| (v * 3 + 11 * j as u8) % 64);
+        for v in 0..64usize {
+            let sc: [u8; 8] = std::array::from_fn(|j| ((v + 7 * j) % 64) as u8);
+            let m: [u8; 8] = std::array::from_fn(|j| ((v * 3 + 11 * j) % 64) as u8);
             let s = pack_scale_mins(&sc, &m);
             for j in 0..8 {
                 assert_eq!(scale_min(&s, j), (sc[j], m[j]), "value {v}, sub-block {j}");
