@@ -183,12 +183,13 @@ pub unsafe fn q8_0_x4(rows: [*const u8; 4], x: &QuantRow) -> [f32; 4] {
 }
 
 /// Four Q8_0 rows against `R` activation rows: each weight block is loaded
-/// and its signs taken once for all of them (prefill). A block's four
-/// integer dot products are summed exactly into one vector (lanes: rows 0–3,
-/// twice) before one conversion and one multiply-add with the four scales,
-/// so only `R` accumulators are live and a tile of 4 × 4 fits the sixteen
-/// registers. The sums run in the same order for every `R`, so a row's
-/// result does not depend on the rows it was computed with.
+/// and its signs taken once for all of them (decode, and prefill's rows
+/// that do not fill a tile of [`q8_0_gemm`]). A block's four integer dot
+/// products are summed exactly into one four-lane vector (rows 0–3) before
+/// one conversion and one multiply-add with the four scales, so only `R`
+/// accumulators are live and a tile of 4 × 4 fits the sixteen registers.
+/// The sums run in the same order for every `R`, so a row's result does not
+/// depend on the rows it was computed with.
 ///
 /// # Safety
 /// As for [`q8_0_x4`], for every row of `xs`.
@@ -248,11 +249,10 @@ pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]
 /// 32): the prefill product. Each lane of a 32-byte product holds one
 /// activation row; four weight bytes are broadcast to all lanes, and their
 /// signs moved onto the activations so that `maddubs` can take them
-/// unsigned. A block's two halves of 16 weights are summed exactly, each
-/// takes one fused multiply-add into its own accumulator, and the two are
-/// added at the end: the same steps as the lanes of [`q8_0_tile`], so every
-/// result has the same bits as there. Returns `[weight row][tile][activation
-/// row]`.
+/// unsigned. A block's products are summed exactly, then take one fused
+/// multiply-add, `fma(d · dy, sum, acc)`: the same steps as the lanes of
+/// [`q8_0_tile`], so every result has the same bits as there. Returns
+/// `[weight row][tile][activation row]`.
 ///
 /// # Safety
 /// AVX2, FMA and F16C are available; each row holds as many blocks as the
