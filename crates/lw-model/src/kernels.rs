@@ -185,18 +185,20 @@ pub unsafe fn q8_0_x4(rows: [*const u8; 4], x: &QuantRow) -> [f32; 4] {
 /// Four Q8_0 rows against `R` activation rows: each weight block is loaded
 /// and its signs taken once for all of them (decode, and prefill's rows
 /// that do not fill a tile of [`q8_0_gemm`]). A block's four integer dot
-/// products are summed exactly into one four-lane vector (rows 0–3) before
-/// one conversion and one multiply-add with the four scales, so only `R`
-/// accumulators are live and a tile of 4 × 4 fits the sixteen registers.
-/// The sums run in the same order for every `R`, so a row's result does not
-/// depend on the rows it was computed with.
+/// products are summed exactly into one vector (lanes: rows 0–3 for the
+/// block's first 16 weights, then for its last 16) before one conversion
+/// and one multiply-add with the four scales, so only `R` accumulators are
+/// live and a tile of 4 × 4 fits the sixteen registers; the two halves'
+/// accumulators are added at the end. The sums run in the same order for
+/// every `R`, so a row's result does not depend on the rows it was computed
+/// with.
 ///
 /// # Safety
 /// As for [`q8_0_x4`], for every row of `xs`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]) -> [[f32; 4]; R] {
-    let mut acc = [_mm_setzero_ps(); R];
+    let mut acc = [_mm256_setzero_ps(); R];
     let blocks = xs[0].scales.len();
     let ahead = rows[3].add(blocks * 34);
     let ones = _mm256_set1_epi16(1);
@@ -215,6 +217,7 @@ pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]
             0,
             0,
         ));
+        let dw = _mm256_set_m128(d4, d4);
         let w: [__m256i; 4] =
             std::array::from_fn(|r| _mm256_loadu_si256(blk[r].add(2) as *const __m256i));
         let wabs: [__m256i; 4] = std::array::from_fn(|r| _mm256_sign_epi8(w[r], w[r]));
@@ -224,23 +227,19 @@ pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]
                 let p = _mm256_maddubs_epi16(wabs[r], _mm256_sign_epi8(y, w[r]));
                 _mm256_madd_epi16(p, ones)
             });
-            // Lanes [r0, r1, r2, r3 | r0, r1, r2, r3], each a half's sum,
-            // then the halves added: each row's block sum.
+            // Lanes [r0, r1, r2, r3 | r0, r1, r2, r3], each a half's sum.
             let sum = _mm256_hadd_epi32(
                 _mm256_hadd_epi32(dot[0], dot[1]),
                 _mm256_hadd_epi32(dot[2], dot[3]),
             );
-            let sum = _mm_add_epi32(
-                _mm256_castsi256_si128(sum),
-                _mm256_extracti128_si256(sum, 1),
-            );
-            let d = _mm_mul_ps(d4, _mm_set1_ps(*dys[i].add(b)));
-            acc[i] = _mm_fmadd_ps(d, _mm_cvtepi32_ps(sum), acc[i]);
+            let d = _mm256_mul_ps(dw, _mm256_set1_ps(*dys[i].add(b)));
+            acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[i]);
         }
     }
     acc.map(|a| {
+        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         let mut out = [0f32; 4];
-        _mm_storeu_ps(out.as_mut_ptr(), a);
+        _mm_storeu_ps(out.as_mut_ptr(), s);
         out
     })
 }
@@ -249,10 +248,11 @@ pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]
 /// 32): the prefill product. Each lane of a 32-byte product holds one
 /// activation row; four weight bytes are broadcast to all lanes, and their
 /// signs moved onto the activations so that `maddubs` can take them
-/// unsigned. A block's products are summed exactly, then take one fused
-/// multiply-add, `fma(d · dy, sum, acc)`: the same steps as the lanes of
-/// [`q8_0_tile`], so every result has the same bits as there. Returns
-/// `[weight row][tile][activation row]`.
+/// unsigned. A block's two halves of 16 weights are summed exactly, each
+/// takes one fused multiply-add into its own accumulator, and the two are
+/// added at the end: the same steps as the lanes of [`q8_0_tile`], so every
+/// result has the same bits as there. Returns `[weight row][tile][activation
+/// row]`.
 ///
 /// # Safety
 /// AVX2, FMA and F16C are available; each row holds as many blocks as the
@@ -266,40 +266,48 @@ pub unsafe fn q8_0_gemm<const T: usize>(
     let blocks = tiles[0].scales.len() / 8;
     let ones = _mm256_set1_epi16(1);
     let a_base: [*const i8; T] = tiles.map(|t| t.bytes.as_ptr());
-    let mut acc = [[_mm256_setzero_ps(); T]; 2];
+    // `[half][weight row][tile]`.
+    let mut acc = [[[_mm256_setzero_ps(); T]; 2]; 2];
     for b in 0..blocks {
         let blk = rows.map(|p| p.add(b * 34));
         let dw = blk.map(|p| {
             let bits = (p as *const u16).read_unaligned();
             _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
         });
-        let mut isum = [[_mm256_setzero_si256(); T]; 2];
-        for g in 0..8 {
-            let k = b * 32 + 4 * g;
-            let av: [__m256i; T] =
-                std::array::from_fn(|t| _mm256_loadu_si256(a_base[t].add(k * 8) as *const __m256i));
-            for r in 0..2 {
-                let at = blk[r].add(2 + 4 * g);
-                let wv = _mm256_set1_epi32((at as *const i32).read_unaligned());
-                let wabs = _mm256_sign_epi8(wv, wv);
-                for t in 0..T {
-                    let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(av[t], wv));
-                    isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(p, ones));
+        let dy: [__m256; T] =
+            std::array::from_fn(|t| _mm256_loadu_ps(tiles[t].scales.as_ptr().add(b * 8)));
+        for (h, acc_h) in acc.iter_mut().enumerate() {
+            let mut isum = [[_mm256_setzero_si256(); T]; 2];
+            for g in 0..4 {
+                let k = b * 32 + h * 16 + 4 * g;
+                let av: [__m256i; T] = std::array::from_fn(|t| {
+                    _mm256_loadu_si256(a_base[t].add(k * 8) as *const __m256i)
+                });
+                for r in 0..2 {
+                    let at = blk[r].add(2 + h * 16 + 4 * g);
+                    let wv = _mm256_set1_epi32((at as *const i32).read_unaligned());
+                    let wabs = _mm256_sign_epi8(wv, wv);
+                    for t in 0..T {
+                        let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(av[t], wv));
+                        isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(p, ones));
+                    }
                 }
             }
-        }
-        for t in 0..T {
-            let dy = _mm256_loadu_ps(tiles[t].scales.as_ptr().add(b * 8));
             for r in 0..2 {
-                let d = _mm256_mul_ps(dw[r], dy);
-                acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum[r][t]), acc[r][t]);
+                for t in 0..T {
+                    let d = _mm256_mul_ps(dw[r], dy[t]);
+                    acc_h[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum[r][t]), acc_h[r][t]);
+                }
             }
         }
     }
     let mut out = [[[0f32; 8]; T]; 2];
     for r in 0..2 {
         for t in 0..T {
-            _mm256_storeu_ps(out[r][t].as_mut_ptr(), acc[r][t]);
+            _mm256_storeu_ps(
+                out[r][t].as_mut_ptr(),
+                _mm256_add_ps(acc[0][r][t], acc[1][r][t]),
+            );
         }
     }
     out
