@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use rayon::prelude::*;
 
-use crate::attention::attend_group;
+use crate::attention::{attend_group, CacheView, KvSlice};
 use crate::cache::{KvCache, KvDtype};
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::ModelError;
@@ -367,6 +367,10 @@ impl Llama {
                     .write(l, pos, &kv[..nkv * hd], &kv[nkv * hd..]);
             }
             let views: Vec<&KvCache> = seqs.iter().map(|(c, _)| &**c).collect();
+            let wide: Vec<Option<WideLayer>> = seqs
+                .iter()
+                .map(|(c, count)| WideLayer::new(c, l, c.len() + count, *count, (nkv, hd)))
+                .collect();
             let mut out = vec![0f32; n * nh * hd];
             // One task per (row, kv head): its query heads read each cached
             // key and value once.
@@ -375,7 +379,10 @@ impl Llama {
                 .for_each(|(i, o)| {
                     let (r, kv) = (i / nkv, i % nkv);
                     let (s_idx, pos) = rows[r];
-                    let view = views[s_idx].view(l, pos + 1);
+                    let view = match &wide[s_idx] {
+                        Some(w) => w.view(pos + 1),
+                        None => views[s_idx].view(l, pos + 1),
+                    };
                     let q0 = r * width + kv * group * hd;
                     attend_group(&qkv[q0..q0 + group * hd], &view, kv, hd, layer.window, o);
                 });
@@ -473,4 +480,67 @@ fn rope_pairs(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 pub fn last_row(logits: &Tensor) -> Result<Vec<f32>, ModelError> {
     let rows = logits.dim(0)?;
     Ok(logits.get(rows - 1)?.to_vec1::<f32>()?)
+}
+
+/// One layer of an f16 cache widened to f32 for a step of many rows
+/// (prefill): each row's attention would otherwise widen every key and value
+/// it reads, so a key would be widened once per later row. Widening is
+/// exact, so attention sums the same numbers either way.
+struct WideLayer {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    /// Positions held per kv head.
+    len: usize,
+}
+
+impl WideLayer {
+    /// Rows in a step from which widening once pays.
+    const MIN_ROWS: usize = 16;
+    /// The most bytes a widened layer may take.
+    const MAX_BYTES: usize = 64 << 20;
+
+    /// Layer `layer` of `cache` (`kv_heads` heads of `head_dim`) up to
+    /// `len` positions, widened when the cache is f16, the step has `rows`
+    /// rows of this sequence, and the copy stays small.
+    fn new(
+        cache: &KvCache,
+        layer: usize,
+        len: usize,
+        rows: usize,
+        (kv_heads, head_dim): (usize, usize),
+    ) -> Option<WideLayer> {
+        use half::slice::HalfFloatSliceExt;
+        if rows < Self::MIN_ROWS || 2 * kv_heads * len * head_dim * 4 > Self::MAX_BYTES {
+            return None;
+        }
+        let view = cache.view(layer, len);
+        let (KvSlice::F16(k), KvSlice::F16(v)) = (view.keys, view.values) else {
+            return None;
+        };
+        let widen = |src: &[half::f16]| {
+            let mut out = vec![0f32; kv_heads * len * head_dim];
+            out.par_chunks_mut(len * head_dim)
+                .enumerate()
+                .for_each(|(h, o)| {
+                    let at = h * view.capacity * head_dim;
+                    src[at..at + len * head_dim].convert_to_f32_slice(o);
+                });
+            out
+        };
+        Some(WideLayer {
+            keys: widen(k),
+            values: widen(v),
+            len,
+        })
+    }
+
+    /// The widened layer with its first `len` positions valid.
+    fn view(&self, len: usize) -> CacheView<'_> {
+        CacheView {
+            keys: KvSlice::F32(&self.keys),
+            values: KvSlice::F32(&self.values),
+            capacity: self.len,
+            len,
+        }
+    }
 }
