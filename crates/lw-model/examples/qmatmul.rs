@@ -4,8 +4,8 @@
 //!     cargo run --release -p lw-model --example qmatmul -- [threads] [rows] [types]
 //!
 //! `types` is a comma-separated list (default `q8_0,q4_k,q6_k`). With
-//! `KERNEL_ONLY=1`, the row kernels alone (Q8_0: four weight rows; Q4_K: a
-//! group of eight; against four inputs, and against one, as in decode) on
+//! `KERNEL_ONLY=1`, the row kernels alone (Q8_0: four weight rows; Q4_K and
+//! Q6_K: a group of eight; against four inputs, and against one, as in decode) on
 //! cache-resident rows, in cycles of a 2.48 GHz clock per 32 multiply-adds.
 
 use std::time::Instant;
@@ -71,13 +71,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Kernel passes over cache-resident rows of 2048 (Q8_0: four weight rows;
-/// Q4_K: a group of eight) against four inputs, then against one, in cycles
+/// Q4_K and Q6_K: a group of eight) against four inputs, then against one, in cycles
 /// of a 2.48 GHz clock per 32 multiply-adds.
 #[cfg(target_arch = "x86_64")]
 pub fn kernel_only() {
-    use lw_model::kernels::{q4k8_tile, q8_0_tile, quantize_row, QuantRow};
+    use lw_model::kernels::{q4k8_tile, q6k8_tile, q8_0_tile, quantize_row, QuantRow};
     let k = 2048;
-    for qtype in [QType::Q8_0, QType::Q4K] {
+    for qtype in [QType::Q8_0, QType::Q4K, QType::Q6K] {
         let w = QMatrix::quantize(qtype, &values(8 * k, 1), 8, k).unwrap();
         let group = if qtype == QType::Q8_0 { 32 } else { 256 };
         let xs: Vec<_> = (0..4)
@@ -94,12 +94,12 @@ pub fn kernel_only() {
             for _ in 0..reps {
                 let xr: [&QuantRow; R] = std::array::from_fn(|i| &xs[i]);
                 // SAFETY: AVX2 is checked by the caller; rows hold k / group
-                // blocks (Q4_K: one packed group, at the first row's pointer).
+                // blocks (K-quants: one packed group, at the first row's pointer).
                 sink += unsafe {
-                    if qtype == QType::Q8_0 {
-                        q8_0_tile::<R>(rows, xr)[0][0]
-                    } else {
-                        q4k8_tile::<R>(rows[0], xr)[0][0]
+                    match qtype {
+                        QType::Q8_0 => q8_0_tile::<R>(rows, xr)[0][0],
+                        QType::Q4K => q4k8_tile::<R>(rows[0], xr)[0][0],
+                        _ => q6k8_tile::<R>(rows[0], xr)[0][0],
                     }
                 };
             }
