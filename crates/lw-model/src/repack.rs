@@ -114,6 +114,8 @@ pub fn pack(qtype: QType, src: &[u8], rows: usize, blocks: usize, dst: &mut [u8]
     let rec_bytes = group_block(qtype);
     assert_eq!(src.len(), rows * row_bytes, "rows to pack");
     assert_eq!(dst.len(), packed_len(qtype, rows, blocks), "packed buffer");
+    // The byte map of each row of a group, worked out once per matrix.
+    let maps: Vec<_> = (0..GROUP).map(|r| places(qtype, r)).collect();
     dst.par_chunks_mut(blocks * rec_bytes)
         .enumerate()
         .for_each(|(g, out)| {
@@ -122,8 +124,8 @@ pub fn pack(qtype: QType, src: &[u8], rows: usize, blocks: usize, dst: &mut [u8]
                 for r in 0..GROUP.min(rows - g * GROUP) {
                     let row = g * GROUP + r;
                     let blk = &src[row * row_bytes + b * block..][..block];
-                    for (file, packed) in places(qtype, r) {
-                        rec[packed..packed + file.len()].copy_from_slice(&blk[file]);
+                    for (file, packed) in &maps[r] {
+                        rec[*packed..*packed + file.len()].copy_from_slice(&blk[file.clone()]);
                     }
                     if qtype == QType::Q4K {
                         for j in 0..8 {
@@ -145,13 +147,13 @@ pub fn unpack_row(qtype: QType, packed: &[u8], blocks: usize, row: usize, out: &
     assert_eq!(out.len(), blocks * block, "row buffer");
     let (g, r) = (row / GROUP, row % GROUP);
     let group = &packed[g * blocks * rec_bytes..(g + 1) * blocks * rec_bytes];
+    let map = places(qtype, r);
     for (blk, rec) in out
         .chunks_exact_mut(block)
         .zip(group.chunks_exact(rec_bytes))
     {
-        for (file, packed) in places(qtype, r) {
-            let len = file.len();
-            blk[file].copy_from_slice(&rec[packed..packed + len]);
+        for (file, packed) in &map {
+            blk[file.clone()].copy_from_slice(&rec[*packed..*packed + file.len()]);
         }
         if qtype == QType::Q4K {
             let sc: [u8; 8] = std::array::from_fn(|j| rec[q4k::SCALES + j * GROUP + r]);
