@@ -244,73 +244,159 @@ pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]
     })
 }
 
-/// Two Q8_0 rows against `T` tiles of eight activation rows (quantized per
-/// 32): the prefill product. Each lane of a 32-byte product holds one
-/// activation row; four weight bytes are broadcast to all lanes, and their
-/// signs moved onto the activations so that `maddubs` can take them
-/// unsigned. A block's two halves of 16 weights are summed exactly, each
-/// takes one fused multiply-add into its own accumulator, and the two are
-/// added at the end: the same steps as the lanes of [`q8_0_tile`], so every
-/// result has the same bits as there. Returns `[weight row][tile][activation
-/// row]`.
-///
-/// # Safety
-/// AVX2, FMA and F16C are available; each row holds as many blocks as the
-/// tiles have groups of 32.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q8_0_gemm<const T: usize>(
-    rows: [*const u8; 2],
-    tiles: [&ActTile; T],
-) -> [[[f32; 8]; T]; 2] {
-    let blocks = tiles[0].scales.len() / 8;
-    let ones = _mm256_set1_epi16(1);
-    let a_base: [*const i8; T] = tiles.map(|t| t.bytes.as_ptr());
-    // `[half][weight row][tile]`.
-    let mut acc = [[[_mm256_setzero_ps(); T]; 2]; 2];
-    for b in 0..blocks {
-        let blk = rows.map(|p| p.add(b * 34));
-        let dw = blk.map(|p| {
-            let bits = (p as *const u16).read_unaligned();
-            _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
-        });
-        let dy: [__m256; T] =
-            std::array::from_fn(|t| _mm256_loadu_ps(tiles[t].scales.as_ptr().add(b * 8)));
-        for (h, acc_h) in acc.iter_mut().enumerate() {
-            let mut isum = [[_mm256_setzero_si256(); T]; 2];
-            for g in 0..4 {
-                let k = b * 32 + h * 16 + 4 * g;
-                let av: [__m256i; T] = std::array::from_fn(|t| {
-                    _mm256_loadu_si256(a_base[t].add(k * 8) as *const __m256i)
-                });
-                for r in 0..2 {
-                    let at = blk[r].add(2 + h * 16 + 4 * g);
-                    let wv = _mm256_set1_epi32((at as *const i32).read_unaligned());
-                    let wabs = _mm256_sign_epi8(wv, wv);
-                    for t in 0..T {
-                        let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(av[t], wv));
-                        isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(p, ones));
-                    }
-                }
+/// Activation rows for [`q8_0_gemm`], eight per tile, widened to 16 bits and
+/// interleaved two values at a time: value `k` of row `i` is at
+/// `(k / 2 · 8 + i) · 2 + k % 2`, so one 32-byte load holds two consecutive
+/// values of all eight rows.
+pub struct WideTile {
+    values: Vec<i16>,
+    /// `[block][row]`: each row's scale per 32.
+    scales: Vec<f32>,
+}
+
+impl WideTile {
+    /// Eight rows quantized per 32.
+    pub fn new(rows: &[QuantRow]) -> WideTile {
+        assert_eq!(rows.len(), 8, "a tile holds eight rows");
+        let k = rows[0].values.len();
+        let blocks = rows[0].scales.len();
+        let mut values = vec![0i16; 8 * k];
+        for (i, row) in rows.iter().enumerate() {
+            for (p, two) in row.values.chunks_exact(2).enumerate() {
+                let at = (p * 8 + i) * 2;
+                values[at] = two[0] as i16;
+                values[at + 1] = two[1] as i16;
             }
-            for r in 0..2 {
-                for t in 0..T {
-                    let d = _mm256_mul_ps(dw[r], dy[t]);
-                    acc_h[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum[r][t]), acc_h[r][t]);
+        }
+        let scales = (0..blocks * 8).map(|x| rows[x % 8].scales[x / 8]).collect();
+        WideTile { values, scales }
+    }
+}
+
+/// Q8_0 rows widened to 16 bits for [`q8_0_gemm`]: `values[r][k]`, and each
+/// row's block scales in f32.
+#[derive(Default)]
+pub struct WideRows {
+    values: Vec<i16>,
+    scales: Vec<f32>,
+    k: usize,
+}
+
+impl WideRows {
+    /// Widens the Q8_0 rows of `k` values that `rows` point at, reusing
+    /// the buffers.
+    ///
+    /// # Safety
+    /// Each pointer is at a whole Q8_0 row of `k` values.
+    pub unsafe fn fill(&mut self, k: usize, rows: impl ExactSizeIterator<Item = *const u8>) {
+        let blocks = k / 32;
+        let n = rows.len();
+        self.k = k;
+        self.values.resize(n * k, 0);
+        self.scales.resize(n * blocks, 0.0);
+        for (r, row) in rows.enumerate() {
+            for b in 0..blocks {
+                let blk = row.add(b * 34);
+                let bits = (blk as *const u16).read_unaligned();
+                self.scales[r * blocks + b] = half::f16::from_bits(bits).to_f32();
+                let q = std::slice::from_raw_parts(blk.add(2) as *const i8, 32);
+                let dst = &mut self.values[r * k + b * 32..r * k + b * 32 + 32];
+                for (d, &v) in dst.iter_mut().zip(q) {
+                    *d = v as i16;
                 }
             }
         }
     }
-    let mut out = [[[0f32; 8]; T]; 2];
-    for r in 0..2 {
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.values.len() / self.k.max(1)
+    }
+}
+
+/// `R` Q8_0 rows (`rows[r]`: row `first + r` of `w`) against `T` tiles of
+/// eight activation rows (quantized per 32): the prefill product. Both sides
+/// are widened to 16 bits, so `madd` takes them as they are: each lane of a
+/// product holds one activation row, and two weights, broadcast to all
+/// lanes, multiply two values of every row. A block's two halves of 16
+/// weights are summed exactly, each takes one fused multiply-add into its
+/// own accumulator, and the two are added at the end: the same steps as the
+/// lanes of [`q8_0_tile`], so every result has the same bits as there. The
+/// halves run as two passes, so that only one half's accumulators are live.
+/// Returns `[weight row][tile][activation row]`.
+///
+/// # Safety
+/// AVX2 and FMA are available; `first + R <= w.rows()`, and the tiles have
+/// as many values per row as `w`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn q8_0_gemm<const R: usize, const T: usize>(
+    w: &WideRows,
+    first: usize,
+    tiles: [&WideTile; T],
+) -> [[[f32; 8]; T]; R] {
+    let halves = [
+        q8_0_gemm_half::<R, T>(w, first, tiles, 0),
+        q8_0_gemm_half::<R, T>(w, first, tiles, 1),
+    ];
+    let mut out = [[[0f32; 8]; T]; R];
+    for r in 0..R {
         for t in 0..T {
             _mm256_storeu_ps(
                 out[r][t].as_mut_ptr(),
-                _mm256_add_ps(acc[0][r][t], acc[1][r][t]),
+                _mm256_add_ps(halves[0][r][t], halves[1][r][t]),
             );
         }
     }
     out
+}
+
+/// One half (`h`: each block's first or last 16 weights) of [`q8_0_gemm`],
+/// over all blocks.
+///
+/// # Safety
+/// As for [`q8_0_gemm`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn q8_0_gemm_half<const R: usize, const T: usize>(
+    w: &WideRows,
+    first: usize,
+    tiles: [&WideTile; T],
+    h: usize,
+) -> [[__m256; T]; R] {
+    let k = w.k;
+    let blocks = k / 32;
+    let a_base: [*const i16; T] = tiles.map(|t| t.values.as_ptr().add(h * 16 * 8));
+    let dy_base: [*const f32; T] = tiles.map(|t| t.scales.as_ptr());
+    let w_base: [*const i16; R] =
+        std::array::from_fn(|r| w.values.as_ptr().add((first + r) * k + h * 16));
+    let dw_base: [*const f32; R] =
+        std::array::from_fn(|r| w.scales.as_ptr().add((first + r) * blocks));
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..blocks {
+        let mut isum = [[_mm256_setzero_si256(); T]; R];
+        for p in 0..8 {
+            let av: [__m256i; T] = std::array::from_fn(|t| {
+                _mm256_loadu_si256(a_base[t].add((b * 16 + p) * 16) as *const __m256i)
+            });
+            for r in 0..R {
+                let pair = (w_base[r].add(b * 32 + 2 * p) as *const i32).read_unaligned();
+                let wv = _mm256_set1_epi32(pair);
+                for t in 0..T {
+                    isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(wv, av[t]));
+                }
+            }
+        }
+        for r in 0..R {
+            let dw = _mm256_set1_ps(*dw_base[r].add(b));
+            for t in 0..T {
+                let d = _mm256_mul_ps(dw, _mm256_loadu_ps(dy_base[t].add(b * 8)));
+                acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum[r][t]), acc[r][t]);
+            }
+        }
+    }
+    acc
 }
 
 /// Eight Q4_K rows, held as a group ([`crate::repack`]), against `R`

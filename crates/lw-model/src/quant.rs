@@ -488,12 +488,13 @@ impl QMatrix {
 
 /// Stacked Q8_0 matrices (one width) times `x`: blocks of rows over the
 /// thread pool, tiles of eight input rows through the GEMM kernel
-/// ([`crate::kernels::q8_0_gemm`]), two weight rows at a time, and the
+/// ([`crate::kernels::q8_0_gemm`]), four weight rows at a time, and the
 /// other input rows (all of them, when decoding) through the four-row
 /// kernel ([`crate::kernels::q8_0_tile`]). Both give a row the same bits.
 #[cfg(target_arch = "x86_64")]
 fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
-    use crate::kernels::{q8_0_gemm, q8_0_tile, ActTile, QuantRow};
+    const GEMM_ROWS: usize = 4;
+    use crate::kernels::{q8_0_gemm, q8_0_tile, QuantRow, WideRows, WideTile};
     let k = parts[0].cols;
     let n: usize = parts.iter().map(|p| p.rows).sum();
     let m = x.len() / k;
@@ -524,8 +525,8 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     let dst = SharedOut(out.as_mut_ptr());
     // Prefill: whole tiles of eight input rows go through the GEMM kernel
     // (the same bits as the row kernel); the rest below.
-    let tiles: Vec<ActTile> = if m >= 8 {
-        xq.par_chunks_exact(8).map(ActTile::new).collect()
+    let tiles: Vec<WideTile> = if m >= 8 {
+        xq.par_chunks_exact(8).map(WideTile::new).collect()
     } else {
         Vec::new()
     };
@@ -533,35 +534,27 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
         let j0 = bi * block;
         let j1 = (j0 + block).min(n);
-        // Eight tiles (64 input rows) stay in cache while the block's weight
-        // rows pass over them two at a time.
-        for t0 in (0..tiles.len()).step_by(8) {
-            let t1 = (t0 + 8).min(tiles.len());
-            for j in (j0..j1).step_by(2) {
-                let valid = j1.min(j + 2) - j;
-                // A tail pair repeats its row and drops the extra.
-                let rows = [row_ptr(j), row_ptr(j + valid - 1)];
-                let store = |t: usize, v: [[f32; 8]; 2]| {
-                    for (r, lanes) in v.iter().enumerate().take(valid) {
-                        for (i, &x) in lanes.iter().enumerate() {
-                            // SAFETY: element (8t + i, j + r) belongs to this block alone.
-                            unsafe { *dst.at((8 * t + i) * n + j + r) = x };
-                        }
+        // The block's rows widened to 16 bits once, for all the tiles; a
+        // tail group repeats the last row.
+        let mut wide = WideRows::default();
+        if !tiles.is_empty() {
+            let padded = (j1 - j0).div_ceil(GEMM_ROWS) * GEMM_ROWS;
+            // SAFETY: `row_ptr` gives whole rows of `k` values.
+            unsafe { wide.fill(k, (j0..j0 + padded).map(|j| row_ptr(j.min(j1 - 1)))) };
+        }
+        // Each tile (eight input rows, widened) stays in the first-level
+        // cache while the block's rows stream past it, GEMM_ROWS at a time.
+        for (t, tile) in tiles.iter().enumerate() {
+            for j in (j0..j1).step_by(GEMM_ROWS) {
+                let valid = j1.min(j + GEMM_ROWS) - j;
+                // SAFETY: the features were checked by the caller; the
+                // widened rows hold k values, as the tile does.
+                let v = unsafe { q8_0_gemm::<GEMM_ROWS, 1>(&wide, j - j0, [tile]) };
+                for (r, lanes) in v.iter().enumerate().take(valid) {
+                    for (i, &x) in lanes[0].iter().enumerate() {
+                        // SAFETY: element (8t + i, j + r) belongs to this block alone.
+                        unsafe { *dst.at((8 * t + i) * n + j + r) = x };
                     }
-                };
-                let mut t = t0;
-                while t + 2 <= t1 {
-                    // SAFETY: the features were checked by the caller; the
-                    // rows hold k / 32 blocks, as the tiles do.
-                    let v = unsafe { q8_0_gemm::<2>(rows, [&tiles[t], &tiles[t + 1]]) };
-                    store(t, [v[0][0], v[1][0]]);
-                    store(t + 1, [v[0][1], v[1][1]]);
-                    t += 2;
-                }
-                if t < t1 {
-                    // SAFETY: as above.
-                    let v = unsafe { q8_0_gemm::<1>(rows, [&tiles[t]]) };
-                    store(t, [v[0][0], v[1][0]]);
                 }
             }
         }
