@@ -133,20 +133,41 @@ fn attend_body<E: KvElem, const AVX2: bool>(
     let heads = q.len() / hd;
     let m = rows.len - rows.first;
     let scale = 1.0 / (hd as f32).sqrt();
+    // Positions `i0..i1` of a buffer, as f32 (widened into `buf` if need be).
+    let span =
+        |i0: usize, i1: usize| rows.at(rows.first + i0).start..rows.at(rows.first + i1).start;
     // scores[h * m + i]: head h, position first + i.
     let mut scores = vec![0f32; heads * m];
-    let mut buf = vec![0f32; hd];
-    for i in 0..m {
-        let k = E::as_f32(&keys[rows.at(rows.first + i)], &mut buf);
+    let mut buf = vec![0f32; CHUNK * hd];
+    for c0 in (0..m).step_by(CHUNK) {
+        let c1 = (c0 + CHUNK).min(m);
+        let ks = E::as_f32(&keys[span(c0, c1)], &mut buf[..(c1 - c0) * hd]);
         for h in 0..heads {
-            scores[h * m + i] = dot_for::<AVX2>(&q[h * hd..(h + 1) * hd], k) * scale;
+            let qh = &q[h * hd..(h + 1) * hd];
+            let row = &mut scores[h * m + c0..h * m + c1];
+            let mut i = 0;
+            while i + 8 <= c1 - c0 {
+                let d = dots8_for::<AVX2>(qh, &ks[i * hd..(i + 8) * hd]);
+                for (s, d) in row[i..i + 8].iter_mut().zip(d) {
+                    *s = d * scale;
+                }
+                i += 8;
+            }
+            for (j, s) in row.iter_mut().enumerate().skip(i) {
+                *s = dot(qh, &ks[j * hd..(j + 1) * hd]) * scale;
+            }
         }
     }
-    let inv: Vec<f32> = scores.chunks_mut(m.max(1)).map(softmax).collect();
+    // A plain loop, so that the softmax is compiled for this function's
+    // features (an iterator adapter would be compiled without them).
+    let mut inv = vec![0f32; heads];
+    for (h, i) in inv.iter_mut().enumerate() {
+        *i = softmax_for::<AVX2>(&mut scores[h * m..(h + 1) * m]);
+    }
     out.fill(0.0);
     if !hd.is_multiple_of(SLICE) {
         for i in 0..m {
-            let v = E::as_f32(&values[rows.at(rows.first + i)], &mut buf);
+            let v = E::as_f32(&values[span(i, i + 1)], &mut buf[..hd]);
             for h in 0..heads {
                 axpy(
                     scores[h * m + i] * inv[h],
@@ -160,14 +181,10 @@ fn attend_body<E: KvElem, const AVX2: bool>(
     // The same sums, position by position into each output element, but a
     // slice of one head's output stays in registers over a chunk of
     // positions instead of being loaded and stored per position.
-    let mut vbuf = vec![0f32; CHUNK * hd];
     let mut p = [0f32; CHUNK];
     for c0 in (0..m).step_by(CHUNK) {
         let c1 = (c0 + CHUNK).min(m);
-        for i in c0..c1 {
-            let v = E::as_f32(&values[rows.at(rows.first + i)], &mut buf);
-            vbuf[(i - c0) * hd..(i - c0 + 1) * hd].copy_from_slice(v);
-        }
+        let vs = E::as_f32(&values[span(c0, c1)], &mut buf[..(c1 - c0) * hd]);
         for h in 0..heads {
             let p = &mut p[..c1 - c0];
             for (pi, i) in p.iter_mut().zip(c0..c1) {
@@ -178,7 +195,7 @@ fn attend_body<E: KvElem, const AVX2: bool>(
                 let mut acc = [0f32; SLICE];
                 acc.copy_from_slice(o);
                 for (i, &pi) in p.iter().enumerate() {
-                    let v = &vbuf[i * hd + s0..i * hd + s0 + SLICE];
+                    let v = &vs[i * hd + s0..i * hd + s0 + SLICE];
                     for d in 0..SLICE {
                         acc[d] += pi * v[d];
                     }
@@ -190,15 +207,158 @@ fn attend_body<E: KvElem, const AVX2: bool>(
 }
 
 /// Exponentiates `scores` in place (minus their maximum); returns 1 / sum.
+/// The sum runs in eight lanes (score `i` into lane `i % 8`), then as in
+/// [`tree8`]; with `AVX2` (the caller checked the feature), eight scores at
+/// a time in explicit AVX2 with the same operations, so the same bits.
+#[inline(always)]
+fn softmax_for<const AVX2: bool>(scores: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: `AVX2` is set only where the feature was detected.
+        return unsafe { softmax_avx2(scores) };
+    }
+    softmax(scores)
+}
+
+/// [`softmax_for`] without explicit vectors.
 fn softmax(scores: &mut [f32]) -> f32 {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+    let mut lanes = [0f32; 8];
+    for (i, s) in scores.iter_mut().enumerate() {
+        *s = exp_nonpositive(*s - max);
+        lanes[i % 8] += *s;
     }
-    1.0 / sum
+    1.0 / tree8(lanes)
 }
+
+/// [`softmax`] eight scores at a time.
+///
+/// # Safety
+/// AVX2 is available.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn softmax_avx2(scores: &mut [f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let full = scores.len() / 8 * 8;
+    let p = scores.as_mut_ptr();
+    let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+    for c in (0..full).step_by(8) {
+        vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p.add(c)));
+    }
+    let mut m8 = [0f32; 8];
+    _mm256_storeu_ps(m8.as_mut_ptr(), vmax);
+    let max = scores[full..]
+        .iter()
+        .chain(&m8)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let vm = _mm256_set1_ps(max);
+    let mut sum = _mm256_setzero_ps();
+    for c in (0..full).step_by(8) {
+        let e = exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(p.add(c)), vm));
+        _mm256_storeu_ps(p.add(c), e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+    for (l, s) in lanes.iter_mut().zip(&mut scores[full..]) {
+        *s = exp_nonpositive(*s - max);
+        *l += *s;
+    }
+    1.0 / tree8(lanes)
+}
+
+/// [`exp_nonpositive`] of eight lanes, step for step.
+///
+/// # Safety
+/// AVX2 is available.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp8_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let set = _mm256_set1_ps;
+    let floor = set(EXP_FLOOR);
+    // `max(x, floor)` as `f32::max` gives it for numbers.
+    let xc = _mm256_max_ps(x, floor);
+    let t = _mm256_add_ps(
+        _mm256_mul_ps(xc, set(std::f32::consts::LOG2_E)),
+        set(EXP_MAGIC),
+    );
+    let n = _mm256_sub_ps(t, set(EXP_MAGIC));
+    let r = _mm256_sub_ps(
+        _mm256_sub_ps(xc, _mm256_mul_ps(n, set(EXP_LN2_HI))),
+        _mm256_mul_ps(n, set(EXP_LN2_LO)),
+    );
+    let mut p = set(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), set(c));
+    }
+    let e = _mm256_add_ps(
+        _mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r),
+        set(1.0),
+    );
+    let n_int = _mm256_sub_epi32(
+        _mm256_castps_si256(t),
+        _mm256_set1_epi32(EXP_MAGIC.to_bits() as i32),
+    );
+    let scale = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_add_epi32(n_int, _mm256_set1_epi32(127)),
+        23,
+    ));
+    let keep = _mm256_cmp_ps(x, floor, _CMP_GE_OQ);
+    _mm256_and_ps(_mm256_mul_ps(e, scale), keep)
+}
+
+/// `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`.
+#[inline(always)]
+fn tree8(l: [f32; 8]) -> f32 {
+    ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+}
+
+/// `e^x` for `x <= 0` (a score minus the maximum), within two units in the
+/// last place; `0` below `-87` (under `1e-38`, where a softmax term no
+/// longer counts). Written in plain arithmetic, without branches or fused
+/// steps, so the loops that call it vectorise and every build gives the
+/// same bits.
+///
+/// `x = n · ln 2 + r` with `n` the nearest integer to `x / ln 2` (rounded
+/// with the `1.5 · 2^23` trick, whose low bits then hold `n`), `ln 2` split
+/// in two so that `n · LN2_HI` is exact, and `e^r` on `|r| <= ln 2 / 2` a
+/// degree-7 polynomial (Cephes' `expf` coefficients).
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    let xc = x.max(EXP_FLOOR);
+    let t = xc * std::f32::consts::LOG2_E + EXP_MAGIC;
+    let n = t - EXP_MAGIC;
+    let r = (xc - n * EXP_LN2_HI) - n * EXP_LN2_LO;
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
+    let e = (p * (r * r) + r) + 1.0;
+    // The low bits of `t` hold `n` (-126..=0): 2^n from its exponent field.
+    let n_int = t.to_bits() as i32 - EXP_MAGIC.to_bits() as i32;
+    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
+    if x >= EXP_FLOOR {
+        e * scale
+    } else {
+        0.0
+    }
+}
+
+const EXP_FLOOR: f32 = -87.0;
+const EXP_MAGIC: f32 = 12_582_912.0;
+const EXP_LN2_HI: f32 = 0.693_359_4;
+const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+/// `e^r ≈ 1 + r + r² · p(r)`, `p` highest power first.
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
 
 #[inline(always)]
 fn axpy(p: f32, x: &[f32], out: &mut [f32]) {
@@ -207,45 +367,62 @@ fn axpy(p: f32, x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// [`dot`], with explicit AVX2 when `AVX2` is set (the caller checked the
+/// [`dot`] of `q` with each of the eight rows of `keys` (`8 · q.len()`
+/// values), with explicit AVX2 when `AVX2` is set (the caller checked the
 /// feature): the same products and sums in the same order, so the same bits.
 #[inline(always)]
-fn dot_for<const AVX2: bool>(a: &[f32], b: &[f32]) -> f32 {
+fn dots8_for<const AVX2: bool>(q: &[f32], keys: &[f32]) -> [f32; 8] {
+    let hd = q.len();
     #[cfg(target_arch = "x86_64")]
-    if AVX2 && a.len().is_multiple_of(8) && a.len() == b.len() {
+    if AVX2 && hd.is_multiple_of(8) && keys.len() == 8 * hd {
         // SAFETY: `AVX2` is set only where the feature was detected; the
         // lengths were just checked.
-        return unsafe { dot_avx2(a, b) };
+        return unsafe { dots8_avx2(q, keys) };
     }
-    dot(a, b)
+    std::array::from_fn(|j| dot(q, &keys[j * hd..(j + 1) * hd]))
 }
 
-/// [`dot`] for lengths that are a multiple of 8: one register of eight
-/// lanes, each summed in order (multiply, then add: no fused steps), then
-/// `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))` and the empty tail.
+/// [`dot`] of `q` with eight keys at once, for lengths that are a multiple
+/// of 8: one register of eight lane sums per key (multiply, then add: no
+/// fused steps), then the eight registers reduced together by pairwise
+/// horizontal adds, which add the lanes in [`dot`]'s order.
 ///
 /// # Safety
-/// AVX2 is available; `a` and `b` have the same length, a multiple of 8.
+/// AVX2 is available; `q.len()` is a multiple of 8 and `keys` holds eight
+/// rows of that length.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+unsafe fn dots8_avx2(q: &[f32], keys: &[f32]) -> [f32; 8] {
     use std::arch::x86_64::*;
-    let mut acc = _mm256_setzero_ps();
-    for c in (0..a.len()).step_by(8) {
-        let p = _mm256_mul_ps(
-            _mm256_loadu_ps(a.as_ptr().add(c)),
-            _mm256_loadu_ps(b.as_ptr().add(c)),
-        );
-        acc = _mm256_add_ps(acc, p);
+    let hd = q.len();
+    let kp = keys.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); 8];
+    for c in (0..hd).step_by(8) {
+        let qv = _mm256_loadu_ps(q.as_ptr().add(c));
+        for (j, a) in acc.iter_mut().enumerate() {
+            let p = _mm256_mul_ps(qv, _mm256_loadu_ps(kp.add(j * hd + c)));
+            *a = _mm256_add_ps(*a, p);
+        }
     }
-    // [l0 + l4, l1 + l5, l2 + l6, l3 + l7], then pairs, then the two pairs.
-    let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let h = _mm_hadd_ps(s, s);
-    _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) + 0.0
+    // Per key: lanes [0+1, 2+3, ... | 4+5, 6+7, ...], then
+    // [(0+1)+(2+3) of keys 0-3 | (4+5)+(6+7) of keys 0-3], and the halves
+    // of keys 0-3 and 4-7 brought together and added.
+    let h01 = _mm256_hadd_ps(acc[0], acc[1]);
+    let h23 = _mm256_hadd_ps(acc[2], acc[3]);
+    let h45 = _mm256_hadd_ps(acc[4], acc[5]);
+    let h67 = _mm256_hadd_ps(acc[6], acc[7]);
+    let lo = _mm256_hadd_ps(h01, h23);
+    let hi = _mm256_hadd_ps(h45, h67);
+    let first = _mm256_permute2f128_ps(lo, hi, 0x20);
+    let second = _mm256_permute2f128_ps(lo, hi, 0x31);
+    let mut out = [0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(first, second));
+    out.map(|x| x + 0.0)
 }
 
 /// A dot product in eight lanes: head sizes (16 to 256) are short, and
-/// eight independent sums vectorise into one AVX register.
+/// eight independent sums vectorise into one AVX register. The lanes are
+/// added as in [`tree8`], then the tail.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     const L: usize = 8;
@@ -260,7 +437,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for i in full..a.len() {
         tail += a[i] * b[i];
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    tree8(acc) + tail
 }
 
 #[cfg(test)]
@@ -320,6 +497,46 @@ mod tests {
             let vw: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
             attend(&q, &k16, &v16, &rows, &mut out);
             assert_eq!(bits(&out), bits(&plain(&kw, &vw)), "f16, head size {hd}");
+        }
+    }
+
+    /// The branch-free exponential stays within two units in the last
+    /// place of the library's over the range softmax uses, and is exactly
+    /// 1 at 0 and 0 far below.
+    #[test]
+    fn exp_matches_the_library_within_two_ulps() {
+        let mut worst = 0u32;
+        for i in 0..=870_000 {
+            let x = -(i as f32) * 1e-4;
+            let (ours, lib) = (exp_nonpositive(x), x.exp());
+            let ulps = (ours.to_bits() as i64 - lib.to_bits() as i64).unsigned_abs() as u32;
+            worst = worst.max(ulps);
+            assert!(ulps <= 2, "e^{x}: {ours} against {lib}");
+        }
+        assert!(worst >= 1, "the comparison ran");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-100.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+    }
+
+    /// Eight keys at once give each key the bits of the one-key product.
+    #[test]
+    fn eight_key_dots_match_single_dots() {
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = std::arch::is_x86_feature_detected!("avx2");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
+        for hd in [8, 64, 128, 12] {
+            let q = values(hd, 4);
+            let keys = values(8 * hd, 5);
+            let eight = if avx2 {
+                dots8_for::<true>(&q, &keys)
+            } else {
+                dots8_for::<false>(&q, &keys)
+            };
+            for (j, d) in eight.iter().enumerate() {
+                assert_eq!(d.to_bits(), dot(&q, &keys[j * hd..(j + 1) * hd]).to_bits());
+            }
         }
     }
 }
