@@ -287,23 +287,28 @@ impl WideRows {
     /// the buffers.
     ///
     /// # Safety
-    /// Each pointer is at a whole Q8_0 row of `k` values.
+    /// AVX2 and F16C are available; each pointer is at a whole Q8_0 row of
+    /// `k` values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,f16c")]
     pub unsafe fn fill(&mut self, k: usize, rows: impl ExactSizeIterator<Item = *const u8>) {
         let blocks = k / 32;
         let n = rows.len();
         self.k = k;
         self.values.resize(n * k, 0);
         self.scales.resize(n * blocks, 0.0);
+        let values = self.values.as_mut_ptr();
         for (r, row) in rows.enumerate() {
             for b in 0..blocks {
                 let blk = row.add(b * 34);
                 let bits = (blk as *const u16).read_unaligned();
-                self.scales[r * blocks + b] = half::f16::from_bits(bits).to_f32();
-                let q = std::slice::from_raw_parts(blk.add(2) as *const i8, 32);
-                let dst = &mut self.values[r * k + b * 32..r * k + b * 32 + 32];
-                for (d, &v) in dst.iter_mut().zip(q) {
-                    *d = v as i16;
-                }
+                self.scales[r * blocks + b] =
+                    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
+                let dst = values.add(r * k + b * 32);
+                let lo = _mm_loadu_si128(blk.add(2) as *const __m128i);
+                let hi = _mm_loadu_si128(blk.add(18) as *const __m128i);
+                _mm256_storeu_si256(dst as *mut __m256i, _mm256_cvtepi8_epi16(lo));
+                _mm256_storeu_si256(dst.add(16) as *mut __m256i, _mm256_cvtepi8_epi16(hi));
             }
         }
     }

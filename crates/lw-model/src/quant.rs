@@ -550,11 +550,18 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                 // SAFETY: the features were checked by the caller; the
                 // widened rows hold k values, as the tile does.
                 let v = unsafe { q8_0_gemm::<GEMM_ROWS, 1>(&wide, j - j0, [tile]) };
-                for (r, lanes) in v.iter().enumerate().take(valid) {
-                    for (i, &x) in lanes[0].iter().enumerate() {
-                        // SAFETY: element (8t + i, j + r) belongs to this block alone.
-                        unsafe { *dst.at((8 * t + i) * n + j + r) = x };
-                    }
+                for i in 0..8 {
+                    let row: [f32; GEMM_ROWS] = std::array::from_fn(|r| v[r][0][i]);
+                    // SAFETY: elements (8t + i, j..j + valid) belong to this
+                    // block alone.
+                    unsafe {
+                        let to = dst.at((8 * t + i) * n + j);
+                        if valid == GEMM_ROWS {
+                            (to as *mut [f32; GEMM_ROWS]).write_unaligned(row);
+                        } else {
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), to, valid);
+                        }
+                    };
                 }
             }
         }
