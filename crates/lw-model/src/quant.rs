@@ -550,8 +550,10 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                 // SAFETY: the features were checked by the caller; the
                 // widened rows hold k values, as the tile does.
                 let v = unsafe { q8_0_gemm::<GEMM_ROWS, 1>(&wide, j - j0, [tile]) };
-                for i in 0..8 {
-                    let row: [f32; GEMM_ROWS] = std::array::from_fn(|r| v[r][0][i]);
+                // `[activation row][weight row]`.
+                let out: [[f32; GEMM_ROWS]; 8] =
+                    std::array::from_fn(|i| std::array::from_fn(|r| v[r][0][i]));
+                for (i, &row) in out.iter().enumerate() {
                     // SAFETY: elements (8t + i, j..j + valid) belong to this
                     // block alone.
                     unsafe {
