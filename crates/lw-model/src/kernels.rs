@@ -340,27 +340,58 @@ pub unsafe fn q8_0_gemm<const R: usize, const T: usize>(
     first: usize,
     tiles: [&WideTile; T],
 ) -> [[[f32; 8]; T]; R] {
-    let halves = [
-        q8_0_gemm_half::<R, T>(w, first, tiles, 0),
-        q8_0_gemm_half::<R, T>(w, first, tiles, 1),
-    ];
-    let mut out = [[[0f32; 8]; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            _mm256_storeu_ps(
-                out[r][t].as_mut_ptr(),
-                _mm256_add_ps(halves[0][r][t], halves[1][r][t]),
-            );
-        }
+    let mut acc = GemmAcc::<R, T>::default();
+    q8_0_gemm_blocks(w, first, tiles, 0..w.k / 32, &mut acc);
+    acc.sum()
+}
+
+/// The two halves' accumulators of a [`q8_0_gemm`] in progress, so that its
+/// blocks can run a span at a time (each span's activations then stay in
+/// the first-level cache) with the same steps, and so the same bits, as in
+/// one pass: `[half][weight row][tile][activation row]`.
+pub struct GemmAcc<const R: usize, const T: usize>([[[[f32; 8]; T]; R]; 2]);
+
+impl<const R: usize, const T: usize> Default for GemmAcc<R, T> {
+    fn default() -> Self {
+        GemmAcc([[[[0.0; 8]; T]; R]; 2])
     }
-    out
+}
+
+impl<const R: usize, const T: usize> GemmAcc<R, T> {
+    /// The finished products, `[weight row][tile][activation row]`: the
+    /// halves added.
+    pub fn sum(&self) -> [[[f32; 8]; T]; R] {
+        std::array::from_fn(|r| {
+            std::array::from_fn(|t| {
+                std::array::from_fn(|i| self.0[0][r][t][i] + self.0[1][r][t][i])
+            })
+        })
+    }
+}
+
+/// Blocks `blocks` of [`q8_0_gemm`], continuing `acc`.
+///
+/// # Safety
+/// As for [`q8_0_gemm`]; `blocks` lies within the rows' blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn q8_0_gemm_blocks<const R: usize, const T: usize>(
+    w: &WideRows,
+    first: usize,
+    tiles: [&WideTile; T],
+    blocks: std::ops::Range<usize>,
+    acc: &mut GemmAcc<R, T>,
+) {
+    for (h, acc) in acc.0.iter_mut().enumerate() {
+        q8_0_gemm_half::<R, T>(w, first, tiles, blocks.clone(), h, acc);
+    }
 }
 
 /// One half (`h`: each block's first or last 16 weights) of [`q8_0_gemm`],
-/// over all blocks.
+/// over `blocks`: only this half's accumulators are live.
 ///
 /// # Safety
-/// As for [`q8_0_gemm`].
+/// As for [`q8_0_gemm_blocks`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -368,18 +399,20 @@ unsafe fn q8_0_gemm_half<const R: usize, const T: usize>(
     w: &WideRows,
     first: usize,
     tiles: [&WideTile; T],
+    blocks: std::ops::Range<usize>,
     h: usize,
-) -> [[__m256; T]; R] {
+    out: &mut [[[f32; 8]; T]; R],
+) {
     let k = w.k;
-    let blocks = k / 32;
     let a_base: [*const i16; T] = tiles.map(|t| t.values.as_ptr().add(h * 16 * 8));
     let dy_base: [*const f32; T] = tiles.map(|t| t.scales.as_ptr());
     let w_base: [*const i16; R] =
         std::array::from_fn(|r| w.values.as_ptr().add((first + r) * k + h * 16));
     let dw_base: [*const f32; R] =
-        std::array::from_fn(|r| w.scales.as_ptr().add((first + r) * blocks));
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    for b in 0..blocks {
+        std::array::from_fn(|r| w.scales.as_ptr().add((first + r) * (k / 32)));
+    let mut acc: [[__m256; T]; R] =
+        std::array::from_fn(|r| std::array::from_fn(|t| _mm256_loadu_ps(out[r][t].as_ptr())));
+    for b in blocks {
         let mut isum = [[_mm256_setzero_si256(); T]; R];
         for p in 0..8 {
             let av: [__m256i; T] = std::array::from_fn(|t| {
@@ -401,7 +434,11 @@ unsafe fn q8_0_gemm_half<const R: usize, const T: usize>(
             }
         }
     }
-    acc
+    for r in 0..R {
+        for t in 0..T {
+            _mm256_storeu_ps(out[r][t].as_mut_ptr(), acc[r][t]);
+        }
+    }
 }
 
 /// Eight Q4_K rows, held as a group ([`crate::repack`]), against `R`

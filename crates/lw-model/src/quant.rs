@@ -494,7 +494,9 @@ impl QMatrix {
 #[cfg(target_arch = "x86_64")]
 fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     const GEMM_ROWS: usize = 4;
-    use crate::kernels::{q8_0_gemm, q8_0_tile, QuantRow, WideRows, WideTile};
+    /// Blocks of 32 per span: 512 values, 8 KiB of a widened tile.
+    const SPAN: usize = 16;
+    use crate::kernels::{q8_0_gemm_blocks, q8_0_tile, GemmAcc, QuantRow, WideRows, WideTile};
     let k = parts[0].cols;
     let n: usize = parts.iter().map(|p| p.rows).sum();
     let m = x.len() / k;
@@ -542,14 +544,28 @@ fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
             // SAFETY: `row_ptr` gives whole rows of `k` values.
             unsafe { wide.fill(k, (j0..j0 + padded).map(|j| row_ptr(j.min(j1 - 1)))) };
         }
-        // Each tile (eight input rows, widened) stays in the first-level
-        // cache while the block's rows stream past it, GEMM_ROWS at a time.
+        // Each tile (eight input rows, widened) meets the block's rows
+        // GEMM_ROWS at a time, a span of SPAN blocks at a time, so that the
+        // tile's span stays in the first-level cache while the rows stream
+        // past it; the groups' accumulators wait between spans.
+        let groups = (j1 - j0).div_ceil(GEMM_ROWS);
+        let blocks = k / 32;
+        let mut accs: Vec<GemmAcc<GEMM_ROWS, 1>> = Vec::new();
         for (t, tile) in tiles.iter().enumerate() {
-            for j in (j0..j1).step_by(GEMM_ROWS) {
+            accs.clear();
+            accs.resize_with(groups, Default::default);
+            for b0 in (0..blocks).step_by(SPAN) {
+                let span = b0..(b0 + SPAN).min(blocks);
+                for (g, acc) in accs.iter_mut().enumerate() {
+                    // SAFETY: the features were checked by the caller; the
+                    // widened rows hold k values, as the tile does.
+                    unsafe { q8_0_gemm_blocks(&wide, g * GEMM_ROWS, [tile], span.clone(), acc) };
+                }
+            }
+            for (g, acc) in accs.iter().enumerate() {
+                let j = j0 + g * GEMM_ROWS;
                 let valid = j1.min(j + GEMM_ROWS) - j;
-                // SAFETY: the features were checked by the caller; the
-                // widened rows hold k values, as the tile does.
-                let v = unsafe { q8_0_gemm::<GEMM_ROWS, 1>(&wide, j - j0, [tile]) };
+                let v = acc.sum();
                 // `[activation row][weight row]`.
                 let out: [[f32; GEMM_ROWS]; 8] =
                     std::array::from_fn(|i| std::array::from_fn(|r| v[r][0][i]));
