@@ -4,9 +4,9 @@
 //!     cargo run --release -p lw-model --example qmatmul -- [threads] [rows] [types]
 //!
 //! `types` is a comma-separated list (default `q8_0,q4_k,q6_k`). With
-//! `KERNEL_ONLY=1`, the row kernels alone (Q8_0: four weight rows; Q4_K and
-//! Q6_K: a group of eight; against four inputs, and against one, as in decode) on
-//! cache-resident rows, then the Q8_0 prefill kernel in the shapes it can take
+//! `KERNEL_ONLY=1`, the group kernels alone (a group of eight weight rows
+//! against four inputs, and against one, as in decode) on cache-resident
+//! rows, then the Q8_0 prefill kernel in the shapes it can take
 //! (the product uses four weight rows against one tile of eight inputs), in
 //! cycles of a 2.48 GHz clock per 32 multiply-adds.
 
@@ -72,12 +72,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Kernel passes over cache-resident rows of 2048 (Q8_0: four weight rows;
-/// Q4_K and Q6_K: a group of eight) against four inputs, then against one, in cycles
-/// of a 2.48 GHz clock per 32 multiply-adds.
+/// Kernel passes over cache-resident rows of 2048 (a group of eight)
+/// against four inputs, then against one, in cycles of a 2.48 GHz clock per
+/// 32 multiply-adds.
 #[cfg(target_arch = "x86_64")]
 pub fn kernel_only() {
-    use lw_model::kernels::{q4k8_tile, q6k8_tile, q8_0_tile, quantize_row, QuantRow};
+    use lw_model::kernels::{q4k8_tile, q6k8_tile, q8_0x8_tile, quantize_row, QuantRow};
     let k = 2048;
     for qtype in [QType::Q8_0, QType::Q4K, QType::Q6K] {
         let w = QMatrix::quantize(qtype, &values(8 * k, 1), 8, k).unwrap();
@@ -92,14 +92,14 @@ pub fn kernel_only() {
             let reps = 80000 / R;
             let t = Instant::now();
             let mut sink = 0f32;
-            let weight_rows = if qtype == QType::Q8_0 { 4 } else { 8 };
+            let weight_rows = 8;
             for _ in 0..reps {
                 let xr: [&QuantRow; R] = std::array::from_fn(|i| &xs[i]);
                 // SAFETY: AVX2 is checked by the caller; rows hold k / group
                 // blocks (K-quants: one packed group, at the first row's pointer).
                 sink += unsafe {
                     match qtype {
-                        QType::Q8_0 => q8_0_tile::<R>(rows, xr)[0][0],
+                        QType::Q8_0 => q8_0x8_tile::<R>(rows[0], xr)[0][0],
                         QType::Q4K => q4k8_tile::<R>(rows[0], xr)[0][0],
                         _ => q6k8_tile::<R>(rows[0], xr)[0][0],
                     }
@@ -130,9 +130,8 @@ fn gemm_time<const R: usize, const T: usize>(k: usize) {
     use lw_model::kernels::{q8_0_gemm, quantize_row, WideRows, WideTile};
     let w = QMatrix::quantize(QType::Q8_0, &values(R * k, 1), R, k).unwrap();
     let mut rows = WideRows::default();
-    let rb = QType::Q8_0.row_bytes(k);
-    // SAFETY: the matrix holds R rows of k values.
-    unsafe { rows.fill(k, (0..R).map(|r| w.bytes()[r * rb..].as_ptr())) };
+    // SAFETY: the matrix holds R rows of k values, in one group of eight.
+    unsafe { rows.fill_groups(k, std::iter::once(w.bytes().as_ptr())) };
     let xs: Vec<_> = (0..8 * T)
         .map(|i| quantize_row(&values(k, 3 + i as u64), 32))
         .collect();
@@ -141,7 +140,8 @@ fn gemm_time<const R: usize, const T: usize>(k: usize) {
     let t = Instant::now();
     let mut sink = 0f32;
     for _ in 0..reps {
-        // SAFETY: AVX2 is checked by the caller; rows and tiles hold k / 32 blocks.
+        // SAFETY: AVX2 is checked by the caller; rows and tiles hold k / 32
+        // blocks, and R <= 8.
         let v = unsafe { q8_0_gemm::<R, T>(&rows, 0, std::array::from_fn(|i| &tiles[i])) };
         sink += v.iter().flatten().flatten().sum::<f32>();
     }

@@ -160,90 +160,6 @@ pub fn available() -> bool {
     }
 }
 
-/// Fetches block `b` of the four rows that follow the current four
-/// (`ahead` points at them; `block_bytes` per row and block) while these are
-/// summed: they usually come next in memory.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn prefetch_next_rows(ahead: *const u8, b: usize, block_bytes: usize) {
-    let span = 4 * block_bytes;
-    for line in 0..span.div_ceil(64) {
-        _mm_prefetch(ahead.add(b * span + line * 64) as *const i8, _MM_HINT_T0);
-    }
-}
-
-/// Four Q8_0 rows (`rows[i]` points at a row's first block) against `x`.
-///
-/// # Safety
-/// AVX2, FMA and F16C are available; each row holds `x.values.len() / 32` blocks.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q8_0_x4(rows: [*const u8; 4], x: &QuantRow) -> [f32; 4] {
-    q8_0_tile::<1>(rows, [x])[0]
-}
-
-/// Four Q8_0 rows against `R` activation rows: each weight block is loaded
-/// and its signs taken once for all of them (decode, and prefill's rows
-/// that do not fill a tile of [`q8_0_gemm`]). A block's four integer dot
-/// products are summed exactly into one vector (lanes: rows 0–3 for the
-/// block's first 16 weights, then for its last 16) before one conversion
-/// and one multiply-add with the four scales, so only `R` accumulators are
-/// live and a tile of 4 × 4 fits the sixteen registers; the two halves'
-/// accumulators are added at the end. The sums run in the same order for
-/// every `R`, so a row's result does not depend on the rows it was computed
-/// with.
-///
-/// # Safety
-/// As for [`q8_0_x4`], for every row of `xs`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q8_0_tile<const R: usize>(rows: [*const u8; 4], xs: [&QuantRow; R]) -> [[f32; 4]; R] {
-    let mut acc = [_mm256_setzero_ps(); R];
-    let blocks = xs[0].scales.len();
-    let ahead = rows[3].add(blocks * 34);
-    let ones = _mm256_set1_epi16(1);
-    let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
-    let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
-    for b in 0..blocks {
-        prefetch_next_rows(ahead, b, 34);
-        let blk: [*const u8; 4] = std::array::from_fn(|r| rows[r].add(b * 34));
-        let d4 = _mm_cvtph_ps(_mm_setr_epi16(
-            (blk[0] as *const i16).read_unaligned(),
-            (blk[1] as *const i16).read_unaligned(),
-            (blk[2] as *const i16).read_unaligned(),
-            (blk[3] as *const i16).read_unaligned(),
-            0,
-            0,
-            0,
-            0,
-        ));
-        let dw = _mm256_set_m128(d4, d4);
-        let w: [__m256i; 4] =
-            std::array::from_fn(|r| _mm256_loadu_si256(blk[r].add(2) as *const __m256i));
-        let wabs: [__m256i; 4] = std::array::from_fn(|r| _mm256_sign_epi8(w[r], w[r]));
-        for i in 0..R {
-            let y = _mm256_loadu_si256(ys[i].add(b * 32) as *const __m256i);
-            let dot: [__m256i; 4] = std::array::from_fn(|r| {
-                let p = _mm256_maddubs_epi16(wabs[r], _mm256_sign_epi8(y, w[r]));
-                _mm256_madd_epi16(p, ones)
-            });
-            // Lanes [r0, r1, r2, r3 | r0, r1, r2, r3], each a half's sum.
-            let sum = _mm256_hadd_epi32(
-                _mm256_hadd_epi32(dot[0], dot[1]),
-                _mm256_hadd_epi32(dot[2], dot[3]),
-            );
-            let d = _mm256_mul_ps(dw, _mm256_set1_ps(*dys[i].add(b)));
-            acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[i]);
-        }
-    }
-    acc.map(|a| {
-        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        let mut out = [0f32; 4];
-        _mm_storeu_ps(out.as_mut_ptr(), s);
-        out
-    })
-}
-
 /// Activation rows for [`q8_0_gemm`], eight per tile, widened to 16 bits and
 /// interleaved two values at a time: value `k` of row `i` is at
 /// `(k / 2 · 8 + i) · 2 + k % 2`, so one 32-byte load holds two consecutive
@@ -283,32 +199,37 @@ pub struct WideRows {
 }
 
 impl WideRows {
-    /// Widens the Q8_0 rows of `k` values that `rows` point at, reusing
-    /// the buffers.
+    /// Widens the rows of the Q8_0 groups ([`crate::repack`]) of `k`
+    /// values that `groups` point at, eight rows each, reusing the buffers.
     ///
     /// # Safety
-    /// AVX2 and F16C are available; each pointer is at a whole Q8_0 row of
-    /// `k` values.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn fill(&mut self, k: usize, rows: impl ExactSizeIterator<Item = *const u8>) {
+    /// Each pointer is at a whole Q8_0 group of `k / 32` blocks.
+    pub unsafe fn fill_groups(
+        &mut self,
+        k: usize,
+        groups: impl ExactSizeIterator<Item = *const u8>,
+    ) {
+        use crate::repack::q8_0::{D, GROUP_BLOCK, QS};
         let blocks = k / 32;
-        let n = rows.len();
+        let n = groups.len() * 8;
         self.k = k;
         self.values.resize(n * k, 0);
         self.scales.resize(n * blocks, 0.0);
-        let values = self.values.as_mut_ptr();
-        for (r, row) in rows.enumerate() {
+        for (gi, group) in groups.enumerate() {
             for b in 0..blocks {
-                let blk = row.add(b * 34);
-                let bits = (blk as *const u16).read_unaligned();
-                self.scales[r * blocks + b] =
-                    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
-                let dst = values.add(r * k + b * 32);
-                let lo = _mm_loadu_si128(blk.add(2) as *const __m128i);
-                let hi = _mm_loadu_si128(blk.add(18) as *const __m128i);
-                _mm256_storeu_si256(dst as *mut __m256i, _mm256_cvtepi8_epi16(lo));
-                _mm256_storeu_si256(dst.add(16) as *mut __m256i, _mm256_cvtepi8_epi16(hi));
+                let rec = std::slice::from_raw_parts(group.add(b * GROUP_BLOCK), GROUP_BLOCK);
+                for r in 0..8 {
+                    let row = gi * 8 + r;
+                    let bits = u16::from_le_bytes([rec[D + 2 * r], rec[D + 2 * r + 1]]);
+                    self.scales[row * blocks + b] = half::f16::from_bits(bits).to_f32();
+                    let dst = &mut self.values[row * k + b * 32..row * k + b * 32 + 32];
+                    for g in 0..8 {
+                        let src = &rec[QS + (g * 8 + r) * 4..QS + (g * 8 + r) * 4 + 4];
+                        for e in 0..4 {
+                            dst[4 * g + e] = src[e] as i8 as i16;
+                        }
+                    }
+                }
             }
         }
     }
@@ -326,7 +247,7 @@ impl WideRows {
 /// lanes, multiply two values of every row. A block's two halves of 16
 /// weights are summed exactly, each takes one fused multiply-add into its
 /// own accumulator, and the two are added at the end: the same steps as the
-/// lanes of [`q8_0_tile`], so every result has the same bits as there. The
+/// lanes of [`q8_0x8_tile`], so every result has the same bits as there. The
 /// halves run as two passes, so that only one half's accumulators are live.
 /// Returns `[weight row][tile][activation row]`.
 ///
@@ -439,6 +360,60 @@ unsafe fn q8_0_gemm_half<const R: usize, const T: usize>(
             _mm256_storeu_ps(out[r][t].as_mut_ptr(), acc[r][t]);
         }
     }
+}
+
+/// Eight Q8_0 rows, held as a group ([`crate::repack`]), against `R`
+/// activation rows (quantized per 32): decode, and prefill's rows that do
+/// not fill a tile of [`q8_0_gemm`].
+///
+/// The rows sit in the eight 32-bit lanes: one load holds four weights of
+/// every row, four activation bytes are broadcast to all lanes, and their
+/// signs are moved onto the activations so that `maddubs` can take the
+/// weights unsigned. A block's two halves of 16 weights are summed exactly,
+/// each takes one fused multiply-add with the eight rows' scales times the
+/// activation's, into its own accumulator, and the two are added at the
+/// end: the steps of [`q8_0_gemm`], so a row's result has
+/// the same bits whichever computed it; and no horizontal sums, since every
+/// lane is a row. Returns `[activation row][weight row]`.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; `group` points at a group of
+/// `xs[0].scales.len()` blocks, and every row of `xs` has that many blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8_0x8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R] {
+    use crate::repack::q8_0::{D, GROUP_BLOCK, QS};
+    let blocks = xs[0].scales.len();
+    let ones = _mm256_set1_epi16(1);
+    let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
+    let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); R]; 2];
+    for b in 0..blocks {
+        let rec = group.add(b * GROUP_BLOCK);
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(D) as *const __m128i));
+        for (h, acc_h) in acc.iter_mut().enumerate() {
+            let mut isum = [_mm256_setzero_si256(); R];
+            for g in 0..4 {
+                let w = _mm256_loadu_si256(rec.add(QS + (h * 4 + g) * 32) as *const __m256i);
+                let wabs = _mm256_sign_epi8(w, w);
+                for i in 0..R {
+                    let y = ys[i].add(b * 32 + h * 16 + 4 * g);
+                    let ya = _mm256_set1_epi32((y as *const i32).read_unaligned());
+                    let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(ya, w));
+                    isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(p, ones));
+                }
+            }
+            for i in 0..R {
+                let d = _mm256_mul_ps(dw, _mm256_set1_ps(*dys[i].add(b)));
+                acc_h[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum[i]), acc_h[i]);
+            }
+        }
+    }
+    let mut out = [[0f32; 8]; R];
+    for i in 0..R {
+        _mm256_storeu_ps(out[i].as_mut_ptr(), _mm256_add_ps(acc[0][i], acc[1][i]));
+    }
+    out
 }
 
 /// Eight Q4_K rows, held as a group ([`crate::repack`]), against `R`

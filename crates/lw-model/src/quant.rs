@@ -289,7 +289,7 @@ impl QMatrix {
         if !crate::repack::groups(self.qtype) || self.packed || !crate::kernels::available() {
             return self;
         }
-        let blocks = self.cols / 256;
+        let blocks = self.cols / self.qtype.block_elems();
         let len = crate::repack::packed_len(self.qtype, self.rows, blocks);
         let mut words = vec![0u64; len.div_ceil(8)];
         // SAFETY: `words` holds at least `len` bytes.
@@ -368,7 +368,7 @@ impl QMatrix {
             crate::repack::unpack_row(
                 self.qtype,
                 self.data.as_slice(),
-                self.cols / 256,
+                self.cols / self.qtype.block_elems(),
                 r,
                 &mut out,
             );
@@ -385,7 +385,13 @@ impl QMatrix {
         let rb = self.qtype.row_bytes(self.cols);
         let mut out = vec![0u8; self.rows * rb];
         out.par_chunks_mut(rb).enumerate().for_each(|(r, o)| {
-            crate::repack::unpack_row(self.qtype, self.data.as_slice(), self.cols / 256, r, o)
+            crate::repack::unpack_row(
+                self.qtype,
+                self.data.as_slice(),
+                self.cols / self.qtype.block_elems(),
+                r,
+                o,
+            )
         });
         out.into()
     }
@@ -433,13 +439,14 @@ impl QMatrix {
         #[cfg(target_arch = "x86_64")]
         if same && crate::kernels::available() {
             match first.qtype {
-                // K-quants are always held in groups where the kernels run.
+                // Q8_0 and the K-quants are always held in groups where the
+                // kernels run.
                 QType::Q4K | QType::Q6K if parts.iter().all(|p| p.packed) => {
                     matmul_groups(parts, x, out);
                     return true;
                 }
-                QType::Q8_0 => {
-                    matmul_x4_stacked(parts, x, out);
+                QType::Q8_0 if parts.iter().all(|p| p.packed) => {
+                    matmul_q8_groups(parts, x, out);
                     return true;
                 }
                 _ => {}
@@ -486,139 +493,6 @@ impl QMatrix {
     }
 }
 
-/// Stacked Q8_0 matrices (one width) times `x`: blocks of rows over the
-/// thread pool, tiles of eight input rows through the GEMM kernel
-/// ([`crate::kernels::q8_0_gemm`]), four weight rows at a time, and the
-/// other input rows (all of them, when decoding) through the four-row
-/// kernel ([`crate::kernels::q8_0_tile`]). Both give a row the same bits.
-#[cfg(target_arch = "x86_64")]
-fn matmul_x4_stacked(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
-    const GEMM_ROWS: usize = 4;
-    /// Blocks of 32 per span: 512 values, 8 KiB of a widened tile.
-    const SPAN: usize = 16;
-    use crate::kernels::{q8_0_gemm_blocks, q8_0_tile, GemmAcc, QuantRow, WideRows, WideTile};
-    let k = parts[0].cols;
-    let n: usize = parts.iter().map(|p| p.rows).sum();
-    let m = x.len() / k;
-    let xq = quantize_rows(x, k, 32);
-    let rb = QType::Q8_0.row_bytes(k);
-    let bases: Vec<(SharedIn, usize)> = parts
-        .iter()
-        .map(|p| (SharedIn(p.data.as_slice().as_ptr()), p.rows))
-        .collect();
-    // Row `j` of the stack (clamped to the last row).
-    let row_ptr = |j: usize| -> *const u8 {
-        let mut j = j.min(n - 1);
-        for &(base, rows) in &bases {
-            if j < rows {
-                // SAFETY: row `j` lies within this part's bytes.
-                return unsafe { base.at(j * rb) };
-            }
-            j -= rows;
-        }
-        unreachable!("row within the stack")
-    };
-    let threads = rayon::current_num_threads().max(1);
-    let mut block = (n / (threads * 4)).clamp(16, 1024);
-    if m > 4 {
-        block = block.min((256 * 1024 / rb.max(1)).max(16));
-    }
-    let block = block.div_ceil(4) * 4;
-    let dst = SharedOut(out.as_mut_ptr());
-    // Prefill: whole tiles of eight input rows go through the GEMM kernel
-    // (the same bits as the row kernel); the rest below.
-    let tiles: Vec<WideTile> = if m >= 8 {
-        xq.par_chunks_exact(8).map(WideTile::new).collect()
-    } else {
-        Vec::new()
-    };
-    let gemm_rows = tiles.len() * 8;
-    (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
-        let j0 = bi * block;
-        let j1 = (j0 + block).min(n);
-        // The block's rows widened to 16 bits once, for all the tiles; a
-        // tail group repeats the last row.
-        let mut wide = WideRows::default();
-        if !tiles.is_empty() {
-            let padded = (j1 - j0).div_ceil(GEMM_ROWS) * GEMM_ROWS;
-            // SAFETY: `row_ptr` gives whole rows of `k` values.
-            unsafe { wide.fill(k, (j0..j0 + padded).map(|j| row_ptr(j.min(j1 - 1)))) };
-        }
-        // Each tile (eight input rows, widened) meets the block's rows
-        // GEMM_ROWS at a time, a span of SPAN blocks at a time, so that the
-        // tile's span stays in the first-level cache while the rows stream
-        // past it; the groups' accumulators wait between spans.
-        let groups = (j1 - j0).div_ceil(GEMM_ROWS);
-        let blocks = k / 32;
-        let mut accs: Vec<GemmAcc<GEMM_ROWS, 1>> = Vec::new();
-        for (t, tile) in tiles.iter().enumerate() {
-            accs.clear();
-            accs.resize_with(groups, Default::default);
-            for b0 in (0..blocks).step_by(SPAN) {
-                let span = b0..(b0 + SPAN).min(blocks);
-                for (g, acc) in accs.iter_mut().enumerate() {
-                    // SAFETY: the features were checked by the caller; the
-                    // widened rows hold k values, as the tile does.
-                    unsafe { q8_0_gemm_blocks(&wide, g * GEMM_ROWS, [tile], span.clone(), acc) };
-                }
-            }
-            for (g, acc) in accs.iter().enumerate() {
-                let j = j0 + g * GEMM_ROWS;
-                let valid = j1.min(j + GEMM_ROWS) - j;
-                let v = acc.sum();
-                // `[activation row][weight row]`.
-                let out: [[f32; GEMM_ROWS]; 8] =
-                    std::array::from_fn(|i| std::array::from_fn(|r| v[r][0][i]));
-                for (i, &row) in out.iter().enumerate() {
-                    // SAFETY: elements (8t + i, j..j + valid) belong to this
-                    // block alone.
-                    unsafe {
-                        let to = dst.at((8 * t + i) * n + j);
-                        if valid == GEMM_ROWS {
-                            (to as *mut [f32; GEMM_ROWS]).write_unaligned(row);
-                        } else {
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), to, valid);
-                        }
-                    };
-                }
-            }
-        }
-        // Input rows in chunks that stay in cache while the block's weight
-        // rows pass over them four at a time.
-        for r0 in (gemm_rows..m).step_by(64) {
-            let r1 = (r0 + 64).min(m);
-            for j in (j0..j1).step_by(4) {
-                // A tail group repeats its last row and drops the extras.
-                let rows: [*const u8; 4] = std::array::from_fn(|i| row_ptr(j + i));
-                let valid = j1.min(j + 4) - j;
-                let store = |r: usize, v: [f32; 4]| {
-                    for (i, &vi) in v.iter().enumerate().take(valid) {
-                        // SAFETY: element (r, j + i) belongs to this block alone.
-                        unsafe { *dst.at(r * n + j + i) = vi };
-                    }
-                };
-                // Four input rows at a time share each weight block; the
-                // rest one by one. The sums are the same either way.
-                let mut r = r0;
-                while r + 4 <= r1 {
-                    // SAFETY: the features were checked by the caller; each
-                    // row holds k / 32 blocks.
-                    let v = unsafe { q8_0_tile::<4>(rows, std::array::from_fn(|i| &xq[r + i])) };
-                    for (i, vi) in v.into_iter().enumerate() {
-                        store(r + i, vi);
-                    }
-                    r += 4;
-                }
-                for (r, xr) in xq.iter().enumerate().take(r1).skip(r) {
-                    let xr: [&QuantRow; 1] = [xr];
-                    // SAFETY: as above.
-                    store(r, unsafe { q8_0_tile::<1>(rows, xr) }[0]);
-                }
-            }
-        }
-    });
-}
-
 /// Each row of `x` (`k` wide) quantized for the kernels, one scale per `group`.
 #[cfg(target_arch = "x86_64")]
 fn quantize_rows(x: &[f32], k: usize, group: usize) -> Vec<crate::kernels::QuantRow> {
@@ -630,28 +504,12 @@ fn quantize_rows(x: &[f32], k: usize, group: usize) -> Vec<crate::kernels::Quant
     }
 }
 
-/// Stacked Q4_K or Q6_K matrices (one type, one width) held in groups of
-/// eight rows, times `x`: groups of rows over the thread pool, tiles of
-/// eight input rows through the GEMM kernels, and the other input rows (all
-/// of them, when decoding) through the group kernels
-/// ([`crate::kernels::q4k8_tile`], [`crate::kernels::q6k8_tile`]). Both give
-/// a row the same bits.
+/// Every group of a stack of grouped matrices (`group_bytes` each): its
+/// bytes, its first output column and how many of its eight rows are real.
 #[cfg(target_arch = "x86_64")]
-fn matmul_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
-    use crate::kernels::{
-        q4k8_tile, q4k_gemm, q6k8_tile, q6k_gemm, ActTile, Q4kRow, Q6kRow, QuantRow,
-    };
-    use crate::repack::{group_block, GROUP};
-    let qtype = parts[0].qtype;
-    let k = parts[0].cols;
-    let blocks = k / 256;
-    let n: usize = parts.iter().map(|p| p.rows).sum();
-    let m = x.len() / k;
-    let xq = quantize_rows(x, k, 256);
-    let group_bytes = blocks * group_block(qtype);
-    // Every group of the stack: its bytes, its first output column and how
-    // many of its eight rows are real.
-    let mut groups: Vec<(SharedIn, usize, usize)> = Vec::new();
+fn stack_groups(parts: &[&QMatrix], group_bytes: usize) -> Vec<(SharedIn, usize, usize)> {
+    use crate::repack::GROUP;
+    let mut groups = Vec::new();
     let mut col = 0;
     for p in parts {
         let base = SharedIn(p.data.as_slice().as_ptr());
@@ -666,6 +524,152 @@ fn matmul_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
         }
         col += p.rows;
     }
+    groups
+}
+
+/// Stacked Q8_0 matrices (one width) held in groups of eight rows, times
+/// `x`: groups over the thread pool; tiles of eight input rows through the
+/// GEMM kernel ([`crate::kernels::q8_0_gemm`]) against the piece's rows
+/// widened to 16 bits, four at a time, a span of 512 values at a time so
+/// that the tile's span stays in the first-level cache; the other input
+/// rows (all of them, when decoding) through the group kernel
+/// ([`crate::kernels::q8_0x8_tile`]). Both give a row the same bits.
+#[cfg(target_arch = "x86_64")]
+fn matmul_q8_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
+    use crate::kernels::{q8_0_gemm_blocks, q8_0x8_tile, GemmAcc, QuantRow, WideRows, WideTile};
+    use crate::repack::{q8_0::GROUP_BLOCK, GROUP};
+    /// Weight rows per GEMM call (a group holds two such).
+    const GEMM_ROWS: usize = 4;
+    /// Blocks of 32 per span: 512 values, 8 KiB of a widened tile.
+    const SPAN: usize = 16;
+    let k = parts[0].cols;
+    let blocks = k / 32;
+    let n: usize = parts.iter().map(|p| p.rows).sum();
+    let m = x.len() / k;
+    let xq = quantize_rows(x, k, 32);
+    let group_bytes = blocks * GROUP_BLOCK;
+    let groups = stack_groups(parts, group_bytes);
+    let threads = rayon::current_num_threads().max(1);
+    // Enough pieces to balance the threads; with many input rows, few
+    // enough groups per piece that their widened rows stay in the core's
+    // cache.
+    let mut per = (groups.len() / (threads * 4)).clamp(1, 128);
+    if m > 4 {
+        per = per.min((256 * 1024 / (2 * group_bytes)).max(1));
+    }
+    let tiles: Vec<WideTile> = if m >= 8 {
+        xq.par_chunks_exact(8).map(WideTile::new).collect()
+    } else {
+        Vec::new()
+    };
+    let gemm_rows = tiles.len() * 8;
+    let dst = SharedOut(out.as_mut_ptr());
+    groups.par_chunks(per).for_each(|piece| {
+        if !tiles.is_empty() {
+            let mut wide = WideRows::default();
+            // SAFETY: each pointer is at a whole group of `blocks` blocks.
+            unsafe { wide.fill_groups(k, piece.iter().map(|g| g.0 .0)) };
+            let calls = piece.len() * GROUP / GEMM_ROWS;
+            let mut accs: Vec<GemmAcc<GEMM_ROWS, 1>> = Vec::new();
+            for (t, tile) in tiles.iter().enumerate() {
+                accs.clear();
+                accs.resize_with(calls, Default::default);
+                for b0 in (0..blocks).step_by(SPAN) {
+                    let span = b0..(b0 + SPAN).min(blocks);
+                    for (c, acc) in accs.iter_mut().enumerate() {
+                        // SAFETY: the features were checked by the caller;
+                        // the widened rows hold k values, as the tile does.
+                        unsafe {
+                            q8_0_gemm_blocks(&wide, c * GEMM_ROWS, [tile], span.clone(), acc)
+                        };
+                    }
+                }
+                for (c, acc) in accs.iter().enumerate() {
+                    let (_, col, valid) = piece[c * GEMM_ROWS / GROUP];
+                    let first = c * GEMM_ROWS % GROUP;
+                    let take = valid.saturating_sub(first).min(GEMM_ROWS);
+                    let v = acc.sum();
+                    // `[activation row][weight row]`.
+                    let out: [[f32; GEMM_ROWS]; 8] =
+                        std::array::from_fn(|i| std::array::from_fn(|r| v[r][0][i]));
+                    for (i, &row) in out.iter().enumerate() {
+                        // SAFETY: elements (8t + i, col + first..) belong to
+                        // this piece alone.
+                        unsafe {
+                            let to = dst.at((8 * t + i) * n + col + first);
+                            if take == GEMM_ROWS {
+                                (to as *mut [f32; GEMM_ROWS]).write_unaligned(row);
+                            } else {
+                                std::ptr::copy_nonoverlapping(row.as_ptr(), to, take);
+                            }
+                        };
+                    }
+                }
+            }
+        }
+        // The remaining input rows, in chunks that stay in cache while the
+        // piece's groups pass over them.
+        for r0 in (gemm_rows..m).step_by(64) {
+            let r1 = (r0 + 64).min(m);
+            for &(at, col, valid) in piece {
+                let store = |r: usize, v: [f32; 8]| {
+                    // SAFETY: elements (r, col..col + valid) belong to this
+                    // piece alone.
+                    unsafe {
+                        let to = dst.at(r * n + col);
+                        if valid == GROUP {
+                            (to as *mut [f32; 8]).write_unaligned(v);
+                        } else {
+                            std::ptr::copy_nonoverlapping(v.as_ptr(), to, valid);
+                        }
+                    }
+                };
+                let mut r = r0;
+                fn run<const R: usize>(
+                    at: *const u8,
+                    xq: &[QuantRow],
+                    r: &mut usize,
+                    r1: usize,
+                    store: &dyn Fn(usize, [f32; 8]),
+                ) {
+                    while *r + R <= r1 {
+                        let xs = std::array::from_fn(|i| &xq[*r + i]);
+                        // SAFETY: the features were checked by the caller;
+                        // the group and the rows have the same blocks.
+                        let v = unsafe { q8_0x8_tile::<R>(at, xs) };
+                        for (i, vi) in v.into_iter().enumerate() {
+                            store(*r + i, vi);
+                        }
+                        *r += R;
+                    }
+                }
+                run::<4>(at.0, &xq, &mut r, r1, &store);
+                run::<1>(at.0, &xq, &mut r, r1, &store);
+            }
+        }
+    });
+}
+
+/// Stacked Q4_K or Q6_K matrices (one type, one width) held in groups of
+/// eight rows, times `x`: groups of rows over the thread pool, tiles of
+/// eight input rows through the GEMM kernels, and the other input rows (all
+/// of them, when decoding) through the group kernels
+/// ([`crate::kernels::q4k8_tile`], [`crate::kernels::q6k8_tile`]). Both give
+/// a row the same bits.
+#[cfg(target_arch = "x86_64")]
+fn matmul_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
+    use crate::kernels::{
+        q4k8_tile, q4k_gemm, q6k8_tile, q6k_gemm, ActTile, Q4kRow, Q6kRow, QuantRow,
+    };
+    use crate::repack::group_block;
+    let qtype = parts[0].qtype;
+    let k = parts[0].cols;
+    let blocks = k / 256;
+    let n: usize = parts.iter().map(|p| p.rows).sum();
+    let m = x.len() / k;
+    let xq = quantize_rows(x, k, 256);
+    let group_bytes = blocks * group_block(qtype);
+    let groups = stack_groups(parts, group_bytes);
     let threads = rayon::current_num_threads().max(1);
     // Enough pieces to balance the threads; with many input rows, few
     // enough groups per piece that they stay in the core's cache.

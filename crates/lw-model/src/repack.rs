@@ -1,4 +1,4 @@
-//! K-quant matrices (Q4_K, Q6_K) rearranged at load time so that decoding
+//! Quantized matrices (Q4_K, Q6_K, Q8_0) rearranged at load time so that decoding
 //! can keep eight weight rows in the lanes of one vector.
 //!
 //! In a file, a row is a run of blocks of 256 weights (see
@@ -33,6 +33,14 @@
 //! | 16..144 | the sixteen i8 scales, `[pair][row][2]` |
 //! | 144..1680 | per half `h` and step `g` (0..8), three loads of 32 bytes: `ql[64h + 4g..]`, `ql[64h + 32 + 4g..]` and `qh[32h + 4g..]` of each row |
 //!
+//! Q8_0 ([`q8_0`], 272 bytes, as in the file; see
+//! [`crate::kernels::q8_0x8_tile`]):
+//!
+//! | bytes | content |
+//! |---|---|
+//! | 0..16 | `d` of rows 0..8 (f16) |
+//! | 16..272 | the 32 value bytes of each row, interleaved |
+//!
 //! A matrix whose row count is not a multiple of eight is padded with zero
 //! rows, which are never read back.
 
@@ -63,17 +71,25 @@ pub mod q6k {
     pub const QS: usize = 144;
 }
 
-/// Whether matrices of `qtype` are held in groups (where the kernels run).
-pub fn groups(qtype: QType) -> bool {
-    matches!(qtype, QType::Q4K | QType::Q6K)
+/// Offsets within a Q8_0 group block.
+pub mod q8_0 {
+    /// Bytes of one block of a group (eight rows, 32 weights each).
+    pub const GROUP_BLOCK: usize = 272;
+    pub const D: usize = 0;
+    pub const QS: usize = 16;
 }
 
-/// Bytes of one block of a group of `qtype` (Q4_K or Q6_K).
+/// Whether matrices of `qtype` are held in groups (where the kernels run).
+pub fn groups(qtype: QType) -> bool {
+    matches!(qtype, QType::Q4K | QType::Q6K | QType::Q8_0)
+}
+
+/// Bytes of one block of a group of `qtype` (Q4_K, Q6_K or Q8_0).
 pub fn group_block(qtype: QType) -> usize {
-    if qtype == QType::Q4K {
-        q4k::GROUP_BLOCK
-    } else {
-        q6k::GROUP_BLOCK
+    match qtype {
+        QType::Q4K => q4k::GROUP_BLOCK,
+        QType::Q8_0 => q8_0::GROUP_BLOCK,
+        _ => q6k::GROUP_BLOCK,
     }
 }
 
@@ -168,7 +184,12 @@ pub fn unpack_row(qtype: QType, packed: &[u8], blocks: usize, row: usize, out: &
 /// and mins, which are re-encoded.
 fn places(qtype: QType, r: usize) -> Vec<(std::ops::Range<usize>, usize)> {
     let mut v = Vec::with_capacity(64);
-    if qtype == QType::Q4K {
+    if qtype == QType::Q8_0 {
+        v.push((0..2, q8_0::D + 2 * r));
+        for g in 0..8 {
+            v.push((2 + 4 * g..6 + 4 * g, q8_0::QS + (g * GROUP + r) * 4));
+        }
+    } else if qtype == QType::Q4K {
         v.push((0..2, q4k::D + 2 * r));
         v.push((2..4, q4k::DMIN + 2 * r));
         for t in 0..32 {
@@ -217,9 +238,9 @@ mod tests {
     fn rows_come_back_as_they_were() {
         let (rows, cols) = (13, 512);
         let w = crate::test_values(rows * cols, 5);
-        for qtype in [QType::Q4K, QType::Q6K] {
+        for qtype in [QType::Q4K, QType::Q6K, QType::Q8_0] {
             let src = &encode(qtype, &w, cols)[..];
-            let blocks = cols / 256;
+            let blocks = cols / qtype.block_elems();
             let rb = qtype.row_bytes(cols);
             let mut packed = vec![0u8; packed_len(qtype, rows, blocks)];
             pack(qtype, src, rows, blocks, &mut packed);
