@@ -527,6 +527,25 @@ fn stack_groups(parts: &[&QMatrix], group_bytes: usize) -> Vec<(SharedIn, usize,
     groups
 }
 
+/// Input rows from `*r` in runs of `R` through a group kernel, while a whole
+/// run fits before `r1`, each result row stored.
+#[cfg(target_arch = "x86_64")]
+fn rows_in_runs<const R: usize>(
+    xq: &[crate::kernels::QuantRow],
+    r: &mut usize,
+    r1: usize,
+    store: &dyn Fn(usize, [f32; 8]),
+    kernel: impl Fn([&crate::kernels::QuantRow; R]) -> [[f32; 8]; R],
+) {
+    while *r + R <= r1 {
+        let v = kernel(std::array::from_fn(|i| &xq[*r + i]));
+        for (i, vi) in v.into_iter().enumerate() {
+            store(*r + i, vi);
+        }
+        *r += R;
+    }
+}
+
 /// Stacked Q8_0 matrices (one width) held in groups of eight rows, times
 /// `x`: groups over the thread pool; tiles of eight input rows through the
 /// GEMM kernel ([`crate::kernels::q8_0_gemm`]) against the piece's rows
@@ -536,7 +555,7 @@ fn stack_groups(parts: &[&QMatrix], group_bytes: usize) -> Vec<(SharedIn, usize,
 /// ([`crate::kernels::q8_0x8_tile`]). Both give a row the same bits.
 #[cfg(target_arch = "x86_64")]
 fn matmul_q8_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
-    use crate::kernels::{q8_0_gemm_blocks, q8_0x8_tile, GemmAcc, QuantRow, WideRows, WideTile};
+    use crate::kernels::{q8_0_gemm_blocks, q8_0x8_tile, GemmAcc, WideRows, WideTile};
     use crate::repack::{q8_0::GROUP_BLOCK, GROUP};
     /// Weight rows per GEMM call (a group holds two such).
     const GEMM_ROWS: usize = 4;
@@ -625,26 +644,14 @@ fn matmul_q8_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                     }
                 };
                 let mut r = r0;
-                fn run<const R: usize>(
-                    at: *const u8,
-                    xq: &[QuantRow],
-                    r: &mut usize,
-                    r1: usize,
-                    store: &dyn Fn(usize, [f32; 8]),
-                ) {
-                    while *r + R <= r1 {
-                        let xs = std::array::from_fn(|i| &xq[*r + i]);
-                        // SAFETY: the features were checked by the caller;
-                        // the group and the rows have the same blocks.
-                        let v = unsafe { q8_0x8_tile::<R>(at, xs) };
-                        for (i, vi) in v.into_iter().enumerate() {
-                            store(*r + i, vi);
-                        }
-                        *r += R;
-                    }
-                }
-                run::<4>(at.0, &xq, &mut r, r1, &store);
-                run::<1>(at.0, &xq, &mut r, r1, &store);
+                // SAFETY (both): the features were checked by the caller;
+                // the group and the rows have the same blocks.
+                rows_in_runs::<4>(&xq, &mut r, r1, &store, |xs| unsafe {
+                    q8_0x8_tile(at.0, xs)
+                });
+                rows_in_runs::<1>(&xq, &mut r, r1, &store, |xs| unsafe {
+                    q8_0x8_tile(at.0, xs)
+                });
             }
         }
     });
@@ -658,9 +665,7 @@ fn matmul_q8_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
 /// a row the same bits.
 #[cfg(target_arch = "x86_64")]
 fn matmul_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
-    use crate::kernels::{
-        q4k8_tile, q4k_gemm, q6k8_tile, q6k_gemm, ActTile, Q4kRow, Q6kRow, QuantRow,
-    };
+    use crate::kernels::{q4k8_tile, q4k_gemm, q6k8_tile, q6k_gemm, ActTile, Q4kRow, Q6kRow};
     use crate::repack::group_block;
     let qtype = parts[0].qtype;
     let k = parts[0].cols;
@@ -766,33 +771,15 @@ fn matmul_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                     }
                 };
                 let mut r = r0;
-                fn run<const R: usize>(
-                    qtype: QType,
-                    at: *const u8,
-                    xq: &[QuantRow],
-                    r: &mut usize,
-                    r1: usize,
-                    store: &dyn Fn(usize, [f32; 8]),
-                ) {
-                    while *r + R <= r1 {
-                        let xs = std::array::from_fn(|i| &xq[*r + i]);
-                        // SAFETY: the features were checked by the caller;
-                        // the group and the rows have the same blocks.
-                        let v = unsafe {
-                            if qtype == QType::Q4K {
-                                q4k8_tile::<R>(at, xs)
-                            } else {
-                                q6k8_tile::<R>(at, xs)
-                            }
-                        };
-                        for (i, vi) in v.into_iter().enumerate() {
-                            store(*r + i, vi);
-                        }
-                        *r += R;
-                    }
+                // SAFETY (all): the features were checked by the caller; the
+                // group and the rows have the same blocks.
+                if qtype == QType::Q4K {
+                    rows_in_runs::<4>(&xq, &mut r, r1, &store, |xs| unsafe { q4k8_tile(at.0, xs) });
+                    rows_in_runs::<1>(&xq, &mut r, r1, &store, |xs| unsafe { q4k8_tile(at.0, xs) });
+                } else {
+                    rows_in_runs::<4>(&xq, &mut r, r1, &store, |xs| unsafe { q6k8_tile(at.0, xs) });
+                    rows_in_runs::<1>(&xq, &mut r, r1, &store, |xs| unsafe { q6k8_tile(at.0, xs) });
                 }
-                run::<4>(qtype, at.0, &xq, &mut r, r1, &store);
-                run::<1>(qtype, at.0, &xq, &mut r, r1, &store);
             }
         }
     });
