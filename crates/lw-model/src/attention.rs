@@ -318,8 +318,8 @@ fn tree8(l: [f32; 8]) -> f32 {
 /// `e^x` for `x <= 0` (a score minus the maximum), within two units in the
 /// last place; `0` below `-87` (under `1e-38`, where a softmax term no
 /// longer counts). Written in plain arithmetic, without branches or fused
-/// steps, so the loops that call it vectorise and every build gives the
-/// same bits.
+/// steps, so every build gives the same bits and [`exp8_avx2`] can repeat
+/// it step for step, eight lanes at a time.
 ///
 /// `x = n · ln 2 + r` with `n` the nearest integer to `x / ln 2` (rounded
 /// with the `1.5 · 2^23` trick, whose low bits then hold `n`), `ln 2` split

@@ -233,11 +233,6 @@ impl WideRows {
             }
         }
     }
-
-    /// Rows held.
-    pub fn rows(&self) -> usize {
-        self.values.len() / self.k.max(1)
-    }
 }
 
 /// `R` Q8_0 rows (`rows[r]`: row `first + r` of `w`) against `T` tiles of
@@ -252,8 +247,8 @@ impl WideRows {
 /// Returns `[weight row][tile][activation row]`.
 ///
 /// # Safety
-/// AVX2 and FMA are available; `first + R <= w.rows()`, and the tiles have
-/// as many values per row as `w`.
+/// AVX2 and FMA are available; `w` holds rows `first..first + R`, and the
+/// tiles have as many values per row as `w`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn q8_0_gemm<const R: usize, const T: usize>(

@@ -141,7 +141,7 @@ pub fn pack(qtype: QType, src: &[u8], rows: usize, blocks: usize, dst: &mut [u8]
                     let row = g * GROUP + r;
                     let blk = &src[row * row_bytes + b * block..][..block];
                     for (file, packed) in &maps[r] {
-                        rec[*packed..*packed + file.len()].copy_from_slice(&blk[file.clone()]);
+                        copy_small(&mut rec[*packed..*packed + file.len()], &blk[file.clone()]);
                     }
                     if qtype == QType::Q4K {
                         for j in 0..8 {
@@ -169,13 +169,23 @@ pub fn unpack_row(qtype: QType, packed: &[u8], blocks: usize, row: usize, out: &
         .zip(group.chunks_exact(rec_bytes))
     {
         for (file, packed) in &map {
-            blk[file.clone()].copy_from_slice(&rec[*packed..*packed + file.len()]);
+            copy_small(&mut blk[file.clone()], &rec[*packed..*packed + file.len()]);
         }
         if qtype == QType::Q4K {
             let sc: [u8; 8] = std::array::from_fn(|j| rec[q4k::SCALES + j * GROUP + r]);
             let m: [u8; 8] = std::array::from_fn(|j| rec[q4k::MINS + (j / 2) * 16 + 2 * r + j % 2]);
             blk[4..16].copy_from_slice(&pack_scale_mins(&sc, &m));
         }
+    }
+}
+
+/// `dst` from `src` (equal lengths, a few bytes each: the pieces of
+/// [`places`]), inline: `copy_from_slice` would call `memmove` for every
+/// piece, which costs more than the copy.
+#[inline(always)]
+fn copy_small(dst: &mut [u8], src: &[u8]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = *s;
     }
 }
 
