@@ -90,22 +90,28 @@ pub fn kernel_only() {
         // Four input rows (a prefill tile) and one (decode).
         fn time<const R: usize>(qtype: QType, rows: [*const u8; 4], xs: &[QuantRow], k: usize) {
             let reps = 80000 / R;
-            let t = Instant::now();
             let mut sink = 0f32;
             let weight_rows = 8;
-            for _ in 0..reps {
-                let xr: [&QuantRow; R] = std::array::from_fn(|i| &xs[i]);
-                // SAFETY: AVX2 is checked by the caller; rows hold k / group
-                // blocks (K-quants: one packed group, at the first row's pointer).
-                sink += unsafe {
-                    match qtype {
-                        QType::Q8_0 => q8_0x8_tile::<R>(rows[0], xr)[0][0],
-                        QType::Q4K => q4k8_tile::<R>(rows[0], xr)[0][0],
-                        _ => q6k8_tile::<R>(rows[0], xr)[0][0],
-                    }
-                };
+            // The best of seven passes: the machine's other load only ever
+            // slows a pass down.
+            let mut secs = f64::INFINITY;
+            for _ in 0..7 {
+                let t = Instant::now();
+                sink = 0.0;
+                for _ in 0..reps {
+                    let xr: [&QuantRow; R] = std::array::from_fn(|i| &xs[i]);
+                    // SAFETY: AVX2 is checked by the caller; rows hold k / group
+                    // blocks (K-quants: one packed group, at the first row's pointer).
+                    sink += unsafe {
+                        match qtype {
+                            QType::Q8_0 => q8_0x8_tile::<R>(rows[0], xr)[0][0],
+                            QType::Q4K => q4k8_tile::<R>(rows[0], xr)[0][0],
+                            _ => q6k8_tile::<R>(rows[0], xr)[0][0],
+                        }
+                    };
+                }
+                secs = secs.min(t.elapsed().as_secs_f64());
             }
-            let secs = t.elapsed().as_secs_f64();
             let macs = reps as f64 * weight_rows as f64 * R as f64 * k as f64;
             let per32 = secs * 2.48e9 / (macs / 32.0);
             println!(

@@ -768,7 +768,6 @@ pub unsafe fn q4k_gemm<const T: usize>(
 pub unsafe fn q6k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R] {
     use crate::repack::q6k::{D, GROUP_BLOCK, QS, SCALES};
     let blocks = xs[0].scales.len();
-    let two = _mm256_set1_epi8(0x03);
     let spread = scale_spread();
     let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
     let sums: [*const i16; R] = xs.map(|x| x.sums16.as_ptr());
@@ -781,7 +780,7 @@ pub unsafe fn q6k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
             for gp in 0..4 {
                 let mut acc16 = [[_mm256_setzero_si256(); R]; 4];
                 for g in 2 * gp..2 * gp + 2 {
-                    let w = q6k_values(rec.add(QS + (h * 8 + g) * 96), two);
+                    let w = q6k_values(rec.add(QS + (h * 8 + g) * 96));
                     for i in 0..R {
                         let y = ys[i].add(b * 256 + h * 128 + 4 * g);
                         for k in 0..4 {
@@ -826,28 +825,28 @@ pub unsafe fn q6k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
     })
 }
 
-/// The four value vectors of one step of a Q6_K group (`at`: its `ql`,
-/// `ql + 32` and `qh` loads): quarter `k`'s weights `4g..4g + 4` of the
-/// eight rows, 0..63 each.
+/// The four value vectors of one step of a Q6_K group (`at`: its `a`, `b`
+/// and `c` loads, see [`crate::repack`]): quarter `k`'s weights `4g..4g + 4`
+/// of the eight rows, 0..63 each. Three take a mask; the fourth gathers its
+/// bit pairs from the top of each byte (masked first, so the 16-bit shifts
+/// move nothing across bytes).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn q6k_values(at: *const u8, two: __m256i) -> [__m256i; 4] {
-    let low = _mm256_set1_epi8(0x0F);
-    let x = _mm256_loadu_si256(at as *const __m256i);
-    let y = _mm256_loadu_si256(at.add(32) as *const __m256i);
-    let h = _mm256_loadu_si256(at.add(64) as *const __m256i);
-    let hi = |h: __m256i| _mm256_slli_epi16(_mm256_and_si256(h, two), 4);
+unsafe fn q6k_values(at: *const u8) -> [__m256i; 4] {
+    let six = _mm256_set1_epi8(0x3F);
+    let a = _mm256_loadu_si256(at as *const __m256i);
+    let b = _mm256_loadu_si256(at.add(32) as *const __m256i);
+    let c = _mm256_loadu_si256(at.add(64) as *const __m256i);
+    let top = |v: __m256i| _mm256_andnot_si256(six, v);
+    let q3 = _mm256_or_si256(
+        _mm256_or_si256(_mm256_srli_epi16(top(a), 6), _mm256_srli_epi16(top(b), 4)),
+        _mm256_srli_epi16(top(c), 2),
+    );
     [
-        _mm256_or_si256(_mm256_and_si256(x, low), hi(h)),
-        _mm256_or_si256(_mm256_and_si256(y, low), hi(_mm256_srli_epi16(h, 2))),
-        _mm256_or_si256(
-            _mm256_and_si256(_mm256_srli_epi16(x, 4), low),
-            hi(_mm256_srli_epi16(h, 4)),
-        ),
-        _mm256_or_si256(
-            _mm256_and_si256(_mm256_srli_epi16(y, 4), low),
-            hi(_mm256_srli_epi16(h, 6)),
-        ),
+        _mm256_and_si256(a, six),
+        _mm256_and_si256(b, six),
+        _mm256_and_si256(c, six),
+        q3,
     ]
 }
 
@@ -899,7 +898,6 @@ impl Q6kRow {
             row.scales.clear();
             row.d.clear();
         }
-        let two = _mm256_set1_epi8(0x03);
         for b in 0..blocks {
             let rec = group.add(b * GROUP_BLOCK);
             let mut d = [0f32; 8];
@@ -916,7 +914,7 @@ impl Q6kRow {
             }
             for h in 0..2 {
                 let w: [[__m256i; 4]; 8] =
-                    std::array::from_fn(|g| q6k_values(rec.add(QS + (h * 8 + g) * 96), two));
+                    std::array::from_fn(|g| q6k_values(rec.add(QS + (h * 8 + g) * 96)));
                 for k in 0..4 {
                     // Quarter k's 32 weights of each row: four per step.
                     let t = transpose8x32(w.map(|step| step[k]));

@@ -31,7 +31,16 @@
 //! |---|---|
 //! | 0..16 | `d` of rows 0..8 (f16) |
 //! | 16..144 | the sixteen i8 scales, `[pair][row][2]` |
-//! | 144..1680 | per half `h` and step `g` (0..8), three loads of 32 bytes: `ql[64h + 4g..]`, `ql[64h + 32 + 4g..]` and `qh[32h + 4g..]` of each row |
+//! | 144..1680 | per half `h` and step `g` (0..8), three loads of 32 bytes, `a`, `b` and `c`, each four bytes of each row |
+//!
+//! The 6-bit values are re-encoded so that three of every four take one
+//! mask to unpack. A half's weight `l + 32k` (`l` < 32, `k` < 4) is its
+//! quarter `k`'s value `q_k`; for `l = 4g + i`, byte `i` of a row's four in
+//! `a` holds `q_0` in its low six bits and bits 0–1 of `q_3` in its top
+//! two, `b` holds `q_1` and bits 2–3 of `q_3`, `c` holds `q_2` and bits
+//! 4–5 of `q_3` (see [`q6k_encode`]). The file keeps the low nibbles of
+//! `q_0` and `q_2` in `ql[64h + l]`, of `q_1` and `q_3` in
+//! `ql[64h + 32 + l]`, and the four top pairs in `qh[32h + l]`.
 //!
 //! Q8_0 ([`q8_0`], 272 bytes, as in the file; see
 //! [`crate::kernels::q8_0x8_tile`]):
@@ -150,6 +159,15 @@ pub fn pack(qtype: QType, src: &[u8], rows: usize, blocks: usize, dst: &mut [u8]
                             rec[q4k::MINS + (j / 2) * 16 + 2 * r + j % 2] = m;
                         }
                     }
+                    if qtype == QType::Q6K {
+                        for (h, step, i) in q6k_places() {
+                            let l = 64 * h + 4 * step + i;
+                            let file = [blk[l], blk[l + 32], blk[128 + 32 * h + 4 * step + i]];
+                            let at = q6k::QS + (h * 8 + step) * 96 + 4 * r + i;
+                            let [a, b, c] = q6k_encode(file);
+                            (rec[at], rec[at + 32], rec[at + 64]) = (a, b, c);
+                        }
+                    }
                 }
             }
         });
@@ -176,7 +194,51 @@ pub fn unpack_row(qtype: QType, packed: &[u8], blocks: usize, row: usize, out: &
             let m: [u8; 8] = std::array::from_fn(|j| rec[q4k::MINS + (j / 2) * 16 + 2 * r + j % 2]);
             blk[4..16].copy_from_slice(&pack_scale_mins(&sc, &m));
         }
+        if qtype == QType::Q6K {
+            for (h, step, i) in q6k_places() {
+                let at = q6k::QS + (h * 8 + step) * 96 + 4 * r + i;
+                let [x, y, hb] = q6k_decode([rec[at], rec[at + 32], rec[at + 64]]);
+                let l = 64 * h + 4 * step + i;
+                (blk[l], blk[l + 32], blk[128 + 32 * h + 4 * step + i]) = (x, y, hb);
+            }
+        }
     }
+}
+
+/// Every (half, step, byte of the step) of a Q6_K block.
+fn q6k_places() -> impl Iterator<Item = (usize, usize, usize)> {
+    (0..64).map(|n| (n / 32, n / 4 % 8, n % 4))
+}
+
+/// A Q6_K position's three file bytes (`ql[l]`, `ql[l + 32]`, `qh[l]` of a
+/// half) to its three group bytes (`a`, `b`, `c`; see the module docs).
+pub(crate) fn q6k_encode([x, y, hb]: [u8; 3]) -> [u8; 3] {
+    let q = [
+        (x & 0x0F) | (hb & 3) << 4,
+        (y & 0x0F) | (hb >> 2 & 3) << 4,
+        (x >> 4) | (hb >> 4 & 3) << 4,
+        (y >> 4) | (hb >> 6) << 4,
+    ];
+    [
+        q[0] | q[3] << 6,
+        q[1] | (q[3] >> 2) << 6,
+        q[2] | (q[3] >> 4) << 6,
+    ]
+}
+
+/// The inverse of [`q6k_encode`].
+pub(crate) fn q6k_decode([a, b, c]: [u8; 3]) -> [u8; 3] {
+    let q = [
+        a & 0x3F,
+        b & 0x3F,
+        c & 0x3F,
+        a >> 6 | (b >> 6) << 2 | (c >> 6) << 4,
+    ];
+    [
+        (q[0] & 0x0F) | (q[2] & 0x0F) << 4,
+        (q[1] & 0x0F) | (q[3] & 0x0F) << 4,
+        q[0] >> 4 | (q[1] >> 4) << 2 | (q[2] >> 4) << 4 | (q[3] >> 4) << 6,
+    ]
 }
 
 /// `dst` from `src` (equal lengths, a few bytes each: the pieces of
@@ -191,7 +253,7 @@ fn copy_small(dst: &mut [u8], src: &[u8]) {
 
 /// Where the bytes of row `r`'s file block go in a group block, as (range
 /// in the file block, offset in the group block), apart from Q4_K's scales
-/// and mins, which are re-encoded.
+/// and mins and Q6_K's values, which are re-encoded.
 fn places(qtype: QType, r: usize) -> Vec<(std::ops::Range<usize>, usize)> {
     let mut v = Vec::with_capacity(64);
     if qtype == QType::Q8_0 {
@@ -210,16 +272,6 @@ fn places(qtype: QType, r: usize) -> Vec<(std::ops::Range<usize>, usize)> {
         for j in 0..16 {
             v.push((192 + j..193 + j, q6k::SCALES + (j / 2) * 16 + 2 * r + j % 2));
         }
-        for h in 0..2 {
-            for g in 0..8 {
-                let at = q6k::QS + (h * 8 + g) * 96 + 4 * r;
-                let ql = 64 * h + 4 * g;
-                let qh = 128 + 32 * h + 4 * g;
-                v.push((ql..ql + 4, at));
-                v.push((ql + 32..ql + 36, at + 32));
-                v.push((qh..qh + 4, at + 64));
-            }
-        }
     }
     v
 }
@@ -228,6 +280,24 @@ fn places(qtype: QType, r: usize) -> Vec<(std::ops::Range<usize>, usize)> {
 mod tests {
     use super::*;
     use crate::quant::{encode, QType};
+
+    /// Every combination of a position's three file bytes survives the
+    /// re-encoding, and the group bytes hold the six-bit values as the
+    /// module docs say.
+    #[test]
+    fn q6k_bytes_round_trip() {
+        for n in 0..1u32 << 24 {
+            let file = [n as u8, (n >> 8) as u8, (n >> 16) as u8];
+            let group = q6k_encode(file);
+            assert_eq!(q6k_decode(group), file, "{file:?}");
+            let [x, y, hb] = file.map(u32::from);
+            let q3 = (y >> 4) | (hb >> 6) << 4;
+            assert_eq!(u32::from(group[0] & 0x3F), (x & 0x0F) | (hb & 3) << 4);
+            assert_eq!(u32::from(group[2] & 0x3F), (x >> 4) | (hb >> 4 & 3) << 4);
+            let top = group.map(|v| u32::from(v >> 6));
+            assert_eq!(top[0] | top[1] << 2 | top[2] << 4, q3, "{file:?}");
+        }
+    }
 
     #[test]
     fn scale_bytes_round_trip() {
@@ -264,8 +334,10 @@ mod tests {
             for (file, _) in places(qtype, 0) {
                 covered[file].fill(true);
             }
-            if qtype == QType::Q4K {
-                covered[4..16].fill(true);
+            match qtype {
+                QType::Q4K => covered[4..16].fill(true),
+                QType::Q6K => covered[..192].fill(true),
+                _ => {}
             }
             assert!(covered.iter().all(|&c| c), "{}", qtype.name());
         }

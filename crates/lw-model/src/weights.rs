@@ -262,7 +262,7 @@ fn fill<T>(n: usize, values: impl Iterator<Item = T>) -> Vec<T> {
 }
 
 #[cfg(target_os = "linux")]
-fn advise_huge_pages(start: usize, len: usize) {
+pub(crate) fn advise_huge_pages(start: usize, len: usize) {
     const HUGE: usize = 2 << 20;
     if len < HUGE {
         return;
@@ -300,7 +300,7 @@ fn release_pages(bytes: &[u8]) {
 fn release_pages(_bytes: &[u8]) {}
 
 #[cfg(not(target_os = "linux"))]
-fn advise_huge_pages(_start: usize, _len: usize) {}
+pub(crate) fn advise_huge_pages(_start: usize, _len: usize) {}
 
 /// candle wraps errors with context; people want the innermost reason.
 fn root_cause(e: &candle_core::Error) -> String {
