@@ -4,6 +4,7 @@
 //! This crate computes logits from token ids. It knows nothing of
 //! tokenizers, text, sampling or HTTP.
 
+pub mod activation;
 pub mod attention;
 pub mod cache;
 pub mod config;

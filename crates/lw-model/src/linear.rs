@@ -155,10 +155,18 @@ impl Linear {
             }
             widths.push(n);
         }
-        let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let xs = f32_slice(&x)?;
+        let x = x.to_dtype(DType::F32)?;
+        with_f32(&x, |xs| self.product_rows(xs, rows, &widths))?
+    }
+
+    fn product_rows(
+        &self,
+        xs: &[f32],
+        rows: usize,
+        widths: &[usize],
+    ) -> Result<Tensor, ModelError> {
         if self.parts.len() == 1 {
-            let out = self.parts[0].product(&xs, rows)?;
+            let out = self.parts[0].product(xs, rows)?;
             return Ok(Tensor::from_vec(out, (rows, widths[0]), &Device::Cpu)?);
         }
         let total: usize = widths.iter().sum();
@@ -171,12 +179,12 @@ impl Linear {
                 Weight::Dense(_) => None,
             })
             .collect();
-        if quant.len() == self.parts.len() && QMatrix::matmul_stacked(&quant, &xs, &mut out) {
+        if quant.len() == self.parts.len() && QMatrix::matmul_stacked(&quant, xs, &mut out) {
             return Ok(Tensor::from_vec(out, (rows, total), &Device::Cpu)?);
         }
         let mut col = 0;
-        for (p, &n) in self.parts.iter().zip(&widths) {
-            let part = p.product(&xs, rows)?;
+        for (p, &n) in self.parts.iter().zip(widths) {
+            let part = p.product(xs, rows)?;
             for r in 0..rows {
                 out[r * total + col..r * total + col + n]
                     .copy_from_slice(&part[r * n..(r + 1) * n]);
@@ -187,8 +195,18 @@ impl Linear {
     }
 }
 
-fn f32_slice(x: &Tensor) -> Result<Vec<f32>, ModelError> {
-    Ok(x.flatten_all()?.to_vec1::<f32>()?)
+/// `f` on an f32 tensor's values in row-major order: read in place where
+/// they lie contiguous on the CPU, copied out otherwise.
+pub(crate) fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError> {
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            if let Ok(values) = cpu.as_slice::<f32>() {
+                return Ok(f(&values[start..end]));
+            }
+        }
+    }
+    Ok(f(&x.flatten_all()?.to_vec1::<f32>()?))
 }
 
 /// `out[r][j] = Σ_i x[r][i] · w[j][i]` for all rows `r` of `x`, reading each

@@ -393,10 +393,11 @@ impl Llama {
             x = (x + a)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
             let m = &layer.mlp;
-            let gate_up = m.gate_up.forward(&h)?;
             let inter = cfg.intermediate_size;
-            let gated = (candle_nn::ops::silu(&gate_up.narrow(1, 0, inter)?)?
-                * gate_up.narrow(1, inter, inter)?)?;
+            let gated = crate::linear::with_f32(&m.gate_up.forward(&h)?, |gate_up| {
+                crate::activation::silu_mul(gate_up, inter)
+            })?;
+            let gated = Tensor::from_vec(gated, (n, inter), &dev)?;
             x = (x + m.down.forward(&gated)?)?;
         }
         for (cache, count) in seqs.iter_mut() {
