@@ -274,7 +274,7 @@ unsafe fn softmax_avx2(scores: &mut [f32]) -> f32 {
 /// AVX2 is available.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) unsafe fn exp8_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+unsafe fn exp8_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let set = _mm256_set1_ps;
     let floor = set(EXP_FLOOR);
@@ -326,7 +326,7 @@ fn tree8(l: [f32; 8]) -> f32 {
 /// in two so that `n · LN2_HI` is exact, and `e^r` on `|r| <= ln 2 / 2` a
 /// degree-7 polynomial (Cephes' `expf` coefficients).
 #[inline(always)]
-pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+fn exp_nonpositive(x: f32) -> f32 {
     let xc = x.max(EXP_FLOOR);
     let t = xc * std::f32::consts::LOG2_E + EXP_MAGIC;
     let n = t - EXP_MAGIC;
