@@ -292,8 +292,9 @@ impl QMatrix {
         let blocks = self.cols / self.qtype.block_elems();
         let len = crate::repack::packed_len(self.qtype, self.rows, blocks);
         let mut words = vec![0u64; len.div_ceil(8)];
-        // A large zeroed allocation is fresh pages not yet touched: backed by
-        // huge pages from the first write on.
+        // Where the zeroed allocation is fresh pages not yet touched (a large
+        // one is mapped anew), they are backed by huge pages from the first
+        // write on; decoding walks them all once per token.
         crate::weights::advise_huge_pages(words.as_ptr() as usize, len);
         // SAFETY: `words` holds at least `len` bytes.
         let dst = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, len) };
