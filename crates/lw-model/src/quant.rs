@@ -531,20 +531,45 @@ fn stack_groups(parts: &[&QMatrix], group_bytes: usize) -> Vec<(SharedIn, usize,
     groups
 }
 
-/// Input rows from `*r` in runs of `R` through a group kernel, while a whole
-/// run fits before `r1`, each result row stored.
+/// Groups per piece of a parallel pass over `groups` groups: enough pieces
+/// to balance the threads; with more than four input rows, few enough that
+/// what a piece reuses (`reused` bytes per group) stays in the core's cache.
 #[cfg(target_arch = "x86_64")]
-fn rows_in_runs<const R: usize>(
+fn groups_per_piece(groups: usize, m: usize, reused: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let per = (groups / (threads * 4)).clamp(1, 128);
+    if m > 4 {
+        per.min((256 * 1024 / reused).max(1))
+    } else {
+        per
+    }
+}
+
+/// Input rows from `*r` in runs of `R` through a group kernel, while a whole
+/// run fits before `r1`; each result (the group's `valid` rows) goes to
+/// columns `col..col + valid` of its row of the `[rows, n]` output.
+///
+/// # Safety
+/// Those elements of rows `*r..r1` lie within the output and belong to the
+/// caller alone.
+#[cfg(target_arch = "x86_64")]
+unsafe fn rows_in_runs<const R: usize>(
     xq: &[crate::kernels::QuantRow],
     r: &mut usize,
     r1: usize,
-    store: &dyn Fn(usize, [f32; 8]),
+    dst: SharedOut,
+    (n, col, valid): (usize, usize, usize),
     kernel: impl Fn([&crate::kernels::QuantRow; R]) -> [[f32; 8]; R],
 ) {
     while *r + R <= r1 {
         let v = kernel(std::array::from_fn(|i| &xq[*r + i]));
         for (i, vi) in v.into_iter().enumerate() {
-            store(*r + i, vi);
+            let to = dst.at((*r + i) * n + col);
+            if valid == crate::repack::GROUP {
+                (to as *mut [f32; 8]).write_unaligned(vi);
+            } else {
+                std::ptr::copy_nonoverlapping(vi.as_ptr(), to, valid);
+            }
         }
         *r += R;
     }
@@ -572,14 +597,8 @@ fn matmul_q8_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     let xq = quantize_rows(x, k, 32);
     let group_bytes = blocks * GROUP_BLOCK;
     let groups = stack_groups(parts, group_bytes);
-    let threads = rayon::current_num_threads().max(1);
-    // Enough pieces to balance the threads; with many input rows, few
-    // enough groups per piece that their widened rows stay in the core's
-    // cache.
-    let mut per = (groups.len() / (threads * 4)).clamp(1, 128);
-    if m > 4 {
-        per = per.min((256 * 1024 / (2 * group_bytes)).max(1));
-    }
+    // A piece reuses its rows widened to 16 bits.
+    let per = groups_per_piece(groups.len(), m, 2 * group_bytes);
     let tiles: Vec<WideTile> = if m >= 8 {
         xq.par_chunks_exact(8).map(WideTile::new).collect()
     } else {
@@ -635,27 +654,15 @@ fn matmul_q8_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
         for r0 in (gemm_rows..m).step_by(64) {
             let r1 = (r0 + 64).min(m);
             for &(at, col, valid) in piece {
-                let store = |r: usize, v: [f32; 8]| {
-                    // SAFETY: elements (r, col..col + valid) belong to this
-                    // piece alone.
-                    unsafe {
-                        let to = dst.at(r * n + col);
-                        if valid == GROUP {
-                            (to as *mut [f32; 8]).write_unaligned(v);
-                        } else {
-                            std::ptr::copy_nonoverlapping(v.as_ptr(), to, valid);
-                        }
-                    }
-                };
                 let mut r = r0;
-                // SAFETY (both): the features were checked by the caller;
-                // the group and the rows have the same blocks.
-                rows_in_runs::<4>(&xq, &mut r, r1, &store, |xs| unsafe {
-                    q8_0x8_tile(at.0, xs)
-                });
-                rows_in_runs::<1>(&xq, &mut r, r1, &store, |xs| unsafe {
-                    q8_0x8_tile(at.0, xs)
-                });
+                // SAFETY: the features were checked by the caller; the group
+                // and the rows have the same blocks; elements (r0..r1, col..
+                // col + valid) belong to this piece alone.
+                unsafe {
+                    let out = (n, col, valid);
+                    rows_in_runs(&xq, &mut r, r1, dst, out, |xs| q8_0x8_tile::<4>(at.0, xs));
+                    rows_in_runs(&xq, &mut r, r1, dst, out, |xs| q8_0x8_tile::<1>(at.0, xs));
+                }
             }
         }
     });
@@ -679,13 +686,7 @@ fn matmul_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     let xq = quantize_rows(x, k, 256);
     let group_bytes = blocks * group_block(qtype);
     let groups = stack_groups(parts, group_bytes);
-    let threads = rayon::current_num_threads().max(1);
-    // Enough pieces to balance the threads; with many input rows, few
-    // enough groups per piece that they stay in the core's cache.
-    let mut per = (groups.len() / (threads * 4)).clamp(1, 128);
-    if m > 4 {
-        per = per.min((256 * 1024 / group_bytes).max(1));
-    }
+    let per = groups_per_piece(groups.len(), m, group_bytes);
     let tiles: Vec<ActTile> = if m >= 8 {
         xq.par_chunks_exact(8).map(ActTile::new).collect()
     } else {
@@ -768,21 +769,19 @@ fn matmul_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
         for r0 in (gemm_rows..m).step_by(64) {
             let r1 = (r0 + 64).min(m);
             for &(at, col, valid) in piece {
-                let store = |r: usize, v: [f32; 8]| {
-                    for (i, &y) in v.iter().enumerate().take(valid) {
-                        // SAFETY: element (r, col + i) belongs to this piece alone.
-                        unsafe { *dst.at(r * n + col + i) = y };
-                    }
-                };
                 let mut r = r0;
+                let out = (n, col, valid);
                 // SAFETY (all): the features were checked by the caller; the
-                // group and the rows have the same blocks.
-                if qtype == QType::Q4K {
-                    rows_in_runs::<4>(&xq, &mut r, r1, &store, |xs| unsafe { q4k8_tile(at.0, xs) });
-                    rows_in_runs::<1>(&xq, &mut r, r1, &store, |xs| unsafe { q4k8_tile(at.0, xs) });
-                } else {
-                    rows_in_runs::<4>(&xq, &mut r, r1, &store, |xs| unsafe { q6k8_tile(at.0, xs) });
-                    rows_in_runs::<1>(&xq, &mut r, r1, &store, |xs| unsafe { q6k8_tile(at.0, xs) });
+                // group and the rows have the same blocks; elements (r0..r1,
+                // col..col + valid) belong to this piece alone.
+                unsafe {
+                    if qtype == QType::Q4K {
+                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| q4k8_tile::<4>(at.0, xs));
+                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| q4k8_tile::<1>(at.0, xs));
+                    } else {
+                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| q6k8_tile::<4>(at.0, xs));
+                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| q6k8_tile::<1>(at.0, xs));
+                    }
                 }
             }
         }
