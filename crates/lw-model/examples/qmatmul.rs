@@ -77,7 +77,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// 32 multiply-adds.
 #[cfg(target_arch = "x86_64")]
 pub fn kernel_only() {
-    use lw_model::kernels::{q4k8_tile, q6k8_tile, q8_0x8_tile, quantize_row, QuantRow};
+    use lw_model::kernels::{q4k8_tile, q6k8_tile, q8_0x8_tile, quantize_row, Isa, QuantRow};
+    let isa = Isa::detect().expect("the caller checked the kernels run here");
+    println!("kernels: {}", isa.name());
     let k = 2048;
     for qtype in [QType::Q8_0, QType::Q4K, QType::Q6K] {
         let w = QMatrix::quantize(qtype, &values(8 * k, 1), 8, k).unwrap();
@@ -88,7 +90,13 @@ pub fn kernel_only() {
         let rb = qtype.row_bytes(k);
         let rows: [*const u8; 4] = std::array::from_fn(|i| w.bytes()[i * rb..].as_ptr());
         // Four input rows (a prefill tile) and one (decode).
-        fn time<const R: usize>(qtype: QType, rows: [*const u8; 4], xs: &[QuantRow], k: usize) {
+        fn time<const R: usize>(
+            isa: Isa,
+            qtype: QType,
+            rows: [*const u8; 4],
+            xs: &[QuantRow],
+            k: usize,
+        ) {
             let reps = 80000 / R;
             let mut sink = 0f32;
             let weight_rows = 8;
@@ -100,13 +108,13 @@ pub fn kernel_only() {
                 sink = 0.0;
                 for _ in 0..reps {
                     let xr: [&QuantRow; R] = std::array::from_fn(|i| &xs[i]);
-                    // SAFETY: AVX2 is checked by the caller; rows hold k / group
+                    // SAFETY: `isa` runs here; rows hold k / group
                     // blocks (K-quants: one packed group, at the first row's pointer).
                     sink += unsafe {
                         match qtype {
-                            QType::Q8_0 => q8_0x8_tile::<R>(rows[0], xr)[0][0],
-                            QType::Q4K => q4k8_tile::<R>(rows[0], xr)[0][0],
-                            _ => q6k8_tile::<R>(rows[0], xr)[0][0],
+                            QType::Q8_0 => q8_0x8_tile::<R>(isa, rows[0], xr)[0][0],
+                            QType::Q4K => q4k8_tile::<R>(isa, rows[0], xr)[0][0],
+                            _ => q6k8_tile::<R>(isa, rows[0], xr)[0][0],
                         }
                     };
                 }
@@ -119,8 +127,8 @@ pub fn kernel_only() {
                 qtype.name()
             );
         }
-        time::<4>(qtype, rows, &xs, k);
-        time::<1>(qtype, rows, &xs, k);
+        time::<4>(isa, qtype, rows, &xs, k);
+        time::<1>(isa, qtype, rows, &xs, k);
     }
     // The Q8_0 prefill kernel: R weight rows against T tiles of eight, widened
     // to 16 bits, on 512 values (a tile stays in the first-level cache).
@@ -133,7 +141,8 @@ pub fn kernel_only() {
 
 #[cfg(target_arch = "x86_64")]
 fn gemm_time<const R: usize, const T: usize>(k: usize) {
-    use lw_model::kernels::{q8_0_gemm, quantize_row, WideRows, WideTile};
+    use lw_model::kernels::{q8_0_gemm, quantize_row, Isa, WideRows, WideTile};
+    let isa = Isa::detect().expect("the caller checked the kernels run here");
     let w = QMatrix::quantize(QType::Q8_0, &values(R * k, 1), R, k).unwrap();
     let mut rows = WideRows::default();
     // SAFETY: the matrix holds R rows of k values, in one group of eight.
@@ -146,9 +155,9 @@ fn gemm_time<const R: usize, const T: usize>(k: usize) {
     let t = Instant::now();
     let mut sink = 0f32;
     for _ in 0..reps {
-        // SAFETY: AVX2 is checked by the caller; rows and tiles hold k / 32
+        // SAFETY: `isa` runs here; rows and tiles hold k / 32
         // blocks, and R <= 8.
-        let v = unsafe { q8_0_gemm::<R, T>(&rows, 0, std::array::from_fn(|i| &tiles[i])) };
+        let v = unsafe { q8_0_gemm::<R, T>(isa, &rows, 0, std::array::from_fn(|i| &tiles[i])) };
         sink += v.iter().flatten().flatten().sum::<f32>();
     }
     let secs = t.elapsed().as_secs_f64();

@@ -160,6 +160,166 @@ pub fn available() -> bool {
     }
 }
 
+/// The instruction sets the products are written for. Every kernel exists
+/// for each, with the same steps, so a product has the same bits under
+/// either; only the speed differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX2 with FMA and F16C: byte products summed in 16-bit lanes
+    /// (`vpmaddubsw`), widened by a multiply (`vpmaddwd`).
+    Avx2,
+    /// AVX2's kernels with the AVX-512 VNNI dot products on 256-bit
+    /// registers (`vpdpbusd`, `vpdpwssd`): byte and 16-bit products summed
+    /// straight into 32-bit lanes, one instruction where AVX2 takes two or
+    /// three.
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The name `LONGWRITER_KERNELS` takes and benchmarks print.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// The best set this CPU runs (`None`: none, and the products fall back
+    /// to candle's). `LONGWRITER_KERNELS=avx2` holds a VNNI machine to AVX2,
+    /// to compare the two; the choice is made once per process.
+    pub fn detect() -> Option<Isa> {
+        static CHOSEN: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let cap = std::env::var("LONGWRITER_KERNELS").ok();
+            Isa::best(cap.as_deref())
+        })
+    }
+
+    /// The best set this CPU runs, capped at the one `cap` names (unknown
+    /// names cap nothing).
+    fn best(cap: Option<&str>) -> Option<Isa> {
+        if !available() {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let vnni = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512vnni");
+            if vnni && cap != Some(Isa::Avx2.name()) {
+                return Some(Isa::Avx512Vnni);
+            }
+        }
+        let _ = cap;
+        Some(Isa::Avx2)
+    }
+}
+
+/// The integer steps of the kernels, per instruction set. AVX2 sums a run
+/// of byte products in 16-bit lanes and widens the run with its multiply by
+/// the scales; VNNI sums the bytes' products straight into 32-bit lanes and
+/// multiplies those. Within the bounds the kernels keep (no 16-bit sum
+/// saturates), both are the exact integer sums.
+#[cfg(target_arch = "x86_64")]
+trait Ints {
+    /// `run` plus the products of unsigned bytes `u` and signed bytes `s`
+    /// (a run starts at zero).
+    unsafe fn dot(run: __m256i, u: __m256i, s: __m256i) -> __m256i;
+    /// Scales for [`Ints::scaled`], from a 16-bit scale repeated in both
+    /// halves of each 32-bit lane.
+    unsafe fn scales(pairs: __m256i) -> __m256i;
+    /// `isum` plus a finished run times `scales`, per 32-bit lane.
+    unsafe fn scaled(isum: __m256i, run: __m256i, scales: __m256i) -> __m256i;
+    /// `isum` plus the sums of pairs of 16-bit products.
+    unsafe fn madd(isum: __m256i, a: __m256i, b: __m256i) -> __m256i;
+    /// `isum` plus the sums of four products of unsigned bytes `u` and
+    /// signed bytes `s` (at most 2 · 128 · 127 per pair).
+    unsafe fn dot4(isum: __m256i, u: __m256i, s: __m256i) -> __m256i;
+}
+
+/// [`Ints`] in AVX2.
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Ints for Avx2 {
+    #[inline(always)]
+    unsafe fn dot(run: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_add_epi16(run, _mm256_maddubs_epi16(u, s))
+    }
+    #[inline(always)]
+    unsafe fn scales(pairs: __m256i) -> __m256i {
+        pairs
+    }
+    #[inline(always)]
+    unsafe fn scaled(isum: __m256i, run: __m256i, scales: __m256i) -> __m256i {
+        _mm256_add_epi32(isum, _mm256_madd_epi16(run, scales))
+    }
+    #[inline(always)]
+    unsafe fn madd(isum: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_add_epi32(isum, _mm256_madd_epi16(a, b))
+    }
+    #[inline(always)]
+    unsafe fn dot4(isum: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        let pairs = _mm256_maddubs_epi16(u, s);
+        _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+}
+
+/// [`Ints`] in AVX-512 VNNI (256-bit registers).
+#[cfg(target_arch = "x86_64")]
+struct Vnni;
+
+#[cfg(target_arch = "x86_64")]
+impl Ints for Vnni {
+    #[inline(always)]
+    unsafe fn dot(run: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(run, u, s)
+    }
+    #[inline(always)]
+    unsafe fn scales(pairs: __m256i) -> __m256i {
+        _mm256_srai_epi32(pairs, 16)
+    }
+    #[inline(always)]
+    unsafe fn scaled(isum: __m256i, run: __m256i, scales: __m256i) -> __m256i {
+        _mm256_add_epi32(isum, _mm256_mullo_epi32(run, scales))
+    }
+    #[inline(always)]
+    unsafe fn madd(isum: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpwssd_epi32(isum, a, b)
+    }
+    #[inline(always)]
+    unsafe fn dot4(isum: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(isum, u, s)
+    }
+}
+
+/// Defines kernel `$name`, taking the [`Isa`] first: the body `$body`
+/// (generic over [`Ints`], always inlined) compiled once for each set, and
+/// the one for `isa` called.
+macro_rules! for_each_isa {
+    ($(#[$doc:meta])* pub unsafe fn $name:ident<$(const $c:ident: usize),*>
+        ($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $body:ident;) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[inline]
+        pub unsafe fn $name<$(const $c: usize),*>(isa: Isa, $($arg: $ty),*) $(-> $ret)? {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn avx2<$(const $c: usize),*>($($arg: $ty),*) $(-> $ret)? {
+                $body::<Avx2, $($c),*>($($arg),*)
+            }
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+            unsafe fn vnni<$(const $c: usize),*>($($arg: $ty),*) $(-> $ret)? {
+                $body::<Vnni, $($c),*>($($arg),*)
+            }
+            match isa {
+                Isa::Avx2 => avx2::<$($c),*>($($arg),*),
+                Isa::Avx512Vnni => vnni::<$($c),*>($($arg),*),
+            }
+        }
+    };
+}
+
 /// Activation rows for [`q8_0_gemm`], eight per tile, widened to 16 bits and
 /// interleaved two values at a time: value `k` of row `i` is at
 /// `(k / 2 · 8 + i) · 2 + k % 2`, so one 32-byte load holds two consecutive
@@ -247,17 +407,17 @@ impl WideRows {
 /// Returns `[weight row][tile][activation row]`.
 ///
 /// # Safety
-/// AVX2 and FMA are available; `w` holds rows `first..first + R`, and the
-/// tiles have as many values per row as `w`.
+/// The CPU runs `isa`; `w` holds rows `first..first + R`, and the tiles
+/// have as many values per row as `w`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
 pub unsafe fn q8_0_gemm<const R: usize, const T: usize>(
+    isa: Isa,
     w: &WideRows,
     first: usize,
     tiles: [&WideTile; T],
 ) -> [[[f32; 8]; T]; R] {
     let mut acc = GemmAcc::<R, T>::default();
-    q8_0_gemm_blocks(w, first, tiles, 0..w.k / 32, &mut acc);
+    q8_0_gemm_blocks(isa, w, first, tiles, 0..w.k / 32, &mut acc);
     acc.sum()
 }
 
@@ -285,13 +445,24 @@ impl<const R: usize, const T: usize> GemmAcc<R, T> {
     }
 }
 
-/// Blocks `blocks` of [`q8_0_gemm`], continuing `acc`.
-///
-/// # Safety
-/// As for [`q8_0_gemm`]; `blocks` lies within the rows' blocks.
+for_each_isa! {
+    /// Blocks `blocks` of [`q8_0_gemm`], continuing `acc`.
+    ///
+    /// # Safety
+    /// As for [`q8_0_gemm`]; `blocks` lies within the rows' blocks.
+    pub unsafe fn q8_0_gemm_blocks<const R: usize, const T: usize>(
+        w: &WideRows,
+        first: usize,
+        tiles: [&WideTile; T],
+        blocks: std::ops::Range<usize>,
+        acc: &mut GemmAcc<R, T>
+    ) = q8_0_gemm_blocks_in;
+}
+
+/// The body of [`q8_0_gemm_blocks`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn q8_0_gemm_blocks<const R: usize, const T: usize>(
+#[inline(always)]
+unsafe fn q8_0_gemm_blocks_in<I: Ints, const R: usize, const T: usize>(
     w: &WideRows,
     first: usize,
     tiles: [&WideTile; T],
@@ -299,7 +470,7 @@ pub unsafe fn q8_0_gemm_blocks<const R: usize, const T: usize>(
     acc: &mut GemmAcc<R, T>,
 ) {
     for (h, acc) in acc.0.iter_mut().enumerate() {
-        q8_0_gemm_half::<R, T>(w, first, tiles, blocks.clone(), h, acc);
+        q8_0_gemm_half::<I, R, T>(w, first, tiles, blocks.clone(), h, acc);
     }
 }
 
@@ -309,9 +480,8 @@ pub unsafe fn q8_0_gemm_blocks<const R: usize, const T: usize>(
 /// # Safety
 /// As for [`q8_0_gemm_blocks`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn q8_0_gemm_half<const R: usize, const T: usize>(
+#[inline(always)]
+unsafe fn q8_0_gemm_half<I: Ints, const R: usize, const T: usize>(
     w: &WideRows,
     first: usize,
     tiles: [&WideTile; T],
@@ -338,7 +508,7 @@ unsafe fn q8_0_gemm_half<const R: usize, const T: usize>(
                 let pair = (w_base[r].add(b * 32 + 2 * p) as *const i32).read_unaligned();
                 let wv = _mm256_set1_epi32(pair);
                 for t in 0..T {
-                    isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(wv, av[t]));
+                    isum[r][t] = I::madd(isum[r][t], wv, av[t]);
                 }
             }
         }
@@ -357,6 +527,7 @@ unsafe fn q8_0_gemm_half<const R: usize, const T: usize>(
     }
 }
 
+for_each_isa! {
 /// Eight Q8_0 rows, held as a group ([`crate::repack`]), against `R`
 /// activation rows (quantized per 32): decode, and prefill's rows that do
 /// not fill a tile of [`q8_0_gemm`].
@@ -372,14 +543,21 @@ unsafe fn q8_0_gemm_half<const R: usize, const T: usize>(
 /// lane is a row. Returns `[activation row][weight row]`.
 ///
 /// # Safety
-/// AVX2, FMA and F16C are available; `group` points at a group of
-/// `xs[0].scales.len()` blocks, and every row of `xs` has that many blocks.
+/// The CPU runs `isa`; `group` points at a group of `xs[0].scales.len()`
+/// blocks, and every row of `xs` has that many blocks.
+pub unsafe fn q8_0x8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R]
+    = q8_0x8_tile_in;
+}
+
+/// The body of [`q8_0x8_tile`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q8_0x8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R] {
+#[inline(always)]
+unsafe fn q8_0x8_tile_in<I: Ints, const R: usize>(
+    group: *const u8,
+    xs: [&QuantRow; R],
+) -> [[f32; 8]; R] {
     use crate::repack::q8_0::{D, GROUP_BLOCK, QS};
     let blocks = xs[0].scales.len();
-    let ones = _mm256_set1_epi16(1);
     let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
     let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); R]; 2];
@@ -394,8 +572,7 @@ pub unsafe fn q8_0x8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) 
                 for i in 0..R {
                     let y = ys[i].add(b * 32 + h * 16 + 4 * g);
                     let ya = _mm256_set1_epi32((y as *const i32).read_unaligned());
-                    let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(ya, w));
-                    isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(p, ones));
+                    isum[i] = I::dot4(isum[i], wabs, _mm256_sign_epi8(ya, w));
                 }
             }
             for i in 0..R {
@@ -411,6 +588,7 @@ pub unsafe fn q8_0x8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) 
     out
 }
 
+for_each_isa! {
 /// Eight Q4_K rows, held as a group ([`crate::repack`]), against `R`
 /// activation rows (quantized per 256): the decode product, and prefill's
 /// rows that do not fill a tile.
@@ -425,11 +603,19 @@ pub unsafe fn q8_0x8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) 
 /// kernel computed it. Returns `[activation row][weight row]`.
 ///
 /// # Safety
-/// AVX2, FMA and F16C are available; `group` points at a group of
-/// `xs[0].scales.len()` blocks, and every row of `xs` has that many blocks.
+/// The CPU runs `isa`; `group` points at a group of `xs[0].scales.len()`
+/// blocks, and every row of `xs` has that many blocks.
+pub unsafe fn q4k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R]
+    = q4k8_tile_in;
+}
+
+/// The body of [`q4k8_tile`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R] {
+#[inline(always)]
+unsafe fn q4k8_tile_in<I: Ints, const R: usize>(
+    group: *const u8,
+    xs: [&QuantRow; R],
+) -> [[f32; 8]; R] {
     use crate::repack::q4k::{D, DMIN, GROUP_BLOCK, MINS, QS, SCALES};
     let blocks = xs[0].scales.len();
     let low = _mm256_set1_epi8(0x0F);
@@ -464,18 +650,14 @@ pub unsafe fn q4k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
                     let y = ys[i].add(b * 256 + c * 64 + 4 * g);
                     let ya = _mm256_set1_epi32((y as *const i32).read_unaligned());
                     let yb = _mm256_set1_epi32((y.add(32) as *const i32).read_unaligned());
-                    lo16[i] = _mm256_add_epi16(lo16[i], _mm256_maddubs_epi16(q_lo, ya));
-                    hi16[i] = _mm256_add_epi16(hi16[i], _mm256_maddubs_epi16(q_hi, yb));
+                    lo16[i] = I::dot(lo16[i], q_lo, ya);
+                    hi16[i] = I::dot(hi16[i], q_hi, yb);
                 }
             }
-            let s_lo = scales_of(rec.add(SCALES + 2 * c * 8));
-            let s_hi = scales_of(rec.add(SCALES + (2 * c + 1) * 8));
+            let s_lo = I::scales(scales_of(rec.add(SCALES + 2 * c * 8)));
+            let s_hi = I::scales(scales_of(rec.add(SCALES + (2 * c + 1) * 8)));
             for i in 0..R {
-                let s = _mm256_add_epi32(
-                    _mm256_madd_epi16(lo16[i], s_lo),
-                    _mm256_madd_epi16(hi16[i], s_hi),
-                );
-                isum[i] = _mm256_add_epi32(isum[i], s);
+                isum[i] = I::scaled(I::scaled(isum[i], lo16[i], s_lo), hi16[i], s_hi);
             }
         }
         let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(D) as *const __m128i));
@@ -491,7 +673,7 @@ pub unsafe fn q4k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
                 let pair = _mm256_set1_epi32((y0 & 0xFFFF) | (y1 << 16));
                 let m =
                     _mm256_cvtepu8_epi16(_mm_loadu_si128(rec.add(MINS + 16 * p) as *const __m128i));
-                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(m, pair));
+                msum = I::madd(msum, m, pair);
             }
             let dy = _mm256_set1_ps(*dys[i].add(b));
             acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(d, dy), _mm256_cvtepi32_ps(isum[i]), acc[i]);
@@ -655,7 +837,7 @@ unsafe fn transpose8x32(v: [__m256i; 8]) -> [__m256i; 8] {
 /// sums fit an i16 lane.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn scaled_run<const T: usize>(
+unsafe fn scaled_run<I: Ints, const T: usize>(
     q: [*const u8; 2],
     a: [*const i8; T],
     k0: usize,
@@ -671,18 +853,19 @@ unsafe fn scaled_run<const T: usize>(
         for r in 0..2 {
             let wv = _mm256_set1_epi32((q[r].add(k) as *const i32).read_unaligned());
             for t in 0..T {
-                acc16[r][t] = _mm256_add_epi16(acc16[r][t], _mm256_maddubs_epi16(wv, av[t]));
+                acc16[r][t] = I::dot(acc16[r][t], wv, av[t]);
             }
         }
     }
     for r in 0..2 {
-        let s = _mm256_set1_epi16(scales[r]);
+        let s = I::scales(_mm256_set1_epi16(scales[r]));
         for t in 0..T {
-            isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(acc16[r][t], s));
+            isum[r][t] = I::scaled(isum[r][t], acc16[r][t], s);
         }
     }
 }
 
+for_each_isa! {
 /// Two unpacked Q4_K rows against `T` tiles of eight activation rows: the
 /// prefill product. Each lane of a 32-byte product holds one activation
 /// row, so the products of a 32-weight sub-block share one scale and are
@@ -692,11 +875,15 @@ unsafe fn scaled_run<const T: usize>(
 /// Returns `[weight row][tile][activation row]`.
 ///
 /// # Safety
-/// AVX2, FMA and F16C are available; the rows and tiles have the same
-/// number of blocks.
+/// The CPU runs `isa`; the rows and tiles have the same number of blocks.
+pub unsafe fn q4k_gemm<const T: usize>(w: [&Q4kRow; 2], tiles: [&ActTile; T]) -> [[[f32; 8]; T]; 2]
+    = q4k_gemm_in;
+}
+
+/// The body of [`q4k_gemm`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4k_gemm<const T: usize>(
+#[inline(always)]
+unsafe fn q4k_gemm_in<I: Ints, const T: usize>(
     w: [&Q4kRow; 2],
     tiles: [&ActTile; T],
 ) -> [[[f32; 8]; T]; 2] {
@@ -709,7 +896,7 @@ pub unsafe fn q4k_gemm<const T: usize>(
         let mut isum = [[_mm256_setzero_si256(); T]; 2];
         for j in 0..8 {
             let scales = w.map(|r| r.scales[b * 8 + j] as i16);
-            scaled_run(q_base, a_base, b * 256 + j * 32, 8, scales, &mut isum);
+            scaled_run::<I, T>(q_base, a_base, b * 256 + j * 32, 8, scales, &mut isum);
         }
         for t in 0..T {
             let dy = _mm256_loadu_ps(tiles[t].scales.as_ptr().add(b * 8));
@@ -741,6 +928,7 @@ pub unsafe fn q4k_gemm<const T: usize>(
     out
 }
 
+for_each_isa! {
 /// Eight Q6_K rows, held as a group ([`crate::repack`]), against `R`
 /// activation rows (quantized per 256): the decode product, and prefill's
 /// rows that do not fill a tile.
@@ -763,9 +951,17 @@ pub unsafe fn q4k_gemm<const T: usize>(
 ///
 /// # Safety
 /// As for [`q4k8_tile`], with a Q6_K group.
+pub unsafe fn q6k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R]
+    = q6k8_tile_in;
+}
+
+/// The body of [`q6k8_tile`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q6k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R] {
+#[inline(always)]
+unsafe fn q6k8_tile_in<I: Ints, const R: usize>(
+    group: *const u8,
+    xs: [&QuantRow; R],
+) -> [[f32; 8]; R] {
     use crate::repack::q6k::{D, GROUP_BLOCK, QS, SCALES};
     let blocks = xs[0].scales.len();
     let spread = scale_spread();
@@ -786,16 +982,16 @@ pub unsafe fn q6k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
                         for k in 0..4 {
                             let yv =
                                 _mm256_set1_epi32((y.add(32 * k) as *const i32).read_unaligned());
-                            acc16[k][i] =
-                                _mm256_add_epi16(acc16[k][i], _mm256_maddubs_epi16(w[k], yv));
+                            acc16[k][i] = I::dot(acc16[k][i], w[k], yv);
                         }
                     }
                 }
                 // Weights 4g.. of quarter k use scale 8h + 2k + (g ≥ 4).
                 for (k, a) in acc16.iter().enumerate() {
-                    let sc = scale_pairs(rec.add(SCALES + (4 * h + k) * 16), spread[gp / 2]);
+                    let pairs = scale_pairs(rec.add(SCALES + (4 * h + k) * 16), spread[gp / 2]);
+                    let sc = I::scales(pairs);
                     for i in 0..R {
-                        isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(a[i], sc));
+                        isum[i] = I::scaled(isum[i], a[i], sc);
                     }
                 }
             }
@@ -811,7 +1007,7 @@ pub unsafe fn q6k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
                 let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(
                     rec.add(SCALES + 16 * p) as *const __m128i
                 ));
-                offset = _mm256_add_epi32(offset, _mm256_madd_epi16(sc, pair));
+                offset = I::madd(offset, sc, pair);
             }
             let tot = _mm256_sub_epi32(isum[i], _mm256_slli_epi32(offset, 5));
             let dy = _mm256_set1_ps(*dys[i].add(b));
@@ -928,6 +1124,7 @@ impl Q6kRow {
     }
 }
 
+for_each_isa! {
 /// Two unpacked Q6_K rows against `T` tiles of eight activation rows, as
 /// [`q4k_gemm`]: products of eight weights (at most 4 · 63 · 127 = 32,004
 /// per i16 lane) share a scale and are summed before one multiply by it;
@@ -937,9 +1134,14 @@ impl Q6kRow {
 ///
 /// # Safety
 /// As for [`q4k_gemm`].
+pub unsafe fn q6k_gemm<const T: usize>(w: [&Q6kRow; 2], tiles: [&ActTile; T]) -> [[[f32; 8]; T]; 2]
+    = q6k_gemm_in;
+}
+
+/// The body of [`q6k_gemm`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q6k_gemm<const T: usize>(
+#[inline(always)]
+unsafe fn q6k_gemm_in<I: Ints, const T: usize>(
     w: [&Q6kRow; 2],
     tiles: [&ActTile; T],
 ) -> [[[f32; 8]; T]; 2] {
@@ -951,7 +1153,7 @@ pub unsafe fn q6k_gemm<const T: usize>(
         let mut isum = [[_mm256_setzero_si256(); T]; 2];
         for e in 0..32 {
             let scales = w.map(|r| r.scales[b * 16 + e / 2] as i16);
-            scaled_run(q_base, a_base, b * 256 + e * 8, 2, scales, &mut isum);
+            scaled_run::<I, T>(q_base, a_base, b * 256 + e * 8, 2, scales, &mut isum);
         }
         for t in 0..T {
             let dy = _mm256_loadu_ps(tiles[t].scales.as_ptr().add(b * 8));

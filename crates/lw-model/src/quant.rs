@@ -14,6 +14,8 @@ use candle_core::quantized::k_quants::{
 };
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::Isa;
 use crate::linear::SharedOut;
 
 /// The tensor types this crate reads.
@@ -441,16 +443,16 @@ impl QMatrix {
             .iter()
             .all(|p| p.qtype == first.qtype && p.cols == first.cols);
         #[cfg(target_arch = "x86_64")]
-        if same && crate::kernels::available() {
+        if let (true, Some(isa)) = (same, crate::kernels::Isa::detect()) {
             match first.qtype {
                 // Q8_0 and the K-quants are always held in groups where the
                 // kernels run.
                 QType::Q4K | QType::Q6K if parts.iter().all(|p| p.packed) => {
-                    matmul_groups(parts, x, out);
+                    matmul_groups(isa, parts, x, out);
                     return true;
                 }
                 QType::Q8_0 if parts.iter().all(|p| p.packed) => {
-                    matmul_q8_groups(parts, x, out);
+                    matmul_q8_groups(isa, parts, x, out);
                     return true;
                 }
                 _ => {}
@@ -583,7 +585,7 @@ unsafe fn rows_in_runs<const R: usize>(
 /// rows (all of them, when decoding) through the group kernel
 /// ([`crate::kernels::q8_0x8_tile`]). Both give a row the same bits.
 #[cfg(target_arch = "x86_64")]
-fn matmul_q8_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
+fn matmul_q8_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     use crate::kernels::{q8_0_gemm_blocks, q8_0x8_tile, GemmAcc, WideRows, WideTile};
     use crate::repack::{q8_0::GROUP_BLOCK, GROUP};
     /// Weight rows per GEMM call (a group holds two such).
@@ -622,7 +624,7 @@ fn matmul_q8_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                         // SAFETY: the features were checked by the caller;
                         // the widened rows hold k values, as the tile does.
                         unsafe {
-                            q8_0_gemm_blocks(&wide, c * GEMM_ROWS, [tile], span.clone(), acc)
+                            q8_0_gemm_blocks(isa, &wide, c * GEMM_ROWS, [tile], span.clone(), acc)
                         };
                     }
                 }
@@ -660,8 +662,12 @@ fn matmul_q8_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                 // col + valid) belong to this piece alone.
                 unsafe {
                     let out = (n, col, valid);
-                    rows_in_runs(&xq, &mut r, r1, dst, out, |xs| q8_0x8_tile::<4>(at.0, xs));
-                    rows_in_runs(&xq, &mut r, r1, dst, out, |xs| q8_0x8_tile::<1>(at.0, xs));
+                    rows_in_runs(&xq, &mut r, r1, dst, out, |xs| {
+                        q8_0x8_tile::<4>(isa, at.0, xs)
+                    });
+                    rows_in_runs(&xq, &mut r, r1, dst, out, |xs| {
+                        q8_0x8_tile::<1>(isa, at.0, xs)
+                    });
                 }
             }
         }
@@ -675,7 +681,7 @@ fn matmul_q8_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
 /// ([`crate::kernels::q4k8_tile`], [`crate::kernels::q6k8_tile`]). Both give
 /// a row the same bits.
 #[cfg(target_arch = "x86_64")]
-fn matmul_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
+fn matmul_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     use crate::kernels::{q4k8_tile, q4k_gemm, q6k8_tile, q6k_gemm, ActTile, Q4kRow, Q6kRow};
     use crate::repack::group_block;
     let qtype = parts[0].qtype;
@@ -715,12 +721,13 @@ fn matmul_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
         /// As for [`matmul_groups`]; the tiles have as many blocks as the rows.
         unsafe fn gemm<const T: usize>(
             &self,
+            isa: Isa,
             pair: usize,
             tiles: [&ActTile; T],
         ) -> [[[f32; 8]; T]; 2] {
             match self {
-                Unpacked::Q4k(r) => q4k_gemm::<T>([&r[pair], &r[pair + 1]], tiles),
-                Unpacked::Q6k(r) => q6k_gemm::<T>([&r[pair], &r[pair + 1]], tiles),
+                Unpacked::Q4k(r) => q4k_gemm::<T>(isa, [&r[pair], &r[pair + 1]], tiles),
+                Unpacked::Q6k(r) => q6k_gemm::<T>(isa, [&r[pair], &r[pair + 1]], tiles),
             }
         }
     }
@@ -751,14 +758,15 @@ fn matmul_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                     let mut t = t0;
                     while t + 2 <= t1 {
                         // SAFETY: as above.
-                        let v = unsafe { unpacked.gemm::<2>(pair, [&tiles[t], &tiles[t + 1]]) };
+                        let v =
+                            unsafe { unpacked.gemm::<2>(isa, pair, [&tiles[t], &tiles[t + 1]]) };
                         store(t, [v[0][0], v[1][0]]);
                         store(t + 1, [v[0][1], v[1][1]]);
                         t += 2;
                     }
                     if t < t1 {
                         // SAFETY: as above.
-                        let v = unsafe { unpacked.gemm::<1>(pair, [&tiles[t]]) };
+                        let v = unsafe { unpacked.gemm::<1>(isa, pair, [&tiles[t]]) };
                         store(t, [v[0][0], v[1][0]]);
                     }
                 }
@@ -776,11 +784,19 @@ fn matmul_groups(parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                 // col..col + valid) belong to this piece alone.
                 unsafe {
                     if qtype == QType::Q4K {
-                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| q4k8_tile::<4>(at.0, xs));
-                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| q4k8_tile::<1>(at.0, xs));
+                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| {
+                            q4k8_tile::<4>(isa, at.0, xs)
+                        });
+                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| {
+                            q4k8_tile::<1>(isa, at.0, xs)
+                        });
                     } else {
-                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| q6k8_tile::<4>(at.0, xs));
-                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| q6k8_tile::<1>(at.0, xs));
+                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| {
+                            q6k8_tile::<4>(isa, at.0, xs)
+                        });
+                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| {
+                            q6k8_tile::<1>(isa, at.0, xs)
+                        });
                     }
                 }
             }

@@ -1,0 +1,107 @@
+//! The AVX-512 VNNI kernels give the AVX2 kernels' bits, on every case of
+//! the probe library (`examples/isa_probe.rs`), run in an x86 emulator by
+//! `scripts/isa_emulate.py`: this CPU need not have VNNI. The emulator
+//! (`bochscpu-python`) comes from the Python in `LONGWRITER_TEST_PYTHON`
+//! (.ci/run installs it in its venv); outside CI the test says it is
+//! skipped when there is none.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The probe library `cargo test` built beside this test's binary
+/// (`target/<profile>/examples`).
+fn probe_library() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary lies in target/<profile>/deps");
+    profile_dir.join("examples").join("libisa_probe.so")
+}
+
+fn emulator_python() -> Option<String> {
+    if let Ok(p) = std::env::var("LONGWRITER_TEST_PYTHON") {
+        return Some(p);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must set LONGWRITER_TEST_PYTHON to a Python with bochscpu-python (.ci/run does)"
+    );
+    None
+}
+
+#[test]
+fn vnni_kernels_give_the_avx2_bits_in_an_emulator() {
+    if !lw_model::kernels::available() {
+        eprintln!("SKIPPED: this CPU lacks AVX2, which builds the cases");
+        return;
+    }
+    let Some(python) = emulator_python() else {
+        eprintln!("SKIPPED: no Python with bochscpu-python (set LONGWRITER_TEST_PYTHON)");
+        return;
+    };
+    let lib = probe_library();
+    assert!(
+        lib.exists(),
+        "{} is missing: `cargo test` builds it, or `cargo build -p lw-model --example isa_probe`",
+        lib.display()
+    );
+    // `cargo test` of this test alone does not rebuild examples.
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let built = std::fs::metadata(&lib)
+        .and_then(|m| m.modified())
+        .expect("the library's time");
+    for source in ["src/kernels.rs", "src/quant.rs", "examples/isa_probe.rs"] {
+        let changed = std::fs::metadata(crate_dir.join(source)).and_then(|m| m.modified());
+        assert!(
+            changed.is_ok_and(|t| t <= built),
+            "{source} changed after {} was built: `cargo build -p lw-model --example isa_probe`",
+            lib.display()
+        );
+    }
+    let script = crate_dir.join("../../scripts/isa_emulate.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(&lib)
+        .arg("--json")
+        .output()
+        .expect("run the emulator harness");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(2) && stderr.contains("not installed") {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI's Python lacks the emulator: {stderr}"
+        );
+        eprintln!("SKIPPED: {stderr}");
+        return;
+    }
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "the harness printed no report ({e}); status {}:\n{stderr}",
+            out.status
+        )
+    });
+    let cases = report["cases"].as_array().expect("cases");
+    // Nine kernels (the group kernels with four input rows and one, the
+    // three GEMMs), three seeds each.
+    assert_eq!(cases.len(), 27, "{report}");
+    for case in cases {
+        let compared = case["compared"].as_array().expect("compared");
+        let kinds: Vec<&str> = compared.iter().filter_map(|k| k.as_str()).collect();
+        assert!(
+            kinds.contains(&"emulated vnni") && kinds.contains(&"emulated avx2"),
+            "{case}"
+        );
+        assert_eq!(case["faults"], serde_json::json!({}), "{case}");
+        assert_eq!(case["same_bits"], true, "{case}");
+    }
+    // Where the emulated CPU lacks VNNI, the VNNI kernel stops on an
+    // invalid opcode: the instructions that ran above were VNNI's.
+    assert_eq!(report["without_vnni"]["avx2"], serde_json::Value::Null);
+    assert_eq!(report["without_vnni"]["vnni"], 6, "{report}");
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(report["ok"], true);
+}
