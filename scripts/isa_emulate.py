@@ -180,9 +180,10 @@ class Emulator:
                 for va in range(lo, hi, PAGE):
                     self.map_page(va, code="x" in perms)
 
-    def call(self, fn, args):
+    def call(self, fn, args, count=False):
         """Runs `fn(*args)` (integer or pointer arguments); returns the
-        number of the fault that stopped it early, or None."""
+        number of the fault that stopped it early, or None. With `count`,
+        `self.executed` is the number of instructions it ran."""
         b = self.b
         state = b.State()
         b.cpu.set_long_mode(state)
@@ -218,6 +219,12 @@ class Emulator:
 
         hook = b.Hook()
         hook.exception = exception
+        self.executed = 0
+        if count:
+            def executed(session, cpu, insn):
+                self.executed += 1
+
+            hook.after_execution = executed
         self.session.run([hook])
         return fault[0] if fault else None
 
@@ -293,8 +300,10 @@ def main():
         if native_vnni:
             lib.lw_probe_run(probe, 1, out["native vnni"])
         faults = {}
+        executed = {}
         for kind, isa in (("emulated avx2", 0), ("emulated vnni", 1)):
-            faults[kind] = emu.call(run_addr, [probe, isa, ctypes.addressof(out[kind])])
+            faults[kind] = emu.call(run_addr, [probe, isa, ctypes.addressof(out[kind])], count=seed == 1)
+            executed[kind] = emu.executed
         bits = {k: struct.pack(f"<{n}f", *v) for k, v in out.items()}
         same = all(bits[k] == bits["native avx2"] for k in bits) and not any(faults.values())
         finite = all(x == x for x in out["native avx2"])
@@ -307,6 +316,7 @@ def main():
                 "compared": sorted(bits),
                 "faults": {k: v for k, v in faults.items() if v is not None},
                 "same_bits": same,
+                "instructions": executed if seed == 1 else None,
                 "sample": [round(x, 6) for x in list(out["native avx2"])[:2]],
             }
         )
@@ -338,8 +348,11 @@ def main():
         for r in report:
             status = "same bits" if r["same_bits"] else "DIFFERENT"
             faults = f" faults {r['faults']}" if r["faults"] else ""
+            count = r["instructions"]
+            ran = (f", instructions avx2 {count['emulated avx2']} vnni {count['emulated vnni']}"
+                   if count else "")
             print(f"{r['case']:<28} seed {r['seed']}: {r['results']:>3} results, "
-                  f"{len(r['compared'])} runs, {status}{faults}")
+                  f"{len(r['compared'])} runs, {status}{faults}{ran}")
         print(f"on a CPU without VNNI: avx2 kernel fault {without['avx2']}, "
               f"vnni kernel fault {without['vnni']} (6 = invalid opcode)")
         print("all match" if ok else "MISMATCH")

@@ -123,6 +123,8 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let cfg = engine.model().config();
     let weight_bytes = engine.model().weight_bytes_per_token();
     let threads = rayon_threads();
+    // The quantized products' instruction set (candle's own code without it).
+    let kernels = lw_model::kernels::Isa::detect().map_or("candle", |i| i.name());
     let bandwidth = a.bandwidth.then(|| lw_model::read_bandwidth(1 << 30));
     // Decode can go no faster than the weights stream.
     let bound = bandwidth.map(|gb| gb * 1e9 / weight_bytes as f64);
@@ -133,6 +135,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             "parameters": cfg.parameter_count(),
             "weights": engine.model().weight_format(),
             "threads": threads,
+            "kernels": kernels,
             "prompt_tokens": prompt_tokens,
             "gen_tokens": a.gen_tokens,
             "draft_acceptance": acceptance,
@@ -149,7 +152,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         println!("{v}");
     } else {
         println!(
-            "model:   {} ({}, {:.1}M parameters, {} weights, {threads} threads)",
+            "model:   {} ({}, {:.1}M parameters, {} weights, {threads} threads, {kernels} kernels)",
             a.model.model,
             cfg.model_type,
             cfg.parameter_count() as f64 / 1e6,

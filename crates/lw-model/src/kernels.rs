@@ -1,5 +1,7 @@
-//! Hand-written AVX2 dot products for the weight types that carry most
-//! quantized models: Q8_0, Q4_K and Q6_K. For decoding, Q8_0 and Q6_K take
+//! Hand-written dot products for the weight types that carry most
+//! quantized models: Q8_0, Q4_K and Q6_K, each compiled for AVX2 and for
+//! AVX-512 VNNI ([`Isa`]; the integer steps that differ are `Ints`'s,
+//! and the 16-bit bounds the comments give are AVX2's). For decoding, Q8_0 and Q6_K take
 //! four weight rows against one quantized activation row per pass, so every
 //! activation load serves four rows and the block scales are widened in
 //! registers (F16C), not by calls; Q4_K takes eight rows at once, held in
@@ -222,12 +224,18 @@ impl Isa {
 /// saturates), both are the exact integer sums.
 #[cfg(target_arch = "x86_64")]
 trait Ints {
+    /// Steps of four Q6_K weights that one run sums before its scale: two
+    /// where runs are 16-bit (at most 4 · 63 · 127 = 32,004), four (all
+    /// sixteen weights of a scale) where they are 32-bit.
+    const Q6K_STEPS: usize;
     /// `run` plus the products of unsigned bytes `u` and signed bytes `s`
     /// (a run starts at zero).
     unsafe fn dot(run: __m256i, u: __m256i, s: __m256i) -> __m256i;
     /// Scales for [`Ints::scaled`], from a 16-bit scale repeated in both
     /// halves of each 32-bit lane.
     unsafe fn scales(pairs: __m256i) -> __m256i;
+    /// One scale for [`Ints::scaled`], in every lane.
+    unsafe fn scale(s: i16) -> __m256i;
     /// `isum` plus a finished run times `scales`, per 32-bit lane.
     unsafe fn scaled(isum: __m256i, run: __m256i, scales: __m256i) -> __m256i;
     /// `isum` plus the sums of pairs of 16-bit products.
@@ -243,6 +251,7 @@ struct Avx2;
 
 #[cfg(target_arch = "x86_64")]
 impl Ints for Avx2 {
+    const Q6K_STEPS: usize = 2;
     #[inline(always)]
     unsafe fn dot(run: __m256i, u: __m256i, s: __m256i) -> __m256i {
         _mm256_add_epi16(run, _mm256_maddubs_epi16(u, s))
@@ -250,6 +259,10 @@ impl Ints for Avx2 {
     #[inline(always)]
     unsafe fn scales(pairs: __m256i) -> __m256i {
         pairs
+    }
+    #[inline(always)]
+    unsafe fn scale(s: i16) -> __m256i {
+        _mm256_set1_epi16(s)
     }
     #[inline(always)]
     unsafe fn scaled(isum: __m256i, run: __m256i, scales: __m256i) -> __m256i {
@@ -272,6 +285,7 @@ struct Vnni;
 
 #[cfg(target_arch = "x86_64")]
 impl Ints for Vnni {
+    const Q6K_STEPS: usize = 4;
     #[inline(always)]
     unsafe fn dot(run: __m256i, u: __m256i, s: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(run, u, s)
@@ -279,6 +293,10 @@ impl Ints for Vnni {
     #[inline(always)]
     unsafe fn scales(pairs: __m256i) -> __m256i {
         _mm256_srai_epi32(pairs, 16)
+    }
+    #[inline(always)]
+    unsafe fn scale(s: i16) -> __m256i {
+        _mm256_set1_epi32(s as i32)
     }
     #[inline(always)]
     unsafe fn scaled(isum: __m256i, run: __m256i, scales: __m256i) -> __m256i {
@@ -858,7 +876,7 @@ unsafe fn scaled_run<I: Ints, const T: usize>(
         }
     }
     for r in 0..2 {
-        let s = I::scales(_mm256_set1_epi16(scales[r]));
+        let s = I::scale(scales[r]);
         for t in 0..T {
             isum[r][t] = I::scaled(isum[r][t], acc16[r][t], s);
         }
@@ -973,9 +991,10 @@ unsafe fn q6k8_tile_in<I: Ints, const R: usize>(
         let rec = group.add(b * GROUP_BLOCK);
         let mut isum = [_mm256_setzero_si256(); R];
         for h in 0..2 {
-            for gp in 0..4 {
+            let steps = I::Q6K_STEPS;
+            for gp in 0..8 / steps {
                 let mut acc16 = [[_mm256_setzero_si256(); R]; 4];
-                for g in 2 * gp..2 * gp + 2 {
+                for g in steps * gp..steps * (gp + 1) {
                     let w = q6k_values(rec.add(QS + (h * 8 + g) * 96));
                     for i in 0..R {
                         let y = ys[i].add(b * 256 + h * 128 + 4 * g);
@@ -988,7 +1007,8 @@ unsafe fn q6k8_tile_in<I: Ints, const R: usize>(
                 }
                 // Weights 4g.. of quarter k use scale 8h + 2k + (g ≥ 4).
                 for (k, a) in acc16.iter().enumerate() {
-                    let pairs = scale_pairs(rec.add(SCALES + (4 * h + k) * 16), spread[gp / 2]);
+                    let pairs =
+                        scale_pairs(rec.add(SCALES + (4 * h + k) * 16), spread[steps * gp / 4]);
                     let sc = I::scales(pairs);
                     for i in 0..R {
                         isum[i] = I::scaled(isum[i], a[i], sc);
@@ -1151,9 +1171,17 @@ unsafe fn q6k_gemm_in<I: Ints, const T: usize>(
     let q_base: [*const u8; 2] = w.map(|r| r.q.as_ptr());
     for b in 0..blocks {
         let mut isum = [[_mm256_setzero_si256(); T]; 2];
-        for e in 0..32 {
-            let scales = w.map(|r| r.scales[b * 16 + e / 2] as i16);
-            scaled_run::<I, T>(q_base, a_base, b * 256 + e * 8, 2, scales, &mut isum);
+        let steps = I::Q6K_STEPS;
+        for e in 0..64 / steps {
+            let scales = w.map(|r| r.scales[b * 16 + e * steps / 4] as i16);
+            scaled_run::<I, T>(
+                q_base,
+                a_base,
+                b * 256 + e * 4 * steps,
+                steps,
+                scales,
+                &mut isum,
+            );
         }
         for t in 0..T {
             let dy = _mm256_loadu_ps(tiles[t].scales.as_ptr().add(b * 8));

@@ -38,7 +38,7 @@
 //! quarter `k`'s value `q_k`; for `l = 4g + i`, byte `i` of a row's four in
 //! `a` holds `q_0` in its low six bits and bits 0–1 of `q_3` in its top
 //! two, `b` holds `q_1` and bits 2–3 of `q_3`, `c` holds `q_2` and bits
-//! 4–5 of `q_3` (see [`q6k_encode`]). The file keeps the low nibbles of
+//! 4–5 of `q_3` (see `q6k_encode`). The file keeps the low nibbles of
 //! `q_0` and `q_2` in `ql[64h + l]`, of `q_1` and `q_3` in
 //! `ql[64h + 32 + l]`, and the four top pairs in `qh[32h + l]`.
 //!
