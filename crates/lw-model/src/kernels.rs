@@ -546,25 +546,27 @@ unsafe fn q8_0_gemm_half<I: Ints, const R: usize, const T: usize>(
 }
 
 for_each_isa! {
-/// Eight Q8_0 rows, held as a group ([`crate::repack`]), against `R`
-/// activation rows (quantized per 32): decode, and prefill's rows that do
-/// not fill a tile of [`q8_0_gemm`].
-///
-/// The rows sit in the eight 32-bit lanes: one load holds four weights of
-/// every row, four activation bytes are broadcast to all lanes, and their
-/// signs are moved onto the activations so that `maddubs` can take the
-/// weights unsigned. A block's two halves of 16 weights are summed exactly,
-/// each takes one fused multiply-add with the eight rows' scales times the
-/// activation's, into its own accumulator, and the two are added at the
-/// end: the steps of [`q8_0_gemm`], so a row's result has
-/// the same bits whichever computed it; and no horizontal sums, since every
-/// lane is a row. Returns `[activation row][weight row]`.
-///
-/// # Safety
-/// The CPU runs `isa`; `group` points at a group of `xs[0].scales.len()`
-/// blocks, and every row of `xs` has that many blocks.
-pub unsafe fn q8_0x8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R]
-    = q8_0x8_tile_in;
+    /// Eight Q8_0 rows, held as a group ([`crate::repack`]), against `R`
+    /// activation rows (quantized per 32): decode, and prefill's rows that do
+    /// not fill a tile of [`q8_0_gemm`].
+    ///
+    /// The rows sit in the eight 32-bit lanes: one load holds four weights of
+    /// every row, four activation bytes are broadcast to all lanes, and their
+    /// signs are moved onto the activations so that `maddubs` can take the
+    /// weights unsigned. A block's two halves of 16 weights are summed exactly,
+    /// each takes one fused multiply-add with the eight rows' scales times the
+    /// activation's, into its own accumulator, and the two are added at the
+    /// end: the steps of [`q8_0_gemm`], so a row's result has
+    /// the same bits whichever computed it; and no horizontal sums, since every
+    /// lane is a row. Returns `[activation row][weight row]`.
+    ///
+    /// # Safety
+    /// The CPU runs `isa`; `group` points at a group of `xs[0].scales.len()`
+    /// blocks, and every row of `xs` has that many blocks.
+    pub unsafe fn q8_0x8_tile<const R: usize>(
+        group: *const u8,
+        xs: [&QuantRow; R]
+    ) -> [[f32; 8]; R] = q8_0x8_tile_in;
 }
 
 /// The body of [`q8_0x8_tile`].
@@ -607,24 +609,26 @@ unsafe fn q8_0x8_tile_in<I: Ints, const R: usize>(
 }
 
 for_each_isa! {
-/// Eight Q4_K rows, held as a group ([`crate::repack`]), against `R`
-/// activation rows (quantized per 256): the decode product, and prefill's
-/// rows that do not fill a tile.
-///
-/// The rows sit in the eight 32-bit lanes. For each four activation bytes
-/// (broadcast to all lanes), one `maddubs` multiplies them with four weights
-/// of every row; a sub-block's eight such products are summed in 16-bit
-/// lanes (at most 8 · 2 · 15 · 127 = 30,480) and then multiplied by the
-/// eight rows' scales at once. Per block, each row's exact integer sum then
-/// takes one fused multiply-add, `fma(d · dy, sum, acc)`, and the mins one
-/// more, as in [`q4k_gemm`], so a row's result has the same bits whichever
-/// kernel computed it. Returns `[activation row][weight row]`.
-///
-/// # Safety
-/// The CPU runs `isa`; `group` points at a group of `xs[0].scales.len()`
-/// blocks, and every row of `xs` has that many blocks.
-pub unsafe fn q4k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R]
-    = q4k8_tile_in;
+    /// Eight Q4_K rows, held as a group ([`crate::repack`]), against `R`
+    /// activation rows (quantized per 256): the decode product, and prefill's
+    /// rows that do not fill a tile.
+    ///
+    /// The rows sit in the eight 32-bit lanes. For each four activation bytes
+    /// (broadcast to all lanes), one `maddubs` multiplies them with four weights
+    /// of every row; a sub-block's eight such products are summed in 16-bit
+    /// lanes (at most 8 · 2 · 15 · 127 = 30,480) and then multiplied by the
+    /// eight rows' scales at once. Per block, each row's exact integer sum then
+    /// takes one fused multiply-add, `fma(d · dy, sum, acc)`, and the mins one
+    /// more, as in [`q4k_gemm`], so a row's result has the same bits whichever
+    /// kernel computed it. Returns `[activation row][weight row]`.
+    ///
+    /// # Safety
+    /// The CPU runs `isa`; `group` points at a group of `xs[0].scales.len()`
+    /// blocks, and every row of `xs` has that many blocks.
+    pub unsafe fn q4k8_tile<const R: usize>(
+        group: *const u8,
+        xs: [&QuantRow; R]
+    ) -> [[f32; 8]; R] = q4k8_tile_in;
 }
 
 /// The body of [`q4k8_tile`].
@@ -884,18 +888,20 @@ unsafe fn scaled_run<I: Ints, const T: usize>(
 }
 
 for_each_isa! {
-/// Two unpacked Q4_K rows against `T` tiles of eight activation rows: the
-/// prefill product. Each lane of a 32-byte product holds one activation
-/// row, so the products of a 32-weight sub-block share one scale and are
-/// summed in i16 (at most 8 · 2 · 15 · 127 = 30,480) before one
-/// multiply by it. Per block, the exact integer sums then take the same
-/// fused steps as [`q4k8_tile`], so every result has the same bits as there.
-/// Returns `[weight row][tile][activation row]`.
-///
-/// # Safety
-/// The CPU runs `isa`; the rows and tiles have the same number of blocks.
-pub unsafe fn q4k_gemm<const T: usize>(w: [&Q4kRow; 2], tiles: [&ActTile; T]) -> [[[f32; 8]; T]; 2]
-    = q4k_gemm_in;
+    /// Two unpacked Q4_K rows against `T` tiles of eight activation rows: the
+    /// prefill product. Each lane of a 32-byte product holds one activation
+    /// row, so the products of a 32-weight sub-block share one scale and are
+    /// summed in i16 (at most 8 · 2 · 15 · 127 = 30,480) before one
+    /// multiply by it. Per block, the exact integer sums then take the same
+    /// fused steps as [`q4k8_tile`], so every result has the same bits as there.
+    /// Returns `[weight row][tile][activation row]`.
+    ///
+    /// # Safety
+    /// The CPU runs `isa`; the rows and tiles have the same number of blocks.
+    pub unsafe fn q4k_gemm<const T: usize>(
+        w: [&Q4kRow; 2],
+        tiles: [&ActTile; T]
+    ) -> [[[f32; 8]; T]; 2] = q4k_gemm_in;
 }
 
 /// The body of [`q4k_gemm`].
@@ -947,30 +953,32 @@ unsafe fn q4k_gemm_in<I: Ints, const T: usize>(
 }
 
 for_each_isa! {
-/// Eight Q6_K rows, held as a group ([`crate::repack`]), against `R`
-/// activation rows (quantized per 256): the decode product, and prefill's
-/// rows that do not fill a tile.
-///
-/// Q6_K, 256 weights in 210 bytes: 128 bytes of low nibbles, 64 bytes of
-/// high 2-bit pairs, 16 i8 scales (one per 16 weights), then `d` (f16). Each
-/// half of 128 weights uses 64 low-nibble bytes `ql`, 32 high bytes `qh` and
-/// 8 scales; its weight `l + 32k` (k = 0..3) takes the low or high nibble of
-/// `ql[l]` or `ql[l + 32]` and bits `2k..2k + 2` of `qh[l]`, and is
-/// `d·scale·(q − 32)`.
-///
-/// The rows sit in the eight 32-bit lanes, as in [`q4k8_tile`]. The
-/// products take the unsigned `q` (0..63): two of them per 16-bit lane, two
-/// steps summed (at most 4 · 63 · 127 = 32,004) before one multiply by the
-/// rows' scales. The offset is one correction per block, `32 · Σ scale ·
-/// (sum of the 16 activations)`, from the row's sums per 16 (exact integers
-/// either way); then one fused multiply-add per block, as in [`q6k_gemm`],
-/// so a row's result has the same bits whichever kernel computed it.
-/// Returns `[activation row][weight row]`.
-///
-/// # Safety
-/// As for [`q4k8_tile`], with a Q6_K group.
-pub unsafe fn q6k8_tile<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R]
-    = q6k8_tile_in;
+    /// Eight Q6_K rows, held as a group ([`crate::repack`]), against `R`
+    /// activation rows (quantized per 256): the decode product, and prefill's
+    /// rows that do not fill a tile.
+    ///
+    /// Q6_K, 256 weights in 210 bytes: 128 bytes of low nibbles, 64 bytes of
+    /// high 2-bit pairs, 16 i8 scales (one per 16 weights), then `d` (f16). Each
+    /// half of 128 weights uses 64 low-nibble bytes `ql`, 32 high bytes `qh` and
+    /// 8 scales; its weight `l + 32k` (k = 0..3) takes the low or high nibble of
+    /// `ql[l]` or `ql[l + 32]` and bits `2k..2k + 2` of `qh[l]`, and is
+    /// `d·scale·(q − 32)`.
+    ///
+    /// The rows sit in the eight 32-bit lanes, as in [`q4k8_tile`]. The
+    /// products take the unsigned `q` (0..63): two of them per 16-bit lane, two
+    /// steps summed (at most 4 · 63 · 127 = 32,004) before one multiply by the
+    /// rows' scales. The offset is one correction per block, `32 · Σ scale ·
+    /// (sum of the 16 activations)`, from the row's sums per 16 (exact integers
+    /// either way); then one fused multiply-add per block, as in [`q6k_gemm`],
+    /// so a row's result has the same bits whichever kernel computed it.
+    /// Returns `[activation row][weight row]`.
+    ///
+    /// # Safety
+    /// As for [`q4k8_tile`], with a Q6_K group.
+    pub unsafe fn q6k8_tile<const R: usize>(
+        group: *const u8,
+        xs: [&QuantRow; R]
+    ) -> [[f32; 8]; R] = q6k8_tile_in;
 }
 
 /// The body of [`q6k8_tile`].
@@ -1145,17 +1153,19 @@ impl Q6kRow {
 }
 
 for_each_isa! {
-/// Two unpacked Q6_K rows against `T` tiles of eight activation rows, as
-/// [`q4k_gemm`]: products of eight weights (at most 4 · 63 · 127 = 32,004
-/// per i16 lane) share a scale and are summed before one multiply by it;
-/// the −32 offset is one correction per block from the rows' sums per 16.
-/// Per block, the exact integer sums take the same fused step as
-/// [`q6k8_tile`], so every result has the same bits as there.
-///
-/// # Safety
-/// As for [`q4k_gemm`].
-pub unsafe fn q6k_gemm<const T: usize>(w: [&Q6kRow; 2], tiles: [&ActTile; T]) -> [[[f32; 8]; T]; 2]
-    = q6k_gemm_in;
+    /// Two unpacked Q6_K rows against `T` tiles of eight activation rows, as
+    /// [`q4k_gemm`]: products of eight weights (at most 4 · 63 · 127 = 32,004
+    /// per i16 lane) share a scale and are summed before one multiply by it;
+    /// the −32 offset is one correction per block from the rows' sums per 16.
+    /// Per block, the exact integer sums take the same fused step as
+    /// [`q6k8_tile`], so every result has the same bits as there.
+    ///
+    /// # Safety
+    /// As for [`q4k_gemm`].
+    pub unsafe fn q6k_gemm<const T: usize>(
+        w: [&Q6kRow; 2],
+        tiles: [&ActTile; T]
+    ) -> [[[f32; 8]; T]; 2] = q6k_gemm_in;
 }
 
 /// The body of [`q6k_gemm`].
