@@ -7,17 +7,21 @@ emulator, and checks that each gives the AVX2 kernels' bits.
     python scripts/isa_emulate.py target/debug/examples/libisa_probe.so [--json]
 
 The emulator is Bochs's CPU (PyPI's `bochscpu-python`), set to a Sapphire
-Rapids model, which runs AVX-512 VNNI. The probe library
-(`crates/lw-model/examples/isa_probe.rs`) builds each case natively; its
-`lw_probe_run` then runs in the emulator over this process's own memory: every
-readable page is mapped at its own virtual address, so the kernel reads the
-buffers the native code built and writes its results where Python reads them.
+Rapids model, which runs both VNNI encodings (AVX-VNNI and AVX-512 VNNI). The
+probe library (`crates/lw-model/examples/isa_probe.rs`) builds each case
+natively; its `lw_probe_run` then runs in the emulator over this process's own
+memory: every readable page is mapped at its own virtual address, so the
+kernel reads the buffers the native code built and writes its results where
+Python reads them.
 
-Per case and seed: the native AVX2 result, the emulated AVX2 result (which
-checks the emulation), the emulated VNNI result, and, where this CPU has VNNI,
-the native VNNI result, all compared bit for bit. The VNNI kernel is also run
-on Bochs's Skylake-X model (AVX-512 without VNNI), where it must stop with an
-invalid-opcode fault: proof that the VNNI instructions are the ones that ran.
+Per case and seed: the native AVX2 result, each instruction set's emulated
+result (AVX2's checks the emulation), and the native result of each set this
+CPU has, all compared bit for bit. Then two CPU models without some of the
+sets, each in a process of its own (Bochs takes one CPU per process): on
+Skylake-X (AVX-512 without VNNI) both VNNI kernels must stop with an
+invalid-opcode fault, and on Arrow Lake (AVX-VNNI without AVX-512) the
+AVX-512 one must, while AVX-VNNI's gives the AVX2 bits: proof that each
+kernel runs its own instructions.
 
 With seed 1, each case also counts the instructions each set executes
 (meaningful for a library built with `--release`; the emulator cannot time
@@ -42,11 +46,20 @@ import tempfile
 PAGE = 4096
 SHIM_ENV = "LW_ISA_EMULATE_SHIM"
 MODEL_ENV = "LW_ISA_EMULATE_MODEL"
+# The CPU models: the one every set runs on, and two that lack some, with
+# the sets each lacks.
+FULL_MODEL = "sapphire_rapids"
+PARTIAL_MODELS = {
+    "corei7_skylake_x": ["avx-vnni", "avx512-vnni"],
+    "arrow_lake": ["avx512-vnni"],
+}
+INVALID_OPCODE = 6
 
 # The preload library. Bochs creates its CPU model through one of these
 # functions (called through the PLT, so a preloaded definition wins); each
-# here returns the Sapphire Rapids model unless LW_ISA_EMULATE_MODEL names
-# "default". The two C23 entry points map to their older glibc names.
+# here creates the model LW_ISA_EMULATE_MODEL names (Bochs's name, as in
+# `create_<name>_cpuid`) instead, Sapphire Rapids when it names none. The
+# two C23 entry points map to their older glibc names.
 SHIM_C = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -73,17 +86,19 @@ static int find_bochs(struct dl_phdr_info *info, size_t size, void *data) {
     if (strstr(info->dlpi_name, "_bochscpu")) { bochs_path = info->dlpi_name; return 1; }
     return 0;
 }
-static void *model(const char *own, void *cpu) {
-    const char *want = getenv("LW_ISA_EMULATE_MODEL");
-    const char *name = (want && strcmp(want, "default") == 0)
-        ? own : "_Z28create_sapphire_rapids_cpuidP8BX_CPU_C";
+static void *model(void *cpu) {
+    const char *name = getenv("LW_ISA_EMULATE_MODEL");
+    if (!name || !*name) name = "sapphire_rapids";
+    char symbol[128];
+    snprintf(symbol, sizeof symbol, "_Z%zucreate_%s_cpuidP8BX_CPU_C",
+             strlen("create__cpuid") + strlen(name), name);
     dl_iterate_phdr(find_bochs, NULL);
     void *lib = bochs_path ? dlopen(bochs_path, RTLD_NOLOAD | RTLD_LAZY) : NULL;
-    void *(*create)(void *) = lib ? (void *(*)(void *))dlsym(lib, name) : NULL;
+    void *(*create)(void *) = lib ? (void *(*)(void *))dlsym(lib, symbol) : NULL;
     if (!create) { fprintf(stderr, "isa_emulate: no CPU model %s\n", name); abort(); }
     return create(cpu);
 }
-#define MODEL(sym) void *sym(void *cpu) { return model(#sym, cpu); }
+#define MODEL(sym) void *sym(void *cpu) { return model(cpu); }
 MODEL(_Z29create_corei7_skylake_x_cpuidP8BX_CPU_C)
 MODEL(_Z38create_corei7_sandy_bridge_2600k_cpuidP8BX_CPU_C)
 MODEL(_Z32create_corei7_haswell_4770_cpuidP8BX_CPU_C)
@@ -92,6 +107,8 @@ MODEL(_Z29create_corei7_icelake_u_cpuidP8BX_CPU_C)
 MODEL(_Z22create_tigerlake_cpuidP8BX_CPU_C)
 MODEL(_Z23create_corei3_cnl_cpuidP8BX_CPU_C)
 MODEL(_Z18create_ryzen_cpuidP8BX_CPU_C)
+MODEL(_Z28create_sapphire_rapids_cpuidP8BX_CPU_C)
+MODEL(_Z23create_arrow_lake_cpuidP8BX_CPU_C)
 """
 
 
@@ -231,13 +248,63 @@ class Emulator:
         return fault[0] if fault else None
 
 
-def cpu_has_vnni():
+def native_sets():
+    """The instruction sets this CPU runs, by /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            flags = set(f.read().split())
     except OSError:
-        return False
-    return " avx512_vnni" in flags and " avx512vl" in flags
+        return set()
+    sets = set()
+    if {"avx2", "fma", "f16c"} <= flags:
+        sets.add("avx2")
+        if "avx_vnni" in flags:
+            sets.add("avx-vnni")
+        if {"avx512f", "avx512vl", "avx512_vnni"} <= flags:
+            sets.add("avx512-vnni")
+    return sets
+
+
+def load_probe(path):
+    lib = ctypes.CDLL(os.path.abspath(path))
+    lib.lw_probe_cases.restype = ctypes.c_size_t
+    lib.lw_probe_name.restype = ctypes.c_char_p
+    lib.lw_probe_name.argtypes = [ctypes.c_size_t]
+    lib.lw_probe_isas.restype = ctypes.c_size_t
+    lib.lw_probe_isa_name.restype = ctypes.c_char_p
+    lib.lw_probe_isa_name.argtypes = [ctypes.c_size_t]
+    lib.lw_probe_native.restype = ctypes.c_bool
+    lib.lw_probe_new.restype = ctypes.c_void_p
+    lib.lw_probe_new.argtypes = [ctypes.c_size_t, ctypes.c_uint64]
+    lib.lw_probe_len.restype = ctypes.c_size_t
+    lib.lw_probe_len.argtypes = [ctypes.c_void_p]
+    lib.lw_probe_run.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    lib.lw_probe_free.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def floats(n):
+    return (ctypes.c_float * n)(*([float("nan")] * n))
+
+
+def bits(values):
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+def on_partial_model(lib, isas, run_addr):
+    """Case 0, seed 1, on the model LW_ISA_EMULATE_MODEL names: per set,
+    the fault (or None) and whether the result has the native AVX2 bits."""
+    probe = lib.lw_probe_new(0, 1)
+    n = lib.lw_probe_len(probe)
+    native = floats(n)
+    lib.lw_probe_run(probe, 0, native)
+    outs = {name: floats(n) for name in isas}
+    emu = Emulator()
+    report = {}
+    for i, name in enumerate(isas):
+        fault = emu.call(run_addr, [probe, i, ctypes.addressof(outs[name])])
+        report[name] = {"fault": fault, "same_bits": bits(outs[name]) == bits(native)}
+    print(json.dumps(report))
 
 
 def main():
@@ -247,48 +314,31 @@ def main():
         sys.exit(__doc__)
     ensure_shim()
     try:
-        lib = ctypes.CDLL(os.path.abspath(args[0]))
-    except OSError as e:
+        lib = load_probe(args[0])
+    except (OSError, AttributeError) as e:
         print(f"isa_emulate: cannot load the probe library {args[0]}: {e}", file=sys.stderr)
         sys.exit(2)
-    lib.lw_probe_cases.restype = ctypes.c_size_t
-    lib.lw_probe_name.restype = ctypes.c_char_p
-    lib.lw_probe_name.argtypes = [ctypes.c_size_t]
-    lib.lw_probe_native.restype = ctypes.c_bool
-    lib.lw_probe_new.restype = ctypes.c_void_p
-    lib.lw_probe_new.argtypes = [ctypes.c_size_t, ctypes.c_uint64]
-    lib.lw_probe_len.restype = ctypes.c_size_t
-    lib.lw_probe_len.argtypes = [ctypes.c_void_p]
-    lib.lw_probe_run.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p]
-    lib.lw_probe_free.argtypes = [ctypes.c_void_p]
     if not lib.lw_probe_native():
         print("isa_emulate: this CPU lacks AVX2, which builds the cases", file=sys.stderr)
         sys.exit(2)
-    native_vnni = cpu_has_vnni()
+    isas = [lib.lw_probe_isa_name(i).decode() for i in range(lib.lw_probe_isas())]
     run_addr = ctypes.cast(lib.lw_probe_run, ctypes.c_void_p).value
     if os.environ.get("LW_ISA_EMULATE_DEBUG"):
         print(f"lw_probe_run at {run_addr:#x}", file=sys.stderr)
-    if "--without-vnni" in sys.argv:
-        probe = lib.lw_probe_new(0, 1)
-        scratch = (ctypes.c_float * lib.lw_probe_len(probe))()
-        emu = Emulator()
-        faults = {kind: emu.call(run_addr, [probe, isa, ctypes.addressof(scratch)])
-                  for kind, isa in (("avx2", 0), ("vnni", 1))}
-        print(json.dumps(faults))
+    if "--partial-model" in sys.argv:
+        on_partial_model(lib, isas, run_addr)
         return
+    native = native_sets() & set(isas)
 
     cases = []
     for case in range(lib.lw_probe_cases()):
         for seed in (1, 2, 3):
             probe = lib.lw_probe_new(case, seed)
             n = lib.lw_probe_len(probe)
-            cases.append((case, seed, probe, n, {}))
-    # Result buffers are made before the memory is mapped, like the cases.
-    for case, seed, probe, n, out in cases:
-        for kind in ["native avx2", "emulated avx2", "emulated vnni"] + (
-            ["native vnni"] if native_vnni else []
-        ):
-            out[kind] = (ctypes.c_float * n)(*([float("nan")] * n))
+            # Result buffers are made before the memory is mapped.
+            outs = {f"native {name}": floats(n) for name in isas if name in native}
+            outs.update({f"emulated {name}": floats(n) for name in isas})
+            cases.append((case, seed, probe, n, outs))
     try:
         emu = Emulator()
     except ImportError as e:
@@ -297,66 +347,75 @@ def main():
 
     report = []
     ok = True
-    for case, seed, probe, n, out in cases:
-        lib.lw_probe_run(probe, 0, out["native avx2"])
-        if native_vnni:
-            lib.lw_probe_run(probe, 1, out["native vnni"])
-        faults = {}
-        executed = {}
-        for kind, isa in (("emulated avx2", 0), ("emulated vnni", 1)):
-            faults[kind] = emu.call(run_addr, [probe, isa, ctypes.addressof(out[kind])], count=seed == 1)
-            executed[kind] = emu.executed
-        bits = {k: struct.pack(f"<{n}f", *v) for k, v in out.items()}
-        same = all(bits[k] == bits["native avx2"] for k in bits) and not any(faults.values())
-        finite = all(x == x for x in out["native avx2"])
+    for case, seed, probe, n, outs in cases:
+        for i, name in enumerate(isas):
+            if name in native:
+                lib.lw_probe_run(probe, i, outs[f"native {name}"])
+        faults, executed = {}, {}
+        for i, name in enumerate(isas):
+            kind = f"emulated {name}"
+            faults[kind] = emu.call(run_addr, [probe, i, ctypes.addressof(outs[kind])], count=seed == 1)
+            executed[name] = emu.executed
+        got = {kind: bits(v) for kind, v in outs.items()}
+        same = all(b == got["native avx2"] for b in got.values()) and not any(faults.values())
+        finite = all(x == x for x in outs["native avx2"])
         ok &= same and finite
         report.append(
             {
                 "case": lib.lw_probe_name(case).decode(),
                 "seed": seed,
                 "results": n,
-                "compared": sorted(bits),
+                "compared": sorted(got),
                 "faults": {k: v for k, v in faults.items() if v is not None},
                 "same_bits": same,
                 "instructions": executed if seed == 1 else None,
-                "sample": [round(x, 6) for x in list(out["native avx2"])[:2]],
+                "sample": [round(x, 6) for x in list(outs["native avx2"])[:2]],
             }
         )
 
-    # Without VNNI (Skylake-X: AVX-512 but no VNNI) the VNNI kernel must
-    # fault with #UD, and the AVX2 one must still run. Bochs takes one CPU
-    # per process, so this runs in a second one.
-    child = subprocess.run(
-        [sys.executable, sys.argv[0], args[0], "--without-vnni"],
-        env=dict(os.environ, **{MODEL_ENV: "default"}),
-        capture_output=True,
-        text=True,
-    )
-    try:
-        without = json.loads(child.stdout)
-    except ValueError:
-        print(f"isa_emulate: the run without VNNI failed:\n{child.stderr}", file=sys.stderr)
-        sys.exit(2)
-    invalid_opcode = 6
-    needs_vnni = without["avx2"] is None and without["vnni"] == invalid_opcode
-    ok &= needs_vnni
+    # The models that lack some sets, each in a process of its own.
+    partial = {}
+    for model, lacking in PARTIAL_MODELS.items():
+        child = subprocess.run(
+            [sys.executable, sys.argv[0], args[0], "--partial-model"],
+            env=dict(os.environ, **{MODEL_ENV: model}),
+            capture_output=True,
+            text=True,
+        )
+        try:
+            runs = json.loads(child.stdout)
+        except ValueError:
+            print(f"isa_emulate: the run on {model} failed:\n{child.stderr}", file=sys.stderr)
+            sys.exit(2)
+        for name, run in runs.items():
+            run["expected"] = "invalid opcode" if name in lacking else "same bits"
+            if name in lacking:
+                run["ok"] = run["fault"] == INVALID_OPCODE
+            else:
+                run["ok"] = run["fault"] is None and run["same_bits"]
+            ok &= run["ok"]
+        partial[model] = runs
 
     for _, _, probe, _, _ in cases:
         lib.lw_probe_free(probe)
     if as_json:
-        print(json.dumps({"ok": ok, "native_vnni": native_vnni, "cases": report,
-                          "without_vnni": without, "vnni_needed": needs_vnni}))
+        print(json.dumps({"ok": ok, "native": sorted(native), "isas": isas,
+                          "cases": report, "partial_models": partial}))
     else:
+        print(f"sets: {', '.join(isas)}; native here: {', '.join(sorted(native))}")
         for r in report:
             status = "same bits" if r["same_bits"] else "DIFFERENT"
             faults = f" faults {r['faults']}" if r["faults"] else ""
             count = r["instructions"]
-            ran = (f", instructions avx2 {count['emulated avx2']} vnni {count['emulated vnni']}"
+            ran = ("; instructions " + ", ".join(f"{k} {v}" for k, v in count.items())
                    if count else "")
             print(f"{r['case']:<28} seed {r['seed']}: {r['results']:>3} results, "
                   f"{len(r['compared'])} runs, {status}{faults}{ran}")
-        print(f"on a CPU without VNNI: avx2 kernel fault {without['avx2']}, "
-              f"vnni kernel fault {without['vnni']} (6 = invalid opcode)")
+        for model, runs in partial.items():
+            for name, run in runs.items():
+                fault = "runs" if run["fault"] is None else f"fault {run['fault']}"
+                print(f"on {model}: {name} {fault}, expected {run['expected']}: "
+                      f"{'ok' if run['ok'] else 'WRONG'}")
         print("all match" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)
 

@@ -28,9 +28,9 @@ mod probe {
         ("q4_k group x 1 row\0", QType::Q4K),
         ("q6_k group x 4 rows\0", QType::Q6K),
         ("q6_k group x 1 row\0", QType::Q6K),
-        ("q8_0 gemm 4 rows x 2 tiles\0", QType::Q8_0),
+        ("q8_0 gemm 4 rows x 1 tile, twice\0", QType::Q8_0),
         ("q4_k gemm 2 rows x 2 tiles\0", QType::Q4K),
-        ("q6_k gemm 2 rows x 1 tile\0", QType::Q6K),
+        ("q6_k gemm 2 rows x 2 tiles\0", QType::Q6K),
     ];
 
     /// Values of every case: `k` per row, two blocks of 256 (sixteen of 32).
@@ -113,9 +113,8 @@ mod probe {
             match self.case {
                 0 | 2 | 4 => 4 * 8,
                 1 | 3 | 5 => 8,
-                6 => 4 * 2 * 8,
-                7 => 2 * 2 * 8,
-                _ => 2 * 8,
+                6 => 2 * 4 * 8,
+                _ => 2 * 2 * 8,
             }
         }
 
@@ -136,9 +135,12 @@ mod probe {
                 4 => put_rows(&q6k8_tile::<4>(isa, at, x4)),
                 5 => put_rows(&q6k8_tile::<1>(isa, at, x1)),
                 6 => {
-                    let t = [&self.wide_tiles[0], &self.wide_tiles[1]];
-                    let v = q8_0_gemm::<4, 2>(isa, &self.wide, 2, t);
-                    put_rows(v.as_flattened());
+                    // Four weight rows against one tile: the shape the
+                    // product uses.
+                    for (t, tile) in self.wide_tiles.iter().enumerate() {
+                        let v = q8_0_gemm::<4, 1>(isa, &self.wide, 2, [tile]);
+                        put_rows_at(out.add(t * 32), v.as_flattened());
+                    }
                 }
                 7 => {
                     let t = [&self.act_tiles[0], &self.act_tiles[1]];
@@ -146,7 +148,8 @@ mod probe {
                     put_rows(v.as_flattened());
                 }
                 _ => {
-                    let v = q6k_gemm::<1>(isa, [&self.q6k[6], &self.q6k[7]], [&self.act_tiles[1]]);
+                    let t = [&self.act_tiles[0], &self.act_tiles[1]];
+                    let v = q6k_gemm::<2>(isa, [&self.q6k[6], &self.q6k[7]], t);
                     put_rows(v.as_flattened());
                 }
             }
@@ -198,16 +201,35 @@ mod probe {
         (*p).len()
     }
 
-    /// Runs a case with instruction set `isa` (0: AVX2, 1: AVX-512 VNNI),
-    /// writing its results to `out`.
+    /// The number of instruction sets.
+    #[no_mangle]
+    pub extern "C" fn lw_probe_isas() -> usize {
+        Isa::ALL.len()
+    }
+
+    /// Instruction set `isa`'s name ([`Isa::name`], NUL-terminated, static),
+    /// or null.
+    #[no_mangle]
+    pub extern "C" fn lw_probe_isa_name(isa: usize) -> *const u8 {
+        match Isa::ALL.get(isa) {
+            Some(Isa::Avx2) => c"avx2".as_ptr().cast(),
+            Some(Isa::AvxVnni) => c"avx-vnni".as_ptr().cast(),
+            Some(Isa::Avx512Vnni) => c"avx512-vnni".as_ptr().cast(),
+            None => std::ptr::null(),
+        }
+    }
+
+    /// Runs a case with instruction set `isa` (its place in [`Isa::ALL`];
+    /// out of range: nothing), writing its results to `out`.
     ///
     /// # Safety
     /// `p` came from [`lw_probe_new`]; `out` holds `lw_probe_len(p)`
     /// values; the CPU (or emulator) runs `isa`.
     #[no_mangle]
-    pub unsafe extern "C" fn lw_probe_run(p: *const Probe, isa: u32, out: *mut f32) {
-        let isa = if isa == 1 { Isa::Avx512Vnni } else { Isa::Avx2 };
-        (*p).run(isa, out)
+    pub unsafe extern "C" fn lw_probe_run(p: *const Probe, isa: usize, out: *mut f32) {
+        if let Some(&isa) = Isa::ALL.get(isa) {
+            (*p).run(isa, out)
+        }
     }
 
     /// Frees a case.

@@ -1,12 +1,11 @@
 //! Hand-written dot products for the weight types that carry most
-//! quantized models: Q8_0, Q4_K and Q6_K, each compiled for AVX2 and for
-//! AVX-512 VNNI ([`Isa`]; the integer steps that differ are `Ints`'s,
-//! and the 16-bit bounds the comments give are AVX2's). For decoding, Q8_0 and Q6_K take
-//! four weight rows against one quantized activation row per pass, so every
-//! activation load serves four rows and the block scales are widened in
-//! registers (F16C), not by calls; Q4_K takes eight rows at once, held in
-//! groups ([`crate::repack`]). For prefill, the K-quants have GEMM kernels
-//! over tiles of eight activation rows.
+//! quantized models: Q8_0, Q4_K and Q6_K, each compiled for AVX2, AVX-VNNI
+//! and AVX-512 VNNI ([`Isa`]; the integer steps that differ are `Ints`'s,
+//! and the 16-bit bounds the comments give are AVX2's). Decoding keeps the
+//! eight rows of a group ([`crate::repack`]) in the lanes of one vector, so
+//! every activation load serves eight rows and the block scales are widened
+//! in registers (F16C); prefill has GEMM kernels over tiles of eight
+//! activation rows.
 //!
 //! Block layouts (ggml's):
 //! - Q8_0, 32 weights in 34 bytes: scale `d` (f16), then 32 × i8.
@@ -165,15 +164,19 @@ pub fn available() -> bool {
 /// The instruction sets the products are written for. Every kernel exists
 /// for each, with the same steps, so a product has the same bits under
 /// either; only the speed differs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// AVX2 with FMA and F16C: byte products summed in 16-bit lanes
     /// (`vpmaddubsw`), widened by a multiply (`vpmaddwd`).
     Avx2,
-    /// AVX2's kernels with the AVX-512 VNNI dot products on 256-bit
-    /// registers (`vpdpbusd`, `vpdpwssd`): byte and 16-bit products summed
-    /// straight into 32-bit lanes, one instruction where AVX2 takes two or
-    /// three.
+    /// AVX2's kernels with the VEX-encoded VNNI dot products (AVX-VNNI:
+    /// Intel's Alder Lake and later without AVX-512, AMD's Zen 5): byte and
+    /// 16-bit products summed straight into 32-bit lanes (`vpdpbusd`,
+    /// `vpdpwssd`), one instruction where AVX2 takes two or three.
+    AvxVnni,
+    /// The same dot products in their AVX-512 VNNI encoding on 256-bit
+    /// registers (AVX-512 CPUs with VNNI: AMD's Zen 4, Intel's Ice Lake and
+    /// later server parts).
     Avx512Vnni,
 }
 
@@ -182,38 +185,61 @@ impl Isa {
     pub fn name(self) -> &'static str {
         match self {
             Isa::Avx2 => "avx2",
+            Isa::AvxVnni => "avx-vnni",
             Isa::Avx512Vnni => "avx512-vnni",
         }
     }
 
+    /// Every set, slowest first.
+    pub const ALL: [Isa; 3] = [Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni];
+
+    /// Whether this CPU runs the set.
+    pub fn runs_here(self) -> bool {
+        if !available() {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Isa::Avx2 => true,
+                Isa::AvxVnni => has!("avxvnni"),
+                Isa::Avx512Vnni => has!("avx512f") && has!("avx512vl") && has!("avx512vnni"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
     /// The best set this CPU runs (`None`: none, and the products fall back
-    /// to candle's). `LONGWRITER_KERNELS=avx2` holds a VNNI machine to AVX2,
-    /// to compare the two; the choice is made once per process.
+    /// to candle's), made once per process. `LONGWRITER_KERNELS` names a
+    /// set to stop at (`avx2` holds a VNNI machine to AVX2, to compare the
+    /// two); a name that is not a set is reported on stderr and ignored.
     pub fn detect() -> Option<Isa> {
         static CHOSEN: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
         *CHOSEN.get_or_init(|| {
             let cap = std::env::var("LONGWRITER_KERNELS").ok();
-            Isa::best(cap.as_deref())
+            let named = cap.as_deref().and_then(Isa::parse);
+            if let (Some(name), None) = (&cap, named) {
+                let sets: Vec<&str> = Isa::ALL.iter().map(|i| i.name()).collect();
+                eprintln!(
+                    "warning: LONGWRITER_KERNELS={name} is not a kernel set ({}); ignored",
+                    sets.join(", ")
+                );
+            }
+            Isa::best(named)
         })
     }
 
-    /// The best set this CPU runs, capped at the one `cap` names (unknown
-    /// names cap nothing).
-    fn best(cap: Option<&str>) -> Option<Isa> {
-        if !available() {
-            return None;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            let vnni = std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::arch::is_x86_feature_detected!("avx512vnni");
-            if vnni && cap != Some(Isa::Avx2.name()) {
-                return Some(Isa::Avx512Vnni);
-            }
-        }
-        let _ = cap;
-        Some(Isa::Avx2)
+    /// The set `name` names.
+    pub fn parse(name: &str) -> Option<Isa> {
+        Isa::ALL.into_iter().find(|i| i.name() == name)
+    }
+
+    /// The best set this CPU runs, at most `cap`.
+    fn best(cap: Option<Isa>) -> Option<Isa> {
+        let cap = cap.unwrap_or(Isa::Avx512Vnni);
+        Isa::ALL.into_iter().rfind(|&i| i <= cap && i.runs_here())
     }
 }
 
@@ -279,38 +305,61 @@ impl Ints for Avx2 {
     }
 }
 
-/// [`Ints`] in AVX-512 VNNI (256-bit registers).
-#[cfg(target_arch = "x86_64")]
-struct Vnni;
+/// [`Ints`] for a VNNI encoding: byte dot products `$dpbusd`, runs are
+/// 32-bit, and `madd` as given.
+macro_rules! vnni_ints {
+    ($(#[$doc:meta])* $set:ident, $dpbusd:ident,
+        madd($isum:ident, $a:ident, $b:ident) = $madd:expr) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        struct $set;
 
-#[cfg(target_arch = "x86_64")]
-impl Ints for Vnni {
-    const Q6K_STEPS: usize = 4;
-    #[inline(always)]
-    unsafe fn dot(run: __m256i, u: __m256i, s: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(run, u, s)
-    }
-    #[inline(always)]
-    unsafe fn scales(pairs: __m256i) -> __m256i {
-        _mm256_srai_epi32(pairs, 16)
-    }
-    #[inline(always)]
-    unsafe fn scale(s: i16) -> __m256i {
-        _mm256_set1_epi32(s as i32)
-    }
-    #[inline(always)]
-    unsafe fn scaled(isum: __m256i, run: __m256i, scales: __m256i) -> __m256i {
-        _mm256_add_epi32(isum, _mm256_mullo_epi32(run, scales))
-    }
-    #[inline(always)]
-    unsafe fn madd(isum: __m256i, a: __m256i, b: __m256i) -> __m256i {
-        _mm256_dpwssd_epi32(isum, a, b)
-    }
-    #[inline(always)]
-    unsafe fn dot4(isum: __m256i, u: __m256i, s: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(isum, u, s)
-    }
+        #[cfg(target_arch = "x86_64")]
+        impl Ints for $set {
+            const Q6K_STEPS: usize = 4;
+            #[inline(always)]
+            unsafe fn dot(run: __m256i, u: __m256i, s: __m256i) -> __m256i {
+                $dpbusd(run, u, s)
+            }
+            #[inline(always)]
+            unsafe fn scales(pairs: __m256i) -> __m256i {
+                _mm256_srai_epi32(pairs, 16)
+            }
+            #[inline(always)]
+            unsafe fn scale(s: i16) -> __m256i {
+                _mm256_set1_epi32(s as i32)
+            }
+            #[inline(always)]
+            unsafe fn scaled(isum: __m256i, run: __m256i, scales: __m256i) -> __m256i {
+                _mm256_add_epi32(isum, _mm256_mullo_epi32(run, scales))
+            }
+            #[inline(always)]
+            unsafe fn madd($isum: __m256i, $a: __m256i, $b: __m256i) -> __m256i {
+                $madd
+            }
+            #[inline(always)]
+            unsafe fn dot4(isum: __m256i, u: __m256i, s: __m256i) -> __m256i {
+                $dpbusd(isum, u, s)
+            }
+        }
+    };
 }
+
+vnni_ints!(
+    /// [`Ints`] in AVX-VNNI. Its 16-bit dot product stays AVX2's pair:
+    /// LLVM splits the VEX `vpdpwssd` back into those two wherever the
+    /// accumulator chain is long (its tuning for CPUs without a fast
+    /// `vpdpwssd`), leaving only the zeroing it added.
+    AvxVnni,
+    _mm256_dpbusd_avx_epi32,
+    madd(isum, a, b) = _mm256_add_epi32(isum, _mm256_madd_epi16(a, b))
+);
+vnni_ints!(
+    /// [`Ints`] in AVX-512 VNNI (256-bit registers).
+    Vnni,
+    _mm256_dpbusd_epi32,
+    madd(isum, a, b) = _mm256_dpwssd_epi32(isum, a, b)
+);
 
 /// Defines kernel `$name`, taking the [`Isa`] first: the body `$body`
 /// (generic over [`Ints`], always inlined) compiled once for each set, and
@@ -326,12 +375,17 @@ macro_rules! for_each_isa {
             unsafe fn avx2<$(const $c: usize),*>($($arg: $ty),*) $(-> $ret)? {
                 $body::<Avx2, $($c),*>($($arg),*)
             }
+            #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+            unsafe fn avx_vnni<$(const $c: usize),*>($($arg: $ty),*) $(-> $ret)? {
+                $body::<AvxVnni, $($c),*>($($arg),*)
+            }
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
             unsafe fn vnni<$(const $c: usize),*>($($arg: $ty),*) $(-> $ret)? {
                 $body::<Vnni, $($c),*>($($arg),*)
             }
             match isa {
                 Isa::Avx2 => avx2::<$($c),*>($($arg),*),
+                Isa::AvxVnni => avx_vnni::<$($c),*>($($arg),*),
                 Isa::Avx512Vnni => vnni::<$($c),*>($($arg),*),
             }
         }
@@ -1221,6 +1275,27 @@ unsafe fn q6k_gemm_in<I: Ints, const T: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Names round-trip, a cap holds, and without one the best set this
+    /// CPU runs is chosen.
+    #[test]
+    fn kernel_sets_are_chosen_by_the_cpu_and_the_cap() {
+        for isa in Isa::ALL {
+            assert_eq!(Isa::parse(isa.name()), Some(isa));
+        }
+        assert_eq!(Isa::parse("avx-2"), None);
+        let best = Isa::ALL.into_iter().filter(|i| i.runs_here()).max();
+        assert_eq!(Isa::best(None), best);
+        assert_eq!(best.is_some(), available());
+        for cap in Isa::ALL {
+            let chosen = Isa::best(Some(cap));
+            assert!(chosen.is_none_or(|c| c <= cap && c.runs_here()), "{cap:?}");
+            assert_eq!(chosen.is_some(), available(), "{cap:?}");
+        }
+        if available() {
+            assert_eq!(Isa::best(Some(Isa::Avx2)), Some(Isa::Avx2));
+        }
+    }
 
     /// The vector quantizer gives the scalar one's bits, ties included.
     #[cfg(target_arch = "x86_64")]

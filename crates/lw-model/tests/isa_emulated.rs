@@ -1,6 +1,7 @@
-//! The AVX-512 VNNI kernels give the AVX2 kernels' bits, on every case of
-//! the probe library (`examples/isa_probe.rs`), run in an x86 emulator by
-//! `scripts/isa_emulate.py`: this CPU need not have VNNI. The emulator
+//! The AVX-VNNI and AVX-512 VNNI kernels give the AVX2 kernels' bits, on
+//! every case of the probe library (`examples/isa_probe.rs`), run in an x86
+//! emulator by `scripts/isa_emulate.py`: this CPU need not have VNNI. On
+//! emulated CPUs that lack a set, its kernels stop on an invalid opcode. The emulator
 //! (`bochscpu-python`) comes from the Python in `LONGWRITER_TEST_PYTHON`
 //! (.ci/run installs it in its venv); outside CI the test says it is
 //! skipped when there is none.
@@ -34,6 +35,7 @@ fn emulator_python() -> Option<String> {
 
 #[test]
 fn vnni_kernels_give_the_avx2_bits_in_an_emulator() {
+    use lw_model::kernels::Isa;
     if !lw_model::kernels::available() {
         eprintln!("SKIPPED: this CPU lacks AVX2, which builds the cases");
         return;
@@ -88,20 +90,42 @@ fn vnni_kernels_give_the_avx2_bits_in_an_emulator() {
     // Nine kernels (the group kernels with four input rows and one, the
     // three GEMMs), three seeds each.
     assert_eq!(cases.len(), 27, "{report}");
+    let names: Vec<&str> = Isa::ALL.iter().map(|i| i.name()).collect();
+    assert_eq!(report["isas"], serde_json::json!(names));
     for case in cases {
         let compared = case["compared"].as_array().expect("compared");
         let kinds: Vec<&str> = compared.iter().filter_map(|k| k.as_str()).collect();
-        assert!(
-            kinds.contains(&"emulated vnni") && kinds.contains(&"emulated avx2"),
-            "{case}"
-        );
+        for name in &names {
+            assert!(
+                kinds.contains(&format!("emulated {name}").as_str()),
+                "{case}"
+            );
+        }
+        assert!(kinds.contains(&"native avx2"), "{case}");
         assert_eq!(case["faults"], serde_json::json!({}), "{case}");
         assert_eq!(case["same_bits"], true, "{case}");
     }
-    // Where the emulated CPU lacks VNNI, the VNNI kernel stops on an
-    // invalid opcode: the instructions that ran above were VNNI's.
-    assert_eq!(report["without_vnni"]["avx2"], serde_json::Value::Null);
-    assert_eq!(report["without_vnni"]["vnni"], 6, "{report}");
+    // Where the emulated CPU lacks a set, its kernel stops on an invalid
+    // opcode (6): the instructions that ran above were that set's.
+    let invalid = serde_json::json!(6);
+    let models = &report["partial_models"];
+    let skylake = &models["corei7_skylake_x"];
+    assert_eq!(
+        skylake["avx2"]["fault"],
+        serde_json::Value::Null,
+        "{report}"
+    );
+    assert_eq!(skylake["avx2"]["same_bits"], true, "{report}");
+    assert_eq!(skylake["avx-vnni"]["fault"], invalid, "{report}");
+    assert_eq!(skylake["avx512-vnni"]["fault"], invalid, "{report}");
+    let arrow_lake = &models["arrow_lake"];
+    assert_eq!(
+        arrow_lake["avx-vnni"]["fault"],
+        serde_json::Value::Null,
+        "{report}"
+    );
+    assert_eq!(arrow_lake["avx-vnni"]["same_bits"], true, "{report}");
+    assert_eq!(arrow_lake["avx512-vnni"]["fault"], invalid, "{report}");
     assert!(out.status.success(), "{stderr}");
     assert_eq!(report["ok"], true);
 }
