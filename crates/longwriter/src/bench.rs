@@ -123,8 +123,12 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let cfg = engine.model().config();
     let weight_bytes = engine.model().weight_bytes_per_token();
     let threads = rayon_threads();
-    // The quantized products' instruction set (candle's own code without it).
-    let kernels = lw_model::kernels::Isa::detect().map_or("candle", |i| i.name());
+    // The quantized products' instruction set (candle's own code without
+    // one); none for a model without quantized matrices.
+    let kernels = engine
+        .model()
+        .has_quantized_weights()
+        .then(|| lw_model::kernels::Isa::detect().map_or("candle", |i| i.name()));
     let bandwidth = a.bandwidth.then(|| lw_model::read_bandwidth(1 << 30));
     // Decode can go no faster than the weights stream.
     let bound = bandwidth.map(|gb| gb * 1e9 / weight_bytes as f64);
@@ -152,11 +156,12 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         println!("{v}");
     } else {
         println!(
-            "model:   {} ({}, {:.1}M parameters, {} weights, {threads} threads, {kernels} kernels)",
+            "model:   {} ({}, {:.1}M parameters, {} weights, {threads} threads{})",
             a.model.model,
             cfg.model_type,
             cfg.parameter_count() as f64 / 1e6,
-            engine.model().weight_format()
+            engine.model().weight_format(),
+            kernels.map_or(String::new(), |k| format!(", {k} kernels"))
         );
         println!(
             "prefill: {prefill_tok_s:.1} tok/s ({prompt_tokens} prompt tokens, median of {})",

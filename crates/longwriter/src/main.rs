@@ -307,7 +307,10 @@ pub struct ModelArgs {
     /// Default: the checkpoint's own (f32, f16 or bf16).
     #[arg(long, value_enum)]
     pub dtype: Option<WeightDtype>,
-    /// Worker threads (default: the number of physical cores).
+    /// Worker threads (default: the number of physical cores). Quantized
+    /// products run the CPU's best kernels (AVX2, AVX-VNNI or AVX-512
+    /// VNNI; `bench` prints which); LONGWRITER_KERNELS=avx2 or avx-vnni
+    /// holds them to that set.
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
     /// Prompt tokens computed per prefill step.

@@ -263,6 +263,70 @@ fn bench_prints_one_json_object_with_the_figures() {
         assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
     }
     assert_eq!(v["threads"], 1);
+    // No quantized matrices, so no quantized kernels ran.
+    assert_eq!(v["kernels"], serde_json::Value::Null, "{v}");
+}
+
+#[test]
+fn bench_names_the_kernels_of_a_quantized_model_and_takes_the_cap() {
+    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args([
+            "bench",
+            "--model",
+            &model("llama3-untied"),
+            "--quantize",
+            "q8_0",
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "4",
+            "--runs",
+            "1",
+            "--json",
+        ])
+        .env("LONGWRITER_KERNELS", "avx2")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    #[cfg(target_arch = "x86_64")]
+    let expected = if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        "avx2"
+    } else {
+        "candle"
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let expected = "candle";
+    assert_eq!(v["kernels"], expected, "{v}");
+    // A name that is not a set is reported, and the run goes on.
+    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args([
+            "bench",
+            "--model",
+            &model("llama3-untied"),
+            "--quantize",
+            "q8_0",
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "4",
+            "--runs",
+            "1",
+        ])
+        .env("LONGWRITER_KERNELS", "avx-2")
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    if expected != "candle" {
+        assert!(
+            stderr.contains("LONGWRITER_KERNELS=avx-2 is not a kernel set"),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]

@@ -181,6 +181,13 @@ impl Llama {
         self.kv_dtype
     }
 
+    /// Whether any matrix is quantized (its products then run the
+    /// quantized kernels, [`crate::kernels::Isa`]).
+    pub fn has_quantized_weights(&self) -> bool {
+        self.linears()
+            .any(|l| l.parts().iter().any(|p| matches!(p, Weight::Quant(_))))
+    }
+
     /// The formats the weight matrices are held in, most bytes first, e.g.
     /// `Q4_K 78%, Q6_K 22%` or `BF16`.
     pub fn weight_format(&self) -> String {
