@@ -269,24 +269,24 @@ fn bench_prints_one_json_object_with_the_figures() {
 
 #[test]
 fn bench_names_the_kernels_of_a_quantized_model_and_takes_the_cap() {
-    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
-        .args([
-            "bench",
-            "--model",
-            &model("llama3-untied"),
-            "--quantize",
-            "q8_0",
-            "--prompt-tokens",
-            "8",
-            "--gen-tokens",
-            "4",
-            "--runs",
-            "1",
-            "--json",
-        ])
-        .env("LONGWRITER_KERNELS", "avx2")
-        .output()
-        .unwrap();
+    let model = model("llama3-untied");
+    let bench = |kernels: &str| {
+        Command::new(env!("CARGO_BIN_EXE_longwriter"))
+            .args(["bench", "--model", &model, "--quantize", "q8_0"])
+            .args([
+                "--prompt-tokens",
+                "8",
+                "--gen-tokens",
+                "4",
+                "--runs",
+                "1",
+                "--json",
+            ])
+            .env("LONGWRITER_KERNELS", kernels)
+            .output()
+            .unwrap()
+    };
+    let out = bench("avx2");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     #[cfg(target_arch = "x86_64")]
@@ -302,23 +302,7 @@ fn bench_names_the_kernels_of_a_quantized_model_and_takes_the_cap() {
     let expected = "candle";
     assert_eq!(v["kernels"], expected, "{v}");
     // A name that is not a set is reported, and the run goes on.
-    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
-        .args([
-            "bench",
-            "--model",
-            &model("llama3-untied"),
-            "--quantize",
-            "q8_0",
-            "--prompt-tokens",
-            "8",
-            "--gen-tokens",
-            "4",
-            "--runs",
-            "1",
-        ])
-        .env("LONGWRITER_KERNELS", "avx-2")
-        .output()
-        .unwrap();
+    let out = bench("avx-2");
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     if expected != "candle" {
