@@ -342,15 +342,18 @@ pub struct ModelArgs {
     /// Most tokens drafted per step (--draft-model, --prompt-lookup).
     #[arg(long, default_value_t = 5)]
     pub draft_max: usize,
-    /// Format of the KV cache: f32 (exact) or f16 (half the memory, as
-    /// llama.cpp keeps it). Its size is printed before a run starts.
+    /// Format of the KV cache: f32 (exact), f16 (half the memory, as
+    /// llama.cpp keeps it) or q8_0 (llama.cpp's 8.5-bit blocks: 27% of
+    /// f32's memory, for contexts that do not fit otherwise; slower to read
+    /// than f16, and head sizes must be multiples of 32). Its size is
+    /// printed before a run starts.
     #[arg(long, default_value = "f32", value_parser = parse_kv_cache)]
     pub kv_cache: lw_model::KvDtype,
 }
 
 fn parse_kv_cache(s: &str) -> Result<lw_model::KvDtype, String> {
     lw_model::KvDtype::parse(s)
-        .ok_or_else(|| format!("unknown KV cache format \"{s}\" (use f32 or f16)"))
+        .ok_or_else(|| format!("unknown KV cache format \"{s}\" (use f32, f16 or q8_0)"))
 }
 
 impl ModelArgs {

@@ -114,7 +114,7 @@ impl Engine {
             quantize: opts.quantize,
         };
         let mut model = Llama::load_from(cfg, &src, dtype)?;
-        model.set_kv_dtype(opts.kv_cache);
+        model.set_kv_dtype(opts.kv_cache)?;
         let cache = model.new_cache();
         Ok(Engine {
             model,
@@ -135,7 +135,7 @@ impl Engine {
         let file = GgufFile::open(path)?;
         let mut tokenizer = crate::gguf::tokenizer_from_gguf(&file)?;
         let mut model = Llama::load_gguf(&file)?;
-        model.set_kv_dtype(opts.kv_cache);
+        model.set_kv_dtype(opts.kv_cache)?;
         apply_chat_format(&mut tokenizer, model.config(), opts.chat_format, path)?;
         let tok_vocab = tokenizer.id_bound();
         if tok_vocab > model.config().vocab_size {

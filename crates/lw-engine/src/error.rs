@@ -27,7 +27,7 @@ pub enum EngineError {
         tokenizer: usize,
         model: usize,
     },
-    #[error("the KV cache for {positions} positions ({dtype}) needs {:.2} GB, but only {:.2} GB of memory is available; ask for fewer tokens (--max-tokens), use --kv-cache f16, or a smaller context", *bytes as f64 / 1e9, *available as f64 / 1e9)]
+    #[error("the KV cache for {positions} positions ({dtype}) needs {:.2} GB, but only {:.2} GB of memory is available; ask for fewer tokens (--max-tokens), use --kv-cache f16 (or q8_0), or a smaller context", *bytes as f64 / 1e9, *available as f64 / 1e9)]
     KvCacheTooLarge {
         positions: usize,
         bytes: u64,

@@ -108,6 +108,63 @@ fn an_f16_kv_cache_stays_close_to_f32() {
     }
 }
 
+/// A Q8_0 cache takes 34 bytes per 32 numbers and stays close to the exact
+/// one on the trained tiny model (head size 64); a position's result does
+/// not depend on how prefill was chunked (chunks of 5 read the cache
+/// directly, a whole prompt reads it widened once per layer). Models whose
+/// head size is not a multiple of 32 are refused with a clear error.
+#[test]
+fn a_q8_0_kv_cache_stays_close_to_f32() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/longwriter-tiny");
+    let opts = |kv_cache, chunk| LoadOptions {
+        kv_cache,
+        prefill_chunk: chunk,
+        ..Default::default()
+    };
+    let mut exact = load(&dir, opts(KvDtype::F32, 512));
+    let mut q8 = load(&dir, opts(KvDtype::Q8_0, 512));
+    assert_eq!(
+        q8.model().kv_bytes_per_token() * 128,
+        exact.model().kv_bytes_per_token() * 34
+    );
+    let prompt = exact
+        .encode_raw("The river ran past the mill, and the miller's daughter watched the water turn the wheel all day long.")
+        .unwrap();
+    assert!(prompt.len() >= 20, "{}", prompt.len());
+    let want = exact.score(&prompt).unwrap();
+    let rows = q8.score(&prompt).unwrap();
+    let argmax = |r: &[f32]| (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
+    let mut worst = 0f32;
+    let mut same_top = 0;
+    for (r, w) in rows.iter().zip(&want) {
+        worst = worst.max(max_abs_diff(r, w));
+        same_top += usize::from(argmax(r) == argmax(w));
+    }
+    let spread = want.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    eprintln!(
+        "q8_0 cache: logits within {worst:.3e} of f32 (logits up to {spread:.1}), top-1 {same_top}/{}",
+        rows.len()
+    );
+    assert!(worst > 0.0, "Q8_0 rounding should show");
+    assert!(
+        worst < 0.02 * spread,
+        "{worst} against logits up to {spread}"
+    );
+    assert!(same_top * 10 >= rows.len() * 9, "{same_top}/{}", rows.len());
+    let mut chunked = load(&dir, opts(KvDtype::Q8_0, 5));
+    assert_eq!(chunked.score(&prompt).unwrap(), rows, "chunks of 5");
+
+    let small = fixtures().join("models").join("llama3-untied");
+    let err = match Engine::load(&small, &opts(KvDtype::Q8_0, 512)) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a Q8_0 cache for heads of 16 was accepted"),
+    };
+    assert!(
+        err.contains("q8_0") && err.contains("multiple of 32") && err.contains("16"),
+        "{err}"
+    );
+}
+
 /// The cache for a whole generation is checked against memory before it
 /// starts: too little memory is an error that says what to change, and the
 /// engine stays usable.

@@ -15,6 +15,16 @@ use half::slice::HalfFloatSliceExt;
 pub enum KvSlice<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
+    Q8(Q8Slice<'a>),
+}
+
+/// Numbers held as llama.cpp's Q8_0 holds them: blocks of 32 i8 values
+/// `q`, each with a scale `d` (f16); a number is `d · q`.
+#[derive(Clone, Copy)]
+pub struct Q8Slice<'a> {
+    pub q: &'a [i8],
+    /// One per 32 numbers.
+    pub d: &'a [f16],
 }
 
 /// Shapes of the cache buffers: `[kv_heads, capacity, head_dim]`.
@@ -51,27 +61,88 @@ pub fn attend_group(
     match (cache.keys, cache.values) {
         (KvSlice::F32(k), KvSlice::F32(v)) => attend(q, k, v, &rows, out),
         (KvSlice::F16(k), KvSlice::F16(v)) => attend(q, k, v, &rows, out),
+        (KvSlice::Q8(k), KvSlice::Q8(v)) => attend(q, k, v, &rows, out),
         _ => unreachable!("keys and values share a format"),
     }
 }
 
-/// A cached number format, read as f32.
-trait KvElem: Sized {
-    /// `row` as f32: itself, or widened into `buf`.
-    fn as_f32<'s>(row: &'s [Self], buf: &'s mut [f32]) -> &'s [f32];
-}
-
-impl KvElem for f32 {
-    fn as_f32<'s>(row: &'s [f32], _buf: &'s mut [f32]) -> &'s [f32] {
-        row
+impl KvSlice<'_> {
+    /// Numbers `range` as f32, written to `out` (of the range's length):
+    /// the numbers attention reads, bit for bit.
+    pub fn widen_into(self, range: std::ops::Range<usize>, out: &mut [f32]) {
+        match self {
+            KvSlice::F32(v) => out.copy_from_slice(&v[range]),
+            KvSlice::F16(v) => {
+                v.as_f32(range, out);
+            }
+            KvSlice::Q8(v) => {
+                v.as_f32(range, out);
+            }
+        }
     }
 }
 
-impl KvElem for f16 {
+/// Cached numbers in one format, read as f32.
+trait KvRows: Copy {
+    /// Numbers `range` as f32: themselves, or widened into `buf` (of the
+    /// range's length).
+    fn as_f32<'s>(self, range: std::ops::Range<usize>, buf: &'s mut [f32]) -> &'s [f32]
+    where
+        Self: 's;
+}
+
+impl KvRows for &[f32] {
+    fn as_f32<'s>(self, range: std::ops::Range<usize>, _buf: &'s mut [f32]) -> &'s [f32]
+    where
+        Self: 's,
+    {
+        &self[range]
+    }
+}
+
+impl KvRows for &[f16] {
     /// Widened with F16C where the CPU has it.
-    fn as_f32<'s>(row: &'s [f16], buf: &'s mut [f32]) -> &'s [f32] {
-        row.convert_to_f32_slice(buf);
+    fn as_f32<'s>(self, range: std::ops::Range<usize>, buf: &'s mut [f32]) -> &'s [f32]
+    where
+        Self: 's,
+    {
+        self[range].convert_to_f32_slice(buf);
         buf
+    }
+}
+
+impl KvRows for Q8Slice<'_> {
+    /// `d · q`, a block of 32 at a time (ranges start and end on blocks:
+    /// whole positions of a head size that is a multiple of 32). Inlined,
+    /// so the loop is compiled for the caller's features.
+    #[inline(always)]
+    fn as_f32<'s>(self, range: std::ops::Range<usize>, buf: &'s mut [f32]) -> &'s [f32]
+    where
+        Self: 's,
+    {
+        let q = &self.q[range.clone()];
+        let d = &self.d[range.start / 32..range.end / 32];
+        for ((out, block), d) in buf.chunks_exact_mut(32).zip(q.chunks_exact(32)).zip(d) {
+            let d = d.to_f32();
+            for (o, &x) in out.iter_mut().zip(block) {
+                *o = d * x as f32;
+            }
+        }
+        buf
+    }
+}
+
+/// Quantizes `x` (a multiple of 32 long) to Q8_0 blocks: per 32, the scale
+/// `d = amax / 127` kept as f16, and values `round(x / d)`.
+pub fn quantize_q8(x: &[f32], q: &mut [i8], d: &mut [f16]) {
+    for ((x, q), d) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(d) {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        *d = f16::from_f32(amax / 127.0);
+        let scale = d.to_f32();
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        for (q, &v) in q.iter_mut().zip(x) {
+            *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        }
     }
 }
 
@@ -89,7 +160,7 @@ impl Rows {
     }
 }
 
-fn attend<E: KvElem>(q: &[f32], keys: &[E], values: &[E], rows: &Rows, out: &mut [f32]) {
+fn attend<E: KvRows>(q: &[f32], keys: E, values: E, rows: &Rows, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the feature was just checked.
@@ -105,13 +176,7 @@ fn attend<E: KvElem>(q: &[f32], keys: &[E], values: &[E], rows: &Rows, out: &mut
 /// AVX2 is available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn attend_avx2<E: KvElem>(
-    q: &[f32],
-    keys: &[E],
-    values: &[E],
-    rows: &Rows,
-    out: &mut [f32],
-) {
+unsafe fn attend_avx2<E: KvRows>(q: &[f32], keys: E, values: E, rows: &Rows, out: &mut [f32]) {
     attend_body::<E, true>(q, keys, values, rows, out)
 }
 
@@ -122,10 +187,10 @@ const SLICE: usize = 64;
 
 /// `AVX2`: the caller checked that the CPU has it.
 #[inline(always)]
-fn attend_body<E: KvElem, const AVX2: bool>(
+fn attend_body<E: KvRows, const AVX2: bool>(
     q: &[f32],
-    keys: &[E],
-    values: &[E],
+    keys: E,
+    values: E,
     rows: &Rows,
     out: &mut [f32],
 ) {
@@ -141,7 +206,7 @@ fn attend_body<E: KvElem, const AVX2: bool>(
     let mut buf = vec![0f32; CHUNK * hd];
     for c0 in (0..m).step_by(CHUNK) {
         let c1 = (c0 + CHUNK).min(m);
-        let ks = E::as_f32(&keys[span(c0, c1)], &mut buf[..(c1 - c0) * hd]);
+        let ks = keys.as_f32(span(c0, c1), &mut buf[..(c1 - c0) * hd]);
         for h in 0..heads {
             let qh = &q[h * hd..(h + 1) * hd];
             let row = &mut scores[h * m + c0..h * m + c1];
@@ -167,7 +232,7 @@ fn attend_body<E: KvElem, const AVX2: bool>(
     out.fill(0.0);
     if !hd.is_multiple_of(SLICE) {
         for i in 0..m {
-            let v = E::as_f32(&values[span(i, i + 1)], &mut buf[..hd]);
+            let v = values.as_f32(span(i, i + 1), &mut buf[..hd]);
             for h in 0..heads {
                 axpy(
                     scores[h * m + i] * inv[h],
@@ -184,7 +249,7 @@ fn attend_body<E: KvElem, const AVX2: bool>(
     let mut p = [0f32; CHUNK];
     for c0 in (0..m).step_by(CHUNK) {
         let c1 = (c0 + CHUNK).min(m);
-        let vs = E::as_f32(&values[span(c0, c1)], &mut buf[..(c1 - c0) * hd]);
+        let vs = values.as_f32(span(c0, c1), &mut buf[..(c1 - c0) * hd]);
         for h in 0..heads {
             let p = &mut p[..c1 - c0];
             for (pi, i) in p.iter_mut().zip(c0..c1) {
@@ -488,15 +553,38 @@ mod tests {
             };
             let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             let mut out = vec![0f32; heads * hd];
-            attend(&q, &k, &v, &rows, &mut out);
+            attend(&q, &k[..], &v[..], &rows, &mut out);
             assert_eq!(bits(&out), bits(&plain(&k, &v)), "f32, head size {hd}");
             assert!(out.iter().any(|&x| x != 0.0));
             let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
             let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
             let kw: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
             let vw: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
-            attend(&q, &k16, &v16, &rows, &mut out);
+            attend(&q, &k16[..], &v16[..], &rows, &mut out);
             assert_eq!(bits(&out), bits(&plain(&kw, &vw)), "f16, head size {hd}");
+            if hd % 32 == 0 {
+                let q8 = |x: &[f32]| {
+                    let mut q = vec![0i8; x.len()];
+                    let mut d = vec![f16::ZERO; x.len() / 32];
+                    quantize_q8(x, &mut q, &mut d);
+                    let wide: Vec<f32> = q
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &v)| d[i / 32].to_f32() * v as f32)
+                        .collect();
+                    (q, d, wide)
+                };
+                let (kq, kd, kw) = q8(&k);
+                let (vq, vd, vw) = q8(&v);
+                // Within half a step (values within ±1: a step is at most
+                // 1/127, and the f16 scale is within 0.1% of amax/127).
+                for (x, w) in k.iter().zip(&kw) {
+                    assert!((x - w).abs() <= 0.5 * 1.001 / 127.0 + 1e-6, "{x} {w}");
+                }
+                let (ks, vs) = (Q8Slice { q: &kq, d: &kd }, Q8Slice { q: &vq, d: &vd });
+                attend(&q, ks, vs, &rows, &mut out);
+                assert_eq!(bits(&out), bits(&plain(&kw, &vw)), "q8, head size {hd}");
+            }
         }
     }
 

@@ -31,6 +31,11 @@ pub enum ModelError {
     },
     #[error("the context is full: {needed} positions needed, the model's context holds {limit}")]
     ContextFull { needed: usize, limit: usize },
+    #[error("a {format} KV cache needs a head size that is a multiple of 32; this model's heads hold {head_dim} numbers (use --kv-cache f16)")]
+    KvFormat {
+        format: &'static str,
+        head_dim: usize,
+    },
     #[error("token id {id} is outside the model's vocabulary of {vocab} entries")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error(transparent)]

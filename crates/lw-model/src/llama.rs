@@ -169,12 +169,21 @@ impl Llama {
 
     /// Bytes of KV cache one position takes (keys and values, all layers).
     pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.cfg.num_layers * self.cfg.num_kv_heads * self.cfg.head_dim * self.kv_dtype.size()
+        let numbers = self.cfg.num_kv_heads * self.cfg.head_dim;
+        2 * self.cfg.num_layers * self.kv_dtype.bytes(numbers)
     }
 
-    /// The format new caches hold keys and values in.
-    pub fn set_kv_dtype(&mut self, dtype: KvDtype) {
+    /// The format new caches hold keys and values in. Q8_0 needs a head
+    /// size that is a multiple of 32.
+    pub fn set_kv_dtype(&mut self, dtype: KvDtype) -> Result<(), ModelError> {
+        if !dtype.holds_head_dim(self.cfg.head_dim) {
+            return Err(ModelError::KvFormat {
+                format: dtype.name(),
+                head_dim: self.cfg.head_dim,
+            });
+        }
         self.kv_dtype = dtype;
+        Ok(())
     }
 
     pub fn kv_dtype(&self) -> KvDtype {
@@ -490,10 +499,11 @@ pub fn last_row(logits: &Tensor) -> Result<Vec<f32>, ModelError> {
     Ok(logits.get(rows - 1)?.to_vec1::<f32>()?)
 }
 
-/// One layer of an f16 cache widened to f32 for a step of many rows
+/// One layer of an f16 or Q8_0 cache widened to f32 for a step of many rows
 /// (prefill): each row's attention would otherwise widen every key and value
-/// it reads, so a key would be widened once per later row. Widening is
-/// exact, so attention sums the same numbers either way.
+/// it reads, so a key would be widened once per later row. Widening gives
+/// the numbers attention reads from the cache, bit for bit, so attention
+/// sums the same numbers either way.
 struct WideLayer {
     keys: Vec<f32>,
     values: Vec<f32>,
@@ -508,7 +518,7 @@ impl WideLayer {
     const MAX_BYTES: usize = 64 << 20;
 
     /// Layer `layer` of `cache` (`kv_heads` heads of `head_dim`) up to
-    /// `len` positions, widened when the cache is f16, the step has `rows`
+    /// `len` positions, widened when the cache is not f32, the step has `rows`
     /// rows of this sequence, and the copy stays small.
     fn new(
         cache: &KvCache,
@@ -517,27 +527,26 @@ impl WideLayer {
         rows: usize,
         (kv_heads, head_dim): (usize, usize),
     ) -> Option<WideLayer> {
-        use half::slice::HalfFloatSliceExt;
         if rows < Self::MIN_ROWS || 2 * kv_heads * len * head_dim * 4 > Self::MAX_BYTES {
             return None;
         }
         let view = cache.view(layer, len);
-        let (KvSlice::F16(k), KvSlice::F16(v)) = (view.keys, view.values) else {
+        if let KvSlice::F32(_) = view.keys {
             return None;
-        };
-        let widen = |src: &[half::f16]| {
+        }
+        let widen = |src: KvSlice| {
             let mut out = vec![0f32; kv_heads * len * head_dim];
             out.par_chunks_mut(len * head_dim)
                 .enumerate()
                 .for_each(|(h, o)| {
                     let at = h * view.capacity * head_dim;
-                    src[at..at + len * head_dim].convert_to_f32_slice(o);
+                    src.widen_into(at..at + len * head_dim, o);
                 });
             out
         };
         Some(WideLayer {
-            keys: widen(k),
-            values: widen(v),
+            keys: widen(view.keys),
+            values: widen(view.values),
             len,
         })
     }
