@@ -73,10 +73,10 @@ impl KvSlice<'_> {
         match self {
             KvSlice::F32(v) => out.copy_from_slice(&v[range]),
             KvSlice::F16(v) => {
-                v.as_f32(range, out);
+                v.as_f32::<false>(range, out);
             }
             KvSlice::Q8(v) => {
-                v.as_f32(range, out);
+                v.as_f32::<false>(range, out);
             }
         }
     }
@@ -85,14 +85,24 @@ impl KvSlice<'_> {
 /// Cached numbers in one format, read as f32.
 trait KvRows: Copy {
     /// Numbers `range` as f32: themselves, or widened into `buf` (of the
-    /// range's length).
-    fn as_f32<'s>(self, range: std::ops::Range<usize>, buf: &'s mut [f32]) -> &'s [f32]
+    /// range's length). `AVX2`: the caller checked AVX2 and F16C, and
+    /// explicit vectors give the same numbers.
+    fn as_f32<'s, const AVX2: bool>(
+        self,
+        range: std::ops::Range<usize>,
+        buf: &'s mut [f32],
+    ) -> &'s [f32]
     where
         Self: 's;
 }
 
 impl KvRows for &[f32] {
-    fn as_f32<'s>(self, range: std::ops::Range<usize>, _buf: &'s mut [f32]) -> &'s [f32]
+    #[inline(always)]
+    fn as_f32<'s, const AVX2: bool>(
+        self,
+        range: std::ops::Range<usize>,
+        _buf: &'s mut [f32],
+    ) -> &'s [f32]
     where
         Self: 's,
     {
@@ -101,22 +111,46 @@ impl KvRows for &[f32] {
 }
 
 impl KvRows for &[f16] {
-    /// Widened with F16C where the CPU has it.
-    fn as_f32<'s>(self, range: std::ops::Range<usize>, buf: &'s mut [f32]) -> &'s [f32]
+    /// Widened with F16C, eight at a time in the caller's code where it
+    /// has the features (a conversion is exact either way).
+    #[inline(always)]
+    fn as_f32<'s, const AVX2: bool>(
+        self,
+        range: std::ops::Range<usize>,
+        buf: &'s mut [f32],
+    ) -> &'s [f32]
     where
         Self: 's,
     {
-        self[range].convert_to_f32_slice(buf);
+        let src = &self[range];
+        #[cfg(target_arch = "x86_64")]
+        if AVX2 && src.len().is_multiple_of(8) {
+            use std::arch::x86_64::*;
+            for (o, h) in buf.chunks_exact_mut(8).zip(src.chunks_exact(8)) {
+                // SAFETY: `AVX2` is set only where AVX2 and F16C were
+                // detected; both chunks hold eight numbers.
+                unsafe {
+                    let v = _mm_loadu_si128(h.as_ptr() as *const __m128i);
+                    _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(v));
+                }
+            }
+            return buf;
+        }
+        src.convert_to_f32_slice(buf);
         buf
     }
 }
 
 impl KvRows for Q8Slice<'_> {
     /// `d · q`, a block of 32 at a time (ranges start and end on blocks:
-    /// whole positions of a head size that is a multiple of 32). Inlined,
-    /// so the loop is compiled for the caller's features.
+    /// whole positions of a head size that is a multiple of 32), eight at a
+    /// time where the caller has AVX2 (the same multiplies).
     #[inline(always)]
-    fn as_f32<'s>(self, range: std::ops::Range<usize>, buf: &'s mut [f32]) -> &'s [f32]
+    fn as_f32<'s, const AVX2: bool>(
+        self,
+        range: std::ops::Range<usize>,
+        buf: &'s mut [f32],
+    ) -> &'s [f32]
     where
         Self: 's,
     {
@@ -124,6 +158,20 @@ impl KvRows for Q8Slice<'_> {
         let d = &self.d[range.start / 32..range.end / 32];
         for ((out, block), d) in buf.chunks_exact_mut(32).zip(q.chunks_exact(32)).zip(d) {
             let d = d.to_f32();
+            #[cfg(target_arch = "x86_64")]
+            if AVX2 {
+                use std::arch::x86_64::*;
+                for (o, b) in out.chunks_exact_mut(8).zip(block.chunks_exact(8)) {
+                    // SAFETY: `AVX2` is set only where AVX2 was detected;
+                    // both chunks hold eight numbers.
+                    unsafe {
+                        let v = _mm_loadl_epi64(b.as_ptr() as *const __m128i);
+                        let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                        _mm256_storeu_ps(o.as_mut_ptr(), _mm256_mul_ps(_mm256_set1_ps(d), f));
+                    }
+                }
+                continue;
+            }
             for (o, &x) in out.iter_mut().zip(block) {
                 *o = d * x as f32;
             }
@@ -162,8 +210,8 @@ impl Rows {
 
 fn attend<E: KvRows>(q: &[f32], keys: E, values: E, rows: &Rows, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the feature was just checked.
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the features were just checked.
         return unsafe { attend_avx2(q, keys, values, rows, out) };
     }
     attend_body::<E, false>(q, keys, values, rows, out)
@@ -173,9 +221,9 @@ fn attend<E: KvRows>(q: &[f32], keys: E, values: E, rows: &Rows, out: &mut [f32]
 /// (no fused multiply-adds), eight lanes wide, so the same bits.
 ///
 /// # Safety
-/// AVX2 is available.
+/// AVX2 and F16C are available.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn attend_avx2<E: KvRows>(q: &[f32], keys: E, values: E, rows: &Rows, out: &mut [f32]) {
     attend_body::<E, true>(q, keys, values, rows, out)
 }
@@ -185,7 +233,7 @@ unsafe fn attend_avx2<E: KvRows>(q: &[f32], keys: E, values: E, rows: &Rows, out
 const CHUNK: usize = 32;
 const SLICE: usize = 64;
 
-/// `AVX2`: the caller checked that the CPU has it.
+/// `AVX2`: the caller checked that the CPU has AVX2 and F16C.
 #[inline(always)]
 fn attend_body<E: KvRows, const AVX2: bool>(
     q: &[f32],
@@ -206,7 +254,7 @@ fn attend_body<E: KvRows, const AVX2: bool>(
     let mut buf = vec![0f32; CHUNK * hd];
     for c0 in (0..m).step_by(CHUNK) {
         let c1 = (c0 + CHUNK).min(m);
-        let ks = keys.as_f32(span(c0, c1), &mut buf[..(c1 - c0) * hd]);
+        let ks = keys.as_f32::<AVX2>(span(c0, c1), &mut buf[..(c1 - c0) * hd]);
         for h in 0..heads {
             let qh = &q[h * hd..(h + 1) * hd];
             let row = &mut scores[h * m + c0..h * m + c1];
@@ -232,7 +280,7 @@ fn attend_body<E: KvRows, const AVX2: bool>(
     out.fill(0.0);
     if !hd.is_multiple_of(SLICE) {
         for i in 0..m {
-            let v = values.as_f32(span(i, i + 1), &mut buf[..hd]);
+            let v = values.as_f32::<AVX2>(span(i, i + 1), &mut buf[..hd]);
             for h in 0..heads {
                 axpy(
                     scores[h * m + i] * inv[h],
@@ -249,7 +297,7 @@ fn attend_body<E: KvRows, const AVX2: bool>(
     let mut p = [0f32; CHUNK];
     for c0 in (0..m).step_by(CHUNK) {
         let c1 = (c0 + CHUNK).min(m);
-        let vs = values.as_f32(span(c0, c1), &mut buf[..(c1 - c0) * hd]);
+        let vs = values.as_f32::<AVX2>(span(c0, c1), &mut buf[..(c1 - c0) * hd]);
         for h in 0..heads {
             let p = &mut p[..c1 - c0];
             for (pi, i) in p.iter_mut().zip(c0..c1) {
