@@ -344,9 +344,8 @@ pub struct ModelArgs {
     pub draft_max: usize,
     /// Format of the KV cache: f32 (exact), f16 (half the memory, as
     /// llama.cpp keeps it) or q8_0 (llama.cpp's 8.5-bit blocks: 27% of
-    /// f32's memory, for contexts that do not fit otherwise; slower to read
-    /// than f16, and head sizes must be multiples of 32). Its size is
-    /// printed before a run starts.
+    /// f32's memory, for contexts that do not fit otherwise; head sizes
+    /// must be multiples of 32). Its size is printed before a run starts.
     #[arg(long, default_value = "f32", value_parser = parse_kv_cache)]
     pub kv_cache: lw_model::KvDtype,
 }
