@@ -1,9 +1,9 @@
 //! The key/value cache of one sequence: per layer, keys and values of every
 //! position seen so far, in plain buffers that grow by doubling (or are
 //! reserved once for a whole generation, so appending a token copies only
-//! that token) and can be truncated to reuse a prefix. Entries are f32, f16 (half the
-//! memory), or Q8_0 (blocks of 32 i8 values with an f16 scale: 8.5 bits a
-//! number, 27% of f32's memory) for the longest contexts.
+//! that token) and can be truncated to reuse a prefix. Entries are f32,
+//! f16 (half the memory), or Q8_0 (blocks of 32 i8 values with an f16
+//! scale: 8.5 bits a number, 27% of f32's memory) for the longest contexts.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
