@@ -69,7 +69,7 @@ pub fn attend_group(
 impl KvSlice<'_> {
     /// Numbers `range` as f32, written to `out` (of the range's length):
     /// the numbers attention reads, bit for bit.
-    pub fn widen_into(self, range: std::ops::Range<usize>, out: &mut [f32]) {
+    pub fn widen_into(self, range: Span, out: &mut [f32]) {
         match self {
             KvSlice::F32(v) => out.copy_from_slice(&v[range]),
             KvSlice::F16(v) => {
@@ -82,27 +82,22 @@ impl KvSlice<'_> {
     }
 }
 
+/// A range of numbers in a cache buffer.
+type Span = std::ops::Range<usize>;
+
 /// Cached numbers in one format, read as f32.
 trait KvRows: Copy {
     /// Numbers `range` as f32: themselves, or widened into `buf` (of the
     /// range's length). `AVX2`: the caller checked AVX2 and F16C, and
     /// explicit vectors give the same numbers.
-    fn as_f32<'s, const AVX2: bool>(
-        self,
-        range: std::ops::Range<usize>,
-        buf: &'s mut [f32],
-    ) -> &'s [f32]
+    fn as_f32<'s, const AVX2: bool>(self, range: Span, buf: &'s mut [f32]) -> &'s [f32]
     where
         Self: 's;
 }
 
 impl KvRows for &[f32] {
     #[inline(always)]
-    fn as_f32<'s, const AVX2: bool>(
-        self,
-        range: std::ops::Range<usize>,
-        _buf: &'s mut [f32],
-    ) -> &'s [f32]
+    fn as_f32<'s, const AVX2: bool>(self, range: Span, _buf: &'s mut [f32]) -> &'s [f32]
     where
         Self: 's,
     {
@@ -114,11 +109,7 @@ impl KvRows for &[f16] {
     /// Widened with F16C, eight at a time in the caller's code where it
     /// has the features (a conversion is exact either way).
     #[inline(always)]
-    fn as_f32<'s, const AVX2: bool>(
-        self,
-        range: std::ops::Range<usize>,
-        buf: &'s mut [f32],
-    ) -> &'s [f32]
+    fn as_f32<'s, const AVX2: bool>(self, range: Span, buf: &'s mut [f32]) -> &'s [f32]
     where
         Self: 's,
     {
@@ -146,11 +137,7 @@ impl KvRows for Q8Slice<'_> {
     /// whole positions of a head size that is a multiple of 32), eight at a
     /// time where the caller has AVX2 (the same multiplies).
     #[inline(always)]
-    fn as_f32<'s, const AVX2: bool>(
-        self,
-        range: std::ops::Range<usize>,
-        buf: &'s mut [f32],
-    ) -> &'s [f32]
+    fn as_f32<'s, const AVX2: bool>(self, range: Span, buf: &'s mut [f32]) -> &'s [f32]
     where
         Self: 's,
     {
