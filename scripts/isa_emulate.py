@@ -271,8 +271,8 @@ def load_probe(path):
     lib.lw_probe_name.restype = ctypes.c_char_p
     lib.lw_probe_name.argtypes = [ctypes.c_size_t]
     lib.lw_probe_isas.restype = ctypes.c_size_t
-    lib.lw_probe_isa_name.restype = ctypes.c_char_p
-    lib.lw_probe_isa_name.argtypes = [ctypes.c_size_t]
+    lib.lw_probe_isa_name.restype = ctypes.c_size_t
+    lib.lw_probe_isa_name.argtypes = [ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
     lib.lw_probe_native.restype = ctypes.c_bool
     lib.lw_probe_new.restype = ctypes.c_void_p
     lib.lw_probe_new.argtypes = [ctypes.c_size_t, ctypes.c_uint64]
@@ -321,7 +321,11 @@ def main():
     if not lib.lw_probe_native():
         print("isa_emulate: this CPU lacks AVX2, which builds the cases", file=sys.stderr)
         sys.exit(2)
-    isas = [lib.lw_probe_isa_name(i).decode() for i in range(lib.lw_probe_isas())]
+    isas = []
+    for i in range(lib.lw_probe_isas()):
+        name = ctypes.create_string_buffer(64)
+        n = lib.lw_probe_isa_name(i, name, len(name))
+        isas.append(name.raw[:n].decode())
     run_addr = ctypes.cast(lib.lw_probe_run, ctypes.c_void_p).value
     if os.environ.get("LW_ISA_EMULATE_DEBUG"):
         print(f"lw_probe_run at {run_addr:#x}", file=sys.stderr)
@@ -369,7 +373,6 @@ def main():
                 "faults": {k: v for k, v in faults.items() if v is not None},
                 "same_bits": same,
                 "instructions": executed if seed == 1 else None,
-                "sample": [round(x, 6) for x in list(outs["native avx2"])[:2]],
             }
         )
 

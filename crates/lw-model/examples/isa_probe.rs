@@ -20,17 +20,18 @@ mod probe {
     use lw_model::quant::QMatrix;
     use lw_model::QType;
 
-    /// The cases, by number: (name, NUL-terminated for C; weight type).
-    const CASES: [(&str, QType); 9] = [
-        ("q8_0 group x 4 rows\0", QType::Q8_0),
-        ("q8_0 group x 1 row\0", QType::Q8_0),
-        ("q4_k group x 4 rows\0", QType::Q4K),
-        ("q4_k group x 1 row\0", QType::Q4K),
-        ("q6_k group x 4 rows\0", QType::Q6K),
-        ("q6_k group x 1 row\0", QType::Q6K),
-        ("q8_0 gemm 4 rows x 1 tile, twice\0", QType::Q8_0),
-        ("q4_k gemm 2 rows x 2 tiles\0", QType::Q4K),
-        ("q6_k gemm 2 rows x 2 tiles\0", QType::Q6K),
+    /// The cases, by number: (name, NUL-terminated for C; weight type;
+    /// number of results).
+    const CASES: [(&str, QType, usize); 9] = [
+        ("q8_0 group x 4 rows\0", QType::Q8_0, 4 * 8),
+        ("q8_0 group x 1 row\0", QType::Q8_0, 8),
+        ("q4_k group x 4 rows\0", QType::Q4K, 4 * 8),
+        ("q4_k group x 1 row\0", QType::Q4K, 8),
+        ("q6_k group x 4 rows\0", QType::Q6K, 4 * 8),
+        ("q6_k group x 1 row\0", QType::Q6K, 8),
+        ("q8_0 gemm 4 rows x 1 tile, twice\0", QType::Q8_0, 2 * 4 * 8),
+        ("q4_k gemm 2 rows x 2 tiles\0", QType::Q4K, 2 * 2 * 8),
+        ("q6_k gemm 2 rows x 2 tiles\0", QType::Q6K, 2 * 2 * 8),
     ];
 
     /// Values of every case: `k` per row, two blocks of 256 (sixteen of 32).
@@ -72,7 +73,7 @@ mod probe {
 
     impl Probe {
         fn new(case: usize, seed: u64) -> Option<Probe> {
-            let (_, qtype) = *CASES.get(case)?;
+            let (_, qtype, _) = *CASES.get(case)?;
             let weights = QMatrix::quantize(qtype, &values(8 * K, seed), 8, K).ok()?;
             let group = if qtype == QType::Q8_0 { 32 } else { 256 };
             let xs: Vec<QuantRow> = (0..16)
@@ -110,12 +111,7 @@ mod probe {
 
         /// Results of the case.
         fn len(&self) -> usize {
-            match self.case {
-                0 | 2 | 4 => 4 * 8,
-                1 | 3 | 5 => 8,
-                6 => 2 * 4 * 8,
-                _ => 2 * 2 * 8,
-            }
+            CASES[self.case].2
         }
 
         /// Runs the case with `isa`, writing `len()` results to `out`.
@@ -207,15 +203,20 @@ mod probe {
         Isa::ALL.len()
     }
 
-    /// Instruction set `isa`'s name ([`Isa::name`], NUL-terminated, static),
-    /// or null.
+    /// Writes instruction set `isa`'s name ([`Isa::name`]) to `out` (room
+    /// for `cap` bytes); returns its length, or 0 for an unknown set or too
+    /// little room.
+    ///
+    /// # Safety
+    /// `out` holds `cap` bytes.
     #[no_mangle]
-    pub extern "C" fn lw_probe_isa_name(isa: usize) -> *const u8 {
-        match Isa::ALL.get(isa) {
-            Some(Isa::Avx2) => c"avx2".as_ptr().cast(),
-            Some(Isa::AvxVnni) => c"avx-vnni".as_ptr().cast(),
-            Some(Isa::Avx512Vnni) => c"avx512-vnni".as_ptr().cast(),
-            None => std::ptr::null(),
+    pub unsafe extern "C" fn lw_probe_isa_name(isa: usize, out: *mut u8, cap: usize) -> usize {
+        match Isa::ALL.get(isa).map(|i| i.name().as_bytes()) {
+            Some(name) if name.len() <= cap => {
+                std::ptr::copy_nonoverlapping(name.as_ptr(), out, name.len());
+                name.len()
+            }
+            _ => 0,
         }
     }
 
