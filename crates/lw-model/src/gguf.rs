@@ -61,7 +61,7 @@ pub enum GgufError {
     UnknownType { name: String, ty: u32 },
     #[error(
         "tensor \"{name}\" has type {ty}, which is not supported (supported: {})",
-        QType::SUPPORTED
+        QType::supported()
     )]
     UnsupportedType { name: String, ty: &'static str },
     #[error("tensor \"{name}\": {reason}")]

@@ -66,8 +66,9 @@ impl TensorSource for SafetensorsSource<'_> {
             .zip(&shapes)
             .map(|(n, s)| (*n, &s[..]))
             .collect();
-        match self.quantize {
-            Some(q) if q.is_quantized() && inp.is_multiple_of(q.block_elems()) => {
+        // Rows that are not whole blocks take llama-quantize's fallback type.
+        match self.quantize.map(|q| q.fallback(inp)) {
+            Some(q) if q.is_quantized() => {
                 let t = self.weights.get_stacked(&parts, DType::F32)?;
                 let rows = outs.iter().sum();
                 let values = t.flatten_all()?.to_vec1::<f32>()?;

@@ -10,7 +10,8 @@
 use std::sync::Arc;
 
 use candle_core::quantized::k_quants::{
-    BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0, GgmlType,
 };
 use rayon::prelude::*;
 
@@ -18,130 +19,7 @@ use rayon::prelude::*;
 use crate::kernels::Isa;
 use crate::linear::SharedOut;
 
-/// The tensor types this crate reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum QType {
-    F32,
-    F16,
-    BF16,
-    Q8_0,
-    Q4_0,
-    Q4K,
-    Q5K,
-    Q6K,
-}
-
-impl QType {
-    pub const SUPPORTED: &'static str = "F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K";
-
-    /// `Some(Ok)` for a supported ggml type id, `Some(Err(name))` for a known
-    /// one this crate does not run, `None` for an unknown id.
-    pub fn from_ggml(id: u32) -> Option<Result<QType, &'static str>> {
-        Some(Ok(match id {
-            0 => QType::F32,
-            1 => QType::F16,
-            2 => QType::Q4_0,
-            8 => QType::Q8_0,
-            12 => QType::Q4K,
-            13 => QType::Q5K,
-            14 => QType::Q6K,
-            30 => QType::BF16,
-            3 => return Some(Err("Q4_1")),
-            6 => return Some(Err("Q5_0")),
-            7 => return Some(Err("Q5_1")),
-            9 => return Some(Err("Q8_1")),
-            10 => return Some(Err("Q2_K")),
-            11 => return Some(Err("Q3_K")),
-            15 => return Some(Err("Q8_K")),
-            16..=23 | 29 => return Some(Err("an IQ type")),
-            24 => return Some(Err("I8")),
-            25 => return Some(Err("I16")),
-            26 => return Some(Err("I32")),
-            27 => return Some(Err("I64")),
-            28 => return Some(Err("F64")),
-            34 | 35 => return Some(Err("a ternary type (TQ1_0/TQ2_0)")),
-            39 => return Some(Err("MXFP4")),
-            _ => return None,
-        }))
-    }
-
-    pub fn ggml_id(self) -> u32 {
-        match self {
-            QType::F32 => 0,
-            QType::F16 => 1,
-            QType::Q4_0 => 2,
-            QType::Q8_0 => 8,
-            QType::Q4K => 12,
-            QType::Q5K => 13,
-            QType::Q6K => 14,
-            QType::BF16 => 30,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            QType::F32 => "F32",
-            QType::F16 => "F16",
-            QType::BF16 => "BF16",
-            QType::Q8_0 => "Q8_0",
-            QType::Q4_0 => "Q4_0",
-            QType::Q4K => "Q4_K",
-            QType::Q5K => "Q5_K",
-            QType::Q6K => "Q6_K",
-        }
-    }
-
-    /// Parses a name as users write it: `q4_k`, `Q4_K`, `q4k`, `f16`…
-    pub fn parse(s: &str) -> Option<QType> {
-        let norm: String = s
-            .chars()
-            .filter(|c| *c != '_')
-            .collect::<String>()
-            .to_ascii_lowercase();
-        Some(match norm.as_str() {
-            "f32" => QType::F32,
-            "f16" => QType::F16,
-            "bf16" => QType::BF16,
-            "q80" => QType::Q8_0,
-            "q40" => QType::Q4_0,
-            "q4k" => QType::Q4K,
-            "q5k" => QType::Q5K,
-            "q6k" => QType::Q6K,
-            _ => return None,
-        })
-    }
-
-    /// Elements per block.
-    pub fn block_elems(self) -> usize {
-        match self {
-            QType::F32 | QType::F16 | QType::BF16 => 1,
-            QType::Q8_0 | QType::Q4_0 => 32,
-            QType::Q4K | QType::Q5K | QType::Q6K => 256,
-        }
-    }
-
-    /// Bytes per block.
-    pub fn block_bytes(self) -> usize {
-        match self {
-            QType::F32 => 4,
-            QType::F16 | QType::BF16 => 2,
-            QType::Q8_0 => 34,
-            QType::Q4_0 => 18,
-            QType::Q4K => 144,
-            QType::Q5K => 176,
-            QType::Q6K => 210,
-        }
-    }
-
-    pub fn is_quantized(self) -> bool {
-        self.block_elems() > 1
-    }
-
-    /// Bytes of a row of `cols` elements (a multiple of the block size).
-    pub fn row_bytes(self, cols: usize) -> usize {
-        cols / self.block_elems() * self.block_bytes()
-    }
-}
+pub use crate::qtype::QType;
 
 /// Bytes of a tensor: a range of a memory-mapped file, or owned (aligned to 8).
 #[derive(Clone)]
@@ -328,6 +206,12 @@ impl QMatrix {
         if values.len() != rows * cols {
             return Err(format!("{} values for {rows}×{cols}", values.len()));
         }
+        if !qtype.encodable() {
+            return Err(format!(
+                "{} can be read but not written here (llama.cpp's llama-quantize writes it)",
+                qtype.name()
+            ));
+        }
         if !qtype.is_quantized() || !cols.is_multiple_of(qtype.block_elems()) {
             return Err(format!(
                 "cannot quantize rows of {cols} to {} (blocks of {})",
@@ -428,6 +312,7 @@ impl QMatrix {
             QType::Q5K => self.matmul_as::<BlockQ5K>(x, out),
             QType::Q6K => self.matmul_as::<BlockQ6K>(x, out),
             QType::F32 | QType::F16 | QType::BF16 => unreachable!("QMatrix holds block types"),
+            _ => self.matmul_rows(x, out),
         }
     }
 
@@ -490,6 +375,46 @@ impl QMatrix {
             for (r, xr) in xq.chunks(per_row).enumerate() {
                 for j in j0..j1 {
                     let v = T::vec_dot(k, &w[j * wrow..(j + 1) * wrow], xr);
+                    // SAFETY: element (r, j) belongs to this block alone, and
+                    // `out` outlives the loop.
+                    unsafe { *dst.at(r * n + j) = v };
+                }
+            }
+        });
+    }
+}
+
+impl QMatrix {
+    /// The product for the types without a vector kernel
+    /// ([`crate::portable`], [`crate::igrid`]): activations quantized once,
+    /// then one row dot product per output, weight rows split over the
+    /// pool in blocks as in `matmul_as`.
+    fn matmul_rows(&self, x: &[f32], out: &mut [f32]) {
+        let (n, k) = (self.rows, self.cols);
+        let group = crate::portable::activation_group(self.qtype);
+        let xq: Vec<crate::kernels::QuantRow> = x
+            .par_chunks(k)
+            .map(|r| crate::kernels::quantize_row(r, group))
+            .collect();
+        let dot = if crate::portable::handles(self.qtype) {
+            crate::portable::dot
+        } else {
+            crate::igrid::dot
+        };
+        let w = self.data.as_slice();
+        let rb = self.qtype.row_bytes(k);
+        let threads = rayon::current_num_threads().max(1);
+        let mut block = (n / (threads * 4)).clamp(8, 1024);
+        if xq.len() > 4 {
+            block = block.min((256 * 1024 / rb.max(1)).max(8));
+        }
+        let dst = SharedOut(out.as_mut_ptr());
+        (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
+            let j0 = bi * block;
+            let j1 = (j0 + block).min(n);
+            for (r, xr) in xq.iter().enumerate() {
+                for j in j0..j1 {
+                    let v = dot(self.qtype, &w[j * rb..(j + 1) * rb], xr);
                     // SAFETY: element (r, j) belongs to this block alone, and
                     // `out` outlives the loop.
                     unsafe { *dst.at(r * n + j) = v };
@@ -842,6 +767,8 @@ pub fn dequantize_row(qtype: QType, bytes: &[u8], out: &mut [f32]) {
         QType::Q4K => BlockQ4K::to_float(blocks(bytes), out),
         QType::Q5K => BlockQ5K::to_float(blocks(bytes), out),
         QType::Q6K => BlockQ6K::to_float(blocks(bytes), out),
+        q if crate::portable::handles(q) => crate::portable::dequantize_row(q, bytes, out),
+        q => crate::igrid::dequantize_row(q, bytes, out),
     }
 }
 
@@ -868,6 +795,12 @@ pub fn quantize_row(qtype: QType, values: &[f32], out: &mut [u8]) {
         QType::Q4K => BlockQ4K::from_float(values, blocks_mut(out)),
         QType::Q5K => BlockQ5K::from_float(values, blocks_mut(out)),
         QType::Q6K => BlockQ6K::from_float(values, blocks_mut(out)),
+        QType::Q4_1 => BlockQ4_1::from_float(values, blocks_mut(out)),
+        QType::Q5_0 => BlockQ5_0::from_float(values, blocks_mut(out)),
+        QType::Q5_1 => BlockQ5_1::from_float(values, blocks_mut(out)),
+        QType::Q2K => BlockQ2K::from_float(values, blocks_mut(out)),
+        QType::Q3K => BlockQ3K::from_float(values, blocks_mut(out)),
+        q => panic!("{} cannot be encoded here (see QType::encodable)", q.name()),
     }
 }
 

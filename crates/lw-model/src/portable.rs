@@ -1,0 +1,348 @@
+//! The block types without a vector kernel of their own (Q4_1, Q5_0, Q5_1,
+//! Q2_K, Q3_K, IQ4_NL, IQ4_XS; the grid i-quants are in [`crate::igrid`]),
+//! in portable Rust: one row's dequantization, and its product with an
+//! activation row quantized to i8 ([`QuantRow`]).
+//!
+//! A product keeps the design of the vector kernels: per block, one exact
+//! integer sum of weight × activation integers, then one f32
+//! multiply-add by the block's scales, blocks in order. So a row's result
+//! does not depend on how many rows are computed together (prefill, batch
+//! and decode give the same bits).
+//!
+//! Activations are quantized per 32 values for the 32-weight types and per
+//! 256 (with sums per 16) for the 256-weight ones, as
+//! [`crate::kernels::quantize_row`] does for Q8_0 and the K-quants.
+//!
+//! Layouts (ggml's `ggml-common.h`), little-endian:
+//! - Q4_1, 32 in 20 bytes: `d`, `m` (f16), 16 bytes of nibbles (low nibbles
+//!   are weights 0..16, high 16..32); a weight is `d·q + m`.
+//! - Q5_0, 32 in 22: `d`, `qh` (u32: bit `j` is weight `j`'s fifth bit),
+//!   nibbles as Q4_1; a weight is `d·(q − 16)`.
+//! - Q5_1, 32 in 24: `d`, `m`, `qh`, nibbles; a weight is `d·q + m`.
+//! - Q2_K, 256 in 84: 16 bytes of scale (low nibble) and min (high), 64
+//!   bytes of 2-bit values, `d`, `dmin`; weight `128n + 32j + l` is bits
+//!   `2j..2j+2` of byte `32n + l`, in sub-block `8n + 2j + l/16`; a weight is
+//!   `d·sc·q − dmin·m`.
+//! - Q3_K, 256 in 110: 32 bytes of high bits (`hmask`), 64 of 2-bit values
+//!   (placed as Q2_K's), 12 of 6-bit scales, `d`; weight `128n + 32j + l`
+//!   has its high bit in bit `4n + j` of `hmask[l]`; a weight is
+//!   `d·(sc − 32)·(q − 4·(1 − high))`.
+//! - IQ4_NL, 32 in 18: `d`, nibbles as Q4_1 indexing a table of 16
+//!   non-uniform levels; a weight is `d·level`.
+//! - IQ4_XS, 256 in 136: `d`, 16 bits of scales' high pairs, 4 bytes of
+//!   scales' low nibbles, then eight sub-blocks of 32 as IQ4_NL's nibbles; a
+//!   weight is `d·(sc − 32)·level`.
+
+use crate::kernels::QuantRow;
+use crate::qtype::QType;
+
+/// IQ4_NL's and IQ4_XS's sixteen levels (ggml's `kvalues_iq4nl`).
+pub(crate) const IQ4_LEVELS: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Whether this module handles `qtype`.
+pub(crate) fn handles(qtype: QType) -> bool {
+    matches!(
+        qtype,
+        QType::Q4_1
+            | QType::Q5_0
+            | QType::Q5_1
+            | QType::Q2K
+            | QType::Q3K
+            | QType::IQ4NL
+            | QType::IQ4XS
+    )
+}
+
+/// The integer values of one 32-weight block (Q4_1, Q5_0, Q5_1, IQ4_NL),
+/// and its scale and offset: a weight is `d·q[i] + m`.
+fn small_block(qtype: QType, b: &[u8]) -> ([i32; 32], f32, f32) {
+    let mut q = [0i32; 32];
+    let (d, m, nib, high) = match qtype {
+        QType::Q4_1 => (f16_at(b, 0), f16_at(b, 2), &b[4..20], None),
+        QType::Q5_0 => (f16_at(b, 0), 0.0, &b[6..22], Some(u32_at(b, 2))),
+        QType::Q5_1 => (f16_at(b, 0), f16_at(b, 2), &b[8..24], Some(u32_at(b, 4))),
+        QType::IQ4NL => (f16_at(b, 0), 0.0, &b[2..18], None),
+        _ => unreachable!("not a 32-weight type of this module"),
+    };
+    for (j, &byte) in nib.iter().enumerate() {
+        q[j] = (byte & 0x0F) as i32;
+        q[j + 16] = (byte >> 4) as i32;
+    }
+    if let Some(h) = high {
+        for (j, v) in q.iter_mut().enumerate() {
+            *v |= (((h >> j) & 1) << 4) as i32;
+        }
+    }
+    match qtype {
+        QType::Q5_0 => q.iter_mut().for_each(|v| *v -= 16),
+        QType::IQ4NL => q.iter_mut().for_each(|v| *v = IQ4_LEVELS[*v as usize] as i32),
+        _ => {}
+    }
+    (q, d, m)
+}
+
+/// Q3_K's sixteen 6-bit scales, each less 32.
+fn q3k_scales(s: &[u8]) -> [i32; 16] {
+    let mut out = [0i32; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        let low = if i < 8 {
+            s[i] & 0x0F
+        } else {
+            s[i - 8] >> 4
+        };
+        let high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+        *o = (low | (high << 4)) as i32 - 32;
+    }
+    out
+}
+
+/// The integer values of one 256-weight block (Q2_K, Q3_K, IQ4_XS) and, per
+/// sub-block, its integer scale and integer min (16 sub-blocks of 16 for
+/// Q2_K and Q3_K, 8 of 32 for IQ4_XS); a weight is `d·sc·q − dmin·m`.
+struct BigBlock {
+    q: [i32; 256],
+    sc: [i32; 16],
+    m: [i32; 16],
+    sub: usize,
+    d: f32,
+    dmin: f32,
+}
+
+fn big_block(qtype: QType, b: &[u8]) -> BigBlock {
+    let mut blk = BigBlock {
+        q: [0; 256],
+        sc: [0; 16],
+        m: [0; 16],
+        sub: 16,
+        d: 0.0,
+        dmin: 0.0,
+    };
+    match qtype {
+        QType::Q2K => {
+            for i in 0..16 {
+                blk.sc[i] = (b[i] & 0x0F) as i32;
+                blk.m[i] = (b[i] >> 4) as i32;
+            }
+            two_bit_values(&b[16..80], &mut blk.q);
+            blk.d = f16_at(b, 80);
+            blk.dmin = f16_at(b, 82);
+        }
+        QType::Q3K => {
+            two_bit_values(&b[32..96], &mut blk.q);
+            let hmask = &b[0..32];
+            for (i, v) in blk.q.iter_mut().enumerate() {
+                let (n, j, l) = (i / 128, i % 128 / 32, i % 32);
+                if hmask[l] & (1 << (4 * n + j)) == 0 {
+                    *v -= 4;
+                }
+            }
+            blk.sc = q3k_scales(&b[96..108]);
+            blk.d = f16_at(b, 108);
+        }
+        QType::IQ4XS => {
+            blk.d = f16_at(b, 0);
+            let high = u16::from_le_bytes([b[2], b[3]]);
+            blk.sub = 32;
+            for ib in 0..8 {
+                let low = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0x0F;
+                let hi = ((high >> (2 * ib)) & 3) as u8;
+                blk.sc[ib] = (low | (hi << 4)) as i32 - 32;
+                for (j, &byte) in b[8 + 16 * ib..24 + 16 * ib].iter().enumerate() {
+                    blk.q[32 * ib + j] = IQ4_LEVELS[(byte & 0x0F) as usize] as i32;
+                    blk.q[32 * ib + j + 16] = IQ4_LEVELS[(byte >> 4) as usize] as i32;
+                }
+            }
+        }
+        _ => unreachable!("not a 256-weight type of this module"),
+    }
+    blk
+}
+
+/// Q2_K's and Q3_K's 2-bit values: weight `128n + 32j + l` is bits
+/// `2j..2j+2` of byte `32n + l`.
+fn two_bit_values(qs: &[u8], q: &mut [i32; 256]) {
+    for (i, v) in q.iter_mut().enumerate() {
+        let (n, j, l) = (i / 128, i % 128 / 32, i % 32);
+        *v = ((qs[32 * n + l] >> (2 * j)) & 3) as i32;
+    }
+}
+
+/// Row `bytes` of `qtype` as f32 values, computed as the `gguf` package's
+/// numpy reference does (the same operations in the same order, so the
+/// same bits).
+pub(crate) fn dequantize_row(qtype: QType, bytes: &[u8], out: &mut [f32]) {
+    let bb = qtype.block_bytes();
+    let be = qtype.block_elems();
+    for (b, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(be)) {
+        if be == 32 {
+            let (q, d, m) = small_block(qtype, b);
+            for (o, &q) in o.iter_mut().zip(&q) {
+                *o = if matches!(qtype, QType::Q4_1 | QType::Q5_1) {
+                    d * q as f32 + m
+                } else {
+                    d * q as f32
+                };
+            }
+            continue;
+        }
+        let blk = big_block(qtype, b);
+        for (i, o) in o.iter_mut().enumerate() {
+            let s = i / blk.sub;
+            // Scale first, then the value: the reference's order.
+            let dl = blk.d * blk.sc[s] as f32;
+            *o = match qtype {
+                QType::Q2K => dl * blk.q[i] as f32 - blk.dmin * blk.m[s] as f32,
+                _ => dl * blk.q[i] as f32,
+            };
+        }
+    }
+}
+
+/// `Σ_i w[i]·x[i]` for one weight row (`w`, whole blocks of `qtype`) and
+/// one activation row quantized per 32 (32-weight types) or per 256 with
+/// sums per 16 (256-weight types).
+pub(crate) fn dot(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
+    let bb = qtype.block_bytes();
+    let be = qtype.block_elems();
+    let mut acc = 0f32;
+    for (i, b) in w.chunks_exact(bb).enumerate() {
+        let xs = &x.values[i * be..(i + 1) * be];
+        let dx = x.scales[i];
+        if be == 32 {
+            let (q, d, m) = small_block(qtype, b);
+            let sum: i32 = q.iter().zip(xs).map(|(&q, &v)| q * v as i32).sum();
+            acc += d * dx * sum as f32;
+            if m != 0.0 {
+                let xsum: i32 = xs.iter().map(|&v| v as i32).sum();
+                acc += m * dx * xsum as f32;
+            }
+            continue;
+        }
+        let blk = big_block(qtype, b);
+        let (mut sum, mut msum) = (0i32, 0i32);
+        for s in 0..256 / blk.sub {
+            let r = s * blk.sub..(s + 1) * blk.sub;
+            let part: i32 = blk.q[r.clone()]
+                .iter()
+                .zip(&xs[r])
+                .map(|(&q, &v)| q * v as i32)
+                .sum();
+            sum += blk.sc[s] * part;
+            if blk.m[s] != 0 {
+                msum += blk.m[s] * x.sums16[i * 16 + s] as i32;
+            }
+        }
+        acc += dx * (blk.d * sum as f32 - blk.dmin * msum as f32);
+    }
+    acc
+}
+
+/// Activation rows per 32 values or per 256, as `qtype`'s products want.
+pub(crate) fn activation_group(qtype: QType) -> usize {
+    if qtype.block_elems() == 32 {
+        32
+    } else {
+        256
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::quantize_row;
+
+    /// Random but valid blocks: f16 scales kept small and finite.
+    fn random_row(qtype: QType, blocks: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut bytes: Vec<u8> = (0..blocks * qtype.block_bytes())
+            .map(|_| next() as u8)
+            .collect();
+        let scale = |b: &mut [u8], at: usize, v: f32| {
+            b[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes())
+        };
+        for b in bytes.chunks_exact_mut(qtype.block_bytes()) {
+            let v = 0.01 + (b[5] as f32) / 4096.0;
+            match qtype {
+                QType::Q4_1 | QType::Q5_1 => {
+                    scale(b, 0, v);
+                    scale(b, 2, -v * 4.0);
+                }
+                QType::Q5_0 | QType::IQ4NL | QType::IQ4XS => scale(b, 0, v),
+                QType::Q2K => {
+                    scale(b, 80, v);
+                    scale(b, 82, v / 2.0);
+                }
+                QType::Q3K => scale(b, 108, v),
+                _ => unreachable!(),
+            }
+        }
+        bytes
+    }
+
+    const TYPES: [QType; 7] = [
+        QType::Q4_1,
+        QType::Q5_0,
+        QType::Q5_1,
+        QType::Q2K,
+        QType::Q3K,
+        QType::IQ4NL,
+        QType::IQ4XS,
+    ];
+
+    #[test]
+    fn products_match_the_dequantized_weights() {
+        for qtype in TYPES {
+            let blocks = 512 / qtype.block_elems();
+            let w = random_row(qtype, blocks, 7 + qtype.ggml_id() as u64);
+            let mut wf = vec![0f32; 512];
+            dequantize_row(qtype, &w, &mut wf);
+            assert!(wf.iter().all(|v| v.is_finite()), "{}", qtype.name());
+            let x = crate::test_values(512, 3);
+            let xq = quantize_row(&x, activation_group(qtype));
+            // The reference: the dequantized weights times the activations
+            // as the kernels see them (after their own quantization).
+            let g = activation_group(qtype);
+            let want: f64 = (0..512)
+                .map(|i| wf[i] as f64 * xq.values[i] as f64 * xq.scales[i / g] as f64)
+                .sum();
+            let got = dot(qtype, &w, &xq) as f64;
+            let norm: f64 = wf.iter().map(|v| v.abs() as f64).sum::<f64>() / 512.0;
+            assert!(
+                (got - want).abs() < 1e-4 * norm * 512.0,
+                "{}: {got} vs {want}",
+                qtype.name()
+            );
+        }
+    }
+
+    #[test]
+    fn q3k_scales_unpack_as_six_bits() {
+        // Scale i = low nibble (byte i or i-8's high nibble) | two high bits
+        // from byte 8 + i % 4 at bit 2·(i / 4).
+        let mut s = [0u8; 12];
+        s[0] = 0x21; // scale 0 low = 1, scale 8 low = 2
+        s[8] = 0b0000_0011; // scale 0 high = 3
+        s[9] = 0b1100_0000; // scale 13 high = 3
+        let sc = q3k_scales(&s);
+        assert_eq!(sc[0], (1 | (3 << 4)) - 32);
+        assert_eq!(sc[8], 2 - 32);
+        assert_eq!(sc[13], (3 << 4) - 32);
+        assert_eq!(sc[1], -32);
+    }
+}
