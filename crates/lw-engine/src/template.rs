@@ -2,12 +2,19 @@
 //! rendered with minijinja plus Python-compatible string methods, the way
 //! `transformers`' `apply_chat_template` renders it.
 
-use minijinja::value::Value;
-use minijinja::{Environment, Error as JinjaError, ErrorKind};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use minijinja::value::Value;
+use minijinja::value::{Kwargs, Rest};
+use minijinja::{filters, Environment, Error as JinjaError, ErrorKind, State};
 
 use lw_core::Message;
 
 use crate::error::EngineError;
+
+mod python;
+mod rewrite;
 
 /// Which chat format turns messages into a prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,6 +77,54 @@ impl ChatFormat {
 /// tool turn, which the model emits when its answer is done.
 pub const GLM4_STOP_TOKENS: &[&str] = &["<|endoftext|>", "<|user|>", "<|observation|>"];
 
+/// What a template reads besides the messages, named as transformers'
+/// `apply_chat_template` passes them.
+#[derive(Debug, Clone, Default)]
+pub struct TemplateInputs {
+    /// Open the assistant's turn after the last message.
+    pub add_generation_prompt: bool,
+    /// Tool definitions (OpenAI-style JSON objects); `None` is Python's
+    /// `tools=None`. Build them with [`parse_json`] to keep their key order.
+    pub tools: Option<Value>,
+    /// Further variables, such as `enable_thinking`.
+    pub vars: Vec<(String, Value)>,
+}
+
+impl TemplateInputs {
+    pub fn new(add_generation_prompt: bool) -> Self {
+        TemplateInputs {
+            add_generation_prompt,
+            ..TemplateInputs::default()
+        }
+    }
+
+    pub fn with_tools(mut self, tools: Value) -> Self {
+        self.tools = Some(tools);
+        self
+    }
+
+    /// Sets a template variable, as a keyword argument of
+    /// `apply_chat_template` does.
+    pub fn with_var(mut self, name: &str, value: impl Into<Value>) -> Self {
+        self.vars.push((name.to_string(), value.into()));
+        self
+    }
+
+    /// `enable_thinking`, which reasoning models' templates read.
+    pub fn enable_thinking(self, yes: bool) -> Self {
+        self.with_var("enable_thinking", yes)
+    }
+}
+
+/// JSON text as a template value, objects keeping their key order (which
+/// `tojson` writes back as it was).
+pub fn parse_json(text: &str) -> Result<Value, EngineError> {
+    serde_json::from_str(text).map_err(|e| EngineError::Template(format!("JSON input: {e}")))
+}
+
+/// The wall clock `strftime_now` reads.
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,
@@ -83,15 +138,8 @@ impl ChatTemplate {
     /// Compiles `source`; `bos_token`/`eos_token` are passed to the template as
     /// `transformers` does.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, EngineError> {
-        let mut env = Environment::new();
-        // transformers renders with trim_blocks and lstrip_blocks.
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", raise_exception);
-        env.add_function("strftime_now", strftime_now);
-        env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source.to_string())
+        let mut env = python_environment(Arc::new(SystemTime::now));
+        env.add_template_owned(NAME, rewrite::rewrite(source))
             .map_err(|e| EngineError::Template(describe(&e)))?;
         Ok(ChatTemplate {
             env,
@@ -99,6 +147,14 @@ impl ChatTemplate {
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
+    }
+
+    /// The same template with `strftime_now` reading `clock` instead of the
+    /// system time (for reproducible renderings).
+    pub fn with_clock(mut self, clock: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        self.env
+            .add_function("strftime_now", strftime_now(Arc::new(clock)));
+        self
     }
 
     /// The Jinja source.
@@ -112,6 +168,15 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, EngineError> {
+        self.render_with(messages, &TemplateInputs::new(add_generation_prompt))
+    }
+
+    /// Renders the conversation with tools and further template variables.
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        inputs: &TemplateInputs,
+    ) -> Result<String, EngineError> {
         let tmpl = self
             .env
             .get_template(NAME)
@@ -119,19 +184,65 @@ impl ChatTemplate {
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
-                Value::from_serialize(
-                    serde_json::json!({"role": m.role.as_str(), "content": m.content}),
-                )
+                Value::from_iter([
+                    ("role", Value::from(m.role.as_str())),
+                    ("content", Value::from(m.content.as_str())),
+                ])
             })
             .collect();
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token,
-            eos_token => self.eos_token,
-        })
-        .map_err(|e| EngineError::Template(describe(&e)))
+        let mut ctx: Vec<(String, Value)> = vec![
+            ("messages".into(), Value::from(messages)),
+            (
+                "tools".into(),
+                inputs.tools.clone().unwrap_or(Value::from(())),
+            ),
+            ("documents".into(), Value::from(())),
+            (
+                "add_generation_prompt".into(),
+                Value::from(inputs.add_generation_prompt),
+            ),
+            ("bos_token".into(), Value::from(self.bos_token.as_str())),
+            ("eos_token".into(), Value::from(self.eos_token.as_str())),
+        ];
+        ctx.extend(inputs.vars.iter().cloned());
+        tmpl.render(Value::from_iter(ctx))
+            .map_err(|e| EngineError::Template(describe(&e)))
     }
+}
+
+/// An environment set up as transformers sets up jinja2: `trim_blocks`,
+/// `lstrip_blocks`, `break`/`continue`, `raise_exception`, `strftime_now`,
+/// a `tojson` that keeps key order and non-ASCII text, Python's string and
+/// dict methods, and values printed as Python prints them.
+fn python_environment(clock: Clock) -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_formatter(|out, _state, value| {
+        out.write_str(&python::str(value))
+            .map_err(|e| JinjaError::new(ErrorKind::WriteFailure, e.to_string()))
+    });
+    env.add_filter("string", |value: Value| python::str(&value));
+    env.add_filter("replace", python::replace);
+    env.add_filter("tojson", tojson);
+    env.add_filter(rewrite::ITERABLE_FILTER, python::iterable);
+    env.add_test("iterable", |value: &Value| python::is_iterable(value));
+    for (name, builtin) in [
+        ("map", Value::from_function(filters::map)),
+        ("select", Value::from_function(filters::select)),
+        ("selectattr", Value::from_function(filters::selectattr)),
+        ("reject", Value::from_function(filters::reject)),
+        ("rejectattr", Value::from_function(filters::rejectattr)),
+    ] {
+        env.add_filter(name, move |state: &State, args: Rest<Value>| {
+            let items: Vec<Value> = builtin.call(state, &args)?.try_iter()?.collect();
+            Ok::<_, JinjaError>(Value::from_object(python::Generator(items)))
+        });
+    }
+    env.add_function("raise_exception", raise_exception);
+    env.add_function("strftime_now", strftime_now(clock));
+    env
 }
 
 fn describe(e: &JinjaError) -> String {
@@ -144,18 +255,24 @@ fn describe(e: &JinjaError) -> String {
     s
 }
 
+/// The template's own refusal (`raise_exception('…')`), message kept whole.
 fn raise_exception(msg: String) -> Result<Value, JinjaError> {
-    Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+    Err(JinjaError::new(
+        ErrorKind::InvalidOperation,
+        format!("the template raised an error: {msg}"),
+    ))
 }
 
-/// `strftime_now(fmt)`: the current UTC date and time, for the common
-/// directives templates use (%d %m %Y %y %b %B %H %M %S %j %%).
-fn strftime_now(fmt: String) -> Result<Value, JinjaError> {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    Ok(Value::from(format_time(secs, &fmt)))
+/// `strftime_now(fmt)`: the clock's date and time (UTC), for the common
+/// directives templates use (%d %m %Y %y %b %B %a %A %H %M %S %j %%).
+fn strftime_now(clock: Clock) -> impl Fn(String) -> Value + Send + Sync + 'static {
+    move |fmt: String| {
+        let secs = clock()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        Value::from(format_time(secs, &fmt))
+    }
 }
 
 /// Formats a Unix time (UTC) with a subset of strftime directives.
@@ -174,7 +291,18 @@ pub fn format_time(unix_secs: i64, fmt: &str) -> String {
         "November",
         "December",
     ];
+    const WEEKDAYS: [&str; 7] = [
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+    ];
     let days = unix_secs.div_euclid(86_400);
+    // 1970-01-01 was a Thursday.
+    let weekday = WEEKDAYS[(days + 4).rem_euclid(7) as usize];
     let rem = unix_secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
     let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
@@ -194,6 +322,8 @@ pub fn format_time(unix_secs: i64, fmt: &str) -> String {
             Some('y') => out.push_str(&format!("{:02}", y % 100)),
             Some('b') => out.push_str(&MONTHS[(m - 1) as usize][..3]),
             Some('B') => out.push_str(MONTHS[(m - 1) as usize]),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('A') => out.push_str(weekday),
             Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
             Some('M') => out.push_str(&format!("{:02}", rem % 3600 / 60)),
             Some('S') => out.push_str(&format!("{:02}", rem % 60)),
@@ -223,56 +353,33 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (y, m, d)
 }
 
-/// Python's `json.dumps` spacing (`", "` and `": "`), non-ASCII kept, as
-/// transformers' `tojson` does; `indent=N` pretty-prints.
-fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, JinjaError> {
-    let indent: Option<usize> = kwargs.get("indent")?;
-    kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&value)
-        .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    let mut out = String::new();
-    write_json(&json, indent, 0, &mut out);
-    Ok(Value::from_safe_string(out))
-}
-
-fn write_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
-    use serde_json::Value as J;
-    let newline = |out: &mut String, depth: usize| {
-        if let Some(n) = indent {
-            out.push('\n');
-            out.push_str(&" ".repeat(n * depth));
-        }
+/// transformers' `tojson`: Python's `json.dumps` with `ensure_ascii=False`
+/// by default and the keys in their own order; takes `ensure_ascii`,
+/// `indent`, `separators` and `sort_keys` as Python does.
+fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, JinjaError> {
+    let mut style = python::JsonStyle {
+        ensure_ascii: kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+        sort_keys: kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false),
+        ..python::JsonStyle::default()
     };
-    let item_sep = if indent.is_some() { "," } else { ", " };
-    match v {
-        J::Array(items) if !items.is_empty() => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(item_sep);
-                }
-                newline(out, depth + 1);
-                write_json(item, indent, depth + 1, out);
-            }
-            newline(out, depth);
-            out.push(']');
-        }
-        J::Object(map) if !map.is_empty() => {
-            out.push('{');
-            for (i, (k, item)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(item_sep);
-                }
-                newline(out, depth + 1);
-                out.push_str(&serde_json::to_string(k).unwrap_or_default());
-                out.push_str(": ");
-                write_json(item, indent, depth + 1, out);
-            }
-            newline(out, depth);
-            out.push('}');
-        }
-        other => out.push_str(&serde_json::to_string(other).unwrap_or_default()),
+    if let Some(indent) = kwargs.get::<Option<Value>>("indent")? {
+        style.indent = match indent.as_i64() {
+            Some(n) => Some(" ".repeat(n.max(0) as usize)),
+            None => indent.as_str().map(str::to_string),
+        };
     }
+    if let Some(seps) = kwargs.get::<Option<Vec<String>>>("separators")? {
+        let [item, key] = <[String; 2]>::try_from(seps).map_err(|_| {
+            JinjaError::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be a pair",
+            )
+        })?;
+        style.item_separator = Some(item);
+        style.key_separator = Some(key);
+    }
+    kwargs.assert_all_used()?;
+    Ok(Value::from_safe_string(python::json_dumps(&value, &style)?))
 }
 
 #[cfg(test)]
@@ -311,8 +418,63 @@ mod tests {
             format_time(1_721_743_509, "%d %b %Y %H:%M:%S"),
             "23 Jul 2024 14:05:09"
         );
-        assert_eq!(format_time(0, "%Y-%m-%d %j %B"), "1970-01-01 001 January");
+        assert_eq!(
+            format_time(0, "%Y-%m-%d %j %B %A %a"),
+            "1970-01-01 001 January Thursday Thu"
+        );
         assert_eq!(format_time(951_782_400, "%Y-%m-%d"), "2000-02-29");
+    }
+
+    #[test]
+    fn the_clock_is_injectable() {
+        let t = ChatTemplate::new("{{ strftime_now('%d %b %Y') }}", "", "")
+            .unwrap()
+            .with_clock(|| UNIX_EPOCH + std::time::Duration::from_secs(1_722_002_709));
+        assert_eq!(t.render(&[], false).unwrap(), "26 Jul 2024");
+    }
+
+    #[test]
+    fn a_template_refusing_the_conversation_says_why() {
+        let t = ChatTemplate::new(
+            "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let err = t.render(&[Message::system("x")], true).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("raised an error: System role not supported"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn tools_and_variables_reach_the_template() {
+        let t = ChatTemplate::new(
+            "{% if tools is not none %}{{ tools | tojson }}{% endif %}\
+             {% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}\
+             {% for m in messages %}{{ m.content }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let tools = parse_json(r#"[{"name": "f", "description": "d", "args": {}}]"#).unwrap();
+        let inputs = TemplateInputs::new(true)
+            .with_tools(tools)
+            .enable_thinking(false);
+        assert_eq!(
+            t.render_with(&[Message::user("hi")], &inputs).unwrap(),
+            r#"[{"name": "f", "description": "d", "args": {}}]/no_thinkhi"#
+        );
+        assert_eq!(t.render(&[Message::user("hi")], true).unwrap(), "hi");
+    }
+
+    #[test]
+    fn looping_over_none_fails_as_in_python() {
+        let t = ChatTemplate::new("{% for t in tools %}{{ t }}{% endfor %}", "", "").unwrap();
+        let err = t.render(&[], true).unwrap_err().to_string();
+        assert!(err.contains("'NoneType' object is not iterable"), "{err}");
     }
 
     #[test]
