@@ -1,6 +1,12 @@
-//! Chat templates: the model's own Jinja template from `tokenizer_config.json`,
-//! rendered with minijinja plus Python-compatible string methods, the way
-//! `transformers`' `apply_chat_template` renders it.
+//! Chat templates: a model's own Jinja template (`tokenizer_config.json`,
+//! `chat_template.jinja` or GGUF metadata) rendered as transformers'
+//! `apply_chat_template` renders it with jinja2, and the built-in formats.
+//!
+//! minijinja does the rendering; `python` makes values print, serialize and
+//! iterate as they do in Python, and `rewrite` adapts the two tags jinja2
+//! reads differently. `tests/templates.rs` holds the result to jinja2's
+//! output on llama.cpp's collection of real templates, byte for byte.
+//! This module turns messages into prompt text; tokens are not its business.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -220,8 +226,11 @@ fn python_environment(clock: Clock) -> Environment<'static> {
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.set_formatter(|out, _state, value| {
-        out.write_str(&python::str(value))
-            .map_err(|e| JinjaError::new(ErrorKind::WriteFailure, e.to_string()))
+        let written = match value.as_str() {
+            Some(text) => out.write_str(text),
+            None => out.write_str(&python::str(value)),
+        };
+        written.map_err(|e| JinjaError::new(ErrorKind::WriteFailure, e.to_string()))
     });
     env.add_filter("string", |value: Value| python::str(&value));
     env.add_filter("replace", python::replace);
