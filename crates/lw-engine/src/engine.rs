@@ -601,12 +601,14 @@ fn apply_chat_format(
     Ok(())
 }
 
-/// End-of-sequence ids: the config's, the tokenizer's EOS, and for GLM-4 the
-/// turn markers that end an answer.
+/// End-of-sequence ids: the config's, the tokenizer's EOS and other stop
+/// tokens (a GGUF file's end-of-turn), and for GLM-4 the turn markers that
+/// end an answer.
 fn with_tokenizer_eos(mut ids: Vec<u32>, tokenizer: &Tokenizer, cfg: &ModelConfig) -> Vec<u32> {
     if let Some(id) = tokenizer.eos_token().and_then(|t| tokenizer.token_id(t)) {
         ids.push(id);
     }
+    ids.extend_from_slice(tokenizer.stop_ids());
     if cfg.model_type == "glm" {
         ids.extend(
             GLM4_STOP_TOKENS

@@ -1,5 +1,5 @@
 //! GGUF on the engine's side: the tokenizer and chat template a GGUF file
-//! carries (llama.cpp's `tokenizer.ggml.*` keys, byte-level BPE), and
+//! carries (llama.cpp's `tokenizer.ggml.*` keys, read by `vocab`), and
 //! `convert`, which writes a Hugging Face checkpoint as a GGUF file that both
 //! this engine and llama.cpp load.
 
@@ -9,15 +9,12 @@ use lw_model::gguf::{self, GgufFile, OutTensor, Value};
 use lw_model::gguf_model::config_metadata;
 use lw_model::quant::encode;
 use lw_model::{DType, ModelConfig, QType, Weights};
-use serde_json::{json, Value as Json};
+use serde_json::Value as Json;
 
 use crate::error::EngineError;
 use crate::template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
-
-/// Split patterns of the pre-tokenizers llama.cpp names in `tokenizer.ggml.pre`.
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+use crate::vocab::Vocab;
 
 /// llama.cpp's token types.
 const NORMAL: i32 = 1;
@@ -25,130 +22,21 @@ const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 const UNUSED: i32 = 5;
 
-/// The tokenizer of a GGUF file.
+/// The tokenizer of a GGUF file, with its chat template.
 pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Tokenizer, EngineError> {
-    let h = file.header();
-    let bad = |reason: String| EngineError::file(file.path(), reason);
-    let m = |e: lw_model::gguf::GgufError| EngineError::from(file.err(e));
-    let model = h.string("tokenizer.ggml.model").map_err(m)?;
-    match model {
-        Some("gpt2") => {}
-        Some(other) => {
-            return Err(bad(format!(
-                "tokenizer model \"{other}\" is not supported (byte-level BPE, \"gpt2\", is)"
-            )))
-        }
-        None => return Err(bad("no tokenizer (tokenizer.ggml.model is missing)".into())),
-    }
-    let tokens = h
-        .require("tokenizer.ggml.tokens", h.strings("tokenizer.ggml.tokens"))
-        .map_err(m)?;
-    let types: Vec<i32> = match h.array("tokenizer.ggml.token_type").map_err(m)? {
-        Some(a) => a
-            .iter()
-            .map(|v| match v {
-                Value::I32(t) => Ok(*t),
-                v => Err(bad(format!(
-                    "tokenizer.ggml.token_type holds {}, expected i32",
-                    v.type_name()
-                ))),
-            })
-            .collect::<Result<_, _>>()?,
-        None => vec![NORMAL; tokens.len()],
-    };
-    if types.len() != tokens.len() {
-        return Err(bad(format!(
-            "{} token types for {} tokens",
-            types.len(),
-            tokens.len()
-        )));
-    }
-    let merges = h
-        .strings("tokenizer.ggml.merges")
-        .map_err(m)?
-        .unwrap_or_default();
-    let pre = h
-        .string("tokenizer.ggml.pre")
-        .map_err(m)?
-        .unwrap_or("default");
-    use crate::tiktoken::{byte_level, split_then_bytes as split};
-    let pre_tokenizer = match pre {
-        "default" | "gpt-2" | "gpt2" => byte_level(true),
-        "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3_SPLIT),
-        "qwen2" => split(QWEN2_SPLIT),
-        // GLM-4's split is Llama 3's.
-        "chatglm-bpe" => split(LLAMA3_SPLIT),
-        other => {
-            return Err(bad(format!(
-                "pre-tokenizer \"{other}\" is not supported (gpt-2, llama-bpe, qwen2 are)"
-            )))
-        }
-    };
-    let mut vocab = serde_json::Map::new();
-    let mut added = Vec::new();
-    for (id, (tok, &ty)) in tokens.iter().zip(&types).enumerate() {
-        match ty {
-            UNUSED => continue,
-            CONTROL | USER_DEFINED => added.push(json!({
-                "id": id, "content": tok, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": ty == CONTROL,
-            })),
-            _ => {}
-        }
-        vocab.insert(tok.to_string(), json!(id));
-    }
-    let token_at = |key: &str| -> Result<Option<(u32, String)>, EngineError> {
-        Ok(h.uint(key)
-            .map_err(m)?
-            .and_then(|id| tokens.get(id as usize).map(|t| (id as u32, t.to_string()))))
-    };
-    let bos = token_at("tokenizer.ggml.bos_token_id")?;
-    let eos = token_at("tokenizer.ggml.eos_token_id")?;
-    let add_bos = matches!(
-        h.get("tokenizer.ggml.add_bos_token"),
-        Some(Value::Bool(true))
-    );
-    let post_processor = match (&bos, add_bos) {
-        (Some((id, tok)), true) => json!({
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": tok, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {tok.as_str(): {"id": tok, "ids": [id], "tokens": [tok]}},
-        }),
-        _ => Json::Null,
-    };
-    let ignore_merges = pre != "default" && pre != "gpt-2" && pre != "gpt2";
-    let merges = merges.iter().map(|m| Json::String(m.to_string())).collect();
-    let inner = crate::tiktoken::byte_level_bpe(
-        added,
-        pre_tokenizer,
-        post_processor,
-        vocab,
-        merges,
-        ignore_merges,
-    )
-    .map_err(|e| bad(format!("the tokenizer it describes does not build: {e}")))?;
-    let bos_token = bos.map(|b| b.1);
-    let eos_token = eos.map(|e| e.1);
-    let chat_template = h
+    let mut tokenizer = Tokenizer::from_vocab(Vocab::from_gguf(file)?);
+    let source = file
+        .header()
         .string("tokenizer.chat_template")
-        .map_err(m)?
-        .map(|src| {
-            ChatTemplate::new(
-                src,
-                bos_token.as_deref().unwrap_or(""),
-                eos_token.as_deref().unwrap_or(""),
-            )
-            .map_err(|e| bad(format!("tokenizer.chat_template: {e}")))
-        })
-        .transpose()?;
-    Ok(Tokenizer::from_parts(
-        inner,
-        bos_token,
-        eos_token,
-        chat_template,
-    ))
+        .map_err(|e| EngineError::from(file.err(e)))?;
+    if let Some(src) = source {
+        let bos = tokenizer.bos_token().unwrap_or("");
+        let eos = tokenizer.eos_token().unwrap_or("");
+        let template = ChatTemplate::new(src, bos, eos)
+            .map_err(|e| EngineError::file(file.path(), format!("tokenizer.chat_template: {e}")))?;
+        tokenizer.set_chat_template(Some(template));
+    }
+    Ok(tokenizer)
 }
 
 /// The tokenizer keys for a model directory's `tokenizer.json` and
@@ -169,7 +57,7 @@ fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Valu
     }
     let pre = pre_name(&tj["pre_tokenizer"]).ok_or_else(|| {
         bad(format!(
-            "its pre-tokenizer has no llama.cpp name (byte-level with the GPT-2, Llama 3 or Qwen2 split is supported): {}",
+            "its pre-tokenizer has no llama.cpp name (byte-level with one split regex of a llama.cpp pre-tokenizer is supported): {}",
             tj["pre_tokenizer"]
         ))
     })?;
@@ -282,11 +170,7 @@ fn pre_name(pre: &Json) -> Option<&'static str> {
     if pre["type"] != "Sequence" || parts.len() != 2 || !is_byte_level(&parts[1], false) {
         return None;
     }
-    match parts[0]["pattern"]["Regex"].as_str()? {
-        LLAMA3_SPLIT => Some("llama-bpe"),
-        QWEN2_SPLIT => Some("qwen2"),
-        _ => None,
-    }
+    crate::pre_tokenizer::name_of_split(parts[0]["pattern"]["Regex"].as_str()?)
 }
 
 /// What `convert` writes.

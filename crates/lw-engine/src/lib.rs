@@ -8,18 +8,23 @@ pub mod batch;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod pre_tokenizer;
 pub mod sampler;
 pub mod source;
 pub mod speculative;
+pub mod spm;
 pub mod template;
 pub mod tiktoken;
 pub mod tokenizer;
+pub mod vocab;
 
 pub use batch::{BatchEvent, BatchOptions, Batcher, Busy};
 pub use engine::{available_memory, Engine, Generation, LoadOptions, StopMatcher};
 pub use error::EngineError;
 pub use sampler::Sampler;
-pub use source::{resolve_model, resolve_model_or_tiny, shipped_tiny, DEFAULT_MODEL, TINY_NAMES};
+pub use source::{
+    load_tokenizer, resolve_model, resolve_model_or_tiny, shipped_tiny, DEFAULT_MODEL, TINY_NAMES,
+};
 pub use speculative::Speculation;
 pub use template::{ChatFormat, ChatTemplate};
 pub use tokenizer::{StreamDecoder, Tokenizer};

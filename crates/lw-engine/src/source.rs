@@ -72,6 +72,16 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf, EngineError> {
     download(spec)
 }
 
+/// The tokenizer of a resolved model (a directory or a GGUF file), without
+/// its weights: a vocabulary-only GGUF file will do.
+pub fn load_tokenizer(model: &Path) -> Result<crate::Tokenizer, EngineError> {
+    if is_gguf(model) {
+        let file = lw_model::GgufFile::open(model)?;
+        return crate::gguf::tokenizer_from_gguf(&file);
+    }
+    crate::Tokenizer::from_dir(model)
+}
+
 /// A `.gguf` file (by its name).
 pub fn is_gguf(path: &Path) -> bool {
     path.extension()

@@ -1,19 +1,36 @@
-//! The model's tokenizer (`tokenizer.json`) with its special tokens and chat
-//! template (`tokenizer_config.json`), and a streaming decoder that turns
-//! tokens into text deltas without ever splitting a UTF-8 character.
+//! The model's tokenizer: a Hugging Face `tokenizer.json` (with its special
+//! tokens and chat template from `tokenizer_config.json`) or a GGUF file's
+//! vocabulary (`vocab`); and a streaming decoder that turns tokens into text
+//! deltas without ever splitting a UTF-8 character.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use serde_json::Value;
 
 use crate::error::EngineError;
 use crate::template::ChatTemplate;
+use crate::vocab::Vocab;
 
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Inner,
     bos_token: Option<String>,
     eos_token: Option<String>,
     chat_template: Option<ChatTemplate>,
+}
+
+/// Who turns text into ids.
+enum Inner {
+    Hf(Box<Hf>),
+    Gguf(Box<Vocab>),
+}
+
+/// A Hugging Face tokenizer.
+struct Hf {
+    tokenizer: tokenizers::Tokenizer,
+    /// The same, reading special-token text as plain text (made when first
+    /// asked for).
+    plain: OnceLock<tokenizers::Tokenizer>,
 }
 
 impl Tokenizer {
@@ -81,25 +98,24 @@ impl Tokenizer {
             })
             .transpose()?;
         Ok(Tokenizer {
-            inner,
+            inner: Inner::Hf(Box::new(Hf {
+                tokenizer: inner,
+                plain: OnceLock::new(),
+            })),
             bos_token,
             eos_token,
             chat_template,
         })
     }
 
-    /// A tokenizer built elsewhere (from a GGUF file's metadata).
-    pub fn from_parts(
-        inner: tokenizers::Tokenizer,
-        bos_token: Option<String>,
-        eos_token: Option<String>,
-        chat_template: Option<ChatTemplate>,
-    ) -> Self {
+    /// The tokenizer of a GGUF file's vocabulary (no chat template yet).
+    pub fn from_vocab(vocab: Vocab) -> Self {
+        let name = |id: Option<u32>| id.and_then(|i| vocab.token(i)).map(str::to_string);
         Tokenizer {
-            inner,
-            bos_token,
-            eos_token,
-            chat_template,
+            bos_token: name(vocab.bos()),
+            eos_token: name(vocab.eos()),
+            inner: Inner::Gguf(Box::new(vocab)),
+            chat_template: None,
         }
     }
 
@@ -110,14 +126,37 @@ impl Tokenizer {
 
     /// Entries in the vocabulary, added tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.inner {
+            Inner::Hf(hf) => hf.tokenizer.get_vocab_size(true),
+            Inner::Gguf(v) => v.len(),
+        }
     }
 
-    /// Encodes text; `add_special_tokens` applies the tokenizer's post-processor
-    /// (a BOS for Llama-style tokenizers). Chat prompts already contain theirs.
+    /// Encodes text; `add_special_tokens` adds what the tokenizer puts around
+    /// a text (a BOS for Llama-style tokenizers). Special-token text in
+    /// `text` becomes those tokens: chat prompts carry theirs.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, EngineError> {
-        let enc = self
-            .inner
+        self.encode_with(text, add_special_tokens, true)
+    }
+
+    /// `encode`, with `parse_special` false reading special-token text such
+    /// as `<|im_start|>` as plain text.
+    pub fn encode_with(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, EngineError> {
+        let tokenizer = match &self.inner {
+            Inner::Gguf(v) => return v.encode(text, add_special_tokens, parse_special),
+            Inner::Hf(hf) if parse_special => &hf.tokenizer,
+            Inner::Hf(hf) => hf.plain.get_or_init(|| {
+                let mut t = hf.tokenizer.clone();
+                t.set_encode_special_tokens(true);
+                t
+            }),
+        };
+        let enc = tokenizer
             .encode(text, add_special_tokens)
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
@@ -125,13 +164,33 @@ impl Tokenizer {
 
     /// Decodes ids, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+        self.decode_with(ids, false)
+    }
+
+    /// Decodes ids; special tokens are written out when `keep_special`.
+    pub fn decode_with(&self, ids: &[u32], keep_special: bool) -> Result<String, EngineError> {
+        match &self.inner {
+            Inner::Hf(hf) => hf
+                .tokenizer
+                .decode(ids, !keep_special)
+                .map_err(|e| EngineError::Tokenizer(e.to_string())),
+            Inner::Gguf(v) => v.decode(ids, keep_special),
+        }
+    }
+
+    /// What one token stands for in text (special tokens as their text).
+    pub fn piece(&self, id: u32) -> Result<String, EngineError> {
+        match &self.inner {
+            Inner::Hf(_) => self.decode_with(&[id], true),
+            Inner::Gguf(v) => v.piece(id),
+        }
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.inner {
+            Inner::Hf(hf) => hf.tokenizer.token_to_id(token),
+            Inner::Gguf(v) => v.id(token),
+        }
     }
 
     pub fn bos_token(&self) -> Option<&str> {
@@ -142,6 +201,16 @@ impl Tokenizer {
         self.eos_token.as_deref()
     }
 
+    /// Ids besides EOS that end a generation: a GGUF vocabulary's
+    /// end-of-turn and end-of-message tokens (`tokenizer.ggml.eot_token_id`,
+    /// `eom_token_id`).
+    pub fn stop_ids(&self) -> &[u32] {
+        match &self.inner {
+            Inner::Hf(_) => &[],
+            Inner::Gguf(v) => v.stop_ids(),
+        }
+    }
+
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
     }
@@ -149,14 +218,28 @@ impl Tokenizer {
     /// Whether both map the same strings to the same ids (added tokens
     /// included).
     pub fn same_vocabulary(&self, other: &Tokenizer) -> bool {
-        self.inner.get_vocab(true) == other.inner.get_vocab(true)
+        match (&self.inner, &other.inner) {
+            (Inner::Gguf(a), Inner::Gguf(b)) => a.token_ids() == b.token_ids(),
+            _ => self.token_ids() == other.token_ids(),
+        }
+    }
+
+    fn token_ids(&self) -> std::collections::HashMap<String, u32> {
+        match &self.inner {
+            Inner::Hf(hf) => hf.tokenizer.get_vocab(true),
+            Inner::Gguf(v) => v.token_ids().clone(),
+        }
     }
 
     /// The largest id the tokenizer can produce, plus one.
     pub fn id_bound(&self) -> usize {
-        let added = self.inner.get_added_tokens_decoder();
+        let tokenizer = match &self.inner {
+            Inner::Hf(hf) => &hf.tokenizer,
+            Inner::Gguf(v) => return v.len(),
+        };
+        let added = tokenizer.get_added_tokens_decoder();
         let max_added = added.keys().max().map(|&m| m as usize + 1).unwrap_or(0);
-        self.inner.get_vocab_size(false).max(max_added)
+        tokenizer.get_vocab_size(false).max(max_added)
     }
 }
 
