@@ -47,6 +47,10 @@ enum Command {
     Serve(ServeArgs),
     /// Count the words of a text (the number alone on the first line).
     Count(CountArgs),
+    /// Print the token ids of a text on one line, comma-separated (or with
+    /// --detokenize the text of ids). Only the tokenizer is loaded: a
+    /// vocabulary-only GGUF file will do.
+    Tokenize(TokenizeArgs),
     /// Evaluate long outputs: generate for a benchmark, score length and quality.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
@@ -288,6 +292,30 @@ struct CountArgs {
     file: Option<std::path::PathBuf>,
 }
 
+#[derive(Args)]
+struct TokenizeArgs {
+    /// Model directory, GGUF file or hub id whose tokenizer to use.
+    #[arg(long, short = 'm', env = "LONGWRITER_MODEL")]
+    model: String,
+    /// Print a JSON array of {"id", "piece"} instead.
+    #[arg(long)]
+    json: bool,
+    /// Add no BOS (nor the EOS a few vocabularies add); by default the
+    /// vocabulary's own rule applies.
+    #[arg(long)]
+    no_bos: bool,
+    /// Read special-token text such as <|im_start|> as that token; by
+    /// default it is plain text.
+    #[arg(long)]
+    parse_special: bool,
+    /// TEXT is token ids (separated by commas or spaces, brackets allowed):
+    /// print their text, special tokens written out.
+    #[arg(long, conflicts_with_all = ["json", "no_bos", "parse_special"])]
+    detokenize: bool,
+    /// The text; `-` reads it from stdin.
+    text: String,
+}
+
 /// Which model to run and how to hold it.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
@@ -499,6 +527,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => run::chat(&a.model, &a.sampling, a.system.as_deref()),
         Command::Bench(a) => bench::run(&a),
         Command::Count(a) => count(&a),
+        Command::Tokenize(a) => tokenize(&a),
         Command::Serve(a) => serve(&a),
         Command::Eval(c) => eval::run(&c),
         Command::Tokenizer(TokenizerCommand::Train(a)) => tokenizer_train(&a),
@@ -573,6 +602,41 @@ fn count(a: &CountArgs) -> anyhow::Result<()> {
     };
     let counter: lw_core::Counter = a.counter.parse().map_err(anyhow::Error::msg)?;
     println!("{}", counter.count(&text));
+    Ok(())
+}
+
+fn tokenize(a: &TokenizeArgs) -> anyhow::Result<()> {
+    let text = if a.text == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading stdin")?;
+        s
+    } else {
+        a.text.clone()
+    };
+    let tok = lw_engine::load_tokenizer(&lw_engine::resolve_model(&a.model)?)?;
+    if a.detokenize {
+        let ids = text
+            .split(|c: char| c == ',' || c == '[' || c == ']' || c.is_whitespace())
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse()
+                    .with_context(|| format!("\"{s}\" is not a token id"))
+            })
+            .collect::<anyhow::Result<Vec<u32>>>()?;
+        println!("{}", tok.decode_with(&ids, true)?);
+        return Ok(());
+    }
+    let ids = tok.encode_with(&text, !a.no_bos, a.parse_special)?;
+    if a.json {
+        let items = ids
+            .iter()
+            .map(|&id| Ok(serde_json::json!({"id": id, "piece": tok.piece(id)?})))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        println!("{}", serde_json::Value::Array(items));
+    } else {
+        let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+        println!("{}", ids.join(","));
+    }
     Ok(())
 }
 

@@ -40,6 +40,7 @@ fn every_subcommand_has_help() {
         &["lora", "merge", "--help"],
         &["data", "synth", "--help"],
         &["data", "tokenize", "--help"],
+        &["tokenize", "--help"],
     ] {
         let out = longwriter(sub);
         assert!(out.status.success(), "{sub:?}");
@@ -340,6 +341,55 @@ fn count_prints_the_number_alone_with_either_counter() {
     let missing = longwriter(&["count", "/nonexistent/file.txt"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(text(&missing.stderr).contains("/nonexistent/file.txt"));
+}
+
+#[test]
+fn tokenize_prints_the_ids_of_a_vocabulary_only_gguf_file() {
+    let Some(models) = common::llama_cpp_models() else {
+        return;
+    };
+    // llama.cpp's Llama 2 vocabulary: no tensors, SentencePiece, BOS by default.
+    let spm = models
+        .join("ggml-vocab-llama-spm.gguf")
+        .display()
+        .to_string();
+    let run = |args: &[&str]| {
+        let out = longwriter(&[&["tokenize", "--model", &spm][..], args].concat());
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    assert_eq!(run(&["Hello world"]), "1,15043,3186\n");
+    assert_eq!(run(&["--no-bos", "Hello world"]), "15043,3186\n");
+    // Special-token text is plain text unless asked.
+    assert_eq!(run(&["--parse-special", "<s>Hello"]), "1,1,15043\n");
+    assert_ne!(run(&["<s>Hello"]), "1,1,15043\n");
+    let json: serde_json::Value =
+        serde_json::from_str(&run(&["--json", "--no-bos", "Hello world"])).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!([{"id": 15043, "piece": " Hello"}, {"id": 3186, "piece": " world"}])
+    );
+    assert_eq!(run(&["--detokenize", "15043, 3186"]), "Hello world\n");
+    assert_eq!(run(&["--detokenize", "[1, 15043]"]), "<s> Hello\n");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args(["tokenize", "--no-bos", "--model", &spm, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello world")
+        .unwrap();
+    assert_eq!(
+        text(&child.wait_with_output().unwrap().stdout),
+        "15043,3186\n"
+    );
+    let bad = longwriter(&["tokenize", "--model", &spm, "--detokenize", "1,x"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(text(&bad.stderr).contains("\"x\" is not a token id"));
 }
 
 /// A private copy of the qwen2 fixture, broken by `breakage`.
