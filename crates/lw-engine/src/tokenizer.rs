@@ -235,7 +235,7 @@ impl Tokenizer {
     pub fn id_bound(&self) -> usize {
         let tokenizer = match &self.inner {
             Inner::Hf(hf) => &hf.tokenizer,
-            Inner::Gguf(v) => return v.len(),
+            Inner::Gguf(v) => return v.id_bound(),
         };
         let added = tokenizer.get_added_tokens_decoder();
         let max_added = added.keys().max().map(|&m| m as usize + 1).unwrap_or(0);

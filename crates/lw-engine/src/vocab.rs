@@ -156,6 +156,15 @@ impl Vocab {
         self.tokens.is_empty()
     }
 
+    /// One past the last token that is not unused padding: the ids worth
+    /// sampling.
+    pub fn id_bound(&self) -> usize {
+        self.kinds
+            .iter()
+            .rposition(|&k| k != Kind::Unused)
+            .map_or(0, |i| i + 1)
+    }
+
     pub fn id(&self, token: &str) -> Option<u32> {
         self.ids.get(token).copied()
     }

@@ -237,7 +237,18 @@ fn vocabulary_only_files_load_and_bad_ones_are_named() {
     let tok = tokenizer_from_gguf(&GgufFile::open(&vocab_only(&dir, |_| {})).unwrap()).unwrap();
     assert_eq!(tok.encode_with("ab<|end|>", false, true).unwrap(), [2, 3]);
     assert_eq!(tok.stop_ids(), [3]);
+    assert_eq!(tok.id_bound(), 4);
     assert_eq!(tok.decode(&[2, 3, 0]).unwrap(), "aba");
+
+    // Unused padding at the end is never sampled.
+    let padded = vocab_only(&dir, |m| {
+        let tokens = ["a", "b", "ab", "<|end|>", "[PAD4]"].map(|t| Value::String(t.into()));
+        set(m, "tokenizer.ggml.tokens", Value::Array(tokens.to_vec()));
+        let types = [1, 1, 1, 3, 5].map(Value::I32);
+        set(m, "tokenizer.ggml.token_type", Value::Array(types.to_vec()));
+    });
+    let tok = tokenizer_from_gguf(&GgufFile::open(&padded).unwrap()).unwrap();
+    assert_eq!((tok.vocab_size(), tok.id_bound()), (5, 4));
 
     let path = vocab_only(&dir, |m| {
         set(m, "tokenizer.ggml.pre", Value::String("nope".into()))
