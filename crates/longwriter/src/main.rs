@@ -345,8 +345,10 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
     /// Quantize a safetensors checkpoint's matrices as it loads: q8_0
-    /// (near-lossless, half of f16's bytes) or q4_k (a quarter), so bf16 or
-    /// f32 checkpoints decode at quantized speed. GGUF files keep their types.
+    /// (near-lossless, half of f16's bytes), q4_k (a quarter), or q6_k,
+    /// q5_k, q3_k, q2_k, q5_1, q5_0, q4_1, q4_0, so bf16 or f32 checkpoints
+    /// decode at quantized speed; rows that are not whole 256-blocks take
+    /// llama-quantize's fallback type. GGUF files keep their types.
     #[arg(long, value_parser = parse_quantize)]
     pub quantize: Option<lw_model::QType>,
     /// How chat messages become a prompt: `auto` (the model's own template;
@@ -406,9 +408,9 @@ fn parse_chat_format(s: &str) -> Result<lw_engine::ChatFormat, String> {
 
 fn parse_quantize(s: &str) -> Result<lw_model::QType, String> {
     match lw_model::QType::parse(s) {
-        Some(q) if q.is_quantized() => Ok(q),
+        Some(q) if q.is_quantized() && q.encodable() => Ok(q),
         _ => Err(format!(
-            "unknown quantization \"{s}\" (use q8_0, q4_k, q5_k, q6_k or q4_0)"
+            "unknown quantization \"{s}\" (use q8_0, q6_k, q5_k, q4_k, q3_k, q2_k, q5_1, q5_0, q4_1 or q4_0)"
         )),
     }
 }
@@ -416,7 +418,7 @@ fn parse_quantize(s: &str) -> Result<lw_model::QType, String> {
 fn convert(a: &ConvertArgs) -> anyhow::Result<()> {
     let target = lw_engine::gguf::Target::parse(&a.qtype).ok_or_else(|| {
         anyhow::anyhow!(
-            "unknown --type \"{}\" (use q4_k_m, q5_k_m, q8_0, q4_k, q5_k, q6_k, q4_0, f16, bf16 or f32)",
+            "unknown --type \"{}\" (use q4_k_m, q5_k_m, q8_0, q6_k, q5_k, q4_k, q3_k, q2_k, q5_1, q5_0, q4_1, q4_0, f16, bf16 or f32)",
             a.qtype
         )
     })?;
@@ -554,10 +556,25 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = std::io::stdout().flush();
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes, each said once: a cause whose text its parent
+/// already carries (the library errors name their source inline) is not
+/// repeated after it.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {

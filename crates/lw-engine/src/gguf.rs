@@ -191,7 +191,9 @@ impl Target {
         match s.to_ascii_lowercase().replace('-', "_").as_str() {
             "q4_k_m" | "q4km" => Some(Target::Q4KM),
             "q5_k_m" | "q5km" => Some(Target::Q5KM),
-            other => QType::parse(other).map(Target::Uniform),
+            other => QType::parse(other)
+                .filter(|q| q.encodable())
+                .map(Target::Uniform),
         }
     }
 
@@ -403,19 +405,11 @@ pub fn convert(
                 gname.as_str()
             };
             let want = target.qtype(role, planned.layer, cfg.num_layers);
-            if cols % want.block_elems() == 0 {
-                want
-            } else {
-                let fb = if want.is_quantized() && cols % 32 == 0 {
-                    QType::Q8_0
-                } else if want.is_quantized() {
-                    QType::F16
-                } else {
-                    want
-                };
+            let fb = want.fallback(cols);
+            if fb != want {
                 fallbacks.push((gname.clone(), fb));
-                fb
             }
+            fb
         };
         let data = encode(qtype, &values, cols);
         tensors.push(OutTensor {
@@ -481,11 +475,19 @@ fn file_type(target: Target) -> u32 {
         Target::Uniform(QType::F32) => 0,
         Target::Uniform(QType::F16) => 1,
         Target::Uniform(QType::Q4_0) => 2,
+        Target::Uniform(QType::Q4_1) => 3,
         Target::Uniform(QType::Q8_0) => 7,
+        Target::Uniform(QType::Q5_0) => 8,
+        Target::Uniform(QType::Q5_1) => 9,
+        Target::Uniform(QType::Q2K) => 10,
+        // A uniform Q3_K is llama.cpp's "Q3_K_S".
+        Target::Uniform(QType::Q3K) => 11,
         Target::Uniform(QType::Q4K) | Target::Q4KM => 15,
         Target::Uniform(QType::Q5K) | Target::Q5KM => 17,
         Target::Uniform(QType::Q6K) => 18,
         Target::Uniform(QType::BF16) => 32,
+        // Target::parse takes only types this crate can write.
+        Target::Uniform(q) => unreachable!("{} is not a convert target", q.name()),
     }
 }
 

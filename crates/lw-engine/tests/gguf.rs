@@ -264,7 +264,7 @@ fn broken_gguf_files_are_clear_errors() {
     // An unknown tensor type id, and a known one this engine does not run.
     for (id, want) in [
         (77u32, "unknown tensor type 77"),
-        (10, "Q2_K, which is not supported"),
+        (39, "MXFP4, which is not supported"),
     ] {
         let mut bytes = good.clone();
         let name = b"blk.0.attn_q.weight";

@@ -129,9 +129,9 @@ fn big_block(qtype: QType, b: &[u8]) -> BigBlock {
     };
     match qtype {
         QType::Q2K => {
-            for i in 0..16 {
-                blk.sc[i] = (b[i] & 0x0F) as i32;
-                blk.m[i] = (b[i] >> 4) as i32;
+            for (i, &byte) in b[..16].iter().enumerate() {
+                blk.sc[i] = (byte & 0x0F) as i32;
+                blk.m[i] = (byte >> 4) as i32;
             }
             two_bit_values(&b[16..80], &mut blk.q);
             blk.d = f16_at(b, 80);
@@ -214,20 +214,21 @@ pub(crate) fn dequantize_row(qtype: QType, bytes: &[u8], out: &mut [f32]) {
 pub(crate) fn dot(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
     let bb = qtype.block_bytes();
     let be = qtype.block_elems();
+    if be == 32 {
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::available() {
+            // SAFETY: AVX2 and F16C were just checked; `w` holds whole
+            // blocks and `x` a value per weight.
+            return unsafe { small_dot_avx2(qtype, w, x) };
+        }
+        return small_dot(qtype, w, x, |q, xs| {
+            q.iter().zip(xs).map(|(&q, &v)| q * v as i32).sum()
+        });
+    }
     let mut acc = 0f32;
     for (i, b) in w.chunks_exact(bb).enumerate() {
         let xs = &x.values[i * be..(i + 1) * be];
         let dx = x.scales[i];
-        if be == 32 {
-            let (q, d, m) = small_block(qtype, b);
-            let sum: i32 = q.iter().zip(xs).map(|(&q, &v)| q * v as i32).sum();
-            acc += d * dx * sum as f32;
-            if m != 0.0 {
-                let xsum: i32 = xs.iter().map(|&v| v as i32).sum();
-                acc += m * dx * xsum as f32;
-            }
-            continue;
-        }
         let blk = big_block(qtype, b);
         let (mut sum, mut msum) = (0i32, 0i32);
         for s in 0..256 / blk.sub {
@@ -245,6 +246,139 @@ pub(crate) fn dot(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
         acc += dx * (blk.d * sum as f32 - blk.dmin * msum as f32);
     }
     acc
+}
+
+/// A row of 32-weight blocks, summed in f32 accumulators of eight lanes,
+/// one lane per run of four weights: for block `i`, `(d · dx)` times the
+/// exact integer sum of weights `4k..4k + 4` times their activations goes
+/// to lane `k` of accumulator `S[i % 4]`, and for Q4_1 and Q5_1 `(m · dx)`
+/// times those activations' sum to lane `k` of `T[i % 4]`. At the end the
+/// accumulators are summed as `((S0 + S1) + (S2 + S3)) + ((T0 + T1) + (T2 + T3))`
+/// lane by lane, and the lanes pairwise (`a_k + a_{k+4}`, then `b_0 + b_2`
+/// and `b_1 + b_3`, then the two). This order is the product's definition:
+/// it is the registers of the vector kernel (four chains keep its adds
+/// from waiting on each other), which gives the same bits, and a row's
+/// result does not depend on the rows beside it.
+fn small_dot(
+    qtype: QType,
+    w: &[u8],
+    x: &QuantRow,
+    sum: impl Fn(&[i32], &[i8]) -> i32,
+) -> f32 {
+    let offset = matches!(qtype, QType::Q4_1 | QType::Q5_1);
+    let mut scaled = [[0f32; 8]; 4];
+    let mut shifted = [[0f32; 8]; 4];
+    for (i, b) in w.chunks_exact(qtype.block_bytes()).enumerate() {
+        let xs = &x.values[i * 32..(i + 1) * 32];
+        let dx = x.scales[i];
+        let (q, d, m) = small_block(qtype, b);
+        let (scale, shift) = (d * dx, m * dx);
+        for k in 0..8 {
+            let r = 4 * k..4 * k + 4;
+            scaled[i % 4][k] += scale * sum(&q[r.clone()], &xs[r.clone()]) as f32;
+            if offset {
+                let xsum: i32 = xs[r].iter().map(|&v| v as i32).sum();
+                shifted[i % 4][k] += shift * xsum as f32;
+            }
+        }
+    }
+    let fold = |a: &[[f32; 8]; 4], k: usize| (a[0][k] + a[1][k]) + (a[2][k] + a[3][k]);
+    let acc: [f32; 8] = std::array::from_fn(|k| fold(&scaled, k) + fold(&shifted, k));
+    let b: [f32; 4] = std::array::from_fn(|l| acc[l] + acc[l + 4]);
+    (b[0] + b[2]) + (b[1] + b[3])
+}
+
+/// [`small_dot`] in AVX2. A block's 32 weights are widened to signed bytes
+/// in one register (nibbles, the fifth bits of Q5 types from `qh`, the
+/// offset or IQ4_NL's table by a byte shuffle), then `|w| · sign(x, w)` in
+/// 16-bit pairs (at most 2 · 127 · 127, no saturation) and 32-bit lanes,
+/// lane `k` holding weights `4k..4k + 4`; the lanes meet the block's scale
+/// in f32 (no fused multiply-add: the portable steps, rounded the same).
+///
+/// # Safety
+/// AVX2 and F16C are available; `w` holds whole blocks of `qtype` (a
+/// 32-weight type) and `x` a value per weight.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn small_dot_avx2(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
+    use std::arch::x86_64::*;
+    let bb = qtype.block_bytes();
+    let (qs_at, qh_at, offset) = match qtype {
+        QType::Q4_1 => (4, None, 0),
+        QType::Q5_0 => (6, Some(2), 16),
+        QType::Q5_1 => (8, Some(4), 0),
+        QType::IQ4NL => (2, None, 0),
+        _ => unreachable!("not a 32-weight type of this module"),
+    };
+    let shifted_type = matches!(qtype, QType::Q4_1 | QType::Q5_1);
+    let low = _mm256_set1_epi8(0x0F);
+    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_LEVELS.as_ptr() as *const __m128i));
+    // Byte j of the 32 takes byte j / 8 of `qh` and tests bit j % 8.
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let ones16 = _mm256_set1_epi16(1);
+    let ones8 = _mm256_set1_epi8(1);
+    let mut scaled = [_mm256_setzero_ps(); 4];
+    let mut shifted = [_mm256_setzero_ps(); 4];
+    for (i, &dx) in x.scales.iter().enumerate().take(w.len() / bb) {
+        let b = w.as_ptr().add(i * bb);
+        let xv = _mm256_loadu_si256(x.values.as_ptr().add(i * 32) as *const __m256i);
+        let packed = _mm_loadu_si128(b.add(qs_at) as *const __m128i);
+        let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
+        let mut q = match qh_at {
+            Some(at) => {
+                let qh = _mm256_set1_epi32((b.add(at) as *const i32).read_unaligned());
+                let hit = _mm256_cmpeq_epi8(
+                    _mm256_and_si256(_mm256_shuffle_epi8(qh, spread), bits),
+                    bits,
+                );
+                _mm256_or_si256(nib, _mm256_and_si256(hit, _mm256_set1_epi8(0x10)))
+            }
+            None => nib,
+        };
+        if qtype == QType::IQ4NL {
+            q = _mm256_shuffle_epi8(table, q);
+        } else if offset != 0 {
+            q = _mm256_sub_epi8(q, _mm256_set1_epi8(offset));
+        }
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
+        let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones16));
+        let scale = _mm256_set1_ps(f16_avx(b) * dx);
+        scaled[i % 4] = _mm256_add_ps(scaled[i % 4], _mm256_mul_ps(scale, sums));
+        if shifted_type {
+            let xsums = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, xv), ones16);
+            let shift = _mm256_set1_ps(f16_avx(b.add(2)) * dx);
+            shifted[i % 4] = _mm256_add_ps(
+                shifted[i % 4],
+                _mm256_mul_ps(shift, _mm256_cvtepi32_ps(xsums)),
+            );
+        }
+    }
+    let [s0, s1, s2, s3] = scaled;
+    let [t0, t1, t2, t3] = shifted;
+    let acc = _mm256_add_ps(
+        _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)),
+        _mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3)),
+    );
+    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+}
+
+/// The f16 at `at`, widened by F16C.
+///
+/// # Safety
+/// F16C is available; two bytes are readable at `at`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn f16_avx(at: *const u8) -> f32 {
+    use std::arch::x86_64::*;
+    let bits = (at as *const u16).read_unaligned() as i32;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
 }
 
 /// Activation rows per 32 values or per 256, as `qtype`'s products want.
@@ -328,6 +462,26 @@ mod tests {
                 "{}: {got} vs {want}",
                 qtype.name()
             );
+        }
+    }
+
+    #[test]
+    fn vector_sums_give_the_portable_bits() {
+        for qtype in [QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::IQ4NL] {
+            // 18 blocks: SmolLM2's rows of 576, a partial last group.
+            for blocks in [18, 24, 3] {
+                let w = random_row(qtype, blocks, 11 + qtype.ggml_id() as u64);
+                let x = quantize_row(&crate::test_values(32 * blocks, 5), 32);
+                let portable = small_dot(qtype, &w, &x, |q, xs| {
+                    q.iter().zip(xs).map(|(&q, &v)| q * v as i32).sum()
+                });
+                assert_eq!(
+                    dot(qtype, &w, &x).to_bits(),
+                    portable.to_bits(),
+                    "{} × {blocks}",
+                    qtype.name()
+                );
+            }
         }
     }
 
