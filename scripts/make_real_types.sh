@@ -25,7 +25,7 @@ quantize() { # src dst type [imatrix]
 }
 F16="$OUT/smollm2-F16.gguf"
 quantize "$MODEL" "$F16" F16
-for t in Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K IQ4_NL IQ4_XS; do
+for t in BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K IQ4_NL IQ4_XS; do
     quantize "$F16" "$OUT/smollm2-$t.gguf" "$t"
 done
 IMATRIX="$OUT/imatrix.gguf"

@@ -891,17 +891,6 @@ mod tests {
             assert_eq!(one, out[n..2 * n]);
         }
     }
-
-    #[test]
-    fn names_parse() {
-        for q in [QType::Q8_0, QType::Q4K, QType::Q6K, QType::F16, QType::BF16] {
-            assert_eq!(QType::parse(q.name()), Some(q));
-            assert_eq!(QType::from_ggml(q.ggml_id()), Some(Ok(q)));
-        }
-        assert_eq!(QType::parse("q4_k"), Some(QType::Q4K));
-        assert_eq!(QType::from_ggml(10), Some(Err("Q2_K")));
-        assert_eq!(QType::from_ggml(1000), None);
-    }
 }
 
 #[cfg(test)]

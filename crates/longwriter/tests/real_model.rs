@@ -1,0 +1,329 @@
+//! The real-model tier: SmolLM2-135M-Instruct, a model no one here made
+//! (`scripts/fetch_real_model.sh`), in every tensor type llama.cpp's
+//! `llama-quantize` writes (`scripts/make_real_types.sh`), against
+//! llama.cpp's own `llama-server` (`scripts/llama_cpp_tools.sh`) and the
+//! `gguf` package's numpy dequantization (`scripts/gguf_dequant.py`).
+//!
+//! `.ci/run` prepares all of it and sets `LONGWRITER_REAL_TYPES`,
+//! `LONGWRITER_LLAMA_BIN`, `LONGWRITER_LLAMA_CPP_SRC` and
+//! `LONGWRITER_TEST_PYTHON`. Elsewhere, when one is missing, each test says
+//! SKIPPED; in CI it fails.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{longwriter, scratch, text};
+use lw_model::{GgufFile, QType};
+use serde_json::{json, Value};
+
+/// The environment variables this tier needs, or `None` (SKIPPED) outside CI.
+fn env_paths(vars: &[&str]) -> Option<Vec<PathBuf>> {
+    let found: Vec<Option<PathBuf>> = vars
+        .iter()
+        .map(|v| {
+            std::env::var_os(v)
+                .map(PathBuf::from)
+                .filter(|p| p.exists())
+        })
+        .collect();
+    if found.iter().all(Option::is_some) {
+        return Some(found.into_iter().flatten().collect());
+    }
+    let missing: Vec<&str> = vars
+        .iter()
+        .zip(&found)
+        .filter(|(_, f)| f.is_none())
+        .map(|(v, _)| *v)
+        .collect();
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must prepare the real-model tier (.ci/run does): {missing:?} missing"
+    );
+    eprintln!("SKIPPED: {missing:?} not set (see .ci/run)");
+    None
+}
+
+/// The type files `make_real_types.sh` wrote, by name (`Q4_K_M`, `IQ2_XS`…).
+fn type_files(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut files: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            let name = p.file_name()?.to_str()?;
+            let t = name.strip_prefix("smollm2-")?.strip_suffix(".gguf")?;
+            Some((t.to_string(), p.clone()))
+        })
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 20,
+        "{}: {} type files",
+        dir.display(),
+        files.len()
+    );
+    files
+}
+
+#[test]
+fn every_tensor_type_dequantizes_as_the_gguf_package_does() {
+    let Some(p) = env_paths(&[
+        "LONGWRITER_REAL_TYPES",
+        "LONGWRITER_LLAMA_CPP_SRC",
+        "LONGWRITER_TEST_PYTHON",
+    ]) else {
+        return;
+    };
+    let work = scratch("real-dequant");
+    let mut seen = std::collections::BTreeSet::new();
+    for (_, path) in type_files(&p[0]) {
+        let file = GgufFile::open(&path).unwrap();
+        // The smallest tensor of each type not yet checked.
+        let mut infos: Vec<_> = file.header().tensors.iter().collect();
+        infos.sort_by_key(|t| t.size);
+        for info in infos {
+            if !seen.insert(info.qtype.name()) {
+                continue;
+            }
+            let n: usize = info.shape.iter().product();
+            let mut ours = vec![0f32; n];
+            lw_model::quant::dequantize_row(info.qtype, file.data(info).as_slice(), &mut ours);
+            let out = work.join("reference.f32");
+            let run = Command::new(&p[2])
+                .arg(common::root().join("scripts/gguf_dequant.py"))
+                .arg(&path)
+                .arg(&info.name)
+                .arg(&out)
+                .env("LONGWRITER_LLAMA_CPP_SRC", &p[1])
+                .output()
+                .unwrap();
+            assert!(run.status.success(), "{}", text(&run.stderr));
+            let bytes = std::fs::read(&out).unwrap();
+            let theirs: Vec<u32> = bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            assert_eq!(theirs.len(), n, "{} in {}", info.name, path.display());
+            let differ = ours
+                .iter()
+                .zip(&theirs)
+                .position(|(a, b)| a.to_bits() != *b);
+            assert_eq!(
+                differ,
+                None,
+                "{} ({}) in {}: values differ from gguf's numpy reference",
+                info.name,
+                info.qtype.name(),
+                path.display()
+            );
+            eprintln!(
+                "{:8} {} ({n} values): same bits",
+                info.qtype.name(),
+                info.name
+            );
+        }
+    }
+    // Every type the hub's files hold was met.
+    for q in QType::all() {
+        assert!(seen.contains(q.name()), "no file holds {}", q.name());
+    }
+}
+
+/// `llama-server` on a free loopback port, killed when dropped.
+struct LlamaServer {
+    child: Child,
+    base: String,
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl LlamaServer {
+    fn start(bin: &Path, model: &Path) -> LlamaServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(bin.join("llama-server"))
+            .args(["-m", &model.to_string_lossy(), "--host", "127.0.0.1"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "-t",
+                "2",
+                "-c",
+                "1024",
+                "--jinja",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = LlamaServer {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while ureq::get(&format!("{}/health", server.base))
+            .call()
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "llama-server did not start");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        server
+    }
+
+    fn post(&self, path: &str, body: Value) -> Value {
+        ureq::post(&format!("{}{path}", self.base))
+            .send_json(body)
+            .unwrap()
+            .into_json()
+            .unwrap()
+    }
+}
+
+/// Whether `q` keeps at least four bits a weight (the types held to 99%).
+fn four_bits_or_more(name: &str) -> bool {
+    !(name.starts_with("IQ1")
+        || name.starts_with("IQ2")
+        || name.starts_with("IQ3")
+        || name.starts_with("Q2")
+        || name.starts_with("Q3"))
+}
+
+#[test]
+fn every_tensor_type_agrees_with_llama_cpp() {
+    let Some(p) = env_paths(&["LONGWRITER_REAL_TYPES", "LONGWRITER_LLAMA_BIN"]) else {
+        return;
+    };
+    let work = scratch("real-agree");
+    let prompt = "<|im_start|>user\nWrite a short story about a river that remembers \
+                  every boat it carried.<|im_end|>\n<|im_start|>assistant\n";
+    let mut report = Vec::new();
+    for (name, path) in type_files(&p[0]) {
+        let server = LlamaServer::start(&p[1], &path);
+        let ids = server.post(
+            "/tokenize",
+            json!({"content": prompt, "add_special": true, "parse_special": true}),
+        )["tokens"]
+            .clone();
+        let ids: Vec<u64> = serde_json::from_value(ids).unwrap();
+        // llama.cpp's greedy continuation, then our logits of the whole
+        // sequence: at each generated position, is our top token theirs?
+        let done = server.post(
+            "/completion",
+            json!({"prompt": ids, "n_predict": 128, "temperature": 0, "top_k": 1,
+                   "return_tokens": true, "cache_prompt": false}),
+        );
+        drop(server);
+        let generated: Vec<u64> = serde_json::from_value(done["tokens"].clone()).unwrap();
+        assert!(generated.len() >= 16, "{name}: llama.cpp stopped at once");
+        let all: Vec<String> = ids.iter().chain(&generated).map(u64::to_string).collect();
+        let out = work.join("logits.bin");
+        let run = longwriter(&[
+            "score",
+            "--model",
+            &path.to_string_lossy(),
+            "--threads",
+            "2",
+            "--ids",
+            &all.join(","),
+            "--out",
+            &out.to_string_lossy(),
+        ]);
+        assert!(run.status.success(), "{name}: {}", text(&run.stderr));
+        let logits: Vec<f32> = std::fs::read(&out)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let vocab = logits.len() / all.len();
+        let agree = generated
+            .iter()
+            .enumerate()
+            .filter(|(i, &tok)| {
+                let row = &logits[(ids.len() - 1 + i) * vocab..(ids.len() + i) * vocab];
+                assert!(
+                    row.iter().all(|v| v.is_finite()),
+                    "{name}: non-finite logits"
+                );
+                let best = (0..vocab)
+                    .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                    .unwrap();
+                best as u64 == tok
+            })
+            .count();
+        let share = agree as f64 / generated.len() as f64;
+        eprintln!(
+            "{name:8} top-1 agreement {agree}/{} ({:.1}%)",
+            generated.len(),
+            100.0 * share
+        );
+        report.push((name, share));
+    }
+    for (name, share) in &report {
+        // The bounds this test enforces are the measured floor less a
+        // margin (measured: 94.5-100% at four bits and more, 91-100%
+        // below); the target is 99% at four bits and more, not yet met on
+        // most types (see the README).
+        if four_bits_or_more(name) {
+            assert!(*share >= 0.93, "{name}: top-1 agreement {share:.3}");
+        } else {
+            assert!(*share >= 0.85, "{name}: top-1 agreement {share:.3}");
+        }
+    }
+}
+
+#[test]
+fn the_shipped_q4_1_file_chats_like_llama_cpp() {
+    let Some(p) = env_paths(&["LONGWRITER_REAL_TYPES", "LONGWRITER_LLAMA_BIN"]) else {
+        return;
+    };
+    let model = p[0].join("../SmolLM2-135M-Instruct.Q4_1.gguf");
+    let server = LlamaServer::start(&p[1], &model);
+    let prompts = [
+        "Name three rivers in Europe.",
+        "用一句话介绍长江。",
+        "Write a Python function that adds two numbers.",
+    ];
+    for prompt in prompts {
+        let theirs = server.post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": prompt}],
+                   "temperature": 0, "max_tokens": 32}),
+        );
+        let theirs = theirs["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let run = longwriter(&[
+            "generate",
+            "--model",
+            &model.to_string_lossy(),
+            "--threads",
+            "2",
+            "--chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "32",
+            prompt,
+        ]);
+        assert!(run.status.success(), "{}", text(&run.stderr));
+        let ours = text(&run.stdout);
+        eprintln!(
+            "{prompt}\n  llama.cpp: {theirs:?}\n  ours:      {:?}",
+            ours.trim_end()
+        );
+        assert_eq!(ours.trim_end(), theirs.trim_end(), "{prompt}");
+    }
+}
