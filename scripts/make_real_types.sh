@@ -15,10 +15,10 @@ MODEL=$(scripts/fetch_real_model.sh)
 BIN=${LONGWRITER_LLAMA_BIN:-$(scripts/llama_cpp_tools.sh | tail -1)}
 OUT="$(dirname "$MODEL")/types"
 mkdir -p "$OUT"
-quantize() { # src dst type [imatrix]
+quantize() { # src dst type [imatrix [more llama-quantize options]]
     [ -f "$2" ] && return 0
     local extra=()
-    [ -n "${4:-}" ] && extra=(--imatrix "$4")
+    [ -n "${4:-}" ] && extra=(--imatrix "$4" "${@:5}")
     "$BIN/llama-quantize" --allow-requantize "${extra[@]}" "$1" "$2.tmp" "$3" 2 >/dev/null 2>"$2.log" \
         || { cat "$2.log" >&2; exit 1; }
     mv "$2.tmp" "$2"
@@ -41,4 +41,8 @@ fi
 for t in IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S IQ1_S IQ1_M; do
     quantize "$F16" "$OUT/smollm2-$t.gguf" "$t" "$IMATRIX"
 done
+# The IQ2_S recipe puts IQ2_XS in the only layers whose rows are whole
+# 256-blocks (ffn_down, 1536 wide; the rest of SmolLM2 is 576 wide and falls
+# back to IQ4_NL), so no tensor would be IQ2_S: ask for it by name.
+quantize "$F16" "$OUT/smollm2-IQ2_S-ffn.gguf" IQ2_S "$IMATRIX" --tensor-type ffn_down=iq2_s
 echo "$OUT"

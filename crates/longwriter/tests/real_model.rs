@@ -183,7 +183,9 @@ impl LlamaServer {
     }
 
     fn post(&self, path: &str, body: Value) -> Value {
+        // A hung server fails the test instead of stalling it.
         ureq::post(&format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(120))
             .send_json(body)
             .unwrap()
             .into_json()
@@ -210,6 +212,11 @@ fn every_tensor_type_agrees_with_llama_cpp() {
                   every boat it carried.<|im_end|>\n<|im_start|>assistant\n";
     let mut report = Vec::new();
     for (name, path) in type_files(&p[0]) {
+        // BF16's products are F16's (dense, f32 activations); its bits are
+        // checked by the dequantization test.
+        if name == "BF16" {
+            continue;
+        }
         let server = LlamaServer::start(&p[1], &path);
         let ids = server.post(
             "/tokenize",

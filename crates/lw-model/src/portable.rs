@@ -53,7 +53,8 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 pub(crate) fn handles(qtype: QType) -> bool {
     matches!(
         qtype,
-        QType::Q4_1
+        QType::Q4_0
+            | QType::Q4_1
             | QType::Q5_0
             | QType::Q5_1
             | QType::Q2K
@@ -68,6 +69,7 @@ pub(crate) fn handles(qtype: QType) -> bool {
 fn small_block(qtype: QType, b: &[u8]) -> ([i32; 32], f32, f32) {
     let mut q = [0i32; 32];
     let (d, m, nib, high) = match qtype {
+        QType::Q4_0 => (f16_at(b, 0), 0.0, &b[2..18], None),
         QType::Q4_1 => (f16_at(b, 0), f16_at(b, 2), &b[4..20], None),
         QType::Q5_0 => (f16_at(b, 0), 0.0, &b[6..22], Some(u32_at(b, 2))),
         QType::Q5_1 => (f16_at(b, 0), f16_at(b, 2), &b[8..24], Some(u32_at(b, 4))),
@@ -84,8 +86,11 @@ fn small_block(qtype: QType, b: &[u8]) -> ([i32; 32], f32, f32) {
         }
     }
     match qtype {
+        QType::Q4_0 => q.iter_mut().for_each(|v| *v -= 8),
         QType::Q5_0 => q.iter_mut().for_each(|v| *v -= 16),
-        QType::IQ4NL => q.iter_mut().for_each(|v| *v = IQ4_LEVELS[*v as usize] as i32),
+        QType::IQ4NL => q
+            .iter_mut()
+            .for_each(|v| *v = IQ4_LEVELS[*v as usize] as i32),
         _ => {}
     }
     (q, d, m)
@@ -95,11 +100,7 @@ fn small_block(qtype: QType, b: &[u8]) -> ([i32; 32], f32, f32) {
 fn q3k_scales(s: &[u8]) -> [i32; 16] {
     let mut out = [0i32; 16];
     for (i, o) in out.iter_mut().enumerate() {
-        let low = if i < 8 {
-            s[i] & 0x0F
-        } else {
-            s[i - 8] >> 4
-        };
+        let low = if i < 8 { s[i] & 0x0F } else { s[i - 8] >> 4 };
         let high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
         *o = (low | (high << 4)) as i32 - 32;
     }
@@ -259,12 +260,7 @@ pub(crate) fn dot(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
 /// it is the registers of the vector kernel (four chains keep its adds
 /// from waiting on each other), which gives the same bits, and a row's
 /// result does not depend on the rows beside it.
-fn small_dot(
-    qtype: QType,
-    w: &[u8],
-    x: &QuantRow,
-    sum: impl Fn(&[i32], &[i8]) -> i32,
-) -> f32 {
+fn small_dot(qtype: QType, w: &[u8], x: &QuantRow, sum: impl Fn(&[i32], &[i8]) -> i32) -> f32 {
     let offset = matches!(qtype, QType::Q4_1 | QType::Q5_1);
     let mut scaled = [[0f32; 8]; 4];
     let mut shifted = [[0f32; 8]; 4];
@@ -301,64 +297,160 @@ fn small_dot(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn small_dot_avx2(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
-    use std::arch::x86_64::*;
-    let bb = qtype.block_bytes();
-    let (qs_at, qh_at, offset) = match qtype {
-        QType::Q4_1 => (4, None, 0),
-        QType::Q5_0 => (6, Some(2), 16),
-        QType::Q5_1 => (8, Some(4), 0),
-        QType::IQ4NL => (2, None, 0),
+    match qtype {
+        QType::Q4_0 => small_dot_of::<Q4_0>(w, x),
+        QType::Q4_1 => small_dot_of::<Q4_1>(w, x),
+        QType::Q5_0 => small_dot_of::<Q5_0>(w, x),
+        QType::Q5_1 => small_dot_of::<Q5_1>(w, x),
+        QType::IQ4NL => small_dot_of::<IQ4_NL>(w, x),
         _ => unreachable!("not a 32-weight type of this module"),
-    };
-    let shifted_type = matches!(qtype, QType::Q4_1 | QType::Q5_1);
-    let low = _mm256_set1_epi8(0x0F);
-    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_LEVELS.as_ptr() as *const __m128i));
-    // Byte j of the 32 takes byte j / 8 of `qh` and tests bit j % 8.
-    let spread = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
-        3, 3,
+    }
+}
+
+/// The 32-weight types as constants, so each gets its own loop.
+const Q4_1: u8 = 0;
+const Q5_0: u8 = 1;
+const Q5_1: u8 = 2;
+const IQ4_NL: u8 = 3;
+const Q4_0: u8 = 4;
+
+/// A 32-weight type's layout: where its nibbles and fifth bits sit, and
+/// whether it has an offset `m`.
+const fn small_layout(t: u8) -> (usize, usize, bool) {
+    match t {
+        Q4_1 => (20, 4, true),
+        Q5_0 => (22, 6, false),
+        Q5_1 => (24, 8, true),
+        // Q4_0 and IQ4_NL.
+        _ => (18, 2, false),
+    }
+}
+
+/// One block's 32 weights as signed bytes, in order.
+///
+/// # Safety
+/// AVX2 is available; `b` points at a whole block of type `T`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn small_weights<const T: u8>(b: *const u8) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let (_, qs_at, _) = small_layout(T);
+    let packed = _mm_loadu_si128(b.add(qs_at) as *const __m128i);
+    let nib = _mm256_and_si256(
+        _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+        _mm256_set1_epi8(0x0F),
     );
-    let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-    let ones16 = _mm256_set1_epi16(1);
-    let ones8 = _mm256_set1_epi8(1);
-    let mut scaled = [_mm256_setzero_ps(); 4];
-    let mut shifted = [_mm256_setzero_ps(); 4];
-    for (i, &dx) in x.scales.iter().enumerate().take(w.len() / bb) {
-        let b = w.as_ptr().add(i * bb);
-        let xv = _mm256_loadu_si256(x.values.as_ptr().add(i * 32) as *const __m256i);
-        let packed = _mm_loadu_si128(b.add(qs_at) as *const __m128i);
-        let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
-        let mut q = match qh_at {
-            Some(at) => {
-                let qh = _mm256_set1_epi32((b.add(at) as *const i32).read_unaligned());
-                let hit = _mm256_cmpeq_epi8(
-                    _mm256_and_si256(_mm256_shuffle_epi8(qh, spread), bits),
-                    bits,
-                );
-                _mm256_or_si256(nib, _mm256_and_si256(hit, _mm256_set1_epi8(0x10)))
-            }
-            None => nib,
-        };
-        if qtype == QType::IQ4NL {
-            q = _mm256_shuffle_epi8(table, q);
-        } else if offset != 0 {
-            q = _mm256_sub_epi8(q, _mm256_set1_epi8(offset));
-        }
-        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
-        let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones16));
-        let scale = _mm256_set1_ps(f16_avx(b) * dx);
-        scaled[i % 4] = _mm256_add_ps(scaled[i % 4], _mm256_mul_ps(scale, sums));
-        if shifted_type {
-            let xsums = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, xv), ones16);
-            let shift = _mm256_set1_ps(f16_avx(b.add(2)) * dx);
-            shifted[i % 4] = _mm256_add_ps(
-                shifted[i % 4],
-                _mm256_mul_ps(shift, _mm256_cvtepi32_ps(xsums)),
+    match T {
+        Q5_0 | Q5_1 => {
+            // Byte j of the 32 takes byte j / 8 of `qh` and tests bit j % 8.
+            let spread = _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
+                3, 3, 3, 3,
             );
+            let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let qh_at = if T == Q5_0 { 2 } else { 4 };
+            let qh = _mm256_set1_epi32((b.add(qh_at) as *const i32).read_unaligned());
+            let hit = _mm256_cmpeq_epi8(
+                _mm256_and_si256(_mm256_shuffle_epi8(qh, spread), bits),
+                bits,
+            );
+            let q = _mm256_or_si256(nib, _mm256_and_si256(hit, _mm256_set1_epi8(0x10)));
+            if T == Q5_0 {
+                _mm256_sub_epi8(q, _mm256_set1_epi8(16))
+            } else {
+                q
+            }
+        }
+        IQ4_NL => {
+            let table =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_LEVELS.as_ptr() as *const __m128i));
+            _mm256_shuffle_epi8(table, nib)
+        }
+        Q4_0 => _mm256_sub_epi8(nib, _mm256_set1_epi8(8)),
+        _ => nib,
+    }
+}
+
+/// Block `i`'s scaled term and, for types with an offset, its shifted one.
+///
+/// # Safety
+/// AVX2 and F16C are available; block `i` lies in `w` and its values in `x`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn small_terms<const T: u8>(
+    w: &[u8],
+    x: &QuantRow,
+    i: usize,
+) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    let (bb, _, offset) = small_layout(T);
+    let ones16 = _mm256_set1_epi16(1);
+    let b = w.as_ptr().add(i * bb);
+    let dx = *x.scales.get_unchecked(i);
+    let xv = _mm256_loadu_si256(x.values.as_ptr().add(i * 32) as *const __m256i);
+    let q = small_weights::<T>(b);
+    let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
+    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones16));
+    let scaled = _mm256_mul_ps(_mm256_set1_ps(f16_avx(b) * dx), sums);
+    if !offset {
+        return (scaled, _mm256_setzero_ps());
+    }
+    let xsums = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), xv), ones16);
+    let shift = _mm256_set1_ps(f16_avx(b.add(2)) * dx);
+    (scaled, _mm256_mul_ps(shift, _mm256_cvtepi32_ps(xsums)))
+}
+
+/// [`small_dot_avx2`] for one type, four blocks a step, the accumulators
+/// of [`small_dot`] in registers.
+///
+/// # Safety
+/// As [`small_dot_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn small_dot_of<const T: u8>(w: &[u8], x: &QuantRow) -> f32 {
+    use std::arch::x86_64::*;
+    let (bb, _, offset) = small_layout(T);
+    let blocks = w.len() / bb;
+    assert!(x.scales.len() >= blocks && x.values.len() >= 32 * blocks);
+    let z = _mm256_setzero_ps();
+    let (mut s0, mut s1, mut s2, mut s3) = (z, z, z, z);
+    let (mut t0, mut t1, mut t2, mut t3) = (z, z, z, z);
+    let mut i = 0;
+    while i + 4 <= blocks {
+        // The row is read once, front to back: ask for the bytes a few
+        // blocks ahead (past the end is harmless for a prefetch).
+        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add((i + 12) * bb) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add((i + 12) * bb + 64) as *const i8);
+        let a = small_terms::<T>(w, x, i);
+        let b = small_terms::<T>(w, x, i + 1);
+        let c = small_terms::<T>(w, x, i + 2);
+        let d = small_terms::<T>(w, x, i + 3);
+        s0 = _mm256_add_ps(s0, a.0);
+        s1 = _mm256_add_ps(s1, b.0);
+        s2 = _mm256_add_ps(s2, c.0);
+        s3 = _mm256_add_ps(s3, d.0);
+        if offset {
+            t0 = _mm256_add_ps(t0, a.1);
+            t1 = _mm256_add_ps(t1, b.1);
+            t2 = _mm256_add_ps(t2, c.1);
+            t3 = _mm256_add_ps(t3, d.1);
+        }
+        i += 4;
+    }
+    for (k, (s, t)) in [(&mut s0, &mut t0), (&mut s1, &mut t1), (&mut s2, &mut t2)]
+        .into_iter()
+        .enumerate()
+    {
+        if i + k < blocks {
+            let (a, b) = small_terms::<T>(w, x, i + k);
+            *s = _mm256_add_ps(*s, a);
+            if offset {
+                *t = _mm256_add_ps(*t, b);
+            }
         }
     }
-    let [s0, s1, s2, s3] = scaled;
-    let [t0, t1, t2, t3] = shifted;
     let acc = _mm256_add_ps(
         _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)),
         _mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3)),
@@ -417,7 +509,7 @@ mod tests {
                     scale(b, 0, v);
                     scale(b, 2, -v * 4.0);
                 }
-                QType::Q5_0 | QType::IQ4NL | QType::IQ4XS => scale(b, 0, v),
+                QType::Q4_0 | QType::Q5_0 | QType::IQ4NL | QType::IQ4XS => scale(b, 0, v),
                 QType::Q2K => {
                     scale(b, 80, v);
                     scale(b, 82, v / 2.0);
@@ -429,7 +521,8 @@ mod tests {
         bytes
     }
 
-    const TYPES: [QType; 7] = [
+    const TYPES: [QType; 8] = [
+        QType::Q4_0,
         QType::Q4_1,
         QType::Q5_0,
         QType::Q5_1,
@@ -467,7 +560,13 @@ mod tests {
 
     #[test]
     fn vector_sums_give_the_portable_bits() {
-        for qtype in [QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::IQ4NL] {
+        for qtype in [
+            QType::Q4_0,
+            QType::Q4_1,
+            QType::Q5_0,
+            QType::Q5_1,
+            QType::IQ4NL,
+        ] {
             // 18 blocks: SmolLM2's rows of 576, a partial last group.
             for blocks in [18, 24, 3] {
                 let w = random_row(qtype, blocks, 11 + qtype.ggml_id() as u64);

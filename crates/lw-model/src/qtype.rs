@@ -125,10 +125,7 @@ impl QType {
     pub fn parse(s: &str) -> Option<QType> {
         let norm = |n: &str| n.replace('_', "").to_ascii_lowercase();
         let want = norm(s);
-        TABLE
-            .iter()
-            .find(|t| norm(t.name) == want)
-            .map(|t| t.qtype)
+        TABLE.iter().find(|t| norm(t.name) == want).map(|t| t.qtype)
     }
 
     /// Elements per block.

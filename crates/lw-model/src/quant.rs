@@ -307,7 +307,6 @@ impl QMatrix {
         }
         match self.qtype {
             QType::Q8_0 => self.matmul_as::<BlockQ8_0>(x, out),
-            QType::Q4_0 => self.matmul_as::<BlockQ4_0>(x, out),
             QType::Q4K => self.matmul_as::<BlockQ4K>(x, out),
             QType::Q5K => self.matmul_as::<BlockQ5K>(x, out),
             QType::Q6K => self.matmul_as::<BlockQ6K>(x, out),
