@@ -334,3 +334,27 @@ fn the_shipped_q4_1_file_chats_like_llama_cpp() {
         assert_eq!(ours.trim_end(), theirs.trim_end(), "{prompt}");
     }
 }
+
+#[test]
+fn serve_answers_the_official_openai_client_with_the_real_model() {
+    let Some(p) = env_paths(&["LONGWRITER_REAL_TYPES", "LONGWRITER_TEST_PYTHON"]) else {
+        return;
+    };
+    let model = p[0].join("../SmolLM2-135M-Instruct.Q4_1.gguf");
+    let s = common::start(
+        "sk-real",
+        &model,
+        &scratch("real-openai"),
+        &["--max-new-tokens", "256"],
+    );
+    let out = Command::new(&p[1])
+        .arg(common::root().join("scripts/openai_client_check.py"))
+        .arg(format!("{}/v1", s.base))
+        .arg("sk-real")
+        .arg("SmolLM2-135M-Instruct.Q4_1.gguf")
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("all as expected"), "{stdout}");
+}

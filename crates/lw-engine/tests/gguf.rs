@@ -300,6 +300,34 @@ fn broken_gguf_files_are_clear_errors() {
         assert!(e.contains("meta.gguf") && e.contains(want), "{e}");
     }
 
+    // A vocabulary with more tokens than the embedding has rows.
+    let mut m = meta.clone();
+    let rows = tensors
+        .iter()
+        .find(|t| t.name == "token_embd.weight")
+        .unwrap()
+        .shape[0];
+    for (key, value) in m.iter_mut() {
+        if let Value::Array(items) = value {
+            let extra = match key.as_str() {
+                "tokenizer.ggml.tokens" => (0..rows + 8)
+                    .map(|i| Value::String(format!("<extra_{i}>")))
+                    .collect(),
+                "tokenizer.ggml.token_type" => vec![Value::I32(1); rows + 8],
+                "tokenizer.ggml.scores" => vec![Value::F32(0.0); rows + 8],
+                _ => continue,
+            };
+            items.extend(extra);
+        }
+    }
+    let path = tmp.join("vocab.gguf");
+    write_gguf(&path, &m, &tensors);
+    let e = load_error(&path);
+    assert!(
+        e.contains("vocab.gguf") && e.contains("do not belong together"),
+        "{e}"
+    );
+
     // A required key missing.
     let m: Vec<_> = meta
         .iter()

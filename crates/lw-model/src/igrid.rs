@@ -273,15 +273,8 @@ mod tests {
     /// Random but valid blocks: every byte random but the f16 scale, kept
     /// small and finite (IQ1_M's in its scales' top nibbles).
     fn random_row(qtype: QType, blocks: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
         let bb = qtype.block_bytes();
-        let mut bytes: Vec<u8> = (0..blocks * bb).map(|_| next() as u8).collect();
+        let mut bytes = crate::test_bytes(blocks * bb, seed);
         for b in bytes.chunks_exact_mut(bb) {
             let d = 0.01 + (b[5] as f32) / 4096.0;
             let bits = half::f16::from_f32(if b[7] & 1 == 0 { d } else { -d }).to_bits();

@@ -489,16 +489,7 @@ mod tests {
 
     /// Random but valid blocks: f16 scales kept small and finite.
     fn random_row(qtype: QType, blocks: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
-        let mut bytes: Vec<u8> = (0..blocks * qtype.block_bytes())
-            .map(|_| next() as u8)
-            .collect();
+        let mut bytes = crate::test_bytes(blocks * qtype.block_bytes(), seed);
         let scale = |b: &mut [u8], at: usize, v: f32| {
             b[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes())
         };
