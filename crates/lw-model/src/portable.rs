@@ -226,6 +226,12 @@ pub(crate) fn dot(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
             q.iter().zip(xs).map(|(&q, &v)| q * v as i32).sum()
         });
     }
+    #[cfg(target_arch = "x86_64")]
+    if qtype == QType::IQ4XS && crate::kernels::available() {
+        // SAFETY: AVX2 and F16C were just checked; `w` holds whole blocks
+        // and `x` a value per weight.
+        return unsafe { iq4xs_dot_avx2(w, x) };
+    }
     let mut acc = 0f32;
     for (i, b) in w.chunks_exact(bb).enumerate() {
         let xs = &x.values[i * be..(i + 1) * be];
@@ -460,6 +466,52 @@ unsafe fn small_dot_of<const T: u8>(w: &[u8], x: &QuantRow) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
 }
 
+/// [`dot`] for IQ4_XS in AVX2: per sub-block of 32, the weights through
+/// the level table by a byte shuffle, `|w| · sign(x, w)` summed in 32-bit
+/// lanes and multiplied by the sub-block's integer scale; a block's lanes
+/// add up to the portable loop's exact integer sum (at most
+/// 8 · 32 · 32 · 127 · 127, within i32), which then takes the same f32
+/// steps, so the same bits.
+///
+/// # Safety
+/// AVX2 and F16C are available; `w` holds whole IQ4_XS blocks and `x` a
+/// value per weight.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn iq4xs_dot_avx2(w: &[u8], x: &QuantRow) -> f32 {
+    use std::arch::x86_64::*;
+    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_LEVELS.as_ptr() as *const __m128i));
+    let low = _mm256_set1_epi8(0x0F);
+    let ones16 = _mm256_set1_epi16(1);
+    let mut acc = 0f32;
+    for (i, b) in w.chunks_exact(136).enumerate() {
+        let high = u16::from_le_bytes([b[2], b[3]]);
+        let mut lanes = _mm256_setzero_si256();
+        for ib in 0..8 {
+            let lo = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0x0F;
+            let hi = ((high >> (2 * ib)) & 3) as u8;
+            let sc = (lo | (hi << 4)) as i32 - 32;
+            let packed = _mm_loadu_si128(b.as_ptr().add(8 + 16 * ib) as *const __m128i);
+            let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
+            let q = _mm256_shuffle_epi8(table, nib);
+            let xv = _mm256_loadu_si256(x.values.as_ptr().add(256 * i + 32 * ib) as *const __m256i);
+            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
+            let part = _mm256_madd_epi16(pairs, ones16);
+            lanes = _mm256_add_epi32(lanes, _mm256_mullo_epi32(part, _mm256_set1_epi32(sc)));
+        }
+        let h = _mm_add_epi32(
+            _mm256_castsi256_si128(lanes),
+            _mm256_extracti128_si256(lanes, 1),
+        );
+        let h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b01_00_11_10));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0b10_11_00_01)));
+        // The portable loop's f32 steps: IQ4_XS has no minimums, and
+        // subtracting their +0.0 leaves every value's bits as they are.
+        acc += x.scales[i] * (f16_avx(b.as_ptr()) * sum as f32);
+    }
+    acc
+}
+
 /// The f16 at `at`, widened by F16C.
 ///
 /// # Safety
@@ -573,6 +625,30 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn iq4xs_vector_sums_give_the_portable_bits() {
+        let w = random_row(QType::IQ4XS, 6, 29);
+        let x = quantize_row(&crate::test_values(6 * 256, 9), 256);
+        let mut portable = 0f32;
+        for (i, b) in w.chunks_exact(136).enumerate() {
+            let blk = big_block(QType::IQ4XS, b);
+            let xs = &x.values[i * 256..(i + 1) * 256];
+            let sum: i32 = (0..8)
+                .map(|s| {
+                    let r = 32 * s..32 * (s + 1);
+                    let part: i32 = blk.q[r.clone()]
+                        .iter()
+                        .zip(&xs[r])
+                        .map(|(&q, &v)| q * v as i32)
+                        .sum();
+                    blk.sc[s] * part
+                })
+                .sum();
+            portable += x.scales[i] * (blk.d * sum as f32 - blk.dmin * 0i32 as f32);
+        }
+        assert_eq!(dot(QType::IQ4XS, &w, &x).to_bits(), portable.to_bits());
     }
 
     #[test]
