@@ -213,9 +213,7 @@ pub(crate) fn dequantize_row(qtype: QType, bytes: &[u8], out: &mut [f32]) {
 /// one activation row quantized per 32 (32-weight types) or per 256 with
 /// sums per 16 (256-weight types).
 pub(crate) fn dot(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
-    let bb = qtype.block_bytes();
-    let be = qtype.block_elems();
-    if be == 32 {
+    if qtype.block_elems() == 32 {
         #[cfg(target_arch = "x86_64")]
         if crate::kernels::available() {
             // SAFETY: AVX2 and F16C were just checked; `w` holds whole
@@ -227,11 +225,23 @@ pub(crate) fn dot(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
         });
     }
     #[cfg(target_arch = "x86_64")]
-    if qtype == QType::IQ4XS && crate::kernels::available() {
-        // SAFETY: AVX2 and F16C were just checked; `w` holds whole blocks
-        // and `x` a value per weight.
-        return unsafe { iq4xs_dot_avx2(w, x) };
+    if crate::kernels::available() {
+        // SAFETY (both): AVX2 and F16C were just checked; `w` holds whole
+        // blocks and `x` a value per weight, with its sums per 16.
+        match qtype {
+            QType::IQ4XS => return unsafe { iq4xs_dot_avx2(w, x) },
+            QType::Q2K | QType::Q3K => return unsafe { k_low_dot_avx2(qtype, w, x) },
+            _ => {}
+        }
     }
+    big_dot(qtype, w, x)
+}
+
+/// [`dot`] for the 256-weight types, one block at a time: the exact integer
+/// sums of scale × (weights × activations) and of minimum × activations,
+/// then `dx · (d · sum − dmin · msum)` in f32.
+fn big_dot(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
+    let (bb, be) = (qtype.block_bytes(), qtype.block_elems());
     let mut acc = 0f32;
     for (i, b) in w.chunks_exact(bb).enumerate() {
         let xs = &x.values[i * be..(i + 1) * be];
@@ -512,6 +522,74 @@ unsafe fn iq4xs_dot_avx2(w: &[u8], x: &QuantRow) -> f32 {
     acc
 }
 
+/// [`dot`] for Q2_K and Q3_K in AVX2. Per run of 32 weights `g` (bits
+/// `2j..2j+2` of bytes `32n..32n + 32`, `g = 4n + j`), the 2-bit values,
+/// less 4 where Q3_K's high bit is clear, times the activations in 32-bit
+/// lanes: lanes 0–3 are sub-block `2g`, lanes 4–7 sub-block `2g + 1`, each
+/// multiplied by its integer scale. A block's lanes add up to the portable
+/// loop's exact integer sum; the minimums' sum comes from the activations'
+/// sums per 16, as there; then the same f32 steps, so the same bits.
+///
+/// # Safety
+/// AVX2 and F16C are available; `w` holds whole blocks of `qtype` (Q2_K or
+/// Q3_K) and `x` a value per weight, with its sums per 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn k_low_dot_avx2(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
+    use std::arch::x86_64::*;
+    let q3 = qtype == QType::Q3K;
+    let (bb, qs_at) = if q3 { (110, 32) } else { (84, 16) };
+    let three = _mm256_set1_epi8(3);
+    let ones16 = _mm256_set1_epi16(1);
+    let mut acc = 0f32;
+    for (i, b) in w.chunks_exact(bb).enumerate() {
+        let (mut sc, mut m) = ([0i32; 16], [0i32; 16]);
+        let (d, dmin) = if q3 {
+            sc = q3k_scales(&b[96..108]);
+            (f16_avx(b.as_ptr().add(108)), 0.0)
+        } else {
+            for (s, &byte) in b[..16].iter().enumerate() {
+                sc[s] = (byte & 0x0F) as i32;
+                m[s] = (byte >> 4) as i32;
+            }
+            (f16_avx(b.as_ptr().add(80)), f16_avx(b.as_ptr().add(82)))
+        };
+        let hmask = _mm256_loadu_si256(b.as_ptr() as *const __m256i);
+        let mut lanes = _mm256_setzero_si256();
+        for g in 0..8 {
+            let (n, j) = (g / 4, g % 4);
+            let bytes = _mm256_loadu_si256(b.as_ptr().add(qs_at + 32 * n) as *const __m256i);
+            let mut q = _mm256_and_si256(
+                _mm256_srl_epi16(bytes, _mm_cvtsi32_si128(2 * j as i32)),
+                three,
+            );
+            if q3 {
+                let bit = _mm256_set1_epi8((1u8 << g) as i8);
+                let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hmask, bit), _mm256_setzero_si256());
+                q = _mm256_add_epi8(q, _mm256_and_si256(clear, _mm256_set1_epi8(-4)));
+            }
+            let xv = _mm256_loadu_si256(x.values.as_ptr().add(256 * i + 32 * g) as *const __m256i);
+            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
+            let part = _mm256_madd_epi16(pairs, ones16);
+            let (s0, s1) = (sc[2 * g], sc[2 * g + 1]);
+            let scales = _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1);
+            lanes = _mm256_add_epi32(lanes, _mm256_mullo_epi32(part, scales));
+        }
+        let h = _mm_add_epi32(
+            _mm256_castsi256_si128(lanes),
+            _mm256_extracti128_si256(lanes, 1),
+        );
+        let h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b01_00_11_10));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0b10_11_00_01)));
+        let msum: i32 = (0..16)
+            .filter(|&s| m[s] != 0)
+            .map(|s| m[s] * x.sums16[i * 16 + s] as i32)
+            .sum();
+        acc += x.scales[i] * (d * sum as f32 - dmin * msum as f32);
+    }
+    acc
+}
+
 /// The f16 at `at`, widened by F16C.
 ///
 /// # Safety
@@ -628,27 +706,18 @@ mod tests {
     }
 
     #[test]
-    fn iq4xs_vector_sums_give_the_portable_bits() {
-        let w = random_row(QType::IQ4XS, 6, 29);
-        let x = quantize_row(&crate::test_values(6 * 256, 9), 256);
-        let mut portable = 0f32;
-        for (i, b) in w.chunks_exact(136).enumerate() {
-            let blk = big_block(QType::IQ4XS, b);
-            let xs = &x.values[i * 256..(i + 1) * 256];
-            let sum: i32 = (0..8)
-                .map(|s| {
-                    let r = 32 * s..32 * (s + 1);
-                    let part: i32 = blk.q[r.clone()]
-                        .iter()
-                        .zip(&xs[r])
-                        .map(|(&q, &v)| q * v as i32)
-                        .sum();
-                    blk.sc[s] * part
-                })
-                .sum();
-            portable += x.scales[i] * (blk.d * sum as f32 - blk.dmin * 0i32 as f32);
+    fn k_low_vector_sums_give_the_portable_bits() {
+        for qtype in [QType::Q2K, QType::Q3K, QType::IQ4XS] {
+            let w = random_row(qtype, 6, 31 + qtype.ggml_id() as u64);
+            let x = quantize_row(&crate::test_values(6 * 256, 13), 256);
+            let portable = big_dot(qtype, &w, &x);
+            assert_eq!(
+                dot(qtype, &w, &x).to_bits(),
+                portable.to_bits(),
+                "{}",
+                qtype.name()
+            );
         }
-        assert_eq!(dot(QType::IQ4XS, &w, &x).to_bits(), portable.to_bits());
     }
 
     #[test]
