@@ -1,11 +1,14 @@
 //! Block-quantized weight matrices (the GGUF types) and their matrix product.
 //!
 //! A quantized matrix is kept as the bytes of its blocks, straight from the
-//! memory-mapped file, and never dequantized as a whole. A product quantizes
-//! each activation row once (to Q8_0 for Q8_0/Q4_0 weights, to Q8_K for the
-//! k-quants) and takes integer dot products block by block with candle's
-//! SIMD kernels (AVX2 chosen at run time), weight rows split over the thread
-//! pool. Embedding lookups dequantize only the rows they need.
+//! memory-mapped file (or, for Q8_0 and the K-quants where the kernels run,
+//! in groups of eight rows), and never dequantized as a whole. A product
+//! quantizes each activation row once (per 32 values for the 32-weight
+//! types, per 256 for the 256-weight ones) and takes exact integer dot
+//! products block by block: Q8_0, Q4_K and Q6_K in [`crate::kernels`], the
+//! other types in [`crate::portable`] and [`crate::igrid`], Q5_K in
+//! candle's; weight rows are split over the thread pool. Embedding lookups
+//! dequantize only the rows they need.
 
 use std::sync::Arc;
 
