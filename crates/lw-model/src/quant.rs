@@ -362,35 +362,53 @@ impl QMatrix {
         let file = self.file_bytes();
         let w: &[T] = blocks(&file);
         let wrow = k / T::BLCK_SIZE;
-        let threads = rayon::current_num_threads().max(1);
-        // Blocks of weight rows; with many input rows, small enough that a
-        // block stays in cache while every input row passes over it.
-        let mut block = (n / (threads * 4)).clamp(8, 1024);
-        if m > 4 {
-            let fits = (256 * 1024 / self.qtype.row_bytes(k).max(1)).max(8);
-            block = block.min(fits);
-        }
-        let dst = SharedOut(out.as_mut_ptr());
-        (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
-            let j0 = bi * block;
-            let j1 = (j0 + block).min(n);
-            for (r, xr) in xq.chunks(per_row).enumerate() {
-                for j in j0..j1 {
-                    let v = T::vec_dot(k, &w[j * wrow..(j + 1) * wrow], xr);
-                    // SAFETY: element (r, j) belongs to this block alone, and
-                    // `out` outlives the loop.
-                    unsafe { *dst.at(r * n + j) = v };
-                }
-            }
+        let rb = self.qtype.row_bytes(k);
+        fill_by_row_blocks(n, m, rb, out, |r, j| {
+            T::vec_dot(
+                k,
+                &w[j * wrow..(j + 1) * wrow],
+                &xq[r * per_row..(r + 1) * per_row],
+            )
         });
     }
+}
+
+/// `out[r·n + j] = value(r, j)` for every input row `r` < `m` and weight
+/// row `j` < `n`, the weight rows in blocks over the pool; with many input
+/// rows, blocks small enough (of rows of `row_bytes`) to stay in cache
+/// while every input row passes over them.
+fn fill_by_row_blocks(
+    n: usize,
+    m: usize,
+    row_bytes: usize,
+    out: &mut [f32],
+    value: impl Fn(usize, usize) -> f32 + Sync,
+) {
+    debug_assert_eq!(out.len(), m * n);
+    let threads = rayon::current_num_threads().max(1);
+    let mut block = (n / (threads * 4)).clamp(8, 1024);
+    if m > 4 {
+        block = block.min((256 * 1024 / row_bytes.max(1)).max(8));
+    }
+    let dst = SharedOut(out.as_mut_ptr());
+    (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
+        let j0 = bi * block;
+        let j1 = (j0 + block).min(n);
+        for r in 0..m {
+            for j in j0..j1 {
+                let v = value(r, j);
+                // SAFETY: element (r, j) belongs to this block alone, and
+                // `out` outlives the loop.
+                unsafe { *dst.at(r * n + j) = v };
+            }
+        }
+    });
 }
 
 impl QMatrix {
     /// The product for the types without a vector kernel
     /// ([`crate::portable`], [`crate::igrid`]): activations quantized once,
-    /// then one row dot product per output, weight rows split over the
-    /// pool in blocks as in `matmul_as`.
+    /// then one row dot product per output ([`fill_by_row_blocks`]).
     fn matmul_rows(&self, x: &[f32], out: &mut [f32]) {
         let (n, k) = (self.rows, self.cols);
         let group = crate::portable::activation_group(self.qtype);
@@ -405,23 +423,8 @@ impl QMatrix {
         };
         let w = self.data.as_slice();
         let rb = self.qtype.row_bytes(k);
-        let threads = rayon::current_num_threads().max(1);
-        let mut block = (n / (threads * 4)).clamp(8, 1024);
-        if xq.len() > 4 {
-            block = block.min((256 * 1024 / rb.max(1)).max(8));
-        }
-        let dst = SharedOut(out.as_mut_ptr());
-        (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
-            let j0 = bi * block;
-            let j1 = (j0 + block).min(n);
-            for (r, xr) in xq.iter().enumerate() {
-                for j in j0..j1 {
-                    let v = dot(self.qtype, &w[j * rb..(j + 1) * rb], xr);
-                    // SAFETY: element (r, j) belongs to this block alone, and
-                    // `out` outlives the loop.
-                    unsafe { *dst.at(r * n + j) = v };
-                }
-            }
+        fill_by_row_blocks(n, xq.len(), rb, out, |r, j| {
+            dot(self.qtype, &w[j * rb..(j + 1) * rb], &xq[r])
         });
     }
 }
