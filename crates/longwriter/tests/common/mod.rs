@@ -197,5 +197,6 @@ pub fn plan_text(n: usize, words: u32) -> String {
 }
 
 #[path = "../../../lw-engine/tests/common/llama_cpp.rs"]
-mod llama_cpp;
+pub mod llama_cpp;
+#[allow(unused_imports)] // not every test file that includes this module asks for them
 pub use llama_cpp::llama_cpp_models;

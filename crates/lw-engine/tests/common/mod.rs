@@ -75,5 +75,6 @@ pub fn messages(case: &Value) -> Vec<lw_core::Message> {
         .collect()
 }
 
-mod llama_cpp;
+pub mod llama_cpp;
+#[allow(unused_imports)] // not every test file that includes this module asks for them
 pub use llama_cpp::llama_cpp_models;
