@@ -321,8 +321,10 @@ struct TokenizeArgs {
 pub struct ModelArgs {
     /// Model: a Hugging Face model directory (config.json, *.safetensors,
     /// tokenizer.json; GLM-4 in the transformers or the original ChatGLM
-    /// layout), a GGUF file (Llama family, Qwen2 or GLM-4; F32, F16, BF16,
-    /// Q8_0, Q4_0, Q4_K, Q5_K and Q6_K tensors, memory-mapped as they are),
+    /// layout), a GGUF file (Llama family, Qwen2 or GLM-4, as llama.cpp's
+    /// tools write them: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the
+    /// K-quants Q2_K to Q6_K and the i-quants IQ1_S to IQ4_XS; the
+    /// tokenizer and chat template from its metadata),
     /// a hub id such as `Qwen/Qwen2.5-0.5B-Instruct`
     /// (downloaded into the Hugging Face cache, HF_HOME), or `tiny` (the toy
     /// model shipped in models/longwriter-tiny, for offline tries).

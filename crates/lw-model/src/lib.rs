@@ -16,6 +16,7 @@ pub mod kernels;
 pub mod linear;
 pub mod llama;
 pub mod loader;
+mod pool;
 mod portable;
 pub mod qtype;
 pub mod quant;
@@ -39,6 +40,7 @@ pub fn set_threads(n: usize) {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global();
+    pool::set_threads(n);
 }
 
 /// Runs `f` on a thread of the pool. Parallel loops started there split

@@ -11,7 +11,6 @@
 
 use candle_core::{DType, Device, Storage, Tensor};
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use crate::error::ModelError;
 use crate::quant::QMatrix;
@@ -226,7 +225,7 @@ fn small_matmul<T: Element>(w: &[T], x: &[f32], out: &mut [f32], rows: usize, n:
     let blocks = n.div_ceil(block);
     // Each block writes its own columns of every output row: disjoint.
     let dst = SharedOut(out.as_mut_ptr());
-    (0..blocks).into_par_iter().for_each(|bi| {
+    crate::pool::for_each(blocks, |bi| {
         let j0 = bi * block;
         let count = block.min(n - j0);
         let wblock = &w[j0 * k..(j0 + count) * k];

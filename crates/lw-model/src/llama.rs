@@ -390,18 +390,16 @@ impl Llama {
             let mut out = vec![0f32; n * nh * hd];
             // One task per (row, kv head): its query heads read each cached
             // key and value once.
-            out.par_chunks_mut(group * hd)
-                .enumerate()
-                .for_each(|(i, o)| {
-                    let (r, kv) = (i / nkv, i % nkv);
-                    let (s_idx, pos) = rows[r];
-                    let view = match &wide[s_idx] {
-                        Some(w) => w.view(pos + 1),
-                        None => views[s_idx].view(l, pos + 1),
-                    };
-                    let q0 = r * width + kv * group * hd;
-                    attend_group(&qkv[q0..q0 + group * hd], &view, kv, hd, layer.window, o);
-                });
+            crate::pool::for_each_chunk(&mut out, group * hd, |i, o| {
+                let (r, kv) = (i / nkv, i % nkv);
+                let (s_idx, pos) = rows[r];
+                let view = match &wide[s_idx] {
+                    Some(w) => w.view(pos + 1),
+                    None => views[s_idx].view(l, pos + 1),
+                };
+                let q0 = r * width + kv * group * hd;
+                attend_group(&qkv[q0..q0 + group * hd], &view, kv, hd, layer.window, o);
+            });
             let a = layer
                 .attn
                 .o

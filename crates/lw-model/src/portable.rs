@@ -1,7 +1,10 @@
-//! The block types without a vector kernel of their own (Q4_1, Q5_0, Q5_1,
-//! Q2_K, Q3_K, IQ4_NL, IQ4_XS; the grid i-quants are in [`crate::igrid`]),
-//! in portable Rust: one row's dequantization, and its product with an
-//! activation row quantized to i8 ([`QuantRow`]).
+//! The block types Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, IQ4_NL and IQ4_XS
+//! (the grid i-quants are in [`crate::igrid`]) in portable Rust: one row's
+//! dequantization, and its product with an activation row quantized to i8
+//! ([`QuantRow`]). These products are the definition the vector kernels
+//! keep: the 32-weight types' group kernel
+//! ([`crate::kernels::small8_tile`]) and the AVX2 row products of Q2_K,
+//! Q3_K and IQ4_XS below give the same bits.
 //!
 //! A product keeps the design of the vector kernels: per block, one exact
 //! integer sum of weight × activation integers, then one f32
@@ -214,15 +217,7 @@ pub(crate) fn dequantize_row(qtype: QType, bytes: &[u8], out: &mut [f32]) {
 /// sums per 16 (256-weight types).
 pub(crate) fn dot(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
     if qtype.block_elems() == 32 {
-        #[cfg(target_arch = "x86_64")]
-        if crate::kernels::available() {
-            // SAFETY: AVX2 and F16C were just checked; `w` holds whole
-            // blocks and `x` a value per weight.
-            return unsafe { small_dot_avx2(qtype, w, x) };
-        }
-        return small_dot(qtype, w, x, |q, xs| {
-            q.iter().zip(xs).map(|(&q, &v)| q * v as i32).sum()
-        });
+        return small_dot(qtype, w, x);
     }
     #[cfg(target_arch = "x86_64")]
     if crate::kernels::available() {
@@ -265,215 +260,29 @@ fn big_dot(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
     acc
 }
 
-/// A row of 32-weight blocks, summed in f32 accumulators of eight lanes,
-/// one lane per run of four weights: for block `i`, `(d · dx)` times the
-/// exact integer sum of weights `4k..4k + 4` times their activations goes
-/// to lane `k` of accumulator `S[i % 4]`, and for Q4_1 and Q5_1 `(m · dx)`
-/// times those activations' sum to lane `k` of `T[i % 4]`. At the end the
-/// accumulators are summed as `((S0 + S1) + (S2 + S3)) + ((T0 + T1) + (T2 + T3))`
-/// lane by lane, and the lanes pairwise (`a_k + a_{k+4}`, then `b_0 + b_2`
-/// and `b_1 + b_3`, then the two). This order is the product's definition:
-/// it is the registers of the vector kernel (four chains keep its adds
-/// from waiting on each other), which gives the same bits, and a row's
-/// result does not depend on the rows beside it.
-fn small_dot(qtype: QType, w: &[u8], x: &QuantRow, sum: impl Fn(&[i32], &[i8]) -> i32) -> f32 {
+/// A row of 32-weight blocks (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL) times an
+/// activation row quantized per 32: per block, the exact integer sum of
+/// weights times activations takes one fused multiply-add with `d · dx`,
+/// and for the types with an offset the activations' sum one more with
+/// `m · dx`, blocks in order. This is the product's definition: the group
+/// kernel ([`crate::kernels::small8_tile`]), which keeps eight rows in the
+/// lanes of a vector, takes the same steps, so a row's result has the same
+/// bits whichever computed it and whatever rows are beside it.
+pub(crate) fn small_dot(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
     let offset = matches!(qtype, QType::Q4_1 | QType::Q5_1);
-    let mut scaled = [[0f32; 8]; 4];
-    let mut shifted = [[0f32; 8]; 4];
+    let mut acc = 0f32;
     for (i, b) in w.chunks_exact(qtype.block_bytes()).enumerate() {
         let xs = &x.values[i * 32..(i + 1) * 32];
         let dx = x.scales[i];
         let (q, d, m) = small_block(qtype, b);
-        let (scale, shift) = (d * dx, m * dx);
-        for k in 0..8 {
-            let r = 4 * k..4 * k + 4;
-            scaled[i % 4][k] += scale * sum(&q[r.clone()], &xs[r.clone()]) as f32;
-            if offset {
-                let xsum: i32 = xs[r].iter().map(|&v| v as i32).sum();
-                shifted[i % 4][k] += shift * xsum as f32;
-            }
-        }
-    }
-    let fold = |a: &[[f32; 8]; 4], k: usize| (a[0][k] + a[1][k]) + (a[2][k] + a[3][k]);
-    let acc: [f32; 8] = std::array::from_fn(|k| fold(&scaled, k) + fold(&shifted, k));
-    let b: [f32; 4] = std::array::from_fn(|l| acc[l] + acc[l + 4]);
-    (b[0] + b[2]) + (b[1] + b[3])
-}
-
-/// [`small_dot`] in AVX2. A block's 32 weights are widened to signed bytes
-/// in one register (nibbles, the fifth bits of Q5 types from `qh`, the
-/// offset or IQ4_NL's table by a byte shuffle), then `|w| · sign(x, w)` in
-/// 16-bit pairs (at most 2 · 127 · 127, no saturation) and 32-bit lanes,
-/// lane `k` holding weights `4k..4k + 4`; the lanes meet the block's scale
-/// in f32 (no fused multiply-add: the portable steps, rounded the same).
-///
-/// # Safety
-/// AVX2 and F16C are available; `w` holds whole blocks of `qtype` (a
-/// 32-weight type) and `x` a value per weight.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn small_dot_avx2(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
-    match qtype {
-        QType::Q4_0 => small_dot_of::<Q4_0>(w, x),
-        QType::Q4_1 => small_dot_of::<Q4_1>(w, x),
-        QType::Q5_0 => small_dot_of::<Q5_0>(w, x),
-        QType::Q5_1 => small_dot_of::<Q5_1>(w, x),
-        QType::IQ4NL => small_dot_of::<IQ4_NL>(w, x),
-        _ => unreachable!("not a 32-weight type of this module"),
-    }
-}
-
-/// The 32-weight types as constants, so each gets its own loop.
-const Q4_1: u8 = 0;
-const Q5_0: u8 = 1;
-const Q5_1: u8 = 2;
-const IQ4_NL: u8 = 3;
-const Q4_0: u8 = 4;
-
-/// A 32-weight type's layout: where its nibbles and fifth bits sit, and
-/// whether it has an offset `m`.
-const fn small_layout(t: u8) -> (usize, usize, bool) {
-    match t {
-        Q4_1 => (20, 4, true),
-        Q5_0 => (22, 6, false),
-        Q5_1 => (24, 8, true),
-        // Q4_0 and IQ4_NL.
-        _ => (18, 2, false),
-    }
-}
-
-/// One block's 32 weights as signed bytes, in order.
-///
-/// # Safety
-/// AVX2 is available; `b` points at a whole block of type `T`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-#[inline]
-unsafe fn small_weights<const T: u8>(b: *const u8) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    let (_, qs_at, _) = small_layout(T);
-    let packed = _mm_loadu_si128(b.add(qs_at) as *const __m128i);
-    let nib = _mm256_and_si256(
-        _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
-        _mm256_set1_epi8(0x0F),
-    );
-    match T {
-        Q5_0 | Q5_1 => {
-            // Byte j of the 32 takes byte j / 8 of `qh` and tests bit j % 8.
-            let spread = _mm256_setr_epi8(
-                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
-                3, 3, 3, 3,
-            );
-            let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-            let qh_at = if T == Q5_0 { 2 } else { 4 };
-            let qh = _mm256_set1_epi32((b.add(qh_at) as *const i32).read_unaligned());
-            let hit = _mm256_cmpeq_epi8(
-                _mm256_and_si256(_mm256_shuffle_epi8(qh, spread), bits),
-                bits,
-            );
-            let q = _mm256_or_si256(nib, _mm256_and_si256(hit, _mm256_set1_epi8(0x10)));
-            if T == Q5_0 {
-                _mm256_sub_epi8(q, _mm256_set1_epi8(16))
-            } else {
-                q
-            }
-        }
-        IQ4_NL => {
-            let table =
-                _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_LEVELS.as_ptr() as *const __m128i));
-            _mm256_shuffle_epi8(table, nib)
-        }
-        Q4_0 => _mm256_sub_epi8(nib, _mm256_set1_epi8(8)),
-        _ => nib,
-    }
-}
-
-/// Block `i`'s scaled term and, for types with an offset, its shifted one.
-///
-/// # Safety
-/// AVX2 and F16C are available; block `i` lies in `w` and its values in `x`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-#[inline]
-unsafe fn small_terms<const T: u8>(
-    w: &[u8],
-    x: &QuantRow,
-    i: usize,
-) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
-    use std::arch::x86_64::*;
-    let (bb, _, offset) = small_layout(T);
-    let ones16 = _mm256_set1_epi16(1);
-    let b = w.as_ptr().add(i * bb);
-    let dx = *x.scales.get_unchecked(i);
-    let xv = _mm256_loadu_si256(x.values.as_ptr().add(i * 32) as *const __m256i);
-    let q = small_weights::<T>(b);
-    let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
-    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones16));
-    let scaled = _mm256_mul_ps(_mm256_set1_ps(f16_avx(b) * dx), sums);
-    if !offset {
-        return (scaled, _mm256_setzero_ps());
-    }
-    let xsums = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), xv), ones16);
-    let shift = _mm256_set1_ps(f16_avx(b.add(2)) * dx);
-    (scaled, _mm256_mul_ps(shift, _mm256_cvtepi32_ps(xsums)))
-}
-
-/// [`small_dot_avx2`] for one type, four blocks a step, the accumulators
-/// of [`small_dot`] in registers.
-///
-/// # Safety
-/// As [`small_dot_avx2`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn small_dot_of<const T: u8>(w: &[u8], x: &QuantRow) -> f32 {
-    use std::arch::x86_64::*;
-    let (bb, _, offset) = small_layout(T);
-    let blocks = w.len() / bb;
-    assert!(x.scales.len() >= blocks && x.values.len() >= 32 * blocks);
-    let z = _mm256_setzero_ps();
-    let (mut s0, mut s1, mut s2, mut s3) = (z, z, z, z);
-    let (mut t0, mut t1, mut t2, mut t3) = (z, z, z, z);
-    let mut i = 0;
-    while i + 4 <= blocks {
-        // The row is read once, front to back: ask for the bytes a few
-        // blocks ahead (past the end is harmless for a prefetch).
-        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add((i + 12) * bb) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add((i + 12) * bb + 64) as *const i8);
-        let a = small_terms::<T>(w, x, i);
-        let b = small_terms::<T>(w, x, i + 1);
-        let c = small_terms::<T>(w, x, i + 2);
-        let d = small_terms::<T>(w, x, i + 3);
-        s0 = _mm256_add_ps(s0, a.0);
-        s1 = _mm256_add_ps(s1, b.0);
-        s2 = _mm256_add_ps(s2, c.0);
-        s3 = _mm256_add_ps(s3, d.0);
+        let sum: i32 = q.iter().zip(xs).map(|(&q, &v)| q * v as i32).sum();
+        acc = (d * dx).mul_add(sum as f32, acc);
         if offset {
-            t0 = _mm256_add_ps(t0, a.1);
-            t1 = _mm256_add_ps(t1, b.1);
-            t2 = _mm256_add_ps(t2, c.1);
-            t3 = _mm256_add_ps(t3, d.1);
-        }
-        i += 4;
-    }
-    for (k, (s, t)) in [(&mut s0, &mut t0), (&mut s1, &mut t1), (&mut s2, &mut t2)]
-        .into_iter()
-        .enumerate()
-    {
-        if i + k < blocks {
-            let (a, b) = small_terms::<T>(w, x, i + k);
-            *s = _mm256_add_ps(*s, a);
-            if offset {
-                *t = _mm256_add_ps(*t, b);
-            }
+            let xsum = x.sums16[2 * i] as i32 + x.sums16[2 * i + 1] as i32;
+            acc = (m * dx).mul_add(xsum as f32, acc);
         }
     }
-    let acc = _mm256_add_ps(
-        _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)),
-        _mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3)),
-    );
-    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+    acc
 }
 
 /// [`dot`] for IQ4_XS in AVX2: per sub-block of 32, the weights through
@@ -676,32 +485,6 @@ mod tests {
                 "{}: {got} vs {want}",
                 qtype.name()
             );
-        }
-    }
-
-    #[test]
-    fn vector_sums_give_the_portable_bits() {
-        for qtype in [
-            QType::Q4_0,
-            QType::Q4_1,
-            QType::Q5_0,
-            QType::Q5_1,
-            QType::IQ4NL,
-        ] {
-            // 18 blocks: SmolLM2's rows of 576, a partial last group.
-            for blocks in [18, 24, 3] {
-                let w = random_row(qtype, blocks, 11 + qtype.ggml_id() as u64);
-                let x = quantize_row(&crate::test_values(32 * blocks, 5), 32);
-                let portable = small_dot(qtype, &w, &x, |q, xs| {
-                    q.iter().zip(xs).map(|(&q, &v)| q * v as i32).sum()
-                });
-                assert_eq!(
-                    dot(qtype, &w, &x).to_bits(),
-                    portable.to_bits(),
-                    "{} × {blocks}",
-                    qtype.name()
-                );
-            }
         }
     }
 

@@ -165,8 +165,8 @@ impl QMatrix {
         .prepared())
     }
 
-    /// The layout the kernels read fastest: Q4_K and Q6_K in groups of
-    /// eight rows where the vector kernels run. Memory-mapped source pages are given
+    /// The layout the kernels read fastest: Q8_0, Q4_K, Q6_K and the
+    /// 32-weight types in groups of eight rows where the vector kernels run. Memory-mapped source pages are given
     /// back once copied, so a loaded model holds about its file's size.
     fn prepared(self) -> QMatrix {
         if !crate::repack::groups(self.qtype) || self.packed || !crate::kernels::available() {
@@ -332,14 +332,18 @@ impl QMatrix {
         #[cfg(target_arch = "x86_64")]
         if let (true, Some(isa)) = (same, crate::kernels::Isa::detect()) {
             match first.qtype {
-                // Q8_0 and the K-quants are always held in groups where the
-                // kernels run.
+                // Q8_0, Q4_K, Q6_K and the 32-weight types are always held
+                // in groups where the kernels run.
                 QType::Q4K | QType::Q6K if parts.iter().all(|p| p.packed) => {
                     matmul_groups(isa, parts, x, out);
                     return true;
                 }
                 QType::Q8_0 if parts.iter().all(|p| p.packed) => {
                     matmul_q8_groups(isa, parts, x, out);
+                    return true;
+                }
+                t if crate::repack::small::code(t).is_some() && parts.iter().all(|p| p.packed) => {
+                    matmul_small_groups(isa, parts, x, out);
                     return true;
                 }
                 _ => {}
@@ -391,7 +395,7 @@ fn fill_by_row_blocks(
         block = block.min((256 * 1024 / row_bytes.max(1)).max(8));
     }
     let dst = SharedOut(out.as_mut_ptr());
-    (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
+    crate::pool::for_each(n.div_ceil(block), |bi| {
         let j0 = bi * block;
         let j1 = (j0 + block).min(n);
         for r in 0..m {
@@ -421,7 +425,8 @@ impl QMatrix {
         } else {
             crate::igrid::dot
         };
-        let w = self.data.as_slice();
+        let file = self.file_bytes();
+        let w = &file[..];
         let rb = self.qtype.row_bytes(k);
         fill_by_row_blocks(n, xq.len(), rb, out, |r, j| {
             dot(self.qtype, &w[j * rb..(j + 1) * rb], &xq[r])
@@ -538,7 +543,8 @@ fn matmul_q8_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     };
     let gemm_rows = tiles.len() * 8;
     let dst = SharedOut(out.as_mut_ptr());
-    groups.par_chunks(per).for_each(|piece| {
+    crate::pool::for_each(groups.len().div_ceil(per), |i| {
+        let piece = &groups[i * per..((i + 1) * per).min(groups.len())];
         if !tiles.is_empty() {
             let mut wide = WideRows::default();
             // SAFETY: each pointer is at a whole group of `blocks` blocks.
@@ -604,6 +610,74 @@ fn matmul_q8_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     });
 }
 
+/// Stacked matrices of a 32-weight type (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL;
+/// one type, one width) held in groups of eight rows, times `x`: groups
+/// over the thread pool, input rows four at a time through the group
+/// kernel ([`crate::kernels::small8_tile`]), then one at a time.
+#[cfg(target_arch = "x86_64")]
+fn matmul_small_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
+    use crate::repack::small;
+    let code = small::code(parts[0].qtype).expect("a 32-weight type");
+    let k = parts[0].cols;
+    let n: usize = parts.iter().map(|p| p.rows).sum();
+    let m = x.len() / k;
+    let xq = quantize_rows(x, k, 32);
+    let group_bytes = k / 32 * small::group_block(code);
+    let groups = stack_groups(parts, group_bytes);
+    let per = groups_per_piece(groups.len(), m, group_bytes);
+    let dst = SharedOut(out.as_mut_ptr());
+    crate::pool::for_each(groups.len().div_ceil(per), |i| {
+        let piece = &groups[i * per..((i + 1) * per).min(groups.len())];
+        // Input rows in chunks that stay in cache while the piece's groups
+        // pass over them.
+        for r0 in (0..m).step_by(64) {
+            let r1 = (r0 + 64).min(m);
+            for &(at, col, valid) in piece {
+                // SAFETY: the features were checked by the caller; the group
+                // and the rows have the same blocks; elements (r0..r1, col..
+                // col + valid) belong to this piece alone.
+                unsafe {
+                    let o = (n, col, valid);
+                    match code {
+                        small::Q4_0 => small_rows::<{ small::Q4_0 }>(isa, &xq, r0, r1, dst, o, at),
+                        small::Q4_1 => small_rows::<{ small::Q4_1 }>(isa, &xq, r0, r1, dst, o, at),
+                        small::Q5_0 => small_rows::<{ small::Q5_0 }>(isa, &xq, r0, r1, dst, o, at),
+                        small::Q5_1 => small_rows::<{ small::Q5_1 }>(isa, &xq, r0, r1, dst, o, at),
+                        _ => small_rows::<{ small::IQ4_NL }>(isa, &xq, r0, r1, dst, o, at),
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Input rows `r0..r1` against one group of [`matmul_small_groups`]: four
+/// at a time, then one.
+///
+/// # Safety
+/// As for [`rows_in_runs`]; `at` holds a group of type `T` with the rows'
+/// blocks.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_rows<const T: usize>(
+    isa: Isa,
+    xq: &[crate::kernels::QuantRow],
+    r0: usize,
+    r1: usize,
+    dst: SharedOut,
+    out: (usize, usize, usize),
+    at: SharedIn,
+) {
+    use crate::kernels::small8_tile;
+    let mut r = r0;
+    rows_in_runs(xq, &mut r, r1, dst, out, |xs| {
+        small8_tile::<T, 4>(isa, at.0, xs)
+    });
+    rows_in_runs(xq, &mut r, r1, dst, out, |xs| {
+        small8_tile::<T, 1>(isa, at.0, xs)
+    });
+}
+
 /// Stacked Q4_K or Q6_K matrices (one type, one width) held in groups of
 /// eight rows, times `x`: groups of rows over the thread pool, tiles of
 /// eight input rows through the GEMM kernels, and the other input rows (all
@@ -661,7 +735,8 @@ fn matmul_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
             }
         }
     }
-    groups.par_chunks(per).for_each(|piece| {
+    crate::pool::for_each(groups.len().div_ceil(per), |i| {
+        let piece = &groups[i * per..((i + 1) * per).min(groups.len())];
         let mut unpacked = if qtype == QType::Q4K {
             Unpacked::Q4k(Default::default())
         } else {
@@ -953,7 +1028,15 @@ mod kernel_check {
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 53 % 97) as f32 - 48.0) / 40.0)
             .collect();
-        for q in [QType::Q8_0, QType::Q4K, QType::Q6K] {
+        for q in [
+            QType::Q8_0,
+            QType::Q4K,
+            QType::Q6K,
+            QType::Q4_0,
+            QType::Q4_1,
+            QType::Q5_0,
+            QType::Q5_1,
+        ] {
             let mat = QMatrix::quantize(q, &w, n, k).unwrap();
             let mut all = vec![0f32; m * n];
             mat.matmul(&x, &mut all);
@@ -967,6 +1050,106 @@ mod kernel_check {
                     "{} row {r}",
                     q.name()
                 );
+            }
+        }
+    }
+
+    /// The 32-weight types in groups of eight rows give the portable row
+    /// product's bits, in every kernel set this CPU runs, for four input
+    /// rows at a time and one, on rows of 576 (SmolLM2's width) and a
+    /// partial last group.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn small_groups_give_the_portable_bits() {
+        use crate::kernels::{quantize_row, small8_tile, Isa};
+        use crate::repack::{small, GROUP};
+        let (n, k, m) = (13, 576, 6);
+        let w: Vec<f32> = crate::test_values(n * k, 21);
+        let x: Vec<f32> = crate::test_values(m * k, 22);
+        let xq: Vec<_> = x.chunks(k).map(|r| quantize_row(r, 32)).collect();
+        for qtype in [
+            QType::Q4_0,
+            QType::Q4_1,
+            QType::Q5_0,
+            QType::Q5_1,
+            QType::IQ4NL,
+        ] {
+            // IQ4_NL has Q4_0's block layout: Q4_0's bytes are valid ones.
+            let from = if qtype == QType::IQ4NL {
+                QType::Q4_0
+            } else {
+                qtype
+            };
+            let file = encode(from, &w, k);
+            let rb = qtype.row_bytes(k);
+            let want = |r: usize, j: usize| {
+                crate::portable::dot(qtype, &file[j * rb..(j + 1) * rb], &xq[r]).to_bits()
+            };
+            let mat = QMatrix::new(qtype, n, k, Bytes::owned(&file)).unwrap();
+            if !mat.is_packed() {
+                eprintln!("SKIPPED: no vector kernels on this CPU");
+                return;
+            }
+            let mut out = vec![0f32; m * n];
+            mat.matmul(&x, &mut out);
+            for r in 0..m {
+                for j in 0..n {
+                    assert_eq!(
+                        out[r * n + j].to_bits(),
+                        want(r, j),
+                        "{} ({r},{j})",
+                        qtype.name()
+                    );
+                }
+            }
+            let code = small::code(qtype).unwrap();
+            let group_bytes = k / 32 * small::group_block(code);
+            for isa in Isa::ALL.into_iter().filter(|i| i.runs_here()) {
+                for g in 0..n.div_ceil(GROUP) {
+                    let at = mat.bytes()[g * group_bytes..].as_ptr();
+                    // SAFETY: the CPU runs `isa`; the group and rows have k / 32 blocks.
+                    let v = unsafe {
+                        match code {
+                            small::Q4_0 => small8_tile::<{ small::Q4_0 }, 4>(
+                                isa,
+                                at,
+                                [&xq[0], &xq[1], &xq[2], &xq[3]],
+                            ),
+                            small::Q4_1 => small8_tile::<{ small::Q4_1 }, 4>(
+                                isa,
+                                at,
+                                [&xq[0], &xq[1], &xq[2], &xq[3]],
+                            ),
+                            small::Q5_0 => small8_tile::<{ small::Q5_0 }, 4>(
+                                isa,
+                                at,
+                                [&xq[0], &xq[1], &xq[2], &xq[3]],
+                            ),
+                            small::Q5_1 => small8_tile::<{ small::Q5_1 }, 4>(
+                                isa,
+                                at,
+                                [&xq[0], &xq[1], &xq[2], &xq[3]],
+                            ),
+                            _ => small8_tile::<{ small::IQ4_NL }, 4>(
+                                isa,
+                                at,
+                                [&xq[0], &xq[1], &xq[2], &xq[3]],
+                            ),
+                        }
+                    };
+                    for (r, lanes) in v.iter().enumerate() {
+                        for (l, y) in lanes.iter().enumerate().take(n - g * GROUP) {
+                            let j = g * GROUP + l;
+                            assert_eq!(
+                                y.to_bits(),
+                                want(r, j),
+                                "{} {} ({r},{j})",
+                                isa.name(),
+                                qtype.name()
+                            );
+                        }
+                    }
+                }
             }
         }
     }

@@ -1,5 +1,6 @@
-//! Quantized matrices (Q4_K, Q6_K, Q8_0) rearranged at load time so that decoding
-//! can keep eight weight rows in the lanes of one vector.
+//! Quantized matrices (Q4_K, Q6_K, Q8_0 and the 32-weight types Q4_0, Q4_1,
+//! Q5_0, Q5_1, IQ4_NL) rearranged at load time so that decoding can keep
+//! eight weight rows in the lanes of one vector.
 //!
 //! In a file, a row is a run of blocks of 256 weights (see
 //! [`crate::kernels`]). A product that walks rows one by one has to scale
@@ -50,6 +51,21 @@
 //! | 0..16 | `d` of rows 0..8 (f16) |
 //! | 16..272 | the 32 value bytes of each row, interleaved |
 //!
+//! The 32-weight types ([`small`], as many bytes as in the file):
+//!
+//! | bytes | content |
+//! |---|---|
+//! | 0..16 | `d` of rows 0..8 (f16) |
+//! | 16..32 | `m` of rows 0..8 (f16; Q4_1 and Q5_1 only) |
+//! | next 32 | the fifth bits, a 32-bit word per row (Q5_0 and Q5_1 only) |
+//! | last 128 | the 16 nibble bytes of each row, interleaved |
+//!
+//! Load `c` of the values holds nibble bytes `4c..4c + 4` of every row:
+//! their low nibbles are weights `4c..4c + 4`, their high ones weights
+//! `16 + 4c..20 + 4c`. A row's fifth bits are re-encoded so that bit `c` of
+//! byte `t` is weight `4c + t`'s: one shift and one mask put the fifth bits
+//! of a load's low (or high) nibbles in place (see `qh_encode`).
+//!
 //! A matrix whose row count is not a multiple of eight is padded with zero
 //! rows, which are never read back.
 
@@ -88,18 +104,105 @@ pub mod q8_0 {
     pub const QS: usize = 16;
 }
 
-/// Whether matrices of `qtype` are held in groups (where the kernels run).
-pub fn groups(qtype: QType) -> bool {
-    matches!(qtype, QType::Q4K | QType::Q6K | QType::Q8_0)
+/// Offsets within a group block of the 32-weight types, by the type's code
+/// ([`small::code`]: the group kernel's constant parameter).
+pub mod small {
+    use crate::quant::QType;
+
+    pub const Q4_0: usize = 0;
+    pub const Q4_1: usize = 1;
+    pub const Q5_0: usize = 2;
+    pub const Q5_1: usize = 3;
+    pub const IQ4_NL: usize = 4;
+    pub const D: usize = 0;
+    pub const M: usize = 16;
+
+    /// The code of a 32-weight type held in groups.
+    pub fn code(qtype: QType) -> Option<usize> {
+        Some(match qtype {
+            QType::Q4_0 => Q4_0,
+            QType::Q4_1 => Q4_1,
+            QType::Q5_0 => Q5_0,
+            QType::Q5_1 => Q5_1,
+            QType::IQ4NL => IQ4_NL,
+            _ => return None,
+        })
+    }
+
+    /// Whether a weight is `d·q + m` (else `d·q`).
+    pub const fn has_m(code: usize) -> bool {
+        code == Q4_1 || code == Q5_1
+    }
+
+    /// Whether weights have a fifth bit.
+    pub const fn has_qh(code: usize) -> bool {
+        code == Q5_0 || code == Q5_1
+    }
+
+    /// Where the fifth bits' words start.
+    pub const fn qh(code: usize) -> usize {
+        if has_m(code) {
+            32
+        } else {
+            16
+        }
+    }
+
+    /// Where the values start.
+    pub const fn qs(code: usize) -> usize {
+        qh(code) + if has_qh(code) { 32 } else { 0 }
+    }
+
+    /// Bytes of one block of a group (eight rows, 32 weights each).
+    pub const fn group_block(code: usize) -> usize {
+        qs(code) + 128
+    }
+
+    /// (offset of `m`, of the fifth bits, of the nibbles) in the file's block.
+    pub(crate) const fn file(code: usize) -> (usize, usize, usize) {
+        match code {
+            Q4_1 => (2, 0, 4),
+            Q5_0 => (0, 2, 6),
+            Q5_1 => (2, 4, 8),
+            _ => (0, 0, 2),
+        }
+    }
 }
 
-/// Bytes of one block of a group of `qtype` (Q4_K, Q6_K or Q8_0).
+/// Whether matrices of `qtype` are held in groups (where the kernels run).
+pub fn groups(qtype: QType) -> bool {
+    matches!(qtype, QType::Q4K | QType::Q6K | QType::Q8_0) || small::code(qtype).is_some()
+}
+
+/// Bytes of one block of a group of `qtype` (one that [`groups`] takes).
 pub fn group_block(qtype: QType) -> usize {
+    if let Some(code) = small::code(qtype) {
+        return small::group_block(code);
+    }
     match qtype {
         QType::Q4K => q4k::GROUP_BLOCK,
         QType::Q8_0 => q8_0::GROUP_BLOCK,
         _ => q6k::GROUP_BLOCK,
     }
+}
+
+/// A row's fifth bits (file: bit `j` is weight `j`'s) as a group holds
+/// them: bit `c` of byte `t` is weight `4c + t`'s.
+pub(crate) fn qh_encode(h: u32) -> u32 {
+    let mut out = 0;
+    for j in 0..32 {
+        out |= (h >> j & 1) << (8 * (j % 4) + j / 4);
+    }
+    out
+}
+
+/// The inverse of [`qh_encode`].
+pub(crate) fn qh_decode(g: u32) -> u32 {
+    let mut out = 0;
+    for j in 0..32 {
+        out |= (g >> (8 * (j % 4) + j / 4) & 1) << j;
+    }
+    out
 }
 
 /// Bytes of a packed matrix of `rows` rows of `blocks` blocks.
@@ -159,6 +262,12 @@ pub fn pack(qtype: QType, src: &[u8], rows: usize, blocks: usize, dst: &mut [u8]
                             rec[q4k::MINS + (j / 2) * 16 + 2 * r + j % 2] = m;
                         }
                     }
+                    if let Some(code) = small::code(qtype).filter(|&c| small::has_qh(c)) {
+                        let at = small::file(code).1;
+                        let h = u32::from_le_bytes(blk[at..at + 4].try_into().unwrap());
+                        let to = small::qh(code) + 4 * r;
+                        rec[to..to + 4].copy_from_slice(&qh_encode(h).to_le_bytes());
+                    }
                     if qtype == QType::Q6K {
                         for (h, step, i) in q6k_places() {
                             let l = 64 * h + 4 * step + i;
@@ -193,6 +302,12 @@ pub fn unpack_row(qtype: QType, packed: &[u8], blocks: usize, row: usize, out: &
             let sc: [u8; 8] = std::array::from_fn(|j| rec[q4k::SCALES + j * GROUP + r]);
             let m: [u8; 8] = std::array::from_fn(|j| rec[q4k::MINS + (j / 2) * 16 + 2 * r + j % 2]);
             blk[4..16].copy_from_slice(&pack_scale_mins(&sc, &m));
+        }
+        if let Some(code) = small::code(qtype).filter(|&c| small::has_qh(c)) {
+            let from = small::qh(code) + 4 * r;
+            let g = u32::from_le_bytes(rec[from..from + 4].try_into().unwrap());
+            let at = small::file(code).1;
+            blk[at..at + 4].copy_from_slice(&qh_decode(g).to_le_bytes());
         }
         if qtype == QType::Q6K {
             for (h, step, i) in q6k_places() {
@@ -256,7 +371,19 @@ fn copy_small(dst: &mut [u8], src: &[u8]) {
 /// and mins and Q6_K's values, which are re-encoded.
 fn places(qtype: QType, r: usize) -> Vec<(std::ops::Range<usize>, usize)> {
     let mut v = Vec::with_capacity(64);
-    if qtype == QType::Q8_0 {
+    if let Some(code) = small::code(qtype) {
+        let (m, _, qs) = small::file(code);
+        v.push((0..2, small::D + 2 * r));
+        if small::has_m(code) {
+            v.push((m..m + 2, small::M + 2 * r));
+        }
+        for c in 0..4 {
+            v.push((
+                qs + 4 * c..qs + 4 * c + 4,
+                small::qs(code) + (c * GROUP + r) * 4,
+            ));
+        }
+    } else if qtype == QType::Q8_0 {
         v.push((0..2, q8_0::D + 2 * r));
         for g in 0..8 {
             v.push((2 + 4 * g..6 + 4 * g, q8_0::QS + (g * GROUP + r) * 4));
@@ -300,6 +427,19 @@ mod tests {
     }
 
     #[test]
+    fn fifth_bits_round_trip() {
+        for seed in 1..200u64 {
+            let h = u32::from_le_bytes(crate::test_bytes(4, seed).try_into().unwrap());
+            let g = qh_encode(h);
+            assert_eq!(qh_decode(g), h);
+            for j in 0..32 {
+                let (t, c) = (j % 4, j / 4);
+                assert_eq!(g >> (8 * t + c) & 1, h >> j & 1, "weight {j}");
+            }
+        }
+    }
+
+    #[test]
     fn scale_bytes_round_trip() {
         // Every 6-bit value in every position, high bits included.
         for v in 0..64usize {
@@ -318,8 +458,22 @@ mod tests {
     fn rows_come_back_as_they_were() {
         let (rows, cols) = (13, 512);
         let w = crate::test_values(rows * cols, 5);
-        for qtype in [QType::Q4K, QType::Q6K, QType::Q8_0] {
-            let src = &encode(qtype, &w, cols)[..];
+        for qtype in [
+            QType::Q4K,
+            QType::Q6K,
+            QType::Q8_0,
+            QType::Q4_0,
+            QType::Q4_1,
+            QType::Q5_0,
+            QType::Q5_1,
+            QType::IQ4NL,
+        ] {
+            let src = &if qtype == QType::IQ4NL {
+                // No encoder: any bytes are a valid block.
+                crate::test_bytes(rows * qtype.row_bytes(cols), 9)
+            } else {
+                encode(qtype, &w, cols)
+            }[..];
             let blocks = cols / qtype.block_elems();
             let rb = qtype.row_bytes(cols);
             let mut packed = vec![0u8; packed_len(qtype, rows, blocks)];
@@ -337,6 +491,8 @@ mod tests {
             match qtype {
                 QType::Q4K => covered[4..16].fill(true),
                 QType::Q6K => covered[..192].fill(true),
+                QType::Q5_0 => covered[2..6].fill(true),
+                QType::Q5_1 => covered[4..8].fill(true),
                 _ => {}
             }
             assert!(covered.iter().all(|&c| c), "{}", qtype.name());
