@@ -214,7 +214,7 @@ fn work(s: &'static Shared) {
                 break e;
             }
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 && started.elapsed() > SPIN {
+            if spins.is_multiple_of(1024) && started.elapsed() > SPIN {
                 let mut lock = s.sleep.lock().unwrap_or_else(|e| e.into_inner());
                 while s.epoch.load(Ordering::Acquire) == seen {
                     lock = s.wake.wait(lock).unwrap_or_else(|e| e.into_inner());
