@@ -229,10 +229,25 @@ fn every_tensor_type_agrees_with_llama_cpp() {
         let done = server.post(
             "/completion",
             json!({"prompt": ids, "n_predict": 128, "temperature": 0, "top_k": 1,
-                   "return_tokens": true, "cache_prompt": false}),
+                   "return_tokens": true, "cache_prompt": false, "n_probs": 2}),
         );
         drop(server);
         let generated: Vec<u64> = serde_json::from_value(done["tokens"].clone()).unwrap();
+        // llama.cpp's probabilities of its two best tokens at each position.
+        let top2: Vec<(f64, f64)> = done["completion_probabilities"]
+            .as_array()
+            .expect("llama.cpp returns probabilities with n_probs")
+            .iter()
+            .map(|p| {
+                let lp = |i: usize| p["top_logprobs"][i]["logprob"].as_f64().unwrap().exp();
+                (lp(0), lp(1))
+            })
+            .collect();
+        assert_eq!(
+            top2.len(),
+            generated.len(),
+            "{name}: a probability per token"
+        );
         assert!(generated.len() >= 16, "{name}: llama.cpp stopped at once");
         let all: Vec<String> = ids.iter().chain(&generated).map(u64::to_string).collect();
         let out = work.join("logits.bin");
@@ -254,36 +269,52 @@ fn every_tensor_type_agrees_with_llama_cpp() {
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect();
         let vocab = logits.len() / all.len();
-        let agree = generated
-            .iter()
-            .enumerate()
-            .filter(|(i, &tok)| {
-                let row = &logits[(ids.len() - 1 + i) * vocab..(ids.len() + i) * vocab];
-                assert!(
-                    row.iter().all(|v| v.is_finite()),
-                    "{name}: non-finite logits"
-                );
-                let best = (0..vocab)
-                    .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-                    .unwrap();
-                best as u64 == tok
-            })
-            .count();
+        let (mut agree, mut widest_tie, mut max_dp) = (0, 0f64, 0f64);
+        for (i, &tok) in generated.iter().enumerate() {
+            let row = &logits[(ids.len() - 1 + i) * vocab..(ids.len() + i) * vocab];
+            assert!(
+                row.iter().all(|v| v.is_finite()),
+                "{name}: non-finite logits"
+            );
+            let best = (0..vocab)
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap();
+            // Our probability of llama.cpp's token against theirs.
+            let top = row[best] as f64;
+            let z: f64 = row.iter().map(|&v| (v as f64 - top).exp()).sum();
+            let ours = (row[tok as usize] as f64 - top).exp() / z;
+            max_dp = max_dp.max((ours - top2[i].0).abs());
+            if best as u64 == tok {
+                agree += 1;
+            } else {
+                widest_tie = widest_tie.max(top2[i].0 - top2[i].1);
+            }
+        }
         let share = agree as f64 / generated.len() as f64;
         eprintln!(
-            "{name:8} top-1 agreement {agree}/{} ({:.1}%)",
+            "{name:8} top-1 agreement {agree}/{} ({:.1}%), max |Δp| of llama.cpp's token {max_dp:.3}, \
+             widest llama.cpp margin where we differ {widest_tie:.3}",
             generated.len(),
             100.0 * share
         );
-        report.push((name, share));
+        report.push((name, share, widest_tie));
     }
-    for (name, share) in &report {
+    for (name, share, widest_tie) in &report {
         // The bounds this test enforces are the measured floor less a
         // margin (measured: 94.5-100% at four bits and more, 91-100%
-        // below); the target is 99% at four bits and more, not yet met on
-        // most types (see the README).
+        // below). The target of 99% at four bits and more is not met, and
+        // is below this measure's noise: llama.cpp's own greedy text changes
+        // at its first token when flash attention is switched off, and our
+        // f32 and f16 caches differ in 5% of these top-1 choices. What must
+        // hold is that every difference is a near tie: at four bits and
+        // more, llama.cpp's two best tokens there were within 0.2 of each
+        // other in probability (measured: at most 0.13).
         if four_bits_or_more(name) {
             assert!(*share >= 0.93, "{name}: top-1 agreement {share:.3}");
+            assert!(
+                *widest_tie < 0.2,
+                "{name}: we differ where llama.cpp's margin was {widest_tie:.3}"
+            );
         } else {
             assert!(*share >= 0.85, "{name}: top-1 agreement {share:.3}");
         }

@@ -9,17 +9,21 @@
 /// bits as before this pass was fused (llama.cpp's agreement with us on
 /// near-tied logits is that sensitive); rows in parallel.
 pub fn silu_mul(gate_up: &[f32], inter: usize) -> Vec<f32> {
+    let mut out = vec![0f32; gate_up.len() / 2];
+    silu_mul_into(gate_up, inter, &mut out);
+    out
+}
+
+/// [`silu_mul`] into `out` (`[rows, inter]`).
+pub fn silu_mul_into(gate_up: &[f32], inter: usize, out: &mut [f32]) {
     use rayon::prelude::*;
-    let rows = gate_up.len() / (2 * inter);
-    let mut out = vec![0f32; rows * inter];
-    if rows == 1 {
-        silu_mul_row(gate_up, &mut out);
+    if out.len() == inter {
+        silu_mul_row(gate_up, out);
     } else {
         out.par_chunks_mut(inter)
             .zip(gate_up.par_chunks(2 * inter))
             .for_each(|(o, row)| silu_mul_row(row, o));
     }
-    out
 }
 
 /// One row: `row` holds the gate half, then the up half.

@@ -63,12 +63,50 @@ impl Weight {
         }
     }
 
+    /// Row `r` (`[in]`) as f32 values, into `out`.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) -> Result<(), ModelError> {
+        match self {
+            Weight::Quant(q) => q.dequantize_row(r, out),
+            Weight::Dense(w) => {
+                let (storage, layout) = w.storage_and_layout();
+                let Storage::Cpu(cpu) = &*storage else {
+                    return Err(candle_core::Error::Msg("weights must be on the CPU".into()).into());
+                };
+                let k = out.len();
+                let at = layout.start_offset() + r * k;
+                fn widen<T: Element>(src: &[T], out: &mut [f32]) {
+                    out.iter_mut().zip(src).for_each(|(o, &v)| *o = v.widen())
+                }
+                match w.dtype() {
+                    DType::F32 => out.copy_from_slice(&cpu.as_slice::<f32>()?[at..at + k]),
+                    DType::BF16 => widen(&cpu.as_slice::<bf16>()?[at..at + k], out),
+                    DType::F16 => widen(&cpu.as_slice::<f16>()?[at..at + k], out),
+                    other => {
+                        return Err(candle_core::Error::Msg(format!(
+                            "unsupported weight dtype {other:?}"
+                        ))
+                        .into())
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `[rows, in]` f32 values → `[rows, out]` f32 values.
     fn product(&self, xs: &[f32], rows: usize) -> Result<Vec<f32>, ModelError> {
-        let (n, k) = self.dims()?;
+        let (n, _) = self.dims()?;
         let mut out = vec![0f32; rows * n];
+        self.product_into(xs, rows, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Weight::product`] into `out` (`[rows, out]`).
+    fn product_into(&self, xs: &[f32], rows: usize, out: &mut [f32]) -> Result<(), ModelError> {
+        let (n, k) = self.dims()?;
+        let out = &mut out[..rows * n];
         match self {
-            Weight::Quant(q) => q.matmul(xs, &mut out),
+            Weight::Quant(q) => q.matmul(xs, out),
             Weight::Dense(w) => {
                 let (storage, layout) = w.storage_and_layout();
                 let Storage::Cpu(cpu) = &*storage else {
@@ -80,13 +118,13 @@ impl Weight {
                 let start = layout.start_offset();
                 match w.dtype() {
                     DType::F32 => {
-                        small_matmul(&cpu.as_slice::<f32>()?[start..], xs, &mut out, rows, n, k)
+                        small_matmul(&cpu.as_slice::<f32>()?[start..], xs, out, rows, n, k)
                     }
                     DType::BF16 => {
-                        small_matmul(&cpu.as_slice::<bf16>()?[start..], xs, &mut out, rows, n, k)
+                        small_matmul(&cpu.as_slice::<bf16>()?[start..], xs, out, rows, n, k)
                     }
                     DType::F16 => {
-                        small_matmul(&cpu.as_slice::<f16>()?[start..], xs, &mut out, rows, n, k)
+                        small_matmul(&cpu.as_slice::<f16>()?[start..], xs, out, rows, n, k)
                     }
                     other => {
                         return Err(candle_core::Error::Msg(format!(
@@ -97,7 +135,7 @@ impl Weight {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -139,6 +177,70 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// `x`: `[rows, in]` f32 → `out`: `[rows, out]` f32 (resized to it; no
+    /// allocation once it has the room, unless the parts' formats differ
+    /// and there are several rows).
+    pub fn forward_into(
+        &self,
+        x: &[f32],
+        rows: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let mut total = 0;
+        for p in &self.parts {
+            let (n, k) = p.dims()?;
+            if x.len() != rows * k {
+                return Err(candle_core::Error::Msg(format!(
+                    "linear: {} inputs for {rows} rows of a weight of shape [{n}, {k}]",
+                    x.len()
+                ))
+                .into());
+            }
+            total += n;
+        }
+        out.resize(rows * total, 0.0);
+        let quant: Option<Vec<&QMatrix>> = (self.parts.len() > 1)
+            .then(|| {
+                self.parts
+                    .iter()
+                    .map(|p| match p {
+                        Weight::Quant(q) => Some(q),
+                        Weight::Dense(_) => None,
+                    })
+                    .collect()
+            })
+            .flatten();
+        let stacked = quant.is_some_and(|q| QMatrix::matmul_stacked(&q, x, out));
+        if self.parts.len() == 1 {
+            self.parts[0].product_into(x, rows, out)?;
+        } else if !stacked {
+            let mut col = 0;
+            for p in &self.parts {
+                let n = p.dims()?.0;
+                if rows == 1 {
+                    p.product_into(x, 1, &mut out[col..col + n])?;
+                } else {
+                    let part = p.product(x, rows)?;
+                    for r in 0..rows {
+                        out[r * total + col..r * total + col + n]
+                            .copy_from_slice(&part[r * n..(r + 1) * n]);
+                    }
+                }
+                col += n;
+            }
+        }
+        if let Some(b) = &self.bias {
+            with_f32(b, |b| {
+                for row in out.chunks_mut(total) {
+                    for (o, &b) in row.iter_mut().zip(b) {
+                        *o += b;
+                    }
+                }
+            })?;
+        }
+        Ok(())
     }
 
     fn forward_rows(&self, x: &Tensor) -> Result<Tensor, ModelError> {

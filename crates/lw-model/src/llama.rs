@@ -35,9 +35,9 @@ struct Mlp {
 }
 
 struct Layer {
-    attn_norm: Tensor,
+    attn_norm: Vec<f32>,
     attn: Attention,
-    mlp_norm: Tensor,
+    mlp_norm: Vec<f32>,
     mlp: Mlp,
     window: Option<usize>,
 }
@@ -55,7 +55,7 @@ pub struct Llama {
     cfg: ModelConfig,
     embed: Weight,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Vec<f32>,
     lm_head: Linear,
     inv_freq: Vec<f32>,
     weight_dtype: DType,
@@ -109,7 +109,11 @@ impl Llama {
             };
             Ok::<_, ModelError>(Linear::from_parts(parts, bias))
         };
-        let norm = |name: String| w.vector(&[&name], &[h]);
+        let norm = |name: String| -> Result<Vec<f32>, ModelError> {
+            Ok(w.vector(&[&name], &[h])?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?)
+        };
         let mut embed = w.matrices(&["model.embed_tokens.weight"], &[cfg.vocab_size], h)?;
         let embed = embed.remove(0);
         let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -342,6 +346,92 @@ impl Llama {
             cache.reserve(needed);
             rows.extend((start..needed).map(|p| (s, p)));
         }
+        SCRATCH.with(|scratch| {
+            let s = &mut *scratch.borrow_mut();
+            self.layers_over(tokens, seqs, &rows, s)?;
+            self.classify(seqs, logits, s)
+        })
+    }
+
+    /// Every layer over the step's rows (`rows[r]`: sequence and position of
+    /// row `r`), leaving the residual stream in `s.x`.
+    fn layers_over(
+        &self,
+        tokens: &[u32],
+        seqs: &mut [(&mut KvCache, usize)],
+        rows: &[(usize, usize)],
+        s: &mut Scratch,
+    ) -> Result<(), ModelError> {
+        let n = tokens.len();
+        let cfg = &self.cfg;
+        let eps = cfg.rms_norm_eps as f32;
+        self.rope_tables(rows.iter().map(|&(_, p)| p), &mut s.cos, &mut s.sin);
+        self.embed_rows(tokens, sized(&mut s.x, n * cfg.hidden_size))?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(&s.x, &layer.attn_norm, eps, sized(&mut s.h, s.x.len()));
+            layer.attn.qkv.forward_into(&s.h, n, &mut s.qkv)?;
+            self.rope_and_store(l, &mut s.qkv, (&s.cos, &s.sin), rows, seqs);
+            self.attend(l, layer, &s.qkv, rows, seqs, &mut s.attn);
+            layer.attn.o.forward_into(&s.attn, n, &mut s.proj)?;
+            add(&mut s.x, &s.proj);
+            rms_norm(&s.x, &layer.mlp_norm, eps, sized(&mut s.h, s.x.len()));
+            layer.mlp.gate_up.forward_into(&s.h, n, &mut s.gate_up)?;
+            let gated = sized(&mut s.gated, n * cfg.intermediate_size);
+            crate::activation::silu_mul_into(&s.gate_up, cfg.intermediate_size, gated);
+            layer.mlp.down.forward_into(&s.gated, n, &mut s.proj)?;
+            add(&mut s.x, &s.proj);
+        }
+        for (cache, count) in seqs.iter_mut() {
+            cache.advance(*count);
+        }
+        Ok(())
+    }
+
+    /// Rotary embedding of the step's queries and keys (`qkv`, `[rows,
+    /// (heads + 2 · kv heads) · head_dim]`), and the keys and values written
+    /// to each row's cache at layer `l`.
+    fn rope_and_store(
+        &self,
+        l: usize,
+        qkv: &mut [f32],
+        (cos, sin): (&[f32], &[f32]),
+        rows: &[(usize, usize)],
+        seqs: &mut [(&mut KvCache, usize)],
+    ) {
+        let cfg = &self.cfg;
+        let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let half = self.inv_freq.len();
+        for (r, row) in qkv.chunks_mut((nh + 2 * nkv) * hd).enumerate() {
+            let (c, s) = (
+                &cos[r * half..(r + 1) * half],
+                &sin[r * half..(r + 1) * half],
+            );
+            for head in row[..(nh + nkv) * hd].chunks_mut(hd) {
+                if cfg.rope_interleaved {
+                    rope_pairs(&mut head[..cfg.rotary_dim], c, s);
+                } else {
+                    rope(&mut head[..cfg.rotary_dim], c, s);
+                }
+            }
+            let (seq, pos) = rows[r];
+            let kv = &row[nh * hd..];
+            seqs[seq].0.write(l, pos, &kv[..nkv * hd], &kv[nkv * hd..]);
+        }
+    }
+
+    /// Attention of every row's query heads over its sequence's cache at
+    /// layer `l` (the row's own position included), into `out` (`[rows,
+    /// heads · head_dim]`). One task per (row, kv head): its query heads
+    /// read each cached key and value once.
+    fn attend(
+        &self,
+        l: usize,
+        layer: &Layer,
+        qkv: &[f32],
+        rows: &[(usize, usize)],
+        seqs: &[(&mut KvCache, usize)],
+        out: &mut Vec<f32>,
+    ) {
         let cfg = &self.cfg;
         let (hd, nh, nkv, group) = (
             cfg.head_dim,
@@ -349,115 +439,78 @@ impl Llama {
             cfg.num_kv_heads,
             cfg.group_size(),
         );
-        let half = self.inv_freq.len();
-        let (cos, sin) = self.rope_tables(rows.iter().map(|&(_, p)| p));
-        let dev = Device::Cpu;
-        let mut x = self.embed_rows(tokens)?;
-        let eps = cfg.rms_norm_eps as f32;
         let width = (nh + 2 * nkv) * hd;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut qkv = layer
-                .attn
-                .qkv
-                .forward(&h)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            for (r, row) in qkv.chunks_mut(width).enumerate() {
-                let (c, s) = (
-                    &cos[r * half..(r + 1) * half],
-                    &sin[r * half..(r + 1) * half],
-                );
-                let rot = cfg.rotary_dim;
-                for head in row[..(nh + nkv) * hd].chunks_mut(hd) {
-                    if cfg.rope_interleaved {
-                        rope_pairs(&mut head[..rot], c, s);
-                    } else {
-                        rope(&mut head[..rot], c, s);
-                    }
-                }
-                let (s_idx, pos) = rows[r];
-                let kv = &row[nh * hd..];
-                seqs[s_idx]
-                    .0
-                    .write(l, pos, &kv[..nkv * hd], &kv[nkv * hd..]);
-            }
-            let views: Vec<&KvCache> = seqs.iter().map(|(c, _)| &**c).collect();
-            let wide: Vec<Option<WideLayer>> = seqs
-                .iter()
+        // Many rows of one sequence read its cache widened once (prefill).
+        let wide: Vec<Option<WideLayer>> = if rows.len() >= WideLayer::MIN_ROWS {
+            seqs.iter()
                 .map(|(c, count)| WideLayer::new(c, l, c.len() + count, *count, (nkv, hd)))
-                .collect();
-            let mut out = vec![0f32; n * nh * hd];
-            // One task per (row, kv head): its query heads read each cached
-            // key and value once.
-            crate::pool::for_each_chunk(&mut out, group * hd, |i, o| {
-                let (r, kv) = (i / nkv, i % nkv);
-                let (s_idx, pos) = rows[r];
-                let view = match &wide[s_idx] {
-                    Some(w) => w.view(pos + 1),
-                    None => views[s_idx].view(l, pos + 1),
-                };
-                let q0 = r * width + kv * group * hd;
-                attend_group(&qkv[q0..q0 + group * hd], &view, kv, hd, layer.window, o);
-            });
-            let a = layer
-                .attn
-                .o
-                .forward(&Tensor::from_vec(out, (n, nh * hd), &dev)?)?;
-            x = (x + a)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
-            let m = &layer.mlp;
-            let inter = cfg.intermediate_size;
-            let gated = crate::linear::with_f32(&m.gate_up.forward(&h)?, |gate_up| {
-                crate::activation::silu_mul(gate_up, inter)
-            })?;
-            let gated = Tensor::from_vec(gated, (n, inter), &dev)?;
-            x = (x + m.down.forward(&gated)?)?;
-        }
-        for (cache, count) in seqs.iter_mut() {
-            cache.advance(*count);
-        }
-        if logits == Logits::Last {
-            let mut last = Vec::with_capacity(seqs.len());
-            let mut end = 0u32;
-            for (_, count) in seqs.iter() {
-                end += *count as u32;
-                last.push(end - 1);
-            }
-            x = if last.len() == 1 {
-                x.narrow(0, last[0] as usize, 1)?
-            } else {
-                x.index_select(&Tensor::from_vec(last, seqs.len(), &dev)?, 0)?
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let out = sized(out, rows.len() * nh * hd);
+        crate::pool::for_each_chunk(out, group * hd, |i, o| {
+            let (r, kv) = (i / nkv, i % nkv);
+            let (seq, pos) = rows[r];
+            let view = match wide.get(seq) {
+                Some(Some(w)) => w.view(pos + 1),
+                _ => seqs[seq].0.view(l, pos + 1),
             };
-        }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        self.lm_head.forward(&x)
+            let q0 = r * width + kv * group * hd;
+            attend_group(&qkv[q0..q0 + group * hd], &view, kv, hd, layer.window, o);
+        });
     }
 
-    /// Embedding rows of `tokens`, `[n, hidden]` f32.
-    fn embed_rows(&self, tokens: &[u32]) -> Result<Tensor, ModelError> {
-        let n = tokens.len();
-        let dev = Device::Cpu;
-        match &self.embed {
-            Weight::Dense(t) => {
-                let ids = Tensor::from_slice(tokens, n, &dev)?;
-                Ok(t.index_select(&ids, 0)?.to_dtype(DType::F32)?)
+    /// The final norm and the classifier over the residual stream `s.x`:
+    /// logits of every row, or of each sequence's last.
+    fn classify(
+        &self,
+        seqs: &[(&mut KvCache, usize)],
+        logits: Logits,
+        s: &mut Scratch,
+    ) -> Result<Tensor, ModelError> {
+        let h = self.cfg.hidden_size;
+        let x: &[f32] = if logits == Logits::Last && seqs.len() * h != s.x.len() {
+            let last = sized(&mut s.h, seqs.len() * h);
+            let mut end = 0;
+            for ((_, count), o) in seqs.iter().zip(last.chunks_mut(h)) {
+                end += count;
+                o.copy_from_slice(&s.x[(end - 1) * h..end * h]);
             }
-            Weight::Quant(q) => {
-                let h = q.cols();
-                let mut x = vec![0f32; n * h];
-                for (row, &t) in x.chunks_mut(h).zip(tokens) {
-                    q.dequantize_row(t as usize, row);
-                }
-                Ok(Tensor::from_vec(x, (n, h), &dev)?)
-            }
+            last
+        } else {
+            &s.x
+        };
+        let rows = x.len() / h;
+        let normed = sized(&mut s.proj, x.len());
+        rms_norm(x, &self.norm, self.cfg.rms_norm_eps as f32, normed);
+        let mut out = Vec::new();
+        self.lm_head.forward_into(normed, rows, &mut out)?;
+        Ok(Tensor::from_vec(
+            out,
+            (rows, self.cfg.vocab_size),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// Embedding rows of `tokens` into `out` (`[n, hidden]`).
+    fn embed_rows(&self, tokens: &[u32], out: &mut [f32]) -> Result<(), ModelError> {
+        let h = self.cfg.hidden_size;
+        for (row, &t) in out.chunks_mut(h).zip(tokens) {
+            self.embed.row_into(t as usize, row)?;
         }
+        Ok(())
     }
 
     /// cos and sin of (position × inverse frequency), `[rows, head_dim / 2]`.
-    fn rope_tables(&self, positions: impl Iterator<Item = usize>) -> (Vec<f32>, Vec<f32>) {
-        let mut cos = Vec::new();
-        let mut sin = Vec::new();
+    fn rope_tables(
+        &self,
+        positions: impl Iterator<Item = usize>,
+        cos: &mut Vec<f32>,
+        sin: &mut Vec<f32>,
+    ) {
+        cos.clear();
+        sin.clear();
         for p in positions {
             for &f in &self.inv_freq {
                 let angle = p as f32 * f;
@@ -465,7 +518,57 @@ impl Llama {
                 sin.push(angle.sin());
             }
         }
-        (cos, sin)
+    }
+}
+
+/// The activations of a step, kept per thread and reused: once they have
+/// grown to a step's size, later steps (every decoded token) allocate
+/// nothing here.
+#[derive(Default)]
+struct Scratch {
+    /// The residual stream, `[rows, hidden]`.
+    x: Vec<f32>,
+    /// A normed copy of it (the projections' input).
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    /// Attention's output, `[rows, heads · head_dim]`.
+    attn: Vec<f32>,
+    /// The output projection's or the down projection's result.
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    gated: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// `v` holding `len` values (zeros where it grew), as a slice.
+fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    v.resize(len, 0.0);
+    v
+}
+
+/// `x += y`, element by element.
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// RMS norm of each row of `x` (rows of `w.len()`), times `w`, into `out`:
+/// `x / sqrt(mean(x²) + eps) · w`, the sum of squares in order, as candle's
+/// `rms_norm` computes it (so the same bits).
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let sum2: f32 = row.iter().map(|&v| v * v).sum();
+        let m = (sum2 / n as f32 + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(w) {
+            *o = v / m * w;
+        }
     }
 }
 
