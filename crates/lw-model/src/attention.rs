@@ -195,13 +195,36 @@ impl Rows {
     }
 }
 
+/// Scores and widened keys of one attention task, kept per thread and
+/// reused (a decoded token allocates nothing here once they have grown).
+#[derive(Default)]
+struct Buffers {
+    scores: Vec<f32>,
+    buf: Vec<f32>,
+    inv: Vec<f32>,
+}
+
+thread_local! {
+    static BUFFERS: std::cell::RefCell<Buffers> = std::cell::RefCell::default();
+}
+
 fn attend<E: KvRows>(q: &[f32], keys: E, values: E, rows: &Rows, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
-        // SAFETY: the features were just checked.
-        return unsafe { attend_avx2(q, keys, values, rows, out) };
-    }
-    attend_body::<E, false>(q, keys, values, rows, out)
+    BUFFERS.with(|cell| {
+        let mut fresh = Buffers::default();
+        let mut held = cell.try_borrow_mut();
+        let b = match &mut held {
+            Ok(b) => &mut **b,
+            Err(_) => &mut fresh,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the features were just checked.
+            return unsafe { attend_avx2(q, keys, values, rows, out, b) };
+        }
+        attend_body::<E, false>(q, keys, values, rows, out, b)
+    })
 }
 
 /// [`attend_body`] compiled for AVX2: the same operations in the same order
@@ -211,8 +234,15 @@ fn attend<E: KvRows>(q: &[f32], keys: E, values: E, rows: &Rows, out: &mut [f32]
 /// AVX2 and F16C are available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn attend_avx2<E: KvRows>(q: &[f32], keys: E, values: E, rows: &Rows, out: &mut [f32]) {
-    attend_body::<E, true>(q, keys, values, rows, out)
+unsafe fn attend_avx2<E: KvRows>(
+    q: &[f32],
+    keys: E,
+    values: E,
+    rows: &Rows,
+    out: &mut [f32],
+    b: &mut Buffers,
+) {
+    attend_body::<E, true>(q, keys, values, rows, out, b)
 }
 
 /// Positions whose values are widened together, and the width of an output
@@ -228,6 +258,7 @@ fn attend_body<E: KvRows, const AVX2: bool>(
     values: E,
     rows: &Rows,
     out: &mut [f32],
+    b: &mut Buffers,
 ) {
     let hd = rows.head_dim;
     let heads = q.len() / hd;
@@ -237,8 +268,14 @@ fn attend_body<E: KvRows, const AVX2: bool>(
     let span =
         |i0: usize, i1: usize| rows.at(rows.first + i0).start..rows.at(rows.first + i1).start;
     // scores[h * m + i]: head h, position first + i.
-    let mut scores = vec![0f32; heads * m];
-    let mut buf = vec![0f32; CHUNK * hd];
+    b.scores.resize(heads * m, 0.0);
+    b.buf.resize(CHUNK * hd, 0.0);
+    b.inv.resize(heads, 0.0);
+    let (scores, buf, inv) = (
+        &mut b.scores[..heads * m],
+        &mut b.buf[..CHUNK * hd],
+        &mut b.inv[..heads],
+    );
     for c0 in (0..m).step_by(CHUNK) {
         let c1 = (c0 + CHUNK).min(m);
         let ks = keys.as_f32::<AVX2>(span(c0, c1), &mut buf[..(c1 - c0) * hd]);
@@ -260,7 +297,6 @@ fn attend_body<E: KvRows, const AVX2: bool>(
     }
     // A plain loop, so that the softmax is compiled for this function's
     // features (an iterator adapter would be compiled without them).
-    let mut inv = vec![0f32; heads];
     for (h, i) in inv.iter_mut().enumerate() {
         *i = softmax_for::<AVX2>(&mut scores[h * m..(h + 1) * m]);
     }

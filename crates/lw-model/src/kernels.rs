@@ -22,6 +22,7 @@
 use std::arch::x86_64::*;
 
 /// An activation row quantized to i8.
+#[derive(Default)]
 pub struct QuantRow {
     /// One scale per `group` values.
     pub scales: Vec<f32>,
@@ -42,16 +43,25 @@ pub struct QuantRow {
 /// Rounding is to nearest, halves to even. `x.len()` is a multiple of
 /// `group`.
 pub fn quantize_row(x: &[f32], group: usize) -> QuantRow {
-    let mut scales = vec![0f32; x.len() / group];
-    let mut values = vec![0i8; x.len()];
+    let mut row = QuantRow::default();
+    quantize_row_into(x, group, &mut row);
+    row
+}
+
+/// [`quantize_row`] into `row`, reusing its buffers (no allocation once
+/// they have the room).
+pub fn quantize_row_into(x: &[f32], group: usize, row: &mut QuantRow) {
+    row.scales.resize(x.len() / group, 0.0);
+    row.values.resize(x.len(), 0);
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: the features were just checked; the lengths match.
-        unsafe { quantize_avx2(x, group, &mut scales, &mut values) };
-        return with_sums(scales, values);
+        unsafe { quantize_avx2(x, group, &mut row.scales, &mut row.values) };
+        row.fill_sums();
+        return;
     }
-    quantize_scalar(x, group, &mut scales, &mut values);
-    with_sums(scales, values)
+    quantize_scalar(x, group, &mut row.scales, &mut row.values);
+    row.fill_sums();
 }
 
 /// [`quantize_row`] one value at a time (CPUs without the kernels, and the
@@ -80,17 +90,16 @@ fn quantize_scalar(x: &[f32], group: usize, scales: &mut [f32], values: &mut [i8
     }
 }
 
-/// The row with its sums per 16 (the products of types with offsets take
-/// them from these; a sum per 32 is two of them).
-fn with_sums(scales: Vec<f32>, values: Vec<i8>) -> QuantRow {
-    let sums16 = values
-        .chunks(16)
-        .map(|c| c.iter().map(|&v| v as i16).sum())
-        .collect();
-    QuantRow {
-        scales,
-        values,
-        sums16,
+impl QuantRow {
+    /// The sums per 16 of the values (the products of types with offsets
+    /// take them from these; a sum per 32 is two of them).
+    fn fill_sums(&mut self) {
+        self.sums16.clear();
+        self.sums16.extend(
+            self.values
+                .chunks(16)
+                .map(|c| c.iter().map(|&v| v as i16).sum::<i16>()),
+        );
     }
 }
 

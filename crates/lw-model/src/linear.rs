@@ -201,18 +201,21 @@ impl Linear {
             total += n;
         }
         out.resize(rows * total, 0.0);
-        let quant: Option<Vec<&QMatrix>> = (self.parts.len() > 1)
-            .then(|| {
-                self.parts
-                    .iter()
-                    .map(|p| match p {
-                        Weight::Quant(q) => Some(q),
-                        Weight::Dense(_) => None,
-                    })
-                    .collect()
-            })
-            .flatten();
-        let stacked = quant.is_some_and(|q| QMatrix::matmul_stacked(&q, x, out));
+        // The parts as quantized matrices, on the stack (no allocation).
+        let mut quant: [Option<&QMatrix>; 4] = [None; 4];
+        for (q, p) in quant.iter_mut().zip(&self.parts) {
+            *q = match p {
+                Weight::Quant(m) => Some(m),
+                Weight::Dense(_) => None,
+            };
+        }
+        let stacked = match quant {
+            _ if self.parts.len() < 2 || self.parts.len() > 4 => false,
+            [Some(a), Some(b), None, None] => QMatrix::matmul_stacked(&[a, b], x, out),
+            [Some(a), Some(b), Some(c), None] => QMatrix::matmul_stacked(&[a, b, c], x, out),
+            [Some(a), Some(b), Some(c), Some(d)] => QMatrix::matmul_stacked(&[a, b, c, d], x, out),
+            _ => false,
+        };
         if self.parts.len() == 1 {
             self.parts[0].product_into(x, rows, out)?;
         } else if !stacked {
@@ -354,25 +357,51 @@ fn small_matmul<T: Element>(w: &[T], x: &[f32], out: &mut [f32], rows: usize, n:
 /// serves both, and every dot product is summed in the same order as when
 /// its row comes alone.
 fn block_rows<T: Element>(w: &[T], x: &[f32], rows: usize, k: usize, put: impl Fn(usize, &[f32])) {
-    let count = w.len() / k;
-    let mut tmp = vec![0f32; count];
-    let mut tmp1 = vec![0f32; count];
+    // Two rows of results, kept per thread (a decoded token allocates
+    // nothing here).
+    thread_local! {
+        static TMP: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = std::cell::RefCell::default();
+    }
+    TMP.with(|cell| {
+        let mut fresh = Default::default();
+        let mut held = cell.try_borrow_mut();
+        let (tmp, tmp1) = match &mut held {
+            Ok(t) => &mut **t,
+            Err(_) => &mut fresh,
+        };
+        let count = w.len() / k;
+        tmp.resize(count, 0.0);
+        tmp1.resize(count, 0.0);
+        block_rows_with(w, x, rows, k, put, tmp, tmp1)
+    })
+}
+
+/// [`block_rows`] with its result rows.
+fn block_rows_with<T: Element>(
+    w: &[T],
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    put: impl Fn(usize, &[f32]),
+    tmp: &mut [f32],
+    tmp1: &mut [f32],
+) {
     let mut r = 0;
     while r + 2 <= rows {
         dot_rows2(
             w,
             &x[r * k..(r + 1) * k],
             &x[(r + 1) * k..(r + 2) * k],
-            &mut tmp,
-            &mut tmp1,
+            tmp,
+            tmp1,
         );
-        put(r, &tmp);
-        put(r + 1, &tmp1);
+        put(r, tmp);
+        put(r + 1, tmp1);
         r += 2;
     }
     if r < rows {
-        dot_rows(w, &x[r * k..(r + 1) * k], &mut tmp);
-        put(r, &tmp);
+        dot_rows(w, &x[r * k..(r + 1) * k], tmp);
+        put(r, tmp);
     }
 }
 

@@ -332,11 +332,8 @@ impl Llama {
                 vocab: self.cfg.vocab_size,
             });
         }
-        // Which sequence and position each row is.
-        let mut rows: Vec<(usize, usize)> = Vec::with_capacity(n);
-        for (s, (cache, count)) in seqs.iter_mut().enumerate() {
-            let start = cache.len();
-            let needed = start + *count;
+        for (cache, count) in seqs.iter_mut() {
+            let needed = cache.len() + *count;
             if needed > self.context_length() {
                 return Err(ModelError::ContextFull {
                     needed,
@@ -344,11 +341,25 @@ impl Llama {
                 });
             }
             cache.reserve(needed);
-            rows.extend((start..needed).map(|p| (s, p)));
         }
         SCRATCH.with(|scratch| {
-            let s = &mut *scratch.borrow_mut();
-            self.layers_over(tokens, seqs, &rows, s)?;
+            // A pool thread waiting inside a step may take up another step
+            // (rayon lends idle threads work): that one gets fresh buffers.
+            let mut fresh = Scratch::default();
+            let mut held = scratch.try_borrow_mut();
+            let s = match &mut held {
+                Ok(s) => &mut **s,
+                Err(_) => &mut fresh,
+            };
+            // Which sequence and position each row is.
+            let mut rows = std::mem::take(&mut s.rows);
+            rows.clear();
+            for (i, (cache, count)) in seqs.iter().enumerate() {
+                rows.extend((cache.len()..cache.len() + count).map(|p| (i, p)));
+            }
+            let done = self.layers_over(tokens, seqs, &rows, s);
+            s.rows = rows;
+            done?;
             self.classify(seqs, logits, s)
         })
     }
@@ -539,6 +550,8 @@ struct Scratch {
     gated: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// Sequence and position of each row.
+    rows: Vec<(usize, usize)>,
 }
 
 thread_local! {

@@ -291,7 +291,30 @@ impl QMatrix {
 
     /// Row `r` as f32 values.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        dequantize_row(self.qtype, &self.row(r), out);
+        if !self.packed {
+            return dequantize_row(self.qtype, &self.row(r), out);
+        }
+        // The row in the file's format, in a buffer kept per thread (an
+        // embedding lookup per decoded token allocates nothing).
+        // (Words, so that the blocks are aligned as their types want.)
+        thread_local! {
+            static ROW: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        ROW.with(|cell| {
+            let mut words = cell.borrow_mut();
+            let len = self.qtype.row_bytes(self.cols);
+            words.resize(len.div_ceil(8), 0);
+            // SAFETY: the words hold at least `len` bytes.
+            let row = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, len) };
+            crate::repack::unpack_row(
+                self.qtype,
+                self.data.as_slice(),
+                self.cols / self.qtype.block_elems(),
+                r,
+                row,
+            );
+            dequantize_row(self.qtype, row, out);
+        })
     }
 
     /// The whole matrix as f32 (tests, conversion).
@@ -335,15 +358,15 @@ impl QMatrix {
                 // Q8_0, Q4_K, Q6_K and the 32-weight types are always held
                 // in groups where the kernels run.
                 QType::Q4K | QType::Q6K if parts.iter().all(|p| p.packed) => {
-                    matmul_groups(isa, parts, x, out);
+                    with_work(parts, x, |w| matmul_groups(isa, parts, x, out, w));
                     return true;
                 }
                 QType::Q8_0 if parts.iter().all(|p| p.packed) => {
-                    matmul_q8_groups(isa, parts, x, out);
+                    with_work(parts, x, |w| matmul_q8_groups(isa, parts, x, out, w));
                     return true;
                 }
                 t if crate::repack::small::code(t).is_some() && parts.iter().all(|p| p.packed) => {
-                    matmul_small_groups(isa, parts, x, out);
+                    with_work(parts, x, |w| matmul_small_groups(isa, parts, x, out, w));
                     return true;
                 }
                 _ => {}
@@ -434,23 +457,82 @@ impl QMatrix {
     }
 }
 
-/// Each row of `x` (`k` wide) quantized for the kernels, one scale per `group`.
+/// A grouped product's input rows, quantized, and its matrices' groups
+/// ([`stack_groups`]).
 #[cfg(target_arch = "x86_64")]
-fn quantize_rows(x: &[f32], k: usize, group: usize) -> Vec<crate::kernels::QuantRow> {
-    use crate::kernels::quantize_row;
+type Work<'a> = (
+    &'a [crate::kernels::QuantRow],
+    &'a [(SharedIn, usize, usize)],
+);
+
+/// The buffers of [`Work`], kept per thread and reused, so that a decoded
+/// token's products allocate nothing once they have grown.
+#[cfg(target_arch = "x86_64")]
+#[derive(Default)]
+struct WorkBuffers {
+    xq: Vec<crate::kernels::QuantRow>,
+    groups: Vec<(SharedIn, usize, usize)>,
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    static WORK: std::cell::RefCell<WorkBuffers> = std::cell::RefCell::default();
+}
+
+/// `f` with the rows of `x` quantized as the grouped matrices `parts`
+/// (one type, one width) want them, and the parts' groups.
+#[cfg(target_arch = "x86_64")]
+fn with_work<R>(parts: &[&QMatrix], x: &[f32], f: impl FnOnce(Work) -> R) -> R {
+    let (qtype, k) = (parts[0].qtype, parts[0].cols);
+    let group = if qtype.block_elems() == 32 { 32 } else { 256 };
+    let group_bytes = k / qtype.block_elems() * crate::repack::group_block(qtype);
+    let fill = |b: &mut WorkBuffers| {
+        let m = x.len() / k;
+        if b.xq.len() < m {
+            b.xq.resize_with(m, Default::default);
+        }
+        quantize_rows_into(x, k, group, &mut b.xq[..m]);
+        stack_groups(parts, group_bytes, &mut b.groups);
+        m
+    };
+    WORK.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut b) => {
+            let m = fill(&mut b);
+            f((&b.xq[..m], &b.groups))
+        }
+        // In use further up this thread's stack: fresh buffers.
+        Err(_) => {
+            let mut b = WorkBuffers::default();
+            let m = fill(&mut b);
+            f((&b.xq[..m], &b.groups))
+        }
+    })
+}
+
+/// Each row of `x` (`k` wide) quantized for the kernels into `xq`, one scale
+/// per `group`.
+#[cfg(target_arch = "x86_64")]
+fn quantize_rows_into(x: &[f32], k: usize, group: usize, xq: &mut [crate::kernels::QuantRow]) {
+    use crate::kernels::quantize_row_into;
     if x.len() == k {
-        vec![quantize_row(x, group)]
+        quantize_row_into(x, group, &mut xq[0]);
     } else {
-        x.par_chunks(k).map(|r| quantize_row(r, group)).collect()
+        xq.par_iter_mut()
+            .zip(x.par_chunks(k))
+            .for_each(|(q, r)| quantize_row_into(r, group, q));
     }
 }
 
 /// Every group of a stack of grouped matrices (`group_bytes` each): its
 /// bytes, its first output column and how many of its eight rows are real.
 #[cfg(target_arch = "x86_64")]
-fn stack_groups(parts: &[&QMatrix], group_bytes: usize) -> Vec<(SharedIn, usize, usize)> {
+fn stack_groups(
+    parts: &[&QMatrix],
+    group_bytes: usize,
+    groups: &mut Vec<(SharedIn, usize, usize)>,
+) {
     use crate::repack::GROUP;
-    let mut groups = Vec::new();
+    groups.clear();
     let mut col = 0;
     for p in parts {
         let base = SharedIn(p.data.as_slice().as_ptr());
@@ -465,7 +547,6 @@ fn stack_groups(parts: &[&QMatrix], group_bytes: usize) -> Vec<(SharedIn, usize,
         }
         col += p.rows;
     }
-    groups
 }
 
 /// Groups per piece of a parallel pass over `groups` groups: enough pieces
@@ -520,7 +601,7 @@ unsafe fn rows_in_runs<const R: usize>(
 /// rows (all of them, when decoding) through the group kernel
 /// ([`crate::kernels::q8_0x8_tile`]). Both give a row the same bits.
 #[cfg(target_arch = "x86_64")]
-fn matmul_q8_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
+fn matmul_q8_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32], (xq, groups): Work) {
     use crate::kernels::{q8_0_gemm_blocks, q8_0x8_tile, GemmAcc, WideRows, WideTile};
     use crate::repack::{q8_0::GROUP_BLOCK, GROUP};
     /// Weight rows per GEMM call (a group holds two such).
@@ -531,9 +612,7 @@ fn matmul_q8_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     let blocks = k / 32;
     let n: usize = parts.iter().map(|p| p.rows).sum();
     let m = x.len() / k;
-    let xq = quantize_rows(x, k, 32);
     let group_bytes = blocks * GROUP_BLOCK;
-    let groups = stack_groups(parts, group_bytes);
     // A piece reuses its rows widened to 16 bits.
     let per = groups_per_piece(groups.len(), m, 2 * group_bytes);
     let tiles: Vec<WideTile> = if m >= 8 {
@@ -598,10 +677,10 @@ fn matmul_q8_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                 // col + valid) belong to this piece alone.
                 unsafe {
                     let out = (n, col, valid);
-                    rows_in_runs(&xq, &mut r, r1, dst, out, |xs| {
+                    rows_in_runs(xq, &mut r, r1, dst, out, |xs| {
                         q8_0x8_tile::<4>(isa, at.0, xs)
                     });
-                    rows_in_runs(&xq, &mut r, r1, dst, out, |xs| {
+                    rows_in_runs(xq, &mut r, r1, dst, out, |xs| {
                         q8_0x8_tile::<1>(isa, at.0, xs)
                     });
                 }
@@ -615,15 +694,19 @@ fn matmul_q8_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
 /// over the thread pool, input rows four at a time through the group
 /// kernel ([`crate::kernels::small8_tile`]), then one at a time.
 #[cfg(target_arch = "x86_64")]
-fn matmul_small_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
+fn matmul_small_groups(
+    isa: Isa,
+    parts: &[&QMatrix],
+    x: &[f32],
+    out: &mut [f32],
+    (xq, groups): Work,
+) {
     use crate::repack::small;
     let code = small::code(parts[0].qtype).expect("a 32-weight type");
     let k = parts[0].cols;
     let n: usize = parts.iter().map(|p| p.rows).sum();
     let m = x.len() / k;
-    let xq = quantize_rows(x, k, 32);
     let group_bytes = k / 32 * small::group_block(code);
-    let groups = stack_groups(parts, group_bytes);
     let per = groups_per_piece(groups.len(), m, group_bytes);
     let dst = SharedOut(out.as_mut_ptr());
     crate::pool::for_each(groups.len().div_ceil(per), |i| {
@@ -639,11 +722,11 @@ fn matmul_small_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32])
                 unsafe {
                     let o = (n, col, valid);
                     match code {
-                        small::Q4_0 => small_rows::<{ small::Q4_0 }>(isa, &xq, r0, r1, dst, o, at),
-                        small::Q4_1 => small_rows::<{ small::Q4_1 }>(isa, &xq, r0, r1, dst, o, at),
-                        small::Q5_0 => small_rows::<{ small::Q5_0 }>(isa, &xq, r0, r1, dst, o, at),
-                        small::Q5_1 => small_rows::<{ small::Q5_1 }>(isa, &xq, r0, r1, dst, o, at),
-                        _ => small_rows::<{ small::IQ4_NL }>(isa, &xq, r0, r1, dst, o, at),
+                        small::Q4_0 => small_rows::<{ small::Q4_0 }>(isa, xq, r0, r1, dst, o, at),
+                        small::Q4_1 => small_rows::<{ small::Q4_1 }>(isa, xq, r0, r1, dst, o, at),
+                        small::Q5_0 => small_rows::<{ small::Q5_0 }>(isa, xq, r0, r1, dst, o, at),
+                        small::Q5_1 => small_rows::<{ small::Q5_1 }>(isa, xq, r0, r1, dst, o, at),
+                        _ => small_rows::<{ small::IQ4_NL }>(isa, xq, r0, r1, dst, o, at),
                     }
                 }
             }
@@ -685,7 +768,7 @@ unsafe fn small_rows<const T: usize>(
 /// ([`crate::kernels::q4k8_tile`], [`crate::kernels::q6k8_tile`]). Both give
 /// a row the same bits.
 #[cfg(target_arch = "x86_64")]
-fn matmul_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
+fn matmul_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32], (xq, groups): Work) {
     use crate::kernels::{q4k8_tile, q4k_gemm, q6k8_tile, q6k_gemm, ActTile, Q4kRow, Q6kRow};
     use crate::repack::group_block;
     let qtype = parts[0].qtype;
@@ -693,9 +776,7 @@ fn matmul_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     let blocks = k / 256;
     let n: usize = parts.iter().map(|p| p.rows).sum();
     let m = x.len() / k;
-    let xq = quantize_rows(x, k, 256);
     let group_bytes = blocks * group_block(qtype);
-    let groups = stack_groups(parts, group_bytes);
     let per = groups_per_piece(groups.len(), m, group_bytes);
     let tiles: Vec<ActTile> = if m >= 8 {
         xq.par_chunks_exact(8).map(ActTile::new).collect()
@@ -706,6 +787,7 @@ fn matmul_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     let dst = SharedOut(out.as_mut_ptr());
     // Rows of one group, unpacked for the GEMM kernels.
     enum Unpacked {
+        None,
         Q4k(Box<[Q4kRow; 8]>),
         Q6k(Box<[Q6kRow; 8]>),
     }
@@ -714,6 +796,7 @@ fn matmul_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
         /// As for [`matmul_groups`]; `at` holds a group of `blocks` blocks.
         unsafe fn fill(&mut self, at: *const u8, blocks: usize) {
             match self {
+                Unpacked::None => {}
                 Unpacked::Q4k(rows) => Q4kRow::unpack_group(rows, at, blocks),
                 Unpacked::Q6k(rows) => Q6kRow::unpack_group(rows, at, blocks),
             }
@@ -730,6 +813,7 @@ fn matmul_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
             tiles: [&ActTile; T],
         ) -> [[[f32; 8]; T]; 2] {
             match self {
+                Unpacked::None => unreachable!("rows are unpacked where there are tiles"),
                 Unpacked::Q4k(r) => q4k_gemm::<T>(isa, [&r[pair], &r[pair + 1]], tiles),
                 Unpacked::Q6k(r) => q6k_gemm::<T>(isa, [&r[pair], &r[pair + 1]], tiles),
             }
@@ -737,10 +821,12 @@ fn matmul_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
     }
     crate::pool::for_each(groups.len().div_ceil(per), |i| {
         let piece = &groups[i * per..((i + 1) * per).min(groups.len())];
-        let mut unpacked = if qtype == QType::Q4K {
-            Unpacked::Q4k(Default::default())
-        } else {
-            Unpacked::Q6k(Default::default())
+        // Only prefill's tiles need the rows unpacked (decode allocates
+        // nothing here).
+        let mut unpacked = match (tiles.is_empty(), qtype) {
+            (true, _) => Unpacked::None,
+            (false, QType::Q4K) => Unpacked::Q4k(Default::default()),
+            (false, _) => Unpacked::Q6k(Default::default()),
         };
         // Eight tiles (64 input rows) stay in cache while the piece's rows
         // pass over them two at a time.
@@ -789,19 +875,11 @@ fn matmul_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32]) {
                 // col..col + valid) belong to this piece alone.
                 unsafe {
                     if qtype == QType::Q4K {
-                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| {
-                            q4k8_tile::<4>(isa, at.0, xs)
-                        });
-                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| {
-                            q4k8_tile::<1>(isa, at.0, xs)
-                        });
+                        rows_in_runs(xq, &mut r, r1, dst, out, |xs| q4k8_tile::<4>(isa, at.0, xs));
+                        rows_in_runs(xq, &mut r, r1, dst, out, |xs| q4k8_tile::<1>(isa, at.0, xs));
                     } else {
-                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| {
-                            q6k8_tile::<4>(isa, at.0, xs)
-                        });
-                        rows_in_runs(&xq, &mut r, r1, dst, out, |xs| {
-                            q6k8_tile::<1>(isa, at.0, xs)
-                        });
+                        rows_in_runs(xq, &mut r, r1, dst, out, |xs| q6k8_tile::<4>(isa, at.0, xs));
+                        rows_in_runs(xq, &mut r, r1, dst, out, |xs| q6k8_tile::<1>(isa, at.0, xs));
                     }
                 }
             }
@@ -844,11 +922,33 @@ pub fn dequantize_row(qtype: QType, bytes: &[u8], out: &mut [f32]) {
         }
         QType::Q8_0 => BlockQ8_0::to_float(blocks(bytes), out),
         QType::Q4_0 => BlockQ4_0::to_float(blocks(bytes), out),
-        QType::Q4K => BlockQ4K::to_float(blocks(bytes), out),
+        QType::Q4K => dequantize_q4k(bytes, out),
         QType::Q5K => BlockQ5K::to_float(blocks(bytes), out),
         QType::Q6K => BlockQ6K::to_float(blocks(bytes), out),
         q if crate::portable::handles(q) => crate::portable::dequantize_row(q, bytes, out),
         q => crate::igrid::dequantize_row(q, bytes, out),
+    }
+}
+
+/// Q4_K blocks to f32, as ggml's reference dequantizes them: per pair of
+/// sub-blocks of 32, `d · scale · q − dmin · min` (no allocation, unlike
+/// candle's, since an embedding lookup runs this per decoded token).
+fn dequantize_q4k(bytes: &[u8], out: &mut [f32]) {
+    for (b, y) in bytes.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
+        let f16_at = |i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+        let (d, dmin) = (f16_at(0), f16_at(2));
+        let scales = &b[4..16];
+        for (c, y) in y.chunks_exact_mut(64).enumerate() {
+            let q = &b[16 + 32 * c..16 + 32 * (c + 1)];
+            let (sc1, m1) = crate::repack::scale_min(scales, 2 * c);
+            let (sc2, m2) = crate::repack::scale_min(scales, 2 * c + 1);
+            let (d1, min1) = (d * sc1 as f32, dmin * m1 as f32);
+            let (d2, min2) = (d * sc2 as f32, dmin * m2 as f32);
+            for (l, &q) in q.iter().enumerate() {
+                y[l] = d1 * (q & 0x0F) as f32 - min1;
+                y[32 + l] = d2 * (q >> 4) as f32 - min2;
+            }
+        }
     }
 }
 
@@ -943,6 +1043,20 @@ mod tests {
 
     /// The integer-dot product against the plain product of the dequantized
     /// weights with the activations.
+    /// Our Q4_K dequantization gives candle's (ggml's reference) bits.
+    #[test]
+    fn q4k_rows_dequantize_as_candles() {
+        let w = values(4 * 512, 9);
+        let bytes = encode(QType::Q4K, &w, 512);
+        let mut ours = vec![0f32; w.len()];
+        let mut theirs = vec![0f32; w.len()];
+        dequantize_q4k(&bytes, &mut ours);
+        let owned = Bytes::owned(&bytes);
+        BlockQ4K::to_float(blocks(owned.as_slice()), &mut theirs);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&ours), bits(&theirs));
+    }
+
     #[test]
     fn matmul_matches_dequantized_product() {
         let (n, k, m) = (37, 512, 19);

@@ -252,7 +252,7 @@ pub fn pack(qtype: QType, src: &[u8], rows: usize, blocks: usize, dst: &mut [u8]
                 for r in 0..GROUP.min(rows - g * GROUP) {
                     let row = g * GROUP + r;
                     let blk = &src[row * row_bytes + b * block..][..block];
-                    for (file, packed) in &maps[r] {
+                    for (file, packed) in maps[r].iter() {
                         copy_small(&mut rec[*packed..*packed + file.len()], &blk[file.clone()]);
                     }
                     if qtype == QType::Q4K {
@@ -295,7 +295,7 @@ pub fn unpack_row(qtype: QType, packed: &[u8], blocks: usize, row: usize, out: &
         .chunks_exact_mut(block)
         .zip(group.chunks_exact(rec_bytes))
     {
-        for (file, packed) in &map {
+        for (file, packed) in map.iter() {
             copy_small(&mut blk[file.clone()], &rec[*packed..*packed + file.len()]);
         }
         if qtype == QType::Q4K {
@@ -317,6 +317,33 @@ pub fn unpack_row(qtype: QType, packed: &[u8], blocks: usize, row: usize, out: &
                 (blk[l], blk[l + 32], blk[128 + 32 * h + 4 * step + i]) = (x, y, hb);
             }
         }
+    }
+}
+
+/// The pieces of [`places`], held inline (unpacking a row, as an
+/// embedding lookup does per token, allocates nothing).
+struct Places {
+    items: [(std::ops::Range<usize>, usize); 34],
+    len: usize,
+}
+
+impl Default for Places {
+    fn default() -> Self {
+        Places {
+            items: std::array::from_fn(|_| (0..0, 0)),
+            len: 0,
+        }
+    }
+}
+
+impl Places {
+    fn push(&mut self, piece: (std::ops::Range<usize>, usize)) {
+        self.items[self.len] = piece;
+        self.len += 1;
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, (std::ops::Range<usize>, usize)> {
+        self.items[..self.len].iter()
     }
 }
 
@@ -369,8 +396,8 @@ fn copy_small(dst: &mut [u8], src: &[u8]) {
 /// Where the bytes of row `r`'s file block go in a group block, as (range
 /// in the file block, offset in the group block), apart from Q4_K's scales
 /// and mins and Q6_K's values, which are re-encoded.
-fn places(qtype: QType, r: usize) -> Vec<(std::ops::Range<usize>, usize)> {
-    let mut v = Vec::with_capacity(64);
+fn places(qtype: QType, r: usize) -> Places {
+    let mut v = Places::default();
     if let Some(code) = small::code(qtype) {
         let (m, _, qs) = small::file(code);
         v.push((0..2, small::D + 2 * r));
@@ -485,7 +512,7 @@ mod tests {
                 assert_eq!(row, src[r * rb..(r + 1) * rb], "{} row {r}", qtype.name());
             }
             let mut covered = vec![false; qtype.block_bytes()];
-            for (file, _) in places(qtype, 0) {
+            for (file, _) in places(qtype, 0).iter().cloned() {
                 covered[file].fill(true);
             }
             match qtype {
