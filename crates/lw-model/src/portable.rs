@@ -219,6 +219,9 @@ pub(crate) fn dot(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
     if qtype.block_elems() == 32 {
         return small_dot(qtype, w, x);
     }
+    if qtype == QType::Q5K {
+        return q5k_dot(w, x);
+    }
     #[cfg(target_arch = "x86_64")]
     if crate::kernels::available() {
         // SAFETY (both): AVX2 and F16C were just checked; `w` holds whole
@@ -230,6 +233,46 @@ pub(crate) fn dot(qtype: QType, w: &[u8], x: &QuantRow) -> f32 {
         }
     }
     big_dot(qtype, w, x)
+}
+
+/// A Q5_K row (`w`, whole blocks) times an activation row quantized per
+/// 256 with sums per 16: per block, the exact integer sums
+/// `Σ scale · (weights × activations)` and `Σ min · activations` over the
+/// eight sub-blocks, `acc = fma(d · dx, sum, acc)` and
+/// `macc = fma(dmin · dx, msum, macc)`, and at the end `acc − macc`. This is
+/// the product's definition, which the group kernel
+/// ([`crate::kernels::q5k8_tile`]) keeps bit for bit. Layout (176 bytes):
+/// `d`, `dmin` (f16), 12 bytes of 6-bit scales and mins (as Q4_K's), 32
+/// bytes of fifth bits (bit `2c` of byte `l` is weight `64c + l`'s, bit
+/// `2c + 1` weight `64c + 32 + l`'s), 128 bytes of nibbles (byte `32c + l`:
+/// weight `64c + l` low, `64c + 32 + l` high).
+pub(crate) fn q5k_dot(w: &[u8], x: &QuantRow) -> f32 {
+    let (mut acc, mut macc) = (0f32, 0f32);
+    for (i, b) in w.chunks_exact(176).enumerate() {
+        let xs = &x.values[i * 256..(i + 1) * 256];
+        let (mut sum, mut msum) = (0i32, 0i32);
+        for c in 0..4 {
+            for half in 0..2 {
+                let s = 2 * c + half;
+                let (sc, m) = crate::repack::scale_min(&b[4..16], s);
+                let mut part = 0i32;
+                for l in 0..32 {
+                    let byte = b[48 + 32 * c + l];
+                    let nib = if half == 0 { byte & 0x0F } else { byte >> 4 };
+                    let high = (b[16 + l] >> s) & 1;
+                    let q = (nib | high << 4) as i32;
+                    part += q * xs[64 * c + 32 * half + l] as i32;
+                }
+                sum += sc as i32 * part;
+                let xsum = x.sums16[i * 16 + 2 * s] as i32 + x.sums16[i * 16 + 2 * s + 1] as i32;
+                msum += m as i32 * xsum;
+            }
+        }
+        let dx = x.scales[i];
+        acc = (f16_at(b, 0) * dx).mul_add(sum as f32, acc);
+        macc = (f16_at(b, 2) * dx).mul_add(msum as f32, macc);
+    }
+    acc - macc
 }
 
 /// [`dot`] for the 256-weight types, one block at a time: the exact integer

@@ -334,7 +334,8 @@ impl QMatrix {
         match self.qtype {
             QType::Q8_0 => self.matmul_as::<BlockQ8_0>(x, out),
             QType::Q4K => self.matmul_as::<BlockQ4K>(x, out),
-            QType::Q5K => self.matmul_as::<BlockQ5K>(x, out),
+            // Our own definition, which the group kernel keeps.
+            QType::Q5K => self.matmul_rows(x, out),
             QType::Q6K => self.matmul_as::<BlockQ6K>(x, out),
             QType::F32 | QType::F16 | QType::BF16 => unreachable!("QMatrix holds block types"),
             _ => self.matmul_rows(x, out),
@@ -363,6 +364,10 @@ impl QMatrix {
                 }
                 QType::Q8_0 if parts.iter().all(|p| p.packed) => {
                     with_work(parts, x, |w| matmul_q8_groups(isa, parts, x, out, w));
+                    return true;
+                }
+                QType::Q5K if parts.iter().all(|p| p.packed) => {
+                    with_work(parts, x, |w| matmul_q5k_groups(isa, parts, x, out, w));
                     return true;
                 }
                 t if crate::repack::small::code(t).is_some() && parts.iter().all(|p| p.packed) => {
@@ -443,7 +448,7 @@ impl QMatrix {
             .par_chunks(k)
             .map(|r| crate::kernels::quantize_row(r, group))
             .collect();
-        let dot = if crate::portable::handles(self.qtype) {
+        let dot = if crate::portable::handles(self.qtype) || self.qtype == QType::Q5K {
             crate::portable::dot
         } else {
             crate::igrid::dot
@@ -728,6 +733,37 @@ fn matmul_small_groups(
                         small::Q5_1 => small_rows::<{ small::Q5_1 }>(isa, xq, r0, r1, dst, o, at),
                         _ => small_rows::<{ small::IQ4_NL }>(isa, xq, r0, r1, dst, o, at),
                     }
+                }
+            }
+        }
+    });
+}
+
+/// Stacked Q5_K matrices (one width) held in groups of eight rows, times
+/// `x`: groups over the thread pool, input rows four at a time through the
+/// group kernel ([`crate::kernels::q5k8_tile`]), then one at a time.
+#[cfg(target_arch = "x86_64")]
+fn matmul_q5k_groups(isa: Isa, parts: &[&QMatrix], x: &[f32], out: &mut [f32], (xq, groups): Work) {
+    use crate::kernels::q5k8_tile;
+    let k = parts[0].cols;
+    let n: usize = parts.iter().map(|p| p.rows).sum();
+    let m = x.len() / k;
+    let group_bytes = k / 256 * crate::repack::q5k::GROUP_BLOCK;
+    let per = groups_per_piece(groups.len(), m, group_bytes);
+    let dst = SharedOut(out.as_mut_ptr());
+    crate::pool::for_each(groups.len().div_ceil(per), |i| {
+        let piece = &groups[i * per..((i + 1) * per).min(groups.len())];
+        for r0 in (0..m).step_by(64) {
+            let r1 = (r0 + 64).min(m);
+            for &(at, col, valid) in piece {
+                let mut r = r0;
+                // SAFETY: the features were checked by the caller; the group
+                // and the rows have the same blocks; elements (r0..r1, col..
+                // col + valid) belong to this piece alone.
+                unsafe {
+                    let o = (n, col, valid);
+                    rows_in_runs(xq, &mut r, r1, dst, o, |xs| q5k8_tile::<4>(isa, at.0, xs));
+                    rows_in_runs(xq, &mut r, r1, dst, o, |xs| q5k8_tile::<1>(isa, at.0, xs));
                 }
             }
         }
@@ -1100,7 +1136,15 @@ mod speed {
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
             .collect();
         let x: Vec<f32> = (0..k).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect();
-        for q in [QType::Q8_0, QType::Q4K, QType::Q6K] {
+        for q in [
+            QType::Q8_0,
+            QType::Q4K,
+            QType::Q5K,
+            QType::Q6K,
+            QType::Q4_0,
+            QType::Q4_1,
+            QType::Q5_0,
+        ] {
             let m = QMatrix::quantize(q, &w, n, k).unwrap();
             let mut out = vec![0f32; n];
             m.matmul(&x, &mut out);
@@ -1117,6 +1161,15 @@ mod speed {
                 m.bytes().len() as f64 / s / 1e9
             );
         }
+        // candle's Q5_K product, which the group kernel replaced.
+        let m = QMatrix::quantize(QType::Q5K, &w, n, k).unwrap();
+        let mut out = vec![0f32; n];
+        let t = std::time::Instant::now();
+        for _ in 0..10 {
+            m.matmul_as::<BlockQ5K>(&x, &mut out);
+        }
+        let s = t.elapsed().as_secs_f64() / 10.0;
+        eprintln!("Q5_K (candle's): {:.2} ms per {n}x{k} matvec", s * 1e3);
     }
 }
 
@@ -1145,6 +1198,7 @@ mod kernel_check {
         for q in [
             QType::Q8_0,
             QType::Q4K,
+            QType::Q5K,
             QType::Q6K,
             QType::Q4_0,
             QType::Q4_1,
@@ -1265,6 +1319,57 @@ mod kernel_check {
                     }
                 }
             }
+        }
+    }
+
+    /// Q5_K in groups of eight rows gives the portable row product's bits,
+    /// in every kernel set this CPU runs, four input rows at a time and one,
+    /// with a partial last group.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn q5k_groups_give_the_portable_bits() {
+        use crate::kernels::{q5k8_tile, quantize_row, Isa};
+        use crate::repack::{q5k, GROUP};
+        let (n, k, m) = (13, 512, 5);
+        let w: Vec<f32> = crate::test_values(n * k, 31);
+        let x: Vec<f32> = crate::test_values(m * k, 32);
+        let xq: Vec<_> = x.chunks(k).map(|r| quantize_row(r, 256)).collect();
+        let file = encode(QType::Q5K, &w, k);
+        let rb = QType::Q5K.row_bytes(k);
+        let want = |r: usize, j: usize| {
+            crate::portable::q5k_dot(&file[j * rb..(j + 1) * rb], &xq[r]).to_bits()
+        };
+        let mat = QMatrix::new(QType::Q5K, n, k, Bytes::owned(&file)).unwrap();
+        if !mat.is_packed() {
+            eprintln!("SKIPPED: no vector kernels on this CPU");
+            return;
+        }
+        let mut out = vec![0f32; m * n];
+        mat.matmul(&x, &mut out);
+        for r in 0..m {
+            for j in 0..n {
+                assert_eq!(out[r * n + j].to_bits(), want(r, j), "({r},{j})");
+            }
+        }
+        let group_bytes = k / 256 * q5k::GROUP_BLOCK;
+        for isa in Isa::ALL.into_iter().filter(|i| i.runs_here()) {
+            for g in 0..n.div_ceil(GROUP) {
+                let at = mat.bytes()[g * group_bytes..].as_ptr();
+                // SAFETY: the CPU runs `isa`; the group and rows have k / 256 blocks.
+                let v = unsafe { q5k8_tile::<4>(isa, at, [&xq[0], &xq[1], &xq[2], &xq[3]]) };
+                for (r, lanes) in v.iter().enumerate() {
+                    for (l, y) in lanes.iter().enumerate().take(n - g * GROUP) {
+                        let j = g * GROUP + l;
+                        assert_eq!(y.to_bits(), want(r, j), "{} ({r},{j})", isa.name());
+                    }
+                }
+            }
+        }
+        // And close to the dequantized product.
+        let wd = mat.dequantize();
+        for j in 0..n {
+            let exact: f32 = (0..k).map(|i| x[i] * wd[j * k + i]).sum();
+            assert!((out[j] - exact).abs() < 0.02 * (k as f32).sqrt(), "row {j}");
         }
     }
 

@@ -1,4 +1,4 @@
-//! Quantized matrices (Q4_K, Q6_K, Q8_0 and the 32-weight types Q4_0, Q4_1,
+//! Quantized matrices (Q4_K, Q5_K, Q6_K, Q8_0 and the 32-weight types Q4_0, Q4_1,
 //! Q5_0, Q5_1, IQ4_NL) rearranged at load time so that decoding can keep
 //! eight weight rows in the lanes of one vector.
 //!
@@ -25,6 +25,12 @@
 //!
 //! A value load's low nibbles are four weights of sub-block `2c`, its high
 //! nibbles four of sub-block `2c + 1`.
+//!
+//! Q5_K ([`q5k`], 1440 bytes against the file's 8 × 176 = 1408): Q4_K's
+//! layout with the 32 bytes of fifth bits of each row before the values,
+//! interleaved four bytes at a time as they are (load `u` holds bytes
+//! `4u..4u + 4` of every row: bit `2c` of byte `l` is weight `64c + l`'s,
+//! bit `2c + 1` weight `64c + 32 + l`'s).
 //!
 //! Q6_K ([`q6k`], 1680 bytes, as in the file):
 //!
@@ -85,6 +91,19 @@ pub mod q4k {
     pub const SCALES: usize = 32;
     pub const MINS: usize = 96;
     pub const QS: usize = 160;
+}
+
+/// Offsets within a Q5_K group block: Q4_K's, with the fifth bits before
+/// the values.
+pub mod q5k {
+    /// Bytes of one block of a group (eight rows, 256 weights each).
+    pub const GROUP_BLOCK: usize = 1440;
+    pub const D: usize = 0;
+    pub const DMIN: usize = 16;
+    pub const SCALES: usize = 32;
+    pub const MINS: usize = 96;
+    pub const QH: usize = 160;
+    pub const QS: usize = 416;
 }
 
 /// Offsets within a Q6_K group block.
@@ -171,7 +190,8 @@ pub mod small {
 
 /// Whether matrices of `qtype` are held in groups (where the kernels run).
 pub fn groups(qtype: QType) -> bool {
-    matches!(qtype, QType::Q4K | QType::Q6K | QType::Q8_0) || small::code(qtype).is_some()
+    matches!(qtype, QType::Q4K | QType::Q5K | QType::Q6K | QType::Q8_0)
+        || small::code(qtype).is_some()
 }
 
 /// Bytes of one block of a group of `qtype` (one that [`groups`] takes).
@@ -181,6 +201,7 @@ pub fn group_block(qtype: QType) -> usize {
     }
     match qtype {
         QType::Q4K => q4k::GROUP_BLOCK,
+        QType::Q5K => q5k::GROUP_BLOCK,
         QType::Q8_0 => q8_0::GROUP_BLOCK,
         _ => q6k::GROUP_BLOCK,
     }
@@ -255,7 +276,8 @@ pub fn pack(qtype: QType, src: &[u8], rows: usize, blocks: usize, dst: &mut [u8]
                     for (file, packed) in maps[r].iter() {
                         copy_small(&mut rec[*packed..*packed + file.len()], &blk[file.clone()]);
                     }
-                    if qtype == QType::Q4K {
+                    if matches!(qtype, QType::Q4K | QType::Q5K) {
+                        // (Q5_K keeps Q4_K's offsets for these.)
                         for j in 0..8 {
                             let (s, m) = scale_min(&blk[4..16], j);
                             rec[q4k::SCALES + j * GROUP + r] = s;
@@ -298,7 +320,7 @@ pub fn unpack_row(qtype: QType, packed: &[u8], blocks: usize, row: usize, out: &
         for (file, packed) in map.iter() {
             copy_small(&mut blk[file.clone()], &rec[*packed..*packed + file.len()]);
         }
-        if qtype == QType::Q4K {
+        if matches!(qtype, QType::Q4K | QType::Q5K) {
             let sc: [u8; 8] = std::array::from_fn(|j| rec[q4k::SCALES + j * GROUP + r]);
             let m: [u8; 8] = std::array::from_fn(|j| rec[q4k::MINS + (j / 2) * 16 + 2 * r + j % 2]);
             blk[4..16].copy_from_slice(&pack_scale_mins(&sc, &m));
@@ -323,7 +345,7 @@ pub fn unpack_row(qtype: QType, packed: &[u8], blocks: usize, row: usize, out: &
 /// The pieces of [`places`], held inline (unpacking a row, as an
 /// embedding lookup does per token, allocates nothing).
 struct Places {
-    items: [(std::ops::Range<usize>, usize); 34],
+    items: [(std::ops::Range<usize>, usize); 42],
     len: usize,
 }
 
@@ -421,6 +443,15 @@ fn places(qtype: QType, r: usize) -> Places {
         for t in 0..32 {
             v.push((16 + 4 * t..20 + 4 * t, q4k::QS + (t * GROUP + r) * 4));
         }
+    } else if qtype == QType::Q5K {
+        v.push((0..2, q5k::D + 2 * r));
+        v.push((2..4, q5k::DMIN + 2 * r));
+        for u in 0..8 {
+            v.push((16 + 4 * u..20 + 4 * u, q5k::QH + (u * GROUP + r) * 4));
+        }
+        for t in 0..32 {
+            v.push((48 + 4 * t..52 + 4 * t, q5k::QS + (t * GROUP + r) * 4));
+        }
     } else {
         v.push((208..210, q6k::D + 2 * r));
         for j in 0..16 {
@@ -487,6 +518,7 @@ mod tests {
         let w = crate::test_values(rows * cols, 5);
         for qtype in [
             QType::Q4K,
+            QType::Q5K,
             QType::Q6K,
             QType::Q8_0,
             QType::Q4_0,
@@ -516,7 +548,7 @@ mod tests {
                 covered[file].fill(true);
             }
             match qtype {
-                QType::Q4K => covered[4..16].fill(true),
+                QType::Q4K | QType::Q5K => covered[4..16].fill(true),
                 QType::Q6K => covered[..192].fill(true),
                 QType::Q5_0 => covered[2..6].fill(true),
                 QType::Q5_1 => covered[4..8].fill(true),
