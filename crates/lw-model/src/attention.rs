@@ -209,13 +209,7 @@ thread_local! {
 }
 
 fn attend<E: KvRows>(q: &[f32], keys: E, values: E, rows: &Rows, out: &mut [f32]) {
-    BUFFERS.with(|cell| {
-        let mut fresh = Buffers::default();
-        let mut held = cell.try_borrow_mut();
-        let b = match &mut held {
-            Ok(b) => &mut **b,
-            Err(_) => &mut fresh,
-        };
+    crate::pool::with_local(&BUFFERS, |b| {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("f16c")

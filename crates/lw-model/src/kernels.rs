@@ -808,21 +808,9 @@ unsafe fn q4k8_tile_in<I: Ints, const R: usize>(
     group: *const u8,
     xs: [&QuantRow; R],
 ) -> [[f32; 8]; R] {
-    use crate::repack::q4k::{D, DMIN, GROUP_BLOCK, MINS, QS, SCALES};
+    use crate::repack::q4k::{GROUP_BLOCK, QS, SCALES};
     let blocks = xs[0].scales.len();
     let low = _mm256_set1_epi8(0x0F);
-    // From eight scale bytes (one per row, repeated in both halves), the
-    // 16-bit pairs `[s_r, s_r]` of row r's lane.
-    let spread = _mm256_setr_epi8(
-        0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1, 4, -1, 4, -1, 5, -1, 5, -1, 6, -1,
-        6, -1, 7, -1, 7, -1,
-    );
-    let scales_of = |p: *const u8| {
-        _mm256_shuffle_epi8(
-            _mm256_set1_epi64x((p as *const i64).read_unaligned()),
-            spread,
-        )
-    };
     let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
     let sums: [*const i16; R] = xs.map(|x| x.sums16.as_ptr());
     let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
@@ -846,37 +834,70 @@ unsafe fn q4k8_tile_in<I: Ints, const R: usize>(
                     hi16[i] = I::dot(hi16[i], q_hi, yb);
                 }
             }
-            let s_lo = I::scales(scales_of(rec.add(SCALES + 2 * c * 8)));
-            let s_hi = I::scales(scales_of(rec.add(SCALES + (2 * c + 1) * 8)));
+            let s_lo = I::scales(row_scales(rec.add(SCALES + 2 * c * 8)));
+            let s_hi = I::scales(row_scales(rec.add(SCALES + (2 * c + 1) * 8)));
             for i in 0..R {
                 isum[i] = I::scaled(I::scaled(isum[i], lo16[i], s_lo), hi16[i], s_hi);
             }
         }
-        let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(D) as *const __m128i));
-        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(DMIN) as *const __m128i));
-        for i in 0..R {
-            // Σ min · (sum of the sub-block's activations), two sub-blocks
-            // per `madd`: mins are stored in pairs per row.
-            let s = sums[i].add(b * 16);
-            let mut msum = _mm256_setzero_si256();
-            for p in 0..4 {
-                let y0 = *s.add(4 * p) as i32 + *s.add(4 * p + 1) as i32;
-                let y1 = *s.add(4 * p + 2) as i32 + *s.add(4 * p + 3) as i32;
-                let pair = _mm256_set1_epi32((y0 & 0xFFFF) | (y1 << 16));
-                let m =
-                    _mm256_cvtepu8_epi16(_mm_loadu_si128(rec.add(MINS + 16 * p) as *const __m128i));
-                msum = I::madd(msum, m, pair);
-            }
-            let dy = _mm256_set1_ps(*dys[i].add(b));
-            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(d, dy), _mm256_cvtepi32_ps(isum[i]), acc[i]);
-            macc[i] = _mm256_fmadd_ps(_mm256_mul_ps(dmin, dy), _mm256_cvtepi32_ps(msum), macc[i]);
-        }
+        k_block_end::<I, R>(rec, b, &isum, (sums, dys), (&mut acc, &mut macc));
     }
     std::array::from_fn(|i| {
         let mut out = [0f32; 8];
         _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc[i], macc[i]));
         out
     })
+}
+
+/// From eight scale bytes at `p` (one per row), the 16-bit pairs
+/// `[s_r, s_r]` of row r's lane.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row_scales(p: *const u8) -> __m256i {
+    let spread = _mm256_setr_epi8(
+        0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1, 4, -1, 4, -1, 5, -1, 5, -1, 6, -1,
+        6, -1, 7, -1, 7, -1,
+    );
+    _mm256_shuffle_epi8(
+        _mm256_set1_epi64x((p as *const i64).read_unaligned()),
+        spread,
+    )
+}
+
+/// The end of a block of the Q4_K and Q5_K group kernels (their `d`,
+/// `dmin` and mins sit at the same offsets): Σ min · (sum of the sub-block's
+/// activations), two sub-blocks per `madd` (mins are stored in pairs per
+/// row), then `acc = fma(d · dy, isum, acc)` and
+/// `macc = fma(dmin · dy, msum, macc)` for each activation row.
+///
+/// # Safety
+/// As for the kernels: `rec` is block `b` of a group, and the rows have it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn k_block_end<I: Ints, const R: usize>(
+    rec: *const u8,
+    b: usize,
+    isum: &[__m256i; R],
+    (sums, dys): ([*const i16; R], [*const f32; R]),
+    (acc, macc): (&mut [__m256; R], &mut [__m256; R]),
+) {
+    use crate::repack::q4k::{D, DMIN, MINS};
+    let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(D) as *const __m128i));
+    let dmin = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(DMIN) as *const __m128i));
+    for i in 0..R {
+        let s = sums[i].add(b * 16);
+        let mut msum = _mm256_setzero_si256();
+        for p in 0..4 {
+            let y0 = *s.add(4 * p) as i32 + *s.add(4 * p + 1) as i32;
+            let y1 = *s.add(4 * p + 2) as i32 + *s.add(4 * p + 3) as i32;
+            let pair = _mm256_set1_epi32((y0 & 0xFFFF) | (y1 << 16));
+            let m = _mm256_cvtepu8_epi16(_mm_loadu_si128(rec.add(MINS + 16 * p) as *const __m128i));
+            msum = I::madd(msum, m, pair);
+        }
+        let dy = _mm256_set1_ps(*dys[i].add(b));
+        acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(d, dy), _mm256_cvtepi32_ps(isum[i]), acc[i]);
+        macc[i] = _mm256_fmadd_ps(_mm256_mul_ps(dmin, dy), _mm256_cvtepi32_ps(msum), macc[i]);
+    }
 }
 
 for_each_isa! {
@@ -909,20 +930,10 @@ unsafe fn q5k8_tile_in<I: Ints, const R: usize>(
     group: *const u8,
     xs: [&QuantRow; R],
 ) -> [[f32; 8]; R] {
-    use crate::repack::q5k::{D, DMIN, GROUP_BLOCK, MINS, QH, QS, SCALES};
+    use crate::repack::q5k::{GROUP_BLOCK, QH, QS, SCALES};
     let blocks = xs[0].scales.len();
     let low = _mm256_set1_epi8(0x0F);
     let fifth = _mm256_set1_epi8(0x10);
-    let spread = _mm256_setr_epi8(
-        0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1, 4, -1, 4, -1, 5, -1, 5, -1, 6, -1,
-        6, -1, 7, -1, 7, -1,
-    );
-    let scales_of = |p: *const u8| {
-        _mm256_shuffle_epi8(
-            _mm256_set1_epi64x((p as *const i64).read_unaligned()),
-            spread,
-        )
-    };
     // Bit `bit` of each byte to bit 4 (16-bit shifts of at most four
     // places carry nothing into bit 4 of the neighbouring byte).
     let to_bit4 = |v: __m256i, bit: i32| {
@@ -942,8 +953,8 @@ unsafe fn q5k8_tile_in<I: Ints, const R: usize>(
         let rec = group.add(b * GROUP_BLOCK);
         let mut isum = [_mm256_setzero_si256(); R];
         for c in 0..4 {
-            let s_lo = I::scales(scales_of(rec.add(SCALES + 2 * c * 8)));
-            let s_hi = I::scales(scales_of(rec.add(SCALES + (2 * c + 1) * 8)));
+            let s_lo = I::scales(row_scales(rec.add(SCALES + 2 * c * 8)));
+            let s_hi = I::scales(row_scales(rec.add(SCALES + (2 * c + 1) * 8)));
             for run in 0..2 {
                 let mut lo16 = [_mm256_setzero_si256(); R];
                 let mut hi16 = [_mm256_setzero_si256(); R];
@@ -968,23 +979,7 @@ unsafe fn q5k8_tile_in<I: Ints, const R: usize>(
                 }
             }
         }
-        let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(D) as *const __m128i));
-        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(DMIN) as *const __m128i));
-        for i in 0..R {
-            let s = sums[i].add(b * 16);
-            let mut msum = _mm256_setzero_si256();
-            for p in 0..4 {
-                let y0 = *s.add(4 * p) as i32 + *s.add(4 * p + 1) as i32;
-                let y1 = *s.add(4 * p + 2) as i32 + *s.add(4 * p + 3) as i32;
-                let pair = _mm256_set1_epi32((y0 & 0xFFFF) | (y1 << 16));
-                let m =
-                    _mm256_cvtepu8_epi16(_mm_loadu_si128(rec.add(MINS + 16 * p) as *const __m128i));
-                msum = I::madd(msum, m, pair);
-            }
-            let dy = _mm256_set1_ps(*dys[i].add(b));
-            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(d, dy), _mm256_cvtepi32_ps(isum[i]), acc[i]);
-            macc[i] = _mm256_fmadd_ps(_mm256_mul_ps(dmin, dy), _mm256_cvtepi32_ps(msum), macc[i]);
-        }
+        k_block_end::<I, R>(rec, b, &isum, (sums, dys), (&mut acc, &mut macc));
     }
     std::array::from_fn(|i| {
         let mut out = [0f32; 8];

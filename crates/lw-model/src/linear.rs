@@ -362,13 +362,7 @@ fn block_rows<T: Element>(w: &[T], x: &[f32], rows: usize, k: usize, put: impl F
     thread_local! {
         static TMP: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = std::cell::RefCell::default();
     }
-    TMP.with(|cell| {
-        let mut fresh = Default::default();
-        let mut held = cell.try_borrow_mut();
-        let (tmp, tmp1) = match &mut held {
-            Ok(t) => &mut **t,
-            Err(_) => &mut fresh,
-        };
+    crate::pool::with_local(&TMP, |(tmp, tmp1)| {
         let count = w.len() / k;
         tmp.resize(count, 0.0);
         tmp1.resize(count, 0.0);

@@ -342,15 +342,7 @@ impl Llama {
             }
             cache.reserve(needed);
         }
-        SCRATCH.with(|scratch| {
-            // A pool thread waiting inside a step may take up another step
-            // (rayon lends idle threads work): that one gets fresh buffers.
-            let mut fresh = Scratch::default();
-            let mut held = scratch.try_borrow_mut();
-            let s = match &mut held {
-                Ok(s) => &mut **s,
-                Err(_) => &mut fresh,
-            };
+        crate::pool::with_local(&SCRATCH, |s| {
             // Which sequence and position each row is.
             let mut rows = std::mem::take(&mut s.rows);
             rows.clear();

@@ -10,7 +10,9 @@
 //! sleeps, so back-to-back loops start at once; the calling thread takes
 //! pieces too. Pieces are handed out one at a time from a shared counter,
 //! and each piece writes only its own outputs, so results do not depend on
-//! which thread ran what.
+//! which thread ran what. The caller waits for pieces, never for a worker:
+//! where another process holds the cores, a worker that has not woken
+//! claims nothing, and the caller runs the pieces itself.
 //!
 //! One loop runs at a time: a loop started while another runs (another
 //! model on another thread) or from inside a piece runs on its caller
@@ -31,18 +33,20 @@ const SPIN: Duration = Duration::from_millis(2);
 type Body<'a> = &'a (dyn Fn(usize) + Sync);
 
 struct Shared {
-    /// Bumped when a loop starts; workers wait for it to change.
-    epoch: AtomicU64,
-    /// The running loop's body (`*const Body`).
+    /// The running loop's number (high 32 bits) and its next piece to hand
+    /// out (low 32 bits), in one word: a worker claims a piece with one
+    /// compare-and-swap that also checks that the loop is the one it saw,
+    /// so a worker that wakes late claims nothing of a loop that has ended.
+    claim: AtomicU64,
+    /// The running loop's body (`*const Body`) and its number of pieces,
+    /// written before its number is published.
     body: AtomicPtr<()>,
     pieces: AtomicUsize,
-    /// The next piece to hand out.
-    next: AtomicUsize,
-    /// Workers done with the running loop.
-    finished: AtomicUsize,
-    /// Set by a worker whose piece panicked; the caller panics in turn.
+    /// Pieces of the running loop that have returned.
+    done: AtomicUsize,
+    /// Set where a piece panicked; the caller panics in turn.
     panicked: AtomicBool,
-    /// Sleeping workers wait here for the epoch to change.
+    /// Sleeping workers wait here for a new loop.
     sleep: Mutex<()>,
     wake: Condvar,
 }
@@ -76,11 +80,10 @@ fn pool() -> &'static Pool {
             n => n,
         };
         let shared: &'static Shared = Box::leak(Box::new(Shared {
-            epoch: AtomicU64::new(0),
+            claim: AtomicU64::new(0),
             body: AtomicPtr::new(std::ptr::null_mut()),
             pieces: AtomicUsize::new(0),
-            next: AtomicUsize::new(0),
-            finished: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             sleep: Mutex::new(()),
             wake: Condvar::new(),
@@ -122,37 +125,49 @@ pub(crate) fn for_each(pieces: usize, f: impl Fn(usize) + Sync) {
     s.body
         .store(&body as *const Body as *mut (), Ordering::Relaxed);
     s.pieces.store(pieces, Ordering::Relaxed);
-    s.next.store(0, Ordering::Relaxed);
-    s.finished.store(0, Ordering::Relaxed);
-    // Release: a worker that sees the new epoch sees the fields above.
-    s.epoch.fetch_add(1, Ordering::Release);
+    s.done.store(0, Ordering::Relaxed);
+    // Release: a worker that sees the new loop's number sees the fields
+    // above. Only this thread writes a new number (it holds `running`).
+    let epoch = ((s.claim.load(Ordering::Relaxed) >> 32) + 1) & 0xFFFF_FFFF;
+    s.claim.store(epoch << 32, Ordering::Release);
     drop(s.sleep.lock().unwrap_or_else(|e| e.into_inner()));
     s.wake.notify_all();
     {
-        let _wait = Finish {
-            shared: s,
-            workers: pool.workers,
-        };
-        take_pieces(s, body);
+        let _wait = Finish { shared: s, pieces };
+        take_pieces(s, epoch);
     }
     if s.panicked.swap(false, Ordering::Relaxed) {
-        panic!("a kernel thread panicked (its message is above)");
+        panic!("a piece of a parallel loop panicked (its message is above)");
     }
 }
 
 /// Ends the caller's part of a loop, also when one of its pieces panics:
-/// the body lives on the caller's frame, so it waits until no worker can
-/// touch it.
+/// the body lives on the caller's frame, so it waits until every piece has
+/// returned (pieces no worker has claimed are the caller's, so it never
+/// waits for a worker that has not woken).
 struct Finish {
     shared: &'static Shared,
-    workers: usize,
+    pieces: usize,
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
         INSIDE.set(false);
-        while self.shared.finished.load(Ordering::Acquire) < self.workers {
-            std::hint::spin_loop();
+        // A piece of this thread's that panicked is not counted: take the
+        // rest of the claims so the count can finish.
+        let s = self.shared;
+        let mut spins = 0u32;
+        while s.done.load(Ordering::Acquire) < self.pieces {
+            if std::thread::panicking() {
+                break;
+            }
+            spins = spins.wrapping_add(1);
+            if spins > 256 {
+                // Another process holds the core the worker needs.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 }
@@ -189,19 +204,53 @@ impl<T> Ptr<T> {
 // SAFETY: used only as `for_each_chunk` says, one chunk per piece.
 unsafe impl<T: Send> Sync for Ptr<T> {}
 
-/// Runs pieces of the current loop until none are left.
-fn take_pieces(s: &Shared, body: Body) {
-    let pieces = s.pieces.load(Ordering::Relaxed);
+/// `f` with this thread's value of `key`: buffers kept per thread and reused
+/// (a decoded token allocates nothing once they have grown). Where the
+/// value is already in use further up this thread's stack (a pool thread
+/// waiting inside a step may take up another: rayon lends idle threads
+/// work), `f` gets a fresh one.
+pub(crate) fn with_local<T: Default + 'static, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut held) => f(&mut held),
+        Err(_) => f(&mut T::default()),
+    })
+}
+
+/// Runs pieces of loop `epoch` until none are left (or it has ended).
+fn take_pieces(s: &Shared, epoch: u64) {
     loop {
-        let i = s.next.fetch_add(1, Ordering::Relaxed);
-        if i >= pieces {
+        let c = s.claim.load(Ordering::Acquire);
+        if c >> 32 != epoch {
             return;
         }
-        body(i);
+        let i = (c & 0xFFFF_FFFF) as usize;
+        // The loop is `epoch` and its piece `i` unclaimed: its body and
+        // piece count are that loop's, and stay so until its pieces are
+        // done.
+        if i >= s.pieces.load(Ordering::Relaxed) {
+            return;
+        }
+        if s.claim
+            .compare_exchange_weak(c, c + 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            continue;
+        }
+        // SAFETY: piece `i` of the running loop is claimed and not done, so
+        // the loop's caller is waiting and its body is alive.
+        let body: Body = unsafe { *(s.body.load(Ordering::Relaxed) as *const Body) };
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(i)));
+        if ran.is_err() {
+            s.panicked.store(true, Ordering::Relaxed);
+        }
+        s.done.fetch_add(1, Ordering::Release);
     }
 }
 
-/// A worker: waits for each new epoch, takes pieces, reports done.
+/// A worker: waits for each new loop (spinning, then asleep), takes pieces.
 fn work(s: &'static Shared) {
     INSIDE.set(true);
     let mut seen = 0u64;
@@ -209,30 +258,28 @@ fn work(s: &'static Shared) {
         let started = Instant::now();
         let mut spins = 0u32;
         let epoch = loop {
-            let e = s.epoch.load(Ordering::Acquire);
+            let e = s.claim.load(Ordering::Acquire) >> 32;
             if e != seen {
                 break e;
             }
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(1024) && started.elapsed() > SPIN {
                 let mut lock = s.sleep.lock().unwrap_or_else(|e| e.into_inner());
-                while s.epoch.load(Ordering::Acquire) == seen {
+                while s.claim.load(Ordering::Acquire) >> 32 == seen {
                     lock = s.wake.wait(lock).unwrap_or_else(|e| e.into_inner());
                 }
-                break s.epoch.load(Ordering::Acquire);
+                break s.claim.load(Ordering::Acquire) >> 32;
             }
-            std::hint::spin_loop();
+            if spins > 4096 {
+                // A gap longer than a step's: let another thread (of this
+                // process, or another's) have the core meanwhile.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         };
         seen = epoch;
-        // SAFETY: the epoch changed, so a loop is running and its body stays
-        // alive until this worker reports below.
-        let body: Body = unsafe { *(s.body.load(Ordering::Relaxed) as *const Body) };
-        let caught =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| take_pieces(s, body)));
-        if caught.is_err() {
-            s.panicked.store(true, Ordering::Relaxed);
-        }
-        s.finished.fetch_add(1, Ordering::Release);
+        take_pieces(s, epoch);
     }
 }
 
