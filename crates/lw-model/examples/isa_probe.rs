@@ -14,15 +14,16 @@
 #[cfg(target_arch = "x86_64")]
 mod probe {
     use lw_model::kernels::{
-        q4k8_tile, q4k_gemm, q6k8_tile, q6k_gemm, q8_0_gemm, q8_0x8_tile, quantize_row, ActTile,
-        Isa, Q4kRow, Q6kRow, QuantRow, WideRows, WideTile,
+        q4k8_tile, q4k_gemm, q5k8_tile, q6k8_tile, q6k_gemm, q8_0_gemm, q8_0x8_tile, quantize_row,
+        small8_tile, ActTile, Isa, Q4kRow, Q6kRow, QuantRow, WideRows, WideTile,
     };
     use lw_model::quant::QMatrix;
+    use lw_model::repack::small;
     use lw_model::QType;
 
     /// The cases, by number: (name, NUL-terminated for C; weight type;
     /// number of results).
-    const CASES: [(&str, QType, usize); 9] = [
+    const CASES: [(&str, QType, usize); 14] = [
         ("q8_0 group x 4 rows\0", QType::Q8_0, 4 * 8),
         ("q8_0 group x 1 row\0", QType::Q8_0, 8),
         ("q4_k group x 4 rows\0", QType::Q4K, 4 * 8),
@@ -32,6 +33,11 @@ mod probe {
         ("q8_0 gemm 4 rows x 1 tile, twice\0", QType::Q8_0, 2 * 4 * 8),
         ("q4_k gemm 2 rows x 2 tiles\0", QType::Q4K, 2 * 2 * 8),
         ("q6_k gemm 2 rows x 2 tiles\0", QType::Q6K, 2 * 2 * 8),
+        ("q5_1 group x 4 rows\0", QType::Q5_1, 4 * 8),
+        ("q4_0 group x 1 row\0", QType::Q4_0, 8),
+        ("q5_0 group x 4 rows\0", QType::Q5_0, 4 * 8),
+        ("q5_k group x 4 rows\0", QType::Q5K, 4 * 8),
+        ("q5_k group x 1 row\0", QType::Q5K, 8),
     ];
 
     /// Values of every case: `k` per row, two blocks of 256 (sixteen of 32).
@@ -75,7 +81,7 @@ mod probe {
         fn new(case: usize, seed: u64) -> Option<Probe> {
             let (_, qtype, _) = *CASES.get(case)?;
             let weights = QMatrix::quantize(qtype, &values(8 * K, seed), 8, K).ok()?;
-            let group = if qtype == QType::Q8_0 { 32 } else { 256 };
+            let group = if qtype.block_elems() == 32 { 32 } else { 256 };
             let xs: Vec<QuantRow> = (0..16)
                 .map(|i| quantize_row(&values(K, seed * 100 + i), group))
                 .collect();
@@ -103,7 +109,7 @@ mod probe {
                     _ => {}
                 }
             }
-            if case >= 7 {
+            if case == 7 || case == 8 {
                 probe.act_tiles = probe.xs.chunks(8).map(ActTile::new).collect();
             }
             Some(probe)
@@ -143,11 +149,16 @@ mod probe {
                     let v = q4k_gemm::<2>(isa, [&self.q4k[3], &self.q4k[4]], t);
                     put_rows(v.as_flattened());
                 }
-                _ => {
+                8 => {
                     let t = [&self.act_tiles[0], &self.act_tiles[1]];
                     let v = q6k_gemm::<2>(isa, [&self.q6k[6], &self.q6k[7]], t);
                     put_rows(v.as_flattened());
                 }
+                9 => put_rows(&small8_tile::<{ small::Q5_1 }, 4>(isa, at, x4)),
+                10 => put_rows(&small8_tile::<{ small::Q4_0 }, 1>(isa, at, x1)),
+                11 => put_rows(&small8_tile::<{ small::Q5_0 }, 4>(isa, at, x4)),
+                12 => put_rows(&q5k8_tile::<4>(isa, at, x4)),
+                _ => put_rows(&q5k8_tile::<1>(isa, at, x1)),
             }
         }
     }
