@@ -2,19 +2,12 @@
 //! pass over the fused gate/up projection's output.
 
 /// `silu(g) · u` for each row of `gate_up` (`[rows, 2 · inter]`, the gate
-/// half first): `[rows, inter]`.
+/// half first) into `out` (`[rows, inter]`).
 ///
 /// `silu(g) = g / (1 + e^{-g})` with the C library's `expf`, the operations
 /// of candle's `silu` followed by a multiply, so the results have the same
 /// bits as before this pass was fused (llama.cpp's agreement with us on
 /// near-tied logits is that sensitive); rows in parallel.
-pub fn silu_mul(gate_up: &[f32], inter: usize) -> Vec<f32> {
-    let mut out = vec![0f32; gate_up.len() / 2];
-    silu_mul_into(gate_up, inter, &mut out);
-    out
-}
-
-/// [`silu_mul`] into `out` (`[rows, inter]`).
 pub fn silu_mul_into(gate_up: &[f32], inter: usize, out: &mut [f32]) {
     use rayon::prelude::*;
     if out.len() == inter {
@@ -56,7 +49,8 @@ mod tests {
                     });
                 }
             }
-            let out = silu_mul(&gate_up, inter);
+            let mut out = vec![0f32; rows * inter];
+            silu_mul_into(&gate_up, inter, &mut out);
             for r in 0..rows {
                 let row = &gate_up[r * 2 * inter..(r + 1) * 2 * inter];
                 for i in 0..inter {
@@ -71,7 +65,8 @@ mod tests {
             }
         }
         // Far below zero, silu is (minus) zero; far above, it is g.
-        let big = silu_mul(&[-200.0, 200.0, 3.0, 3.0], 2);
-        assert_eq!(big, vec![0.0, 600.0]);
+        let mut big = [f32::NAN; 2];
+        silu_mul_into(&[-200.0, 200.0, 3.0, 3.0], 2, &mut big);
+        assert_eq!(big, [0.0, 600.0]);
     }
 }

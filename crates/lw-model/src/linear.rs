@@ -170,13 +170,14 @@ impl Linear {
         self.parts.iter().map(Weight::size_bytes).sum()
     }
 
-    /// `x`: `[rows, in]` f32 → `[rows, out]` f32.
+    /// `x`: `[rows, in]` → `[rows, out]` f32 ([`Linear::forward_into`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let y = self.forward_rows(x)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        let rows = x.dims2()?.0;
+        let x = x.to_dtype(DType::F32)?;
+        let mut out = Vec::new();
+        with_f32(&x, |xs| self.forward_into(xs, rows, &mut out))??;
+        let width = out.len() / rows.max(1);
+        Ok(Tensor::from_vec(out, (rows, width), &Device::Cpu)?)
     }
 
     /// `x`: `[rows, in]` f32 → `out`: `[rows, out]` f32 (resized to it; no
@@ -244,58 +245,6 @@ impl Linear {
             })?;
         }
         Ok(())
-    }
-
-    fn forward_rows(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let (rows, k) = x.dims2()?;
-        let mut widths = Vec::with_capacity(self.parts.len());
-        for p in &self.parts {
-            let (n, wk) = p.dims()?;
-            if k != wk {
-                return Err(candle_core::Error::Msg(format!(
-                    "linear: input of width {k} for a weight of shape [{n}, {wk}]"
-                ))
-                .into());
-            }
-            widths.push(n);
-        }
-        let x = x.to_dtype(DType::F32)?;
-        with_f32(&x, |xs| self.product_rows(xs, rows, &widths))?
-    }
-
-    fn product_rows(
-        &self,
-        xs: &[f32],
-        rows: usize,
-        widths: &[usize],
-    ) -> Result<Tensor, ModelError> {
-        if self.parts.len() == 1 {
-            let out = self.parts[0].product(xs, rows)?;
-            return Ok(Tensor::from_vec(out, (rows, widths[0]), &Device::Cpu)?);
-        }
-        let total: usize = widths.iter().sum();
-        let mut out = vec![0f32; rows * total];
-        let quant: Vec<&QMatrix> = self
-            .parts
-            .iter()
-            .filter_map(|p| match p {
-                Weight::Quant(q) => Some(q),
-                Weight::Dense(_) => None,
-            })
-            .collect();
-        if quant.len() == self.parts.len() && QMatrix::matmul_stacked(&quant, xs, &mut out) {
-            return Ok(Tensor::from_vec(out, (rows, total), &Device::Cpu)?);
-        }
-        let mut col = 0;
-        for (p, &n) in self.parts.iter().zip(widths) {
-            let part = p.product(xs, rows)?;
-            for r in 0..rows {
-                out[r * total + col..r * total + col + n]
-                    .copy_from_slice(&part[r * n..(r + 1) * n]);
-            }
-            col += n;
-        }
-        Ok(Tensor::from_vec(out, (rows, total), &Device::Cpu)?)
     }
 }
 
