@@ -14,6 +14,7 @@ mod common;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::{longwriter, scratch, text};
@@ -47,6 +48,14 @@ fn env_paths(vars: &[&str]) -> Option<Vec<PathBuf>> {
     None
 }
 
+/// One test of this tier at a time: each starts llama.cpp or our engine on
+/// both cores, and two of them at once slow each other's thread barriers by
+/// orders of magnitude (a 128-token llama.cpp completion passed two minutes).
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static TIER: Mutex<()> = Mutex::new(());
+    TIER.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The type files `make_real_types.sh` wrote, by name (`Q4_K_M`, `IQ2_XS`…).
 fn type_files(dir: &Path) -> Vec<(String, PathBuf)> {
     let mut files: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
@@ -77,6 +86,7 @@ fn every_tensor_type_dequantizes_as_the_gguf_package_does() {
     ]) else {
         return;
     };
+    let _tier = one_at_a_time();
     let work = scratch("real-dequant");
     let mut seen = std::collections::BTreeSet::new();
     for (_, path) in type_files(&p[0]) {
@@ -207,6 +217,7 @@ fn every_tensor_type_agrees_with_llama_cpp() {
     let Some(p) = env_paths(&["LONGWRITER_REAL_TYPES", "LONGWRITER_LLAMA_BIN"]) else {
         return;
     };
+    let _tier = one_at_a_time();
     let work = scratch("real-agree");
     let prompt = "<|im_start|>user\nWrite a short story about a river that remembers \
                   every boat it carried.<|im_end|>\n<|im_start|>assistant\n";
@@ -326,6 +337,7 @@ fn the_shipped_q4_1_file_chats_like_llama_cpp() {
     let Some(p) = env_paths(&["LONGWRITER_REAL_TYPES", "LONGWRITER_LLAMA_BIN"]) else {
         return;
     };
+    let _tier = one_at_a_time();
     let model = p[0].join("../SmolLM2-135M-Instruct.Q4_1.gguf");
     let server = LlamaServer::start(&p[1], &model);
     let prompts = [
@@ -371,6 +383,7 @@ fn serve_answers_the_official_openai_client_with_the_real_model() {
     let Some(p) = env_paths(&["LONGWRITER_REAL_TYPES", "LONGWRITER_TEST_PYTHON"]) else {
         return;
     };
+    let _tier = one_at_a_time();
     let model = p[0].join("../SmolLM2-135M-Instruct.Q4_1.gguf");
     let s = common::start(
         "sk-real",
