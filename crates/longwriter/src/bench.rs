@@ -200,14 +200,13 @@ fn batched(
     bound: u64,
     params: &GenerationParams,
 ) -> anyhow::Result<()> {
-    use std::sync::Arc;
     if a.concurrency.contains(&0) {
         anyhow::bail!("--concurrency values must be at least 1");
     }
     let most = *a.concurrency.iter().max().expect("not empty");
     let eos = engine.eos_ids().to_vec();
     let batcher = lw_engine::Batcher::start(
-        Arc::new(engine),
+        engine,
         lw_engine::BatchOptions {
             max_batch: most,
             max_queue: most * 2,

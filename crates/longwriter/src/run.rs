@@ -113,6 +113,7 @@ pub fn generation_params(engine: &Engine, s: &SamplingArgs) -> GenerationParams 
         max_tokens: Some(s.max_tokens),
         stop: s.stop.clone(),
         ignore_eos: false,
+        no_speculation: false,
     }
 }
 

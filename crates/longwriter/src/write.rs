@@ -127,7 +127,7 @@ impl BackendArgs {
         let engine = crate::run::load_engine(&m)?;
         let n = sequences.max(1);
         let batcher = lw_engine::Batcher::start(
-            std::sync::Arc::new(engine),
+            engine,
             lw_engine::BatchOptions {
                 max_batch: n,
                 max_queue: n * 2,

@@ -105,6 +105,10 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens (for benchmarks).
     pub ignore_eos: bool,
+    /// Decode without speculation even where the engine speculates (the
+    /// output is the same; only the speed differs).
+    #[serde(default)]
+    pub no_speculation: bool,
 }
 
 /// Why a generation ended.

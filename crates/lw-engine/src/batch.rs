@@ -12,18 +12,25 @@
 //! The scheduler runs on a thread of its own; callers submit a prompt and
 //! receive its text deltas and result on a channel. A caller that drops its
 //! receiver cancels its sequence, whose slot frees at the next step.
+//!
+//! The step is the engine's ([`crate::decode::step`]): a sequence may
+//! speculate (draft model or prompt lookup, set on the engine the scheduler
+//! starts with, per request unless it opts out), feeding its guesses beside
+//! the other sequences' single tokens.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use lw_core::{FinishReason, GenerationParams, GenerationStats};
-use lw_model::{KvCache, Logits};
+use lw_core::GenerationParams;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::engine::{common_prefix, Decoding, Engine, Generation};
+use crate::decode::{self, Running, Sink};
+use crate::engine::{Engine, Generation, Model};
 use crate::error::EngineError;
+use crate::sequence::Sequence;
+use crate::speculative::{Drafter, Speculation};
 
 /// Limits of the scheduler.
 #[derive(Debug, Clone)]
@@ -82,19 +89,24 @@ pub struct Load {
 /// A handle to the scheduler thread. Cloning shares the scheduler.
 #[derive(Clone)]
 pub struct Batcher {
-    engine: Arc<Engine>,
+    model: Arc<Model>,
+    speculation: Option<Speculation>,
     jobs: mpsc::Sender<Job>,
     load: Arc<Load>,
     max_queue: usize,
 }
 
 impl Batcher {
-    /// Starts the scheduler thread over `engine`.
-    pub fn start(engine: Arc<Engine>, opts: BatchOptions) -> Self {
+    /// Starts the scheduler thread over `engine`'s model, speculating as
+    /// the engine does.
+    pub fn start(engine: Engine, opts: BatchOptions) -> Self {
+        let model = engine.shared().clone();
+        let speculation = engine.speculation().cloned();
         let (jobs, rx) = mpsc::channel();
         let load = Arc::new(Load::default());
         let worker = Scheduler {
-            engine: engine.clone(),
+            model: model.clone(),
+            speculation: speculation.clone(),
             opts: opts.clone(),
             load: load.clone(),
             waiting: VecDeque::new(),
@@ -106,15 +118,21 @@ impl Batcher {
             .spawn(move || worker.run(rx))
             .expect("spawning the scheduler thread");
         Batcher {
-            engine,
+            model,
+            speculation,
             jobs,
             load,
             max_queue: opts.max_queue,
         }
     }
 
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Whether sequences speculate (unless a request opts out).
+    pub fn speculates(&self) -> bool {
+        self.speculation.is_some()
     }
 
     pub fn load(&self) -> &Load {
@@ -174,34 +192,33 @@ impl Batcher {
     }
 }
 
+/// A sequence between requests, kept for prefix reuse, with its drafter.
 struct Slot {
-    cache: KvCache,
-    /// Tokens whose keys and values the cache holds, in order.
-    cached: Vec<u32>,
+    seq: Sequence,
+    drafter: Option<Drafter>,
 }
 
-enum Phase {
-    /// Prompt positions still to compute, from `next`.
-    Prefill { next: usize },
-    /// Logits of the next token are ready.
-    Decode { logits: Vec<f32> },
+/// A request's receiver: deltas go there; a dropped receiver cancels.
+struct JobSink {
+    tx: UnboundedSender<BatchEvent>,
 }
 
-struct Running {
-    job: Job,
-    slot: Slot,
-    phase: Phase,
-    decoding: Decoding,
-    stats: GenerationStats,
-    decode_start: Option<Instant>,
+impl Sink for JobSink {
+    fn text(&mut self, delta: String) -> bool {
+        self.tx.send(BatchEvent::Delta(delta)).is_ok()
+    }
+    fn closed(&self) -> bool {
+        self.tx.is_closed()
+    }
 }
 
 struct Scheduler {
-    engine: Arc<Engine>,
+    model: Arc<Model>,
+    speculation: Option<Speculation>,
     opts: BatchOptions,
     load: Arc<Load>,
     waiting: VecDeque<Job>,
-    active: Vec<Running>,
+    active: Vec<Running<JobSink>>,
     idle: Vec<Slot>,
 }
 
@@ -232,183 +249,63 @@ impl Scheduler {
             if job.tx.is_closed() {
                 continue;
             }
-            if let Err(e) = self.engine.check_prompt(&job.prompt) {
+            if let Err(e) = self.model.check_prompt(&job.prompt) {
                 let _ = job.tx.send(BatchEvent::Done(Err(e)));
                 continue;
             }
-            let mut slot = self.take_slot(&job.prompt);
-            // At least one prompt position is computed, for its logits.
-            let common = common_prefix(&slot.cached, &job.prompt).min(job.prompt.len() - 1);
-            slot.cache.truncate(common);
-            slot.cached.truncate(common);
-            let decoding = Decoding::new(&job.params, &job.prompt, self.engine.id_bound());
-            let stats = GenerationStats {
-                prompt_tokens: job.prompt.len(),
-                cached_prompt_tokens: common,
-                ..Default::default()
+            let slot = self.take_slot(&job.prompt);
+            let drafter = match &self.speculation {
+                Some(_) if job.params.no_speculation => None,
+                Some(spec) => Some(slot.drafter.unwrap_or_else(|| spec.drafter())),
+                None => None,
             };
-            self.active.push(Running {
-                job,
-                slot,
-                phase: Phase::Prefill { next: common },
-                decoding,
-                stats,
-                decode_start: None,
-            });
+            let sink = JobSink { tx: job.tx };
+            self.active.push(Running::new(
+                &self.model,
+                job.prompt,
+                &job.params,
+                slot.seq,
+                drafter,
+                sink,
+                job.submitted,
+            ));
         }
         self.load.running.store(self.active.len(), Ordering::SeqCst);
     }
 
-    /// The idle cache sharing the longest prefix with `prompt`, or a new one.
+    /// The idle sequence sharing the longest prefix with `prompt`, or a new one.
     fn take_slot(&mut self, prompt: &[u32]) -> Slot {
         let best = self
             .idle
             .iter()
             .enumerate()
-            .max_by_key(|(i, s)| (common_prefix(&s.cached, prompt), *i))
+            .max_by_key(|(i, s)| (s.seq.shared_prefix(prompt), *i))
             .map(|(i, _)| i);
         match best {
             Some(i) => self.idle.remove(i),
             None => Slot {
-                cache: self.engine.model().new_cache(),
-                cached: Vec::new(),
+                seq: self.model.new_sequence(),
+                drafter: None,
             },
         }
     }
 
     fn release(&mut self, slot: Slot) {
         self.idle.push(slot);
-        // The oldest idle cache goes first.
+        // The oldest idle sequence goes first.
         while self.idle.len() > self.opts.idle_caches {
             self.idle.remove(0);
         }
     }
 
-    /// One step: sample every sequence with logits, feed the continuing ones
-    /// through the model together, and advance one prefill by a chunk.
+    /// One step of the batch; ended sequences report and free their slots.
     fn step(&mut self) {
-        let engine = self.engine.clone();
-        let tok = engine.tokenizer();
-        let mut ended: Vec<(usize, Result<FinishReason, EngineError>)> = Vec::new();
-        let mut feed: Vec<usize> = Vec::new();
-        for (i, r) in self.active.iter_mut().enumerate() {
-            if r.job.tx.is_closed() {
-                ended.push((i, Ok(FinishReason::Cancelled)));
-                continue;
-            }
-            let Phase::Decode { logits } = &mut r.phase else {
-                continue;
-            };
-            if let Some(f) = r.decoding.finished_before_start() {
-                ended.push((i, Ok(f)));
-                continue;
-            }
-            match r.decoding.step(logits, tok, engine.eos_ids()) {
-                Err(e) => ended.push((i, Err(e))),
-                Ok((ready, done)) => {
-                    if !ready.is_empty() && r.job.tx.send(BatchEvent::Delta(ready)).is_err() {
-                        ended.push((i, Ok(FinishReason::Cancelled)));
-                    } else if let Some(f) = done {
-                        ended.push((i, Ok(f)));
-                    } else if r.slot.cache.len() + 1 > engine.context_length() {
-                        ended.push((i, Ok(FinishReason::ContextFull)));
-                    } else {
-                        feed.push(i);
-                    }
-                }
-            }
-        }
-        if !feed.is_empty() {
-            let tokens: Vec<u32> = feed
-                .iter()
-                .map(|&i| self.active[i].decoding.last_token())
-                .collect();
-            let mut caches: Vec<&mut KvCache> = Vec::with_capacity(feed.len());
-            for (i, r) in self.active.iter_mut().enumerate() {
-                if feed.contains(&i) {
-                    caches.push(&mut r.slot.cache);
-                }
-            }
-            match engine.model().forward_batch(&tokens, &mut caches) {
-                Ok(out) => match out.to_vec2::<f32>() {
-                    Ok(rows) => {
-                        for ((&i, row), &t) in feed.iter().zip(rows).zip(&tokens) {
-                            let r = &mut self.active[i];
-                            r.slot.cached.push(t);
-                            r.phase = Phase::Decode { logits: row };
-                        }
-                    }
-                    Err(e) => {
-                        ended.extend(
-                            feed.iter()
-                                .map(|&i| (i, Err(EngineError::Step(e.to_string())))),
-                        );
-                    }
-                },
-                Err(e) => {
-                    ended.extend(
-                        feed.iter()
-                            .map(|&i| (i, Err(EngineError::Step(e.to_string())))),
-                    );
-                }
-            }
-        }
-        // One prefill chunk, for the sequence that has waited longest.
-        let chunk = engine.prefill_chunk();
-        if let Some((i, r)) = self
-            .active
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| !ended.iter().any(|(e, _)| e == i))
-            .find(|(_, r)| matches!(r.phase, Phase::Prefill { .. }))
-        {
-            let Phase::Prefill { next } = r.phase else {
-                unreachable!()
-            };
-            let end = (next + chunk).min(r.job.prompt.len());
-            let part = &r.job.prompt[next..end];
-            match engine
-                .model()
-                .forward(part, &mut r.slot.cache, Logits::Last)
-            {
-                Ok(out) => {
-                    r.slot.cached.extend_from_slice(part);
-                    if end == r.job.prompt.len() {
-                        match lw_model::llama::last_row(&out) {
-                            Ok(logits) => {
-                                r.stats.prefill_seconds = r.job.submitted.elapsed().as_secs_f64();
-                                r.decode_start = Some(Instant::now());
-                                r.phase = Phase::Decode { logits };
-                            }
-                            Err(e) => ended.push((i, Err(e.into()))),
-                        }
-                    } else {
-                        r.phase = Phase::Prefill { next: end };
-                    }
-                }
-                Err(e) => ended.push((i, Err(e.into()))),
-            }
-        }
-        ended.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
-        ended.dedup_by_key(|(i, _)| *i);
-        for (i, outcome) in ended {
-            let mut r = self.active.swap_remove(i);
-            let result = outcome.and_then(|reason| {
-                let rest = r.decoding.finish(reason, tok)?;
-                if !rest.is_empty() {
-                    let _ = r.job.tx.send(BatchEvent::Delta(rest));
-                }
-                r.stats.generated_tokens = r.decoding.tokens.len();
-                r.stats.decode_seconds = r.decode_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
-                Ok(Generation {
-                    text: std::mem::take(&mut r.decoding.text),
-                    tokens: std::mem::take(&mut r.decoding.tokens),
-                    finish_reason: reason,
-                    stats: r.stats.clone(),
-                })
-            });
-            let _ = r.job.tx.send(BatchEvent::Done(result));
-            self.release(r.slot);
+        let model = self.model.clone();
+        for (i, outcome) in decode::step(&model, &mut self.active) {
+            let r = self.active.swap_remove(i);
+            let (result, seq, drafter, sink) = r.finish(outcome, model.tokenizer());
+            let _ = sink.tx.send(BatchEvent::Done(result));
+            self.release(Slot { seq, drafter });
         }
         self.load.running.store(self.active.len(), Ordering::SeqCst);
     }

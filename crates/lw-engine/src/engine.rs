@@ -1,24 +1,32 @@
-//! The generation loop: prompt → (reused prefix + chunked prefill) → sample →
-//! decode one token at a time, streaming complete text deltas, until an
-//! end-of-sequence token, a stop string, `max_tokens` or the context limit.
+//! A loaded model ([`Model`]: weights, tokenizer, end-of-sequence ids,
+//! defaults; shared, immutable) and the one-sequence engine on top of it
+//! ([`Engine`]: a [`Model`] and the [`Sequence`] of its last generation).
+//!
+//! A generation runs prompt → (reused prefix + chunked prefill) → sample →
+//! decode, streaming complete text deltas, until an end-of-sequence token, a
+//! stop string, `max_tokens` or the context limit, on the same step as the
+//! batching scheduler's (`decode::step`, a batch of one here).
 //!
 //! The engine keeps the KV cache of its last sequence. A new prompt that
 //! starts with the same tokens reuses those positions and only computes the
 //! rest, which is what makes plan-then-write linear in the document length.
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use lw_core::{FinishReason, GenerationParams, GenerationStats, Message, SamplingParams};
 use lw_model::loader::SafetensorsSource;
-use lw_model::{DType, GgufFile, KvCache, KvDtype, Llama, Logits, ModelConfig, QType};
+use lw_model::{DType, GgufFile, KvDtype, Llama, ModelConfig, QType};
 use serde_json::Value;
 
+use crate::decode::{self, Running};
 use crate::error::EngineError;
-use crate::sampler::Sampler;
-use crate::speculative::Speculation;
+use crate::sequence::Sequence;
+use crate::speculative::{Drafter, Speculation};
 use crate::template::{ChatFormat, GLM4_STOP_TOKENS};
-use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::tokenizer::Tokenizer;
 
 /// How to load a model.
 #[derive(Debug, Clone)]
@@ -63,22 +71,19 @@ pub struct Generation {
     pub stats: GenerationStats,
 }
 
-pub struct Engine {
+/// A loaded model: the weights, tokenizer, end-of-sequence ids and sampling
+/// defaults, shared by every sequence that runs on it.
+pub struct Model {
     model: Llama,
     tokenizer: Tokenizer,
     dir: PathBuf,
     eos_ids: Vec<u32>,
     defaults: SamplingParams,
-    cache: KvCache,
-    /// Tokens whose keys and values are in `cache`, in order.
-    cached: Vec<u32>,
     prefill_chunk: usize,
-    /// Speculative decoding in [`Engine::generate`], when set.
-    speculation: Option<Speculation>,
     memory_limit: Option<u64>,
 }
 
-impl Engine {
+impl Model {
     /// Loads a model directory (config, weights, tokenizer, generation
     /// config) or a GGUF file.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
@@ -115,17 +120,13 @@ impl Engine {
         };
         let mut model = Llama::load_from(cfg, &src, dtype)?;
         model.set_kv_dtype(opts.kv_cache)?;
-        let cache = model.new_cache();
-        Ok(Engine {
+        Ok(Model {
             model,
             tokenizer,
             dir: dir.to_path_buf(),
             eos_ids,
             defaults,
-            cache,
-            cached: Vec::new(),
             prefill_chunk: opts.prefill_chunk.max(1),
-            speculation: None,
             memory_limit: opts.memory_limit,
         })
     }
@@ -151,33 +152,19 @@ impl Engine {
             &tokenizer,
             model.config(),
         );
-        let cache = model.new_cache();
-        Ok(Engine {
+        Ok(Model {
             model,
             tokenizer,
             dir: path.to_path_buf(),
             eos_ids,
             defaults: SamplingParams::default(),
-            cache,
-            cached: Vec::new(),
             prefill_chunk: opts.prefill_chunk.max(1),
-            speculation: None,
             memory_limit: opts.memory_limit,
         })
     }
 
     pub fn model(&self) -> &Llama {
         &self.model
-    }
-
-    /// The model alone (a draft model for another engine).
-    pub fn into_model(self) -> Llama {
-        self.model
-    }
-
-    /// Turns speculative decoding on (or off with `None`) for `generate`.
-    pub fn set_speculation(&mut self, speculation: Option<Speculation>) {
-        self.speculation = speculation;
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -226,33 +213,9 @@ impl Engine {
         self.tokenizer.encode(&text, false)
     }
 
-    /// Drops the kept KV cache (the next prompt is computed from scratch).
-    pub fn reset(&mut self) {
-        self.cache.clear();
-        self.cached.clear();
-    }
-
-    /// Computes logits of every position of `prompt` from scratch.
-    pub fn score(&mut self, prompt: &[u32]) -> Result<Vec<Vec<f32>>, EngineError> {
-        self.check_prompt(prompt)?;
-        self.reset();
-        let mut rows = Vec::with_capacity(prompt.len());
-        for chunk in prompt.chunks(self.prefill_chunk) {
-            let logits = self.model.forward(chunk, &mut self.cache, Logits::All)?;
-            self.cached.extend_from_slice(chunk);
-            for r in 0..chunk.len() {
-                rows.push(
-                    logits
-                        .get(r)
-                        .and_then(|t| t.to_vec1::<f32>())
-                        .map_err(lw_model::ModelError::from)?,
-                );
-            }
-        }
-        Ok(rows)
-    }
-
-    pub(crate) fn check_prompt(&self, prompt: &[u32]) -> Result<(), EngineError> {
+    /// The one check of a prompt's length: it must leave room in the
+    /// context for at least one generated token.
+    pub fn check_prompt(&self, prompt: &[u32]) -> Result<(), EngineError> {
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -262,146 +225,6 @@ impl Engine {
                 limit: self.context_length(),
             });
         }
-        Ok(())
-    }
-
-    /// Generates a continuation of `prompt`. `on_text` receives each complete
-    /// text delta and returns `false` to stop (finish reason `Cancelled`).
-    pub fn generate(
-        &mut self,
-        prompt: &[u32],
-        params: &GenerationParams,
-        mut on_text: impl FnMut(&str) -> bool,
-    ) -> Result<Generation, EngineError> {
-        self.check_prompt(prompt)?;
-        let started = Instant::now();
-        // The whole generation's cache at once: no copies while it runs, and
-        // a clear error now rather than running out of memory later.
-        if let Some(max) = params.max_tokens {
-            let positions = (prompt.len() + max).min(self.context_length());
-            self.reserve_cache(positions)?;
-        }
-        let (logits, common) = prefill(
-            &self.model,
-            &mut self.cache,
-            &mut self.cached,
-            prompt,
-            self.prefill_chunk,
-        )?;
-        let mut stats = GenerationStats {
-            prompt_tokens: prompt.len(),
-            cached_prompt_tokens: common,
-            prefill_seconds: started.elapsed().as_secs_f64(),
-            ..Default::default()
-        };
-        let decode_start = Instant::now();
-        let mut seq = Decoding::new(params, prompt, self.id_bound());
-        let mut finish = seq.finished_before_start();
-        // `rows[j]` is the next-token distribution after the j-th token fed
-        // last; `drafts[j]` is the guess it checks (none for the last row).
-        let mut rows = vec![logits];
-        let mut drafts: Vec<u32> = Vec::new();
-        // Cache length before the last forward pass.
-        let mut base = self.cache.len();
-        let mut history: Vec<u32> = Vec::new();
-        while finish.is_none() {
-            let mut kept = 0;
-            for (j, row) in rows.iter_mut().enumerate() {
-                let draft = drafts.get(j).copied();
-                let (ready, done, is_draft) =
-                    seq.step_draft(row, &self.tokenizer, &self.eos_ids, draft)?;
-                if !ready.is_empty() && !on_text(&ready) {
-                    finish = Some(FinishReason::Cancelled);
-                    break;
-                }
-                if done.is_some() {
-                    finish = done;
-                    break;
-                }
-                if !is_draft {
-                    break;
-                }
-                kept += 1;
-            }
-            stats.draft_tokens += drafts.len();
-            stats.accepted_draft_tokens += kept.min(drafts.len());
-            if !drafts.is_empty() {
-                // Keep the fed token and the accepted guesses; the rest of
-                // the pass was computed for tokens that were not taken.
-                let valid = base + 1 + kept.min(drafts.len());
-                self.cache.truncate(valid);
-                self.cached.truncate(valid);
-            }
-            if finish.is_some() {
-                break;
-            }
-            if self.cache.len() + 1 > self.context_length() {
-                finish = Some(FinishReason::ContextFull);
-                break;
-            }
-            let next = seq.last_token();
-            drafts.clear();
-            // Room for guesses in the context, and in max_tokens after the
-            // token fed now and one more from the last row.
-            let room = (self.context_length() - self.cache.len() - 1)
-                .min(seq.remaining().saturating_sub(1));
-            if let Some(spec) = self.speculation.as_mut() {
-                if room > 0 {
-                    history.clear();
-                    history.extend_from_slice(prompt);
-                    history.extend_from_slice(&seq.tokens);
-                    drafts = spec.propose(&history, room)?;
-                }
-            }
-            base = self.cache.len();
-            let mut feed = Vec::with_capacity(1 + drafts.len());
-            feed.push(next);
-            feed.extend_from_slice(&drafts);
-            let which = if drafts.is_empty() {
-                Logits::Last
-            } else {
-                Logits::All
-            };
-            let out = self.model.forward(&feed, &mut self.cache, which)?;
-            self.cached.extend_from_slice(&feed);
-            rows = out.to_vec2::<f32>().map_err(lw_model::ModelError::from)?;
-        }
-        let finish = finish.unwrap_or(FinishReason::Stop);
-        let rest = seq.finish(finish, &self.tokenizer)?;
-        if !rest.is_empty() {
-            on_text(&rest);
-        }
-        stats.generated_tokens = seq.tokens.len();
-        stats.decode_seconds = decode_start.elapsed().as_secs_f64();
-        Ok(Generation {
-            text: seq.text,
-            tokens: seq.tokens,
-            finish_reason: finish,
-            stats,
-        })
-    }
-
-    /// Allocates the KV cache for `positions` positions, unless that takes
-    /// more memory than there is.
-    pub fn reserve_cache(&mut self, positions: usize) -> Result<(), EngineError> {
-        let extra = self
-            .cache
-            .bytes_for(positions)
-            .saturating_sub(self.cache.bytes()) as u64;
-        if extra == 0 {
-            return Ok(());
-        }
-        if let Some(available) = self.memory_limit.or_else(available_memory) {
-            if extra > available {
-                return Err(EngineError::KvCacheTooLarge {
-                    positions,
-                    bytes: self.cache.bytes_for(positions) as u64,
-                    available,
-                    dtype: self.cache.dtype().name(),
-                });
-            }
-        }
-        self.cache.reserve_exact(positions);
         Ok(())
     }
 
@@ -416,128 +239,148 @@ impl Engine {
             .id_bound()
             .min(self.model.config().vocab_size)
     }
+
+    /// Memory a generation's KV cache may take: the limit set at load, or
+    /// what the system reports available now.
+    pub fn memory_available(&self) -> Option<u64> {
+        self.memory_limit.or_else(available_memory)
+    }
+
+    /// An empty sequence on this model.
+    pub fn new_sequence(&self) -> Sequence {
+        Sequence::new(&self.model)
+    }
 }
 
-/// The per-sequence side of decoding: sampling, end conditions, text
-/// assembly (whole characters only) and stop strings. The engine's own loop
-/// and the batching scheduler both drive sequences through it.
-pub(crate) struct Decoding {
-    sampler: Sampler,
-    decoder: StreamDecoder,
-    stops: StopMatcher,
-    pub(crate) text: String,
-    pub(crate) tokens: Vec<u32>,
-    seen: Vec<u32>,
-    max_tokens: usize,
-    ignore_eos: bool,
+/// One sequence at a time on a model: the sequence of the last generation
+/// is kept, so the next prompt reuses the prefix it shares.
+pub struct Engine {
+    model: Arc<Model>,
+    seq: Option<Sequence>,
+    /// Speculative decoding in [`Engine::generate`], when set.
+    speculation: Option<Speculation>,
+    /// The last generation's drafter (a draft model keeps its cache).
+    drafter: Option<Drafter>,
 }
 
-impl Decoding {
-    pub(crate) fn new(params: &GenerationParams, prompt: &[u32], id_bound: usize) -> Self {
-        Decoding {
-            sampler: Sampler::new(params.sampling.clone(), id_bound),
-            decoder: StreamDecoder::new(),
-            stops: StopMatcher::new(&params.stop),
-            text: String::new(),
-            tokens: Vec::new(),
-            seen: if params.sampling.repetition_penalty != 1.0 {
-                prompt.to_vec()
-            } else {
-                Vec::new()
-            },
-            max_tokens: params.max_tokens.unwrap_or(usize::MAX),
-            ignore_eos: params.ignore_eos,
+impl Deref for Engine {
+    type Target = Model;
+    fn deref(&self) -> &Model {
+        &self.model
+    }
+}
+
+impl Engine {
+    /// Loads a model directory (config, weights, tokenizer, generation
+    /// config) or a GGUF file.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
+        Ok(Engine::on(Arc::new(Model::load(dir, opts)?)))
+    }
+
+    /// An engine on a loaded model.
+    pub fn on(model: Arc<Model>) -> Self {
+        Engine {
+            model,
+            seq: None,
+            speculation: None,
+            drafter: None,
         }
     }
 
-    /// `Length` when no token may be generated at all.
-    pub(crate) fn finished_before_start(&self) -> Option<FinishReason> {
-        (self.max_tokens == 0).then_some(FinishReason::Length)
+    /// The shared model (for a scheduler, or as a draft model).
+    pub fn shared(&self) -> &Arc<Model> {
+        &self.model
     }
 
-    /// Samples the next token from `logits` and takes it: returns the text it
-    /// releases and, when the sequence ends here, why.
-    pub(crate) fn step(
-        &mut self,
-        logits: &mut [f32],
-        tok: &Tokenizer,
-        eos: &[u32],
-    ) -> Result<(String, Option<FinishReason>), EngineError> {
-        self.step_draft(logits, tok, eos, None)
-            .map(|(ready, done, _)| (ready, done))
+    /// Turns speculative decoding on (or off with `None`) for `generate`.
+    pub fn set_speculation(&mut self, speculation: Option<Speculation>) {
+        self.speculation = speculation;
+        self.drafter = None;
     }
 
-    /// [`Decoding::step`] given a drafted guess for the token; also says
-    /// whether the token taken is the draft.
-    pub(crate) fn step_draft(
-        &mut self,
-        logits: &mut [f32],
-        tok: &Tokenizer,
-        eos: &[u32],
-        draft: Option<u32>,
-    ) -> Result<(String, Option<FinishReason>, bool), EngineError> {
-        let (next, is_draft) = self.sampler.choose(logits, &self.seen, draft);
-        let (ready, done) = self.take(next, tok, eos)?;
-        Ok((ready, done, is_draft))
+    /// The speculative decoding set, if any.
+    pub fn speculation(&self) -> Option<&Speculation> {
+        self.speculation.as_ref()
     }
 
-    /// Tokens that may still be generated.
-    pub(crate) fn remaining(&self) -> usize {
-        self.max_tokens.saturating_sub(self.tokens.len())
+    fn seq(&mut self) -> &mut Sequence {
+        let model = &self.model;
+        self.seq.get_or_insert_with(|| model.new_sequence())
     }
 
-    fn take(
-        &mut self,
-        next: u32,
-        tok: &Tokenizer,
-        eos: &[u32],
-    ) -> Result<(String, Option<FinishReason>), EngineError> {
-        if !self.ignore_eos && eos.contains(&next) {
-            return Ok((String::new(), Some(FinishReason::Stop)));
+    /// Drops the kept KV cache (the next prompt is computed from scratch).
+    pub fn reset(&mut self) {
+        if let Some(seq) = self.seq.as_mut() {
+            seq.clear();
         }
-        self.tokens.push(next);
-        self.seen.push(next);
-        let mut ready = String::new();
-        if let Some(delta) = self.decoder.push(tok, next)? {
-            let (r, hit) = self.stops.push(&delta);
-            self.text.push_str(&r);
-            ready = r;
-            if hit {
-                return Ok((ready, Some(FinishReason::Stop)));
+    }
+
+    /// Computes logits of every position of `prompt` from scratch.
+    pub fn score(&mut self, prompt: &[u32]) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.check_prompt(prompt)?;
+        let model = self.model.clone();
+        let seq = self.seq();
+        seq.clear();
+        let mut rows = Vec::with_capacity(prompt.len());
+        for chunk in prompt.chunks(model.prefill_chunk) {
+            rows.extend(seq.feed_all(model.model(), chunk)?);
+        }
+        Ok(rows)
+    }
+
+    /// Generates a continuation of `prompt`. `on_text` receives each complete
+    /// text delta and returns `false` to stop (finish reason `Cancelled`).
+    /// This is the scheduler's step over a batch of one.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerationParams,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation, EngineError> {
+        self.check_prompt(prompt)?;
+        let started = Instant::now();
+        // The whole generation's cache at once: no copies while it runs, and
+        // a clear error now rather than running out of memory later.
+        if let Some(max) = params.max_tokens {
+            let positions = (prompt.len() + max).min(self.context_length());
+            self.reserve_cache(positions)?;
+        }
+        let model = self.model.clone();
+        let seq = self.seq.take().unwrap_or_else(|| model.new_sequence());
+        let drafter = match &self.speculation {
+            Some(_) if params.no_speculation => None,
+            Some(spec) => Some(self.drafter.take().unwrap_or_else(|| spec.drafter())),
+            None => None,
+        };
+        let run = Running::new(
+            &model,
+            prompt.to_vec(),
+            params,
+            seq,
+            drafter,
+            on_text,
+            started,
+        );
+        let mut batch = [run];
+        let outcome = loop {
+            if let Some((_, outcome)) = decode::step(&model, &mut batch).pop() {
+                break outcome;
             }
+        };
+        let [run] = batch;
+        let (result, seq, drafter, _) = run.finish(outcome, model.tokenizer());
+        self.seq = Some(seq);
+        if drafter.is_some() {
+            self.drafter = drafter;
         }
-        if self.tokens.len() >= self.max_tokens {
-            return Ok((ready, Some(FinishReason::Length)));
-        }
-        Ok((ready, None))
+        result
     }
 
-    /// The token taken last (the next one to feed the model).
-    pub(crate) fn last_token(&self) -> u32 {
-        *self.tokens.last().expect("a token was taken")
-    }
-
-    /// Text still held when the sequence ends for a reason other than a stop
-    /// or a cancel (a partial character or a partial stop-string match).
-    pub(crate) fn finish(
-        &mut self,
-        reason: FinishReason,
-        tok: &Tokenizer,
-    ) -> Result<String, EngineError> {
-        if reason == FinishReason::Stop || reason == FinishReason::Cancelled {
-            return Ok(String::new());
-        }
-        let mut rest = String::new();
-        if let Some(held) = self.decoder.finish(tok)? {
-            let (ready, hit) = self.stops.push(&held);
-            rest.push_str(&ready);
-            if hit {
-                self.stops.flush();
-            }
-        }
-        rest.push_str(&self.stops.flush());
-        self.text.push_str(&rest);
-        Ok(rest)
+    /// Allocates the KV cache for `positions` positions, unless that takes
+    /// more memory than there is.
+    pub fn reserve_cache(&mut self, positions: usize) -> Result<(), EngineError> {
+        let available = self.model.memory_available();
+        self.seq().reserve(positions, available)
     }
 }
 
@@ -547,33 +390,6 @@ pub fn available_memory() -> Option<u64> {
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-/// Brings a cache holding `cached` to `tokens`: keeps their longest common
-/// prefix (at least one token is recomputed, so there are logits) and
-/// computes the rest in chunks. Returns the last position's logits and the
-/// number of positions reused.
-pub(crate) fn prefill(
-    model: &Llama,
-    cache: &mut KvCache,
-    cached: &mut Vec<u32>,
-    tokens: &[u32],
-    chunk: usize,
-) -> Result<(Vec<f32>, usize), EngineError> {
-    let common = common_prefix(cached, tokens).min(tokens.len() - 1);
-    cache.truncate(common);
-    cached.truncate(common);
-    let mut logits = Vec::new();
-    for part in tokens[common..].chunks(chunk) {
-        let out = model.forward(part, cache, Logits::Last)?;
-        cached.extend_from_slice(part);
-        logits = lw_model::llama::last_row(&out)?;
-    }
-    Ok((logits, common))
-}
-
-pub(crate) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// Chooses the chat template: the checkpoint's own, or a built-in format

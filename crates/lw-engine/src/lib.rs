@@ -5,11 +5,13 @@
 //! It speaks tokens and text; it knows nothing of HTTP or writing runs.
 
 pub mod batch;
+mod decode;
 pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod pre_tokenizer;
 pub mod sampler;
+pub mod sequence;
 pub mod source;
 pub mod speculative;
 pub mod spm;
@@ -19,9 +21,10 @@ pub mod tokenizer;
 pub mod vocab;
 
 pub use batch::{BatchEvent, BatchOptions, Batcher, Busy};
-pub use engine::{available_memory, Engine, Generation, LoadOptions, StopMatcher};
+pub use engine::{available_memory, Engine, Generation, LoadOptions, Model, StopMatcher};
 pub use error::EngineError;
 pub use sampler::Sampler;
+pub use sequence::Sequence;
 pub use source::{
     load_tokenizer, resolve_model, resolve_model_or_tiny, shipped_tiny, DEFAULT_MODEL, TINY_NAMES,
 };

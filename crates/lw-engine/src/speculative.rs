@@ -11,28 +11,29 @@
 //! output identical to plain decoding and sampled output identically
 //! distributed.
 
-use lw_model::{KvCache, Llama, Logits};
+use std::sync::Arc;
 
-use crate::engine::{prefill, Engine};
+use crate::engine::{Engine, Model};
 use crate::error::EngineError;
 use crate::sampler::argmax;
+use crate::sequence::Sequence;
 
-/// Which drafter proposes tokens, and how many at most per step.
+/// Which drafter proposes tokens, and how many at most per step: a setting
+/// shared by every sequence (each drafts with a [`Drafter`] of its own).
+#[derive(Clone)]
 pub struct Speculation {
-    drafter: Drafter,
+    kind: Kind,
     max_draft: usize,
 }
 
-enum Drafter {
+#[derive(Clone)]
+enum Kind {
     PromptLookup { max_ngram: usize },
-    Model(Box<DraftModel>),
+    Model(Arc<DraftModel>),
 }
 
 struct DraftModel {
-    model: Llama,
-    cache: KvCache,
-    /// Tokens whose keys and values are in `cache`, in order.
-    cached: Vec<u32>,
+    model: Arc<Model>,
     id_bound: usize,
     prefill_chunk: usize,
 }
@@ -44,7 +45,7 @@ impl Speculation {
     /// Prompt-lookup drafting, up to `max_draft` tokens per step.
     pub fn prompt_lookup(max_draft: usize) -> Self {
         Speculation {
-            drafter: Drafter::PromptLookup {
+            kind: Kind::PromptLookup {
                 max_ngram: LOOKUP_NGRAM,
             },
             max_draft: max_draft.max(1),
@@ -65,12 +66,10 @@ impl Speculation {
         }
         let id_bound = draft.id_bound().min(target.id_bound());
         let prefill_chunk = draft.prefill_chunk();
-        let model = draft.into_model();
+        let model = draft.shared().clone();
         Ok(Speculation {
-            drafter: Drafter::Model(Box::new(DraftModel {
-                cache: model.new_cache(),
+            kind: Kind::Model(Arc::new(DraftModel {
                 model,
-                cached: Vec::new(),
                 id_bound,
                 prefill_chunk,
             })),
@@ -78,25 +77,54 @@ impl Speculation {
         })
     }
 
+    /// A drafter for one sequence.
+    pub(crate) fn drafter(&self) -> Drafter {
+        let seq = match &self.kind {
+            Kind::PromptLookup { .. } => None,
+            Kind::Model(m) => Some(m.model.new_sequence()),
+        };
+        Drafter {
+            spec: self.clone(),
+            seq,
+        }
+    }
+}
+
+/// One sequence's drafter: the setting, and a draft model's own sequence
+/// (its KV cache follows the text, reusing its prefix from step to step).
+pub(crate) struct Drafter {
+    spec: Speculation,
+    seq: Option<Sequence>,
+}
+
+impl Drafter {
     /// Guesses up to `limit` tokens that follow `history`.
     pub(crate) fn propose(
         &mut self,
         history: &[u32],
         limit: usize,
     ) -> Result<Vec<u32>, EngineError> {
-        let limit = limit.min(self.max_draft);
+        let limit = limit.min(self.spec.max_draft);
         if limit == 0 || history.is_empty() {
             return Ok(Vec::new());
         }
-        match &mut self.drafter {
-            Drafter::PromptLookup { max_ngram } => Ok(lookup(history, *max_ngram, limit)),
-            Drafter::Model(m) => m.propose(history, limit),
+        match (&self.spec.kind, &mut self.seq) {
+            (Kind::PromptLookup { max_ngram }, _) => Ok(lookup(history, *max_ngram, limit)),
+            (Kind::Model(m), Some(seq)) => m.propose(seq, history, limit),
+            (Kind::Model(m), seq @ None) => {
+                m.propose(seq.insert(m.model.new_sequence()), history, limit)
+            }
         }
     }
 }
 
 impl DraftModel {
-    fn propose(&mut self, history: &[u32], limit: usize) -> Result<Vec<u32>, EngineError> {
+    fn propose(
+        &self,
+        seq: &mut Sequence,
+        history: &[u32],
+        limit: usize,
+    ) -> Result<Vec<u32>, EngineError> {
         // The draft cannot see beyond its own context.
         let room = self
             .model
@@ -106,13 +134,7 @@ impl DraftModel {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let (mut logits, _) = prefill(
-            &self.model,
-            &mut self.cache,
-            &mut self.cached,
-            history,
-            self.prefill_chunk,
-        )?;
+        let (mut logits, _) = seq.prefill(self.model.model(), history, self.prefill_chunk)?;
         let mut drafts = Vec::with_capacity(limit);
         loop {
             let bound = self.id_bound.min(logits.len());
@@ -121,9 +143,7 @@ impl DraftModel {
             if drafts.len() == limit {
                 return Ok(drafts);
             }
-            let out = self.model.forward(&[next], &mut self.cache, Logits::Last)?;
-            self.cached.push(next);
-            logits = lw_model::llama::last_row(&out)?;
+            logits = seq.feed_last(self.model.model(), &[next])?;
         }
     }
 }

@@ -1,7 +1,6 @@
 //! The batching scheduler against the engine's own one-at-a-time loop.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use lw_core::{FinishReason, GenerationParams, SamplingParams};
 use lw_engine::{BatchEvent, BatchOptions, Batcher, Engine, EngineError, LoadOptions};
@@ -23,6 +22,7 @@ fn params(i: usize) -> GenerationParams {
         max_tokens: Some(12 + 7 * i),
         stop: vec![],
         ignore_eos: true,
+        no_speculation: false,
     }
 }
 
@@ -51,7 +51,7 @@ fn concurrent_requests_get_exactly_their_solo_outputs() {
         })
         .collect();
     let batcher = Batcher::start(
-        Arc::new(Engine::load(&dir, &opts).unwrap()),
+        Engine::load(&dir, &opts).unwrap(),
         BatchOptions {
             max_batch: 4,
             max_queue: 64,
@@ -85,7 +85,7 @@ fn concurrent_requests_get_exactly_their_solo_outputs() {
 fn a_full_queue_is_refused_and_a_dropped_receiver_frees_its_slot() {
     // A 32k context: the first request runs until its client leaves.
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-random-qwen2");
-    let engine = Arc::new(Engine::load(&dir, &LoadOptions::default()).unwrap());
+    let engine = Engine::load(&dir, &LoadOptions::default()).unwrap();
     let batcher = Batcher::start(
         engine,
         BatchOptions {

@@ -294,6 +294,10 @@ impl OneOrMany {
 #[derive(Deserialize)]
 struct Common {
     model: Option<String>,
+    /// `false` decodes this request without speculation where the server
+    /// speculates (same text; for comparing speed, or when drafting does
+    /// not pay for a prompt).
+    speculate: Option<bool>,
     max_tokens: Option<usize>,
     max_completion_tokens: Option<usize>,
     temperature: Option<f32>,
@@ -395,6 +399,7 @@ fn generation_params(state: &AppState, c: &Common) -> Result<GenerationParams, A
         max_tokens: Some(max_tokens),
         stop: c.stop.clone().map(OneOrMany::into_vec).unwrap_or_default(),
         ignore_eos: false,
+        no_speculation: c.speculate == Some(false),
     })
 }
 
@@ -413,7 +418,7 @@ fn check_sampling(temperature: f32, top_p: f32) -> Result<(), ApiError> {
 }
 
 fn check_prompt_length(state: &AppState, ids: &[u32]) -> Result<(), ApiError> {
-    let context = state.batcher.engine().context_length();
+    let context = state.batcher.model().context_length();
     let limit = state
         .opts
         .max_prompt_tokens
@@ -461,7 +466,7 @@ async fn chat_completions(
         };
         messages.push(Message::new(role, m.content.clone()));
     }
-    let ids = state.batcher.engine().encode_chat(&messages)?;
+    let ids = state.batcher.model().encode_chat(&messages)?;
     generate(state, ids, params, &req.common, Kind::Chat).await
 }
 
@@ -477,7 +482,7 @@ async fn completions(
             "`prompt` must be one string (batches of prompts are not supported)",
         ));
     };
-    let ids = state.batcher.engine().encode_raw(prompt)?;
+    let ids = state.batcher.model().encode_raw(prompt)?;
     generate(state, ids, params, &req.common, Kind::Text).await
 }
 
@@ -876,7 +881,7 @@ pub fn run(
     on_ready: impl FnOnce(std::net::SocketAddr, usize),
 ) -> Result<(), ServeError> {
     let store = Arc::new(JobStore::open(&opts.data_dir)?);
-    let batcher = Batcher::start(Arc::new(engine), opts.batch.clone());
+    let batcher = Batcher::start(engine, opts.batch.clone());
     let jobs = Jobs::new(store, batcher.clone(), opts.model_name.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

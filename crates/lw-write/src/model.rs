@@ -131,7 +131,7 @@ impl LanguageModel for LocalModel {
 /// Token ids and generation parameters of a request for the local engine,
 /// refused when prompt plus answer would not fit its context.
 fn local_request(
-    engine: &lw_engine::Engine,
+    engine: &lw_engine::Model,
     request: &ChatRequest,
 ) -> Result<(Vec<u32>, GenerationParams), ModelCallError> {
     let ids = engine
@@ -150,6 +150,7 @@ fn local_request(
         max_tokens: Some(request.max_tokens),
         stop: request.stop.clone(),
         ignore_eos: false,
+        no_speculation: false,
     };
     Ok((ids, params))
 }
@@ -203,7 +204,7 @@ impl LanguageModel for BatchedModel {
         request: &ChatRequest,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<ChatResponse, ModelCallError> {
-        let engine = self.batcher.engine().clone();
+        let engine = self.batcher.model().clone();
         let (ids, params) = local_request(&engine, request)?;
         let out = loop {
             match self
