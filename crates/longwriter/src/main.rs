@@ -363,7 +363,10 @@ pub struct ModelArgs {
     /// Speculative decoding with this small model (same tokenizer): it
     /// drafts tokens greedily and the main model checks them in one pass.
     /// Greedy output is identical to plain decoding; sampled output has the
-    /// same distribution.
+    /// same distribution. Every command that generates takes it: `serve`,
+    /// multi-worker `write`, `eval run` and `data build` draft per
+    /// sequence inside the batch (a server request opts out with
+    /// `"speculate": false`).
     #[arg(long, value_name = "MODEL", conflicts_with = "prompt_lookup")]
     pub draft_model: Option<String>,
     /// Speculative decoding by prompt lookup: the continuation of the latest
@@ -385,18 +388,6 @@ pub struct ModelArgs {
 fn parse_kv_cache(s: &str) -> Result<lw_model::KvDtype, String> {
     lw_model::KvDtype::parse(s)
         .ok_or_else(|| format!("unknown KV cache format \"{s}\" (use f32, f16 or q8_0)"))
-}
-
-impl ModelArgs {
-    /// Speculative decoding runs in the one-sequence loop only.
-    pub fn no_speculation(&self, what: &str) -> anyhow::Result<()> {
-        if self.draft_model.is_some() || self.prompt_lookup {
-            anyhow::bail!(
-                "--draft-model and --prompt-lookup speed up one sequence at a time (generate, chat, bench, write with one worker); {what} batches sequences and does not speculate"
-            );
-        }
-        Ok(())
-    }
 }
 
 pub(crate) fn parse_kv_cache_arg(s: &str) -> Result<lw_model::KvDtype, String> {
@@ -660,7 +651,6 @@ fn tokenize(a: &TokenizeArgs) -> anyhow::Result<()> {
 }
 
 fn serve(a: &ServeArgs) -> anyhow::Result<()> {
-    a.model.no_speculation("serve")?;
     let mut api_keys: Vec<String> = a.api_key.iter().cloned().collect();
     if let Some(path) = &a.keys_file {
         let text = std::fs::read_to_string(path)

@@ -87,7 +87,7 @@ impl BackendArgs {
                     as Box<dyn LanguageModel + Send>)
             }));
         }
-        let (batcher, name) = self.batcher(workers, "a run with several workers")?;
+        let (batcher, name) = self.batcher(workers)?;
         Ok(Box::new(move || {
             Ok(
                 Box::new(lw_write::BatchedModel::new(batcher.clone(), name.clone()))
@@ -117,13 +117,8 @@ impl BackendArgs {
 
     /// The local engine behind the batching scheduler, with room for
     /// `sequences` at once, and the model's name.
-    fn batcher(
-        &self,
-        sequences: usize,
-        what: &str,
-    ) -> anyhow::Result<(lw_engine::Batcher, String)> {
+    fn batcher(&self, sequences: usize) -> anyhow::Result<(lw_engine::Batcher, String)> {
         let m = self.local_args()?;
-        m.no_speculation(what)?;
         let engine = crate::run::load_engine(&m)?;
         let n = sequences.max(1);
         let batcher = lw_engine::Batcher::start(
@@ -178,7 +173,7 @@ impl BackendArgs {
             });
         }
         if out.is_empty() {
-            let (batcher, name) = self.batcher(concurrency, "a data build")?;
+            let (batcher, name) = self.batcher(concurrency)?;
             out.push(lw_data::Endpoint {
                 name: format!("local:{name}"),
                 cap: concurrency.max(1),

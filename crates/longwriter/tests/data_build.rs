@@ -365,3 +365,50 @@ fn ctrl_c_drains_the_items_in_flight_and_a_rerun_finishes() {
     );
     assert_eq!(s["section_max_writes"], 1);
 }
+
+/// A local build that speculates (prompt lookup, or the model drafting for
+/// itself) writes exactly the items of one that does not, under greedy
+/// decoding: speculation inside the batching scheduler changes speed only.
+#[test]
+fn speculation_in_a_local_build_writes_the_same_items() {
+    let d = scratch("data-spec");
+    // Lengths the toy model plans for under greedy decoding.
+    let ins = d.join("instructions.jsonl");
+    let lines: Vec<String> = ["a fox", "the sea"]
+        .iter()
+        .map(|t| serde_json::json!({"prompt": format!("Write a 200-word story about {t}."), "source": "test"}).to_string())
+        .collect();
+    std::fs::write(&ins, lines.join("\n") + "\n").unwrap();
+    let model = toy_model();
+    let build = |name: &str, extra: &[&str]| {
+        let out = d.join(name);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_longwriter"));
+        c.args(["data", "build", "--quiet", "--concurrency", "2"])
+            .args(["--temperature", "0", "--threads", "1"])
+            .args(["--length-band", "0.15,3", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&out)
+            .arg("--instructions")
+            .arg(&ins)
+            .args(extra)
+            .env_remove("LONGWRITER_MODEL")
+            .env_remove("OPENAI_API_KEY");
+        let started = Instant::now();
+        let log = run_to_end(c);
+        eprintln!("{name}: {:?}", started.elapsed());
+        (items(&out), log)
+    };
+    let (want, _) = build("plain", &[]);
+    assert_eq!(want.len(), 2);
+    assert!(
+        want.iter()
+            .all(|r| r.4.as_deref().is_some_and(|t| !t.is_empty())),
+        "{want:?}"
+    );
+    let (lookup, _) = build("lookup", &["--prompt-lookup"]);
+    same_items(&want, &lookup);
+    let m = model.to_str().unwrap();
+    let (drafted, _) = build("draft", &["--draft-model", m, "--draft-max", "2"]);
+    same_items(&want, &drafted);
+}

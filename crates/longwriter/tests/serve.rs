@@ -391,3 +391,92 @@ fn a_client_that_disconnects_mid_stream_frees_its_slot() {
     );
     assert_eq!(st, 200);
 }
+
+/// `serve` with a draft model or prompt lookup answers concurrent greedy
+/// requests with exactly the text of a server that does not speculate,
+/// reports the guesses in `usage`, and a request may opt out.
+#[test]
+fn a_speculating_server_answers_greedy_requests_with_the_plain_text() {
+    let models = root().join("tests/fixtures/models");
+    let target = models.join("llama3-untied");
+    let draft = models.join("llama3-untied-bf16");
+    let draft = draft.to_str().unwrap();
+    let servers = [
+        ("plain", vec![]),
+        ("draft", vec!["--draft-model", draft, "--draft-max", "4"]),
+        ("lookup", vec!["--prompt-lookup"]),
+    ]
+    .map(|(name, extra)| {
+        let mut args = vec!["--max-new-tokens", "64", "--max-batch", "4"];
+        args.extend(extra);
+        let s = start(
+            "ks",
+            &target,
+            &scratch(&format!("serve-spec-{name}")),
+            &args,
+        );
+        (name, s)
+    });
+    let prompts = [
+        "The river runs to the sea. The river runs to the sea. The river",
+        "Once upon a time",
+        "A river, a river, a river, and",
+        "The sea",
+    ];
+    let body = |prompt: &str, speculate: Option<bool>| {
+        let mut b = json!({"prompt": prompt, "max_tokens": 32, "temperature": 0.0});
+        if let Some(s) = speculate {
+            b["speculate"] = json!(s);
+        }
+        b
+    };
+    // All of one server's requests at once, so they share batches.
+    let answers = |s: &Server, speculate: Option<bool>| -> Vec<Value> {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = prompts
+                .iter()
+                .map(|p| scope.spawn(move || s.post("/v1/completions", &body(p, speculate))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    let (status, v) = h.join().unwrap();
+                    assert_eq!(status, 200, "{v}");
+                    v
+                })
+                .collect()
+        })
+    };
+    let text = |v: &Value| v["choices"][0]["text"].as_str().unwrap().to_string();
+    let guesses = |v: &Value| {
+        let d = &v["usage"]["completion_tokens_details"];
+        d["accepted_prediction_tokens"].as_u64().unwrap()
+            + d["rejected_prediction_tokens"].as_u64().unwrap()
+    };
+    let want: Vec<String> = answers(&servers[0].1, None).iter().map(text).collect();
+    assert!(want.iter().all(|t| !t.is_empty()), "{want:?}");
+    for (name, s) in &servers[1..] {
+        let got = answers(s, None);
+        let texts: Vec<String> = got.iter().map(text).collect();
+        assert_eq!(texts, want, "{name}");
+        let drafted: u64 = got.iter().map(guesses).sum();
+        assert!(drafted > 0, "{name}: no guesses reported: {got:?}");
+        let accepted: u64 = got
+            .iter()
+            .map(|v| {
+                v["usage"]["completion_tokens_details"]["accepted_prediction_tokens"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .sum();
+        assert!(accepted > 0, "{name}: nothing accepted");
+        // Opting out: the same text, nothing drafted.
+        let off = answers(s, Some(false));
+        assert_eq!(
+            off.iter().map(text).collect::<Vec<_>>(),
+            want,
+            "{name}, opted out"
+        );
+        assert_eq!(off.iter().map(guesses).sum::<u64>(), 0, "{name}, opted out");
+    }
+}

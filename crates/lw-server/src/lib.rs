@@ -621,6 +621,12 @@ fn usage(s: &lw_core::GenerationStats) -> Value {
         "completion_tokens": s.generated_tokens,
         "total_tokens": s.prompt_tokens + s.generated_tokens,
         "prompt_tokens_details": {"cached_tokens": s.cached_prompt_tokens},
+        // Speculative decoding's guesses, in the fields OpenAI reports for
+        // predicted outputs.
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": s.accepted_draft_tokens,
+            "rejected_prediction_tokens": s.draft_tokens - s.accepted_draft_tokens,
+        },
     })
 }
 
