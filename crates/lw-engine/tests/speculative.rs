@@ -218,21 +218,14 @@ fn the_scheduler_speculates_per_sequence_with_identical_greedy_output() {
         .enumerate()
         .map(|(i, p)| run(&mut plain, p, &request(i)))
         .collect();
-    let drafters: [(&str, Box<dyn Fn(&Engine) -> Speculation>); 2] = [
-        (
-            "draft model",
-            Box::new(|e: &Engine| {
-                Speculation::draft_model(load("llama3-untied-bf16"), e, 4).unwrap()
-            }),
-        ),
-        (
-            "prompt lookup",
-            Box::new(|_: &Engine| Speculation::prompt_lookup(5)),
-        ),
-    ];
-    for (name, make) in drafters {
+    for name in ["draft model", "prompt lookup"] {
         let mut engine = load("llama3-untied");
-        engine.set_speculation(Some(make(&engine)));
+        let spec = if name == "draft model" {
+            Speculation::draft_model(load("llama3-untied-bf16"), &engine, 4).unwrap()
+        } else {
+            Speculation::prompt_lookup(5)
+        };
+        engine.set_speculation(Some(spec));
         let batcher = Batcher::start(
             engine,
             BatchOptions {
