@@ -4,7 +4,7 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -100,13 +100,6 @@ pub struct SelectArgs {
     /// (characters for Chinese).
     #[arg(long, default_value_t = 2000)]
     min_words: u32,
-}
-
-/// Ctrl-C presses; the first drains, the second stops.
-static SIGINTS: AtomicUsize = AtomicUsize::new(0);
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    SIGINTS.fetch_add(1, Ordering::SeqCst);
 }
 
 fn open_store(dir: &std::path::Path) -> anyhow::Result<DataStore> {
@@ -253,10 +246,8 @@ pub fn build(a: &BuildArgs) -> anyhow::Result<()> {
         if endpoints.len() == 1 { "" } else { "s" },
         opts.concurrency
     );
-    // SAFETY: the handler only touches an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
-    }
+    // Ctrl-C: the first press drains, the second stops.
+    crate::interrupt::install();
     let drain = AtomicBool::new(false);
     let stop = AtomicBool::new(false);
     let tty = std::io::stderr().is_terminal() && !a.quiet;
@@ -344,7 +335,7 @@ pub fn build(a: &BuildArgs) -> anyhow::Result<()> {
         s.spawn(|| {
             let mut seen = 0;
             while !watch_done.load(Ordering::SeqCst) {
-                let n = SIGINTS.load(Ordering::SeqCst);
+                let n = crate::interrupt::presses();
                 if n != seen {
                     seen = n;
                     if n == 1 {

@@ -3,7 +3,7 @@
 //! read the length ruler (`ruler`).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use anyhow::Context;
@@ -56,8 +56,8 @@ pub struct RunArgs {
     #[arg(long)]
     out: PathBuf,
     /// `direct`: one call per item; `agentwrite`: plan, then write.
-    #[arg(long, default_value = "direct", value_parser = ["direct", "agentwrite"])]
-    mode: String,
+    #[arg(long, default_value = "direct")]
+    mode: Mode,
     /// Items in flight at once.
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
@@ -140,24 +140,13 @@ pub fn run(cmd: &EvalCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Set by the SIGINT handler: the run ends after the items in flight.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
 fn eval_run(a: &RunArgs) -> anyhow::Result<()> {
     let mut items = read_items(&a.bench)?;
     if let Some(n) = a.limit {
         items.truncate(n);
     }
     let opts = lw_eval::RunOptions {
-        mode: if a.mode == "agentwrite" {
-            Mode::AgentWrite
-        } else {
-            Mode::Direct
-        },
+        mode: a.mode,
         concurrency: a.concurrency.max(1),
         sampling: SamplingParams {
             temperature: a.temperature,
@@ -169,10 +158,8 @@ fn eval_run(a: &RunArgs) -> anyhow::Result<()> {
         counter: a.counter.parse().map_err(anyhow::Error::msg)?,
     };
     let factory = a.model.factory(opts.concurrency)?;
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
-    }
+    // Ctrl-C: the run ends after the items in flight.
+    let stop = crate::interrupt::install();
     let bar = if a.quiet {
         ProgressBar::hidden()
     } else {
@@ -186,26 +173,19 @@ fn eval_run(a: &RunArgs) -> anyhow::Result<()> {
         b
     };
     let failed = Mutex::new(0usize);
-    let summary = lw_eval::run(
-        &items,
-        &a.out,
-        &opts,
-        &*factory,
-        &STOP,
-        &|p: &Prediction| {
-            if p.error.is_some() {
-                *failed.lock().unwrap() += 1;
-            }
-            bar.inc(1);
-            bar.set_message(format!(
-                "{}: {} of {} words{}",
-                p.id,
-                p.response_length,
-                p.length,
-                if p.error.is_some() { " (failed)" } else { "" }
-            ));
-        },
-    )?;
+    let summary = lw_eval::run(&items, &a.out, &opts, &*factory, stop, &|p: &Prediction| {
+        if p.error.is_some() {
+            *failed.lock().unwrap() += 1;
+        }
+        bar.inc(1);
+        bar.set_message(format!(
+            "{}: {} of {} words{}",
+            p.id,
+            p.response_length,
+            p.length,
+            if p.error.is_some() { " (failed)" } else { "" }
+        ));
+    })?;
     bar.finish_and_clear();
     let path = lw_eval::run::predictions_path(&a.out);
     eprintln!(

@@ -5,6 +5,7 @@
 mod bench;
 mod data;
 mod eval;
+mod interrupt;
 mod run;
 mod train;
 mod write;
@@ -333,6 +334,14 @@ pub struct ModelArgs {
     /// Fall back to the shipped tiny model when the hub cannot be reached.
     #[arg(skip)]
     pub fallback_to_tiny: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// How the local engine holds and runs a model (every command that runs
+/// one takes these).
+#[derive(Args, Clone)]
+pub struct EngineArgs {
     /// Dtype to hold the weights in; activations are computed in f32.
     /// Default: the checkpoint's own (f32, f16 or bf16).
     #[arg(long, value_enum)]
@@ -388,10 +397,6 @@ pub struct ModelArgs {
 fn parse_kv_cache(s: &str) -> Result<lw_model::KvDtype, String> {
     lw_model::KvDtype::parse(s)
         .ok_or_else(|| format!("unknown KV cache format \"{s}\" (use f32, f16 or q8_0)"))
-}
-
-pub(crate) fn parse_kv_cache_arg(s: &str) -> Result<lw_model::KvDtype, String> {
-    parse_kv_cache(s)
 }
 
 fn parse_chat_format(s: &str) -> Result<lw_engine::ChatFormat, String> {

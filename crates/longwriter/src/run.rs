@@ -12,7 +12,7 @@ use lw_model::DType;
 use crate::{ModelArgs, SamplingArgs, WeightDtype};
 
 pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
-    lw_model::set_threads(m.threads.unwrap_or_else(lw_model::default_threads));
+    lw_model::set_threads(m.engine.threads.unwrap_or_else(lw_model::default_threads));
     let dir = if m.fallback_to_tiny {
         let (dir, warning) = lw_engine::resolve_model_or_tiny(&m.model)?;
         if let Some(w) = warning {
@@ -24,15 +24,15 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
     };
     let started = Instant::now();
     let opts = LoadOptions {
-        dtype: m.dtype.map(|d| match d {
+        dtype: m.engine.dtype.map(|d| match d {
             WeightDtype::F32 => DType::F32,
             WeightDtype::F16 => DType::F16,
             WeightDtype::Bf16 => DType::BF16,
         }),
-        prefill_chunk: m.prefill_chunk,
-        quantize: m.quantize,
-        chat_format: m.chat_format,
-        kv_cache: m.kv_cache,
+        prefill_chunk: m.engine.prefill_chunk,
+        quantize: m.engine.quantize,
+        chat_format: m.engine.chat_format,
+        kv_cache: m.engine.kv_cache,
         memory_limit: None,
     };
     let engine =
@@ -49,7 +49,7 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
         started.elapsed().as_secs_f64()
     );
     let mut engine = engine;
-    if let Some(draft) = &m.draft_model {
+    if let Some(draft) = &m.engine.draft_model {
         let dir = lw_engine::resolve_model(draft)?;
         let draft_opts = LoadOptions {
             chat_format: lw_engine::ChatFormat::Auto,
@@ -58,26 +58,28 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
         let draft_engine = Engine::load(&dir, &draft_opts)
             .with_context(|| format!("loading draft model {}", dir.display()))?;
         let params = draft_engine.model().config().parameter_count();
-        let spec = lw_engine::Speculation::draft_model(draft_engine, &engine, m.draft_max)?;
+        let spec = lw_engine::Speculation::draft_model(draft_engine, &engine, m.engine.draft_max)?;
         engine.set_speculation(Some(spec));
         eprintln!(
             "speculative decoding: draft model {} ({:.1}M parameters), up to {} tokens per step",
             dir.display(),
             params as f64 / 1e6,
-            m.draft_max
+            m.engine.draft_max
         );
-    } else if m.prompt_lookup {
-        engine.set_speculation(Some(lw_engine::Speculation::prompt_lookup(m.draft_max)));
+    } else if m.engine.prompt_lookup {
+        engine.set_speculation(Some(lw_engine::Speculation::prompt_lookup(
+            m.engine.draft_max,
+        )));
         eprintln!(
             "speculative decoding: prompt lookup, up to {} tokens per step",
-            m.draft_max
+            m.engine.draft_max
         );
     }
     let per_token = engine.model().kv_bytes_per_token();
     let full = per_token as f64 * engine.context_length() as f64;
     eprintln!(
         "KV cache ({}): {:.1} KB per token, {:.2} GB at the full context of {} tokens{}",
-        m.kv_cache.name(),
+        m.engine.kv_cache.name(),
         per_token as f64 / 1024.0,
         full / 1e9,
         engine.context_length(),

@@ -1,7 +1,6 @@
 //! `longwriter train pretrain|sft` and `longwriter lora merge`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -170,12 +169,6 @@ pub struct SftArgs {
     run: LoopArgs,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
 /// Training allocates and frees the same large activation buffers every
 /// step; served from fresh mmap'd pages each time, the kernel spends a
 /// quarter of the run zeroing pages. Keep freed memory in the heap instead.
@@ -259,10 +252,7 @@ fn run_loop(
     a: &LoopArgs,
 ) -> anyhow::Result<()> {
     let resume = resume_dir(a)?;
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
-    }
+    let stop = crate::interrupt::install();
     let bar = if a.quiet {
         ProgressBar::hidden()
     } else {
@@ -289,7 +279,7 @@ fn run_loop(
         source,
         spec,
         resume.as_deref(),
-        &STOP,
+        stop,
         &mut |e| match e {
             TrainEvent::Step(s) => {
                 bar.set_position(s.step);

@@ -3,17 +3,16 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lw_core::{Counter, SamplingParams};
 use lw_write::{
     Event, Language, LanguageModel, LocalModel, Mode, Request, RunDir, RunStore, WriteOptions,
 };
 
-use crate::{ModelArgs, WeightDtype};
+use crate::ModelArgs;
 
 /// The local engine (`--model`) or an OpenAI-compatible server (`--api-base`).
 #[derive(Args)]
@@ -24,34 +23,8 @@ pub(crate) struct BackendArgs {
     /// cannot be reached.
     #[arg(long, short = 'm', env = "LONGWRITER_MODEL")]
     model: Option<String>,
-    /// Dtype to hold local weights in (default: the checkpoint's own).
-    #[arg(long, value_enum)]
-    dtype: Option<WeightDtype>,
-    /// Worker threads of the local engine (default: physical cores).
-    #[arg(long, short = 't')]
-    threads: Option<usize>,
-    /// Prompt tokens per prefill step of the local engine.
-    #[arg(long, default_value_t = 512)]
-    prefill_chunk: usize,
-    /// Quantize a safetensors checkpoint as it loads (q8_0, q4_k…).
-    #[arg(long, value_parser = crate::parse_quantize)]
-    quantize: Option<lw_model::QType>,
-    /// Chat format of the local model: auto, template, glm4 or inst
-    /// (Llama-2 style `[INST]…[/INST]`, LongWriter-llama3.1-8b's format).
-    #[arg(long, default_value = "auto", value_parser = crate::parse_chat_format)]
-    chat_format: lw_engine::ChatFormat,
-    /// Speculative decoding with this small draft model (same tokenizer).
-    #[arg(long, value_name = "MODEL", conflicts_with = "prompt_lookup")]
-    draft_model: Option<String>,
-    /// Speculative decoding by prompt lookup (n-gram drafting).
-    #[arg(long)]
-    prompt_lookup: bool,
-    /// Most tokens drafted per step.
-    #[arg(long, default_value_t = 5)]
-    draft_max: usize,
-    /// Format of the local engine's KV cache: f32 or f16 (half the memory).
-    #[arg(long, default_value = "f32", value_parser = crate::parse_kv_cache_arg)]
-    kv_cache: lw_model::KvDtype,
+    #[command(flatten)]
+    engine: crate::EngineArgs,
     /// An OpenAI-compatible server instead of the local engine, e.g.
     /// http://127.0.0.1:8000/v1 (vLLM, SGLang, llama.cpp, Ollama, OpenAI).
     /// `data build` takes several (repeat the flag), each optionally capped
@@ -103,15 +76,7 @@ impl BackendArgs {
                 .clone()
                 .unwrap_or_else(|| lw_engine::DEFAULT_MODEL.to_string()),
             fallback_to_tiny: self.model.is_none(),
-            dtype: self.dtype,
-            threads: self.threads,
-            prefill_chunk: self.prefill_chunk,
-            quantize: self.quantize,
-            chat_format: self.chat_format,
-            draft_model: self.draft_model.clone(),
-            prompt_lookup: self.prompt_lookup,
-            draft_max: self.draft_max,
-            kv_cache: self.kv_cache,
+            engine: self.engine.clone(),
         })
     }
 
@@ -232,8 +197,8 @@ pub struct WriteArgs {
     #[arg(long)]
     plan: Option<PathBuf>,
     /// agentwrite: plan, then write paragraph by paragraph; direct: one pass.
-    #[arg(long, value_enum, default_value = "agentwrite")]
-    mode: ModeArg,
+    #[arg(long, default_value = "agentwrite")]
+    mode: Mode,
     /// No progress display.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -269,12 +234,6 @@ pub(crate) struct StyleArgs {
     /// Word counter for budgets and lengths.
     #[arg(long, default_value = "unicode", value_parser = ["unicode", "longbench"])]
     pub(crate) counter: String,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ModeArg {
-    Agentwrite,
-    Direct,
 }
 
 impl StyleArgs {
@@ -332,13 +291,6 @@ pub fn plan(a: &PlanArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Set by the SIGINT handler; the run stops after saving what is finished.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
 pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
     let counter: Counter = a.style.counter.parse().map_err(anyhow::Error::msg)?;
     let mut model = a.model.open()?;
@@ -354,10 +306,7 @@ pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
                 asked_words: lw_write::requested_length(&instruction),
                 instruction,
                 language,
-                mode: match a.mode {
-                    ModeArg::Agentwrite => Mode::AgentWrite,
-                    ModeArg::Direct => Mode::Direct,
-                },
+                mode: a.mode,
                 sampling: a.style.sampling(),
                 model: model.name(),
             };
@@ -380,10 +329,8 @@ pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
             dir
         }
     };
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
-    }
+    // Ctrl-C: the run stops after saving what is finished.
+    let stop = crate::interrupt::install();
     if !a.json {
         eprintln!("run directory: {}", dir.path().display());
     }
@@ -393,9 +340,7 @@ pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
         counter,
         ..Default::default()
     };
-    let result = lw_write::write(model.as_mut(), &dir, &opts, &STOP, &mut |e| {
-        display.event(e)
-    });
+    let result = lw_write::write(model.as_mut(), &dir, &opts, stop, &mut |e| display.event(e));
     display.finish();
     let summary = match result {
         Ok(s) => s,

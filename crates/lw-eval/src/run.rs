@@ -253,11 +253,7 @@ pub fn run(
                         response_length: opts.counter.count(&response) as u64,
                         response,
                         counter: opts.counter.name().to_string(),
-                        mode: match opts.mode {
-                            Mode::AgentWrite => "agentwrite",
-                            Mode::Direct => "direct",
-                        }
-                        .into(),
+                        mode: opts.mode.name().into(),
                         prompt_tokens: pt,
                         completion_tokens: ct,
                         seconds: started.elapsed().as_secs_f64(),

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use lw_core::Counter;
 use lw_engine::Batcher;
-use lw_write::{BatchedModel, Event, Mode, Plan, WriteError, WriteOptions};
+use lw_write::{BatchedModel, Event, Plan, WriteError, WriteOptions};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
@@ -158,7 +158,7 @@ impl Jobs {
             "created": job.created,
             "status": job.status.as_str(),
             "instruction": job.request.instruction,
-            "mode": match job.request.mode { Mode::AgentWrite => "agentwrite", Mode::Direct => "direct" },
+            "mode": job.request.mode.name(),
             "language": job.request.language.code(),
             "model": job.request.model,
             "asked_words": job.request.asked_words,

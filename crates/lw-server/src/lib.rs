@@ -417,26 +417,22 @@ fn check_sampling(temperature: f32, top_p: f32) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The model's own check (the one the scheduler applies), then this
+/// server's --max-prompt-tokens.
 fn check_prompt_length(state: &AppState, ids: &[u32]) -> Result<(), ApiError> {
-    let context = state.batcher.model().context_length();
-    let limit = state
-        .opts
-        .max_prompt_tokens
-        .unwrap_or(context - 1)
-        .min(context - 1);
-    if ids.len() > limit {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            Some("context_length_exceeded"),
-            format!(
-                "the prompt has {} tokens; this server accepts at most {limit} (the model's context is {context})",
-                ids.len()
-            ),
-        ));
-    }
-    if ids.is_empty() {
-        return Err(ApiError::bad_request("the prompt is empty"));
+    state.batcher.model().check_prompt(ids)?;
+    if let Some(limit) = state.opts.max_prompt_tokens {
+        if ids.len() > limit {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("context_length_exceeded"),
+                format!(
+                    "the prompt has {} tokens; this server accepts at most {limit} (--max-prompt-tokens)",
+                    ids.len()
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -655,15 +651,12 @@ async fn create_job(
     if instruction.is_empty() {
         return Err(ApiError::bad_request("`instruction` must not be empty"));
     }
-    let mode = match req.mode.as_deref().unwrap_or("agentwrite") {
-        "agentwrite" => lw_write::Mode::AgentWrite,
-        "direct" => lw_write::Mode::Direct,
-        other => {
-            return Err(ApiError::bad_request(format!(
-                "unknown mode \"{other}\" (agentwrite or direct)"
-            )))
-        }
-    };
+    let mode: lw_write::Mode = req
+        .mode
+        .as_deref()
+        .unwrap_or("agentwrite")
+        .parse()
+        .map_err(ApiError::bad_request)?;
     let language = match req.language.as_deref() {
         None | Some("") | Some("auto") => lw_write::Language::detect(&instruction),
         Some(l) => l.parse().map_err(ApiError::bad_request)?,

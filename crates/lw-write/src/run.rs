@@ -30,6 +30,33 @@ pub enum Mode {
     Direct,
 }
 
+impl Mode {
+    /// The name in files, flags and requests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::AgentWrite => "agentwrite",
+            Mode::Direct => "direct",
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Mode::AgentWrite, Mode::Direct]
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown mode \"{s}\" (agentwrite or direct)"))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Request {
     pub instruction: String,
