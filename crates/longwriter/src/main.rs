@@ -7,6 +7,7 @@ mod data;
 mod eval;
 mod interrupt;
 mod run;
+mod synth;
 mod train;
 mod write;
 
@@ -536,7 +537,7 @@ fn main() -> ExitCode {
         Command::Data(DataCommand::Stats(a)) => data::stats(&a),
         Command::Data(DataCommand::Select(a)) => data::select(&a),
         Command::Data(DataCommand::Tokenize(a)) => data_tokenize(&a),
-        Command::Data(DataCommand::Synth(a)) => train::data_synth(
+        Command::Data(DataCommand::Synth(a)) => synth::data_synth(
             &a.files,
             &a.out,
             a.max_documents,
