@@ -26,9 +26,11 @@ use std::time::Instant;
 use lw_core::GenerationParams;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::decode::Generation;
 use crate::decode::{self, Running, Sink};
-use crate::engine::{Engine, Generation, Model};
+use crate::engine::Engine;
 use crate::error::EngineError;
+use crate::model::Model;
 use crate::sequence::Sequence;
 use crate::speculative::{Drafter, Speculation};
 

@@ -14,13 +14,22 @@ use std::time::Instant;
 
 use lw_core::{FinishReason, GenerationParams, GenerationStats};
 
-use crate::engine::{Generation, Model};
 use crate::error::EngineError;
+use crate::model::Model;
 use crate::sampler::Sampler;
 use crate::sequence::Sequence;
 use crate::speculative::Drafter;
+use crate::stop::StopMatcher;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
-use crate::StopMatcher;
+
+/// What a generation produced.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub stats: GenerationStats,
+}
 
 /// Where a sequence's text goes.
 pub(crate) trait Sink {

@@ -6,28 +6,33 @@
 
 pub mod batch;
 mod decode;
-pub mod engine;
+mod engine;
 pub mod error;
 pub mod gguf;
+mod model;
 pub mod pre_tokenizer;
 pub mod sampler;
 pub mod sequence;
 pub mod source;
 pub mod speculative;
 pub mod spm;
+mod stop;
 pub mod template;
 pub mod tiktoken;
 pub mod tokenizer;
 pub mod vocab;
 
 pub use batch::{BatchEvent, BatchOptions, Batcher, Busy};
-pub use engine::{available_memory, Engine, Generation, LoadOptions, Model, StopMatcher};
+pub use decode::Generation;
+pub use engine::Engine;
 pub use error::EngineError;
+pub use model::{available_memory, LoadOptions, Model};
 pub use sampler::Sampler;
 pub use sequence::Sequence;
 pub use source::{
     load_tokenizer, resolve_model, resolve_model_or_tiny, shipped_tiny, DEFAULT_MODEL, TINY_NAMES,
 };
 pub use speculative::Speculation;
+pub use stop::StopMatcher;
 pub use template::{ChatFormat, ChatTemplate};
 pub use tokenizer::{StreamDecoder, Tokenizer};

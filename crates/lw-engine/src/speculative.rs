@@ -13,8 +13,8 @@
 
 use std::sync::Arc;
 
-use crate::engine::{Engine, Model};
 use crate::error::EngineError;
+use crate::model::Model;
 use crate::sampler::argmax;
 use crate::sequence::Sequence;
 
@@ -54,10 +54,11 @@ impl Speculation {
 
     /// Drafting with a small model that must share `target`'s tokenizer.
     pub fn draft_model(
-        draft: Engine,
-        target: &Engine,
+        draft: impl Into<Arc<Model>>,
+        target: &Model,
         max_draft: usize,
     ) -> Result<Self, EngineError> {
+        let draft: Arc<Model> = draft.into();
         if !draft.tokenizer().same_vocabulary(target.tokenizer()) {
             return Err(EngineError::DraftTokenizer {
                 draft: draft.model_dir().to_path_buf(),
@@ -66,7 +67,7 @@ impl Speculation {
         }
         let id_bound = draft.id_bound().min(target.id_bound());
         let prefill_chunk = draft.prefill_chunk();
-        let model = draft.shared().clone();
+        let model = draft;
         Ok(Speculation {
             kind: Kind::Model(Arc::new(DraftModel {
                 model,
