@@ -6,11 +6,13 @@
 pub mod build;
 pub mod export;
 pub mod gates;
+pub mod instructions;
 pub mod store;
 
 pub use build::{build, BuildEvent, BuildOptions, BuildSummary, Endpoint, Limits};
-pub use export::{export, read_instructions, select, ExportOptions, Instruction};
+pub use export::{export, ExportOptions};
 pub use gates::{Gates, Rejection};
+pub use instructions::{read_instructions, select, Instruction};
 pub use store::{DataStore, ItemRow, Stats, Status};
 
 /// Errors of the data commands, naming the file, line or item concerned.

@@ -14,7 +14,7 @@ use lw_write::{Plan, Request, RunDirError, RunStore, State, Usage};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use crate::export::Instruction;
+use crate::instructions::Instruction;
 use crate::DataError;
 
 /// Where an item stands.
