@@ -363,7 +363,7 @@ fn quality(a: &QualityArgs) -> anyhow::Result<()> {
         lines.push_str(&v.to_string());
         lines.push('\n');
     }
-    lw_write::run::write_atomic(&out, lines.as_bytes())?;
+    lw_core::write_atomic(&out, lines.as_bytes())?;
     let judged: Vec<Judgement> = results.iter().filter_map(|r| r.1 .0.clone()).collect();
     let unparsed: Vec<&str> = results
         .iter()

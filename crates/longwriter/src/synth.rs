@@ -89,8 +89,7 @@ pub fn data_synth(
             conversations += 1;
         }
     }
-    lw_write::run::write_atomic(out, text.as_bytes())
-        .with_context(|| format!("writing {}", out.display()))?;
+    lw_core::write_atomic(out, text.as_bytes())?;
     eprintln!(
         "{} documents, {conversations} conversations: {}",
         docs.len(),

@@ -4,10 +4,14 @@
 //! This crate sits at the bottom of the workspace; it knows nothing about
 //! tensors, tokenizers, HTTP or files.
 
+pub mod fs;
+pub mod rng;
 pub mod words;
 
 use serde::{Deserialize, Serialize};
 
+pub use fs::{write_atomic, WriteError};
+pub use rng::Rng;
 pub use words::Counter;
 
 /// Who said a message in a chat.

@@ -96,7 +96,7 @@ pub fn export(store: &DataStore, opts: &ExportOptions) -> Result<Exported, DataE
     if !text.is_empty() {
         text.push('\n');
     }
-    lw_write::run::write_atomic(&opts.output, text.as_bytes())?;
+    lw_core::write_atomic(&opts.output, text.as_bytes())?;
     Ok(Exported { long, general })
 }
 

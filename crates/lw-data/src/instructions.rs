@@ -85,7 +85,7 @@ pub fn select(input: &Path, output: &Path, min_words: u32) -> Result<(usize, usi
             kept += 1;
         }
     }
-    lw_write::run::write_atomic(output, text.as_bytes())?;
+    lw_core::write_atomic(output, text.as_bytes())?;
     Ok((kept, all.len()))
 }
 

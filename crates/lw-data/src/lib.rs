@@ -43,6 +43,8 @@ pub enum DataError {
     },
     #[error(transparent)]
     Write(#[from] lw_write::RunDirError),
+    #[error(transparent)]
+    File(#[from] lw_core::WriteError),
     #[error("{0}")]
     Invalid(String),
 }

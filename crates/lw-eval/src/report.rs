@@ -373,8 +373,8 @@ fn save(chart: &Chart, dir: &Path, name: &str) -> Result<(), ReportError> {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         render(chart, &root).map_err(|e| fail(&svg_path, e))?;
     }
-    lw_write::run::write_atomic(&svg_path, svg.as_bytes())
-        .map_err(|e| fail(&svg_path, e.to_string()))?;
+    lw_core::write_atomic(&svg_path, svg.as_bytes())
+        .map_err(|e| fail(&svg_path, e.source.to_string()))?;
     let png_path = dir.join(format!("{name}.png"));
     let mut rgb = vec![255u8; (SIZE.0 * SIZE.1 * 3) as usize];
     {
@@ -392,7 +392,7 @@ fn save(chart: &Chart, dir: &Path, name: &str) -> Result<(), ReportError> {
         w.write_image_data(&rgb)
             .map_err(|e| fail(&png_path, e.to_string()))?;
     }
-    lw_write::run::write_atomic(&png_path, &bytes).map_err(|e| fail(&png_path, e.to_string()))
+    lw_core::write_atomic(&png_path, &bytes).map_err(|e| fail(&png_path, e.source.to_string()))
 }
 
 fn fmt(x: Option<f64>) -> String {
@@ -630,9 +630,9 @@ pub fn write_report(
     }
     md.push_str("\n![Repetition by required length](repetition.png)\n");
     let path = out.join("report.md");
-    lw_write::run::write_atomic(&path, md.as_bytes()).map_err(|e| ReportError::Write {
-        path: path.clone(),
-        reason: e.to_string(),
+    lw_core::write_atomic(&path, md.as_bytes()).map_err(|e| ReportError::Write {
+        path: e.path,
+        reason: e.source.to_string(),
     })?;
     Ok(path)
 }

@@ -16,6 +16,7 @@ pub mod kernels;
 pub mod linear;
 pub mod llama;
 pub mod loader;
+mod mmap;
 mod pool;
 mod portable;
 pub mod qtype;

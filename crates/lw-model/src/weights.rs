@@ -256,27 +256,9 @@ fn widen_all(bytes: &[u8], stored: DType) -> Box<dyn Iterator<Item = f32> + '_> 
 /// spare the TLB a miss every 4 KiB.
 fn fill<T>(n: usize, values: impl Iterator<Item = T>) -> Vec<T> {
     let mut v: Vec<T> = Vec::with_capacity(n);
-    advise_huge_pages(v.as_mut_ptr() as usize, n * std::mem::size_of::<T>());
+    crate::mmap::advise_huge_pages(v.as_mut_ptr() as usize, n * std::mem::size_of::<T>());
     v.extend(values.take(n));
     v
-}
-
-#[cfg(target_os = "linux")]
-pub(crate) fn advise_huge_pages(start: usize, len: usize) {
-    const HUGE: usize = 2 << 20;
-    if len < HUGE {
-        return;
-    }
-    let page = 4096;
-    let begin = start.div_ceil(page) * page;
-    let end = (start + len) / page * page;
-    if end > begin {
-        // SAFETY: the range lies inside an allocation we own; the advice only
-        // changes how the kernel backs it, never its contents.
-        unsafe {
-            libc::madvise(begin as *mut libc::c_void, end - begin, libc::MADV_HUGEPAGE);
-        }
-    }
 }
 
 /// The copy is made: let the kernel drop the mapped file pages, so peak
@@ -298,9 +280,6 @@ fn release_pages(bytes: &[u8]) {
 
 #[cfg(not(target_os = "linux"))]
 fn release_pages(_bytes: &[u8]) {}
-
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn advise_huge_pages(_start: usize, _len: usize) {}
 
 /// candle wraps errors with context; people want the innermost reason.
 fn root_cause(e: &candle_core::Error) -> String {

@@ -18,23 +18,23 @@ use serde_json::Value;
 
 use crate::error::{file_error, TrainError};
 
-/// A small deterministic generator (the engine's SplitMix64): initial
+/// A small deterministic generator (lw-core's SplitMix64, the sampler's): initial
 /// weights, data order and dropout masks are functions of the seed alone,
 /// which is what makes a resumed run repeat an uninterrupted one.
 #[derive(Debug, Clone)]
-pub struct Rng(lw_engine::sampler::Rng);
+pub struct Rng(lw_core::Rng);
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(lw_engine::sampler::Rng::new(seed))
+        Rng(lw_core::Rng::new(seed))
     }
 
     /// A generator for one purpose at one step, independent of the others.
     pub fn derive(seed: u64, stream: u64, index: u64) -> Self {
         let start = seed ^ stream.wrapping_mul(GOLDEN);
-        let mixed = lw_engine::sampler::Rng::new(start).next_u64();
+        let mixed = lw_core::Rng::new(start).next_u64();
         Rng::new(start.wrapping_add(GOLDEN) ^ mixed ^ index.wrapping_mul(0xBF58_476D_1CE4_E5B9))
     }
 

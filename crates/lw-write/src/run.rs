@@ -10,7 +10,6 @@
 //! DIR/document.md     the sections joined by blank lines, when finished
 //! ```
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use lw_core::SamplingParams;
@@ -232,19 +231,12 @@ fn io(path: &Path, source: std::io::Error) -> RunDirError {
     }
 }
 
-/// Writes `bytes` to `path` so that readers see the old or the new content,
-/// never a mix: a synced temporary file renamed over the target.
+/// [`lw_core::write_atomic`], as this crate's error.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunDirError> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
+    lw_core::write_atomic(path, bytes).map_err(|e| RunDirError::Io {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// A directory name from the instruction's first words and the time.
