@@ -706,7 +706,7 @@ unsafe fn small8_tile_in<I: Ints, const T: usize, const R: usize>(
     let low = _mm256_set1_epi8(0x0F);
     let fifth = _mm256_set1_epi8(0x10);
     let levels = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-        crate::qtype::IQ4_LEVELS.as_ptr() as *const __m128i
+        crate::portable::IQ4_LEVELS.as_ptr() as *const __m128i
     ));
     let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
     let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());

@@ -1,0 +1,312 @@
+//! The OpenAI-compatible routes: models, chat and text completions (plain
+//! or streamed), through the batching scheduler.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use lw_core::{GenerationParams, Message, Role, SamplingParams};
+use lw_engine::BatchEvent;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{parse_body, ApiError};
+use crate::wire::{self, Kind};
+use crate::{new_id, now, AppState};
+
+pub(crate) async fn models(State(state): State<Arc<AppState>>) -> Response {
+    Json(wire::ModelList {
+        object: "list",
+        data: vec![wire::ModelCard {
+            id: &state.opts.model_name,
+            object: "model",
+            created: 0,
+            owned_by: "longwriter",
+        }],
+    })
+    .into_response()
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ChatMessageIn {
+    role: String,
+    content: String,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+pub(crate) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// The fields chat and text completions share.
+#[derive(Deserialize)]
+pub(crate) struct Common {
+    model: Option<String>,
+    /// `false` decodes this request without speculation where the server
+    /// speculates (same text; for comparing speed, or when drafting does
+    /// not pay for a prompt).
+    speculate: Option<bool>,
+    max_tokens: Option<usize>,
+    max_completion_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<OneOrMany>,
+    #[serde(default)]
+    stream: bool,
+    n: Option<usize>,
+    stream_options: Option<Value>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ChatRequestIn {
+    messages: Vec<ChatMessageIn>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct CompletionRequestIn {
+    prompt: OneOrMany,
+    #[serde(flatten)]
+    common: Common,
+}
+
+/// Checks the shared fields and turns them into generation parameters.
+pub(crate) fn generation_params(
+    state: &AppState,
+    c: &Common,
+) -> Result<GenerationParams, ApiError> {
+    if let Some(m) = &c.model {
+        if m != &state.opts.model_name && !state.opts.model_aliases.contains(m) {
+            return Err(ApiError::not_found(
+                "model_not_found",
+                format!(
+                    "the model \"{m}\" does not exist here; this server serves \"{}\"",
+                    state.opts.model_name
+                ),
+            ));
+        }
+    }
+    if c.n.unwrap_or(1) != 1 {
+        return Err(ApiError::bad_request("only n = 1 is supported"));
+    }
+    let max_tokens = c
+        .max_completion_tokens
+        .or(c.max_tokens)
+        .unwrap_or(state.opts.max_new_tokens);
+    if max_tokens == 0 {
+        return Err(ApiError::bad_request("max_tokens must be at least 1"));
+    }
+    if max_tokens > state.opts.max_new_tokens {
+        return Err(ApiError::bad_request(format!(
+            "max_tokens {max_tokens} is above this server's limit of {}",
+            state.opts.max_new_tokens
+        )));
+    }
+    let (temperature, top_p) = (c.temperature.unwrap_or(1.0), c.top_p.unwrap_or(1.0));
+    check_sampling(temperature, top_p)?;
+    Ok(GenerationParams {
+        sampling: SamplingParams {
+            temperature,
+            top_p,
+            seed: c.seed.unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0)
+            }),
+            ..Default::default()
+        },
+        max_tokens: Some(max_tokens),
+        stop: c.stop.clone().map(OneOrMany::into_vec).unwrap_or_default(),
+        ignore_eos: false,
+        no_speculation: c.speculate == Some(false),
+    })
+}
+
+pub(crate) fn check_sampling(temperature: f32, top_p: f32) -> Result<(), ApiError> {
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad_request(format!(
+            "temperature {temperature} is outside [0, 2]"
+        )));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad_request(format!(
+            "top_p {top_p} is outside (0, 1]"
+        )));
+    }
+    Ok(())
+}
+
+/// The model's own check (the one the scheduler applies), then this
+/// server's --max-prompt-tokens.
+pub(crate) fn check_prompt_length(state: &AppState, ids: &[u32]) -> Result<(), ApiError> {
+    state.batcher.model().check_prompt(ids)?;
+    if let Some(limit) = state.opts.max_prompt_tokens {
+        if ids.len() > limit {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("context_length_exceeded"),
+                format!(
+                    "the prompt has {} tokens; this server accepts at most {limit} (--max-prompt-tokens)",
+                    ids.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequestIn = parse_body(body)?;
+    let params = generation_params(&state, &req.common)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request("`messages` must not be empty"));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in &req.messages {
+        let role = match m.role.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => return Err(ApiError::bad_request(format!("unknown role \"{other}\""))),
+        };
+        messages.push(Message::new(role, m.content.clone()));
+    }
+    let ids = state.batcher.model().encode_chat(&messages)?;
+    generate(state, ids, params, &req.common, Kind::Chat).await
+}
+
+pub(crate) async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequestIn = parse_body(body)?;
+    let params = generation_params(&state, &req.common)?;
+    let prompts = req.prompt.into_vec();
+    let [prompt] = prompts.as_slice() else {
+        return Err(ApiError::bad_request(
+            "`prompt` must be one string (batches of prompts are not supported)",
+        ));
+    };
+    let ids = state.batcher.model().encode_raw(prompt)?;
+    generate(state, ids, params, &req.common, Kind::Text).await
+}
+
+/// Runs one generation through the scheduler, plain or as an SSE stream.
+pub(crate) async fn generate(
+    state: Arc<AppState>,
+    ids: Vec<u32>,
+    params: GenerationParams,
+    common: &Common,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    check_prompt_length(&state, &ids)?;
+    let head = wire::Header {
+        kind,
+        id: new_id(kind.id_prefix()),
+        created: now(),
+        model: state.opts.model_name.clone(),
+    };
+    let mut rx = state.batcher.submit(ids, params)?;
+    if !common.stream {
+        // Dropping this future (the client left) drops `rx`: the sequence ends.
+        let out = loop {
+            match rx.recv().await {
+                Some(BatchEvent::Delta(_)) => {}
+                Some(BatchEvent::Done(r)) => break r?,
+                None => return Err(ApiError::internal("the engine stopped")),
+            }
+        };
+        let body = head.answer(out.text, out.finish_reason, &out.stats);
+        return Ok(Json(body).into_response());
+    }
+    let include_usage = common
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let json = |c: wire::Completion| serde_json::to_string(&c).expect("a completion serializes");
+    // States: 0 opening chunk, 1 streaming, 2 [DONE] next, 3 over.
+    let mut pending: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    if kind == Kind::Chat {
+        let open = wire::Delta {
+            role: Some("assistant"),
+            content: Some(String::new()),
+        };
+        pending.push_back(json(head.chunk(open, None)));
+    }
+    let events = futures_util::stream::unfold(
+        (rx, pending, false),
+        move |(mut rx, mut pending, mut over)| {
+            let head = head.clone();
+            async move {
+                loop {
+                    if let Some(data) = pending.pop_front() {
+                        return Some((
+                            Ok::<_, Infallible>(Event::default().data(data)),
+                            (rx, pending, over),
+                        ));
+                    }
+                    if over {
+                        return None;
+                    }
+                    match rx.recv().await {
+                        Some(BatchEvent::Delta(d)) => {
+                            let delta = wire::Delta {
+                                role: None,
+                                content: Some(d),
+                            };
+                            pending.push_back(json(head.chunk(delta, None)))
+                        }
+                        Some(BatchEvent::Done(Ok(out))) => {
+                            let end = head.chunk(wire::Delta::default(), Some(out.finish_reason));
+                            pending.push_back(json(end));
+                            if include_usage {
+                                pending.push_back(json(head.usage_chunk(&out.stats)));
+                            }
+                            pending.push_back("[DONE]".into());
+                            over = true;
+                        }
+                        Some(BatchEvent::Done(Err(e))) => {
+                            let e = ApiError::from(e);
+                            let body =
+                                serde_json::to_string(&e.body()).expect("an error serializes");
+                            pending.push_back(body);
+                            pending.push_back("[DONE]".into());
+                            over = true;
+                        }
+                        None => {
+                            pending.push_back("[DONE]".into());
+                            over = true;
+                        }
+                    }
+                }
+            }
+        },
+    );
+    Ok(Sse::new(events).into_response())
+}
