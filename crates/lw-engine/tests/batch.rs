@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use lw_core::{FinishReason, GenerationParams, SamplingParams};
 use lw_engine::{BatchEvent, BatchOptions, Batcher, Engine, EngineError, LoadOptions};
 
+mod common;
+use common::receive;
+
 fn model_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/models")
@@ -64,13 +67,7 @@ fn concurrent_requests_get_exactly_their_solo_outputs() {
         .map(|(i, p)| batcher.submit(p.clone(), params(i)).unwrap())
         .collect();
     for (i, mut rx) in receivers.into_iter().enumerate() {
-        let mut streamed = String::new();
-        let got = loop {
-            match rx.blocking_recv().unwrap() {
-                BatchEvent::Delta(d) => streamed.push_str(&d),
-                BatchEvent::Done(r) => break r.unwrap(),
-            }
-        };
+        let (got, streamed) = receive(&mut rx);
         assert_eq!(got.tokens, want[i].tokens, "request {i}");
         assert_eq!(got.text, want[i].text, "request {i}");
         assert_eq!(

@@ -8,7 +8,7 @@ use lw_engine::{Engine, EngineError, Generation, LoadOptions, Speculation};
 use lw_model::QType;
 
 mod common;
-use common::{fixture, fixtures, ids};
+use common::{fixture, fixtures, ids, receive};
 
 fn load(name: &str) -> Engine {
     Engine::load(
@@ -30,6 +30,22 @@ fn params(sampling: SamplingParams, n: usize) -> GenerationParams {
 fn run(engine: &mut Engine, prompt: &[u32], p: &GenerationParams) -> Generation {
     engine.reset();
     engine.generate(prompt, p, |_| true).unwrap()
+}
+
+/// Total variation distance between two empirical distributions of `runs`
+/// draws each.
+fn total_variation(
+    a: &std::collections::HashMap<u32, usize>,
+    b: &std::collections::HashMap<u32, usize>,
+    runs: usize,
+) -> f64 {
+    let keys: std::collections::HashSet<u32> = a.keys().chain(b.keys()).copied().collect();
+    let share =
+        |m: &std::collections::HashMap<u32, usize>, k| *m.get(k).unwrap_or(&0) as f64 / runs as f64;
+    keys.iter()
+        .map(|k| (share(a, k) - share(b, k)).abs())
+        .sum::<f64>()
+        / 2.0
 }
 
 /// A prompt that repeats itself, so prompt lookup finds matches.
@@ -156,16 +172,7 @@ fn sampled_tokens_keep_their_distribution() {
         // Total variation distance between the two empirical distributions
         // of the third token: two samples of one distribution differ by
         // about 0.07 at this size; keeping every draft gives about 0.45.
-        let keys: std::collections::HashSet<u32> = a.keys().chain(b.keys()).copied().collect();
-        let tv: f64 = keys
-            .iter()
-            .map(|k| {
-                let pa = *a.get(k).unwrap_or(&0) as f64 / runs as f64;
-                let pb = *b.get(k).unwrap_or(&0) as f64 / runs as f64;
-                (pa - pb).abs()
-            })
-            .sum::<f64>()
-            / 2.0;
+        let tv = total_variation(&a, &b, runs as usize);
         eprintln!("draft {draft}: total variation {tv:.3}");
         assert!(
             tv < 0.15,
@@ -191,7 +198,7 @@ fn a_draft_with_another_tokenizer_is_refused() {
 /// sampling, and drafts are taken.
 #[test]
 fn the_scheduler_speculates_per_sequence_with_identical_greedy_output() {
-    use lw_engine::{BatchEvent, BatchOptions, Batcher};
+    use lw_engine::{BatchOptions, Batcher};
     let fx = fixture("llama3-untied");
     let base = ids(&fx["prompt_ids"]);
     let mut plain = load("llama3-untied");
@@ -242,13 +249,7 @@ fn the_scheduler_speculates_per_sequence_with_identical_greedy_output() {
             .collect();
         let mut drafted = 0;
         for (i, mut rx) in receivers.into_iter().enumerate() {
-            let mut streamed = String::new();
-            let got = loop {
-                match rx.blocking_recv().unwrap() {
-                    BatchEvent::Delta(d) => streamed.push_str(&d),
-                    BatchEvent::Done(r) => break r.unwrap(),
-                }
-            };
+            let (got, streamed) = receive(&mut rx);
             assert_eq!(got.tokens, want[i].tokens, "{name}, request {i}");
             assert_eq!(got.text, want[i].text, "{name}, request {i}");
             assert_eq!(streamed, got.text, "{name}, request {i}");
@@ -303,25 +304,12 @@ fn the_scheduler_keeps_the_sampled_distribution() {
     let mut b = std::collections::HashMap::<u32, usize>::new();
     let mut drafted = 0;
     for mut rx in receivers {
-        let got = loop {
-            if let lw_engine::BatchEvent::Done(r) = rx.blocking_recv().unwrap() {
-                break r.unwrap();
-            }
-        };
+        let (got, _) = receive(&mut rx);
         drafted += got.stats.draft_tokens;
         *b.entry(got.tokens[n - 1]).or_default() += 1;
     }
     assert!(drafted > 0);
-    let keys: std::collections::HashSet<u32> = a.keys().chain(b.keys()).copied().collect();
-    let tv: f64 = keys
-        .iter()
-        .map(|k| {
-            let pa = *a.get(k).unwrap_or(&0) as f64 / runs as f64;
-            let pb = *b.get(k).unwrap_or(&0) as f64 / runs as f64;
-            (pa - pb).abs()
-        })
-        .sum::<f64>()
-        / 2.0;
+    let tv = total_variation(&a, &b, runs as usize);
     eprintln!("scheduler with a draft model: total variation {tv:.3}");
     // Two samples of one distribution at this size differ by about 0.09;
     // keeping every draft gives about 0.45.

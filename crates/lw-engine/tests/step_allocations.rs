@@ -5,41 +5,14 @@
 //! (lw-model/tests/decode_allocations.rs); this bounds what the step adds,
 //! for a batch of one and for a batch of four through the scheduler.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lw_core::{GenerationParams, SamplingParams};
 use lw_engine::{BatchEvent, BatchOptions, Batcher, Engine, LoadOptions};
 
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call goes to the system allocator unchanged.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        System.alloc(layout)
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        System.alloc_zeroed(layout)
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static COUNTING: Counting = Counting;
+#[path = "../../lw-model/tests/support/counting.rs"]
+mod counting;
+use counting::allocations;
 
 fn params(max_tokens: usize) -> GenerationParams {
     GenerationParams {
@@ -71,10 +44,10 @@ fn a_decoded_token_allocates_a_bounded_number() {
     let prompt = engine.encode_raw("The river runs to the sea, and").unwrap();
     let solo = per_token(|n| {
         engine.reset();
-        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        let before = allocations();
         let out = engine.generate(&prompt, &params(n), |_| true).unwrap();
         assert_eq!(out.tokens.len(), n);
-        ALLOCATIONS.load(Ordering::SeqCst) - before
+        allocations() - before
     });
     let batcher = Batcher::start(
         Engine::load(&dir, &LoadOptions::default()).unwrap(),
@@ -85,7 +58,7 @@ fn a_decoded_token_allocates_a_bounded_number() {
         },
     );
     let four = per_token(|n| {
-        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        let before = allocations();
         let receivers: Vec<_> = (0..4)
             .map(|_| batcher.submit(prompt.clone(), params(n)).unwrap())
             .collect();
@@ -97,7 +70,7 @@ fn a_decoded_token_allocates_a_bounded_number() {
                 }
             }
         }
-        (ALLOCATIONS.load(Ordering::SeqCst) - before) / 4
+        (allocations() - before) / 4
     });
     eprintln!(
         "allocations per decoded token: {solo:.1} alone, {four:.1} per sequence in a batch of four"

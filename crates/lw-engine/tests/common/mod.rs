@@ -78,3 +78,17 @@ pub fn messages(case: &Value) -> Vec<lw_core::Message> {
 pub mod llama_cpp;
 #[allow(unused_imports)] // not every test file that includes this module asks for them
 pub use llama_cpp::llama_cpp_models;
+
+/// Reads a scheduled generation to its end: the result and the streamed
+/// text.
+pub fn receive(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<lw_engine::BatchEvent>,
+) -> (lw_engine::Generation, String) {
+    let mut streamed = String::new();
+    loop {
+        match rx.blocking_recv().expect("the scheduler answers") {
+            lw_engine::BatchEvent::Delta(d) => streamed.push_str(&d),
+            lw_engine::BatchEvent::Done(r) => return (r.unwrap(), streamed),
+        }
+    }
+}
