@@ -256,11 +256,8 @@ impl Scheduler {
                 continue;
             }
             let slot = self.take_slot(&job.prompt);
-            let drafter = match &self.speculation {
-                Some(_) if job.params.no_speculation => None,
-                Some(spec) => Some(slot.drafter.unwrap_or_else(|| spec.drafter())),
-                None => None,
-            };
+            let drafter =
+                Speculation::drafter_for(self.speculation.as_ref(), &job.params, slot.drafter);
             let sink = JobSink { tx: job.tx };
             self.active.push(Running::new(
                 &self.model,

@@ -66,7 +66,10 @@ enum Phase {
 /// sampler's state, its drafter (when it speculates) and where text goes.
 pub(crate) struct Running<S> {
     pub(crate) sink: S,
-    prompt: Vec<u32>,
+    /// The prompt, then (when the sequence speculates) the tokens taken, as
+    /// far as the drafter has seen them.
+    history: Vec<u32>,
+    prompt_len: usize,
     seq: Sequence,
     drafter: Option<Drafter>,
     phase: Phase,
@@ -100,7 +103,8 @@ impl<S: Sink> Running<S> {
         };
         Running {
             sink,
-            prompt,
+            prompt_len: prompt.len(),
+            history: prompt,
             seq,
             drafter,
             phase: Phase::Prefill { next: common },
@@ -193,11 +197,10 @@ impl<S: Sink> Running<S> {
             .min(self.decoding.remaining().saturating_sub(1));
         if let Some(drafter) = self.drafter.as_mut() {
             if room > 0 {
-                let mut history =
-                    Vec::with_capacity(self.prompt.len() + self.decoding.tokens.len());
-                history.extend_from_slice(&self.prompt);
-                history.extend_from_slice(&self.decoding.tokens);
-                feed.extend(drafter.propose(&history, room)?);
+                let seen = self.history.len() - self.prompt_len;
+                self.history
+                    .extend_from_slice(&self.decoding.tokens[seen..]);
+                feed.extend(drafter.propose(&self.history, room)?);
             }
         }
         Ok(feed)
@@ -208,9 +211,11 @@ impl<S: Sink> Running<S> {
         let Phase::Prefill { next } = self.phase else {
             return Ok(());
         };
-        let end = (next + model.prefill_chunk()).min(self.prompt.len());
-        let logits = self.seq.feed_last(model.model(), &self.prompt[next..end])?;
-        self.phase = if end == self.prompt.len() {
+        let end = (next + model.prefill_chunk()).min(self.prompt_len);
+        let logits = self
+            .seq
+            .feed_last(model.model(), &self.history[next..end])?;
+        self.phase = if end == self.prompt_len {
             self.stats.prefill_seconds = self.submitted.elapsed().as_secs_f64();
             self.decode_start = Some(Instant::now());
             Phase::Decode {

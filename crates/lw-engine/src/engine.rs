@@ -118,11 +118,8 @@ impl Engine {
         }
         let model = self.model.clone();
         let seq = self.seq.take().unwrap_or_else(|| model.new_sequence());
-        let drafter = match &self.speculation {
-            Some(_) if params.no_speculation => None,
-            Some(spec) => Some(self.drafter.take().unwrap_or_else(|| spec.drafter())),
-            None => None,
-        };
+        let drafter =
+            Speculation::drafter_for(self.speculation.as_ref(), params, self.drafter.take());
         let run = Running::new(
             &model,
             prompt.to_vec(),

@@ -78,21 +78,25 @@ impl Speculation {
         })
     }
 
-    /// A drafter for one sequence.
-    pub(crate) fn drafter(&self) -> Drafter {
-        let seq = match &self.kind {
-            Kind::PromptLookup { .. } => None,
-            Kind::Model(m) => Some(m.model.new_sequence()),
-        };
-        Drafter {
-            spec: self.clone(),
-            seq,
-        }
+    /// The drafter of a sequence that runs `params`: the one it kept from
+    /// its last generation (a draft model's cache reuses its prefix) or a
+    /// new one; none when the request opts out.
+    pub(crate) fn drafter_for(
+        spec: Option<&Speculation>,
+        params: &lw_core::GenerationParams,
+        kept: Option<Drafter>,
+    ) -> Option<Drafter> {
+        let spec = spec.filter(|_| !params.no_speculation)?;
+        Some(kept.unwrap_or_else(|| Drafter {
+            spec: spec.clone(),
+            seq: None,
+        }))
     }
 }
 
 /// One sequence's drafter: the setting, and a draft model's own sequence
-/// (its KV cache follows the text, reusing its prefix from step to step).
+/// (made at the first guess; its KV cache follows the text, reusing its
+/// prefix from step to step).
 pub(crate) struct Drafter {
     spec: Speculation,
     seq: Option<Sequence>,
@@ -109,11 +113,11 @@ impl Drafter {
         if limit == 0 || history.is_empty() {
             return Ok(Vec::new());
         }
-        match (&self.spec.kind, &mut self.seq) {
-            (Kind::PromptLookup { max_ngram }, _) => Ok(lookup(history, *max_ngram, limit)),
-            (Kind::Model(m), Some(seq)) => m.propose(seq, history, limit),
-            (Kind::Model(m), seq @ None) => {
-                m.propose(seq.insert(m.model.new_sequence()), history, limit)
+        match &self.spec.kind {
+            Kind::PromptLookup { max_ngram } => Ok(lookup(history, *max_ngram, limit)),
+            Kind::Model(m) => {
+                let seq = self.seq.get_or_insert_with(|| m.model.new_sequence());
+                m.propose(seq, history, limit)
             }
         }
     }

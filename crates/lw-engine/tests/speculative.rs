@@ -32,16 +32,28 @@ fn run(engine: &mut Engine, prompt: &[u32], p: &GenerationParams) -> Generation 
     engine.generate(prompt, p, |_| true).unwrap()
 }
 
+/// How often each token came up.
+type Counts = std::collections::HashMap<u32, usize>;
+
+/// Tokens generated per run in the distribution tests (the last is counted).
+const SAMPLED: usize = 3;
+
+/// Seeded sampling for the distribution tests.
+fn sampled(seed: u64) -> GenerationParams {
+    let sampling = SamplingParams {
+        temperature: 0.8,
+        top_k: 4,
+        seed,
+        ..Default::default()
+    };
+    params(sampling, SAMPLED)
+}
+
 /// Total variation distance between two empirical distributions of `runs`
 /// draws each.
-fn total_variation(
-    a: &std::collections::HashMap<u32, usize>,
-    b: &std::collections::HashMap<u32, usize>,
-    runs: usize,
-) -> f64 {
+fn total_variation(a: &Counts, b: &Counts, runs: usize) -> f64 {
     let keys: std::collections::HashSet<u32> = a.keys().chain(b.keys()).copied().collect();
-    let share =
-        |m: &std::collections::HashMap<u32, usize>, k| *m.get(k).unwrap_or(&0) as f64 / runs as f64;
+    let share = |m: &Counts, k| *m.get(k).unwrap_or(&0) as f64 / runs as f64;
     keys.iter()
         .map(|k| (share(a, k) - share(b, k)).abs())
         .sum::<f64>()
@@ -140,19 +152,12 @@ fn greedy_output_is_identical_with_prompt_lookup() {
 fn sampled_tokens_keep_their_distribution() {
     let mut plain = load("llama3-untied");
     let prompt = repetitive_prompt(&plain);
-    let sampling = |seed| SamplingParams {
-        temperature: 0.8,
-        top_k: 4,
-        seed,
-        ..Default::default()
-    };
-    let n = 3;
     let runs = 2000;
     let count = |engine: &mut Engine, offset: u64| {
-        let mut freq = std::collections::HashMap::<u32, usize>::new();
+        let mut freq = Counts::new();
         for seed in 0..runs {
-            let out = run(engine, &prompt, &params(sampling(seed + offset), n));
-            *freq.entry(out.tokens[n - 1]).or_default() += 1;
+            let out = run(engine, &prompt, &sampled(seed + offset));
+            *freq.entry(out.tokens[SAMPLED - 1]).or_default() += 1;
         }
         freq
     };
@@ -270,18 +275,11 @@ fn the_scheduler_keeps_the_sampled_distribution() {
     use lw_engine::{BatchOptions, Batcher};
     let mut plain = load("llama3-untied");
     let prompt = repetitive_prompt(&plain);
-    let sampling = |seed| SamplingParams {
-        temperature: 0.8,
-        top_k: 4,
-        seed,
-        ..Default::default()
-    };
-    let n = 3;
     let runs = 1200u64;
-    let mut a = std::collections::HashMap::<u32, usize>::new();
+    let mut a = Counts::new();
     for seed in 0..runs {
-        let out = run(&mut plain, &prompt, &params(sampling(seed), n));
-        *a.entry(out.tokens[n - 1]).or_default() += 1;
+        let out = run(&mut plain, &prompt, &sampled(seed));
+        *a.entry(out.tokens[SAMPLED - 1]).or_default() += 1;
     }
     let mut engine = load("llama3-untied");
     let spec = Speculation::draft_model(load("llama3-untied"), &engine, 2).unwrap();
@@ -297,16 +295,16 @@ fn the_scheduler_keeps_the_sampled_distribution() {
     let receivers: Vec<_> = (0..runs)
         .map(|seed| {
             batcher
-                .submit(prompt.clone(), params(sampling(50_000 + seed), n))
+                .submit(prompt.clone(), sampled(50_000 + seed))
                 .unwrap()
         })
         .collect();
-    let mut b = std::collections::HashMap::<u32, usize>::new();
+    let mut b = Counts::new();
     let mut drafted = 0;
     for mut rx in receivers {
         let (got, _) = receive(&mut rx);
         drafted += got.stats.draft_tokens;
-        *b.entry(got.tokens[n - 1]).or_default() += 1;
+        *b.entry(got.tokens[SAMPLED - 1]).or_default() += 1;
     }
     assert!(drafted > 0);
     let tv = total_variation(&a, &b, runs as usize);
