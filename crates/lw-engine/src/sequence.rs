@@ -33,15 +33,6 @@ impl Sequence {
         self.tokens.is_empty()
     }
 
-    /// The tokens held, in order.
-    pub fn tokens(&self) -> &[u32] {
-        &self.tokens
-    }
-
-    pub fn cache(&self) -> &KvCache {
-        &self.cache
-    }
-
     /// Keeps the first `len` positions.
     pub fn truncate(&mut self, len: usize) {
         self.cache.truncate(len);
