@@ -17,71 +17,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::quant::QType;
+pub use crate::error::{FileError, GgufError};
+use crate::mmap::Bytes;
+use crate::qtype::QType;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 pub const DEFAULT_ALIGNMENT: usize = 32;
 /// Arrays inside arrays are legal; nesting deeper than this is not a model.
 const MAX_DEPTH: usize = 4;
-
-/// What is wrong with a GGUF file (the caller adds the path).
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum GgufError {
-    #[error("not a GGUF file (the first four bytes are not \"GGUF\")")]
-    Magic,
-    #[error("GGUF version {0} is not supported (versions 2 and 3 are)")]
-    Version(u32),
-    #[error("truncated: {what} at byte {offset} runs past the end of the file ({len} bytes)")]
-    Truncated {
-        what: String,
-        offset: usize,
-        len: usize,
-    },
-    #[error("metadata \"{key}\": unknown value type {ty}")]
-    ValueType { key: String, ty: u32 },
-    #[error("metadata \"{key}\": arrays nested deeper than {MAX_DEPTH} levels")]
-    Nesting { key: String },
-    #[error("{what} is not valid UTF-8")]
-    Utf8 { what: String },
-    #[error("metadata \"{key}\" is {found}, expected {expected}")]
-    MetadataType {
-        key: String,
-        expected: &'static str,
-        found: &'static str,
-    },
-    #[error("architecture \"{0}\" is not supported (supported: llama, qwen2)")]
-    Architecture(String),
-    #[error("metadata \"{key}\": {reason}")]
-    Metadata { key: String, reason: String },
-    #[error("metadata \"{0}\" is missing")]
-    MissingKey(String),
-    #[error("general.alignment is {0}; it must be a power of two")]
-    Alignment(u64),
-    #[error("tensor \"{name}\": unknown tensor type {ty}")]
-    UnknownType { name: String, ty: u32 },
-    #[error(
-        "tensor \"{name}\" has type {ty}, which is not supported (supported: {})",
-        QType::supported()
-    )]
-    UnsupportedType { name: String, ty: &'static str },
-    #[error("tensor \"{name}\": {reason}")]
-    TensorShape { name: String, reason: String },
-    #[error("tensor \"{name}\": its {size} bytes at offset {offset} run past the end of the file ({len} bytes)")]
-    TensorBounds {
-        name: String,
-        offset: u64,
-        size: usize,
-        len: usize,
-    },
-    #[error("tensor \"{name}\": offset {offset} is not a multiple of the alignment {alignment}")]
-    TensorAlignment {
-        name: String,
-        offset: u64,
-        alignment: usize,
-    },
-    #[error("tensor \"{0}\" appears twice")]
-    DuplicateTensor(String),
-}
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -321,7 +264,10 @@ impl<'a> Cursor<'a> {
             8 => Value::String(self.string(&what())?),
             9 => {
                 if depth >= MAX_DEPTH {
-                    return Err(GgufError::Nesting { key: key.into() });
+                    return Err(GgufError::Nesting {
+                        key: key.into(),
+                        max: MAX_DEPTH,
+                    });
                 }
                 let elem = self.u32(&what())?;
                 let count = self.u64(&what())?;
@@ -509,14 +455,6 @@ pub struct GgufFile {
     index: HashMap<String, usize>,
 }
 
-/// A GGUF error with the file it is about.
-#[derive(Debug, thiserror::Error)]
-#[error("{}: {source}", path.display())]
-pub struct FileError {
-    pub path: PathBuf,
-    pub source: GgufError,
-}
-
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, crate::ModelError> {
         let file = std::fs::File::open(path).map_err(|e| crate::ModelError::io(path, e))?;
@@ -557,8 +495,8 @@ impl GgufFile {
     }
 
     /// The data of a tensor, shared with the map (no copy).
-    pub fn data(&self, info: &TensorInfo) -> crate::quant::Bytes {
-        crate::quant::Bytes::Mapped {
+    pub fn data(&self, info: &TensorInfo) -> Bytes {
+        Bytes::Mapped {
             map: self.map.clone(),
             start: info.start,
             len: info.size,

@@ -278,7 +278,7 @@ fn small_matmul<T: Element>(w: &[T], x: &[f32], out: &mut [f32], rows: usize, n:
     }
     let blocks = n.div_ceil(block);
     // Each block writes its own columns of every output row: disjoint.
-    let dst = SharedOut(out.as_mut_ptr());
+    let dst = crate::pool::SharedOut(out.as_mut_ptr());
     crate::pool::for_each(blocks, |bi| {
         let j0 = bi * block;
         let count = block.min(n - j0);
@@ -345,21 +345,6 @@ fn block_rows_with<T: Element>(
     if r < rows {
         dot_rows(w, &x[r * k..(r + 1) * k], tmp);
         put(r, tmp);
-    }
-}
-
-/// The output buffer, shared by blocks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedOut(pub(crate) *mut f32);
-// SAFETY: only used for disjoint writes while the buffer is borrowed.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// # Safety
-    /// `i` is within the buffer.
-    pub(crate) unsafe fn at(self, i: usize) -> *mut f32 {
-        self.0.add(i)
     }
 }
 

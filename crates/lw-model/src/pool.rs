@@ -318,3 +318,18 @@ mod tests {
         assert_eq!(total.load(Ordering::Relaxed), 4 * 100 * 45);
     }
 }
+
+/// The output buffer, shared by blocks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: only used for disjoint writes while the buffer is borrowed.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `i` is within the buffer.
+    pub(crate) unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}

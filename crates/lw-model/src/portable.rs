@@ -37,12 +37,7 @@
 //!   weight is `d·(sc − 32)·level`.
 
 use crate::kernels::QuantRow;
-use crate::qtype::QType;
-
-/// IQ4_NL's and IQ4_XS's sixteen levels (ggml's `kvalues_iq4nl`).
-pub(crate) const IQ4_LEVELS: [i8; 16] = [
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-];
+use crate::qtype::{QType, IQ4_LEVELS};
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()

@@ -197,6 +197,11 @@ impl QType {
     }
 }
 
+/// IQ4_NL's and IQ4_XS's sixteen levels (ggml's `kvalues_iq4nl`).
+pub(crate) const IQ4_LEVELS: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,7 +77,7 @@
 
 use rayon::prelude::*;
 
-use crate::quant::QType;
+use crate::qtype::QType;
 
 /// Rows per group.
 pub const GROUP: usize = 8;
@@ -126,7 +126,7 @@ pub mod q8_0 {
 /// Offsets within a group block of the 32-weight types, by the type's code
 /// ([`small::code`]: the group kernel's constant parameter).
 pub mod small {
-    use crate::quant::QType;
+    use crate::qtype::QType;
 
     pub const Q4_0: usize = 0;
     pub const Q4_1: usize = 1;

@@ -1,0 +1,275 @@
+//! Q6_K (256 weights in 210 bytes): the decode tile over a group of eight
+//! rows and the prefill GEMM over unpacked rows.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::isa::*;
+use super::quantize::QuantRow;
+use super::tile::*;
+
+for_each_isa! {
+    /// Eight Q6_K rows, held as a group ([`crate::repack`]), against `R`
+    /// activation rows (quantized per 256): the decode product, and prefill's
+    /// rows that do not fill a tile.
+    ///
+    /// Q6_K, 256 weights in 210 bytes: 128 bytes of low nibbles, 64 bytes of
+    /// high 2-bit pairs, 16 i8 scales (one per 16 weights), then `d` (f16). Each
+    /// half of 128 weights uses 64 low-nibble bytes `ql`, 32 high bytes `qh` and
+    /// 8 scales; its weight `l + 32k` (k = 0..3) takes the low or high nibble of
+    /// `ql[l]` or `ql[l + 32]` and bits `2k..2k + 2` of `qh[l]`, and is
+    /// `d·scale·(q − 32)`.
+    ///
+    /// The rows sit in the eight 32-bit lanes, as in [`q4k8_tile`]. The
+    /// products take the unsigned `q` (0..63): two of them per 16-bit lane, two
+    /// steps summed (at most 4 · 63 · 127 = 32,004) before one multiply by the
+    /// rows' scales. The offset is one correction per block, `32 · Σ scale ·
+    /// (sum of the 16 activations)`, from the row's sums per 16 (exact integers
+    /// either way); then one fused multiply-add per block, as in [`q6k_gemm`],
+    /// so a row's result has the same bits whichever kernel computed it.
+    /// Returns `[activation row][weight row]`.
+    ///
+    /// # Safety
+    /// As for [`q4k8_tile`], with a Q6_K group.
+    pub unsafe fn q6k8_tile<const R: usize>(
+        group: *const u8,
+        xs: [&QuantRow; R]
+    ) -> [[f32; 8]; R] = q6k8_tile_in;
+}
+
+/// The body of [`q6k8_tile`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q6k8_tile_in<I: Ints, const R: usize>(
+    group: *const u8,
+    xs: [&QuantRow; R],
+) -> [[f32; 8]; R] {
+    use crate::repack::q6k::{D, GROUP_BLOCK, QS, SCALES};
+    let blocks = xs[0].scales.len();
+    let spread = scale_spread();
+    let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
+    let sums: [*const i16; R] = xs.map(|x| x.sums16.as_ptr());
+    let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..blocks {
+        let rec = group.add(b * GROUP_BLOCK);
+        let mut isum = [_mm256_setzero_si256(); R];
+        for h in 0..2 {
+            let steps = I::Q6K_STEPS;
+            for gp in 0..8 / steps {
+                let mut acc16 = [[_mm256_setzero_si256(); R]; 4];
+                for g in steps * gp..steps * (gp + 1) {
+                    let w = q6k_values(rec.add(QS + (h * 8 + g) * 96));
+                    for i in 0..R {
+                        let y = ys[i].add(b * 256 + h * 128 + 4 * g);
+                        for k in 0..4 {
+                            let yv =
+                                _mm256_set1_epi32((y.add(32 * k) as *const i32).read_unaligned());
+                            acc16[k][i] = I::dot(acc16[k][i], w[k], yv);
+                        }
+                    }
+                }
+                // Weights 4g.. of quarter k use scale 8h + 2k + (g ≥ 4).
+                for (k, a) in acc16.iter().enumerate() {
+                    let pairs =
+                        scale_pairs(rec.add(SCALES + (4 * h + k) * 16), spread[steps * gp / 4]);
+                    let sc = I::scales(pairs);
+                    for i in 0..R {
+                        isum[i] = I::scaled(isum[i], a[i], sc);
+                    }
+                }
+            }
+        }
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(D) as *const __m128i));
+        for i in 0..R {
+            let s = sums[i].add(b * 16);
+            let mut offset = _mm256_setzero_si256();
+            for p in 0..8 {
+                let pair = _mm256_set1_epi32(
+                    (*s.add(2 * p) as u16 as i32) | ((*s.add(2 * p + 1) as i32) << 16),
+                );
+                let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                    rec.add(SCALES + 16 * p) as *const __m128i
+                ));
+                offset = I::madd(offset, sc, pair);
+            }
+            let tot = _mm256_sub_epi32(isum[i], _mm256_slli_epi32(offset, 5));
+            let dy = _mm256_set1_ps(*dys[i].add(b));
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(d, dy), _mm256_cvtepi32_ps(tot), acc[i]);
+        }
+    }
+    std::array::from_fn(|i| {
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc[i]);
+        out
+    })
+}
+
+/// The four value vectors of one step of a Q6_K group (`at`: its `a`, `b`
+/// and `c` loads, see [`crate::repack`]): quarter `k`'s weights `4g..4g + 4`
+/// of the eight rows, 0..63 each. Three take a mask; the fourth gathers its
+/// bit pairs from the top of each byte (masked first, so the 16-bit shifts
+/// move nothing across bytes).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q6k_values(at: *const u8) -> [__m256i; 4] {
+    let six = _mm256_set1_epi8(0x3F);
+    let a = _mm256_loadu_si256(at as *const __m256i);
+    let b = _mm256_loadu_si256(at.add(32) as *const __m256i);
+    let c = _mm256_loadu_si256(at.add(64) as *const __m256i);
+    let top = |v: __m256i| _mm256_andnot_si256(six, v);
+    let q3 = _mm256_or_si256(
+        _mm256_or_si256(_mm256_srli_epi16(top(a), 6), _mm256_srli_epi16(top(b), 4)),
+        _mm256_srli_epi16(top(c), 2),
+    );
+    [
+        _mm256_and_si256(a, six),
+        _mm256_and_si256(b, six),
+        _mm256_and_si256(c, six),
+        q3,
+    ]
+}
+
+/// Shuffles that take scale `2p + e` of each row from a pair's 16 bytes
+/// (`[row][2]`, in both halves of a vector) into the high byte of both
+/// 16-bit halves of the row's lane.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scale_spread() -> [__m256i; 2] {
+    std::array::from_fn(|e| {
+        let mut m = [-1i8; 32];
+        for r in 0..8 {
+            m[4 * r + 1] = (2 * r + e) as i8;
+            m[4 * r + 3] = (2 * r + e) as i8;
+        }
+        _mm256_loadu_si256(m.as_ptr() as *const __m256i)
+    })
+}
+
+/// The eight rows' signed scales as 16-bit pairs `[s_r, s_r]` per lane.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scale_pairs(pair: *const u8, spread: __m256i) -> __m256i {
+    let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(pair as *const __m128i));
+    _mm256_srai_epi16(_mm256_shuffle_epi8(v, spread), 8)
+}
+
+/// One Q6_K row unpacked for [`q6k_gemm`]: a byte (0..63) per weight, the
+/// sixteen scales per block widened, and the block scale.
+#[derive(Default)]
+pub struct Q6kRow {
+    q: Vec<u8>,
+    scales: Vec<i32>,
+    d: Vec<f32>,
+}
+
+impl Q6kRow {
+    /// Unpacks the eight rows of a Q6_K group of `blocks` blocks
+    /// ([`crate::repack`]), reusing the rows' buffers.
+    ///
+    /// # Safety
+    /// `group` holds `blocks` group blocks; AVX2 and F16C are available.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn unpack_group(rows: &mut [Q6kRow; 8], group: *const u8, blocks: usize) {
+        use crate::repack::q6k::{D, GROUP_BLOCK, QS, SCALES};
+        for row in rows.iter_mut() {
+            row.q.resize(blocks * 256, 0);
+            row.scales.clear();
+            row.d.clear();
+        }
+        for b in 0..blocks {
+            let rec = group.add(b * GROUP_BLOCK);
+            let mut d = [0f32; 8];
+            _mm256_storeu_ps(
+                d.as_mut_ptr(),
+                _mm256_cvtph_ps(_mm_loadu_si128(rec.add(D) as *const __m128i)),
+            );
+            for (r, row) in rows.iter_mut().enumerate() {
+                row.d.push(d[r]);
+                for j in 0..16 {
+                    let s = *rec.add(SCALES + (j / 2) * 16 + 2 * r + j % 2) as i8;
+                    row.scales.push(s as i32);
+                }
+            }
+            for h in 0..2 {
+                let w: [[__m256i; 4]; 8] =
+                    std::array::from_fn(|g| q6k_values(rec.add(QS + (h * 8 + g) * 96)));
+                for k in 0..4 {
+                    // Quarter k's 32 weights of each row: four per step.
+                    let t = transpose8x32(w.map(|step| step[k]));
+                    for (row, v) in rows.iter_mut().zip(t) {
+                        let out = row.q.as_mut_ptr().add(b * 256 + h * 128 + 32 * k);
+                        _mm256_storeu_si256(out as *mut __m256i, v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+for_each_isa! {
+    /// Two unpacked Q6_K rows against `T` tiles of eight activation rows, as
+    /// [`q4k_gemm`]: products of eight weights (at most 4 · 63 · 127 = 32,004
+    /// per i16 lane) share a scale and are summed before one multiply by it;
+    /// the −32 offset is one correction per block from the rows' sums per 16.
+    /// Per block, the exact integer sums take the same fused step as
+    /// [`q6k8_tile`], so every result has the same bits as there.
+    ///
+    /// # Safety
+    /// As for [`q4k_gemm`].
+    pub unsafe fn q6k_gemm<const T: usize>(
+        w: [&Q6kRow; 2],
+        tiles: [&ActTile; T]
+    ) -> [[[f32; 8]; T]; 2] = q6k_gemm_in;
+}
+
+/// The body of [`q6k_gemm`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q6k_gemm_in<I: Ints, const T: usize>(
+    w: [&Q6kRow; 2],
+    tiles: [&ActTile; T],
+) -> [[[f32; 8]; T]; 2] {
+    let blocks = w[0].d.len();
+    let mut acc = [[_mm256_setzero_ps(); T]; 2];
+    let a_base: [*const i8; T] = tiles.map(|t| t.bytes.as_ptr());
+    let q_base: [*const u8; 2] = w.map(|r| r.q.as_ptr());
+    for b in 0..blocks {
+        let mut isum = [[_mm256_setzero_si256(); T]; 2];
+        let steps = I::Q6K_STEPS;
+        for e in 0..64 / steps {
+            let scales = w.map(|r| r.scales[b * 16 + e * steps / 4] as i16);
+            scaled_run::<I, T>(
+                q_base,
+                a_base,
+                b * 256 + e * 4 * steps,
+                steps,
+                scales,
+                &mut isum,
+            );
+        }
+        for t in 0..T {
+            let dy = _mm256_loadu_ps(tiles[t].scales.as_ptr().add(b * 8));
+            let sums = tiles[t].sums16.as_ptr().add(b * 128);
+            for r in 0..2 {
+                let mut offset = _mm256_setzero_si256();
+                for j in 0..16 {
+                    let s = _mm256_loadu_si256(sums.add(j * 8) as *const __m256i);
+                    let sc = _mm256_set1_epi32(w[r].scales[b * 16 + j]);
+                    offset = _mm256_add_epi32(offset, _mm256_mullo_epi32(sc, s));
+                }
+                let tot = _mm256_sub_epi32(isum[r][t], _mm256_slli_epi32(offset, 5));
+                let d = _mm256_mul_ps(_mm256_set1_ps(w[r].d[b]), dy);
+                acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(tot), acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[[0f32; 8]; T]; 2];
+    for r in 0..2 {
+        for t in 0..T {
+            _mm256_storeu_ps(out[r][t].as_mut_ptr(), acc[r][t]);
+        }
+    }
+    out
+}
