@@ -206,8 +206,8 @@ struct JobSink {
 }
 
 impl Sink for JobSink {
-    fn text(&mut self, delta: String) -> bool {
-        self.tx.send(BatchEvent::Delta(delta)).is_ok()
+    fn text(&mut self, delta: &str) -> bool {
+        self.tx.send(BatchEvent::Delta(delta.to_owned())).is_ok()
     }
     fn closed(&self) -> bool {
         self.tx.is_closed()

@@ -13,6 +13,7 @@
 use std::time::Instant;
 
 use lw_core::{FinishReason, GenerationParams, GenerationStats};
+use lw_model::Logits;
 
 use crate::error::EngineError;
 use crate::model::Model;
@@ -35,7 +36,7 @@ pub struct Generation {
 pub(crate) trait Sink {
     /// Passes released text on; `false` when the receiver is gone (the
     /// sequence is cancelled).
-    fn text(&mut self, delta: String) -> bool;
+    fn text(&mut self, delta: &str) -> bool;
     /// Whether the receiver went away between steps.
     fn closed(&self) -> bool {
         false
@@ -44,22 +45,19 @@ pub(crate) trait Sink {
 
 /// A callback that returns `false` to cancel.
 impl<F: FnMut(&str) -> bool> Sink for F {
-    fn text(&mut self, delta: String) -> bool {
-        self(&delta)
+    fn text(&mut self, delta: &str) -> bool {
+        self(delta)
     }
 }
 
 enum Phase {
     /// Prompt positions still to compute, from `next`.
     Prefill { next: usize },
-    /// `rows[j]` is the next-token distribution after the j-th token fed
-    /// last; `drafts[j]` is the guess it checks (none for the last row).
-    /// `base` is the sequence's length before that feed.
-    Decode {
-        rows: Vec<Vec<f32>>,
-        drafts: Vec<u32>,
-        base: usize,
-    },
+    /// The sequence's `logits` hold `rows` rows: row `j` is the next-token
+    /// distribution after the j-th token fed last, and `drafts[j]` the
+    /// guess it checks (none for the last row). `base` is the sequence's
+    /// length before that feed.
+    Decode { rows: usize, base: usize },
 }
 
 /// A generation in progress: its prompt, its sequence on the model, the
@@ -73,6 +71,13 @@ pub(crate) struct Running<S> {
     seq: Sequence,
     drafter: Option<Drafter>,
     phase: Phase,
+    /// The logits of the last feed (`[rows, vocab]`), the guesses fed with
+    /// its token, and what the step feeds next (when `feeding`): buffers
+    /// kept for the whole generation, so a decoded token allocates none.
+    logits: Vec<f32>,
+    drafts: Vec<u32>,
+    feed: Vec<u32>,
+    feeding: bool,
     decoding: Decoding,
     stats: GenerationStats,
     submitted: Instant,
@@ -108,6 +113,10 @@ impl<S: Sink> Running<S> {
             seq,
             drafter,
             phase: Phase::Prefill { next: common },
+            logits: Vec::new(),
+            drafts: Vec::new(),
+            feed: Vec::new(),
+            feeding: false,
             decoding,
             stats,
             submitted,
@@ -131,7 +140,7 @@ impl<S: Sink> Running<S> {
         let result = outcome.and_then(|reason| {
             let rest = self.decoding.finish(reason, tok)?;
             if !rest.is_empty() {
-                self.sink.text(rest);
+                self.sink.text(&rest);
             }
             self.stats.generated_tokens = self.decoding.tokens.len();
             self.stats.decode_seconds =
@@ -148,7 +157,7 @@ impl<S: Sink> Running<S> {
 
     /// Samples from the rows of the last feed; `Ok(None)` to go on.
     fn sample(&mut self, model: &Model) -> Result<Option<FinishReason>, EngineError> {
-        let Phase::Decode { rows, drafts, base } = &mut self.phase else {
+        let Phase::Decode { rows, base } = self.phase else {
             return Ok(None);
         };
         if let Some(f) = self.decoding.finished_before_start() {
@@ -156,11 +165,13 @@ impl<S: Sink> Running<S> {
         }
         let mut kept = 0;
         let mut finish = None;
-        for (j, row) in rows.iter_mut().enumerate() {
-            let draft = drafts.get(j).copied();
-            let (ready, done, is_draft) =
+        let width = self.logits.len() / rows;
+        for (j, row) in self.logits.chunks_exact_mut(width).enumerate() {
+            let draft = self.drafts.get(j).copied();
+            let (done, is_draft) =
                 self.decoding
                     .step_draft(row, model.tokenizer(), model.eos_ids(), draft)?;
+            let ready = &self.decoding.ready;
             if !ready.is_empty() && !self.sink.text(ready) {
                 finish = Some(FinishReason::Cancelled);
                 break;
@@ -174,13 +185,13 @@ impl<S: Sink> Running<S> {
             }
             kept += 1;
         }
-        if !drafts.is_empty() {
-            let kept = kept.min(drafts.len());
-            self.stats.draft_tokens += drafts.len();
+        if !self.drafts.is_empty() {
+            let kept = kept.min(self.drafts.len());
+            self.stats.draft_tokens += self.drafts.len();
             self.stats.accepted_draft_tokens += kept;
             // Keep the fed token and the accepted guesses; the rest of the
             // pass was computed for tokens that were not taken.
-            self.seq.truncate(*base + 1 + kept);
+            self.seq.truncate(base + 1 + kept);
         }
         if finish.is_none() && self.seq.len() + 1 > model.context_length() {
             finish = Some(FinishReason::ContextFull);
@@ -188,9 +199,11 @@ impl<S: Sink> Running<S> {
         Ok(finish)
     }
 
-    /// The tokens to feed next: the token taken last, then any guesses.
-    fn next_feed(&mut self, model: &Model) -> Result<Vec<u32>, EngineError> {
-        let mut feed = vec![self.decoding.last_token()];
+    /// Sets `feed` to the tokens to feed next: the token taken last, then
+    /// any guesses.
+    fn next_feed(&mut self, model: &Model) -> Result<(), EngineError> {
+        self.feed.clear();
+        self.feed.push(self.decoding.last_token());
         // Room for guesses in the context, and in max_tokens after the token
         // fed now and one more from the last row.
         let room = (model.context_length() - self.seq.len() - 1)
@@ -200,10 +213,22 @@ impl<S: Sink> Running<S> {
                 let seen = self.history.len() - self.prompt_len;
                 self.history
                     .extend_from_slice(&self.decoding.tokens[seen..]);
-                feed.extend(drafter.propose(&self.history, room)?);
+                self.feed.extend(drafter.propose(&self.history, room)?);
             }
         }
-        Ok(feed)
+        Ok(())
+    }
+
+    /// Feeds `feed` through the model on its own (guesses included).
+    fn feed_alone(&mut self, model: &Model) -> Result<(), EngineError> {
+        let base = self.seq.len();
+        let rows = self
+            .seq
+            .feed(model.model(), &self.feed, Logits::All, &mut self.logits)?;
+        self.drafts.clear();
+        self.drafts.extend_from_slice(&self.feed[1..]);
+        self.phase = Phase::Decode { rows, base };
+        Ok(())
     }
 
     /// Computes the next chunk of the prompt; at its end the first logits.
@@ -212,15 +237,18 @@ impl<S: Sink> Running<S> {
             return Ok(());
         };
         let end = (next + model.prefill_chunk()).min(self.prompt_len);
-        let logits = self
-            .seq
-            .feed_last(model.model(), &self.history[next..end])?;
+        self.seq.feed(
+            model.model(),
+            &self.history[next..end],
+            Logits::Last,
+            &mut self.logits,
+        )?;
         self.phase = if end == self.prompt_len {
             self.stats.prefill_seconds = self.submitted.elapsed().as_secs_f64();
             self.decode_start = Some(Instant::now());
+            self.drafts.clear();
             Phase::Decode {
-                rows: vec![logits],
-                drafts: Vec::new(),
+                rows: 1,
                 base: self.seq.len() - 1,
             }
         } else {
@@ -233,10 +261,9 @@ impl<S: Sink> Running<S> {
 /// One step of every sequence in `active`; returns those that ended.
 pub(crate) fn step<S: Sink>(model: &Model, active: &mut [Running<S>]) -> Vec<Ended> {
     let mut ended: Vec<Ended> = Vec::new();
-    // One token each: fed together. More (with guesses): fed one by one.
-    let mut single: Vec<(usize, u32)> = Vec::new();
-    let mut several: Vec<(usize, Vec<u32>)> = Vec::new();
+    let mut singles = 0;
     for (i, r) in active.iter_mut().enumerate() {
+        r.feeding = false;
         if r.sink.closed() {
             ended.push((i, Ok(FinishReason::Cancelled)));
             continue;
@@ -245,56 +272,28 @@ pub(crate) fn step<S: Sink>(model: &Model, active: &mut [Running<S>]) -> Vec<End
             continue;
         }
         match r.sample(model).and_then(|done| match done {
-            Some(f) => Ok(Err(f)),
-            None => r.next_feed(model).map(Ok),
+            Some(f) => Ok(Some(f)),
+            None => r.next_feed(model).map(|()| None),
         }) {
             Err(e) => ended.push((i, Err(e))),
-            Ok(Err(f)) => ended.push((i, Ok(f))),
-            Ok(Ok(feed)) if feed.len() == 1 => single.push((i, feed[0])),
-            Ok(Ok(feed)) => several.push((i, feed)),
+            Ok(Some(f)) => ended.push((i, Ok(f))),
+            Ok(None) => {
+                r.feeding = true;
+                singles += usize::from(r.feed.len() == 1);
+            }
         }
     }
-    if !single.is_empty() {
-        let tokens: Vec<u32> = single.iter().map(|&(_, t)| t).collect();
-        let fed = single.iter().map(|&(i, _)| i);
-        let seqs = active
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| single.iter().any(|(j, _)| j == i))
-            .map(|(_, r)| &mut r.seq);
-        let mut caches = Sequence::caches(seqs);
-        let out = model
-            .model()
-            .forward_batch(&tokens, &mut caches)
-            .and_then(|t| Ok(t.to_vec2::<f32>()?));
-        match out {
-            Ok(rows) => {
-                for ((i, row), t) in fed.zip(rows).zip(tokens) {
-                    let r = &mut active[i];
-                    let base = r.seq.len();
-                    r.seq.push_computed(t);
-                    r.phase = Phase::Decode {
-                        rows: vec![row],
-                        drafts: Vec::new(),
-                        base,
-                    };
-                }
-            }
-            Err(e) => ended.extend(fed.map(|i| (i, Err(EngineError::Step(e.to_string()))))),
-        }
+    // One token each: fed together (one read of the weights for all).
+    // More (with guesses), or a single one alone: fed on their own.
+    if singles > 1 {
+        feed_together(model, active, &mut ended);
     }
-    for (i, feed) in several {
-        let r = &mut active[i];
-        let base = r.seq.len();
-        match r.seq.feed_all(model.model(), &feed) {
-            Ok(rows) => {
-                r.phase = Phase::Decode {
-                    rows,
-                    drafts: feed[1..].to_vec(),
-                    base,
-                }
+    for (i, r) in active.iter_mut().enumerate() {
+        if r.feeding {
+            r.feeding = false;
+            if let Err(e) = r.feed_alone(model) {
+                ended.push((i, Err(e)));
             }
-            Err(e) => ended.push((i, Err(e))),
         }
     }
     // One prefill chunk, for the sequence that has waited longest.
@@ -313,12 +312,53 @@ pub(crate) fn step<S: Sink>(model: &Model, active: &mut [Running<S>]) -> Vec<End
     ended
 }
 
+/// Feeds the sequences that feed one token this step through the model
+/// together, and marks them fed.
+fn feed_together<S: Sink>(model: &Model, active: &mut [Running<S>], ended: &mut Vec<Ended>) {
+    let together = |r: &Running<S>| r.feeding && r.feed.len() == 1;
+    let fed: Vec<usize> = (0..active.len())
+        .filter(|&i| together(&active[i]))
+        .collect();
+    let tokens: Vec<u32> = fed.iter().map(|&i| active[i].feed[0]).collect();
+    let mut out = Vec::new();
+    let mut caches = Sequence::caches(
+        active
+            .iter_mut()
+            .filter(|r| together(r))
+            .map(|r| &mut r.seq),
+    );
+    let result = model
+        .model()
+        .forward_batch_into(&tokens, &mut caches, &mut out);
+    drop(caches);
+    let width = out.len() / fed.len().max(1);
+    for (n, &i) in fed.iter().enumerate() {
+        let r = &mut active[i];
+        r.feeding = false;
+        match &result {
+            Ok(()) => {
+                let base = r.seq.len();
+                r.seq.push_computed(tokens[n]);
+                r.logits.clear();
+                r.logits.extend_from_slice(&out[n * width..(n + 1) * width]);
+                r.drafts.clear();
+                r.phase = Phase::Decode { rows: 1, base };
+            }
+            Err(e) => ended.push((i, Err(EngineError::Step(e.to_string())))),
+        }
+    }
+}
+
 /// The per-sequence side of decoding: sampling, end conditions, text
 /// assembly (whole characters only) and stop strings.
 struct Decoding {
     sampler: Sampler,
     decoder: StreamDecoder,
     stops: StopMatcher,
+    /// The text the last token released (after stop strings), and the
+    /// decoder's delta before them: buffers reused token after token.
+    ready: String,
+    delta: String,
     text: String,
     tokens: Vec<u32>,
     seen: Vec<u32>,
@@ -332,6 +372,8 @@ impl Decoding {
             sampler: Sampler::new(params.sampling.clone(), id_bound),
             decoder: StreamDecoder::new(),
             stops: StopMatcher::new(&params.stop),
+            ready: String::new(),
+            delta: String::new(),
             text: String::new(),
             tokens: Vec::new(),
             seen: if params.sampling.repetition_penalty != 1.0 {
@@ -350,18 +392,19 @@ impl Decoding {
     }
 
     /// Samples the next token from `logits` (given a drafted guess for it)
-    /// and takes it: returns the text it releases, why the sequence ends
-    /// here (if it does) and whether the token taken is the draft.
+    /// and takes it: the text it releases is in `ready`; returns why the
+    /// sequence ends here (if it does) and whether the token taken is the
+    /// draft.
     fn step_draft(
         &mut self,
         logits: &mut [f32],
         tok: &Tokenizer,
         eos: &[u32],
         draft: Option<u32>,
-    ) -> Result<(String, Option<FinishReason>, bool), EngineError> {
+    ) -> Result<(Option<FinishReason>, bool), EngineError> {
         let (next, is_draft) = self.sampler.choose(logits, &self.seen, draft);
-        let (ready, done) = self.take(next, tok, eos)?;
-        Ok((ready, done, is_draft))
+        let done = self.take(next, tok, eos)?;
+        Ok((done, is_draft))
     }
 
     /// Tokens that may still be generated.
@@ -369,30 +412,31 @@ impl Decoding {
         self.max_tokens.saturating_sub(self.tokens.len())
     }
 
+    /// Takes token `next`: the text it releases goes to `ready`.
     fn take(
         &mut self,
         next: u32,
         tok: &Tokenizer,
         eos: &[u32],
-    ) -> Result<(String, Option<FinishReason>), EngineError> {
+    ) -> Result<Option<FinishReason>, EngineError> {
+        self.ready.clear();
         if !self.ignore_eos && eos.contains(&next) {
-            return Ok((String::new(), Some(FinishReason::Stop)));
+            return Ok(Some(FinishReason::Stop));
         }
         self.tokens.push(next);
         self.seen.push(next);
-        let mut ready = String::new();
-        if let Some(delta) = self.decoder.push(tok, next)? {
-            let (r, hit) = self.stops.push(&delta);
-            self.text.push_str(&r);
-            ready = r;
+        self.delta.clear();
+        if self.decoder.push(tok, next, &mut self.delta)? {
+            let hit = self.stops.push(&self.delta, &mut self.ready);
+            self.text.push_str(&self.ready);
             if hit {
-                return Ok((ready, Some(FinishReason::Stop)));
+                return Ok(Some(FinishReason::Stop));
             }
         }
         if self.tokens.len() >= self.max_tokens {
-            return Ok((ready, Some(FinishReason::Length)));
+            return Ok(Some(FinishReason::Length));
         }
-        Ok((ready, None))
+        Ok(None)
     }
 
     /// The token taken last (the next one to feed the model).
@@ -407,12 +451,9 @@ impl Decoding {
             return Ok(String::new());
         }
         let mut rest = String::new();
-        if let Some(held) = self.decoder.finish(tok)? {
-            let (ready, hit) = self.stops.push(&held);
-            rest.push_str(&ready);
-            if hit {
-                self.stops.flush();
-            }
+        let mut held = String::new();
+        if self.decoder.finish(tok, &mut held)? && self.stops.push(&held, &mut rest) {
+            self.stops.flush();
         }
         rest.push_str(&self.stops.flush());
         self.text.push_str(&rest);

@@ -11,6 +11,16 @@ pub struct Sampler {
     /// Only ids below this bound may be chosen (the tokenizer's vocabulary,
     /// when the embedding matrix is padded beyond it).
     id_bound: usize,
+    /// Candidate ids, their probabilities and the penalty's marks: room
+    /// kept from token to token, so sampling allocates nothing.
+    scratch: Scratch,
+}
+
+#[derive(Default)]
+struct Scratch {
+    order: Vec<u32>,
+    probs: Vec<f64>,
+    done: Vec<bool>,
 }
 
 impl Sampler {
@@ -19,6 +29,7 @@ impl Sampler {
             rng: Rng::new(params.seed),
             params,
             id_bound,
+            scratch: Scratch::default(),
         }
     }
 
@@ -38,11 +49,27 @@ impl Sampler {
     /// exactly its probability p, as without a draft: p(d) for the draft,
     /// (1 − p(d)) · p(y) / (1 − p(d)) for any other y.
     pub fn choose(&mut self, logits: &mut [f32], seen: &[u32], draft: Option<u32>) -> (u32, bool) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let chosen = self.choose_in(logits, seen, draft, &mut scratch);
+        self.scratch = scratch;
+        chosen
+    }
+
+    /// [`Sampler::choose`] with its lists in `s`.
+    fn choose_in(
+        &mut self,
+        logits: &mut [f32],
+        seen: &[u32],
+        draft: Option<u32>,
+        s: &mut Scratch,
+    ) -> (u32, bool) {
         let bound = self.id_bound.min(logits.len());
         let logits = &mut logits[..bound];
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
-            let mut done = vec![false; logits.len()];
+            let done = &mut s.done;
+            done.clear();
+            done.resize(logits.len(), false);
             for &id in seen {
                 let i = id as usize;
                 if i < logits.len() && !done[i] {
@@ -61,9 +88,9 @@ impl Sampler {
             return plain(argmax(logits));
         }
         // Candidates sorted by logit, most likely first.
-        let mut order: Vec<u32> = (0..logits.len() as u32)
-            .filter(|&i| logits[i as usize].is_finite())
-            .collect();
+        let order = &mut s.order;
+        order.clear();
+        order.extend((0..logits.len() as u32).filter(|&i| logits[i as usize].is_finite()));
         if order.is_empty() {
             return plain(argmax(logits));
         }
@@ -77,10 +104,13 @@ impl Sampler {
         }
         let t = p.temperature as f64;
         let top = logits[order[0] as usize] as f64;
-        let mut probs: Vec<f64> = order
-            .iter()
-            .map(|&i| ((logits[i as usize] as f64 - top) / t).exp())
-            .collect();
+        let probs = &mut s.probs;
+        probs.clear();
+        probs.extend(
+            order
+                .iter()
+                .map(|&i| ((logits[i as usize] as f64 - top) / t).exp()),
+        );
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= total);
         let mut keep = probs.len();

@@ -6,7 +6,7 @@
 //! positions and only computes the rest ([`Sequence::reuse`]), which is what
 //! makes plan-then-write linear in the document length.
 
-use lw_model::{KvCache, Llama, Logits, ModelError};
+use lw_model::{KvCache, Llama, Logits};
 
 use crate::error::EngineError;
 
@@ -59,6 +59,22 @@ impl Sequence {
         common
     }
 
+    /// Computes `tokens` after the positions held; their logits go to `out`
+    /// (`[rows, vocab]`, its room reused: every new position's with
+    /// `Logits::All`, the last one's with `Logits::Last`). Returns the
+    /// number of rows.
+    pub fn feed(
+        &mut self,
+        model: &Llama,
+        tokens: &[u32],
+        logits: Logits,
+        out: &mut Vec<f32>,
+    ) -> Result<usize, EngineError> {
+        let rows = model.forward_into(tokens, &mut self.cache, logits, out)?;
+        self.tokens.extend_from_slice(tokens);
+        Ok(rows)
+    }
+
     /// Computes `tokens` after the positions held; the logits of every new
     /// position, in order.
     pub fn feed_all(
@@ -66,16 +82,19 @@ impl Sequence {
         model: &Llama,
         tokens: &[u32],
     ) -> Result<Vec<Vec<f32>>, EngineError> {
-        let out = model.forward(tokens, &mut self.cache, Logits::All)?;
-        self.tokens.extend_from_slice(tokens);
-        Ok(out.to_vec2::<f32>().map_err(ModelError::from)?)
+        let mut out = Vec::new();
+        let rows = self.feed(model, tokens, Logits::All, &mut out)?;
+        Ok(out
+            .chunks_exact(out.len() / rows)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
     /// Computes `tokens` after the positions held; the last one's logits.
     pub fn feed_last(&mut self, model: &Llama, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
-        let out = model.forward(tokens, &mut self.cache, Logits::Last)?;
-        self.tokens.extend_from_slice(tokens);
-        Ok(lw_model::llama::last_row(&out)?)
+        let mut out = Vec::new();
+        self.feed(model, tokens, Logits::Last, &mut out)?;
+        Ok(out)
     }
 
     /// Brings the sequence to `prompt`: keeps the shared prefix and computes

@@ -15,21 +15,23 @@ impl StopMatcher {
         }
     }
 
-    /// Adds text; returns what can be released and whether a stop string was hit.
-    pub fn push(&mut self, delta: &str) -> (String, bool) {
-        self.pending.push_str(delta);
+    /// Adds text: what can be released is appended to `ready`; returns
+    /// whether a stop string was hit.
+    pub fn push(&mut self, delta: &str, ready: &mut String) -> bool {
         if self.stops.is_empty() {
-            return (std::mem::take(&mut self.pending), false);
+            ready.push_str(delta);
+            return false;
         }
+        self.pending.push_str(delta);
         if let Some(at) = self
             .stops
             .iter()
             .filter_map(|s| self.pending.find(s.as_str()))
             .min()
         {
-            let ready = self.pending[..at].to_string();
+            ready.push_str(&self.pending[..at]);
             self.pending.clear();
-            return (ready, true);
+            return true;
         }
         // Keep the longest suffix that is a prefix of some stop string.
         let keep_from = self
@@ -41,9 +43,9 @@ impl StopMatcher {
                 self.stops.iter().any(|s| s.starts_with(tail))
             })
             .unwrap_or(self.pending.len());
-        let ready = self.pending[..keep_from].to_string();
+        ready.push_str(&self.pending[..keep_from]);
         self.pending.drain(..keep_from);
-        (ready, false)
+        false
     }
 
     /// Releases whatever is held (the generation ended for another reason).
@@ -56,13 +58,20 @@ impl StopMatcher {
 mod tests {
     use super::*;
 
+    /// [`StopMatcher::push`] as a pair: the text released and the hit.
+    fn push(m: &mut StopMatcher, delta: &str) -> (String, bool) {
+        let mut ready = String::new();
+        let hit = m.push(delta, &mut ready);
+        (ready, hit)
+    }
+
     #[test]
     fn stop_strings_split_across_deltas_are_caught_and_not_emitted() {
         let mut m = StopMatcher::new(&["</end>".to_string()]);
         let mut out = String::new();
         let mut hit = false;
         for d in ["Hello </", "en", "d> tail"] {
-            let (r, h) = m.push(d);
+            let (r, h) = push(&mut m, d);
             out.push_str(&r);
             if h {
                 hit = true;
@@ -76,16 +85,16 @@ mod tests {
     #[test]
     fn near_misses_are_released() {
         let mut m = StopMatcher::new(&["STOP".to_string()]);
-        assert_eq!(m.push("a ST"), ("a ".to_string(), false));
-        assert_eq!(m.push("OOP"), ("STOOP".to_string(), false));
-        assert_eq!(m.push("x S"), ("x ".to_string(), false));
+        assert_eq!(push(&mut m, "a ST"), ("a ".to_string(), false));
+        assert_eq!(push(&mut m, "OOP"), ("STOOP".to_string(), false));
+        assert_eq!(push(&mut m, "x S"), ("x ".to_string(), false));
         assert_eq!(m.flush(), "S");
     }
 
     #[test]
     fn multibyte_text_is_held_at_character_boundaries() {
         let mut m = StopMatcher::new(&["。结束".to_string()]);
-        assert_eq!(m.push("你好。"), ("你好".to_string(), false));
-        assert_eq!(m.push("结束了"), ("".to_string(), true));
+        assert_eq!(push(&mut m, "你好。"), ("你好".to_string(), false));
+        assert_eq!(push(&mut m, "结束了"), ("".to_string(), true));
     }
 }

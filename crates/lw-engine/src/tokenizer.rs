@@ -301,38 +301,50 @@ impl StreamDecoder {
         }
     }
 
-    /// Adds one token; returns the new complete text, if any.
-    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>, EngineError> {
+    /// Adds one token; the new complete text, if any, is appended to `out`
+    /// (returns whether there was some).
+    pub fn push(
+        &mut self,
+        tok: &Tokenizer,
+        id: u32,
+        out: &mut String,
+    ) -> Result<bool, EngineError> {
         self.ids.push(id);
-        self.release(tok, false)
+        self.release(tok, false, out)
     }
 
     /// Releases text still held for an incomplete character (as U+FFFD, like
-    /// a full decode): the generation ended in the middle of one.
-    pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>, EngineError> {
+    /// a full decode) into `out`: the generation ended in the middle of one.
+    pub fn finish(&mut self, tok: &Tokenizer, out: &mut String) -> Result<bool, EngineError> {
         if self.read == self.ids.len() {
-            return Ok(None);
+            return Ok(false);
         }
-        self.release(tok, true)
+        self.release(tok, true, out)
     }
 
     /// Decodes the window and releases what is new past the text already
     /// released; unless `force`, text ending in an incomplete character waits.
-    fn release(&mut self, tok: &Tokenizer, force: bool) -> Result<Option<String>, EngineError> {
+    fn release(
+        &mut self,
+        tok: &Tokenizer,
+        force: bool,
+        out: &mut String,
+    ) -> Result<bool, EngineError> {
         let before = tok.decode(&self.ids[self.prefix..self.read])?;
         let now = tok.decode(&self.ids[self.prefix..])?;
         if (!force && now.ends_with('\u{FFFD}')) || now.len() <= before.len() {
-            return Ok(None);
+            return Ok(false);
         }
         let mut cut = before.len();
         while !now.is_char_boundary(cut) {
             cut += 1;
         }
-        let delta = now[cut..].to_string();
+        let delta = &now[cut..];
         self.prefix = self.read;
         self.read = self.ids.len();
-        self.emitted.push_str(&delta);
-        Ok(Some(delta))
+        self.emitted.push_str(delta);
+        out.push_str(delta);
+        Ok(true)
     }
 
     /// Text released so far.

@@ -275,8 +275,27 @@ impl Llama {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<Tensor, ModelError> {
+        let mut out = Vec::new();
+        let rows = self.forward_into(tokens, cache, logits, &mut out)?;
+        Ok(Tensor::from_vec(
+            out,
+            (rows, self.cfg.vocab_size),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// [`Llama::forward`] into `out` (`[rows, vocab]`, its room reused):
+    /// returns the number of rows. A decode step on buffers that have
+    /// grown allocates nothing.
+    pub fn forward_into(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+        out: &mut Vec<f32>,
+    ) -> Result<usize, ModelError> {
         let n = tokens.len();
-        self.step(tokens, &mut [(cache, n)], logits)
+        self.step(tokens, &mut [(cache, n)], logits, out)
     }
 
     /// One decoding step for several sequences at once: `tokens[i]` follows
@@ -288,6 +307,23 @@ impl Llama {
         tokens: &[u32],
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor, ModelError> {
+        let mut out = Vec::new();
+        self.forward_batch_into(tokens, caches, &mut out)?;
+        Ok(Tensor::from_vec(
+            out,
+            (tokens.len(), self.cfg.vocab_size),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// [`Llama::forward_batch`] into `out` (`[sequences, vocab]`, its room
+    /// reused).
+    pub fn forward_batch_into(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
         if tokens.len() != caches.len() {
             return Err(candle_core::Error::Msg(format!(
                 "forward_batch: {} tokens for {} sequences",
@@ -296,21 +332,29 @@ impl Llama {
             ))
             .into());
         }
+        if let [cache] = caches {
+            // One sequence: no list of them to build.
+            self.step(tokens, &mut [(&mut **cache, 1)], Logits::Last, out)?;
+            return Ok(());
+        }
         let mut seqs: Vec<(&mut KvCache, usize)> =
             caches.iter_mut().map(|c| (&mut **c, 1)).collect();
-        self.step(tokens, &mut seqs, Logits::Last)
+        self.step(tokens, &mut seqs, Logits::Last, out)?;
+        Ok(())
     }
 
     /// The forward pass over rows that belong to one or more sequences:
     /// `seqs[s].1` consecutive rows of `tokens` extend `seqs[s].0`. With
-    /// `Logits::Last`, one row of logits per sequence.
+    /// `Logits::Last`, one row of logits per sequence. The logits go to
+    /// `out`; returns their number of rows.
     fn step(
         &self,
         tokens: &[u32],
         seqs: &mut [(&mut KvCache, usize)],
         logits: Logits,
-    ) -> Result<Tensor, ModelError> {
-        crate::on_pool(|| self.step_on_pool(tokens, seqs, logits))
+        out: &mut Vec<f32>,
+    ) -> Result<usize, ModelError> {
+        crate::on_pool(|| self.step_on_pool(tokens, seqs, logits, out))
     }
 
     fn step_on_pool(
@@ -318,7 +362,8 @@ impl Llama {
         tokens: &[u32],
         seqs: &mut [(&mut KvCache, usize)],
         logits: Logits,
-    ) -> Result<Tensor, ModelError> {
+        out: &mut Vec<f32>,
+    ) -> Result<usize, ModelError> {
         let n = tokens.len();
         if n == 0 || seqs.iter().any(|(_, c)| *c == 0) {
             return Err(candle_core::Error::Msg("forward: no tokens".into()).into());
@@ -352,7 +397,7 @@ impl Llama {
             let done = self.layers_over(tokens, seqs, &rows, s);
             s.rows = rows;
             done?;
-            self.classify(seqs, logits, s)
+            self.classify(seqs, logits, s, out)
         })
     }
 
@@ -471,7 +516,8 @@ impl Llama {
         seqs: &[(&mut KvCache, usize)],
         logits: Logits,
         s: &mut Scratch,
-    ) -> Result<Tensor, ModelError> {
+        out: &mut Vec<f32>,
+    ) -> Result<usize, ModelError> {
         let h = self.cfg.hidden_size;
         let x: &[f32] = if logits == Logits::Last && seqs.len() * h != s.x.len() {
             let last = sized(&mut s.h, seqs.len() * h);
@@ -487,13 +533,8 @@ impl Llama {
         let rows = x.len() / h;
         let normed = sized(&mut s.proj, x.len());
         rms_norm(x, &self.norm, self.cfg.rms_norm_eps as f32, normed);
-        let mut out = Vec::new();
-        self.lm_head.forward_into(normed, rows, &mut out)?;
-        Ok(Tensor::from_vec(
-            out,
-            (rows, self.cfg.vocab_size),
-            &Device::Cpu,
-        )?)
+        self.lm_head.forward_into(normed, rows, out)?;
+        Ok(rows)
     }
 
     /// Embedding rows of `tokens` into `out` (`[n, hidden]`).

@@ -5,10 +5,13 @@
 //! in groups of eight rows), and never dequantized as a whole. A product
 //! quantizes each activation row once (per 32 values for the 32-weight
 //! types, per 256 for the 256-weight ones) and takes exact integer dot
-//! products block by block: Q8_0, Q4_K and Q6_K in [`crate::kernels`], the
-//! other types in [`crate::portable`] and [`crate::igrid`], Q5_K in
-//! candle's; weight rows are split over the thread pool. Embedding lookups
-//! dequantize only the rows they need.
+//! products block by block: Q8_0, Q4_K, Q5_K, Q6_K and the 32-weight
+//! types in [`crate::kernels`] where those run; the other types, and every
+//! type on CPUs without the kernels, by the plain-Rust definitions that the
+//! kernels keep bit for bit (the scalar row products in
+//! [`crate::kernels`], [`crate::portable`], [`crate::igrid`]). Weight rows
+//! are split over the thread pool. Embedding lookups dequantize only the
+//! rows they need.
 
 use std::sync::Arc;
 
@@ -262,12 +265,10 @@ impl QMatrix {
             return;
         }
         match self.qtype {
-            QType::Q8_0 => self.matmul_as::<BlockQ8_0>(x, out),
-            QType::Q4K => self.matmul_as::<BlockQ4K>(x, out),
-            // Our own definition, which the group kernel keeps.
-            QType::Q5K => self.matmul_rows(x, out),
-            QType::Q6K => self.matmul_as::<BlockQ6K>(x, out),
             QType::F32 | QType::F16 | QType::BF16 => unreachable!("QMatrix holds block types"),
+            // Every type by its own definition, which the vector kernels
+            // keep: where they do not run, a row has the bits it would have
+            // where they do.
             _ => self.matmul_rows(x, out),
         }
     }
@@ -311,6 +312,9 @@ impl QMatrix {
         false
     }
 
+    /// The product by candle's block dot products (the comparison in the
+    /// tests).
+    #[cfg(test)]
     fn matmul_as<T: GgmlType>(&self, x: &[f32], out: &mut [f32]) {
         let (n, k) = (self.rows, self.cols);
         let m = x.len() / k;
@@ -368,20 +372,25 @@ fn fill_by_row_blocks(
 }
 
 impl QMatrix {
-    /// The product for the types without a vector kernel
-    /// ([`crate::portable`], [`crate::igrid`]): activations quantized once,
-    /// then one row dot product per output ([`fill_by_row_blocks`]).
+    /// The product in plain Rust, for the types without a vector kernel
+    /// ([`crate::portable`], [`crate::igrid`]) and for Q8_0, Q4_K and Q6_K
+    /// where their kernels do not run (their scalar definitions in
+    /// [`crate::kernels`]): activations quantized once, then one row dot
+    /// product per output ([`fill_by_row_blocks`]).
     fn matmul_rows(&self, x: &[f32], out: &mut [f32]) {
+        use crate::kernels::{q4k_dot, q6k_dot, q8_0_dot, QuantRow};
         let (n, k) = (self.rows, self.cols);
         let group = crate::portable::activation_group(self.qtype);
-        let xq: Vec<crate::kernels::QuantRow> = x
+        let xq: Vec<QuantRow> = x
             .par_chunks(k)
             .map(|r| crate::kernels::quantize_row(r, group))
             .collect();
-        let dot = if crate::portable::handles(self.qtype) || self.qtype == QType::Q5K {
-            crate::portable::dot
-        } else {
-            crate::igrid::dot
+        let dot: fn(QType, &[u8], &QuantRow) -> f32 = match self.qtype {
+            QType::Q8_0 => |_, w, x| q8_0_dot(w, x),
+            QType::Q4K => |_, w, x| q4k_dot(w, x),
+            QType::Q6K => |_, w, x| q6k_dot(w, x),
+            q if crate::portable::handles(q) || q == QType::Q5K => crate::portable::dot,
+            _ => crate::igrid::dot,
         };
         let file = self.file_bytes();
         let w = &file[..];
@@ -1259,6 +1268,157 @@ mod kernel_check {
             let exact: f32 = (0..k).map(|i| x[i] * wd[j * k + i]).sum();
             assert!((out[j] - exact).abs() < 0.02 * (k as f32).sqrt(), "row {j}");
         }
+    }
+
+    /// The prefill GEMM of grouped rows of `qtype` (`file`: 13 rows of `k`,
+    /// a partial last group) gives `reference`'s bits: through `matmul` (19
+    /// input rows: two tiles of eight through the GEMM, three through the
+    /// tile kernels) and through `gemm` (one tile of eight input rows against
+    /// one group, returning `[weight row][input row]`) in every kernel set
+    /// this CPU runs. The portable product ([`QMatrix::matmul_rows`], what
+    /// CPUs without the kernels run) gives the same bits.
+    #[cfg(target_arch = "x86_64")]
+    fn check_gemm_bits(
+        qtype: QType,
+        file: &[u8],
+        k: usize,
+        reference: impl Fn(&[u8], &crate::kernels::QuantRow) -> f32,
+        gemm: impl Fn(Isa, *const u8, &[crate::kernels::QuantRow]) -> [[f32; 8]; 8],
+    ) {
+        use crate::kernels::quantize_row;
+        use crate::repack::{group_block, GROUP};
+        let (n, m) = (13, 19);
+        let x: Vec<f32> = crate::test_values(m * k, 23);
+        let group = crate::portable::activation_group(qtype);
+        let xq: Vec<_> = x.chunks(k).map(|r| quantize_row(r, group)).collect();
+        let rb = qtype.row_bytes(k);
+        let want = |r: usize, j: usize| reference(&file[j * rb..(j + 1) * rb], &xq[r]).to_bits();
+        let mat = QMatrix::new(qtype, n, k, Bytes::owned(file)).unwrap();
+        if !mat.is_packed() {
+            eprintln!("SKIPPED: no vector kernels on this CPU");
+            return;
+        }
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let mut out = vec![0f32; m * n];
+        mat.matmul(&x, &mut out);
+        let wanted: Vec<u32> = (0..m * n).map(|e| want(e / n, e % n)).collect();
+        assert_eq!(bits(&out), wanted, "{} matmul", qtype.name());
+        let mut portable = vec![0f32; m * n];
+        mat.matmul_rows(&x, &mut portable);
+        assert_eq!(bits(&portable), wanted, "{} portable", qtype.name());
+        let group_bytes = k / qtype.block_elems() * group_block(qtype);
+        for isa in Isa::ALL.into_iter().filter(|i| i.runs_here()) {
+            for g in 0..n.div_ceil(GROUP) {
+                let at = mat.bytes()[g * group_bytes..].as_ptr();
+                let v = gemm(isa, at, &xq[8..16]);
+                for (l, rows) in v.iter().enumerate().take(n - g * GROUP) {
+                    for (i, y) in rows.iter().enumerate() {
+                        let (r, j) = (8 + i, g * GROUP + l);
+                        assert_eq!(
+                            y.to_bits(),
+                            want(r, j),
+                            "{} {} GEMM ({r},{j})",
+                            isa.name(),
+                            qtype.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Q8_0 in groups of eight rows gives its scalar definition's bits
+    /// ([`crate::kernels::q8_0_dot`]), in the decode tile and in the
+    /// prefill GEMM, on rows of 576.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn q8_0_groups_give_the_scalar_bits() {
+        use crate::kernels::{q8_0_dot, q8_0_gemm, q8_0x8_tile, WideRows, WideTile};
+        let k = 576;
+        let file = encode(QType::Q8_0, &crate::test_values(13 * k, 41), k);
+        // SAFETY: the CPU runs `isa`; the group and rows have k / 32 blocks.
+        let tile = |isa: Isa, at: *const u8, xs: [&crate::kernels::QuantRow; 4]| unsafe {
+            q8_0x8_tile::<4>(isa, at, xs)
+        };
+        check_group_bits(QType::Q8_0, &file, k, q8_0_dot, tile);
+        let gemm = |isa: Isa, at: *const u8, xs: &[crate::kernels::QuantRow]| {
+            let mut wide = WideRows::default();
+            let tile = WideTile::new(xs);
+            // SAFETY: `at` is a whole group of k / 32 blocks; the CPU runs
+            // `isa`, and the tile has k values per row.
+            let (a, b) = unsafe {
+                wide.fill_groups(k, std::iter::once(at));
+                (
+                    q8_0_gemm::<4, 1>(isa, &wide, 0, [&tile]),
+                    q8_0_gemm::<4, 1>(isa, &wide, 4, [&tile]),
+                )
+            };
+            std::array::from_fn(|r| if r < 4 { a[r][0] } else { b[r - 4][0] })
+        };
+        check_gemm_bits(QType::Q8_0, &file, k, q8_0_dot, gemm);
+    }
+
+    /// Q4_K in groups of eight rows gives its scalar definition's bits
+    /// ([`crate::kernels::q4k_dot`]), in the decode tile and in the prefill
+    /// GEMM.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn q4k_groups_give_the_scalar_bits() {
+        use crate::kernels::{q4k8_tile, q4k_dot, q4k_gemm, ActTile, Q4kRow};
+        let k = 768;
+        let file = encode(QType::Q4K, &crate::test_values(13 * k, 42), k);
+        // SAFETY: the CPU runs `isa`; the group and rows have k / 256 blocks.
+        let tile = |isa: Isa, at: *const u8, xs: [&crate::kernels::QuantRow; 4]| unsafe {
+            q4k8_tile::<4>(isa, at, xs)
+        };
+        check_group_bits(QType::Q4K, &file, k, q4k_dot, tile);
+        let gemm = |isa: Isa, at: *const u8, xs: &[crate::kernels::QuantRow]| {
+            let mut rows: Box<[Q4kRow; 8]> = Default::default();
+            let tile = ActTile::new(xs);
+            let mut out = [[0f32; 8]; 8];
+            // SAFETY: `at` is a whole group of k / 256 blocks; the CPU runs
+            // `isa` (AVX2 included), and the tile has as many blocks.
+            unsafe {
+                Q4kRow::unpack_group(&mut rows, at, k / 256);
+                for p in (0..8).step_by(2) {
+                    let v = q4k_gemm::<1>(isa, [&rows[p], &rows[p + 1]], [&tile]);
+                    (out[p], out[p + 1]) = (v[0][0], v[1][0]);
+                }
+            }
+            out
+        };
+        check_gemm_bits(QType::Q4K, &file, k, q4k_dot, gemm);
+    }
+
+    /// Q6_K in groups of eight rows gives its scalar definition's bits
+    /// ([`crate::kernels::q6k_dot`]), in the decode tile and in the prefill
+    /// GEMM.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn q6k_groups_give_the_scalar_bits() {
+        use crate::kernels::{q6k8_tile, q6k_dot, q6k_gemm, ActTile, Q6kRow};
+        let k = 768;
+        let file = encode(QType::Q6K, &crate::test_values(13 * k, 43), k);
+        // SAFETY: the CPU runs `isa`; the group and rows have k / 256 blocks.
+        let tile = |isa: Isa, at: *const u8, xs: [&crate::kernels::QuantRow; 4]| unsafe {
+            q6k8_tile::<4>(isa, at, xs)
+        };
+        check_group_bits(QType::Q6K, &file, k, q6k_dot, tile);
+        let gemm = |isa: Isa, at: *const u8, xs: &[crate::kernels::QuantRow]| {
+            let mut rows: Box<[Q6kRow; 8]> = Default::default();
+            let tile = ActTile::new(xs);
+            let mut out = [[0f32; 8]; 8];
+            // SAFETY: as for Q4_K's.
+            unsafe {
+                Q6kRow::unpack_group(&mut rows, at, k / 256);
+                for p in (0..8).step_by(2) {
+                    let v = q6k_gemm::<1>(isa, [&rows[p], &rows[p + 1]], [&tile]);
+                    (out[p], out[p + 1]) = (v[0][0], v[1][0]);
+                }
+            }
+            out
+        };
+        check_gemm_bits(QType::Q6K, &file, k, q6k_dot, gemm);
     }
 
     #[test]

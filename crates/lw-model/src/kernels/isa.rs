@@ -69,9 +69,10 @@ impl Isa {
     }
 
     /// The best set this CPU runs (`None`: none, and the products fall back
-    /// to candle's), made once per process. `LONGWRITER_KERNELS` names a
-    /// set to stop at (`avx2` holds a VNNI machine to AVX2, to compare the
-    /// two); a name that is not a set is reported on stderr and ignored.
+    /// to the plain-Rust definitions the kernels keep, with the same bits),
+    /// made once per process. `LONGWRITER_KERNELS` names a set to stop at
+    /// (`avx2` holds a VNNI machine to AVX2, to compare the two); a name
+    /// that is not a set is reported on stderr and ignored.
     pub fn detect() -> Option<Isa> {
         static CHOSEN: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
         *CHOSEN.get_or_init(|| {

@@ -17,6 +17,11 @@
 //! Activations are quantized to i8 with one f32 scale per 32 values (Q8_0
 //! weights) or per 256 values with sums per 16 (K-quant weights: the sums
 //! carry Q4_K's `dmin·m` term and Q6_K's offset).
+//!
+//! Each type's file also has its row product in plain Rust ([`q8_0_dot`],
+//! [`q4k_dot`], [`q6k_dot`], compiled everywhere): the definition the
+//! vector kernels keep bit for bit (the same exact integer sums, then the
+//! same f32 steps in the same order), and the product on CPUs without them.
 
 /// Defines kernel `$name`, taking the [`Isa`] first: the body `$body`
 /// (generic over [`Ints`], always inlined) compiled once for each set, and
@@ -59,12 +64,15 @@ mod small;
 mod tile;
 
 pub use isa::{available, Isa};
+pub(crate) use q4k::dot as q4k_dot;
 #[cfg(target_arch = "x86_64")]
 pub use q4k::{q4k8_tile, q4k_gemm, Q4kRow};
 #[cfg(target_arch = "x86_64")]
 pub use q5k::q5k8_tile;
+pub(crate) use q6k::dot as q6k_dot;
 #[cfg(target_arch = "x86_64")]
 pub use q6k::{q6k8_tile, q6k_gemm, Q6kRow};
+pub(crate) use q8_0::dot as q8_0_dot;
 #[cfg(target_arch = "x86_64")]
 pub use q8_0::{q8_0_gemm, q8_0_gemm_blocks, q8_0x8_tile, GemmAcc, WideRows, WideTile};
 pub use quantize::{quantize_row, quantize_row_into, QuantRow};

@@ -8,6 +8,54 @@ use super::isa::*;
 use super::quantize::QuantRow;
 use super::tile::*;
 
+/// A Q4_K row (`w`, whole blocks as in a GGUF file) times an activation row
+/// quantized per 256 with sums per 16: the product's definition, which
+/// [`q4k8_tile`] and [`q4k_gemm`] keep bit for bit, and the product itself
+/// where the vector kernels do not run.
+///
+/// A block (144 bytes) is `d` and `dmin` (f16), 12 bytes of 6-bit scales
+/// and mins for eight sub-blocks of 32 ([`crate::repack::scale_min`]), then
+/// 128 bytes of nibbles: byte `32c + l` holds weight `64c + l` (sub-block
+/// `2c`) in its low nibble and weight `64c + 32 + l` (sub-block `2c + 1`)
+/// in its high one. A weight is `d·sc·q − dmin·m`.
+///
+/// Per block, two exact integer sums: `Σ sc · (weights × activations)` over
+/// the sub-blocks, and `Σ m · (the sub-block's activations)`, the latter
+/// from the activations' sums per 16. Each takes one fused multiply-add
+/// into its own accumulator, `acc = fma(d · dx, sum, acc)` and
+/// `macc = fma(dmin · dx, msum, macc)`, blocks in order, and the result is
+/// `acc − macc`. Integer sums are exact in any order (at most
+/// 256 · 15 · 127 · 63, within i32), so only the f32 steps fix the bits, and
+/// they are the vector kernels' steps.
+pub(crate) fn dot(w: &[u8], x: &QuantRow) -> f32 {
+    let (mut acc, mut macc) = (0f32, 0f32);
+    for (i, b) in w.chunks_exact(144).enumerate() {
+        let xs = &x.values[256 * i..256 * (i + 1)];
+        let sums16 = &x.sums16[16 * i..16 * (i + 1)];
+        let (mut sum, mut msum) = (0i32, 0i32);
+        for s in 0..8 {
+            let (sc, m) = crate::repack::scale_min(&b[4..16], s);
+            let (c, high) = (s / 2, s % 2 == 1);
+            let part: i32 = b[16 + 32 * c..48 + 32 * c]
+                .iter()
+                .zip(&xs[32 * s..32 * (s + 1)])
+                .map(|(&byte, &v)| {
+                    let q = if high { byte >> 4 } else { byte & 0x0F };
+                    q as i32 * v as i32
+                })
+                .sum();
+            sum += sc as i32 * part;
+            msum += m as i32 * (sums16[2 * s] as i32 + sums16[2 * s + 1] as i32);
+        }
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let dmin = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
+        let dx = x.scales[i];
+        acc = (d * dx).mul_add(sum as f32, acc);
+        macc = (dmin * dx).mul_add(msum as f32, macc);
+    }
+    acc - macc
+}
+
 for_each_isa! {
     /// Eight Q4_K rows, held as a group ([`crate::repack`]), against `R`
     /// activation rows (quantized per 256): the decode product, and prefill's

@@ -8,6 +8,50 @@ use super::isa::*;
 use super::quantize::QuantRow;
 use super::tile::*;
 
+/// A Q6_K row (`w`, whole blocks as in a GGUF file) times an activation row
+/// quantized per 256 with sums per 16: the product's definition, which
+/// [`q6k8_tile`] and [`q6k_gemm`] keep bit for bit, and the product itself
+/// where the vector kernels do not run.
+///
+/// A block (210 bytes) is 128 bytes of low nibbles `ql`, 64 bytes of high
+/// bit pairs `qh`, sixteen i8 scales (one per 16 consecutive weights), then
+/// `d` (f16). In half `h` (weights `128h..128h + 128`), weight
+/// `128h + 32k + l` (`k` < 4, `l` < 32) takes its low four bits from the low
+/// nibble of `ql[64h + l]` (k = 0), of `ql[64h + 32 + l]` (k = 1), or the
+/// high nibbles of those two (k = 2, 3), and its top two bits from bits
+/// `2k..2k + 2` of `qh[32h + l]`; it is `d·scale·(q − 32)`.
+///
+/// Per block, one exact integer sum `Σ scale · (q − 32) · activation` (the
+/// kernels take the unsigned `q` and subtract `32 · Σ scale · (sum of the
+/// 16 activations)` from the sums per 16; at most 256 · 64 · 128 · 127,
+/// within i32, and exact in any order), then one fused multiply-add,
+/// `acc = fma(d · dx, sum, acc)`, blocks in order into one accumulator:
+/// the vector kernels' f32 steps, so their bits.
+pub(crate) fn dot(w: &[u8], x: &QuantRow) -> f32 {
+    let mut acc = 0f32;
+    for (i, b) in w.chunks_exact(210).enumerate() {
+        let xs = &x.values[256 * i..256 * (i + 1)];
+        let (ql, qh, scales) = (&b[..128], &b[128..192], &b[192..208]);
+        let mut sum = 0i32;
+        for (j, &sc) in scales.iter().enumerate() {
+            let mut part = 0i32;
+            for e in 0..16 {
+                let n = 16 * j + e;
+                let (h, k, l) = (n / 128, n % 128 / 32, n % 32);
+                let byte = ql[64 * h + 32 * (k % 2) + l];
+                let low = if k < 2 { byte & 0x0F } else { byte >> 4 };
+                let top = (qh[32 * h + l] >> (2 * k)) & 3;
+                let q = (low | top << 4) as i32 - 32;
+                part += q * xs[n] as i32;
+            }
+            sum += sc as i8 as i32 * part;
+        }
+        let d = half::f16::from_le_bytes([b[208], b[209]]).to_f32();
+        acc = (d * x.scales[i]).mul_add(sum as f32, acc);
+    }
+    acc
+}
+
 for_each_isa! {
     /// Eight Q6_K rows, held as a group ([`crate::repack`]), against `R`
     /// activation rows (quantized per 256): the decode product, and prefill's

@@ -7,6 +7,39 @@ use std::arch::x86_64::*;
 use super::isa::*;
 use super::quantize::QuantRow;
 
+/// A Q8_0 row (`w`, whole blocks as in a GGUF file: `d` as f16, then 32 ×
+/// i8) times an activation row quantized per 32: the product's definition,
+/// which [`q8_0x8_tile`] and [`q8_0_gemm`] keep bit for bit, and the
+/// product itself where the vector kernels do not run.
+///
+/// Each block is two halves of 16 weights. A half's products with the
+/// activations are summed exactly in integers (at most 16 · 128 · 127, so
+/// its conversion to f32 is exact too), and the half takes one fused
+/// multiply-add, `acc[h] = fma(d · dx, sum, acc[h])`, into its own
+/// accumulator, `d` being the block's scale widened from f16 and `dx` the
+/// activation's (`d · dx` rounded to f32 first). The two accumulators run
+/// over all blocks in order and are added once at the end,
+/// `acc[0] + acc[1]`. The vector kernels take exactly these f32 steps (two
+/// accumulators, so that two chains of fused adds run side by side), so
+/// they give these bits.
+pub(crate) fn dot(w: &[u8], x: &QuantRow) -> f32 {
+    let mut acc = [0f32; 2];
+    for (i, b) in w.chunks_exact(34).enumerate() {
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32() * x.scales[i];
+        for (h, acc) in acc.iter_mut().enumerate() {
+            let ws = &b[2 + 16 * h..18 + 16 * h];
+            let xs = &x.values[32 * i + 16 * h..32 * i + 16 * h + 16];
+            let sum: i32 = ws
+                .iter()
+                .zip(xs)
+                .map(|(&q, &v)| q as i8 as i32 * v as i32)
+                .sum();
+            *acc = d.mul_add(sum as f32, *acc);
+        }
+    }
+    acc[0] + acc[1]
+}
+
 /// Activation rows for [`q8_0_gemm`], eight per tile, widened to 16 bits and
 /// interleaved two values at a time: value `k` of row `i` is at
 /// `(k / 2 · 8 + i) · 2 + k % 2`, so one 32-byte load holds two consecutive
