@@ -10,15 +10,16 @@ use std::sync::{Arc, Mutex};
 use lw_core::Counter;
 use lw_engine::Batcher;
 use lw_write::{BatchedModel, Event, Plan, WriteError, WriteOptions};
-use serde_json::{json, Value};
 use tokio::sync::broadcast;
+
+use crate::job_wire::{Current, Job, JobEvent, JobUsage, Numbered, PlanPoint, Section};
 
 use crate::store::{JobRow, JobRun, JobStore, Status, StoreError};
 
 /// Live state of a running job.
 struct Live {
     stop: AtomicBool,
-    events: broadcast::Sender<Value>,
+    events: broadcast::Sender<Numbered>,
     /// Event sequence number and the text of the section being written.
     progress: Mutex<Progress>,
 }
@@ -28,6 +29,25 @@ pub struct Progress {
     seq: u64,
     section: Option<usize>,
     partial: String,
+}
+
+impl Progress {
+    /// The section being written and its text, after `event`.
+    fn advance(&mut self, event: &JobEvent) {
+        match event {
+            JobEvent::SectionStart { index, .. } => {
+                self.section = Some(*index);
+                self.partial.clear();
+            }
+            JobEvent::Delta { text, .. } => self.partial.push_str(text),
+            JobEvent::SectionRetry { .. } => self.partial.clear(),
+            JobEvent::SectionDone { .. } => {
+                self.section = None;
+                self.partial.clear();
+            }
+            _ => {}
+        }
+    }
 }
 
 pub struct Jobs {
@@ -40,8 +60,8 @@ pub struct Jobs {
 
 /// What a subscriber gets: the job as it stands and the events after it.
 pub struct Subscription {
-    pub snapshot: Value,
-    pub events: Option<broadcast::Receiver<Value>>,
+    pub snapshot: Job,
+    pub events: Option<broadcast::Receiver<Numbered>>,
 }
 
 impl Jobs {
@@ -128,7 +148,7 @@ impl Jobs {
                 let job = self.store.get(&job.id)?.unwrap_or_else(|| job.clone());
                 let sections = self.store.sections(&job.id)?;
                 let mut snap = self.describe(&job, &sections, Some(&p));
-                snap["seq"] = json!(p.seq);
+                snap.seq = Some(p.seq);
                 Ok(Subscription {
                     snapshot: snap,
                     events: Some(l.events.subscribe()),
@@ -137,46 +157,47 @@ impl Jobs {
         }
     }
 
-    /// The job as JSON: request, state, plan, finished sections, figures.
+    /// The job: request, state, plan, finished sections, figures.
     pub fn describe(
         &self,
         job: &JobRow,
         sections: &[(usize, String)],
         progress: Option<&Progress>,
-    ) -> Value {
-        let planned = job.plan.as_ref().map(|p| p.total_words());
-        let delivered: usize = sections.iter().map(|(_, t)| self.counter.count(t)).sum();
-        let plan = job.plan.as_ref().map(|p| {
-            p.paragraphs
-                .iter()
-                .map(|q| json!({"main_point": q.main_point, "words": q.words}))
-                .collect::<Vec<_>>()
-        });
-        let mut v = json!({
-            "id": job.id,
-            "object": "longwrite.job",
-            "created": job.created,
-            "status": job.status.as_str(),
-            "instruction": job.request.instruction,
-            "mode": job.request.mode.name(),
-            "language": job.request.language.code(),
-            "model": job.request.model,
-            "asked_words": job.request.asked_words,
-            "planned_words": planned,
-            "delivered_words": delivered,
-            "plan": plan,
-            "sections": sections.iter().map(|(i, t)| json!({"index": i, "text": t, "words": self.counter.count(t)})).collect::<Vec<_>>(),
-            "usage": {
-                "prompt_tokens": job.state.usage.prompt_tokens,
-                "cached_prompt_tokens": job.state.usage.cached_prompt_tokens,
-                "completion_tokens": job.state.usage.completion_tokens,
+    ) -> Job {
+        let sections: Vec<Section> = sections
+            .iter()
+            .map(|(i, t)| Section {
+                index: *i,
+                text: t.clone(),
+                words: self.counter.count(t),
+            })
+            .collect();
+        Job {
+            id: job.id.clone(),
+            object: "longwrite.job",
+            created: job.created,
+            status: job.status.as_str(),
+            instruction: job.request.instruction.clone(),
+            mode: job.request.mode.name(),
+            language: job.request.language.code(),
+            model: job.request.model.clone(),
+            asked_words: job.request.asked_words,
+            planned_words: job.plan.as_ref().map(|p| p.total_words()),
+            delivered_words: sections.iter().map(|s| s.words).sum(),
+            plan: job.plan.as_ref().map(PlanPoint::of),
+            sections,
+            usage: JobUsage {
+                prompt_tokens: job.state.usage.prompt_tokens,
+                cached_prompt_tokens: job.state.usage.cached_prompt_tokens,
+                completion_tokens: job.state.usage.completion_tokens,
             },
-            "error": job.error,
-        });
-        if let Some(p) = progress {
-            v["current"] = json!({"index": p.section, "text": p.partial});
+            error: job.error.clone(),
+            current: progress.map(|p| Current {
+                index: p.section,
+                text: p.partial.clone(),
+            }),
+            seq: None,
         }
-        v
     }
 
     fn spawn(self: &Arc<Self>, id: String) {
@@ -204,15 +225,15 @@ impl Jobs {
     }
 
     fn run(&self, id: &str, live: &Live) {
-        let emit = |mut ev: Value, update: &dyn Fn(&mut Progress)| {
+        let emit = |event: JobEvent| {
             let mut p = live.progress.lock().unwrap_or_else(|p| p.into_inner());
-            update(&mut p);
+            p.advance(&event);
             p.seq += 1;
-            ev["seq"] = json!(p.seq);
-            let _ = live.events.send(ev);
+            let _ = live.events.send(Numbered { seq: p.seq, event });
         };
+        let failed = |error: String| JobEvent::Failed { error };
         if let Err(e) = self.store.set_status(id, Status::Running, None) {
-            emit(json!({"type": "failed", "error": e.to_string()}), &|_| {});
+            emit(failed(e.to_string()));
             return;
         }
         let mut model = BatchedModel::new(self.batcher.clone(), self.model_name.clone());
@@ -224,76 +245,71 @@ impl Jobs {
             counter: self.counter,
             ..Default::default()
         };
-        let counter = self.counter;
-        let result = lw_write::write(
-            &mut model,
-            &run,
-            &opts,
-            &live.stop,
-            &mut |event| match event {
-                Event::PlanReady { plan, .. } => emit(
-                    json!({"type": "plan", "plan": plan.paragraphs.iter().map(|q| json!({"main_point": q.main_point, "words": q.words})).collect::<Vec<_>>(), "planned_words": plan.total_words()}),
-                    &|_| {},
-                ),
-                Event::SectionStart {
-                    index,
-                    total,
-                    asked_words,
-                } => emit(
-                    json!({"type": "section_start", "index": index, "total": total, "asked_words": asked_words}),
-                    &|p| {
-                        p.section = Some(index);
-                        p.partial.clear();
-                    },
-                ),
-                Event::Delta { index, text } => emit(
-                    json!({"type": "delta", "index": index, "text": text}),
-                    &|p| p.partial.push_str(text),
-                ),
-                Event::SectionRetry { index, reason, .. } => emit(
-                    json!({"type": "section_retry", "index": index, "reason": reason}),
-                    &|p| p.partial.clear(),
-                ),
-                Event::SectionDone { record, resumed } => {
-                    if !resumed {
-                        // The saved text rides along: a subscriber that fell
-                        // behind and lost deltas still ends up with it.
-                        let text = lw_write::RunStore::section(&run, record.index)
-                            .ok()
-                            .flatten()
-                            .unwrap_or_default();
-                        emit(
-                            json!({"type": "section_done", "index": record.index, "text": text, "words": record.delivered_words, "asked_words": record.asked_words}),
-                            &|p| {
-                                p.section = None;
-                                p.partial.clear();
-                            },
-                        )
-                    }
-                }
-                Event::Finished { words } => {
-                    let _ = words;
-                }
-            },
-        );
+        let result = lw_write::write(&mut model, &run, &opts, &live.stop, &mut |event| {
+            if let Some(event) = job_event(event, &run) {
+                emit(event);
+            }
+        });
         match result {
             Ok(summary) => {
-                let status = self.store.set_status(id, Status::Finished, None);
-                let words = counter.count(&summary.document);
-                match status {
-                    Ok(()) => emit(json!({"type": "finished", "words": words}), &|_| {}),
-                    Err(e) => emit(json!({"type": "failed", "error": e.to_string()}), &|_| {}),
+                let words = self.counter.count(&summary.document);
+                match self.store.set_status(id, Status::Finished, None) {
+                    Ok(()) => emit(JobEvent::Finished { words }),
+                    Err(e) => emit(failed(e.to_string())),
                 }
             }
             Err(WriteError::Cancelled) => {
                 let _ = self.store.set_status(id, Status::Cancelled, None);
-                emit(json!({"type": "cancelled"}), &|_| {});
+                emit(JobEvent::Cancelled);
             }
             Err(e) => {
                 let msg = e.to_string();
                 let _ = self.store.set_status(id, Status::Failed, Some(&msg));
-                emit(json!({"type": "failed", "error": msg}), &|_| {});
+                emit(failed(msg));
             }
         }
     }
+}
+
+/// The subscribers' event for a writer's event (none for the ones they do
+/// not see).
+fn job_event(event: Event, run: &JobRun) -> Option<JobEvent> {
+    Some(match event {
+        Event::PlanReady { plan, .. } => JobEvent::Plan {
+            plan: PlanPoint::of(plan),
+            planned_words: plan.total_words(),
+        },
+        Event::SectionStart {
+            index,
+            total,
+            asked_words,
+        } => JobEvent::SectionStart {
+            index,
+            total,
+            asked_words,
+        },
+        Event::Delta { index, text } => JobEvent::Delta {
+            index,
+            text: text.to_owned(),
+        },
+        Event::SectionRetry { index, reason, .. } => JobEvent::SectionRetry {
+            index,
+            reason: reason.to_owned(),
+        },
+        Event::SectionDone {
+            record,
+            resumed: false,
+        } => JobEvent::SectionDone {
+            index: record.index,
+            // The saved text rides along: a subscriber that fell behind and
+            // lost deltas still ends up with it.
+            text: lw_write::RunStore::section(run, record.index)
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+            words: record.delivered_words,
+            asked_words: record.asked_words,
+        },
+        Event::SectionDone { resumed: true, .. } | Event::Finished { .. } => return None,
+    })
 }

@@ -7,6 +7,7 @@
 //! disconnects drops its receiver, which frees its sequence at the next step.
 
 mod error;
+mod job_wire;
 mod jobs;
 mod longwrite;
 mod openai;
@@ -28,7 +29,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use lw_engine::{BatchOptions, Batcher, Engine};
-use serde_json::{json, Value};
 
 pub use jobs::Jobs;
 pub use store::{JobStore, StoreError};
@@ -96,14 +96,14 @@ pub fn router(batcher: Batcher, jobs: Arc<Jobs>, opts: ServeOptions) -> Router {
         .with_state(state)
 }
 
-async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
+async fn health(State(state): State<Arc<AppState>>) -> Json<wire::Health> {
     let load = state.batcher.load();
-    Json(json!({
-        "status": "ok",
-        "model": state.opts.model_name,
-        "running": load.running.load(Ordering::SeqCst),
-        "waiting": load.waiting.load(Ordering::SeqCst),
-    }))
+    Json(wire::Health {
+        status: "ok",
+        model: state.opts.model_name.clone(),
+        running: load.running.load(Ordering::SeqCst),
+        waiting: load.waiting.load(Ordering::SeqCst),
+    })
 }
 
 async fn require_key(

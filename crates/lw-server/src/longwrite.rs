@@ -12,9 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use lw_core::SamplingParams;
 use serde::Deserialize;
-use serde_json::{json, Value};
 
 use crate::error::{parse_body, ApiError};
+use crate::job_wire::{CancelAnswer, Job, JobEvent, JobList, JobSummary};
 use crate::openai::check_sampling;
 use crate::store::{self};
 use crate::{new_id, now, AppState, Owner};
@@ -130,27 +130,19 @@ pub(crate) async fn find_job(
 pub(crate) async fn list_jobs(
     State(state): State<Arc<AppState>>,
     Extension(Owner(owner)): Extension<Owner>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<JobList>, ApiError> {
     let jobs = state.jobs.store().list(Some(&owner), 200)?;
-    let data: Vec<Value> = jobs
-        .iter()
-        .map(|j| {
-            json!({
-                "id": j.id, "created": j.created, "status": j.status.as_str(),
-                "instruction": j.request.instruction, "asked_words": j.request.asked_words,
-                "planned_words": j.plan.as_ref().map(|p| p.total_words()),
-                "delivered_words": j.state.sections.iter().map(|s| s.delivered_words).sum::<usize>(),
-            })
-        })
-        .collect();
-    Ok(Json(json!({"object": "list", "data": data})))
+    Ok(Json(JobList {
+        object: "list",
+        data: jobs.iter().map(JobSummary::of).collect(),
+    }))
 }
 
 pub(crate) async fn get_job(
     State(state): State<Arc<AppState>>,
     Extension(Owner(owner)): Extension<Owner>,
     UrlPath(id): UrlPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Job>, ApiError> {
     let job = find_job(&state, &owner, &id).await?;
     Ok(Json(state.jobs.subscribe(&job)?.snapshot))
 }
@@ -159,12 +151,14 @@ pub(crate) async fn cancel_job(
     State(state): State<Arc<AppState>>,
     Extension(Owner(owner)): Extension<Owner>,
     UrlPath(id): UrlPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CancelAnswer>, ApiError> {
     let job = find_job(&state, &owner, &id).await?;
     let cancelling = state.jobs.cancel(&id);
-    Ok(Json(
-        json!({"id": id, "cancelling": cancelling, "status": job.status.as_str()}),
-    ))
+    Ok(Json(CancelAnswer {
+        id,
+        cancelling,
+        status: job.status.as_str(),
+    }))
 }
 
 pub(crate) async fn job_document(
@@ -209,23 +203,13 @@ pub(crate) async fn job_events(
 ) -> Result<Response, ApiError> {
     let job = find_job(&state, &owner, &id).await?;
     let sub = state.jobs.subscribe(&job)?;
-    let mut first = sub.snapshot;
-    first["type"] = json!("snapshot");
-    let terminal = |v: &Value| {
-        matches!(
-            v["type"].as_str(),
-            Some("finished" | "failed" | "cancelled")
-        )
-    };
+    let first = JobEvent::Snapshot(Box::new(sub.snapshot));
     let events = futures_util::stream::unfold(
         (Some(first), sub.events, false),
         move |(first, mut rx, over)| async move {
             if let Some(f) = first {
                 let done = rx.is_none();
-                return Some((
-                    Ok::<_, Infallible>(Event::default().data(f.to_string())),
-                    (None, rx, done),
-                ));
+                return Some((Ok::<_, Infallible>(sse_event(&f)), (None, rx, done)));
             }
             if over {
                 return None;
@@ -234,8 +218,8 @@ pub(crate) async fn job_events(
             loop {
                 match r.recv().await {
                     Ok(v) => {
-                        let end = terminal(&v);
-                        return Some((Ok(Event::default().data(v.to_string())), (None, rx, end)));
+                        let end = v.event.is_terminal();
+                        return Some((Ok(sse_event(&v)), (None, rx, end)));
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
@@ -246,4 +230,11 @@ pub(crate) async fn job_events(
     Ok(Sse::new(events)
         .keep_alive(axum::response::sse::KeepAlive::default())
         .into_response())
+}
+
+/// An SSE event whose data is `value` as JSON.
+fn sse_event(value: &impl serde::Serialize) -> Event {
+    // These types are plain structs and enums with string keys, which
+    // serialize without failing.
+    Event::default().data(serde_json::to_string(value).unwrap_or_default())
 }

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible routes: models, chat and text completions (plain
 //! or streamed), through the batching scheduler.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,6 +16,7 @@ use lw_core::{GenerationParams, Message, Role, SamplingParams};
 use lw_engine::BatchEvent;
 use serde::Deserialize;
 use serde_json::Value;
+use tokio::sync::mpsc;
 
 use crate::error::{parse_body, ApiError};
 use crate::wire::{self, Kind};
@@ -230,18 +232,9 @@ pub(crate) async fn generate(
         created: now(),
         model: state.opts.model_name.clone(),
     };
-    let mut rx = state.batcher.submit(ids, params)?;
+    let rx = state.batcher.submit(ids, params)?;
     if !common.stream {
-        // Dropping this future (the client left) drops `rx`: the sequence ends.
-        let out = loop {
-            match rx.recv().await {
-                Some(BatchEvent::Delta(_)) => {}
-                Some(BatchEvent::Done(r)) => break r?,
-                None => return Err(ApiError::internal("the engine stopped")),
-            }
-        };
-        let body = head.answer(out.text, out.finish_reason, &out.stats);
-        return Ok(Json(body).into_response());
+        return complete(rx, head).await;
     }
     let include_usage = common
         .stream_options
@@ -249,15 +242,41 @@ pub(crate) async fn generate(
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let json = |c: wire::Completion| serde_json::to_string(&c).expect("a completion serializes");
-    // States: 0 opening chunk, 1 streaming, 2 [DONE] next, 3 over.
-    let mut pending: std::collections::VecDeque<String> = std::collections::VecDeque::new();
-    if kind == Kind::Chat {
+    Ok(stream(rx, head, include_usage))
+}
+
+/// The whole completion, once the sequence ends.
+async fn complete(
+    mut rx: mpsc::UnboundedReceiver<BatchEvent>,
+    head: wire::Header,
+) -> Result<Response, ApiError> {
+    // Dropping this future (the client left) drops `rx`: the sequence ends.
+    let out = loop {
+        match rx.recv().await {
+            Some(BatchEvent::Delta(_)) => {}
+            Some(BatchEvent::Done(r)) => break r?,
+            None => return Err(ApiError::internal("the engine stopped")),
+        }
+    };
+    let body = head.answer(out.text, out.finish_reason, &out.stats);
+    Ok(Json(body).into_response())
+}
+
+/// The completion as SSE chunks: (chat) an opening chunk with the role,
+/// one chunk per text delta, a closing chunk with the finish reason, the
+/// usage when asked for, then `[DONE]`.
+fn stream(
+    rx: mpsc::UnboundedReceiver<BatchEvent>,
+    head: wire::Header,
+    include_usage: bool,
+) -> Response {
+    let mut pending: VecDeque<String> = VecDeque::new();
+    if head.kind == Kind::Chat {
         let open = wire::Delta {
             role: Some("assistant"),
             content: Some(String::new()),
         };
-        pending.push_back(json(head.chunk(open, None)));
+        pending.push_back(to_json(&head.chunk(open, None)));
     }
     let events = futures_util::stream::unfold(
         (rx, pending, false),
@@ -274,39 +293,48 @@ pub(crate) async fn generate(
                     if over {
                         return None;
                     }
-                    match rx.recv().await {
-                        Some(BatchEvent::Delta(d)) => {
-                            let delta = wire::Delta {
-                                role: None,
-                                content: Some(d),
-                            };
-                            pending.push_back(json(head.chunk(delta, None)))
-                        }
-                        Some(BatchEvent::Done(Ok(out))) => {
-                            let end = head.chunk(wire::Delta::default(), Some(out.finish_reason));
-                            pending.push_back(json(end));
-                            if include_usage {
-                                pending.push_back(json(head.usage_chunk(&out.stats)));
-                            }
-                            pending.push_back("[DONE]".into());
-                            over = true;
-                        }
-                        Some(BatchEvent::Done(Err(e))) => {
-                            let e = ApiError::from(e);
-                            let body =
-                                serde_json::to_string(&e.body()).expect("an error serializes");
-                            pending.push_back(body);
-                            pending.push_back("[DONE]".into());
-                            over = true;
-                        }
-                        None => {
-                            pending.push_back("[DONE]".into());
-                            over = true;
-                        }
-                    }
+                    over = chunks_for(rx.recv().await, &head, include_usage, &mut pending);
                 }
             }
         },
     );
-    Ok(Sse::new(events).into_response())
+    Sse::new(events).into_response()
+}
+
+/// Queues the chunks for what the scheduler sent (`None`: it stopped);
+/// returns whether the stream is over.
+fn chunks_for(
+    event: Option<BatchEvent>,
+    head: &wire::Header,
+    include_usage: bool,
+    pending: &mut VecDeque<String>,
+) -> bool {
+    match event {
+        Some(BatchEvent::Delta(d)) => {
+            let delta = wire::Delta {
+                role: None,
+                content: Some(d),
+            };
+            pending.push_back(to_json(&head.chunk(delta, None)));
+            return false;
+        }
+        Some(BatchEvent::Done(Ok(out))) => {
+            let end = head.chunk(wire::Delta::default(), Some(out.finish_reason));
+            pending.push_back(to_json(&end));
+            if include_usage {
+                pending.push_back(to_json(&head.usage_chunk(&out.stats)));
+            }
+        }
+        Some(BatchEvent::Done(Err(e))) => {
+            pending.push_back(to_json(&ApiError::from(e).body()));
+        }
+        None => {}
+    }
+    pending.push_back("[DONE]".into());
+    true
+}
+
+/// A wire type as JSON text (plain structs with string keys: cannot fail).
+fn to_json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
 }

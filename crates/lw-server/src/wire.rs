@@ -228,6 +228,15 @@ pub struct ModelCard<'a> {
     pub owned_by: &'static str,
 }
 
+/// The health route's answer: the model served and the scheduler's load.
+#[derive(Serialize, Clone, Debug)]
+pub struct Health {
+    pub status: &'static str,
+    pub model: String,
+    pub running: usize,
+    pub waiting: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
