@@ -41,13 +41,44 @@ pub struct BenchArgs {
     concurrency: Vec<usize>,
 }
 
+/// Speeds at one sequence (or, with --concurrency, through the batching
+/// scheduler), printed as text or one JSON object.
 pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
+    check_counts(a)?;
+    let mut engine = load_engine(&a.model)?;
+    let (prompt, bound) = bench_prompt(a, &engine)?;
+    let params = GenerationParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(a.gen_tokens),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    if !a.concurrency.is_empty() {
+        return batched(a, engine, bound, &params);
+    }
+    let speeds = measure(a, &mut engine, &prompt, &params)?;
+    let figures = Figures::of(a, &engine, prompt.len(), speeds);
+    if a.json {
+        print_json(a, &engine, &figures);
+    } else {
+        print_text(a, &engine, &figures);
+    }
+    Ok(())
+}
+
+/// Refuses an empty prompt, fewer than two generated tokens or no runs.
+fn check_counts(a: &BenchArgs) -> anyhow::Result<()> {
     if a.prompt_tokens == 0 || a.gen_tokens < 2 || a.runs == 0 {
         anyhow::bail!(
             "--prompt-tokens must be at least 1, --gen-tokens at least 2 and --runs at least 1"
         );
     }
-    let mut engine = load_engine(&a.model)?;
+    Ok(())
+}
+
+/// The prompt (the file's tokens, else random non-EOS ids below the
+/// bound), checked against the context, and that bound on token ids.
+fn bench_prompt(a: &BenchArgs, engine: &lw_engine::Engine) -> anyhow::Result<(Vec<u32>, u64)> {
     let limit = engine.context_length();
     let file_prompt = match &a.prompt_file {
         Some(path) => {
@@ -68,32 +99,45 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         .tokenizer()
         .id_bound()
         .min(engine.model().config().vocab_size) as u64;
-    let mut rng = Rng::new(42);
-    let prompt: Vec<u32> = file_prompt.unwrap_or_else(|| {
-        (0..a.prompt_tokens)
-            .map(|_| loop {
-                let id = (rng.next_u64() % bound) as u32;
-                if !engine.eos_ids().contains(&id) {
-                    break id;
-                }
-            })
-            .collect()
+    let prompt = file_prompt.unwrap_or_else(|| {
+        random_prompt(&mut Rng::new(42), a.prompt_tokens, bound, engine.eos_ids())
     });
-    let params = GenerationParams {
-        sampling: SamplingParams::greedy(),
-        max_tokens: Some(a.gen_tokens),
-        ignore_eos: true,
-        ..Default::default()
-    };
-    if !a.concurrency.is_empty() {
-        return batched(a, engine, bound, &params);
-    }
+    Ok((prompt, bound))
+}
+
+/// `len` random token ids below `bound`, none of them in `eos`.
+fn random_prompt(rng: &mut Rng, len: usize, bound: u64, eos: &[u32]) -> Vec<u32> {
+    (0..len)
+        .map(|_| loop {
+            let id = (rng.next_u64() % bound) as u32;
+            if !eos.contains(&id) {
+                break id;
+            }
+        })
+        .collect()
+}
+
+/// Medians over the measured runs, and the last run's draft acceptance.
+struct Speeds {
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    acceptance: Option<f64>,
+}
+
+/// One warm-up run, then --runs measured ones, each reported on stderr
+/// unless --json.
+fn measure(
+    a: &BenchArgs,
+    engine: &mut lw_engine::Engine,
+    prompt: &[u32],
+    params: &GenerationParams,
+) -> anyhow::Result<Speeds> {
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     let mut acceptance = None;
     for i in 0..=a.runs {
         engine.reset();
-        let out = engine.generate(&prompt, &params, |_| true)?;
+        let out = engine.generate(prompt, params, |_| true)?;
         if i > 0 {
             prefill.push(out.stats.prefill_tok_s());
             decode.push(out.stats.decode_tok_s());
@@ -117,79 +161,127 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let prefill_tok_s = median(&mut prefill);
-    let decode_tok_s = median(&mut decode);
-    let peak_rss_mb = peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0));
-    let cfg = engine.model().config();
-    let weight_bytes = engine.model().weight_bytes_per_token();
-    let threads = rayon_threads();
-    // The quantized products' instruction set (candle's own code without
-    // one); none for a model without quantized matrices.
-    let kernels = engine
-        .model()
-        .has_quantized_weights()
-        .then(|| lw_model::kernels::Isa::detect().map_or("candle", |i| i.name()));
-    let bandwidth = a.bandwidth.then(|| lw_model::read_bandwidth(1 << 30));
-    // Decode can go no faster than the weights stream.
-    let bound = bandwidth.map(|gb| gb * 1e9 / weight_bytes as f64);
-    if a.json {
-        let v = serde_json::json!({
-            "model": a.model.model,
-            "model_type": cfg.model_type,
-            "parameters": cfg.parameter_count(),
-            "weights": engine.model().weight_format(),
-            "threads": threads,
-            "kernels": kernels,
-            "prompt_tokens": prompt_tokens,
-            "gen_tokens": a.gen_tokens,
-            "draft_acceptance": acceptance,
-            "runs": a.runs,
-            "prefill_tok_s": prefill_tok_s,
-            "decode_tok_s": decode_tok_s,
-            "peak_rss_mb": peak_rss_mb,
-            "decode_weight_bytes_per_token": weight_bytes,
-            "decode_effective_gb_s": decode_tok_s * weight_bytes as f64 / 1e9,
-            "read_bandwidth_gb_s": bandwidth,
-            "decode_bound_tok_s": bound,
-            "decode_share_of_bound": bound.map(|b| decode_tok_s / b),
-        });
-        println!("{v}");
-    } else {
-        println!(
-            "model:   {} ({}, {:.1}M parameters, {} weights, {threads} threads{})",
-            a.model.model,
-            cfg.model_type,
-            cfg.parameter_count() as f64 / 1e6,
-            engine.model().weight_format(),
-            kernels.map_or(String::new(), |k| format!(", {k} kernels"))
-        );
-        println!(
-            "prefill: {prefill_tok_s:.1} tok/s ({prompt_tokens} prompt tokens, median of {})",
-            a.runs
-        );
-        println!(
-            "decode:  {decode_tok_s:.1} tok/s ({} tokens; {:.1} GB/s of weights streamed)",
-            a.gen_tokens,
-            decode_tok_s * weight_bytes as f64 / 1e9
-        );
-        if let (Some(gb), Some(b)) = (bandwidth, bound) {
-            println!(
-                "memory:  {gb:.1} GB/s read bandwidth ({threads} threads): decode bound {b:.1} tok/s, reached {:.0}%",
-                100.0 * decode_tok_s / b
-            );
-        }
-        if let Some(r) = acceptance {
-            println!(
-                "speculative decoding: {:.0}% of drafted tokens accepted",
-                100.0 * r
-            );
-        }
-        match peak_rss_mb {
-            Some(mb) => println!("peak memory: {mb:.0} MiB"),
-            None => println!("peak memory: unknown on this platform"),
+    Ok(Speeds {
+        prefill_tok_s: median(&mut prefill),
+        decode_tok_s: median(&mut decode),
+        acceptance,
+    })
+}
+
+/// Everything the report shows beside the model's own description.
+struct Figures {
+    prompt_tokens: usize,
+    speeds: Speeds,
+    peak_rss_mb: Option<f64>,
+    weight_bytes: usize,
+    threads: usize,
+    /// The quantized products' instruction set (candle's own code without
+    /// one); none for a model without quantized matrices.
+    kernels: Option<&'static str>,
+    /// Measured read bandwidth, GB/s (--bandwidth).
+    bandwidth: Option<f64>,
+    /// Decode can go no faster than the weights stream: tok/s at that bandwidth.
+    bound: Option<f64>,
+}
+
+impl Figures {
+    /// Peak memory first: the bandwidth pass allocates a large buffer.
+    fn of(a: &BenchArgs, engine: &lw_engine::Engine, prompt_tokens: usize, speeds: Speeds) -> Self {
+        let peak_rss_mb = peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0));
+        let weight_bytes = engine.model().weight_bytes_per_token();
+        let threads = rayon_threads();
+        let kernels = engine
+            .model()
+            .has_quantized_weights()
+            .then(|| lw_model::kernels::Isa::detect().map_or("candle", |i| i.name()));
+        let bandwidth = a.bandwidth.then(|| lw_model::read_bandwidth(1 << 30));
+        let bound = bandwidth.map(|gb| gb * 1e9 / weight_bytes as f64);
+        Figures {
+            prompt_tokens,
+            speeds,
+            peak_rss_mb,
+            weight_bytes,
+            threads,
+            kernels,
+            bandwidth,
+            bound,
         }
     }
-    Ok(())
+
+    /// GB/s of weights read at the decode speed.
+    fn decode_gb_s(&self) -> f64 {
+        self.speeds.decode_tok_s * self.weight_bytes as f64 / 1e9
+    }
+}
+
+/// The figures as one JSON object on stdout.
+fn print_json(a: &BenchArgs, engine: &lw_engine::Engine, f: &Figures) {
+    let cfg = engine.model().config();
+    let decode_tok_s = f.speeds.decode_tok_s;
+    let v = serde_json::json!({
+        "model": a.model.model,
+        "model_type": cfg.model_type,
+        "parameters": cfg.parameter_count(),
+        "weights": engine.model().weight_format(),
+        "threads": f.threads,
+        "kernels": f.kernels,
+        "prompt_tokens": f.prompt_tokens,
+        "gen_tokens": a.gen_tokens,
+        "draft_acceptance": f.speeds.acceptance,
+        "runs": a.runs,
+        "prefill_tok_s": f.speeds.prefill_tok_s,
+        "decode_tok_s": decode_tok_s,
+        "peak_rss_mb": f.peak_rss_mb,
+        "decode_weight_bytes_per_token": f.weight_bytes,
+        "decode_effective_gb_s": f.decode_gb_s(),
+        "read_bandwidth_gb_s": f.bandwidth,
+        "decode_bound_tok_s": f.bound,
+        "decode_share_of_bound": f.bound.map(|b| decode_tok_s / b),
+    });
+    println!("{v}");
+}
+
+/// The figures as text on stdout.
+fn print_text(a: &BenchArgs, engine: &lw_engine::Engine, f: &Figures) {
+    let cfg = engine.model().config();
+    let threads = f.threads;
+    let prompt_tokens = f.prompt_tokens;
+    let prefill_tok_s = f.speeds.prefill_tok_s;
+    let decode_tok_s = f.speeds.decode_tok_s;
+    println!(
+        "model:   {} ({}, {:.1}M parameters, {} weights, {threads} threads{})",
+        a.model.model,
+        cfg.model_type,
+        cfg.parameter_count() as f64 / 1e6,
+        engine.model().weight_format(),
+        f.kernels
+            .map_or(String::new(), |k| format!(", {k} kernels"))
+    );
+    println!(
+        "prefill: {prefill_tok_s:.1} tok/s ({prompt_tokens} prompt tokens, median of {})",
+        a.runs
+    );
+    println!(
+        "decode:  {decode_tok_s:.1} tok/s ({} tokens; {:.1} GB/s of weights streamed)",
+        a.gen_tokens,
+        f.decode_gb_s()
+    );
+    if let (Some(gb), Some(b)) = (f.bandwidth, f.bound) {
+        println!(
+            "memory:  {gb:.1} GB/s read bandwidth ({threads} threads): decode bound {b:.1} tok/s, reached {:.0}%",
+            100.0 * decode_tok_s / b
+        );
+    }
+    if let Some(r) = f.speeds.acceptance {
+        println!(
+            "speculative decoding: {:.0}% of drafted tokens accepted",
+            100.0 * r
+        );
+    }
+    match f.peak_rss_mb {
+        Some(mb) => println!("peak memory: {mb:.0} MiB"),
+        None => println!("peak memory: unknown on this platform"),
+    }
 }
 
 /// Aggregate tok/s at each concurrency: all sequences submitted at once,
@@ -214,16 +306,7 @@ fn batched(
         },
     );
     let mut rng = Rng::new(7);
-    let mut prompt = || -> Vec<u32> {
-        (0..a.prompt_tokens)
-            .map(|_| loop {
-                let id = (rng.next_u64() % bound) as u32;
-                if !eos.contains(&id) {
-                    break id;
-                }
-            })
-            .collect()
-    };
+    let mut prompt = || random_prompt(&mut rng, a.prompt_tokens, bound, &eos);
     let mut rows = Vec::new();
     // A warm-up sequence first (page faults, thread pool).
     batcher
@@ -246,6 +329,13 @@ fn batched(
         let secs = started.elapsed().as_secs_f64();
         rows.push((n, generated, secs, generated as f64 / secs));
     }
+    print_batched(a, &rows);
+    Ok(())
+}
+
+/// The batched rows (concurrency, tokens generated, seconds, aggregate
+/// tok/s), each against the first, as JSON or text on stdout.
+fn print_batched(a: &BenchArgs, rows: &[(usize, usize, f64, f64)]) {
     let base = rows[0].3;
     if a.json {
         let v: Vec<_> = rows
@@ -263,7 +353,7 @@ fn batched(
             a.gen_tokens,
             rayon_threads()
         );
-        for (n, g, s, r) in rows {
+        for &(n, g, s, r) in rows {
             println!(
                 "  concurrency {n:>3}: {r:>8.1} tok/s aggregate ({g} tokens in {s:.2}s), {:.2}x concurrency {}",
                 r / base,
@@ -271,7 +361,6 @@ fn batched(
             );
         }
     }
-    Ok(())
 }
 
 fn median(xs: &mut [f64]) -> f64 {

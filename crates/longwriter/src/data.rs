@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use lw_core::Counter;
 use lw_data::{BuildEvent, BuildOptions, DataStore, Gates, Limits, Status};
 use lw_write::{Usage, WriteOptions};
 
+use crate::progress;
 use crate::write::{BackendArgs, StyleArgs};
 
 #[derive(Args)]
@@ -176,6 +177,8 @@ fn format_duration(s: f64) -> String {
     }
 }
 
+/// `data build`: fill the store, write the pending items on the
+/// endpoints with a live display and Ctrl-C handling, then the summary.
 pub fn build(a: &BuildArgs) -> anyhow::Result<()> {
     if a.style.language.is_some() {
         anyhow::bail!(
@@ -183,6 +186,35 @@ pub fn build(a: &BuildArgs) -> anyhow::Result<()> {
         );
     }
     let store = DataStore::open(&a.out)?;
+    add_instructions(&store, a)?;
+    let opts = build_options(a)?;
+    let stats = store.stats()?;
+    if stats.pending + stats.running == 0 {
+        say_nothing_to_do(&stats);
+        return Ok(());
+    }
+    let endpoints = a.model.endpoints(a.concurrency)?;
+    eprintln!(
+        "{} items to write ({} accepted, {} rejected so far) on {} endpoint{}, {} at a time",
+        stats.pending + stats.running,
+        stats.accepted,
+        stats.rejected,
+        endpoints.len(),
+        if endpoints.len() == 1 { "" } else { "s" },
+        opts.concurrency
+    );
+    // Ctrl-C: the first press drains, the second stops.
+    crate::interrupt::install();
+    let live = Live::new(a.quiet, &stats);
+    let summary = run_build(&store, &endpoints, &opts, &live)?;
+    live.bar.finish_and_clear();
+    print_summary(&summary, &store.stats()?);
+    Ok(())
+}
+
+/// Adds --instructions to the store and, with --retry-rejected, queues the
+/// rejected items again.
+fn add_instructions(store: &DataStore, a: &BuildArgs) -> anyhow::Result<()> {
     if let Some(path) = &a.instructions {
         let instructions = lw_data::read_instructions(path)?;
         let (added, present) = store.add(&instructions)?;
@@ -194,28 +226,17 @@ pub fn build(a: &BuildArgs) -> anyhow::Result<()> {
     if a.retry_rejected {
         eprintln!("{} rejected items queued again", store.retry_rejected()?);
     }
+    Ok(())
+}
+
+/// The build's settings from the flags (counter, gates, budgets, rest).
+fn build_options(a: &BuildArgs) -> anyhow::Result<BuildOptions> {
     let counter: Counter = a.style.counter.parse().map_err(anyhow::Error::msg)?;
     let (lo, hi) = parse_band(&a.length_band)?;
     if !(a.endpoint_rest.is_finite() && a.endpoint_rest >= 0.0) {
         anyhow::bail!("--endpoint-rest must be a number of seconds ≥ 0");
     }
-    let stats = store.stats()?;
-    if stats.pending + stats.running == 0 {
-        eprintln!(
-            "nothing to do: {} items, {} accepted, {} rejected{}",
-            stats.items,
-            stats.accepted,
-            stats.rejected,
-            if stats.items == 0 {
-                " (add instructions with --instructions FILE)"
-            } else {
-                ""
-            }
-        );
-        return Ok(());
-    }
-    let endpoints = a.model.endpoints(a.concurrency)?;
-    let opts = BuildOptions {
+    Ok(BuildOptions {
         concurrency: a.concurrency.max(1),
         sampling: a.style.sampling(),
         model_name: a.model.model_name(),
@@ -236,52 +257,70 @@ pub fn build(a: &BuildArgs) -> anyhow::Result<()> {
         },
         cooldown: Duration::from_secs_f64(a.endpoint_rest),
         ..Default::default()
-    };
+    })
+}
+
+/// The store's counts when no item is left to write.
+fn say_nothing_to_do(stats: &lw_data::Stats) {
     eprintln!(
-        "{} items to write ({} accepted, {} rejected so far) on {} endpoint{}, {} at a time",
-        stats.pending + stats.running,
+        "nothing to do: {} items, {} accepted, {} rejected{}",
+        stats.items,
         stats.accepted,
         stats.rejected,
-        endpoints.len(),
-        if endpoints.len() == 1 { "" } else { "s" },
-        opts.concurrency
+        if stats.items == 0 {
+            " (add instructions with --instructions FILE)"
+        } else {
+            ""
+        }
     );
-    // Ctrl-C: the first press drains, the second stops.
-    crate::interrupt::install();
-    let drain = AtomicBool::new(false);
-    let stop = AtomicBool::new(false);
-    let tty = std::io::stderr().is_terminal() && !a.quiet;
-    let bar = if tty {
-        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-        bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
-        bar.enable_steady_tick(Duration::from_millis(250));
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
-    let progress = Mutex::new(Progress {
-        total: stats.items,
-        accepted: stats.accepted,
-        rejected: stats.rejected,
-        in_flight: 0,
-        endpoint_failures: 0,
-        words: 0,
-        usage: Usage::default(),
-        started: Instant::now(),
-        done_at_start: stats.accepted + stats.rejected,
-    });
-    let say = |line: String| {
-        if a.quiet {
+}
+
+/// The terminal side of a running build: a spinner with the live figures
+/// (on a terminal, unless --quiet) and one line per finished item.
+struct Live {
+    bar: ProgressBar,
+    /// Lines go through the spinner (a terminal) or straight to stderr.
+    tty: bool,
+    quiet: bool,
+    progress: Mutex<Progress>,
+}
+
+impl Live {
+    fn new(quiet: bool, stats: &lw_data::Stats) -> Self {
+        let tty = std::io::stderr().is_terminal() && !quiet;
+        Live {
+            bar: progress::spinner_unless(!tty),
+            tty,
+            quiet,
+            progress: Mutex::new(Progress {
+                total: stats.items,
+                accepted: stats.accepted,
+                rejected: stats.rejected,
+                in_flight: 0,
+                endpoint_failures: 0,
+                words: 0,
+                usage: Usage::default(),
+                started: Instant::now(),
+                done_at_start: stats.accepted + stats.rejected,
+            }),
+        }
+    }
+
+    /// A line above the spinner (nothing with --quiet).
+    fn say(&self, line: String) {
+        if self.quiet {
             return;
         }
-        if tty {
-            bar.println(line);
+        if self.tty {
+            self.bar.println(line);
         } else {
             eprintln!("{line}");
         }
-    };
-    let on_event = |ev: BuildEvent| {
-        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+    }
+
+    /// Counts an event, says what needs saying, and refreshes the spinner.
+    fn on_event(&self, ev: BuildEvent) {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         match ev {
             BuildEvent::ItemStarted { .. } => p.in_flight += 1,
             BuildEvent::SectionDone { words, usage, .. } => {
@@ -305,7 +344,7 @@ pub fn build(a: &BuildArgs) -> anyhow::Result<()> {
                     _ => p.rejected += 1,
                 }
                 let done = p.accepted + p.rejected;
-                say(format!(
+                self.say(format!(
                     "[{done}/{}] {}: {what}",
                     p.total,
                     short(&item.prompt)
@@ -318,43 +357,64 @@ pub fn build(a: &BuildArgs) -> anyhow::Result<()> {
             } => {
                 p.in_flight = p.in_flight.saturating_sub(1);
                 p.endpoint_failures += 1;
-                say(format!(
+                self.say(format!(
                     "endpoint {endpoint} failed ({error}); its item is queued again, the endpoint rests {:.0} s",
                     rest.as_secs_f64()
                 ));
             }
-            BuildEvent::EndpointUp { endpoint } => say(format!("endpoint {endpoint} works again")),
-            BuildEvent::LimitReached { what } => say(format!(
+            BuildEvent::EndpointUp { endpoint } => {
+                self.say(format!("endpoint {endpoint} works again"))
+            }
+            BuildEvent::LimitReached { what } => self.say(format!(
                 "the {what} budget is spent: no new items start; those in flight finish"
             )),
         }
-        bar.set_message(p.line());
-    };
+        self.bar.set_message(p.line());
+    }
+}
+
+/// Runs the build, with a thread that turns Ctrl-C presses into a drain
+/// (the first) and a stop (the second) until the build returns.
+fn run_build(
+    store: &DataStore,
+    endpoints: &[lw_data::Endpoint],
+    opts: &BuildOptions,
+    live: &Live,
+) -> anyhow::Result<lw_data::BuildSummary> {
+    let drain = AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
     let watch_done = AtomicBool::new(false);
+    let on_event = |ev: BuildEvent| live.on_event(ev);
     let summary = std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut seen = 0;
-            while !watch_done.load(Ordering::SeqCst) {
-                let n = crate::interrupt::presses();
-                if n != seen {
-                    seen = n;
-                    if n == 1 {
-                        drain.store(true, Ordering::SeqCst);
-                        say("draining: the items in flight finish; Ctrl-C again to stop them now (their finished sections are kept)".into());
-                    } else {
-                        stop.store(true, Ordering::SeqCst);
-                        say("stopping now".into());
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        let r = lw_data::build(&store, &endpoints, &opts, &drain, &stop, &on_event);
+        s.spawn(|| watch_presses(&watch_done, &drain, &stop, live));
+        let r = lw_data::build(store, endpoints, opts, &drain, &stop, &on_event);
         watch_done.store(true, Ordering::SeqCst);
         r
     })?;
-    bar.finish_and_clear();
-    let all = store.stats()?;
+    Ok(summary)
+}
+
+/// Polls the Ctrl-C count until `done`: one press sets `drain`, more set `stop`.
+fn watch_presses(done: &AtomicBool, drain: &AtomicBool, stop: &AtomicBool, live: &Live) {
+    let mut seen = 0;
+    while !done.load(Ordering::SeqCst) {
+        let n = crate::interrupt::presses();
+        if n != seen {
+            seen = n;
+            if n == 1 {
+                drain.store(true, Ordering::SeqCst);
+                live.say("draining: the items in flight finish; Ctrl-C again to stop them now (their finished sections are kept)".into());
+            } else {
+                stop.store(true, Ordering::SeqCst);
+                live.say("stopping now".into());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// This run's results and the whole store's counts.
+fn print_summary(summary: &lw_data::BuildSummary, all: &lw_data::Stats) {
     eprintln!(
         "this run: {} accepted, {} rejected in {}; tokens in {} (cached {}) out {}",
         summary.accepted,
@@ -371,7 +431,6 @@ pub fn build(a: &BuildArgs) -> anyhow::Result<()> {
     if summary.pending > 0 {
         eprintln!("rerun the same command to continue");
     }
-    Ok(())
 }
 
 fn short(s: &str) -> String {

@@ -8,13 +8,13 @@ use std::sync::Mutex;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use lw_core::{Counter, Message, SamplingParams};
 use lw_eval::judge::{judge_prompt, parse_judgement, quality_scores, Judgement, DIMENSIONS};
 use lw_eval::{read_items, read_predictions, LengthReport, Prediction, Repetition};
 use lw_write::{ChatRequest, Mode};
 use serde_json::json;
 
+use crate::progress;
 use crate::write::BackendArgs;
 
 #[derive(Subcommand)]
@@ -160,18 +160,7 @@ fn eval_run(a: &RunArgs) -> anyhow::Result<()> {
     let factory = a.model.factory(opts.concurrency)?;
     // Ctrl-C: the run ends after the items in flight.
     let stop = crate::interrupt::install();
-    let bar = if a.quiet {
-        ProgressBar::hidden()
-    } else {
-        let b = ProgressBar::new(items.len() as u64);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} items  {elapsed} (eta {eta})  {msg}",
-            )
-            .expect("valid template"),
-        );
-        b
-    };
+    let bar = progress::bar_unless(a.quiet, items.len() as u64, "items");
     let failed = Mutex::new(0usize);
     let summary = lw_eval::run(&items, &a.out, &opts, &*factory, stop, &|p: &Prediction| {
         if p.error.is_some() {
@@ -309,6 +298,7 @@ fn judge_one(
     (None, tries.max(1), problems)
 }
 
+/// `eval quality`: judge every prediction, write judge.jsonl, report S_q.
 fn quality(a: &QualityArgs) -> anyhow::Result<()> {
     let counter: Counter = a.counter.parse().map_err(anyhow::Error::msg)?;
     let preds = load_preds(&a.pred)?;
@@ -317,13 +307,46 @@ fn quality(a: &QualityArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| a.pred.with_file_name("judge.jsonl"));
     let factory = a.judge.factory(a.concurrency.max(1))?;
+    let results = judge_all(a, &preds, &*factory)?;
+    write_judgements(&out, &preds, &results)?;
+    let judged: Vec<Judgement> = results.iter().filter_map(|r| r.1 .0.clone()).collect();
+    let unparsed: Vec<&str> = results
+        .iter()
+        .filter(|r| r.1 .0.is_none())
+        .map(|r| preds[r.0].id.as_str())
+        .collect();
+    let s_l = LengthReport::new(&preds, counter).overall;
+    let q = quality_scores(&judged);
+    let report = QualityReport {
+        judged: judged.len(),
+        items: preds.len(),
+        unparsed,
+        tries: a.tries,
+        q,
+        s_l,
+        out: &out,
+    };
+    if a.json {
+        report.print_json();
+    } else {
+        report.print_text();
+    }
+    if judged.is_empty() {
+        anyhow::bail!("no item could be judged");
+    }
+    Ok(())
+}
+
+/// Judges the predictions on --concurrency workers, each with its own
+/// judge model, with a progress bar; the judgements in prediction order.
+fn judge_all(
+    a: &QualityArgs,
+    preds: &[Prediction],
+    factory: &(dyn Fn() -> Result<Box<dyn lw_write::LanguageModel + Send>, String> + Sync),
+) -> anyhow::Result<Vec<(usize, Judged)>> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Mutex<Vec<(usize, Judged)>> = Mutex::new(Vec::new());
-    let bar = ProgressBar::new(preds.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} judged  {elapsed} (eta {eta})")
-            .expect("valid template"),
-    );
+    let bar = progress::bar(preds.len() as u64, "judged");
     let open_error: Mutex<Option<String>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..a.concurrency.clamp(1, preds.len()) {
@@ -351,8 +374,18 @@ fn quality(a: &QualityArgs) -> anyhow::Result<()> {
     }
     let mut results = results.into_inner().unwrap();
     results.sort_by_key(|r| r.0);
+    Ok(results)
+}
+
+/// judge.jsonl: per item its scores by dimension, or the problems of the
+/// answers that never parsed; written atomically.
+fn write_judgements(
+    out: &Path,
+    preds: &[Prediction],
+    results: &[(usize, Judged)],
+) -> anyhow::Result<()> {
     let mut lines = String::new();
-    for (i, (j, attempts, problems)) in &results {
+    for (i, (j, attempts, problems)) in results {
         let p = &preds[*i];
         let v = match j {
             Some(j) => {
@@ -363,55 +396,68 @@ fn quality(a: &QualityArgs) -> anyhow::Result<()> {
         lines.push_str(&v.to_string());
         lines.push('\n');
     }
-    lw_core::write_atomic(&out, lines.as_bytes())?;
-    let judged: Vec<Judgement> = results.iter().filter_map(|r| r.1 .0.clone()).collect();
-    let unparsed: Vec<&str> = results
-        .iter()
-        .filter(|r| r.1 .0.is_none())
-        .map(|r| preds[r.0].id.as_str())
-        .collect();
-    let s_l = LengthReport::new(&preds, counter).overall;
-    let q = quality_scores(&judged);
-    if a.json {
+    lw_core::write_atomic(out, lines.as_bytes())?;
+    Ok(())
+}
+
+/// The figures `eval quality` reports.
+struct QualityReport<'a> {
+    /// Items with a usable judgement, of `items`.
+    judged: usize,
+    items: usize,
+    /// Ids of the items that never gave one, after `tries` asks.
+    unparsed: Vec<&'a str>,
+    tries: usize,
+    /// Mean score per dimension and S_q (none when nothing was judged).
+    q: Option<([f64; 6], f64)>,
+    s_l: f64,
+    /// judge.jsonl.
+    out: &'a Path,
+}
+
+impl QualityReport<'_> {
+    /// One JSON object on stdout.
+    fn print_json(&self) {
+        let (q, s_l) = (self.q, self.s_l);
         let v = json!({
-            "judged": judged.len(),
-            "unparsed": unparsed,
+            "judged": self.judged,
+            "unparsed": self.unparsed,
             "by_dimension": q.map(|(d, _)| DIMENSIONS.iter().zip(d).map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>()),
             "s_q": q.map(|(_, o)| o),
             "s_l": s_l,
             "overall": q.map(|(_, o)| (s_l + o) / 2.0),
-            "judgements": out,
+            "judgements": self.out,
         });
         println!("{v}");
-    } else {
+    }
+
+    /// Text on stdout: counts, unparsed items, scores by dimension.
+    fn print_text(&self) {
         println!(
             "judged {} of {} items (judgements: {})",
-            judged.len(),
-            preds.len(),
-            out.display()
+            self.judged,
+            self.items,
+            self.out.display()
         );
-        if !unparsed.is_empty() {
+        if !self.unparsed.is_empty() {
             println!(
                 "  {} items never gave a usable judgement after {} tries: {}",
-                unparsed.len(),
-                a.tries,
-                unparsed.join(", ")
+                self.unparsed.len(),
+                self.tries,
+                self.unparsed.join(", ")
             );
         }
-        if let Some((dims, overall)) = q {
+        if let Some((dims, overall)) = self.q {
             for (d, v) in DIMENSIONS.iter().zip(dims) {
                 println!("  {d:<20} {v:>6.2}");
             }
+            let s_l = self.s_l;
             println!(
                 "S_q = {overall:.2}, S_l = {s_l:.2}, (S_l + S_q)/2 = {:.2}",
                 (s_l + overall) / 2.0
             );
         }
     }
-    if judged.is_empty() {
-        anyhow::bail!("no item could be judged");
-    }
-    Ok(())
 }
 
 fn ruler(a: &RulerArgs) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@ mod bench;
 mod data;
 mod eval;
 mod interrupt;
+mod progress;
 mod run;
 mod synth;
 mod train;
@@ -426,11 +427,7 @@ fn convert(a: &ConvertArgs) -> anyhow::Result<()> {
         anyhow::bail!("{} is already a GGUF file", dir.display());
     }
     let started = std::time::Instant::now();
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} tensors  {msg}")
-            .expect("valid template"),
-    );
+    let bar = progress::bar(0, "tensors");
     let report = lw_engine::gguf::convert(&dir, &a.out, target, |i, n, name| {
         bar.set_length(n as u64);
         bar.set_position(i as u64);

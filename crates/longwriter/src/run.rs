@@ -11,31 +11,14 @@ use lw_model::DType;
 
 use crate::{ModelArgs, SamplingArgs, WeightDtype};
 
+/// Loads the model the flags name (with any draft model or prompt lookup)
+/// and reports its size, speed-relevant figures and KV cache on stderr.
 pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
     lw_model::set_threads(m.engine.threads.unwrap_or_else(lw_model::default_threads));
-    let dir = if m.fallback_to_tiny {
-        let (dir, warning) = lw_engine::resolve_model_or_tiny(&m.model)?;
-        if let Some(w) = warning {
-            eprintln!("warning: {w}");
-        }
-        dir
-    } else {
-        lw_engine::resolve_model(&m.model)?
-    };
+    let dir = model_dir(m)?;
     let started = Instant::now();
-    let opts = LoadOptions {
-        dtype: m.engine.dtype.map(|d| match d {
-            WeightDtype::F32 => DType::F32,
-            WeightDtype::F16 => DType::F16,
-            WeightDtype::Bf16 => DType::BF16,
-        }),
-        prefill_chunk: m.engine.prefill_chunk,
-        quantize: m.engine.quantize,
-        chat_format: m.engine.chat_format,
-        kv_cache: m.engine.kv_cache,
-        memory_limit: None,
-    };
-    let engine =
+    let opts = load_options(m);
+    let mut engine =
         Engine::load(&dir, &opts).with_context(|| format!("loading model {}", dir.display()))?;
     let cfg = engine.model().config();
     eprintln!(
@@ -48,7 +31,44 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
         engine.context_length(),
         started.elapsed().as_secs_f64()
     );
-    let mut engine = engine;
+    add_speculation(&mut engine, m, &opts)?;
+    report_kv_cache(&engine, m);
+    Ok(engine)
+}
+
+/// The model's directory or file: resolved (downloaded if need be), or the
+/// shipped tiny model with a warning when allowed and the hub is out of reach.
+fn model_dir(m: &ModelArgs) -> anyhow::Result<std::path::PathBuf> {
+    if m.fallback_to_tiny {
+        let (dir, warning) = lw_engine::resolve_model_or_tiny(&m.model)?;
+        if let Some(w) = warning {
+            eprintln!("warning: {w}");
+        }
+        Ok(dir)
+    } else {
+        Ok(lw_engine::resolve_model(&m.model)?)
+    }
+}
+
+/// How to load the weights, from the engine flags.
+fn load_options(m: &ModelArgs) -> LoadOptions {
+    LoadOptions {
+        dtype: m.engine.dtype.map(|d| match d {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::F16 => DType::F16,
+            WeightDtype::Bf16 => DType::BF16,
+        }),
+        prefill_chunk: m.engine.prefill_chunk,
+        quantize: m.engine.quantize,
+        chat_format: m.engine.chat_format,
+        kv_cache: m.engine.kv_cache,
+        memory_limit: None,
+    }
+}
+
+/// Speculative decoding as asked: a draft model (loaded like the main one,
+/// its own chat format) or prompt lookup; none otherwise.
+fn add_speculation(engine: &mut Engine, m: &ModelArgs, opts: &LoadOptions) -> anyhow::Result<()> {
     if let Some(draft) = &m.engine.draft_model {
         let dir = lw_engine::resolve_model(draft)?;
         let draft_opts = LoadOptions {
@@ -58,7 +78,7 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
         let draft_engine = Engine::load(&dir, &draft_opts)
             .with_context(|| format!("loading draft model {}", dir.display()))?;
         let params = draft_engine.model().config().parameter_count();
-        let spec = lw_engine::Speculation::draft_model(draft_engine, &engine, m.engine.draft_max)?;
+        let spec = lw_engine::Speculation::draft_model(draft_engine, engine, m.engine.draft_max)?;
         engine.set_speculation(Some(spec));
         eprintln!(
             "speculative decoding: draft model {} ({:.1}M parameters), up to {} tokens per step",
@@ -75,6 +95,12 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
             m.engine.draft_max
         );
     }
+    Ok(())
+}
+
+/// The KV cache's size per token and at the full context, with a warning
+/// when the full context would not fit in the memory available.
+fn report_kv_cache(engine: &Engine, m: &ModelArgs) {
     let per_token = engine.model().kv_bytes_per_token();
     let full = per_token as f64 * engine.context_length() as f64;
     eprintln!(
@@ -91,7 +117,6 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
             _ => String::new(),
         }
     );
-    Ok(engine)
 }
 
 /// The user's sampling flags over the model's own defaults.

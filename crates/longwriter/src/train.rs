@@ -4,10 +4,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use lw_train::data::{steps_for_epochs, LossMode, PretrainData, SftData};
 use lw_train::model::{LoraSpec, TrainModel};
 use lw_train::train::{self, latest_checkpoint, BatchSource, OptimSpec, TrainEvent, TrainSpec};
+
+use crate::progress;
 
 #[derive(Subcommand)]
 pub enum TrainCommand {
@@ -253,78 +255,12 @@ fn run_loop(
 ) -> anyhow::Result<()> {
     let resume = resume_dir(a)?;
     let stop = crate::interrupt::install();
-    let bar = if a.quiet {
-        ProgressBar::hidden()
-    } else {
-        let b = ProgressBar::new(spec.steps);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} step {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
-            )
-            .expect("valid template"),
-        );
-        b
-    };
-    let quiet = a.quiet;
-    let say = |line: String| {
-        if quiet {
-            eprintln!("{line}");
-        } else {
-            bar.println(line);
-        }
-    };
-    let mut last_val = None;
-    let summary = train::train(
-        model,
-        source,
-        spec,
-        resume.as_deref(),
-        stop,
-        &mut |e| match e {
-            TrainEvent::Step(s) => {
-                bar.set_position(s.step);
-                if s.val_loss.is_some() {
-                    last_val = s.val_loss;
-                }
-                let val = last_val.map(|v| format!(" val {v:.3}")).unwrap_or_default();
-                bar.set_message(format!(
-                    "loss {:.3}{val} lr {:.2e} {:.0} tok/s",
-                    s.loss, s.lr, s.tokens_per_s
-                ));
-                if quiet && s.val_loss.is_some() {
-                    eprintln!(
-                        "step {}/{}: loss {:.4}, validation {:.4}, {:.0} tok/s",
-                        s.step,
-                        spec.steps,
-                        s.loss,
-                        s.val_loss.unwrap_or(f32::NAN),
-                        s.tokens_per_s
-                    );
-                }
-            }
-            TrainEvent::Checkpoint(p) => say(format!("saved {}", p.display())),
-            TrainEvent::Resumed { step, from } => {
-                bar.set_position(step);
-                bar.reset_eta();
-                say(format!("resumed at step {step} from {}", from.display()));
-            }
-        },
-    )?;
-    bar.finish_and_clear();
-    let log = train::read_loss_log(&spec.out.join("loss.jsonl"))?;
-    let series = vec![
-        (
-            "training".to_string(),
-            log.iter().map(|s| (s.step as f64, s.loss as f64)).collect(),
-        ),
-        (
-            "validation".to_string(),
-            log.iter()
-                .filter_map(|s| Some((s.step as f64, s.val_loss? as f64)))
-                .collect(),
-        ),
-    ];
-    lw_eval::report::line_chart(&spec.out, "loss", "Loss", "step", "loss", &series)?;
+    let mut display = StepDisplay::new(a.quiet, spec.steps);
+    let summary = train::train(model, source, spec, resume.as_deref(), stop, &mut |e| {
+        display.event(e)
+    })?;
+    display.bar.finish_and_clear();
+    write_loss_chart(&spec.out)?;
     if summary.interrupted {
         eprintln!(
             "interrupted at step {}; continue with the same command and --resume ({})",
@@ -337,6 +273,100 @@ fn run_loop(
         );
         return Ok(());
     }
+    save_final(model, spec, &summary)
+}
+
+/// A training run's progress: a bar over the steps with the latest loss,
+/// or with --quiet one line per evaluation.
+struct StepDisplay {
+    bar: ProgressBar,
+    quiet: bool,
+    steps: u64,
+    /// The latest validation loss, shown until the next one.
+    last_val: Option<f32>,
+}
+
+impl StepDisplay {
+    fn new(quiet: bool, steps: u64) -> Self {
+        StepDisplay {
+            bar: progress::bar_unless(quiet, steps, "steps"),
+            quiet,
+            steps,
+            last_val: None,
+        }
+    }
+
+    /// A line above the bar, or on stderr when there is none.
+    fn say(&self, line: String) {
+        if self.quiet {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    fn event(&mut self, e: TrainEvent) {
+        match e {
+            TrainEvent::Step(s) => {
+                self.bar.set_position(s.step);
+                if s.val_loss.is_some() {
+                    self.last_val = s.val_loss;
+                }
+                let val = self
+                    .last_val
+                    .map(|v| format!(" val {v:.3}"))
+                    .unwrap_or_default();
+                self.bar.set_message(format!(
+                    "loss {:.3}{val} lr {:.2e} {:.0} tok/s",
+                    s.loss, s.lr, s.tokens_per_s
+                ));
+                if self.quiet && s.val_loss.is_some() {
+                    eprintln!(
+                        "step {}/{}: loss {:.4}, validation {:.4}, {:.0} tok/s",
+                        s.step,
+                        self.steps,
+                        s.loss,
+                        s.val_loss.unwrap_or(f32::NAN),
+                        s.tokens_per_s
+                    );
+                }
+            }
+            TrainEvent::Checkpoint(p) => self.say(format!("saved {}", p.display())),
+            TrainEvent::Resumed { step, from } => {
+                self.bar.set_position(step);
+                self.bar.reset_eta();
+                self.say(format!("resumed at step {step} from {}", from.display()));
+            }
+        }
+    }
+}
+
+/// loss.png and loss.svg in `out` from its loss.jsonl: training and
+/// validation loss by step.
+fn write_loss_chart(out: &Path) -> anyhow::Result<()> {
+    let log = train::read_loss_log(&out.join("loss.jsonl"))?;
+    let series = vec![
+        (
+            "training".to_string(),
+            log.iter().map(|s| (s.step as f64, s.loss as f64)).collect(),
+        ),
+        (
+            "validation".to_string(),
+            log.iter()
+                .filter_map(|s| Some((s.step as f64, s.val_loss? as f64)))
+                .collect(),
+        ),
+    ];
+    lw_eval::report::line_chart(out, "loss", "Loss", "step", "loss", &series)?;
+    Ok(())
+}
+
+/// Saves the trained model (or LoRA adapters) in final/ and says so.
+fn save_final(
+    model: &TrainModel,
+    spec: &TrainSpec,
+    summary: &train::TrainSummary,
+) -> anyhow::Result<()> {
     let final_dir = spec.out.join("final");
     train::save_model(model, &final_dir, &spec.extra_files)?;
     let what = match model.lora() {

@@ -6,12 +6,13 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use lw_core::{Counter, SamplingParams};
 use lw_write::{
     Event, Language, LanguageModel, LocalModel, Mode, Request, RunDir, RunStore, WriteOptions,
 };
 
+use crate::progress;
 use crate::ModelArgs;
 
 /// The local engine (`--model`) or an OpenAI-compatible server (`--api-base`).
@@ -291,44 +292,12 @@ pub fn plan(a: &PlanArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `write`: open or create the run directory, write with a progress
+/// display (or JSON events), then the summary.
 pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
     let counter: Counter = a.style.counter.parse().map_err(anyhow::Error::msg)?;
     let mut model = a.model.open()?;
-    let dir = match &a.resume {
-        Some(path) => RunDir::open(path)?.0,
-        None => {
-            let instruction = read_instruction(a.instruction.as_deref().unwrap_or("-"))?;
-            let language = a
-                .style
-                .language
-                .unwrap_or_else(|| Language::detect(&instruction));
-            let request = Request {
-                asked_words: lw_write::requested_length(&instruction),
-                instruction,
-                language,
-                mode: a.mode,
-                sampling: a.style.sampling(),
-                model: model.name(),
-            };
-            let out = a.out.clone().unwrap_or_else(|| {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                PathBuf::from("longwriter-runs")
-                    .join(lw_write::run::default_run_name(&request.instruction, now))
-            });
-            let dir = RunDir::create(&out, &request)?;
-            if let Some(p) = &a.plan {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading {}", p.display()))?;
-                let plan = lw_write::parse_plan(&text, request.asked_words)
-                    .with_context(|| format!("{}: not a usable plan", p.display()))?;
-                dir.save_plan(&plan)?;
-            }
-            dir
-        }
-    };
+    let dir = run_dir(a, model.as_ref())?;
     // Ctrl-C: the run stops after saving what is finished.
     let stop = crate::interrupt::install();
     if !a.json {
@@ -356,13 +325,57 @@ pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
             );
         }
     };
+    print_summary(a.json, &dir, &summary);
+    Ok(())
+}
+
+/// The run directory: --resume's, or a new one (--out, else a name from
+/// the instruction and the time) holding the request and any --plan.
+fn run_dir(a: &WriteArgs, model: &dyn LanguageModel) -> anyhow::Result<RunDir> {
+    if let Some(path) = &a.resume {
+        return Ok(RunDir::open(path)?.0);
+    }
+    let instruction = read_instruction(a.instruction.as_deref().unwrap_or("-"))?;
+    let language = a
+        .style
+        .language
+        .unwrap_or_else(|| Language::detect(&instruction));
+    let request = Request {
+        asked_words: lw_write::requested_length(&instruction),
+        instruction,
+        language,
+        mode: a.mode,
+        sampling: a.style.sampling(),
+        model: model.name(),
+    };
+    let out = a.out.clone().unwrap_or_else(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        PathBuf::from("longwriter-runs")
+            .join(lw_write::run::default_run_name(&request.instruction, now))
+    });
+    let dir = RunDir::create(&out, &request)?;
+    if let Some(p) = &a.plan {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let plan = lw_write::parse_plan(&text, request.asked_words)
+            .with_context(|| format!("{}: not a usable plan", p.display()))?;
+        dir.save_plan(&plan)?;
+    }
+    Ok(dir)
+}
+
+/// The finished run: a "summary" JSON event on stdout, or text on stderr.
+fn print_summary(json: bool, dir: &RunDir, summary: &lw_write::Summary) {
     let score = summary.asked_words.map(|x| {
         lw_core::words::length_score(
             x as f64,
             lw_core::words::count_longbench(&summary.document) as f64,
         )
     });
-    if a.json {
+    if json {
         println!(
             "{}",
             serde_json::json!({
@@ -391,7 +404,6 @@ pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
             dir.document_path().display()
         );
     }
-    Ok(())
 }
 
 /// Progress bar (words written / words planned) or JSON events.
@@ -409,15 +421,7 @@ struct Display {
 impl Display {
     fn new(hidden: bool, json: bool, counter: Counter) -> Self {
         Display {
-            bar: (!hidden).then(|| {
-                let bar = ProgressBar::new(0);
-                bar.set_style(
-                    ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} words, ETA {eta}")
-                        .expect("valid template")
-                        .progress_chars("=> "),
-                );
-                bar
-            }),
+            bar: (!hidden).then(|| progress::bar(0, "words")),
             json,
             counter,
             done_words: 0,
@@ -427,64 +431,17 @@ impl Display {
         }
     }
 
+    /// Shows one event of the run: a JSON line with --json, else on the bar.
     fn event(&mut self, e: Event) {
         if self.json {
-            let v = match &e {
-                Event::PlanReady { plan, reused } => {
-                    serde_json::json!({"event": "plan", "reused": reused, "paragraphs": plan.paragraphs})
-                }
-                Event::SectionStart {
-                    index,
-                    total,
-                    asked_words,
-                } => {
-                    serde_json::json!({"event": "section_start", "index": index, "total": total, "asked_words": asked_words})
-                }
-                Event::Delta { index, text } => {
-                    serde_json::json!({"event": "delta", "index": index, "text": text})
-                }
-                Event::SectionRetry {
-                    index,
-                    attempt,
-                    reason,
-                } => {
-                    serde_json::json!({"event": "section_retry", "index": index, "attempt": attempt, "reason": reason})
-                }
-                Event::SectionDone { record, resumed } => {
-                    serde_json::json!({"event": "section_done", "resumed": resumed, "section": record})
-                }
-                Event::Finished { words } => {
-                    serde_json::json!({"event": "finished", "words": words})
-                }
-            };
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{v}");
+            let _ = writeln!(out, "{}", json_event(&e));
             let _ = out.flush();
             return;
         }
         let Some(bar) = &self.bar else { return };
         match e {
-            Event::PlanReady { plan, reused } => {
-                bar.println(format!(
-                    "plan{}: {} paragraphs, {} words",
-                    if reused {
-                        " (from the run directory)"
-                    } else {
-                        ""
-                    },
-                    plan.paragraphs.len(),
-                    plan.total_words()
-                ));
-                for (i, p) in plan.paragraphs.iter().enumerate() {
-                    bar.println(format!(
-                        "  {:>2}. [{} words] {}",
-                        i + 1,
-                        p.words,
-                        p.main_point
-                    ));
-                }
-                bar.set_length(plan.total_words() as u64);
-            }
+            Event::PlanReady { plan, reused } => show_plan(bar, plan, reused),
             Event::SectionStart { index, total, .. } => {
                 self.current.clear();
                 let speed = if self.seconds > 0.0 {
@@ -530,4 +487,60 @@ impl Display {
             bar.finish_and_clear();
         }
     }
+}
+
+/// An event as the JSON object `write --json` prints for it.
+fn json_event(e: &Event) -> serde_json::Value {
+    match e {
+        Event::PlanReady { plan, reused } => {
+            serde_json::json!({"event": "plan", "reused": reused, "paragraphs": plan.paragraphs})
+        }
+        Event::SectionStart {
+            index,
+            total,
+            asked_words,
+        } => {
+            serde_json::json!({"event": "section_start", "index": index, "total": total, "asked_words": asked_words})
+        }
+        Event::Delta { index, text } => {
+            serde_json::json!({"event": "delta", "index": index, "text": text})
+        }
+        Event::SectionRetry {
+            index,
+            attempt,
+            reason,
+        } => {
+            serde_json::json!({"event": "section_retry", "index": index, "attempt": attempt, "reason": reason})
+        }
+        Event::SectionDone { record, resumed } => {
+            serde_json::json!({"event": "section_done", "resumed": resumed, "section": record})
+        }
+        Event::Finished { words } => {
+            serde_json::json!({"event": "finished", "words": words})
+        }
+    }
+}
+
+/// The plan above the bar, a line per paragraph; its words become the
+/// bar's length.
+fn show_plan(bar: &ProgressBar, plan: &lw_write::Plan, reused: bool) {
+    bar.println(format!(
+        "plan{}: {} paragraphs, {} words",
+        if reused {
+            " (from the run directory)"
+        } else {
+            ""
+        },
+        plan.paragraphs.len(),
+        plan.total_words()
+    ));
+    for (i, p) in plan.paragraphs.iter().enumerate() {
+        bar.println(format!(
+            "  {:>2}. [{} words] {}",
+            i + 1,
+            p.words,
+            p.main_point
+        ));
+    }
+    bar.set_length(plan.total_words() as u64);
 }
