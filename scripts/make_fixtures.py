@@ -25,6 +25,7 @@ from transformers import (
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 # A small bilingual corpus so the tokenizer has real merges for English,
@@ -108,6 +109,18 @@ GLM4_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|assistant|>' }}{%- endif %}"
 )
 
+# Qwen3's turn markers are ChatML's; with `enable_thinking` false the
+# generation prompt carries an empty thinking block, so the model answers
+# at once.
+QWEN3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and not enable_thinking %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
 # One tokenizer layout per template family: special tokens, bos/eos, and
 # whether a BOS is prepended when encoding raw text.
 FAMILIES = {
@@ -134,6 +147,13 @@ FAMILIES = {
         eos="<|endoftext|>",
         add_bos=False,
         template=GLM4_TEMPLATE,
+    ),
+    "qwen3": dict(
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+        bos=None,
+        eos="<|im_end|>",
+        add_bos=False,
+        template=QWEN3_TEMPLATE,
     ),
     "chatml": dict(
         specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -219,6 +239,20 @@ MODELS = {
         "chatml",
         Qwen2Config,
         dict(rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False),
+    ),
+    # Qwen3: per-head q/k norms, an explicit head size unlike hidden/heads,
+    # no biases, an odd number of query heads over one kv head.
+    "qwen3": (
+        "qwen3",
+        Qwen3Config,
+        dict(
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            head_dim=24,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            use_sliding_window=False,
+        ),
     ),
     # GLM-4: half of each head rotated (interleaved pairs), q/k/v biases,
     # fused gate/up. Written again in the original ChatGLM layout below.
@@ -348,7 +382,7 @@ def main(root, only=None):
         eos_ids = tok.token_to_id(spec["eos"])
         if family == "glm4":
             eos_ids = [tok.token_to_id(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
-        cfg = cls(
+        shape = dict(
             vocab_size=vocab,
             hidden_size=64,
             intermediate_size=112,
@@ -360,8 +394,8 @@ def main(root, only=None):
             bos_token_id=tok.token_to_id(spec["bos"]) if spec["bos"] else None,
             eos_token_id=eos_ids,
             torch_dtype="float32",
-            **extra,
         )
+        cfg = cls(**{**shape, **extra})
         model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
         # Random init is small; widen it so the test sees non-trivial logits.
         with torch.no_grad():
@@ -408,6 +442,11 @@ def main(root, only=None):
                 except Exception as e:  # the template raised: record that it must raise
                     text, err = None, str(e)
                 chats.append(dict(messages=conv, add_generation_prompt=agp, text=text, error=err))
+            if family == "qwen3":
+                text = hf_tok.apply_chat_template(
+                    conv, tokenize=False, add_generation_prompt=True, enable_thinking=False
+                )
+                chats.append(dict(messages=conv, add_generation_prompt=True, enable_thinking=False, text=text, error=None))
         texts = [PROMPT, CORPUS[5], CORPUS[8], "  leading spaces and\nnew lines\n\n", "👩‍👩‍👧 emoji family ✨"]
         encodings = [
             dict(text=t, ids=hf_tok(t)["input_ids"], ids_no_special=hf_tok(t, add_special_tokens=False)["input_ids"])

@@ -394,6 +394,19 @@ pub struct EngineArgs {
     /// must be multiples of 32). Its size is printed before a run starts.
     #[arg(long, default_value = "f32", value_parser = parse_kv_cache)]
     pub kv_cache: lw_model::KvDtype,
+    /// The thinking switch of reasoning models' chat templates (Qwen3 and
+    /// others that read `enable_thinking`): `off` asks for the answer
+    /// without thinking first, `on` for thinking; default: the template's
+    /// own. Thinking (`<think>…</think>`) never enters a written document
+    /// (`write --keep-thinking` keeps it beside the run).
+    #[arg(long, value_enum)]
+    pub thinking: Option<Switch>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 fn parse_kv_cache(s: &str) -> Result<lw_model::KvDtype, String> {

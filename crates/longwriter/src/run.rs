@@ -63,6 +63,7 @@ fn load_options(m: &ModelArgs) -> LoadOptions {
         chat_format: m.engine.chat_format,
         kv_cache: m.engine.kv_cache,
         memory_limit: None,
+        thinking: m.engine.thinking.map(|s| s == crate::Switch::On),
     }
 }
 

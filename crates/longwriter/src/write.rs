@@ -206,6 +206,11 @@ pub struct WriteArgs {
     /// Machine-readable events on stdout, one JSON object per line.
     #[arg(long)]
     json: bool,
+    /// Keep a reasoning model's thinking (its `<think>` blocks, which never
+    /// enter the document) in the run directory's `thinking/` folder, one
+    /// file per section.
+    #[arg(long)]
+    keep_thinking: bool,
     /// The writing instruction; `-` reads it from stdin.
     #[arg(required_unless_present = "resume")]
     instruction: Option<String>,
@@ -307,6 +312,7 @@ pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
     let opts = WriteOptions {
         plan_tries: a.style.plan_tries,
         counter,
+        keep_thinking: a.keep_thinking,
         ..Default::default()
     };
     let result = lw_write::write(model.as_mut(), &dir, &opts, stop, &mut |e| display.event(e));

@@ -293,8 +293,8 @@ pub fn convert(
         None,
     )];
     // llama.cpp's Llama graph wants q/k rows in adjacent-pairs order; Qwen2
-    // keeps the halves, GLM-4 is interleaved already.
-    let permute = cfg.model_type != "qwen2" && !cfg.rope_interleaved;
+    // and Qwen3 keep the halves, GLM-4 is interleaved already.
+    let permute = !matches!(cfg.model_type.as_str(), "qwen2" | "qwen3") && !cfg.rope_interleaved;
     let glm = cfg.model_type == "glm";
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
@@ -349,6 +349,10 @@ pub fn convert(
         add(format!("{p}.self_attn.o_proj.weight"), vec![h, nq]);
         if cfg.o_bias {
             add(format!("{p}.self_attn.o_proj.bias"), vec![h]);
+        }
+        if cfg.qk_norm {
+            add(format!("{p}.self_attn.q_norm.weight"), vec![hd]);
+            add(format!("{p}.self_attn.k_norm.weight"), vec![hd]);
         }
         add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
         let mlp: &[(&str, usize, usize)] = if glm {

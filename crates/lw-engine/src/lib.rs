@@ -34,5 +34,5 @@ pub use source::{
 };
 pub use speculative::Speculation;
 pub use stop::StopMatcher;
-pub use template::{ChatFormat, ChatTemplate};
+pub use template::{ChatFormat, ChatTemplate, TemplateInputs};
 pub use tokenizer::{StreamDecoder, Tokenizer};

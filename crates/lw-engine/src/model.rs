@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::error::EngineError;
 use crate::sequence::Sequence;
-use crate::template::{ChatFormat, GLM4_STOP_TOKENS};
+use crate::template::{ChatFormat, TemplateInputs, GLM4_STOP_TOKENS};
 use crate::tokenizer::Tokenizer;
 
 /// How to load a model.
@@ -33,6 +33,10 @@ pub struct LoadOptions {
     /// Memory a generation's KV cache may take; `None`: what the system
     /// reports available (MemAvailable) when the generation starts.
     pub memory_limit: Option<u64>,
+    /// `enable_thinking` for chat templates that read it (Qwen3 and other
+    /// reasoning models): `Some(false)` asks for an answer without a
+    /// `<think>` block; `None` leaves the template's default.
+    pub thinking: Option<bool>,
 }
 
 impl Default for LoadOptions {
@@ -44,6 +48,7 @@ impl Default for LoadOptions {
             chat_format: ChatFormat::Auto,
             kv_cache: KvDtype::F32,
             memory_limit: None,
+            thinking: None,
         }
     }
 }
@@ -58,6 +63,7 @@ pub struct Model {
     defaults: SamplingParams,
     prefill_chunk: usize,
     memory_limit: Option<u64>,
+    thinking: Option<bool>,
 }
 
 impl Model {
@@ -105,6 +111,7 @@ impl Model {
             defaults,
             prefill_chunk: opts.prefill_chunk.max(1),
             memory_limit: opts.memory_limit,
+            thinking: opts.thinking,
         })
     }
 
@@ -137,6 +144,7 @@ impl Model {
             defaults: SamplingParams::default(),
             prefill_chunk: opts.prefill_chunk.max(1),
             memory_limit: opts.memory_limit,
+            thinking: opts.thinking,
         })
     }
 
@@ -166,17 +174,41 @@ impl Model {
         self.model.context_length()
     }
 
-    /// Renders a conversation with the model's chat template.
+    /// Renders a conversation with the model's chat template (and the
+    /// thinking switch it was loaded with).
     pub fn chat_prompt(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, EngineError> {
+        self.chat_prompt_with(messages, &self.template_inputs(add_generation_prompt, None))
+    }
+
+    /// Renders a conversation with the model's chat template and `inputs`.
+    pub fn chat_prompt_with(
+        &self,
+        messages: &[Message],
+        inputs: &TemplateInputs,
+    ) -> Result<String, EngineError> {
         let tmpl = self
             .tokenizer
             .chat_template()
             .ok_or_else(|| EngineError::NoChatTemplate(self.dir.join("tokenizer_config.json")))?;
-        tmpl.render(messages, add_generation_prompt)
+        tmpl.render_with(messages, inputs)
+    }
+
+    /// The template's inputs: the generation prompt, and `enable_thinking`
+    /// from `thinking` or else the model's setting.
+    pub fn template_inputs(
+        &self,
+        add_generation_prompt: bool,
+        thinking: Option<bool>,
+    ) -> TemplateInputs {
+        let inputs = TemplateInputs::new(add_generation_prompt);
+        match thinking.or(self.thinking) {
+            Some(yes) => inputs.enable_thinking(yes),
+            None => inputs,
+        }
     }
 
     /// Token ids of a raw prompt (with the tokenizer's BOS, if it adds one).
@@ -186,7 +218,16 @@ impl Model {
 
     /// Token ids of a rendered chat prompt (its special tokens are in the text).
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
-        let text = self.chat_prompt(messages, true)?;
+        self.encode_chat_with(messages, &self.template_inputs(true, None))
+    }
+
+    /// [`Model::encode_chat`] with the template's `inputs`.
+    pub fn encode_chat_with(
+        &self,
+        messages: &[Message],
+        inputs: &TemplateInputs,
+    ) -> Result<Vec<u32>, EngineError> {
+        let text = self.chat_prompt_with(messages, inputs)?;
         self.tokenizer.encode(&text, false)
     }
 

@@ -120,6 +120,14 @@ impl TemplateInputs {
     pub fn enable_thinking(self, yes: bool) -> Self {
         self.with_var("enable_thinking", yes)
     }
+
+    /// Sets a template variable from a JSON value (a request's
+    /// `chat_template_kwargs`).
+    pub fn with_json_var(self, name: &str, value: &serde_json::Value) -> Result<Self, EngineError> {
+        let v: Value = serde_json::from_value(value.clone())
+            .map_err(|e| EngineError::Template(format!("chat_template_kwargs.{name}: {e}")))?;
+        Ok(self.with_var(name, v))
+    }
 }
 
 /// JSON text as a template value, objects keeping their key order (which

@@ -69,6 +69,36 @@ fn f32_gguf_files_match_transformers_for_every_architecture() {
     }
 }
 
+/// The fixture models as llama.cpp's own converter writes them
+/// (`scripts/llama_cpp_convert.py`): the engine reads llama.cpp's layout,
+/// names and metadata, not only its own converter's, and gives
+/// transformers' logits and greedy tokens.
+#[test]
+fn files_from_llama_cpps_converter_match_transformers() {
+    for name in ["llama3-untied", "qwen2", "qwen3"] {
+        let fx = fixture(name);
+        let path = fixtures().join(format!("models/{name}.llama-cpp.gguf"));
+        let mut engine = load(&path);
+        let prompt = engine.encode_raw(fx["prompt"].as_str().unwrap()).unwrap();
+        assert_eq!(prompt, ids(&fx["prompt_ids"]), "{name}: prompt ids");
+        let rows = engine.score(&prompt).unwrap();
+        let worst = worst_logit_diff(&rows, &fx);
+        assert!(worst < 1e-4, "{name}: logits differ by {worst}");
+        let params = lw_core::GenerationParams {
+            sampling: lw_core::SamplingParams::greedy(),
+            max_tokens: Some(32),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let out = engine.generate(&prompt, &params, |_| true).unwrap();
+        assert_eq!(
+            out.tokens,
+            ids(&fx["greedy_tokens"]),
+            "{name}: greedy tokens"
+        );
+    }
+}
+
 #[test]
 fn the_gguf_tokenizer_and_template_match_the_directory() {
     let tmp = scratch("tok");

@@ -132,7 +132,18 @@ fn chat_templates_render_like_transformers() {
         for case in fx["chat"].as_array().unwrap() {
             let messages = messages(case);
             let agp = case["add_generation_prompt"].as_bool().unwrap();
-            let got = engine.chat_prompt(&messages, agp);
+            // A reasoning model's thinking switch, set as a load option.
+            let got = match case["enable_thinking"].as_bool() {
+                Some(thinking) => load(
+                    name,
+                    LoadOptions {
+                        thinking: Some(thinking),
+                        ..Default::default()
+                    },
+                )
+                .chat_prompt(&messages, agp),
+                None => engine.chat_prompt(&messages, agp),
+            };
             match case["text"].as_str() {
                 Some(want) => assert_eq!(got.unwrap(), want, "{name}: {messages:?}"),
                 None => {

@@ -1,5 +1,5 @@
 //! `config.json` of a Hugging Face checkpoint, read into the flags of the one
-//! Llama-family implementation (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, and
+//! Llama-family implementation (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, and
 //! GLM-4 in both its `transformers` layout and the original ChatGLM one).
 
 use std::path::Path;
@@ -10,7 +10,8 @@ use serde_json::Value;
 use crate::error::ModelError;
 
 /// Architectures this crate runs, named by their `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "glm", "chatglm"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["llama", "mistral", "qwen2", "qwen3", "glm", "chatglm"];
 
 /// How a checkpoint names its tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +74,10 @@ pub struct ModelConfig {
     /// Leading dimensions of each head that are rotated (GLM-4 rotates half);
     /// the rest pass through unchanged.
     pub rotary_dim: usize,
+    /// Each query and key head is RMS-normalised (its own weights, one
+    /// vector for all query heads and one for all key heads) before the
+    /// rotary embedding (Qwen3).
+    pub qk_norm: bool,
     /// Tensor names of the checkpoint.
     pub layout: WeightLayout,
 }
@@ -194,6 +199,7 @@ impl ModelConfig {
         }
         let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
         let is_qwen2 = model_type == "qwen2";
+        let is_qwen3 = model_type == "qwen3";
         let is_glm = model_type == "glm";
         // GLM-4 has q/k/v biases by default and never an output bias.
         let attention_bias = raw.attention_bias.unwrap_or(is_glm);
@@ -209,11 +215,12 @@ impl ModelConfig {
         let rotary_dim = rotary_dim(head_dim, partial)?;
         let window = match model_type.as_str() {
             "mistral" => raw.sliding_window,
-            "qwen2" if raw.use_sliding_window.unwrap_or(false) => raw.sliding_window,
+            "qwen2" | "qwen3" if raw.use_sliding_window.unwrap_or(false) => raw.sliding_window,
             _ => None,
         };
-        // Qwen2 applies its window only from layer `max_window_layers` on.
-        let first_windowed = if is_qwen2 {
+        // Qwen2 and Qwen3 apply their window only from layer
+        // `max_window_layers` on.
+        let first_windowed = if is_qwen2 || is_qwen3 {
             raw.max_window_layers.unwrap_or(0)
         } else {
             0
@@ -251,6 +258,7 @@ impl ModelConfig {
             model_type,
             rope_interleaved: is_glm,
             rotary_dim,
+            qk_norm: is_qwen3,
             layout: WeightLayout::Hf,
         })
     }
@@ -318,6 +326,7 @@ impl ModelConfig {
             rope_interleaved: true,
             // ChatGLM rotates the first half of each head.
             rotary_dim: rotary_dim(head_dim, 0.5)?,
+            qk_norm: false,
             layout: WeightLayout::ChatGlm,
         })
     }

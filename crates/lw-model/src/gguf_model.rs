@@ -8,7 +8,7 @@ use crate::gguf::{GgufError, GgufFile, Value};
 use crate::quant::dequantize_row;
 
 /// GGUF architectures this crate runs, as llama.cpp names them.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "chatglm"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "chatglm"];
 
 /// The model config a GGUF file describes.
 pub fn config(file: &GgufFile) -> Result<ModelConfig, ModelError> {
@@ -118,6 +118,7 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
     Ok(ModelConfig {
         model_type: match arch {
             "qwen2" => "qwen2",
+            "qwen3" => "qwen3",
             "chatglm" => "glm",
             _ => "llama",
         }
@@ -145,9 +146,10 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         torch_dtype: None,
         // llama.cpp's Llama graph rotates adjacent pairs (its converter
         // permutes q and k rows to match), as GLM-4 does natively; Qwen2
-        // keeps the halves layout.
+        // and Qwen3 keep the halves layout.
         rope_interleaved: arch == "llama" || glm,
         rotary_dim,
+        qk_norm: has("blk.0.attn_q_norm.weight"),
         layout: crate::config::WeightLayout::Hf,
     })
 }
@@ -156,6 +158,7 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
 pub fn gguf_architecture(cfg: &ModelConfig) -> &'static str {
     match cfg.model_type.as_str() {
         "qwen2" => "qwen2",
+        "qwen3" => "qwen3",
         "glm" => "chatglm",
         _ => "llama",
     }

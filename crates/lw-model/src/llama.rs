@@ -26,6 +26,8 @@ use crate::weights::Weights;
 struct Attention {
     qkv: Linear,
     o: Linear,
+    /// Weights of the per-head RMS norms of queries and keys (Qwen3).
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// gate and up projections stacked into one matrix.
@@ -109,11 +111,12 @@ impl Llama {
             };
             Ok::<_, ModelError>(Linear::from_parts(parts, bias))
         };
-        let norm = |name: String| -> Result<Vec<f32>, ModelError> {
-            Ok(w.vector(&[&name], &[h])?
+        let norm_of = |name: String, len: usize| -> Result<Vec<f32>, ModelError> {
+            Ok(w.vector(&[&name], &[len])?
                 .to_dtype(DType::F32)?
                 .to_vec1::<f32>()?)
         };
+        let norm = |name: String| norm_of(name, h);
         let mut embed = w.matrices(&["model.embed_tokens.weight"], &[cfg.vocab_size], h)?;
         let embed = embed.remove(0);
         let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -143,6 +146,14 @@ impl Llama {
                 attn: Attention {
                     qkv,
                     o: linear(&[a("o_proj")], &[h], nq, cfg.o_bias)?,
+                    qk_norm: if cfg.qk_norm {
+                        Some((
+                            norm_of(format!("{}.weight", a("q_norm")), hd)?,
+                            norm_of(format!("{}.weight", a("k_norm")), hd)?,
+                        ))
+                    } else {
+                        None
+                    },
                 },
                 mlp_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
@@ -436,8 +447,9 @@ impl Llama {
     }
 
     /// Rotary embedding of the step's queries and keys (`qkv`, `[rows,
-    /// (heads + 2 · kv heads) · head_dim]`), and the keys and values written
-    /// to each row's cache at layer `l`.
+    /// (heads + 2 · kv heads) · head_dim]`), each head normalised first
+    /// where the layer has query and key norms, and the keys and values
+    /// written to each row's cache at layer `l`.
     fn rope_and_store(
         &self,
         l: usize,
@@ -449,11 +461,17 @@ impl Llama {
         let cfg = &self.cfg;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let half = self.inv_freq.len();
+        let eps = cfg.rms_norm_eps as f32;
         for (r, row) in qkv.chunks_mut((nh + 2 * nkv) * hd).enumerate() {
             let (c, s) = (
                 &cos[r * half..(r + 1) * half],
                 &sin[r * half..(r + 1) * half],
             );
+            if let Some((qn, kn)) = &self.layers[l].attn.qk_norm {
+                let (q, k) = row[..(nh + nkv) * hd].split_at_mut(nh * hd);
+                rms_norm_in_place(q, qn, eps);
+                rms_norm_in_place(k, kn, eps);
+            }
             for head in row[..(nh + nkv) * hd].chunks_mut(hd) {
                 if cfg.rope_interleaved {
                     rope_pairs(&mut head[..cfg.rotary_dim], c, s);
@@ -614,6 +632,18 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         let m = (sum2 / n as f32 + eps).sqrt();
         for ((o, &v), &w) in o.iter_mut().zip(row).zip(w) {
             *o = v / m * w;
+        }
+    }
+}
+
+/// [`rms_norm`] of each `w.len()` values of `x`, in place.
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = w.len();
+    for row in x.chunks_exact_mut(n) {
+        let sum2: f32 = row.iter().map(|&v| v * v).sum();
+        let m = (sum2 / n as f32 + eps).sqrt();
+        for (v, &w) in row.iter_mut().zip(w) {
+            *v = *v / m * w;
         }
     }
 }

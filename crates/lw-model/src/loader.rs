@@ -186,6 +186,9 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
         "self_attn.qkv_proj" => "attn_qkv",
+        // Qwen3's per-head query and key norms.
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         // GLM-4's fused gate and up projection; llama.cpp keeps it whole.
         "mlp.gate_up_proj" => "ffn_up",
         "mlp.gate_proj" => "ffn_gate",

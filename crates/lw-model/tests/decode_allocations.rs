@@ -50,10 +50,20 @@ fn a_decoded_token_allocates_nothing() {
         // buffers first grow to the size of these positions (the attention
         // scores' buffer grows with the context), then the same positions
         // are decoded again, counted.
+        // The work-stealing queues of the kernel threads grow (and shrink
+        // back) when threads are slow to take jobs, as on a loaded machine:
+        // allocations that are the scheduler's, not the forward pass's. The
+        // fewest of three passes is counted; an allocation of the pass
+        // itself shows in every one (at least one per token).
         let total = rayon::scope(|_| {
             decode(&mut cache, &mut logits);
-            cache.truncate(prompt.len());
-            allocations_during(|| decode(&mut cache, &mut logits))
+            (0..3)
+                .map(|_| {
+                    cache.truncate(prompt.len());
+                    allocations_during(|| decode(&mut cache, &mut logits))
+                })
+                .min()
+                .expect("three passes")
         });
         let name = quantize.map_or("F32", |q| q.name());
         eprintln!("{name}: {total} allocations in {steps} decoded tokens");

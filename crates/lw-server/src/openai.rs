@@ -80,6 +80,9 @@ pub(crate) struct Common {
 #[derive(Deserialize)]
 pub(crate) struct ChatRequestIn {
     messages: Vec<ChatMessageIn>,
+    /// Variables for the chat template, as vLLM and SGLang take them
+    /// (`{"enable_thinking": false}` for Qwen3 and other reasoning models).
+    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     #[serde(flatten)]
     common: Common,
 }
@@ -197,7 +200,14 @@ pub(crate) async fn chat_completions(
         };
         messages.push(Message::new(role, m.content.clone()));
     }
-    let ids = state.batcher.model().encode_chat(&messages)?;
+    let model = state.batcher.model();
+    let mut inputs = model.template_inputs(true, None);
+    for (name, value) in req.chat_template_kwargs.iter().flatten() {
+        inputs = inputs
+            .with_json_var(name, value)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    let ids = model.encode_chat_with(&messages, &inputs)?;
     generate(state, ids, params, &req.common, Kind::Chat).await
 }
 

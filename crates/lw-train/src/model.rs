@@ -182,6 +182,12 @@ fn check_trainable(cfg: &ModelConfig) -> Result<(), TrainError> {
             "training with sliding-window attention is not supported".into(),
         ));
     }
+    if cfg.qk_norm {
+        return Err(TrainError::Setting(format!(
+            "training a {} model (per-head query and key norms) is not supported yet",
+            cfg.model_type
+        )));
+    }
     Ok(())
 }
 

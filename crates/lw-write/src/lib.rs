@@ -11,6 +11,7 @@ pub mod plan;
 pub mod prompts;
 pub mod run;
 pub mod synth;
+pub mod thinking;
 pub mod writer;
 
 pub use http::{HttpModel, HttpOptions};

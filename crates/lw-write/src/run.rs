@@ -116,6 +116,12 @@ pub trait RunStore {
     fn section(&self, index: usize) -> Result<Option<String>, RunDirError>;
     fn save_section(&self, index: usize, text: &str) -> Result<(), RunDirError>;
     fn save_document(&self, text: &str) -> Result<(), RunDirError>;
+    /// Keeps the thinking of section `index` (a reasoning model's
+    /// `<think>` block) beside the run; stores that keep none ignore it.
+    fn save_thinking(&self, index: usize, text: &str) -> Result<(), RunDirError> {
+        let _ = (index, text);
+        Ok(())
+    }
 }
 
 impl RunStore for RunDir {
@@ -147,6 +153,18 @@ impl RunStore for RunDir {
     }
     fn save_document(&self, text: &str) -> Result<(), RunDirError> {
         write_atomic(&self.document_path(), text.as_bytes())
+    }
+    fn save_thinking(&self, index: usize, text: &str) -> Result<(), RunDirError> {
+        let path = self
+            .path
+            .join("thinking")
+            .join(format!("{:03}.md", index + 1));
+        let folder = self.path.join("thinking");
+        std::fs::create_dir_all(&folder).map_err(|source| RunDirError::Io {
+            path: folder,
+            source,
+        })?;
+        write_atomic(&path, text.as_bytes())
     }
 }
 

@@ -13,6 +13,7 @@ use crate::model::{ChatRequest, LanguageModel, ModelCallError, Usage};
 use crate::plan::{parse_plan, Plan, PlanError};
 use crate::prompts;
 use crate::run::{Mode, RunDirError, RunStore, SectionRecord};
+use crate::thinking::split_thinking;
 
 /// Knobs of a run.
 #[derive(Debug, Clone)]
@@ -23,6 +24,9 @@ pub struct WriteOptions {
     pub section_attempts: usize,
     /// Counter for budgets and delivered lengths.
     pub counter: Counter,
+    /// Keep a reasoning model's thinking (split off every section) in the
+    /// run's `thinking/` folder; it never enters the document.
+    pub keep_thinking: bool,
 }
 
 impl Default for WriteOptions {
@@ -31,6 +35,7 @@ impl Default for WriteOptions {
             plan_tries: 3,
             section_attempts: 3,
             counter: Counter::Unicode,
+            keep_thinking: false,
         }
     }
 }
@@ -139,7 +144,8 @@ pub fn make_plan(
                     source,
                 })?;
         usage.add(&response.usage);
-        match parse_plan(&response.text, asked).and_then(|p| p.check_length(asked).map(|_| p)) {
+        let (text, _thinking) = split_thinking(&response.text);
+        match parse_plan(&text, asked).and_then(|p| p.check_length(asked).map(|_| p)) {
             Ok(plan) => return Ok(plan),
             Err(e) => problem = Some(e),
         }
@@ -301,7 +307,10 @@ pub fn write(
                 }
             }
         };
-        let text = text.trim().to_string();
+        let (text, thinking) = split_thinking(&text);
+        if opts.keep_thinking && !thinking.is_empty() {
+            dir.save_thinking(index, &thinking)?;
+        }
         dir.save_section(index, &text)?;
         let record = SectionRecord {
             index,

@@ -13,6 +13,7 @@ pub const MODELS: &[&str] = &[
     "llama2-head-dim",
     "mistral",
     "qwen2",
+    "qwen3",
     "glm4",
 ];
 
