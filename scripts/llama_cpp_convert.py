@@ -32,6 +32,8 @@ MODELS = {
     "llama3-untied": "gpt-2",
     "qwen2": "gpt-2",
     "qwen3": "gpt-2",
+    "qwen3-moe": "gpt-2",
+    "mixtral": "gpt-2",
 }
 
 

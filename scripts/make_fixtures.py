@@ -26,6 +26,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
+    MixtralConfig,
 )
 
 # A small bilingual corpus so the tokenizer has real merges for English,
@@ -252,6 +254,34 @@ MODELS = {
             num_attention_heads=3,
             num_key_value_heads=1,
             use_sliding_window=False,
+        ),
+    ),
+    # Qwen3-MoE: five experts, two active, renormalised; experts narrower
+    # than the dense MLP would be.
+    "qwen3-moe": (
+        "qwen3",
+        Qwen3MoeConfig,
+        dict(
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            head_dim=16,
+            num_experts=5,
+            num_experts_per_tok=2,
+            moe_intermediate_size=40,
+            norm_topk_prob=True,
+            use_sliding_window=False,
+        ),
+    ),
+    # Mixtral: four experts (w1, w3, w2 under block_sparse_moe), two active.
+    "mixtral": (
+        "inst",
+        MixtralConfig,
+        dict(
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=None,
         ),
     ),
     # GLM-4: half of each head rotated (interleaved pairs), q/k/v biases,

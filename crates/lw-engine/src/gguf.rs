@@ -263,6 +263,16 @@ pub fn convert(
     mut progress: impl FnMut(usize, usize, &str),
 ) -> Result<ConvertReport, EngineError> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    if cfg.moe.is_some() {
+        return Err(EngineError::File {
+            path: dir.join("config.json"),
+            reason: format!(
+                "convert does not write mixtures of experts ({}) yet; llama.cpp's \
+                 convert_hf_to_gguf.py does, and the engine runs its files",
+                cfg.model_type
+            ),
+        });
+    }
     let weights = Weights::for_config(dir, &cfg)?;
     let name = dir
         .file_name()

@@ -48,7 +48,12 @@ fn argmax(v: &[f32]) -> usize {
 #[test]
 fn f32_gguf_files_match_transformers_for_every_architecture() {
     let tmp = scratch("f32");
-    for &name in MODELS {
+    // `convert` does not write mixtures of experts (llama.cpp's converter
+    // does: see the next test).
+    for &name in MODELS
+        .iter()
+        .filter(|n| !n.contains("moe") && **n != "mixtral")
+    {
         let fx = fixture(name);
         let path = to_gguf(
             &model_dir(name),
@@ -75,7 +80,7 @@ fn f32_gguf_files_match_transformers_for_every_architecture() {
 /// transformers' logits and greedy tokens.
 #[test]
 fn files_from_llama_cpps_converter_match_transformers() {
-    for name in ["llama3-untied", "qwen2", "qwen3"] {
+    for name in ["llama3-untied", "qwen2", "qwen3", "qwen3-moe", "mixtral"] {
         let fx = fixture(name);
         let path = fixtures().join(format!("models/{name}.llama-cpp.gguf"));
         let mut engine = load(&path);

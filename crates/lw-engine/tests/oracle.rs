@@ -263,7 +263,13 @@ fn a_positions_result_does_not_depend_on_how_it_was_batched() {
             .map(|r| r.into_iter().map(f32::to_bits).collect())
             .collect()
     };
-    for name in ["mistral", "qwen2", "llama31-tied-rope-scaling"] {
+    for name in [
+        "mistral",
+        "qwen2",
+        "llama31-tied-rope-scaling",
+        "qwen3",
+        "qwen3-moe",
+    ] {
         for dtype in [DType::F32, DType::BF16] {
             let model = Llama::load_dir(&fixtures().join("models").join(name), dtype).unwrap();
             let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 200).collect();

@@ -10,8 +10,16 @@ use serde_json::Value;
 use crate::error::ModelError;
 
 /// Architectures this crate runs, named by their `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "glm", "chatglm"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "glm",
+    "chatglm",
+];
 
 /// How a checkpoint names its tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +47,20 @@ pub enum RopeScaling {
     /// Each frequency divided by its own factor (llama.cpp's `rope_freqs`
     /// tensor, which is how GGUF files carry Llama 3.1's rescaling).
     Factors(Vec<f32>),
+}
+
+/// A mixture of experts in place of the MLP: a router scores every expert
+/// for each token, the `active` best run (each an MLP of `intermediate`
+/// hidden units), and their outputs are summed weighted by the router's
+/// softmax (renormalised over the chosen ones when `normalize`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub active: usize,
+    pub intermediate: usize,
+    pub normalize: bool,
+    /// Which layers have experts (the others keep a dense MLP).
+    pub layers: Vec<bool>,
 }
 
 /// Everything the forward pass needs to know about a checkpoint.
@@ -78,6 +100,8 @@ pub struct ModelConfig {
     /// vector for all query heads and one for all key heads) before the
     /// rotary embedding (Qwen3).
     pub qk_norm: bool,
+    /// Experts in place of the MLP (Qwen3-MoE, Mixtral).
+    pub moe: Option<MoeConfig>,
     /// Tensor names of the checkpoint.
     pub layout: WeightLayout,
 }
@@ -109,6 +133,15 @@ struct RawConfig {
     torch_dtype: Option<String>,
     dtype: Option<String>,
     partial_rotary_factor: Option<f64>,
+    /// Qwen3-MoE's experts.
+    num_experts: Option<usize>,
+    /// Mixtral's experts.
+    num_local_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
 }
 
 /// The original ChatGLM `config.json` (LongWriter-glm4-9b, glm-4-9b-chat).
@@ -160,6 +193,7 @@ impl ModelConfig {
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
         let model_type = raw
             .model_type
+            .clone()
             .ok_or_else(|| "missing field `model_type`".to_string())?;
         if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
             return Err(format!(
@@ -199,7 +233,7 @@ impl ModelConfig {
         }
         let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
         let is_qwen2 = model_type == "qwen2";
-        let is_qwen3 = model_type == "qwen3";
+        let is_qwen3 = matches!(model_type.as_str(), "qwen3" | "qwen3_moe");
         let is_glm = model_type == "glm";
         // GLM-4 has q/k/v biases by default and never an output bias.
         let attention_bias = raw.attention_bias.unwrap_or(is_glm);
@@ -214,8 +248,10 @@ impl ModelConfig {
             .unwrap_or(if is_glm { 0.5 } else { 1.0 });
         let rotary_dim = rotary_dim(head_dim, partial)?;
         let window = match model_type.as_str() {
-            "mistral" => raw.sliding_window,
-            "qwen2" | "qwen3" if raw.use_sliding_window.unwrap_or(false) => raw.sliding_window,
+            "mistral" | "mixtral" => raw.sliding_window,
+            "qwen2" | "qwen3" | "qwen3_moe" if raw.use_sliding_window.unwrap_or(false) => {
+                raw.sliding_window
+            }
             _ => None,
         };
         // Qwen2 and Qwen3 apply their window only from layer
@@ -228,10 +264,12 @@ impl ModelConfig {
         let sliding_window = (0..num_layers)
             .map(|l| window.filter(|_| l >= first_windowed))
             .collect();
+        let intermediate_size = need(raw.intermediate_size, "intermediate_size")?;
+        let moe = moe_config(&model_type, &raw, num_layers, intermediate_size)?;
         Ok(ModelConfig {
             vocab_size: need(raw.vocab_size, "vocab_size")?,
             hidden_size,
-            intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
+            intermediate_size,
             num_layers,
             num_heads,
             num_kv_heads,
@@ -259,6 +297,7 @@ impl ModelConfig {
             rope_interleaved: is_glm,
             rotary_dim,
             qk_norm: is_qwen3,
+            moe,
             layout: WeightLayout::Hf,
         })
     }
@@ -327,6 +366,7 @@ impl ModelConfig {
             // ChatGLM rotates the first half of each head.
             rotary_dim: rotary_dim(head_dim, 0.5)?,
             qk_norm: false,
+            moe: None,
             layout: WeightLayout::ChatGlm,
         })
     }
@@ -342,10 +382,58 @@ impl ModelConfig {
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
         let attn = h * q + 2 * h * kv + q * h;
-        let layer = attn + 3 * h * i + 2 * h;
+        let ffn = |l: usize| match &self.moe {
+            Some(m) if m.layers[l] => m.experts * (3 * h * m.intermediate + h),
+            _ => 3 * h * i,
+        };
+        let layers: usize = (0..self.num_layers).map(|l| attn + ffn(l) + 2 * h).sum();
         let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_layers * layer + h + head
+        v * h + layers + h + head
     }
+}
+
+/// The experts of a Qwen3-MoE or Mixtral config (none for other families).
+fn moe_config(
+    model_type: &str,
+    raw: &RawConfig,
+    num_layers: usize,
+    intermediate_size: usize,
+) -> Result<Option<MoeConfig>, String> {
+    let (experts, field, intermediate, normalize) = match model_type {
+        // transformers 5 writes Qwen3-MoE's count as `num_local_experts`.
+        "qwen3_moe" => (
+            raw.num_experts.or(raw.num_local_experts),
+            "num_experts",
+            need(raw.moe_intermediate_size, "moe_intermediate_size")?,
+            raw.norm_topk_prob.unwrap_or(false),
+        ),
+        "mixtral" => (
+            raw.num_local_experts.or(Some(8)),
+            "num_local_experts",
+            intermediate_size,
+            true,
+        ),
+        _ => return Ok(None),
+    };
+    let experts = need(experts, field)?;
+    let active = need(raw.num_experts_per_tok, "num_experts_per_tok")?;
+    if active > experts {
+        return Err(format!(
+            "num_experts_per_tok ({active}) is more than the {experts} experts ({field})"
+        ));
+    }
+    let step = raw.decoder_sparse_step.unwrap_or(1).max(1);
+    let dense = raw.mlp_only_layers.clone().unwrap_or_default();
+    let layers = (0..num_layers)
+        .map(|l| !dense.contains(&l) && (l + 1) % step == 0)
+        .collect();
+    Ok(Some(MoeConfig {
+        experts,
+        active,
+        intermediate,
+        normalize,
+        layers,
+    }))
 }
 
 /// Rotated dimensions of a head: an even number, at most `head_dim`.
@@ -480,6 +568,48 @@ mod tests {
     const LLAMA: &str = r#"{"model_type":"llama","vocab_size":100,"hidden_size":64,
         "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
         "num_key_value_heads":2,"eos_token_id":[1,2],"bos_token_id":0}"#;
+
+    /// Experts from either spelling of their count; which layers have
+    /// them; and a clear error for more active experts than there are.
+    #[test]
+    fn mixtures_of_experts_are_read_and_checked() {
+        let moe = |extra: &str| {
+            let j = LLAMA.replace("\"llama\"", "\"qwen3_moe\"").replace(
+                "\"bos_token_id\":0",
+                &format!("\"bos_token_id\":0,\"moe_intermediate_size\":40{extra}"),
+            );
+            ModelConfig::from_json(&j)
+        };
+        let c =
+            moe(",\"num_experts\":4,\"num_experts_per_tok\":2,\"mlp_only_layers\":[0]").unwrap();
+        let m = c.moe.clone().unwrap();
+        assert_eq!((m.experts, m.active, m.intermediate), (4, 2, 40));
+        assert_eq!(m.layers, [false, true]);
+        assert!(c.qk_norm);
+        let c = moe(",\"num_local_experts\":6,\"num_experts_per_tok\":2,\"norm_topk_prob\":true")
+            .unwrap();
+        assert_eq!(
+            c.moe.as_ref().map(|m| (m.experts, m.normalize)),
+            Some((6, true))
+        );
+        let e = moe(",\"num_experts\":4,\"num_experts_per_tok\":5").unwrap_err();
+        assert!(
+            e.contains("num_experts_per_tok (5)") && e.contains("4 experts"),
+            "{e}"
+        );
+        let e = moe(",\"num_experts_per_tok\":2").unwrap_err();
+        assert!(e.contains("num_experts"), "{e}");
+        // Mixtral: the dense MLP's width is each expert's.
+        let j = LLAMA.replace("\"llama\"", "\"mixtral\"").replace(
+            "\"bos_token_id\":0",
+            "\"bos_token_id\":0,\"num_local_experts\":8,\"num_experts_per_tok\":2",
+        );
+        let c = ModelConfig::from_json(&j).unwrap();
+        assert_eq!(
+            c.moe.map(|m| (m.experts, m.intermediate, m.normalize)),
+            Some((8, 128, true))
+        );
+    }
 
     #[test]
     fn defaults_and_flags() {

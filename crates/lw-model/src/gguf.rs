@@ -155,6 +155,18 @@ impl Header {
         }
     }
 
+    pub fn bool(&self, key: &str) -> Result<Option<bool>, GgufError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(GgufError::MetadataType {
+                key: key.into(),
+                expected: "a bool",
+                found: v.type_name(),
+            }),
+        }
+    }
+
     pub fn float(&self, key: &str) -> Result<Option<f64>, GgufError> {
         match self.get(key) {
             None => Ok(None),

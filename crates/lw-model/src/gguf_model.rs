@@ -2,13 +2,13 @@
 //! metadata keys, and the other direction, writing a checkpoint as GGUF
 //! (`longwriter convert`) in the layout llama.cpp reads.
 
-use crate::config::{ModelConfig, RopeScaling};
+use crate::config::{ModelConfig, MoeConfig, RopeScaling};
 use crate::error::ModelError;
 use crate::gguf::{GgufError, GgufFile, Value};
 use crate::quant::dequantize_row;
 
 /// GGUF architectures this crate runs, as llama.cpp names them.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "chatglm"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "qwen3moe", "chatglm"];
 
 /// The model config a GGUF file describes.
 pub fn config(file: &GgufFile) -> Result<ModelConfig, ModelError> {
@@ -115,17 +115,48 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
             eos_token_ids.push(id as u32);
         }
     }
+    let intermediate_size = need("feed_forward_length")?;
+    let moe = match h.uint(&key("expert_count"))? {
+        Some(experts) if experts > 0 => {
+            let experts = experts as usize;
+            let active = need("expert_used_count")?;
+            if active > experts {
+                return Err(bad(
+                    key("expert_used_count"),
+                    format!("{active} active experts of {experts}"),
+                ));
+            }
+            let intermediate = match h.uint(&key("expert_feed_forward_length"))? {
+                Some(v) if v > 0 => v as usize,
+                _ => intermediate_size,
+            };
+            Some(MoeConfig {
+                experts,
+                active,
+                intermediate,
+                // llama.cpp renormalises the chosen experts' weights for
+                // these architectures.
+                normalize: h.bool(&key("expert_weights_norm"))?.unwrap_or(true),
+                layers: (0..num_layers)
+                    .map(|l| has(&format!("blk.{l}.ffn_gate_inp.weight")))
+                    .collect(),
+            })
+        }
+        _ => None,
+    };
     Ok(ModelConfig {
         model_type: match arch {
             "qwen2" => "qwen2",
             "qwen3" => "qwen3",
+            "qwen3moe" => "qwen3_moe",
+            "llama" if moe.is_some() => "mixtral",
             "chatglm" => "glm",
             _ => "llama",
         }
         .into(),
         vocab_size,
         hidden_size,
-        intermediate_size: need("feed_forward_length")?,
+        intermediate_size,
         num_layers,
         num_heads,
         num_kv_heads,
@@ -150,6 +181,7 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         rope_interleaved: arch == "llama" || glm,
         rotary_dim,
         qk_norm: has("blk.0.attn_q_norm.weight"),
+        moe,
         layout: crate::config::WeightLayout::Hf,
     })
 }
@@ -159,6 +191,7 @@ pub fn gguf_architecture(cfg: &ModelConfig) -> &'static str {
     match cfg.model_type.as_str() {
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
+        "qwen3_moe" => "qwen3moe",
         "glm" => "chatglm",
         _ => "llama",
     }

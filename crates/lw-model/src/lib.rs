@@ -9,6 +9,7 @@ pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod error;
+mod ffn;
 pub mod gguf;
 pub mod gguf_model;
 mod igrid;

@@ -9,6 +9,8 @@
 //! product, summed in the same order, whatever the number of input rows, so a
 //! position's result does not depend on how it was batched.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use candle_core::{DType, Device, Storage, Tensor};
 use half::{bf16, f16};
 
@@ -139,6 +141,17 @@ impl Weight {
     }
 }
 
+/// Weight bytes the products have read since the process started: each
+/// product reads its whole matrix once, whatever the number of rows. What a
+/// decoded token streams from memory (mixtures of experts: only the experts
+/// that ran).
+static WEIGHT_BYTES_READ: AtomicU64 = AtomicU64::new(0);
+
+/// [`WEIGHT_BYTES_READ`]'s count.
+pub fn weight_bytes_read() -> u64 {
+    WEIGHT_BYTES_READ.load(Ordering::Relaxed)
+}
+
 /// `y = x · Wᵀ + b` with `W` of shape `[out, in]`, kept in its load format.
 /// `W` may be several matrices stacked by rows (`[q; k; v]`) that are kept
 /// apart because their formats differ (a Q4_K_M file mixes Q4_K and Q6_K).
@@ -189,6 +202,7 @@ impl Linear {
         rows: usize,
         out: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
+        WEIGHT_BYTES_READ.fetch_add(self.size_bytes() as u64, Ordering::Relaxed);
         let mut total = 0;
         for p in &self.parts {
             let (n, k) = p.dims()?;

@@ -17,6 +17,7 @@ use crate::attention::{attend_group, CacheView, KvSlice};
 use crate::cache::{KvCache, KvDtype};
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::ModelError;
+use crate::ffn::{Ffn, Mlp, Moe};
 use crate::gguf::GgufFile;
 use crate::linear::{Linear, Weight};
 use crate::loader::{GgufSource, SafetensorsSource, TensorSource};
@@ -30,17 +31,11 @@ struct Attention {
     qk_norm: Option<(Vec<f32>, Vec<f32>)>,
 }
 
-/// gate and up projections stacked into one matrix.
-struct Mlp {
-    gate_up: Linear,
-    down: Linear,
-}
-
 struct Layer {
     attn_norm: Vec<f32>,
     attn: Attention,
     mlp_norm: Vec<f32>,
-    mlp: Mlp,
+    ffn: Ffn,
     window: Option<usize>,
 }
 
@@ -123,7 +118,6 @@ impl Llama {
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
             let a = |m: &str| format!("{p}.self_attn.{m}");
-            let m = |m: &str| format!("{p}.mlp.{m}");
             // Fused q/k/v (ChatGLM, llama.cpp's attn_qkv) or separate.
             let qkv = if w.contains(&format!("{}.weight", a("qkv_proj"))) {
                 linear(&[a("qkv_proj")], &[nq + 2 * nkv], h, cfg.qkv_bias)?
@@ -135,11 +129,22 @@ impl Llama {
                     cfg.qkv_bias,
                 )?
             };
-            // GLM-4 stores gate and up as one matrix, gate rows first.
-            let gate_up = if cfg.model_type == "glm" {
-                linear(&[m("gate_up_proj")], &[2 * i], h, cfg.mlp_bias)?
-            } else {
-                linear(&[m("gate_proj"), m("up_proj")], &[i, i], h, cfg.mlp_bias)?
+            let ffn = match &cfg.moe {
+                Some(moe) if moe.layers[l] => Ffn::Experts(experts(w, &cfg, moe, &p)?),
+                _ => {
+                    let m = |m: &str| format!("{p}.mlp.{m}");
+                    // GLM-4 stores gate and up as one matrix, gate rows first.
+                    let gate_up = if cfg.model_type == "glm" {
+                        linear(&[m("gate_up_proj")], &[2 * i], h, cfg.mlp_bias)?
+                    } else {
+                        linear(&[m("gate_proj"), m("up_proj")], &[i, i], h, cfg.mlp_bias)?
+                    };
+                    Ffn::Dense(Mlp {
+                        gate_up,
+                        down: linear(&[m("down_proj")], &[h], i, cfg.mlp_bias)?,
+                        intermediate: i,
+                    })
+                }
             };
             layers.push(Layer {
                 attn_norm: norm(format!("{p}.input_layernorm.weight"))?,
@@ -156,10 +161,7 @@ impl Llama {
                     },
                 },
                 mlp_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
-                mlp: Mlp {
-                    gate_up,
-                    down: linear(&[m("down_proj")], &[h], i, cfg.mlp_bias)?,
-                },
+                ffn,
                 window: cfg.sliding_window[l],
             });
         }
@@ -243,14 +245,19 @@ impl Llama {
     /// Bytes of weights read per decoded token (every matrix once; the
     /// embedding row is negligible).
     pub fn weight_bytes_per_token(&self) -> usize {
-        self.linears().map(Linear::size_bytes).sum()
+        let attention: usize = self
+            .layers
+            .iter()
+            .map(|l| l.attn.qkv.size_bytes() + l.attn.o.size_bytes() + l.ffn.bytes_per_token())
+            .sum();
+        attention + self.lm_head.size_bytes()
     }
 
-    /// Every weight matrix a decoded token reads, the classifier last.
+    /// Every weight matrix (all experts'), the classifier last.
     fn linears(&self) -> impl Iterator<Item = &Linear> {
         self.layers
             .iter()
-            .flat_map(|l| [&l.attn.qkv, &l.attn.o, &l.mlp.gate_up, &l.mlp.down])
+            .flat_map(|l| [&l.attn.qkv, &l.attn.o].into_iter().chain(l.ffn.linears()))
             .chain(std::iter::once(&self.lm_head))
     }
 
@@ -434,10 +441,7 @@ impl Llama {
             layer.attn.o.forward_into(&s.attn, n, &mut s.proj)?;
             add(&mut s.x, &s.proj);
             rms_norm(&s.x, &layer.mlp_norm, eps, sized(&mut s.h, s.x.len()));
-            layer.mlp.gate_up.forward_into(&s.h, n, &mut s.gate_up)?;
-            let gated = sized(&mut s.gated, n * cfg.intermediate_size);
-            crate::activation::silu_mul_into(&s.gate_up, cfg.intermediate_size, gated);
-            layer.mlp.down.forward_into(&s.gated, n, &mut s.proj)?;
+            layer.ffn.forward(&s.h, n, &mut s.proj, &mut s.ffn)?;
             add(&mut s.x, &s.proj);
         }
         for (cache, count) in seqs.iter_mut() {
@@ -595,10 +599,9 @@ struct Scratch {
     qkv: Vec<f32>,
     /// Attention's output, `[rows, heads · head_dim]`.
     attn: Vec<f32>,
-    /// The output projection's or the down projection's result.
+    /// The output projection's or the feed-forward's result.
     proj: Vec<f32>,
-    gate_up: Vec<f32>,
-    gated: Vec<f32>,
+    ffn: crate::ffn::Buffers,
     cos: Vec<f32>,
     sin: Vec<f32>,
     /// Sequence and position of each row.
@@ -607,6 +610,67 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// The router and experts of layer `p` (`model.layers.N`): each expert's
+/// matrices by their own names (checkpoints on the hub; Mixtral's `w1`,
+/// `w3`, `w2` under `block_sparse_moe`), or all experts' in one tensor per
+/// projection (GGUF's `ffn_*_exps`).
+fn experts(
+    w: &dyn TensorSource,
+    cfg: &ModelConfig,
+    moe: &crate::config::MoeConfig,
+    p: &str,
+) -> Result<Moe, ModelError> {
+    let (h, mi, n) = (cfg.hidden_size, moe.intermediate, moe.experts);
+    let (block, gate, up, down) = if w.contains(&format!("{p}.block_sparse_moe.gate.weight")) {
+        ("block_sparse_moe", "w1", "w3", "w2")
+    } else {
+        ("mlp", "gate_proj", "up_proj", "down_proj")
+    };
+    let one = |names: &[String], outs: &[usize], inp: usize| {
+        let weights: Vec<String> = names.iter().map(|n| format!("{n}.weight")).collect();
+        let names: Vec<&str> = weights.iter().map(String::as_str).collect();
+        Ok::<_, ModelError>(Linear::from_parts(w.matrices(&names, outs, inp)?, None))
+    };
+    let router = one(&[format!("{p}.{block}.gate")], &[n], h)?;
+    let experts = if w.contains(&format!("{p}.{block}.experts.0.{gate}.weight")) {
+        (0..n)
+            .map(|e| {
+                let x = |k: &str| format!("{p}.{block}.experts.{e}.{k}");
+                Ok(Mlp {
+                    gate_up: one(&[x(gate), x(up)], &[mi, mi], h)?,
+                    down: one(&[x(down)], &[h], mi)?,
+                    intermediate: mi,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?
+    } else {
+        let all = |k: &str, out: usize, inp: usize| {
+            w.expert_matrices(&format!("{p}.mlp.experts.{k}.weight"), n, out, inp)
+        };
+        let (gates, ups, downs) = (
+            all("gate_proj", mi, h)?,
+            all("up_proj", mi, h)?,
+            all("down_proj", h, mi)?,
+        );
+        gates
+            .into_iter()
+            .zip(ups)
+            .zip(downs)
+            .map(|((g, u), d)| Mlp {
+                gate_up: Linear::from_parts(vec![g, u], None),
+                down: Linear::from_parts(vec![d], None),
+                intermediate: mi,
+            })
+            .collect()
+    };
+    Ok(Moe {
+        router,
+        experts,
+        active: moe.active,
+        normalize: moe.normalize,
+    })
 }
 
 /// `v` holding `len` values (zeros where it grew), as a slice.

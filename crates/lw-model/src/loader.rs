@@ -29,6 +29,16 @@ pub trait TensorSource {
         outs: &[usize],
         inp: usize,
     ) -> Result<Vec<Weight>, ModelError>;
+
+    /// The `[out, inp]` matrix of each of `count` experts, from one tensor
+    /// `[count, out, inp]` (GGUF's `ffn_*_exps`).
+    fn expert_matrices(
+        &self,
+        name: &str,
+        count: usize,
+        out: usize,
+        inp: usize,
+    ) -> Result<Vec<Weight>, ModelError>;
 }
 
 /// A safetensors checkpoint, held in `dtype`, or quantized to `quantize`
@@ -42,6 +52,19 @@ pub struct SafetensorsSource<'a> {
 impl TensorSource for SafetensorsSource<'_> {
     fn contains(&self, name: &str) -> bool {
         self.weights.contains(name)
+    }
+
+    /// Checkpoints on the hub name each expert's matrices; one tensor for
+    /// all experts is read as it is, held in the load dtype.
+    fn expert_matrices(
+        &self,
+        name: &str,
+        count: usize,
+        out: usize,
+        inp: usize,
+    ) -> Result<Vec<Weight>, ModelError> {
+        let all = self.weights.get(name, &[count, out, inp], self.dtype)?;
+        (0..count).map(|e| Ok(Weight::Dense(all.get(e)?))).collect()
     }
 
     fn vector(&self, names: &[&str], lens: &[usize]) -> Result<Tensor, ModelError> {
@@ -112,6 +135,35 @@ impl GgufSource<'_> {
 }
 
 impl TensorSource for GgufSource<'_> {
+    fn expert_matrices(
+        &self,
+        name: &str,
+        count: usize,
+        out: usize,
+        inp: usize,
+    ) -> Result<Vec<Weight>, ModelError> {
+        let info = self.info(name, &[count, out, inp])?;
+        let bytes = self.file.data(info);
+        let each = info.qtype.row_bytes(inp) * out;
+        (0..count)
+            .map(|e| {
+                let part = bytes.part(e * each, each);
+                Ok(match info.qtype {
+                    q if q.is_quantized() => Weight::Quant(
+                        QMatrix::new(q, out, inp, part)
+                            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", info.name)))?,
+                    ),
+                    q => Weight::Dense(Tensor::from_raw_buffer(
+                        part.as_slice(),
+                        dense_dtype(q),
+                        &[out, inp],
+                        &Device::Cpu,
+                    )?),
+                })
+            })
+            .collect()
+    }
+
     fn contains(&self, name: &str) -> bool {
         let n = gguf_name(name).unwrap_or_else(|| name.to_string());
         self.file.tensor(&n).is_some()
@@ -144,22 +196,24 @@ impl TensorSource for GgufSource<'_> {
                     QMatrix::new(q, out, inp, bytes)
                         .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", info.name)))?,
                 ),
-                q => {
-                    let dtype = match q {
-                        QType::F32 => DType::F32,
-                        QType::F16 => DType::F16,
-                        _ => DType::BF16,
-                    };
-                    Weight::Dense(Tensor::from_raw_buffer(
-                        bytes.as_slice(),
-                        dtype,
-                        &[out, inp],
-                        &Device::Cpu,
-                    )?)
-                }
+                q => Weight::Dense(Tensor::from_raw_buffer(
+                    bytes.as_slice(),
+                    dense_dtype(q),
+                    &[out, inp],
+                    &Device::Cpu,
+                )?),
             });
         }
         Ok(parts)
+    }
+}
+
+/// The candle dtype of an unquantized GGUF type.
+fn dense_dtype(q: QType) -> DType {
+    match q {
+        QType::F32 => DType::F32,
+        QType::F16 => DType::F16,
+        _ => DType::BF16,
     }
 }
 
@@ -194,6 +248,12 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        // Experts: the router, and each projection of all experts as one
+        // tensor (names of the stacked tensors as this crate spells them).
+        "mlp.gate" | "block_sparse_moe.gate" => "ffn_gate_inp",
+        "mlp.experts.gate_proj" => "ffn_gate_exps",
+        "mlp.experts.up_proj" => "ffn_up_exps",
+        "mlp.experts.down_proj" => "ffn_down_exps",
         _ => return None,
     };
     Some(format!("blk.{layer}.{short}.{kind}"))

@@ -24,6 +24,23 @@ impl std::fmt::Debug for Bytes {
 }
 
 impl Bytes {
+    /// Bytes `start..start + len` of these: a view of the same mapping, or
+    /// a copy of owned bytes.
+    pub fn part(&self, start: usize, len: usize) -> Bytes {
+        assert!(
+            start + len <= self.as_slice().len(),
+            "a part within the bytes"
+        );
+        match self {
+            Bytes::Mapped { map, start: s, .. } => Bytes::Mapped {
+                map: map.clone(),
+                start: s + start,
+                len,
+            },
+            Bytes::Owned { .. } => Bytes::owned(&self.as_slice()[start..start + len]),
+        }
+    }
+
     pub fn owned(bytes: &[u8]) -> Bytes {
         let mut words = vec![0u64; bytes.len().div_ceil(8)];
         // SAFETY: `words` holds at least `bytes.len()` bytes.

@@ -14,6 +14,8 @@ pub const MODELS: &[&str] = &[
     "mistral",
     "qwen2",
     "qwen3",
+    "qwen3-moe",
+    "mixtral",
     "glm4",
 ];
 
