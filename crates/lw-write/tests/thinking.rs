@@ -32,8 +32,8 @@ impl LanguageModel for Reasoner {
         let text = if planning {
             "<think>\nTwo parts. Paragraph 9 - Main Point: a draft line - Word Count: 5 words\n\
              </think>\n\n\
-             Paragraph 1 - Main Point: the source - Word Count: 20 words\n\
-             Paragraph 2 - Main Point: the sea - Word Count: 20 words"
+             Paragraph 1 - Main Point: the source - Word Count: 200 words\n\
+             Paragraph 2 - Main Point: the sea - Word Count: 200 words"
                 .to_string()
         } else {
             format!(
@@ -59,8 +59,8 @@ fn run(keep_thinking: bool) -> (String, std::path::PathBuf) {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     let request = Request {
-        instruction: "Write a 40-word piece about a river.".into(),
-        asked_words: Some(40),
+        instruction: "Write a 400-word piece about a river.".into(),
+        asked_words: Some(400),
         language: Language::English,
         mode: Mode::AgentWrite,
         sampling: SamplingParams::greedy(),
