@@ -320,7 +320,9 @@ fn feed_together<S: Sink>(model: &Model, active: &mut [Running<S>], ended: &mut 
         .filter(|&i| together(&active[i]))
         .collect();
     let tokens: Vec<u32> = fed.iter().map(|&i| active[i].feed[0]).collect();
-    let mut out = Vec::new();
+    // The step's logits (`[sequences, vocab]`), in a buffer kept for the
+    // next step: megabytes for a large batch.
+    let mut out = BATCH_LOGITS.take();
     let mut caches = Sequence::caches(
         active
             .iter_mut()
@@ -347,6 +349,11 @@ fn feed_together<S: Sink>(model: &Model, active: &mut [Running<S>], ended: &mut 
             Err(e) => ended.push((i, Err(EngineError::Step(e.to_string())))),
         }
     }
+    BATCH_LOGITS.set(out);
+}
+
+thread_local! {
+    static BATCH_LOGITS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The per-sequence side of decoding: sampling, end conditions, text

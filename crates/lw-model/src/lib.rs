@@ -4,11 +4,11 @@
 //! This crate computes logits from token ids. It knows nothing of
 //! tokenizers, text, sampling or HTTP.
 
-pub mod activation;
-pub mod attention;
-pub mod cache;
+mod activation;
+mod attention;
+mod cache;
 pub mod config;
-pub mod error;
+mod error;
 mod ffn;
 pub mod gguf;
 pub mod gguf_model;
@@ -20,7 +20,7 @@ pub mod loader;
 mod mmap;
 mod pool;
 mod portable;
-pub mod qtype;
+mod qtype;
 pub mod quant;
 pub mod repack;
 pub mod weights;

@@ -146,21 +146,7 @@ impl TensorSource for GgufSource<'_> {
         let bytes = self.file.data(info);
         let each = info.qtype.row_bytes(inp) * out;
         (0..count)
-            .map(|e| {
-                let part = bytes.part(e * each, each);
-                Ok(match info.qtype {
-                    q if q.is_quantized() => Weight::Quant(
-                        QMatrix::new(q, out, inp, part)
-                            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", info.name)))?,
-                    ),
-                    q => Weight::Dense(Tensor::from_raw_buffer(
-                        part.as_slice(),
-                        dense_dtype(q),
-                        &[out, inp],
-                        &Device::Cpu,
-                    )?),
-                })
-            })
+            .map(|e| weight(info, bytes.part(e * each, each), out, inp))
             .collect()
     }
 
@@ -187,34 +173,44 @@ impl TensorSource for GgufSource<'_> {
         outs: &[usize],
         inp: usize,
     ) -> Result<Vec<Weight>, ModelError> {
-        let mut parts = Vec::with_capacity(names.len());
-        for (name, &out) in names.iter().zip(outs) {
-            let info = self.info(name, &[out, inp])?;
-            let bytes = self.file.data(info);
-            parts.push(match info.qtype {
-                q if q.is_quantized() => Weight::Quant(
-                    QMatrix::new(q, out, inp, bytes)
-                        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", info.name)))?,
-                ),
-                q => Weight::Dense(Tensor::from_raw_buffer(
-                    bytes.as_slice(),
-                    dense_dtype(q),
-                    &[out, inp],
-                    &Device::Cpu,
-                )?),
-            });
-        }
-        Ok(parts)
+        names
+            .iter()
+            .zip(outs)
+            .map(|(name, &out)| {
+                let info = self.info(name, &[out, inp])?;
+                weight(info, self.file.data(info), out, inp)
+            })
+            .collect()
     }
 }
 
-/// The candle dtype of an unquantized GGUF type.
-fn dense_dtype(q: QType) -> DType {
-    match q {
-        QType::F32 => DType::F32,
-        QType::F16 => DType::F16,
-        _ => DType::BF16,
-    }
+/// An `[out, inp]` matrix of tensor `info` in its file format (`bytes`:
+/// the whole tensor, or one expert's part of it).
+fn weight(
+    info: &crate::gguf::TensorInfo,
+    bytes: crate::quant::Bytes,
+    out: usize,
+    inp: usize,
+) -> Result<Weight, ModelError> {
+    Ok(match info.qtype {
+        q if q.is_quantized() => Weight::Quant(
+            QMatrix::new(q, out, inp, bytes)
+                .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", info.name)))?,
+        ),
+        q => {
+            let dtype = match q {
+                QType::F32 => DType::F32,
+                QType::F16 => DType::F16,
+                _ => DType::BF16,
+            };
+            Weight::Dense(Tensor::from_raw_buffer(
+                bytes.as_slice(),
+                dtype,
+                &[out, inp],
+                &Device::Cpu,
+            )?)
+        }
+    })
 }
 
 /// llama.cpp's name for a Hugging Face tensor name of the Llama family.
