@@ -34,6 +34,7 @@ MODELS = {
     "qwen3": "gpt-2",
     "qwen3-moe": "gpt-2",
     "mixtral": "gpt-2",
+    "glm4-0414": "gpt-2",
 }
 
 

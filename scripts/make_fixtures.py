@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
+    Glm4Config,
     GlmConfig,
     LlamaConfig,
     MistralConfig,
@@ -256,6 +257,19 @@ MODELS = {
             use_sliding_window=False,
         ),
     ),
+    # GLM-4-0414: GLM-4's layout plus norms after attention and after the
+    # MLP.
+    "glm4-0414": (
+        "glm4",
+        Glm4Config,
+        dict(
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+            head_dim=16,
+            attention_bias=True,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+        ),
+    ),
     # Qwen3-MoE: five experts, two active, renormalised; experts narrower
     # than the dense MLP would be.
     "qwen3-moe": (
@@ -439,7 +453,7 @@ def main(root, only=None):
         model.generation_config.save_pretrained(out)
         if name in LEGACY_CONFIG:
             to_legacy_config(os.path.join(out, "config.json"))
-        if family == "glm4":
+        if name == "glm4":
             write_chatglm_layout(model, out, os.path.join(models_dir, f"{name}-chatglm"), eos_ids)
 
         ids = hf_tok(PROMPT)["input_ids"]

@@ -364,8 +364,12 @@ pub fn convert(
             add(format!("{p}.self_attn.q_norm.weight"), vec![hd]);
             add(format!("{p}.self_attn.k_norm.weight"), vec![hd]);
         }
+        if cfg.post_norms {
+            add(format!("{p}.post_self_attn_layernorm.weight"), vec![h]);
+            add(format!("{p}.post_mlp_layernorm.weight"), vec![h]);
+        }
         add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
-        let mlp: &[(&str, usize, usize)] = if glm {
+        let mlp: &[(&str, usize, usize)] = if glm || cfg.model_type == "glm4" {
             &[("gate_up_proj", 2 * i, h), ("down_proj", h, i)]
         } else {
             &[("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)]

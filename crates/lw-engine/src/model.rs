@@ -287,7 +287,10 @@ fn apply_chat_format(
     source: &Path,
 ) -> Result<(), EngineError> {
     let format = match format {
-        ChatFormat::Auto if tokenizer.chat_template().is_none() && cfg.model_type == "glm" => {
+        ChatFormat::Auto
+            if tokenizer.chat_template().is_none()
+                && matches!(cfg.model_type.as_str(), "glm" | "glm4") =>
+        {
             ChatFormat::Glm4
         }
         ChatFormat::Template if tokenizer.chat_template().is_none() => {
@@ -311,7 +314,7 @@ fn with_tokenizer_eos(mut ids: Vec<u32>, tokenizer: &Tokenizer, cfg: &ModelConfi
         ids.push(id);
     }
     ids.extend_from_slice(tokenizer.stop_ids());
-    if cfg.model_type == "glm" {
+    if matches!(cfg.model_type.as_str(), "glm" | "glm4") {
         ids.extend(
             GLM4_STOP_TOKENS
                 .iter()

@@ -80,7 +80,14 @@ fn f32_gguf_files_match_transformers_for_every_architecture() {
 /// transformers' logits and greedy tokens.
 #[test]
 fn files_from_llama_cpps_converter_match_transformers() {
-    for name in ["llama3-untied", "qwen2", "qwen3", "qwen3-moe", "mixtral"] {
+    for name in [
+        "llama3-untied",
+        "qwen2",
+        "qwen3",
+        "qwen3-moe",
+        "mixtral",
+        "glm4-0414",
+    ] {
         let fx = fixture(name);
         let path = fixtures().join(format!("models/{name}.llama-cpp.gguf"));
         let mut engine = load(&path);

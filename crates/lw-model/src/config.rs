@@ -18,6 +18,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "qwen3",
     "qwen3_moe",
     "glm",
+    "glm4",
     "chatglm",
 ];
 
@@ -102,6 +103,9 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Experts in place of the MLP (Qwen3-MoE, Mixtral).
     pub moe: Option<MoeConfig>,
+    /// RMS norms on the attention's and the MLP's outputs before each
+    /// residual add (GLM-4-0414).
+    pub post_norms: bool,
     /// Tensor names of the checkpoint.
     pub layout: WeightLayout,
 }
@@ -234,7 +238,9 @@ impl ModelConfig {
         let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
         let is_qwen2 = model_type == "qwen2";
         let is_qwen3 = matches!(model_type.as_str(), "qwen3" | "qwen3_moe");
-        let is_glm = model_type == "glm";
+        // GLM-4 (`glm`) and GLM-4-0414 (`glm4`, which adds norms after
+        // attention and after the MLP).
+        let is_glm = matches!(model_type.as_str(), "glm" | "glm4");
         // GLM-4 has q/k/v biases by default and never an output bias.
         let attention_bias = raw.attention_bias.unwrap_or(is_glm);
         let partial = raw
@@ -265,6 +271,7 @@ impl ModelConfig {
             .map(|l| window.filter(|_| l >= first_windowed))
             .collect();
         let intermediate_size = need(raw.intermediate_size, "intermediate_size")?;
+        let post_norms = model_type == "glm4";
         let moe = moe_config(&model_type, &raw, num_layers, intermediate_size)?;
         Ok(ModelConfig {
             vocab_size: need(raw.vocab_size, "vocab_size")?,
@@ -298,6 +305,7 @@ impl ModelConfig {
             rotary_dim,
             qk_norm: is_qwen3,
             moe,
+            post_norms,
             layout: WeightLayout::Hf,
         })
     }
@@ -367,6 +375,7 @@ impl ModelConfig {
             rotary_dim: rotary_dim(head_dim, 0.5)?,
             qk_norm: false,
             moe: None,
+            post_norms: false,
             layout: WeightLayout::ChatGlm,
         })
     }

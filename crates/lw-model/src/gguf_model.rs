@@ -8,7 +8,8 @@ use crate::gguf::{GgufError, GgufFile, Value};
 use crate::quant::dequantize_row;
 
 /// GGUF architectures this crate runs, as llama.cpp names them.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "qwen3moe", "chatglm"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["llama", "qwen2", "qwen3", "qwen3moe", "chatglm", "glm4"];
 
 /// The model config a GGUF file describes.
 pub fn config(file: &GgufFile) -> Result<ModelConfig, ModelError> {
@@ -149,6 +150,7 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
             "qwen2" => "qwen2",
             "qwen3" => "qwen3",
             "qwen3moe" => "qwen3_moe",
+            "glm4" => "glm4",
             "llama" if moe.is_some() => "mixtral",
             "chatglm" => "glm",
             _ => "llama",
@@ -178,10 +180,11 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         // llama.cpp's Llama graph rotates adjacent pairs (its converter
         // permutes q and k rows to match), as GLM-4 does natively; Qwen2
         // and Qwen3 keep the halves layout.
-        rope_interleaved: arch == "llama" || glm,
+        rope_interleaved: arch == "llama" || glm || arch == "glm4",
         rotary_dim,
         qk_norm: has("blk.0.attn_q_norm.weight"),
         moe,
+        post_norms: has("blk.0.post_attention_norm.weight"),
         layout: crate::config::WeightLayout::Hf,
     })
 }
@@ -193,6 +196,7 @@ pub fn gguf_architecture(cfg: &ModelConfig) -> &'static str {
         "qwen3" => "qwen3",
         "qwen3_moe" => "qwen3moe",
         "glm" => "chatglm",
+        "glm4" => "glm4",
         _ => "llama",
     }
 }

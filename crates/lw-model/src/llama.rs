@@ -36,6 +36,8 @@ struct Layer {
     attn: Attention,
     mlp_norm: Vec<f32>,
     ffn: Ffn,
+    /// Norms of the attention's and the feed-forward's outputs (GLM-4-0414).
+    post_norms: Option<(Vec<f32>, Vec<f32>)>,
     window: Option<usize>,
 }
 
@@ -134,7 +136,7 @@ impl Llama {
                 _ => {
                     let m = |m: &str| format!("{p}.mlp.{m}");
                     // GLM-4 stores gate and up as one matrix, gate rows first.
-                    let gate_up = if cfg.model_type == "glm" {
+                    let gate_up = if matches!(cfg.model_type.as_str(), "glm" | "glm4") {
                         linear(&[m("gate_up_proj")], &[2 * i], h, cfg.mlp_bias)?
                     } else {
                         linear(&[m("gate_proj"), m("up_proj")], &[i, i], h, cfg.mlp_bias)?
@@ -162,6 +164,14 @@ impl Llama {
                 },
                 mlp_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
                 ffn,
+                post_norms: if cfg.post_norms {
+                    Some((
+                        norm(format!("{p}.post_self_attn_layernorm.weight"))?,
+                        norm(format!("{p}.post_mlp_layernorm.weight"))?,
+                    ))
+                } else {
+                    None
+                },
                 window: cfg.sliding_window[l],
             });
         }
@@ -439,9 +449,15 @@ impl Llama {
             self.rope_and_store(l, &mut s.qkv, (&s.cos, &s.sin), rows, seqs);
             self.attend(l, layer, &s.qkv, rows, seqs, &mut s.attn);
             layer.attn.o.forward_into(&s.attn, n, &mut s.proj)?;
+            if let Some((after_attn, _)) = &layer.post_norms {
+                rms_norm_in_place(&mut s.proj, after_attn, eps);
+            }
             add(&mut s.x, &s.proj);
             rms_norm(&s.x, &layer.mlp_norm, eps, sized(&mut s.h, s.x.len()));
             layer.ffn.forward(&s.h, n, &mut s.proj, &mut s.ffn)?;
+            if let Some((_, after_ffn)) = &layer.post_norms {
+                rms_norm_in_place(&mut s.proj, after_ffn, eps);
+            }
             add(&mut s.x, &s.proj);
         }
         for (cache, count) in seqs.iter_mut() {

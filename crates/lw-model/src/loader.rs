@@ -236,6 +236,9 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
         "self_attn.qkv_proj" => "attn_qkv",
+        // GLM-4-0414's norms on the attention's and the MLP's outputs.
+        "post_self_attn_layernorm" => "post_attention_norm",
+        "post_mlp_layernorm" => "post_ffw_norm",
         // Qwen3's per-head query and key norms.
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",

@@ -17,6 +17,7 @@ pub const MODELS: &[&str] = &[
     "qwen3-moe",
     "mixtral",
     "glm4",
+    "glm4-0414",
 ];
 
 /// `tests/fixtures` at the repository root.
