@@ -182,9 +182,14 @@ fn check_trainable(cfg: &ModelConfig) -> Result<(), TrainError> {
             "training with sliding-window attention is not supported".into(),
         ));
     }
-    if cfg.qk_norm {
+    let unsupported = [
+        (cfg.qk_norm, "per-head query and key norms"),
+        (cfg.moe.is_some(), "a mixture of experts"),
+        (cfg.post_norms, "norms after attention and MLP"),
+    ];
+    if let Some((_, what)) = unsupported.iter().find(|(has, _)| *has) {
         return Err(TrainError::Setting(format!(
-            "training a {} model (per-head query and key norms) is not supported yet",
+            "training a {} model ({what}) is not supported yet",
             cfg.model_type
         )));
     }
