@@ -29,6 +29,7 @@ from transformers import (
     Qwen3Config,
     Qwen3MoeConfig,
     MixtralConfig,
+    Phi3Config,
 )
 
 # A small bilingual corpus so the tokenizer has real merges for English,
@@ -267,6 +268,18 @@ MODELS = {
             head_dim=16,
             attention_bias=True,
             tie_word_embeddings=False,
+            pad_token_id=0,
+        ),
+    ),
+    # Phi-3: q, k, v fused in qkv_proj, gate and up in gate_up_proj, three
+    # quarters of each head rotated (as Phi-4-mini).
+    "phi3": (
+        "chatml",
+        Phi3Config,
+        dict(
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75),
+            tie_word_embeddings=False,
+            sliding_window=None,
             pad_token_id=0,
         ),
     ),

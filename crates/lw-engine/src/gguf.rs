@@ -304,7 +304,8 @@ pub fn convert(
     )];
     // llama.cpp's Llama graph wants q/k rows in adjacent-pairs order; Qwen2
     // and Qwen3 keep the halves, GLM-4 is interleaved already.
-    let permute = !matches!(cfg.model_type.as_str(), "qwen2" | "qwen3") && !cfg.rope_interleaved;
+    let permute =
+        !matches!(cfg.model_type.as_str(), "qwen2" | "qwen3" | "phi3") && !cfg.rope_interleaved;
     let glm = cfg.model_type == "glm";
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
@@ -312,8 +313,9 @@ pub fn convert(
             plan.push(one(n, shape, Some(l), heads.filter(|_| permute)))
         };
         add(format!("{p}.input_layernorm.weight"), vec![h], None);
-        if glm {
-            // llama.cpp's chatglm graph reads one fused attn_qkv.
+        if glm || weights.contains(&format!("{p}.self_attn.qkv_proj.weight")) {
+            // llama.cpp's chatglm graph reads one fused attn_qkv, and a
+            // checkpoint that stores q, k and v fused (Phi-3) keeps it so.
             for kind in ["weight", "bias"] {
                 if kind == "bias" && !cfg.qkv_bias {
                     continue;
@@ -369,11 +371,12 @@ pub fn convert(
             add(format!("{p}.post_mlp_layernorm.weight"), vec![h]);
         }
         add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
-        let mlp: &[(&str, usize, usize)] = if glm || cfg.model_type == "glm4" {
-            &[("gate_up_proj", 2 * i, h), ("down_proj", h, i)]
-        } else {
-            &[("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)]
-        };
+        let mlp: &[(&str, usize, usize)] =
+            if matches!(cfg.model_type.as_str(), "glm" | "glm4" | "phi3") {
+                &[("gate_up_proj", 2 * i, h), ("down_proj", h, i)]
+            } else {
+                &[("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)]
+            };
         for &(m, out, inp) in mlp {
             add(format!("{p}.mlp.{m}.weight"), vec![out, inp]);
             if cfg.mlp_bias {

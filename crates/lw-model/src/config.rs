@@ -14,6 +14,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "llama",
     "mistral",
     "mixtral",
+    "phi3",
     "qwen2",
     "qwen3",
     "qwen3_moe",
@@ -254,7 +255,7 @@ impl ModelConfig {
             .unwrap_or(if is_glm { 0.5 } else { 1.0 });
         let rotary_dim = rotary_dim(head_dim, partial)?;
         let window = match model_type.as_str() {
-            "mistral" | "mixtral" => raw.sliding_window,
+            "mistral" | "mixtral" | "phi3" => raw.sliding_window,
             "qwen2" | "qwen3" | "qwen3_moe" if raw.use_sliding_window.unwrap_or(false) => {
                 raw.sliding_window
             }

@@ -8,8 +8,9 @@ use crate::gguf::{GgufError, GgufFile, Value};
 use crate::quant::dequantize_row;
 
 /// GGUF architectures this crate runs, as llama.cpp names them.
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["llama", "qwen2", "qwen3", "qwen3moe", "chatglm", "glm4"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "llama", "qwen2", "qwen3", "qwen3moe", "chatglm", "glm4", "phi3",
+];
 
 /// The model config a GGUF file describes.
 pub fn config(file: &GgufFile) -> Result<ModelConfig, ModelError> {
@@ -151,6 +152,7 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
             "qwen3" => "qwen3",
             "qwen3moe" => "qwen3_moe",
             "glm4" => "glm4",
+            "phi3" => "phi3",
             "llama" if moe.is_some() => "mixtral",
             "chatglm" => "glm",
             _ => "llama",
@@ -197,6 +199,7 @@ pub fn gguf_architecture(cfg: &ModelConfig) -> &'static str {
         "qwen3_moe" => "qwen3moe",
         "glm" => "chatglm",
         "glm4" => "glm4",
+        "phi3" => "phi3",
         _ => "llama",
     }
 }

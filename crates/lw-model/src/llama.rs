@@ -136,7 +136,9 @@ impl Llama {
                 _ => {
                     let m = |m: &str| format!("{p}.mlp.{m}");
                     // GLM-4 stores gate and up as one matrix, gate rows first.
-                    let gate_up = if matches!(cfg.model_type.as_str(), "glm" | "glm4") {
+                    // GLM-4 and Phi-3 store gate and up as one matrix, gate
+                    // rows first.
+                    let gate_up = if matches!(cfg.model_type.as_str(), "glm" | "glm4" | "phi3") {
                         linear(&[m("gate_up_proj")], &[2 * i], h, cfg.mlp_bias)?
                     } else {
                         linear(&[m("gate_proj"), m("up_proj")], &[i, i], h, cfg.mlp_bias)?

@@ -18,6 +18,7 @@ pub const MODELS: &[&str] = &[
     "mixtral",
     "glm4",
     "glm4-0414",
+    "phi3",
 ];
 
 /// `tests/fixtures` at the repository root.
