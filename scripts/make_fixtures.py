@@ -30,6 +30,7 @@ from transformers import (
     Qwen3MoeConfig,
     MixtralConfig,
     Phi3Config,
+    Gemma3TextConfig,
 )
 
 # A small bilingual corpus so the tokenizer has real merges for English,
@@ -280,6 +281,26 @@ MODELS = {
             rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75),
             tie_word_embeddings=False,
             sliding_window=None,
+            pad_token_id=0,
+        ),
+    ),
+    # Gemma 3 (text): embeddings scaled by √hidden, norms scaling by 1 + w
+    # before and after attention and MLP, per-head q/k norms, GeGLU, scores
+    # scaled by query_pre_attn_scalar, a sliding layer (window 8, shorter
+    # than the prompt, its own rotary base) and a full one.
+    "gemma3": (
+        "chatml",
+        Gemma3TextConfig,
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            tie_word_embeddings=True,
             pad_token_id=0,
         ),
     ),

@@ -263,12 +263,12 @@ pub fn convert(
     mut progress: impl FnMut(usize, usize, &str),
 ) -> Result<ConvertReport, EngineError> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    if cfg.moe.is_some() {
+    if cfg.moe.is_some() || cfg.model_type == "gemma3_text" {
         return Err(EngineError::File {
             path: dir.join("config.json"),
             reason: format!(
-                "convert does not write mixtures of experts ({}) yet; llama.cpp's \
-                 convert_hf_to_gguf.py does, and the engine runs its files",
+                "convert does not write {} models yet; llama.cpp's \
+                 convert_hf_to_gguf.py does",
                 cfg.model_type
             ),
         });

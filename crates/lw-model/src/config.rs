@@ -21,6 +21,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "glm",
     "glm4",
     "chatglm",
+    "gemma3_text",
 ];
 
 /// How a checkpoint names its tensors.
@@ -31,6 +32,9 @@ pub enum WeightLayout {
     /// The original ChatGLM names (`transformer.encoder.layers.N.self_attention
     /// .query_key_value.weight`, …), mapped to `transformers` names at load.
     ChatGlm,
+    /// Gemma's four norms per layer, known at load by the names of the
+    /// Llama layout's slots ([`gemma_to_slots`]).
+    Gemma,
 }
 
 /// How rotary frequencies are rescaled for long contexts.
@@ -105,8 +109,20 @@ pub struct ModelConfig {
     /// Experts in place of the MLP (Qwen3-MoE, Mixtral).
     pub moe: Option<MoeConfig>,
     /// RMS norms on the attention's and the MLP's outputs before each
-    /// residual add (GLM-4-0414).
+    /// residual add (GLM-4-0414, Gemma 3).
     pub post_norms: bool,
+    /// Embeddings multiplied by √hidden (Gemma).
+    pub embed_scale: bool,
+    /// Added to every norm's weights: Gemma's norms scale by `1 + w`.
+    pub norm_offset: f32,
+    /// The feed-forward gate's function.
+    pub gate: crate::activation::Gate,
+    /// Attention scores scaled by this instead of `1/√head_dim` (Gemma's
+    /// `query_pre_attn_scalar^-½`).
+    pub attention_scale: Option<f32>,
+    /// Rotary base of the sliding-window layers, when it differs from the
+    /// full layers' `rope_theta` (Gemma 3).
+    pub local_rope_theta: Option<f32>,
     /// Tensor names of the checkpoint.
     pub layout: WeightLayout,
 }
@@ -138,6 +154,14 @@ struct RawConfig {
     torch_dtype: Option<String>,
     dtype: Option<String>,
     partial_rotary_factor: Option<f64>,
+    /// Gemma 3's attention scale, layer kinds and activation.
+    query_pre_attn_scalar: Option<f64>,
+    layer_types: Option<Vec<String>>,
+    sliding_window_pattern: Option<usize>,
+    rope_local_base_freq: Option<f64>,
+    hidden_activation: Option<String>,
+    final_logit_softcapping: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
     /// Qwen3-MoE's experts.
     num_experts: Option<usize>,
     /// Mixtral's experts.
@@ -272,7 +296,39 @@ impl ModelConfig {
             .map(|l| window.filter(|_| l >= first_windowed))
             .collect();
         let intermediate_size = need(raw.intermediate_size, "intermediate_size")?;
-        let post_norms = model_type == "glm4";
+        let gemma = model_type == "gemma3_text";
+        let post_norms = model_type == "glm4" || gemma;
+        let (rope_theta, rope_scaling, local_rope_theta, sliding_window) = if gemma {
+            gemma_rope_and_windows(&raw, num_layers)?
+        } else {
+            (
+                raw.rope_theta
+                    .or_else(|| raw.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
+                    .unwrap_or(10000.0) as f32,
+                parse_rope_scaling(raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref()))?,
+                None,
+                sliding_window,
+            )
+        };
+        if gemma {
+            for (cap, field) in [
+                (raw.final_logit_softcapping, "final_logit_softcapping"),
+                (raw.attn_logit_softcapping, "attn_logit_softcapping"),
+            ] {
+                if cap.is_some() {
+                    return Err(format!("`{field}` (logit soft-capping) is not supported"));
+                }
+            }
+        }
+        let gate = match raw.hidden_activation.as_deref() {
+            Some("gelu_pytorch_tanh") => crate::activation::Gate::GeluTanh,
+            None | Some("silu") => crate::activation::Gate::Silu,
+            Some(other) => {
+                return Err(format!(
+                    "hidden_activation \"{other}\" is not supported (silu, gelu_pytorch_tanh)"
+                ))
+            }
+        };
         let moe = moe_config(&model_type, &raw, num_layers, intermediate_size)?;
         Ok(ModelConfig {
             vocab_size: need(raw.vocab_size, "vocab_size")?,
@@ -283,13 +339,8 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: raw
-                .rope_theta
-                .or_else(|| raw.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
-                .unwrap_or(10000.0) as f32,
-            rope_scaling: parse_rope_scaling(
-                raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref()),
-            )?,
+            rope_theta,
+            rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: is_qwen2 || attention_bias,
@@ -304,10 +355,23 @@ impl ModelConfig {
             model_type,
             rope_interleaved: is_glm,
             rotary_dim,
-            qk_norm: is_qwen3,
+            qk_norm: is_qwen3 || gemma,
             moe,
             post_norms,
-            layout: WeightLayout::Hf,
+            embed_scale: gemma,
+            norm_offset: if gemma { 1.0 } else { 0.0 },
+            gate,
+            attention_scale: if gemma {
+                Some((raw.query_pre_attn_scalar.unwrap_or(256.0) as f32).powf(-0.5))
+            } else {
+                None
+            },
+            local_rope_theta,
+            layout: if gemma {
+                WeightLayout::Gemma
+            } else {
+                WeightLayout::Hf
+            },
         })
     }
 
@@ -377,6 +441,11 @@ impl ModelConfig {
             qk_norm: false,
             moe: None,
             post_norms: false,
+            embed_scale: false,
+            norm_offset: 0.0,
+            gate: crate::activation::Gate::Silu,
+            attention_scale: None,
+            local_rope_theta: None,
             layout: WeightLayout::ChatGlm,
         })
     }
@@ -444,6 +513,65 @@ fn moe_config(
         normalize,
         layers,
     }))
+}
+
+/// Gemma 3's rotary bases and windows: the full layers' base and scaling
+/// (`rope_parameters.full_attention`), the sliding layers' base
+/// (`rope_parameters.sliding_attention`, or `rope_local_base_freq`), and
+/// each layer's window (`layer_types`, or every sixth layer full).
+#[allow(clippy::type_complexity)]
+fn gemma_rope_and_windows(
+    raw: &RawConfig,
+    num_layers: usize,
+) -> Result<(f32, Option<RopeScaling>, Option<f32>, Vec<Option<usize>>), String> {
+    let kind = |k: &str| raw.rope_parameters.as_ref().and_then(|p| p.get(k));
+    let theta = |k: &str| {
+        kind(k)
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64)
+    };
+    let global = theta("full_attention")
+        .or(raw.rope_theta)
+        .unwrap_or(1_000_000.0) as f32;
+    let local = theta("sliding_attention")
+        .or(raw.rope_local_base_freq)
+        .unwrap_or(10_000.0) as f32;
+    let scaling = parse_rope_scaling(kind("full_attention").or(raw.rope_scaling.as_ref()))?;
+    let window = need(raw.sliding_window, "sliding_window")?;
+    let pattern = raw.sliding_window_pattern.unwrap_or(6).max(1);
+    let windows = match &raw.layer_types {
+        Some(types) if types.len() == num_layers => types
+            .iter()
+            .map(|t| (t == "sliding_attention").then_some(window))
+            .collect(),
+        Some(types) => {
+            return Err(format!(
+                "layer_types has {} entries for {num_layers} layers",
+                types.len()
+            ))
+        }
+        None => (0..num_layers)
+            .map(|l| ((l + 1) % pattern != 0).then_some(window))
+            .collect(),
+    };
+    Ok((global, scaling, Some(local), windows))
+}
+
+/// Gemma's norms by the names of the slots they fill: its norm on the
+/// attention's output is the slot after attention, its norm before the MLP
+/// the Llama layout's `post_attention_layernorm`, its norm on the MLP's
+/// output the slot after the MLP.
+pub fn gemma_to_slots(name: &str) -> Option<String> {
+    for (gemma, slot) in [
+        (".post_attention_layernorm.", ".post_self_attn_layernorm."),
+        (".pre_feedforward_layernorm.", ".post_attention_layernorm."),
+        (".post_feedforward_layernorm.", ".post_mlp_layernorm."),
+    ] {
+        if name.contains(gemma) {
+            return Some(name.replace(gemma, slot));
+        }
+    }
+    None
 }
 
 /// Rotated dimensions of a head: an even number, at most `head_dim`.

@@ -8,7 +8,7 @@
 //! bits for any number of rows, and a row adds its experts' outputs in
 //! ascending expert order (as transformers does).
 
-use crate::activation::silu_mul_into;
+use crate::activation::{gate_mul_into, Gate};
 use crate::error::ModelError;
 use crate::linear::Linear;
 
@@ -18,6 +18,7 @@ pub(crate) struct Mlp {
     pub(crate) down: Linear,
     /// Hidden units (the rows of `down`'s input).
     pub(crate) intermediate: usize,
+    pub(crate) gate: Gate,
 }
 
 impl Mlp {
@@ -31,7 +32,7 @@ impl Mlp {
     ) -> Result<(), ModelError> {
         self.gate_up.forward_into(x, n, &mut s.gate_up)?;
         s.gated.resize(n * self.intermediate, 0.0);
-        silu_mul_into(&s.gate_up, self.intermediate, &mut s.gated);
+        gate_mul_into(self.gate, &s.gate_up, self.intermediate, &mut s.gated);
         self.down.forward_into(&s.gated, n, out)
     }
 }

@@ -187,6 +187,11 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         qk_norm: has("blk.0.attn_q_norm.weight"),
         moe,
         post_norms: has("blk.0.post_attention_norm.weight"),
+        embed_scale: false,
+        norm_offset: 0.0,
+        gate: crate::activation::Gate::Silu,
+        attention_scale: None,
+        local_rope_theta: None,
         layout: crate::config::WeightLayout::Hf,
     })
 }

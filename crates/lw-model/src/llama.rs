@@ -57,6 +57,9 @@ pub struct Llama {
     norm: Vec<f32>,
     lm_head: Linear,
     inv_freq: Vec<f32>,
+    /// The sliding-window layers' frequencies, where their rotary base
+    /// differs (Gemma 3).
+    inv_freq_local: Option<Vec<f32>>,
     weight_dtype: DType,
     kv_dtype: KvDtype,
 }
@@ -108,10 +111,16 @@ impl Llama {
             };
             Ok::<_, ModelError>(Linear::from_parts(parts, bias))
         };
+        // Gemma's norms scale by `1 + w`: the offset is added once here.
         let norm_of = |name: String, len: usize| -> Result<Vec<f32>, ModelError> {
-            Ok(w.vector(&[&name], &[len])?
+            let mut v = w
+                .vector(&[&name], &[len])?
                 .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?)
+                .to_vec1::<f32>()?;
+            if cfg.norm_offset != 0.0 {
+                v.iter_mut().for_each(|x| *x += cfg.norm_offset);
+            }
+            Ok(v)
         };
         let norm = |name: String| norm_of(name, h);
         let mut embed = w.matrices(&["model.embed_tokens.weight"], &[cfg.vocab_size], h)?;
@@ -147,6 +156,7 @@ impl Llama {
                         gate_up,
                         down: linear(&[m("down_proj")], &[h], i, cfg.mlp_bias)?,
                         intermediate: i,
+                        gate: cfg.gate,
                     })
                 }
             };
@@ -186,6 +196,13 @@ impl Llama {
         };
         Ok(Llama {
             inv_freq: rope_inv_freq(&cfg),
+            inv_freq_local: cfg.local_rope_theta.map(|theta| {
+                rope_inv_freq(&ModelConfig {
+                    rope_theta: theta,
+                    rope_scaling: None,
+                    ..cfg.clone()
+                })
+            }),
             cfg,
             embed,
             layers,
@@ -443,12 +460,21 @@ impl Llama {
         let n = tokens.len();
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps as f32;
-        self.rope_tables(rows.iter().map(|&(_, p)| p), &mut s.cos, &mut s.sin);
+        let positions = || rows.iter().map(|&(_, p)| p);
+        self.rope_tables(positions(), &self.inv_freq, &mut s.cos, &mut s.sin);
+        if let Some(local) = &self.inv_freq_local {
+            self.rope_tables(positions(), local, &mut s.cos_local, &mut s.sin_local);
+        }
         self.embed_rows(tokens, sized(&mut s.x, n * cfg.hidden_size))?;
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm, eps, sized(&mut s.h, s.x.len()));
             layer.attn.qkv.forward_into(&s.h, n, &mut s.qkv)?;
-            self.rope_and_store(l, &mut s.qkv, (&s.cos, &s.sin), rows, seqs);
+            // Gemma 3's sliding layers rotate with their own base.
+            let tables = match (&self.inv_freq_local, layer.window) {
+                (Some(_), Some(_)) => (&s.cos_local[..], &s.sin_local[..]),
+                _ => (&s.cos[..], &s.sin[..]),
+            };
+            self.rope_and_store(l, &mut s.qkv, tables, rows, seqs);
             self.attend(l, layer, &s.qkv, rows, seqs, &mut s.attn);
             layer.attn.o.forward_into(&s.attn, n, &mut s.proj)?;
             if let Some((after_attn, _)) = &layer.post_norms {
@@ -500,6 +526,12 @@ impl Llama {
                 } else {
                     rope(&mut head[..cfg.rotary_dim], c, s);
                 }
+            }
+            // Attention divides scores by √head_dim; a model with its own
+            // scale has its queries rescaled to give that instead.
+            if let Some(scale) = cfg.attention_scale {
+                let q_scale = scale * (hd as f32).sqrt();
+                row[..nh * hd].iter_mut().for_each(|v| *v *= q_scale);
             }
             let (seq, pos) = rows[r];
             let kv = &row[nh * hd..];
@@ -580,8 +612,13 @@ impl Llama {
     /// Embedding rows of `tokens` into `out` (`[n, hidden]`).
     fn embed_rows(&self, tokens: &[u32], out: &mut [f32]) -> Result<(), ModelError> {
         let h = self.cfg.hidden_size;
+        // Gemma scales its embeddings by √hidden (rounded to f32 first).
+        let scale = (h as f32).sqrt();
         for (row, &t) in out.chunks_mut(h).zip(tokens) {
             self.embed.row_into(t as usize, row)?;
+            if self.cfg.embed_scale {
+                row.iter_mut().for_each(|v| *v *= scale);
+            }
         }
         Ok(())
     }
@@ -590,13 +627,14 @@ impl Llama {
     fn rope_tables(
         &self,
         positions: impl Iterator<Item = usize>,
+        inv_freq: &[f32],
         cos: &mut Vec<f32>,
         sin: &mut Vec<f32>,
     ) {
         cos.clear();
         sin.clear();
         for p in positions {
-            for &f in &self.inv_freq {
+            for &f in inv_freq {
                 let angle = p as f32 * f;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
@@ -622,6 +660,9 @@ struct Scratch {
     ffn: crate::ffn::Buffers,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// The sliding-window layers' tables, where their base differs.
+    cos_local: Vec<f32>,
+    sin_local: Vec<f32>,
     /// Sequence and position of each row.
     rows: Vec<(usize, usize)>,
 }
@@ -660,6 +701,7 @@ fn experts(
                     gate_up: one(&[x(gate), x(up)], &[mi, mi], h)?,
                     down: one(&[x(down)], &[h], mi)?,
                     intermediate: mi,
+                    gate: cfg.gate,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?
@@ -680,6 +722,7 @@ fn experts(
                 gate_up: Linear::from_parts(vec![g, u], None),
                 down: Linear::from_parts(vec![d], None),
                 intermediate: mi,
+                gate: cfg.gate,
             })
             .collect()
     };

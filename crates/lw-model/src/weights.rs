@@ -30,8 +30,10 @@ impl Weights {
     /// `transformers` names.
     pub fn for_config(dir: &Path, cfg: &ModelConfig) -> Result<Self, ModelError> {
         let mut w = Self::from_dir(dir)?;
-        if cfg.layout == WeightLayout::ChatGlm {
-            w.rename(crate::config::chatglm_to_hf);
+        match cfg.layout {
+            WeightLayout::ChatGlm => w.rename(crate::config::chatglm_to_hf),
+            WeightLayout::Gemma => w.rename(crate::config::gemma_to_slots),
+            WeightLayout::Hf => {}
         }
         Ok(w)
     }
