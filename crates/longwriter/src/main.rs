@@ -500,6 +500,40 @@ pub struct SamplingArgs {
     /// Stop before this string (repeatable).
     #[arg(long = "stop")]
     pub stop: Vec<String>,
+    /// Subtract this from the logit of every token already generated, once
+    /// (OpenAI's presence penalty; 0 = off, positive values push towards
+    /// new words).
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Subtract this from a generated token's logit once per time it was
+    /// generated (OpenAI's frequency penalty; 0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Add BIAS to token ID's logit, as ID=BIAS (repeatable; -100 bans a
+    /// token, as with OpenAI's logit_bias).
+    #[arg(long = "logit-bias", value_parser = parse_logit_bias)]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// No end of the answer before this many tokens (end-of-turn tokens
+    /// are masked until then).
+    #[arg(long, default_value_t = 0)]
+    pub min_tokens: usize,
+}
+
+fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = s
+        .split_once('=')
+        .ok_or_else(|| format!("\"{s}\": write a token id and a bias as ID=BIAS, e.g. 13=-100"))?;
+    let id = id
+        .trim()
+        .parse::<u32>()
+        .map_err(|_| format!("\"{id}\" is not a token id"))?;
+    let bias = bias
+        .trim()
+        .parse::<f32>()
+        .ok()
+        .filter(|b| b.is_finite())
+        .ok_or_else(|| format!("\"{bias}\" is not a finite number"))?;
+    Ok((id, bias))
 }
 
 #[derive(Args)]

@@ -137,11 +137,15 @@ pub fn generation_params(engine: &Engine, s: &SamplingArgs) -> GenerationParams 
             min_p: s.min_p.unwrap_or(d.min_p),
             repetition_penalty: s.repetition_penalty.unwrap_or(d.repetition_penalty),
             seed,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+            logit_bias: s.logit_bias.clone(),
         },
         max_tokens: Some(s.max_tokens),
         stop: s.stop.clone(),
         ignore_eos: false,
         no_speculation: false,
+        min_tokens: s.min_tokens,
     }
 }
 

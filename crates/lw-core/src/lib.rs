@@ -72,6 +72,17 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// Same seed, same prompt, same parameters: same tokens.
     pub seed: u64,
+    /// Subtracted once from the logit of every token already generated
+    /// (OpenAI's `presence_penalty`; 0 = off).
+    #[serde(default)]
+    pub presence_penalty: f32,
+    /// Subtracted from a generated token's logit once per time it was
+    /// generated (OpenAI's `frequency_penalty`; 0 = off).
+    #[serde(default)]
+    pub frequency_penalty: f32,
+    /// Added to the logits of these token ids (OpenAI's `logit_bias`).
+    #[serde(default)]
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -83,6 +94,9 @@ impl Default for SamplingParams {
             min_p: 0.0,
             repetition_penalty: 1.0,
             seed: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -113,6 +127,10 @@ pub struct GenerationParams {
     /// output is the same; only the speed differs).
     #[serde(default)]
     pub no_speculation: bool,
+    /// No end-of-sequence token before this many tokens (end-of-turn ids
+    /// are masked until then, as vLLM's `min_tokens`).
+    #[serde(default)]
+    pub min_tokens: usize,
 }
 
 /// Why a generation ended.

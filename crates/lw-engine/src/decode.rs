@@ -370,6 +370,8 @@ struct Decoding {
     tokens: Vec<u32>,
     seen: Vec<u32>,
     max_tokens: usize,
+    /// End-of-sequence ids are masked until this many tokens are taken.
+    min_tokens: usize,
     ignore_eos: bool,
 }
 
@@ -389,6 +391,7 @@ impl Decoding {
                 Vec::new()
             },
             max_tokens: params.max_tokens.unwrap_or(usize::MAX),
+            min_tokens: params.min_tokens,
             ignore_eos: params.ignore_eos,
         }
     }
@@ -409,6 +412,13 @@ impl Decoding {
         eos: &[u32],
         draft: Option<u32>,
     ) -> Result<(Option<FinishReason>, bool), EngineError> {
+        if self.tokens.len() < self.min_tokens {
+            for &e in eos {
+                if let Some(l) = logits.get_mut(e as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         let (next, is_draft) = self.sampler.choose(logits, &self.seen, draft);
         let done = self.take(next, tok, eos)?;
         Ok((done, is_draft))
@@ -432,6 +442,7 @@ impl Decoding {
         }
         self.tokens.push(next);
         self.seen.push(next);
+        self.sampler.observe(next);
         self.delta.clear();
         if self.decoder.push(tok, next, &mut self.delta)? {
             let hit = self.stops.push(&self.delta, &mut self.ready);

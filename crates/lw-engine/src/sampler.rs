@@ -1,5 +1,6 @@
-//! The one sampler: repetition penalty, temperature, top-k, top-p, min-p,
-//! then a draw from a seeded generator (same seed, same tokens).
+//! The one sampler: logit bias, presence and frequency penalties,
+//! repetition penalty, temperature, top-k, top-p, min-p, then a draw from a
+//! seeded generator (same seed, same tokens).
 
 use lw_core::SamplingParams;
 
@@ -14,6 +15,9 @@ pub struct Sampler {
     /// Candidate ids, their probabilities and the penalty's marks: room
     /// kept from token to token, so sampling allocates nothing.
     scratch: Scratch,
+    /// How often each generated token was taken (for the presence and
+    /// frequency penalties; kept only when one is on).
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 #[derive(Default)]
@@ -30,6 +34,15 @@ impl Sampler {
             params,
             id_bound,
             scratch: Scratch::default(),
+            counts: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Records a generated token (for the presence and frequency
+    /// penalties).
+    pub fn observe(&mut self, token: u32) {
+        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
+            *self.counts.entry(token).or_insert(0) += 1;
         }
     }
 
@@ -66,6 +79,16 @@ impl Sampler {
         let bound = self.id_bound.min(logits.len());
         let logits = &mut logits[..bound];
         let p = &self.params;
+        for &(id, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+        for (&id, &n) in &self.counts {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let done = &mut s.done;
             done.clear();
@@ -179,6 +202,32 @@ mod tests {
             seed: 7,
             ..Default::default()
         }
+    }
+
+    /// Bias, then presence and frequency penalties from the generated
+    /// tokens, exactly as defined, before the choice.
+    #[test]
+    fn bias_and_penalties_shift_the_logits_exactly() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                logit_bias: vec![(2, -5.0), (9, 1.0)],
+                presence_penalty: 0.5,
+                frequency_penalty: 0.25,
+                ..params(0.0)
+            },
+            4,
+        );
+        let mut logits = [2.0, 1.9, 3.0, 1.0];
+        // Nothing generated yet: only the bias (id 9 is out of range).
+        assert_eq!(s.sample(&mut logits, &[]), 0);
+        assert_eq!(logits, [2.0, 1.9, -2.0, 1.0]);
+        s.observe(0);
+        s.observe(0);
+        s.observe(3);
+        let mut logits = [2.0, 1.9, 3.0, 1.0];
+        // Token 0: 2 − 0.5 − 2 · 0.25; token 3: 1 − 0.5 − 0.25.
+        assert_eq!(s.sample(&mut logits, &[]), 1);
+        assert_eq!(logits, [1.0, 1.9, -2.0, 0.25]);
     }
 
     #[test]

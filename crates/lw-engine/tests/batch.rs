@@ -26,6 +26,7 @@ fn params(i: usize) -> GenerationParams {
         stop: vec![],
         ignore_eos: true,
         no_speculation: false,
+        ..Default::default()
     }
 }
 

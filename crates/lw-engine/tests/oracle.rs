@@ -204,6 +204,7 @@ fn sampling_with_a_seed_repeats_and_stop_strings_cut_the_text() {
             min_p: 0.01,
             repetition_penalty: 1.1,
             seed,
+            ..Default::default()
         },
         max_tokens: Some(24),
         ignore_eos: true,
@@ -309,5 +310,34 @@ fn a_positions_result_does_not_depend_on_how_it_was_batched() {
                 );
             }
         }
+    }
+}
+
+/// `min_tokens` masks the end of the answer until it is reached: with the
+/// end-of-sequence token biased far above every other, a generation ends
+/// right after its minimum, with the reason `Stop`; and a banned token
+/// (bias −100) never appears.
+#[test]
+fn min_tokens_and_logit_bias_steer_the_end_of_an_answer() {
+    let fx = fixture("qwen2");
+    let mut engine = load("qwen2", LoadOptions::default());
+    let eos = engine.eos_ids()[0];
+    let prompt = ids(&fx["prompt_ids"]);
+    let plain = engine.generate(&prompt, &greedy(12), |_| true).unwrap();
+    let banned = plain.tokens[0];
+    for min in [0, 1, 5] {
+        let params = GenerationParams {
+            sampling: SamplingParams {
+                logit_bias: vec![(eos, 100.0), (banned, -100.0)],
+                ..SamplingParams::greedy()
+            },
+            max_tokens: Some(20),
+            min_tokens: min,
+            ..Default::default()
+        };
+        let out = engine.generate(&prompt, &params, |_| true).unwrap();
+        assert_eq!(out.tokens.len(), min, "min_tokens {min}: {:?}", out.tokens);
+        assert_eq!(out.finish_reason, lw_core::FinishReason::Stop);
+        assert!(!out.tokens.contains(&banned) && !out.tokens.contains(&eos));
     }
 }

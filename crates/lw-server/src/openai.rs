@@ -75,6 +75,12 @@ pub(crate) struct Common {
     stream: bool,
     n: Option<usize>,
     stream_options: Option<Value>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    /// Token id (as a string key, OpenAI's form) → bias in [-100, 100].
+    logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// No end of the answer before this many tokens (vLLM's field).
+    min_tokens: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -128,6 +134,27 @@ pub(crate) fn generation_params(
     }
     let (temperature, top_p) = (c.temperature.unwrap_or(1.0), c.top_p.unwrap_or(1.0));
     check_sampling(temperature, top_p)?;
+    let (presence_penalty, frequency_penalty) = (
+        c.presence_penalty.unwrap_or(0.0),
+        c.frequency_penalty.unwrap_or(0.0),
+    );
+    for (name, v) in [
+        ("presence_penalty", presence_penalty),
+        ("frequency_penalty", frequency_penalty),
+    ] {
+        if !(-2.0..=2.0).contains(&v) {
+            return Err(ApiError::bad_request(format!(
+                "{name} {v} is outside [-2, 2]"
+            )));
+        }
+    }
+    let logit_bias = logit_bias(state, c.logit_bias.as_ref())?;
+    let min_tokens = c.min_tokens.unwrap_or(0);
+    if min_tokens > max_tokens {
+        return Err(ApiError::bad_request(format!(
+            "min_tokens {min_tokens} is above max_tokens {max_tokens}"
+        )));
+    }
     Ok(GenerationParams {
         sampling: SamplingParams {
             temperature,
@@ -138,13 +165,46 @@ pub(crate) fn generation_params(
                     .map(|d| d.as_nanos() as u64)
                     .unwrap_or(0)
             }),
+            presence_penalty,
+            frequency_penalty,
+            logit_bias,
             ..Default::default()
         },
+        min_tokens,
         max_tokens: Some(max_tokens),
         stop: c.stop.clone().map(OneOrMany::into_vec).unwrap_or_default(),
         ignore_eos: false,
         no_speculation: c.speculate == Some(false),
     })
+}
+
+/// OpenAI's `logit_bias`: token ids (string keys) below the vocabulary's
+/// size, biases in [-100, 100].
+fn logit_bias(
+    state: &AppState,
+    bias: Option<&std::collections::BTreeMap<String, f32>>,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    let vocab = state.batcher.model().id_bound();
+    bias.into_iter()
+        .flatten()
+        .map(|(id, &b)| {
+            let token = id
+                .parse::<u32>()
+                .ok()
+                .filter(|&t| (t as usize) < vocab)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "logit_bias: \"{id}\" is not a token id of this model (0..{vocab})"
+                    ))
+                })?;
+            if !(-100.0..=100.0).contains(&b) {
+                return Err(ApiError::bad_request(format!(
+                    "logit_bias: {b} for token {id} is outside [-100, 100]"
+                )));
+            }
+            Ok((token, b))
+        })
+        .collect()
 }
 
 pub(crate) fn check_sampling(temperature: f32, top_p: f32) -> Result<(), ApiError> {

@@ -186,7 +186,10 @@ fn check_trainable(cfg: &ModelConfig) -> Result<(), TrainError> {
         (cfg.qk_norm, "per-head query and key norms"),
         (cfg.moe.is_some(), "a mixture of experts"),
         (cfg.post_norms, "norms after attention and MLP"),
-        (cfg.embed_scale || cfg.norm_offset != 0.0, "Gemma's scalings"),
+        (
+            cfg.embed_scale || cfg.norm_offset != 0.0,
+            "Gemma's scalings",
+        ),
     ];
     if let Some((_, what)) = unsupported.iter().find(|(has, _)| *has) {
         return Err(TrainError::Setting(format!(

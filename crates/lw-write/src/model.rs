@@ -151,6 +151,7 @@ fn local_request(
         stop: request.stop.clone(),
         ignore_eos: false,
         no_speculation: false,
+        ..Default::default()
     };
     Ok((ids, params))
 }
