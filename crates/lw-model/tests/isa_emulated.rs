@@ -55,11 +55,20 @@ fn vnni_kernels_give_the_avx2_bits_in_an_emulator() {
     let built = std::fs::metadata(&lib)
         .and_then(|m| m.modified())
         .expect("the library's time");
-    for source in ["src/kernels.rs", "src/quant.rs", "examples/isa_probe.rs"] {
-        let changed = std::fs::metadata(crate_dir.join(source)).and_then(|m| m.modified());
+    let kernels = std::fs::read_dir(crate_dir.join("src/kernels"))
+        .expect("src/kernels")
+        .map(|e| e.expect("a kernel file").path());
+    let sources = kernels.chain(
+        ["src/quant.rs", "examples/isa_probe.rs"]
+            .into_iter()
+            .map(|s| crate_dir.join(s)),
+    );
+    for source in sources {
+        let changed = std::fs::metadata(&source).and_then(|m| m.modified());
         assert!(
             changed.is_ok_and(|t| t <= built),
-            "{source} changed after {} was built: `cargo build -p lw-model --example isa_probe`",
+            "{} changed after {} was built: `cargo build -p lw-model --example isa_probe`",
+            source.display(),
             lib.display()
         );
     }
