@@ -517,6 +517,24 @@ pub struct SamplingArgs {
     /// are masked until then).
     #[arg(long, default_value_t = 0)]
     pub min_tokens: usize,
+    /// DRY ("don't repeat yourself") strength: a token that would extend
+    /// a repeat of the text loses MULT · base^(length − allowed length)
+    /// from its logit (0 = off; 0.8 is a common choice).
+    #[arg(long, default_value_t = 0.0)]
+    pub dry_multiplier: f32,
+    /// DRY's growth per repeated token beyond the allowed length.
+    #[arg(long, default_value_t = 1.75)]
+    pub dry_base: f32,
+    /// DRY: repeats up to this many tokens go unpenalised.
+    #[arg(long, default_value_t = 2)]
+    pub dry_allowed_length: usize,
+    /// DRY: how many of the last tokens are searched (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub dry_penalty_last_n: usize,
+    /// DRY: a repeat never runs across a token containing this text
+    /// (repeatable; default: new line, ":", '"', "*").
+    #[arg(long = "dry-sequence-breaker")]
+    pub dry_sequence_breakers: Vec<String>,
 }
 
 fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {

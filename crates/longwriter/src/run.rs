@@ -140,6 +140,15 @@ pub fn generation_params(engine: &Engine, s: &SamplingArgs) -> GenerationParams 
             presence_penalty: s.presence_penalty,
             frequency_penalty: s.frequency_penalty,
             logit_bias: s.logit_bias.clone(),
+            dry_multiplier: s.dry_multiplier,
+            dry_base: s.dry_base,
+            dry_allowed_length: s.dry_allowed_length,
+            dry_penalty_last_n: s.dry_penalty_last_n,
+            dry_sequence_breakers: if s.dry_sequence_breakers.is_empty() {
+                lw_core::dry_sequence_breakers()
+            } else {
+                s.dry_sequence_breakers.clone()
+            },
         },
         max_tokens: Some(s.max_tokens),
         stop: s.stop.clone(),

@@ -83,6 +83,35 @@ pub struct SamplingParams {
     /// Added to the logits of these token ids (OpenAI's `logit_bias`).
     #[serde(default)]
     pub logit_bias: Vec<(u32, f32)>,
+    /// DRY ("don't repeat yourself"): a token that would extend a repeat
+    /// of `dry_allowed_length` or more tokens of the history loses
+    /// `dry_multiplier · dry_base^(length − dry_allowed_length)` from its
+    /// logit (0 = off).
+    #[serde(default)]
+    pub dry_multiplier: f32,
+    #[serde(default = "dry_base")]
+    pub dry_base: f32,
+    #[serde(default = "dry_allowed_length")]
+    pub dry_allowed_length: usize,
+    /// How many of the last tokens are searched for repeats (0 = all).
+    #[serde(default)]
+    pub dry_penalty_last_n: usize,
+    /// A repeat never runs across a token whose text contains one of these.
+    #[serde(default = "dry_sequence_breakers")]
+    pub dry_sequence_breakers: Vec<String>,
+}
+
+fn dry_base() -> f32 {
+    1.75
+}
+
+fn dry_allowed_length() -> usize {
+    2
+}
+
+/// The usual breakers: new line, colon, quote, asterisk.
+pub fn dry_sequence_breakers() -> Vec<String> {
+    ["\n", ":", "\"", "*"].map(String::from).to_vec()
 }
 
 impl Default for SamplingParams {
@@ -97,6 +126,11 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
+            dry_multiplier: 0.0,
+            dry_base: dry_base(),
+            dry_allowed_length: dry_allowed_length(),
+            dry_penalty_last_n: 0,
+            dry_sequence_breakers: dry_sequence_breakers(),
         }
     }
 }

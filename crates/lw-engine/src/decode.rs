@@ -100,7 +100,15 @@ impl<S: Sink> Running<S> {
         submitted: Instant,
     ) -> Self {
         let common = seq.reuse(&prompt);
-        let decoding = Decoding::new(params, &prompt, model.id_bound());
+        let mut decoding = Decoding::new(params, &prompt, model.id_bound());
+        if params.sampling.dry_multiplier > 0.0 {
+            let breakers = &params.sampling.dry_sequence_breakers;
+            decoding.sampler.set_breakers(breaker_ids(
+                model.tokenizer(),
+                model.id_bound(),
+                breakers,
+            ));
+        }
         let stats = GenerationStats {
             prompt_tokens: prompt.len(),
             cached_prompt_tokens: common,
@@ -356,6 +364,24 @@ thread_local! {
     static BATCH_LOGITS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+/// Ids of the tokens whose text contains one of `breakers` (DRY's
+/// sequence breakers).
+fn breaker_ids(
+    tok: &Tokenizer,
+    bound: usize,
+    breakers: &[String],
+) -> std::collections::HashSet<u32> {
+    (0..bound as u32)
+        .filter(|&id| {
+            tok.piece(id).is_ok_and(|p| {
+                breakers
+                    .iter()
+                    .any(|b| !b.is_empty() && p.contains(b.as_str()))
+            })
+        })
+        .collect()
+}
+
 /// The per-sequence side of decoding: sampling, end conditions, text
 /// assembly (whole characters only) and stop strings.
 struct Decoding {
@@ -385,7 +411,9 @@ impl Decoding {
             delta: String::new(),
             text: String::new(),
             tokens: Vec::new(),
-            seen: if params.sampling.repetition_penalty != 1.0 {
+            seen: if params.sampling.repetition_penalty != 1.0
+                || params.sampling.dry_multiplier > 0.0
+            {
                 prompt.to_vec()
             } else {
                 Vec::new()

@@ -18,6 +18,8 @@ pub struct Sampler {
     /// How often each generated token was taken (for the presence and
     /// frequency penalties; kept only when one is on).
     counts: std::collections::HashMap<u32, u32>,
+    /// Tokens a DRY repeat cannot run across.
+    breakers: std::collections::HashSet<u32>,
 }
 
 #[derive(Default)]
@@ -25,6 +27,55 @@ struct Scratch {
     order: Vec<u32>,
     probs: Vec<f64>,
     done: Vec<bool>,
+    /// DRY: each candidate token and its longest repeat.
+    repeats: Vec<(u32, usize)>,
+}
+
+/// DRY over `history` (the prompt and the tokens taken): for every earlier
+/// place where the history's last tokens occurred before (a match that
+/// ends at position `i`, runs back no further than the history's start
+/// and crosses no breaker), the token that followed it, `history[i + 1]`,
+/// would extend the repeat; its logit loses `multiplier ·
+/// base^(length − allowed_length)` for its longest such match of at least
+/// `allowed_length` tokens.
+fn dry(
+    logits: &mut [f32],
+    history: &[u32],
+    p: &lw_core::SamplingParams,
+    breakers: &std::collections::HashSet<u32>,
+    repeats: &mut Vec<(u32, usize)>,
+) {
+    let from = match p.dry_penalty_last_n {
+        0 => 0,
+        n => history.len().saturating_sub(n),
+    };
+    let h = &history[from..];
+    let n = h.len();
+    if n < 2 {
+        return;
+    }
+    repeats.clear();
+    for i in 0..n - 1 {
+        let mut k = 0;
+        while k <= i && h[i - k] == h[n - 1 - k] && !breakers.contains(&h[i - k]) {
+            k += 1;
+        }
+        if k >= p.dry_allowed_length.max(1) {
+            let next = h[i + 1];
+            match repeats.iter_mut().find(|(t, _)| *t == next) {
+                Some(r) => r.1 = r.1.max(k),
+                None => repeats.push((next, k)),
+            }
+        }
+    }
+    // The largest exponent that keeps the penalty finite.
+    let most = (f32::MAX.ln() / p.dry_base.max(1.0 + f32::EPSILON).ln()).floor();
+    for &(t, k) in repeats.iter() {
+        if let Some(l) = logits.get_mut(t as usize) {
+            let exponent = ((k - p.dry_allowed_length.max(1)) as f32).min(most);
+            *l -= p.dry_multiplier * p.dry_base.powf(exponent);
+        }
+    }
 }
 
 impl Sampler {
@@ -35,7 +86,13 @@ impl Sampler {
             id_bound,
             scratch: Scratch::default(),
             counts: std::collections::HashMap::new(),
+            breakers: std::collections::HashSet::new(),
         }
+    }
+
+    /// The tokens DRY's sequence breakers stand in.
+    pub fn set_breakers(&mut self, breakers: std::collections::HashSet<u32>) {
+        self.breakers = breakers;
     }
 
     /// Records a generated token (for the presence and frequency
@@ -88,6 +145,9 @@ impl Sampler {
             if let Some(l) = logits.get_mut(id as usize) {
                 *l -= p.presence_penalty + p.frequency_penalty * n as f32;
             }
+        }
+        if p.dry_multiplier > 0.0 {
+            dry(logits, seen, p, &self.breakers, &mut s.repeats);
         }
         if p.repetition_penalty != 1.0 {
             let done = &mut s.done;
@@ -202,6 +262,45 @@ mod tests {
             seed: 7,
             ..Default::default()
         }
+    }
+
+    /// DRY, by its definition: the token that would extend a repeat of
+    /// three tokens (allowed two) loses multiplier · base¹; a breaker inside
+    /// the repeat shortens it below the allowed length; the window of the
+    /// last tokens limits the search.
+    #[test]
+    fn dry_penalises_the_token_that_extends_a_repeat() {
+        let p = SamplingParams {
+            dry_multiplier: 1.0,
+            dry_base: 2.0,
+            dry_allowed_length: 2,
+            ..params(0.0)
+        };
+        let history = [1, 2, 3, 4, 1, 2, 3];
+        let mut s = Sampler::new(p.clone(), 6);
+        let mut logits = [0.0f32; 6];
+        s.sample(&mut logits, &history);
+        assert_eq!(logits, [0.0, 0.0, 0.0, 0.0, -2.0, 0.0]);
+        // A longer repeat: 1 2 3 4 5 1 2 3 4 → 5 repeats four tokens: 2².
+        let mut logits = [0.0f32; 6];
+        s.sample(&mut logits, &[1, 2, 3, 4, 5, 1, 2, 3, 4]);
+        assert_eq!(logits, [0.0, 0.0, 0.0, 0.0, 0.0, -4.0]);
+        // Token 2 breaks sequences: the repeat is "3" alone, below two.
+        s.set_breakers([2].into());
+        let mut logits = [0.0f32; 6];
+        s.sample(&mut logits, &history);
+        assert_eq!(logits, [0.0; 6]);
+        // Only the last three tokens are searched: no earlier occurrence.
+        let mut s = Sampler::new(
+            SamplingParams {
+                dry_penalty_last_n: 3,
+                ..p
+            },
+            6,
+        );
+        let mut logits = [0.0f32; 6];
+        s.sample(&mut logits, &history);
+        assert_eq!(logits, [0.0; 6]);
     }
 
     /// Bias, then presence and frequency penalties from the generated

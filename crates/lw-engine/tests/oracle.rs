@@ -341,3 +341,48 @@ fn min_tokens_and_logit_bias_steer_the_end_of_an_answer() {
         assert!(!out.tokens.contains(&banned) && !out.tokens.contains(&eos));
     }
 }
+
+/// DRY through the engine: the token that would continue a repeat of the
+/// prompt loses its lead (its bias of +50 is outweighed), and a repeat
+/// interrupted by a sequence breaker is left alone.
+#[test]
+fn dry_steers_away_from_continuing_a_repeat() {
+    let engine = load("qwen2", LoadOptions::default());
+    let tok = engine.tokenizer();
+    // Three word pieces, and one whose text is a new line (a breaker).
+    let words: Vec<u32> = (100..600)
+        .filter(|&id| {
+            tok.piece(id)
+                .is_ok_and(|p| p.chars().all(|c| c.is_ascii_alphabetic()) && p.len() > 1)
+        })
+        .take(3)
+        .collect();
+    let newline = tok.encode("\n", false).unwrap()[0];
+    let (a, b, c) = (words[0], words[1], words[2]);
+    let mut engine = engine;
+    let params = |multiplier: f32| GenerationParams {
+        sampling: SamplingParams {
+            logit_bias: vec![(c, 50.0)],
+            dry_multiplier: multiplier,
+            dry_base: 1.75,
+            dry_allowed_length: 2,
+            ..SamplingParams::greedy()
+        },
+        max_tokens: Some(1),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let first = |engine: &mut Engine, prompt: &[u32], m: f32| {
+        engine
+            .generate(prompt, &params(m), |_| true)
+            .unwrap()
+            .tokens[0]
+    };
+    // "a b c … a b": c would repeat "a b c".
+    let repeat = [a, b, c, a, b];
+    assert_eq!(first(&mut engine, &repeat, 0.0), c);
+    assert_ne!(first(&mut engine, &repeat, 1000.0), c);
+    // "a \n c … a \n": the new line breaks the repeat.
+    let broken = [a, newline, c, a, newline];
+    assert_eq!(first(&mut engine, &broken, 1000.0), c);
+}

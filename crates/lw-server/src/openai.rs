@@ -81,6 +81,12 @@ pub(crate) struct Common {
     logit_bias: Option<std::collections::BTreeMap<String, f32>>,
     /// No end of the answer before this many tokens (vLLM's field).
     min_tokens: Option<usize>,
+    /// DRY, with llama.cpp's server's field names.
+    dry_multiplier: Option<f32>,
+    dry_base: Option<f32>,
+    dry_allowed_length: Option<usize>,
+    dry_penalty_last_n: Option<usize>,
+    dry_sequence_breakers: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +156,18 @@ pub(crate) fn generation_params(
     }
     let logit_bias = logit_bias(state, c.logit_bias.as_ref())?;
     let min_tokens = c.min_tokens.unwrap_or(0);
+    let defaults = SamplingParams::default();
+    let dry_multiplier = c.dry_multiplier.unwrap_or(0.0);
+    let dry_base = c.dry_base.unwrap_or(defaults.dry_base);
+    let dry_ok = dry_multiplier.is_finite()
+        && dry_multiplier >= 0.0
+        && dry_base.is_finite()
+        && dry_base >= 1.0;
+    if !dry_ok {
+        return Err(ApiError::bad_request(format!(
+            "dry_multiplier {dry_multiplier} must be at least 0 and dry_base {dry_base} at least 1"
+        )));
+    }
     if min_tokens > max_tokens {
         return Err(ApiError::bad_request(format!(
             "min_tokens {min_tokens} is above max_tokens {max_tokens}"
@@ -168,6 +186,14 @@ pub(crate) fn generation_params(
             presence_penalty,
             frequency_penalty,
             logit_bias,
+            dry_multiplier,
+            dry_base,
+            dry_allowed_length: c.dry_allowed_length.unwrap_or(defaults.dry_allowed_length),
+            dry_penalty_last_n: c.dry_penalty_last_n.unwrap_or(0),
+            dry_sequence_breakers: c
+                .dry_sequence_breakers
+                .clone()
+                .unwrap_or(defaults.dry_sequence_breakers),
             ..Default::default()
         },
         min_tokens,
