@@ -94,8 +94,12 @@ fn unknown_model_type_names_it_and_the_supported_ones() {
         v["model_type"] = "mamba".into()
     });
     let msg = load(&dir).err().unwrap().to_string();
+    let supported = lw_model::config::supported_model_types().join(", ");
     assert!(
-        msg.contains("config.json") && msg.contains("mamba") && msg.contains("qwen2"),
+        msg.contains("config.json")
+            && msg.contains("mamba")
+            && msg.contains(&format!("(supported: {supported})"))
+            && supported.contains("gemma3_text"),
         "{msg}"
     );
 }

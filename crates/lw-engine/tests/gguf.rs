@@ -318,16 +318,18 @@ fn broken_gguf_files_are_clear_errors() {
         assert!(e.contains("blk.0.attn_q.weight") && e.contains(want), "{e}");
     }
 
-    // Metadata of the wrong type, and an architecture this engine lacks.
+    // Metadata of the wrong type, and an architecture this engine lacks
+    // (the message lists exactly the architectures that run).
+    let unknown = format!(
+        "architecture \"rwkv6\" is not supported (supported: {})",
+        lw_model::config::supported_architectures().join(", ")
+    );
     for (value, want) in [
         (
             Value::U32(7),
             "\"general.architecture\" is u32, expected a string",
         ),
-        (
-            Value::String("rwkv6".into()),
-            "architecture \"rwkv6\" is not supported",
-        ),
+        (Value::String("rwkv6".into()), unknown.as_str()),
     ] {
         let mut m = meta.clone();
         m.iter_mut()

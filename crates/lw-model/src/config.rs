@@ -9,20 +9,39 @@ use serde_json::Value;
 
 use crate::error::ModelError;
 
-/// Architectures this crate runs, named by their `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
-    "llama",
-    "mistral",
-    "mixtral",
-    "phi3",
-    "qwen2",
-    "qwen3",
-    "qwen3_moe",
-    "glm",
-    "glm4",
-    "chatglm",
-    "gemma3_text",
+/// The families this crate runs: `config.json`'s `model_type`, and the
+/// architecture a GGUF file names it by (llama.cpp's names; Mistral and
+/// Mixtral are `llama`, the latter with experts), where GGUF files of it
+/// are read. Both error messages for an unknown family list this table.
+pub const FAMILIES: &[(&str, Option<&str>)] = &[
+    ("llama", Some("llama")),
+    ("mistral", Some("llama")),
+    ("mixtral", Some("llama")),
+    ("phi3", Some("phi3")),
+    ("qwen2", Some("qwen2")),
+    ("qwen3", Some("qwen3")),
+    ("qwen3_moe", Some("qwen3moe")),
+    ("glm", Some("chatglm")),
+    ("glm4", Some("glm4")),
+    ("chatglm", Some("chatglm")),
+    ("gemma3_text", None),
 ];
+
+/// The `model_type`s of [`FAMILIES`].
+pub fn supported_model_types() -> Vec<&'static str> {
+    FAMILIES.iter().map(|&(t, _)| t).collect()
+}
+
+/// The GGUF architectures of [`FAMILIES`], each once.
+pub fn supported_architectures() -> Vec<&'static str> {
+    let mut archs: Vec<&str> = Vec::new();
+    for &(_, arch) in FAMILIES {
+        if let Some(a) = arch.filter(|a| !archs.contains(a)) {
+            archs.push(a);
+        }
+    }
+    archs
+}
 
 /// How a checkpoint names its tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,10 +243,10 @@ impl ModelConfig {
             .model_type
             .clone()
             .ok_or_else(|| "missing field `model_type`".to_string())?;
-        if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
+        if !supported_model_types().contains(&model_type.as_str()) {
             return Err(format!(
                 "unsupported model_type \"{model_type}\" (supported: {})",
-                SUPPORTED_MODEL_TYPES.join(", ")
+                supported_model_types().join(", ")
             ));
         }
         if model_type == "chatglm" {

@@ -80,8 +80,8 @@ pub enum GgufError {
         expected: &'static str,
         found: &'static str,
     },
-    #[error("architecture \"{0}\" is not supported (supported: llama, qwen2)")]
-    Architecture(String),
+    #[error("architecture \"{name}\" is not supported (supported: {supported})")]
+    Architecture { name: String, supported: String },
     #[error("metadata \"{key}\": {reason}")]
     Metadata { key: String, reason: String },
     #[error("metadata \"{0}\" is missing")]

@@ -2,15 +2,10 @@
 //! metadata keys, and the other direction, writing a checkpoint as GGUF
 //! (`longwriter convert`) in the layout llama.cpp reads.
 
-use crate::config::{ModelConfig, MoeConfig, RopeScaling};
+use crate::config::{supported_architectures, ModelConfig, MoeConfig, RopeScaling, FAMILIES};
 use crate::error::ModelError;
 use crate::gguf::{GgufError, GgufFile, Value};
 use crate::quant::dequantize_row;
-
-/// GGUF architectures this crate runs, as llama.cpp names them.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "llama", "qwen2", "qwen3", "qwen3moe", "chatglm", "glm4", "phi3",
-];
 
 /// The model config a GGUF file describes.
 pub fn config(file: &GgufFile) -> Result<ModelConfig, ModelError> {
@@ -20,8 +15,11 @@ pub fn config(file: &GgufFile) -> Result<ModelConfig, ModelError> {
 fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
     let h = file.header();
     let arch = h.require("general.architecture", h.string("general.architecture"))?;
-    if !SUPPORTED_ARCHITECTURES.contains(&arch) {
-        return Err(GgufError::Architecture(arch.to_string()));
+    if !supported_architectures().contains(&arch) {
+        return Err(GgufError::Architecture {
+            name: arch.to_string(),
+            supported: supported_architectures().join(", "),
+        });
     }
     let key = |k: &str| format!("{arch}.{k}");
     let need = |k: &str| -> Result<usize, GgufError> {
@@ -147,15 +145,14 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         _ => None,
     };
     Ok(ModelConfig {
+        // The first family the architecture names (Mixtral: `llama` with
+        // experts).
         model_type: match arch {
-            "qwen2" => "qwen2",
-            "qwen3" => "qwen3",
-            "qwen3moe" => "qwen3_moe",
-            "glm4" => "glm4",
-            "phi3" => "phi3",
             "llama" if moe.is_some() => "mixtral",
-            "chatglm" => "glm",
-            _ => "llama",
+            _ => FAMILIES
+                .iter()
+                .find(|(_, a)| *a == Some(arch))
+                .map_or("llama", |(t, _)| t),
         }
         .into(),
         vocab_size,
@@ -198,15 +195,11 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
 
 /// llama.cpp's architecture name for a config.
 pub fn gguf_architecture(cfg: &ModelConfig) -> &'static str {
-    match cfg.model_type.as_str() {
-        "qwen2" => "qwen2",
-        "qwen3" => "qwen3",
-        "qwen3_moe" => "qwen3moe",
-        "glm" => "chatglm",
-        "glm4" => "glm4",
-        "phi3" => "phi3",
-        _ => "llama",
-    }
+    FAMILIES
+        .iter()
+        .find(|(t, _)| *t == cfg.model_type)
+        .and_then(|(_, a)| *a)
+        .unwrap_or("llama")
 }
 
 /// Metadata values for a config, in llama.cpp's keys (tokenizer keys aside).
