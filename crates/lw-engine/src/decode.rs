@@ -102,12 +102,8 @@ impl<S: Sink> Running<S> {
         let common = seq.reuse(&prompt);
         let mut decoding = Decoding::new(params, &prompt, model.id_bound());
         if params.sampling.dry_multiplier > 0.0 {
-            let breakers = &params.sampling.dry_sequence_breakers;
-            decoding.sampler.set_breakers(breaker_ids(
-                model.tokenizer(),
-                model.id_bound(),
-                breakers,
-            ));
+            let breakers = model.dry_breakers(&params.sampling.dry_sequence_breakers);
+            decoding.sampler.set_breakers(breakers);
         }
         let stats = GenerationStats {
             prompt_tokens: prompt.len(),
@@ -362,24 +358,6 @@ fn feed_together<S: Sink>(model: &Model, active: &mut [Running<S>], ended: &mut 
 
 thread_local! {
     static BATCH_LOGITS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// Ids of the tokens whose text contains one of `breakers` (DRY's
-/// sequence breakers).
-fn breaker_ids(
-    tok: &Tokenizer,
-    bound: usize,
-    breakers: &[String],
-) -> std::collections::HashSet<u32> {
-    (0..bound as u32)
-        .filter(|&id| {
-            tok.piece(id).is_ok_and(|p| {
-                breakers
-                    .iter()
-                    .any(|b| !b.is_empty() && p.contains(b.as_str()))
-            })
-        })
-        .collect()
 }
 
 /// The per-sequence side of decoding: sampling, end conditions, text

@@ -2,7 +2,9 @@
 //! sampling defaults, shared (behind an `Arc`) and never changed by a
 //! generation; every sequence that runs on it holds a [`Sequence`] of its own.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use lw_core::{Message, SamplingParams};
 use lw_model::loader::SafetensorsSource;
@@ -53,6 +55,9 @@ impl Default for LoadOptions {
     }
 }
 
+/// Tokens that a DRY repeat cannot run across.
+pub type BreakerIds = Arc<HashSet<u32>>;
+
 /// A loaded model: the weights, tokenizer, end-of-sequence ids and sampling
 /// defaults, shared by every sequence that runs on it.
 pub struct Model {
@@ -64,6 +69,9 @@ pub struct Model {
     prefill_chunk: usize,
     memory_limit: Option<u64>,
     thinking: Option<bool>,
+    /// DRY's breaker tokens per list of breaker strings, found once per
+    /// list (a scan of the whole vocabulary).
+    breakers: Mutex<Vec<(Vec<String>, BreakerIds)>>,
 }
 
 impl Model {
@@ -112,6 +120,7 @@ impl Model {
             prefill_chunk: opts.prefill_chunk.max(1),
             memory_limit: opts.memory_limit,
             thinking: opts.thinking,
+            breakers: Mutex::default(),
         })
     }
 
@@ -145,6 +154,7 @@ impl Model {
             prefill_chunk: opts.prefill_chunk.max(1),
             memory_limit: opts.memory_limit,
             thinking: opts.thinking,
+            breakers: Mutex::default(),
         })
     }
 
@@ -172,6 +182,28 @@ impl Model {
 
     pub fn context_length(&self) -> usize {
         self.model.context_length()
+    }
+
+    /// Ids of the tokens whose text contains one of `breakers` (DRY's
+    /// sequence breakers), scanned once per list and kept.
+    pub fn dry_breakers(&self, breakers: &[String]) -> Arc<HashSet<u32>> {
+        let mut known = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, ids)) = known.iter().find(|(b, _)| b == breakers) {
+            return ids.clone();
+        }
+        let ids: Arc<HashSet<u32>> = Arc::new(
+            (0..self.id_bound() as u32)
+                .filter(|&id| {
+                    self.tokenizer.piece(id).is_ok_and(|p| {
+                        breakers
+                            .iter()
+                            .any(|b| !b.is_empty() && p.contains(b.as_str()))
+                    })
+                })
+                .collect(),
+        );
+        known.push((breakers.to_vec(), ids.clone()));
+        ids
     }
 
     /// Renders a conversation with the model's chat template (and the

@@ -19,7 +19,7 @@ pub struct Sampler {
     /// frequency penalties; kept only when one is on).
     counts: std::collections::HashMap<u32, u32>,
     /// Tokens a DRY repeat cannot run across.
-    breakers: std::collections::HashSet<u32>,
+    breakers: std::sync::Arc<std::collections::HashSet<u32>>,
 }
 
 #[derive(Default)]
@@ -86,12 +86,12 @@ impl Sampler {
             id_bound,
             scratch: Scratch::default(),
             counts: std::collections::HashMap::new(),
-            breakers: std::collections::HashSet::new(),
+            breakers: Default::default(),
         }
     }
 
     /// The tokens DRY's sequence breakers stand in.
-    pub fn set_breakers(&mut self, breakers: std::collections::HashSet<u32>) {
+    pub fn set_breakers(&mut self, breakers: std::sync::Arc<std::collections::HashSet<u32>>) {
         self.breakers = breakers;
     }
 
@@ -286,7 +286,7 @@ mod tests {
         s.sample(&mut logits, &[1, 2, 3, 4, 5, 1, 2, 3, 4]);
         assert_eq!(logits, [0.0, 0.0, 0.0, 0.0, 0.0, -4.0]);
         // Token 2 breaks sequences: the repeat is "3" alone, below two.
-        s.set_breakers([2].into());
+        s.set_breakers(std::sync::Arc::new([2].into()));
         let mut logits = [0.0f32; 6];
         s.sample(&mut logits, &history);
         assert_eq!(logits, [0.0; 6]);
