@@ -537,6 +537,52 @@ pub struct SamplingArgs {
     /// (repeatable; default: new line, ":", '"', "*").
     #[arg(long = "dry-sequence-breaker")]
     pub dry_sequence_breakers: Vec<String>,
+    /// Structured decoding: the output follows this grammar file, in
+    /// llama.cpp's GBNF (`root ::= ...`), or llguidance's Lark syntax when
+    /// the file name ends in `.lark`.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["json_schema", "regex", "json"])]
+    pub grammar: Option<std::path::PathBuf>,
+    /// Structured decoding: the output is JSON that this JSON Schema
+    /// accepts (a file, or the schema's JSON text itself).
+    #[arg(long, value_name = "FILE|JSON", conflicts_with_all = ["regex", "json"])]
+    pub json_schema: Option<String>,
+    /// Structured decoding: the whole output matches this regular
+    /// expression.
+    #[arg(long, value_name = "REGEX", conflicts_with = "json")]
+    pub regex: Option<String>,
+    /// Structured decoding: the output is one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl SamplingArgs {
+    /// The structured-decoding constraint the flags ask for (grammar and
+    /// schema files read).
+    pub fn constraint(&self) -> anyhow::Result<Option<lw_core::Constraint>> {
+        use lw_core::Constraint;
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+        };
+        Ok(if let Some(path) = &self.grammar {
+            let text = read(path)?;
+            Some(if path.extension().is_some_and(|e| e == "lark") {
+                Constraint::Lark(text)
+            } else {
+                Constraint::Gbnf(text)
+            })
+        } else if let Some(schema) = &self.json_schema {
+            let text = if schema.trim_start().starts_with('{') {
+                schema.clone()
+            } else {
+                read(std::path::Path::new(schema))?
+            };
+            Some(Constraint::JsonSchema(text))
+        } else if let Some(rx) = &self.regex {
+            Some(Constraint::Regex(rx.clone()))
+        } else {
+            self.json.then_some(Constraint::JsonObject)
+        })
+    }
 }
 
 fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
@@ -662,7 +708,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     } else {
         engine.encode_raw(&prompt)?
     };
-    let params = run::generation_params(&engine, &a.sampling);
+    let params = run::generation_params(&engine, &a.sampling)?;
     let out = run::stream_to_stdout(&mut engine, &ids, &params)?;
     run::print_stats(&out, params.sampling.seed);
     Ok(())

@@ -121,7 +121,7 @@ fn report_kv_cache(engine: &Engine, m: &ModelArgs) {
 }
 
 /// The user's sampling flags over the model's own defaults.
-pub fn generation_params(engine: &Engine, s: &SamplingArgs) -> GenerationParams {
+pub fn generation_params(engine: &Engine, s: &SamplingArgs) -> anyhow::Result<GenerationParams> {
     let d = engine.default_sampling();
     let seed = s.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -129,7 +129,12 @@ pub fn generation_params(engine: &Engine, s: &SamplingArgs) -> GenerationParams 
             .map(|t| t.as_nanos() as u64)
             .unwrap_or(0)
     });
-    GenerationParams {
+    let constraint = s.constraint()?;
+    if let Some(c) = &constraint {
+        // A bad grammar is an error now, before the prompt is computed.
+        engine.grammars()?.check(c)?;
+    }
+    Ok(GenerationParams {
         sampling: SamplingParams {
             temperature: s.temperature.unwrap_or(d.temperature),
             top_k: s.top_k.unwrap_or(d.top_k),
@@ -155,7 +160,8 @@ pub fn generation_params(engine: &Engine, s: &SamplingArgs) -> GenerationParams 
         ignore_eos: false,
         no_speculation: false,
         min_tokens: s.min_tokens,
-    }
+        constraint,
+    })
 }
 
 /// Generates, writing each text delta to stdout as it arrives.
@@ -198,6 +204,13 @@ pub fn print_stats(out: &Generation, seed: u64) {
         out.finish_reason.as_str(),
         seed
     );
+    if s.mask_seconds > 0.0 && s.generated_tokens > 0 {
+        eprintln!(
+            "grammar masks: {:.0} µs per token ({:.1}% of decode time)",
+            1e6 * s.mask_seconds / s.generated_tokens as f64,
+            100.0 * s.mask_seconds / s.decode_seconds.max(1e-9)
+        );
+    }
     if let Some(rate) = s.acceptance_rate() {
         eprintln!(
             "speculative decoding: {} of {} drafted tokens accepted ({:.0}%)",
@@ -219,7 +232,7 @@ pub fn chat(m: &ModelArgs, s: &SamplingArgs, system: Option<&str>) -> anyhow::Re
         messages.push(Message::system(sys));
     }
     let base = messages.clone();
-    let mut params = generation_params(&engine, s);
+    let mut params = generation_params(&engine, s)?;
     eprintln!("Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) quits.");
     let stdin = std::io::stdin();
     let mut line = String::new();

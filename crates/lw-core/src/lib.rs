@@ -165,6 +165,40 @@ pub struct GenerationParams {
     /// are masked until then, as vLLM's `min_tokens`).
     #[serde(default)]
     pub min_tokens: usize,
+    /// A formal language the output must belong to; every token is drawn
+    /// from those that keep the text inside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<Constraint>,
+}
+
+/// A formal language for structured decoding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "source", rename_all = "snake_case")]
+pub enum Constraint {
+    /// A JSON Schema (its JSON text): the output is one JSON value that
+    /// the schema accepts.
+    JsonSchema(String),
+    /// Any JSON object.
+    JsonObject,
+    /// A regular expression the whole output matches.
+    Regex(String),
+    /// A grammar in llama.cpp's GBNF (`root ::= ...`).
+    Gbnf(String),
+    /// A grammar in the Lark-like syntax of llguidance.
+    Lark(String),
+}
+
+impl Constraint {
+    /// What kind of constraint it is, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Constraint::JsonSchema(_) => "JSON schema",
+            Constraint::JsonObject => "JSON object",
+            Constraint::Regex(_) => "regular expression",
+            Constraint::Gbnf(_) => "GBNF grammar",
+            Constraint::Lark(_) => "Lark grammar",
+        }
+    }
 }
 
 /// Why a generation ended.
@@ -207,6 +241,9 @@ pub struct GenerationStats {
     pub draft_tokens: usize,
     #[serde(default)]
     pub accepted_draft_tokens: usize,
+    /// Time spent computing grammar masks (structured decoding).
+    #[serde(default)]
+    pub mask_seconds: f64,
 }
 
 impl GenerationStats {

@@ -255,19 +255,29 @@ impl Scheduler {
                 let _ = job.tx.send(BatchEvent::Done(Err(e)));
                 continue;
             }
+            let guide = match job.params.constraint.as_ref().map(|c| self.model.guide(c)) {
+                Some(Err(e)) => {
+                    let _ = job.tx.send(BatchEvent::Done(Err(e)));
+                    continue;
+                }
+                guide => guide.and_then(Result::ok),
+            };
             let slot = self.take_slot(&job.prompt);
             let drafter =
                 Speculation::drafter_for(self.speculation.as_ref(), &job.params, slot.drafter);
             let sink = JobSink { tx: job.tx };
-            self.active.push(Running::new(
-                &self.model,
-                job.prompt,
-                &job.params,
-                slot.seq,
-                drafter,
-                sink,
-                job.submitted,
-            ));
+            self.active.push(
+                Running::new(
+                    &self.model,
+                    job.prompt,
+                    &job.params,
+                    slot.seq,
+                    drafter,
+                    sink,
+                    job.submitted,
+                )
+                .with_guide(guide),
+            );
         }
         self.load.running.store(self.active.len(), Ordering::SeqCst);
     }

@@ -16,6 +16,7 @@ use lw_core::{FinishReason, GenerationParams, GenerationStats};
 use lw_model::Logits;
 
 use crate::error::EngineError;
+use crate::grammar::Guide;
 use crate::model::Model;
 use crate::sampler::Sampler;
 use crate::sequence::Sequence;
@@ -128,6 +129,12 @@ impl<S: Sink> Running<S> {
         }
     }
 
+    /// Decodes under `guide` (structured decoding), when there is one.
+    pub(crate) fn with_guide(mut self, guide: Option<Guide>) -> Self {
+        self.decoding.guide = guide;
+        self
+    }
+
     /// Ends the generation: releases held text (unless it stopped or was
     /// cancelled) and returns the result, the sequence (for prefix reuse)
     /// and the drafter.
@@ -147,6 +154,7 @@ impl<S: Sink> Running<S> {
                 self.sink.text(&rest);
             }
             self.stats.generated_tokens = self.decoding.tokens.len();
+            self.stats.mask_seconds = self.decoding.guide.as_ref().map_or(0.0, |g| g.seconds);
             self.stats.decode_seconds =
                 self.decode_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
             Ok(Generation {
@@ -377,6 +385,11 @@ struct Decoding {
     /// End-of-sequence ids are masked until this many tokens are taken.
     min_tokens: usize,
     ignore_eos: bool,
+    /// The grammar the output follows (structured decoding).
+    guide: Option<Guide>,
+    /// The grammar is complete: the generation stopped there, with all of
+    /// its text (none of it was a stop string).
+    complete: bool,
 }
 
 impl Decoding {
@@ -399,6 +412,8 @@ impl Decoding {
             max_tokens: params.max_tokens.unwrap_or(usize::MAX),
             min_tokens: params.min_tokens,
             ignore_eos: params.ignore_eos,
+            guide: None,
+            complete: false,
         }
     }
 
@@ -418,7 +433,10 @@ impl Decoding {
         eos: &[u32],
         draft: Option<u32>,
     ) -> Result<(Option<FinishReason>, bool), EngineError> {
-        if self.tokens.len() < self.min_tokens {
+        let early = self.tokens.len() < self.min_tokens;
+        if let Some(guide) = self.guide.as_mut() {
+            guide.mask(logits, eos, early)?;
+        } else if early {
             for &e in eos {
                 if let Some(l) = logits.get_mut(e as usize) {
                     *l = f32::NEG_INFINITY;
@@ -449,6 +467,10 @@ impl Decoding {
         self.tokens.push(next);
         self.seen.push(next);
         self.sampler.observe(next);
+        let complete = match self.guide.as_mut() {
+            Some(guide) => guide.take(next)?,
+            None => false,
+        };
         self.delta.clear();
         if self.decoder.push(tok, next, &mut self.delta)? {
             let hit = self.stops.push(&self.delta, &mut self.ready);
@@ -456,6 +478,12 @@ impl Decoding {
             if hit {
                 return Ok(Some(FinishReason::Stop));
             }
+        }
+        if complete {
+            // Nothing may follow: the text is whole (what the stop matcher
+            // still holds is released by `finish`).
+            self.complete = true;
+            return Ok(Some(FinishReason::Stop));
         }
         if self.tokens.len() >= self.max_tokens {
             return Ok(Some(FinishReason::Length));
@@ -471,7 +499,8 @@ impl Decoding {
     /// Text still held when the sequence ends for a reason other than a stop
     /// or a cancel (a partial character or a partial stop-string match).
     fn finish(&mut self, reason: FinishReason, tok: &Tokenizer) -> Result<String, EngineError> {
-        if reason == FinishReason::Stop || reason == FinishReason::Cancelled {
+        let cut = reason == FinishReason::Stop && !self.complete;
+        if cut || reason == FinishReason::Cancelled {
             return Ok(String::new());
         }
         let mut rest = String::new();

@@ -117,6 +117,11 @@ impl Engine {
             self.reserve_cache(positions)?;
         }
         let model = self.model.clone();
+        let guide = params
+            .constraint
+            .as_ref()
+            .map(|c| model.guide(c))
+            .transpose()?;
         let seq = self.seq.take().unwrap_or_else(|| model.new_sequence());
         let drafter =
             Speculation::drafter_for(self.speculation.as_ref(), params, self.drafter.take());
@@ -128,7 +133,8 @@ impl Engine {
             drafter,
             on_text,
             started,
-        );
+        )
+        .with_guide(guide);
         let mut batch = [run];
         let outcome = loop {
             if let Some((_, outcome)) = decode::step(&model, &mut batch).pop() {

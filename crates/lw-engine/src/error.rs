@@ -40,6 +40,8 @@ pub enum EngineError {
     ModelNotFound { model: String },
     #[error("could not download \"{model}\" from the Hugging Face hub: {reason}\n  The hub may be unreachable from here. Pass a local model directory instead (--model /path/to/dir with config.json, *.safetensors and tokenizer.json), or use an OpenAI-compatible server (--api-base URL).")]
     Hub { model: String, reason: String },
+    #[error("{0}")]
+    Grammar(String),
     #[error("a batched decoding step failed: {0}")]
     Step(String),
     #[error("the generation was cancelled")]

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use lw_core::{Message, SamplingParams};
 use lw_model::loader::SafetensorsSource;
@@ -12,6 +12,7 @@ use lw_model::{DType, GgufFile, KvDtype, Llama, ModelConfig, QType};
 use serde_json::Value;
 
 use crate::error::EngineError;
+use crate::grammar::{Grammars, Guide};
 use crate::sequence::Sequence;
 use crate::template::{ChatFormat, TemplateInputs, GLM4_STOP_TOKENS};
 use crate::tokenizer::Tokenizer;
@@ -72,6 +73,9 @@ pub struct Model {
     /// DRY's breaker tokens per list of breaker strings, found once per
     /// list (a scan of the whole vocabulary).
     breakers: Mutex<Vec<(Vec<String>, BreakerIds)>>,
+    /// The grammar compiler over this vocabulary, built when a generation
+    /// first asks for structured decoding.
+    grammars: OnceLock<Result<Grammars, String>>,
 }
 
 impl Model {
@@ -121,6 +125,7 @@ impl Model {
             memory_limit: opts.memory_limit,
             thinking: opts.thinking,
             breakers: Mutex::default(),
+            grammars: OnceLock::new(),
         })
     }
 
@@ -155,6 +160,7 @@ impl Model {
             memory_limit: opts.memory_limit,
             thinking: opts.thinking,
             breakers: Mutex::default(),
+            grammars: OnceLock::new(),
         })
     }
 
@@ -204,6 +210,23 @@ impl Model {
         );
         known.push((breakers.to_vec(), ids.clone()));
         ids
+    }
+
+    /// The grammar compiler over this model's vocabulary (built on first
+    /// use: a pass over the vocabulary).
+    pub fn grammars(&self) -> Result<&Grammars, EngineError> {
+        self.grammars
+            .get_or_init(|| {
+                let eos = self.eos_ids.first().copied().unwrap_or(0);
+                Grammars::new(self.tokenizer.token_texts(), eos).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| EngineError::Grammar(e.clone()))
+    }
+
+    /// Compiles `constraint` for one generation on this model.
+    pub fn guide(&self, constraint: &lw_core::Constraint) -> Result<Guide, EngineError> {
+        self.grammars()?.guide(constraint)
     }
 
     /// Renders a conversation with the model's chat template (and the

@@ -231,6 +231,53 @@ impl Tokenizer {
         }
     }
 
+    /// What each id below [`Tokenizer::id_bound`] stands for, for
+    /// structured decoding: its bytes, or its text when it is special (or
+    /// stands for no text).
+    pub fn token_texts(&self) -> Vec<crate::grammar::TokenText> {
+        use crate::grammar::TokenText;
+        let bound = self.id_bound() as u32;
+        match &self.inner {
+            Inner::Gguf(v) => (0..bound)
+                .map(|id| match v.token_bytes(id) {
+                    Some(b) => TokenText::Bytes(b),
+                    None => TokenText::Special(format!("<[{id}]>")),
+                })
+                .collect(),
+            Inner::Hf(hf) => {
+                let t = &hf.tokenizer;
+                let special: std::collections::HashSet<u32> = t
+                    .get_added_tokens_decoder()
+                    .iter()
+                    .filter(|(_, a)| a.special)
+                    .map(|(&id, _)| id)
+                    .collect();
+                let byte_level =
+                    serde_json::to_string(&t.get_decoder()).is_ok_and(|d| d.contains("ByteLevel"));
+                (0..bound)
+                    .map(|id| match t.id_to_token(id) {
+                        Some(text) if !special.contains(&id) => {
+                            let bytes = if byte_level {
+                                crate::vocab::byte_level_bytes(&text)
+                            } else if let Some(b) = crate::vocab::byte_token(&text) {
+                                vec![b]
+                            } else {
+                                text.replace('▁', " ").into_bytes()
+                            };
+                            if bytes.is_empty() {
+                                TokenText::Special(format!("<[{id}]>"))
+                            } else {
+                                TokenText::Bytes(bytes)
+                            }
+                        }
+                        Some(text) => TokenText::Special(text),
+                        None => TokenText::Special(format!("<[{id}]>")),
+                    })
+                    .collect()
+            }
+        }
+    }
+
     /// The largest id the tokenizer can produce, plus one.
     pub fn id_bound(&self) -> usize {
         let tokenizer = match &self.inner {

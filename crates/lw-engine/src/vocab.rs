@@ -242,6 +242,19 @@ impl Vocab {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    /// The bytes token `id` stands for in text; `None` for control,
+    /// unknown and unused tokens (which stand for none).
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        match self.kinds.get(id as usize)? {
+            Kind::Control | Kind::Unknown | Kind::Unused => None,
+            _ => {
+                let mut bytes = Vec::new();
+                self.push_piece(id, false, &mut bytes).ok()?;
+                (!bytes.is_empty()).then_some(bytes)
+            }
+        }
+    }
+
     /// What token `id` stands for in text, special tokens included.
     pub fn piece(&self, id: u32) -> Result<String, EngineError> {
         let mut bytes = Vec::new();
@@ -474,7 +487,7 @@ fn newline_runs(text: &str) -> impl Iterator<Item = &str> {
 }
 
 /// The byte of a `<0xXX>` token.
-fn byte_token(text: &str) -> Option<u8> {
+pub(crate) fn byte_token(text: &str) -> Option<u8> {
     let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
     if hex.len() != 2 {
         return None;
@@ -484,7 +497,7 @@ fn byte_token(text: &str) -> Option<u8> {
 
 /// The bytes a GPT-2 byte-level token stands for (characters outside the map
 /// stay as they are).
-fn byte_level_bytes(token: &str) -> Vec<u8> {
+pub(crate) fn byte_level_bytes(token: &str) -> Vec<u8> {
     use std::sync::OnceLock;
     static TO_BYTE: OnceLock<HashMap<char, u8>> = OnceLock::new();
     let map = TO_BYTE.get_or_init(|| {

@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use lw_core::{GenerationParams, Message, Role, SamplingParams};
+use lw_core::{Constraint, GenerationParams, Message, Role, SamplingParams};
 use lw_engine::BatchEvent;
 use serde::Deserialize;
 use serde_json::Value;
@@ -87,6 +87,12 @@ pub(crate) struct Common {
     dry_allowed_length: Option<usize>,
     dry_penalty_last_n: Option<usize>,
     dry_sequence_breakers: Option<Vec<String>>,
+    /// OpenAI's structured output: `{"type": "json_object"}` or
+    /// `{"type": "json_schema", "json_schema": {"schema": ..., "strict": ...}}`.
+    response_format: Option<Value>,
+    /// llama.cpp's server's fields: a GBNF grammar, or a JSON Schema.
+    grammar: Option<String>,
+    json_schema: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -173,7 +179,9 @@ pub(crate) fn generation_params(
             "min_tokens {min_tokens} is above max_tokens {max_tokens}"
         )));
     }
+    let constraint = constraint(state, c)?;
     Ok(GenerationParams {
+        constraint,
         sampling: SamplingParams {
             temperature,
             top_p,
@@ -202,6 +210,67 @@ pub(crate) fn generation_params(
         ignore_eos: false,
         no_speculation: c.speculate == Some(false),
     })
+}
+
+/// The structured-decoding constraint of `response_format`, `grammar` or
+/// `json_schema` (one of them), checked by compiling it.
+fn constraint(state: &AppState, c: &Common) -> Result<Option<Constraint>, ApiError> {
+    let mut found: Vec<(&str, Constraint)> = Vec::new();
+    if let Some(rf) = &c.response_format {
+        let kind = rf.get("type").and_then(Value::as_str).unwrap_or("");
+        match kind {
+            "text" => {}
+            "json_object" => found.push((
+                "response_format",
+                // llama.cpp's server also takes a schema here.
+                match rf.get("schema") {
+                    Some(schema) => Constraint::JsonSchema(schema.to_string()),
+                    None => Constraint::JsonObject,
+                },
+            )),
+            "json_schema" => {
+                let schema = rf
+                    .get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "response_format of type json_schema needs json_schema.schema",
+                        )
+                    })?;
+                found.push((
+                    "response_format",
+                    Constraint::JsonSchema(schema.to_string()),
+                ));
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "response_format type \"{other}\" is not one of text, json_object, json_schema"
+                )))
+            }
+        }
+    }
+    if let Some(g) = &c.grammar {
+        found.push(("grammar", Constraint::Gbnf(g.clone())));
+    }
+    if let Some(schema) = &c.json_schema {
+        found.push(("json_schema", Constraint::JsonSchema(schema.to_string())));
+    }
+    if found.len() > 1 {
+        let names: Vec<&str> = found.iter().map(|(n, _)| *n).collect();
+        return Err(ApiError::bad_request(format!(
+            "give one of response_format, grammar and json_schema, not {}",
+            names.join(" and ")
+        )));
+    }
+    let Some((field, constraint)) = found.pop() else {
+        return Ok(None);
+    };
+    let model = state.batcher.model();
+    model
+        .grammars()
+        .and_then(|g| g.check(&constraint))
+        .map_err(|e| ApiError::bad_request(format!("{field}: invalid {e}")))?;
+    Ok(Some(constraint))
 }
 
 /// OpenAI's `logit_bias`: token ids (string keys) below the vocabulary's

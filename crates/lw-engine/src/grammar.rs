@@ -1,0 +1,191 @@
+//! Structured decoding: a [`Constraint`] (JSON Schema, regular expression,
+//! GBNF or Lark grammar) compiled by llguidance against the model's
+//! vocabulary into a per-token mask, applied to the logits before every
+//! sampled token.
+//!
+//! The vocabulary goes to llguidance as each token's bytes (special tokens
+//! marked, so a grammar never produces them); it is built once per model.
+//! A generation holds one [`Guide`]: it masks a row of logits, takes the
+//! chosen token and says when the grammar is complete.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{self, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+use lw_core::Constraint;
+
+use crate::error::EngineError;
+
+/// A vocabulary's bytes, for llguidance.
+struct Env {
+    trie: TokTrie,
+}
+
+impl TokenizerEnv for Env {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<toktrie::TokenId> {
+        self.trie.greedy_tokenize(s)
+    }
+}
+
+/// What a token stands for, for the grammar.
+pub enum TokenText {
+    /// Bytes of text.
+    Bytes(Vec<u8>),
+    /// A special token (its text): never produced by a grammar.
+    Special(String),
+}
+
+/// The grammar compiler of one model's vocabulary.
+pub struct Grammars {
+    factory: ParserFactory,
+    vocab: usize,
+    eos: u32,
+}
+
+impl Grammars {
+    /// Builds the compiler over `tokens` (one entry per id); `eos` is the
+    /// id the grammar allows where it may end.
+    pub fn new(tokens: Vec<TokenText>, eos: u32) -> Result<Self, EngineError> {
+        let vocab = tokens.len();
+        let words: Vec<Vec<u8>> = tokens
+            .into_iter()
+            .map(|t| match t {
+                TokenText::Bytes(b) => b,
+                TokenText::Special(s) => {
+                    let mut w = vec![TokTrie::SPECIAL_TOKEN_MARKER];
+                    w.extend_from_slice(s.as_bytes());
+                    w
+                }
+            })
+            .collect();
+        let info = TokRxInfo::new(vocab as u32, eos);
+        let trie = TokTrie::from(&info, &words);
+        let env: TokEnv = Arc::new(Env { trie });
+        let mut factory = ParserFactory::new_simple(&env)
+            .map_err(|e| EngineError::Grammar(format!("vocabulary: {e}")))?;
+        factory.quiet();
+        Ok(Grammars {
+            factory,
+            vocab,
+            eos,
+        })
+    }
+
+    /// Compiles `constraint` for one generation.
+    pub fn guide(&self, constraint: &Constraint) -> Result<Guide, EngineError> {
+        let grammar = top_level(constraint)?;
+        let parser = self
+            .factory
+            .create_parser(grammar)
+            .map_err(|e| EngineError::Grammar(format!("{}: {e}", constraint.kind())))?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(EngineError::Grammar(format!("{}: {e}", constraint.kind())));
+        }
+        Ok(Guide {
+            matcher,
+            vocab: self.vocab,
+            eos: self.eos,
+            seconds: 0.0,
+        })
+    }
+
+    /// Checks that `constraint` compiles (for a request's early 400).
+    pub fn check(&self, constraint: &Constraint) -> Result<(), EngineError> {
+        self.guide(constraint).map(|_| ())
+    }
+}
+
+/// llguidance's grammar for a constraint.
+fn top_level(constraint: &Constraint) -> Result<TopLevelGrammar, EngineError> {
+    let bad = |e: String| EngineError::Grammar(format!("{}: {e}", constraint.kind()));
+    Ok(match constraint {
+        Constraint::JsonSchema(text) => {
+            let schema: serde_json::Value =
+                serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+            TopLevelGrammar::from_json_schema(compact(schema))
+        }
+        Constraint::JsonObject => {
+            TopLevelGrammar::from_json_schema(compact(serde_json::json!({"type": "object"})))
+        }
+        Constraint::Regex(rx) => TopLevelGrammar::from_regex(rx),
+        Constraint::Gbnf(src) => {
+            TopLevelGrammar::from_lark(crate::gbnf::to_lark(src).map_err(|e| bad(e.to_string()))?)
+        }
+        Constraint::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
+    })
+}
+
+/// JSON with single spaces after `,` and `:` and no other whitespace
+/// (unless the schema says otherwise in `x-guidance`): a small model given
+/// free whitespace can spend its tokens on newlines.
+fn compact(mut schema: serde_json::Value) -> serde_json::Value {
+    if let Some(obj) = schema.as_object_mut() {
+        obj.entry("x-guidance").or_insert_with(|| {
+            serde_json::json!({
+                "whitespace_flexible": false,
+                "item_separator": ", ",
+                "key_separator": ": ",
+            })
+        });
+    }
+    schema
+}
+
+/// One generation's grammar state.
+pub struct Guide {
+    matcher: Matcher,
+    vocab: usize,
+    eos: u32,
+    /// Time spent computing masks.
+    pub seconds: f64,
+}
+
+impl Guide {
+    /// Sets the logits of tokens the grammar does not allow next to −∞.
+    /// `eos` are the ids that end the generation: allowed together where
+    /// the grammar may end. With `no_end`, they stay masked unless nothing
+    /// else is allowed.
+    pub fn mask(
+        &mut self,
+        logits: &mut [f32],
+        eos: &[u32],
+        no_end: bool,
+    ) -> Result<(), EngineError> {
+        let start = Instant::now();
+        let mask = self
+            .matcher
+            .compute_mask()
+            .map_err(|e| EngineError::Grammar(e.to_string()))?;
+        let may_end = mask.is_allowed(self.eos);
+        let others = mask.num_set() > usize::from(may_end);
+        let end_open = may_end && !(no_end && others);
+        for (id, l) in logits.iter_mut().enumerate() {
+            let allowed = if eos.contains(&(id as u32)) {
+                end_open
+            } else {
+                id < self.vocab && id as u32 != self.eos && mask.is_allowed(id as u32)
+            };
+            if !allowed {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        self.seconds += start.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Takes `token` (not an end-of-sequence id); `true` when the grammar
+    /// is complete and nothing more may follow.
+    pub fn take(&mut self, token: u32) -> Result<bool, EngineError> {
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| EngineError::Grammar(format!("token {token}: {e}")))?;
+        Ok(self.matcher.is_stopped())
+    }
+}
