@@ -286,6 +286,7 @@ fn judge_one(
                 ..Default::default()
             },
             stop: vec![],
+            ..Default::default()
         };
         match model.complete(&req, &mut |_| true) {
             Ok(r) => match parse_judgement(&r.text) {

@@ -161,6 +161,7 @@ pub fn generation_params(engine: &Engine, s: &SamplingArgs) -> anyhow::Result<Ge
         no_speculation: false,
         min_tokens: s.min_tokens,
         constraint,
+        end_after: None,
     })
 }
 

@@ -240,6 +240,18 @@ pub(crate) struct StyleArgs {
     /// Word counter for budgets and lengths.
     #[arg(long, default_value = "unicode", value_parser = ["unicode", "longbench"])]
     pub(crate) counter: String,
+    /// Plain AgentWrite: no plan grammar, no length control of sections
+    /// (by default the plan decodes under a grammar of the asked shape and
+    /// each section is held to 90–140% of its budget, where the backend
+    /// allows: the local engine, llama.cpp's server, vLLM, SGLang).
+    #[arg(long)]
+    pub(crate) no_constrain: bool,
+    /// DRY strength against repeated phrases (0 = off).
+    #[arg(long, default_value_t = 0.8)]
+    dry_multiplier: f32,
+    /// No DRY penalty (the same as --dry-multiplier 0).
+    #[arg(long)]
+    no_dry: bool,
 }
 
 impl StyleArgs {
@@ -249,6 +261,19 @@ impl StyleArgs {
             top_p: self.top_p,
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
+            dry_multiplier: if self.no_dry {
+                0.0
+            } else {
+                self.dry_multiplier
+            },
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn write_options(&self) -> WriteOptions {
+        WriteOptions {
+            plan_tries: self.plan_tries,
+            constrain: !self.no_constrain,
             ..Default::default()
         }
     }
@@ -284,7 +309,7 @@ pub fn plan(a: &PlanArgs) -> anyhow::Result<()> {
         asked,
         lang,
         &a.style.sampling(),
-        a.style.plan_tries,
+        &a.style.write_options(),
         &mut usage,
     )?;
     print!("{}", plan.to_text());
@@ -310,10 +335,9 @@ pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
     }
     let mut display = Display::new(a.quiet || a.json, a.json, counter);
     let opts = WriteOptions {
-        plan_tries: a.style.plan_tries,
         counter,
         keep_thinking: a.keep_thinking,
-        ..Default::default()
+        ..a.style.write_options()
     };
     let result = lw_write::write(model.as_mut(), &dir, &opts, stop, &mut |e| display.event(e));
     display.finish();

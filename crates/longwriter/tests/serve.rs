@@ -142,6 +142,7 @@ fn streamed_deltas_concatenate_to_the_plain_answer_with_the_same_seed() {
             ..Default::default()
         },
         stop: vec![],
+        ..Default::default()
     };
     let got = lw_write::LanguageModel::complete(&mut client, &req, &mut |_| true).unwrap();
     assert_eq!(got.text, content);

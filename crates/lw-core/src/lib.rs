@@ -169,6 +169,11 @@ pub struct GenerationParams {
     /// from those that keep the text inside it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraint: Option<Constraint>,
+    /// Length control: past this many tokens, the generation ends at the
+    /// next sentence or paragraph end (an end-of-sequence token is forced
+    /// there). `max_tokens` stays the hard cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_after: Option<usize>,
 }
 
 /// A formal language for structured decoding.

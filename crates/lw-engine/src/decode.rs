@@ -368,6 +368,16 @@ thread_local! {
     static BATCH_LOGITS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+/// Whether `text` ends a sentence or a paragraph (closing quotes and
+/// brackets after the mark included).
+fn at_boundary(text: &str) -> bool {
+    if text.ends_with('\n') {
+        return !text.trim().is_empty();
+    }
+    let t = text.trim_end_matches([' ', '"', '\'', '”', '’', ')', '」', '』', '*']);
+    t.ends_with(['.', '!', '?', '。', '！', '？', '…'])
+}
+
 /// The per-sequence side of decoding: sampling, end conditions, text
 /// assembly (whole characters only) and stop strings.
 struct Decoding {
@@ -385,6 +395,9 @@ struct Decoding {
     /// End-of-sequence ids are masked until this many tokens are taken.
     min_tokens: usize,
     ignore_eos: bool,
+    /// Past this many tokens, an end-of-sequence token is forced at the
+    /// next sentence or paragraph end.
+    end_after: usize,
     /// The grammar the output follows (structured decoding).
     guide: Option<Guide>,
     /// The grammar is complete: the generation stopped there, with all of
@@ -412,6 +425,7 @@ impl Decoding {
             max_tokens: params.max_tokens.unwrap_or(usize::MAX),
             min_tokens: params.min_tokens,
             ignore_eos: params.ignore_eos,
+            end_after: params.end_after.unwrap_or(usize::MAX),
             guide: None,
             complete: false,
         }
@@ -434,7 +448,23 @@ impl Decoding {
         draft: Option<u32>,
     ) -> Result<(Option<FinishReason>, bool), EngineError> {
         let early = self.tokens.len() < self.min_tokens;
-        if let Some(guide) = self.guide.as_mut() {
+        if self.tokens.len() >= self.end_after
+            && self.guide.is_none()
+            && !eos.is_empty()
+            && at_boundary(&self.text)
+        {
+            // Length control: the budget is spent and a sentence just
+            // ended; end here.
+            let end = eos[0] as usize;
+            if end < logits.len() {
+                for (i, l) in logits.iter_mut().enumerate() {
+                    if i != end {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+                logits[end] = 0.0;
+            }
+        } else if let Some(guide) = self.guide.as_mut() {
             guide.mask(logits, eos, early)?;
         } else if early {
             for &e in eos {

@@ -128,6 +128,7 @@ fn generate(
                 max_tokens: opts.max_new_tokens,
                 sampling,
                 stop: vec![],
+                ..Default::default()
             };
             let r = model
                 .complete(&req, &mut |_| !stop.load(Ordering::SeqCst))

@@ -182,6 +182,7 @@ pub(crate) fn generation_params(
     let constraint = constraint(state, c)?;
     Ok(GenerationParams {
         constraint,
+        end_after: None,
         sampling: SamplingParams {
             temperature,
             top_p,

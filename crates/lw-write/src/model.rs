@@ -1,16 +1,24 @@
 //! The interface AgentWrite reaches models through, and the in-process
 //! implementation on the local engine.
 
-use lw_core::{FinishReason, GenerationParams, Message, SamplingParams};
+use lw_core::{Constraint, FinishReason, GenerationParams, Message, SamplingParams};
 use serde::{Deserialize, Serialize};
 
 /// One chat completion to run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ChatRequest {
     pub messages: Vec<Message>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// A grammar or schema the answer must follow (where the backend
+    /// supports structured decoding; otherwise the answer is checked after).
+    pub constraint: Option<Constraint>,
+    /// Length control: no end before this many tokens…
+    pub min_tokens: usize,
+    /// …and past this many, an end at the next sentence end (local
+    /// engine only).
+    pub end_after: Option<usize>,
 }
 
 /// What a completion produced and what it cost.
@@ -83,6 +91,13 @@ pub trait LanguageModel {
     /// A name for people and run records.
     fn name(&self) -> String;
 
+    /// Tokens per word (per character for Chinese) of this model's
+    /// tokenizer, measured on sample prose; `None` where the tokenizer is
+    /// out of reach (a server).
+    fn tokens_per_word(&self, _lang: crate::length::Language) -> Option<f64> {
+        None
+    }
+
     /// Runs one chat completion, streaming text deltas to `on_text`
     /// (`false` from it cancels).
     fn complete(
@@ -117,6 +132,10 @@ impl LanguageModel for LocalModel {
         self.name.clone()
     }
 
+    fn tokens_per_word(&self, lang: crate::length::Language) -> Option<f64> {
+        measured_tokens_per_word(&self.engine, lang)
+    }
+
     fn complete(
         &mut self,
         request: &ChatRequest,
@@ -126,6 +145,33 @@ impl LanguageModel for LocalModel {
         let out = self.engine.generate(&ids, &params, |d| on_text(d));
         local_response(out)
     }
+}
+
+/// Sample prose for measuring a tokenizer: plain narrative, as sections are.
+const SAMPLE_EN: &str = "The river had always been the first thing the town saw in the morning. \
+Before the bakers lit their ovens, before the bells, the water was already moving under the old \
+stone bridge, carrying leaves and the last of the night's cold down towards the sea. People said \
+you could tell the season by its colour: brown and fast in spring, green and slow in August, grey \
+in the weeks before the first snow. Mara had crossed that bridge every day of her life, and she \
+had never once thought about where the water went.";
+const SAMPLE_ZH: &str = "小镇每天早晨最先看到的总是那条河。面包师还没有点起炉火，钟声还没有响起，\
+河水就已经在古老的石桥下流动，把落叶和夜里最后的寒意带向大海。人们说，看河水的颜色就能知道季节：\
+春天浑黄湍急，八月碧绿舒缓，初雪前的几个星期则是一片灰色。玛拉一生中每天都要走过那座桥，\
+却从来没有想过河水流向了哪里。";
+
+/// Tokens per word (English) or per character (Chinese) of `model`'s
+/// tokenizer on the sample prose.
+fn measured_tokens_per_word(
+    model: &lw_engine::Model,
+    lang: crate::length::Language,
+) -> Option<f64> {
+    let text = match lang {
+        crate::length::Language::English => SAMPLE_EN,
+        crate::length::Language::Chinese => SAMPLE_ZH,
+    };
+    let tokens = model.encode_raw(text).ok()?.len() as f64;
+    let words = lw_core::Counter::Unicode.count(text) as f64;
+    (words > 0.0 && tokens > 0.0).then(|| tokens / words)
 }
 
 /// Token ids and generation parameters of a request for the local engine,
@@ -151,7 +197,9 @@ fn local_request(
         stop: request.stop.clone(),
         ignore_eos: false,
         no_speculation: false,
-        ..Default::default()
+        min_tokens: request.min_tokens.min(request.max_tokens),
+        constraint: request.constraint.clone(),
+        end_after: request.end_after,
     };
     Ok((ids, params))
 }
@@ -198,6 +246,10 @@ impl BatchedModel {
 impl LanguageModel for BatchedModel {
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn tokens_per_word(&self, lang: crate::length::Language) -> Option<f64> {
+        measured_tokens_per_word(self.batcher.model(), lang)
     }
 
     fn complete(

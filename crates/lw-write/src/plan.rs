@@ -61,6 +61,20 @@ impl Plan {
         Ok(())
     }
 
+    /// Scales the budgets so they add up to `asked` (each rounded to 10
+    /// words and kept within [`MIN_WORDS`]–[`MAX_WORDS`], the minimum
+    /// lowered for short pieces); the main points stay. A small model's
+    /// budgets follow its plan's shape, not its arithmetic.
+    pub fn normalise(&mut self, asked: u32) {
+        let total = self.total_words().max(1) as f64;
+        let n = self.paragraphs.len() as u32;
+        let min = MIN_WORDS.min(asked / n.max(1)).max(10);
+        for p in &mut self.paragraphs {
+            let share = p.words as f64 / total * asked as f64;
+            p.words = (((share / 10.0).round() as u32) * 10).clamp(min, MAX_WORDS);
+        }
+    }
+
     /// The plan in the canonical one-line-per-paragraph form (what `plan`
     /// prints and `--plan FILE` reads back).
     pub fn to_text(&self) -> String {
@@ -77,6 +91,45 @@ impl Plan {
             })
             .collect()
     }
+}
+
+/// Words per paragraph a constrained plan aims at: the paragraph count is
+/// the asked length over this.
+pub const TARGET_WORDS: u32 = 400;
+
+/// The paragraph count of a constrained plan for `asked` words.
+pub fn paragraph_count(asked: Option<u32>) -> usize {
+    match asked {
+        Some(n) => ((n as f64 / TARGET_WORDS as f64).round() as usize).clamp(1, MAX_PARAGRAPHS),
+        None => 5,
+    }
+}
+
+/// A GBNF grammar whose every sentence is a plan of `paragraph_count(asked)`
+/// lines in the form [`Plan::to_text`] writes (the Chinese form for
+/// Chinese), each main point one line of 8–160 characters and each budget
+/// a whole number from 10 to 9999: a plan decoded under it always parses.
+pub fn plan_grammar(asked: Option<u32>, lang: crate::length::Language) -> String {
+    let n = paragraph_count(asked);
+    let (head, point, count, unit) = match lang {
+        crate::length::Language::English => {
+            ("Paragraph ", " - Main Point: ", " - Word Count: ", " words")
+        }
+        crate::length::Language::Chinese => ("段落", " - 主要内容：", " - 字数要求：", "字"),
+    };
+    let mut g = String::from("root ::=");
+    for i in 1..=n {
+        g.push_str(&format!(" line{i}"));
+    }
+    g.push('\n');
+    for i in 1..=n {
+        g.push_str(&format!(
+            "line{i} ::= \"{head}{i}{point}\" point \"{count}\" budget \"{unit}\\n\"\n"
+        ));
+    }
+    g.push_str("point ::= [^\\n]{8,160}\n");
+    g.push_str("budget ::= [1-9] [0-9] [0-9]? [0-9]?\n");
+    g
 }
 
 /// How an item of the list starts, strongest first: a document's items are
@@ -404,5 +457,116 @@ mod tests {
     fn canonical_text_parses_back_to_the_same_plan() {
         let p = parse_plan("1. Origins (400 words)\n2. 发展（600字）", None).unwrap();
         assert_eq!(parse_plan(&p.to_text(), None).unwrap(), p);
+    }
+
+    /// Feeds `text` byte by byte through `grammar` on a one-byte-per-token
+    /// vocabulary; whether the grammar accepts it whole.
+    fn accepts(grammar: &str, text: &str) -> bool {
+        use lw_engine::TokenText;
+        let mut tokens: Vec<TokenText> = (0..=255u8).map(|b| TokenText::Bytes(vec![b])).collect();
+        tokens.push(TokenText::Special("<eos>".into()));
+        let g = lw_engine::Grammars::new(tokens, 256).unwrap();
+        let mut guide = g.guide(&lw_core::Constraint::Gbnf(grammar.into())).unwrap();
+        let bytes = text.as_bytes();
+        for (i, &b) in bytes.iter().enumerate() {
+            let mut logits = vec![0.0f32; 257];
+            guide.mask(&mut logits, &[256], false).unwrap();
+            if logits[b as usize] == f32::NEG_INFINITY {
+                return false;
+            }
+            let done = guide.take(b as u32).unwrap();
+            if done {
+                return i + 1 == bytes.len();
+            }
+        }
+        let mut logits = vec![0.0f32; 257];
+        guide.mask(&mut logits, &[256], false).unwrap();
+        logits[256] == 0.0
+    }
+
+    #[test]
+    fn the_plan_grammar_accepts_exactly_plans_of_the_asked_shape() {
+        use crate::length::Language;
+        assert_eq!(paragraph_count(Some(2000)), 5);
+        assert_eq!(paragraph_count(Some(100)), 1);
+        assert_eq!(paragraph_count(Some(100_000)), MAX_PARAGRAPHS);
+        let g = plan_grammar(Some(800), Language::English);
+        let plan = Plan {
+            paragraphs: vec![
+                Paragraph {
+                    main_point: "The river at dawn, seen from the bridge".into(),
+                    words: 350,
+                },
+                Paragraph {
+                    main_point: "What the flood took".into(),
+                    words: 450,
+                },
+            ],
+        };
+        assert!(accepts(&g, &plan.to_text()));
+        // Parsed back whole.
+        assert_eq!(parse_plan(&plan.to_text(), Some(800)).unwrap(), plan);
+        // Wrong count, wrong numbering, a missing budget: refused.
+        assert!(!accepts(
+            &g,
+            &plan
+                .to_text()
+                .lines()
+                .next()
+                .map(|l| format!("{l}\n"))
+                .unwrap()
+        ));
+        assert!(!accepts(
+            &g,
+            &plan.to_text().replace("Paragraph 2", "Paragraph 3")
+        ));
+        assert!(!accepts(
+            &g,
+            &plan.to_text().replace("450 words", "many words")
+        ));
+        let zh = plan_grammar(Some(800), Language::Chinese);
+        let text = "段落1 - 主要内容：清晨的河流 - 字数要求：400字\n段落2 - 主要内容：洪水带走了什么 - 字数要求：400字\n";
+        assert!(accepts(&zh, text));
+        let parsed = parse_plan(text, Some(800)).unwrap();
+        assert_eq!(words(&parsed), [400, 400]);
+        assert_eq!(parsed.paragraphs[1].main_point, "洪水带走了什么");
+    }
+
+    #[test]
+    fn normalised_budgets_add_up_to_the_asked_length() {
+        let mut p = Plan {
+            paragraphs: vec![
+                Paragraph {
+                    main_point: "a".into(),
+                    words: 10,
+                },
+                Paragraph {
+                    main_point: "b".into(),
+                    words: 30,
+                },
+                Paragraph {
+                    main_point: "c".into(),
+                    words: 20,
+                },
+            ],
+        };
+        p.normalise(1800);
+        assert_eq!(words(&p), [300, 900, 600]);
+        assert!(p.check_length(Some(1800)).is_ok());
+        // Clamped to the per-paragraph range.
+        let mut p = Plan {
+            paragraphs: vec![
+                Paragraph {
+                    main_point: "a".into(),
+                    words: 1,
+                },
+                Paragraph {
+                    main_point: "b".into(),
+                    words: 99,
+                },
+            ],
+        };
+        p.normalise(1000);
+        assert_eq!(words(&p), [200, 990]);
     }
 }

@@ -27,6 +27,12 @@ pub struct WriteOptions {
     /// Keep a reasoning model's thinking (split off every section) in the
     /// run's `thinking/` folder; it never enters the document.
     pub keep_thinking: bool,
+    /// Constrained AgentWrite: the plan decodes under a grammar of the
+    /// asked shape (its budgets then scaled to the asked total), and each
+    /// section under length control from its budget: no end before 90% of
+    /// it, an end at the next sentence past 110%, a hard cap at 140%.
+    /// Backends without structured decoding get the plain requests.
+    pub constrain: bool,
 }
 
 impl Default for WriteOptions {
@@ -36,9 +42,16 @@ impl Default for WriteOptions {
             section_attempts: 3,
             counter: Counter::Unicode,
             keep_thinking: false,
+            constrain: true,
         }
     }
 }
+
+/// Share of a section's budget before which it may not end, after which
+/// it ends at the next sentence, and at which it is cut.
+const LENGTH_FLOOR: f64 = 0.9;
+const LENGTH_SOFT_END: f64 = 1.1;
+const LENGTH_CAP: f64 = 1.4;
 
 /// What happens during a run, for progress displays and event streams.
 #[derive(Debug)]
@@ -113,9 +126,13 @@ pub fn make_plan(
     asked: Option<u32>,
     lang: Language,
     sampling: &SamplingParams,
-    tries: usize,
+    opts: &WriteOptions,
     usage: &mut Usage,
 ) -> Result<Plan, WriteError> {
+    let tries = opts.plan_tries;
+    let constraint = opts
+        .constrain
+        .then(|| lw_core::Constraint::Gbnf(crate::plan::plan_grammar(asked, lang)));
     let mut problem: Option<PlanError> = None;
     for attempt in 0..tries.max(1) {
         let prompt = prompts::plan_prompt(
@@ -134,7 +151,8 @@ pub fn make_plan(
                     .wrapping_add(attempt as u64 * 7919),
                 ..sampling.clone()
             },
-            stop: vec![],
+            constraint: constraint.clone(),
+            ..Default::default()
         };
         let response =
             model
@@ -145,7 +163,13 @@ pub fn make_plan(
                 })?;
         usage.add(&response.usage);
         let (text, _thinking) = split_thinking(&response.text);
-        match parse_plan(&text, asked).and_then(|p| p.check_length(asked).map(|_| p)) {
+        let parsed = parse_plan(&text, asked).map(|mut p| {
+            if let (Some(n), Some(_)) = (asked, &constraint) {
+                p.normalise(n);
+            }
+            p
+        });
+        match parsed.and_then(|p| p.check_length(asked).map(|_| p)) {
             Ok(plan) => return Ok(plan),
             Err(e) => problem = Some(e),
         }
@@ -197,7 +221,7 @@ pub fn write(
                 request.asked_words,
                 request.language,
                 &request.sampling,
-                opts.plan_tries,
+                opts,
                 &mut state.usage,
             )?;
             dir.save_plan(&plan)?;
@@ -250,6 +274,12 @@ pub fn write(
                 request.language,
             ),
         };
+        let control = match (request.mode, opts.constrain) {
+            (Mode::AgentWrite, true) => model
+                .tokens_per_word(request.language)
+                .map(|per_word| asked_words as f64 * per_word),
+            _ => None,
+        };
         let section_started = Instant::now();
         let mut usage = Usage::default();
         let mut attempt = 0;
@@ -261,13 +291,18 @@ pub fn write(
                     Mode::Direct => {
                         prompts::max_tokens_for(asked_words, request.language).max(4096)
                     }
-                    Mode::AgentWrite => prompts::max_tokens_for(asked_words, request.language),
+                    Mode::AgentWrite => match control {
+                        Some(tokens) => (tokens * LENGTH_CAP).ceil() as usize + 16,
+                        None => prompts::max_tokens_for(asked_words, request.language),
+                    },
                 },
                 sampling: SamplingParams {
                     seed: seed_for(request.sampling.seed, index, attempt - 1),
                     ..request.sampling.clone()
                 },
-                stop: vec![],
+                min_tokens: control.map_or(0, |t| (t * LENGTH_FLOOR) as usize),
+                end_after: control.map(|t| (t * LENGTH_SOFT_END) as usize),
+                ..Default::default()
             };
             let mut streamed = String::new();
             let mut looped = false;

@@ -285,6 +285,7 @@ fn an_unreachable_server_fails_after_the_retries() {
         max_tokens: 5,
         sampling: SamplingParams::default(),
         stop: vec![],
+        ..Default::default()
     };
     let err = lw_write::LanguageModel::complete(&mut m, &req, &mut |_| true).unwrap_err();
     let msg = err.to_string();
