@@ -40,7 +40,8 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
 /// shipped tiny model with a warning when allowed and the hub is out of reach.
 fn model_dir(m: &ModelArgs) -> anyhow::Result<std::path::PathBuf> {
     if m.fallback_to_tiny {
-        let (dir, warning) = lw_engine::resolve_model_or_tiny(&m.model)?;
+        let (dir, warning) =
+            lw_engine::resolve_model_or_tiny(&m.model, &|note| eprintln!("{note}"))?;
         if let Some(w) = warning {
             eprintln!("warning: {w}");
         }

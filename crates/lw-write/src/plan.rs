@@ -107,7 +107,7 @@ pub fn paragraph_count(asked: Option<u32>) -> usize {
 
 /// A GBNF grammar whose every sentence is a plan of `paragraph_count(asked)`
 /// lines in the form [`Plan::to_text`] writes (the Chinese form for
-/// Chinese), each main point one line of 8–160 characters and each budget
+/// Chinese), each main point one line of 4–160 characters and each budget
 /// a whole number from 10 to 9999: a plan decoded under it always parses.
 pub fn plan_grammar(asked: Option<u32>, lang: crate::length::Language) -> String {
     let n = paragraph_count(asked);
@@ -127,7 +127,7 @@ pub fn plan_grammar(asked: Option<u32>, lang: crate::length::Language) -> String
             "line{i} ::= \"{head}{i}{point}\" point \"{count}\" budget \"{unit}\\n\"\n"
         ));
     }
-    g.push_str("point ::= [^\\n]{8,160}\n");
+    g.push_str("point ::= [^\\n]{4,160}\n");
     g.push_str("budget ::= [1-9] [0-9] [0-9]? [0-9]?\n");
     g
 }
