@@ -45,6 +45,12 @@ pub(crate) struct BackendArgs {
     /// Retries on 429, 5xx and connection errors (exponential backoff).
     #[arg(long, default_value_t = 5)]
     retries: usize,
+    /// The server's kind, for grammars and length control beyond OpenAI's
+    /// API: auto (OpenAI's fields for api.openai.com, llama.cpp's for any
+    /// other server, longwriter's own included), llama.cpp, vllm, sglang,
+    /// openai (plans parsed and re-asked, no grammar).
+    #[arg(long, requires = "api_base", default_value = "auto")]
+    api_flavor: lw_write::http::ApiFlavor,
 }
 
 /// A model for each of several workers (eval run).
@@ -113,6 +119,7 @@ impl BackendArgs {
         opts.api_key = self.api_key.clone();
         opts.context_size = self.context_size;
         opts.retries = self.retries;
+        opts.flavor = self.api_flavor;
         opts
     }
 

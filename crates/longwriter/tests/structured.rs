@@ -338,7 +338,7 @@ impl Drop for LlamaServer {
 }
 
 impl LlamaServer {
-    fn start(bin: &Path, model: &Path) -> LlamaServer {
+    fn start(bin: &Path, model: &Path, context: usize) -> LlamaServer {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -353,7 +353,7 @@ impl LlamaServer {
                 "--port",
                 &port.to_string(),
             ])
-            .args(["-t", "2", "-c", "1024", "--jinja"])
+            .args(["-t", "2", "-c", &context.to_string(), "--jinja"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -405,7 +405,7 @@ fn grammars_from_llama_cpp_give_the_greedy_text_llama_server_gives() {
         "{} is missing (scripts/make_real_types.sh)",
         model.display()
     );
-    let server = LlamaServer::start(&bin, &model);
+    let server = LlamaServer::start(&bin, &model, 1024);
     let cases = [
         ("list.gbnf", "Give me a shopping list."),
         ("arithmetic.gbnf", "Write a sum."),
@@ -466,4 +466,39 @@ fn a_bad_grammar_file_is_a_clear_error() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn write_plans_under_the_grammar_on_llama_server_and_completes_3000_words() {
+    let Some((model, bin, _)) = real() else {
+        return;
+    };
+    let _one = one_at_a_time();
+    let server = LlamaServer::start(&bin, &model, 8192);
+    let run = scratch("llama-server-write").join("run");
+    let out = longwriter(&[
+        "write",
+        "--quiet",
+        "--api-base",
+        &format!("{}/v1", server.base),
+        "--plan-tries",
+        "1",
+        "--out",
+        &run.to_string_lossy(),
+        "Write a 3000-word story about a lighthouse keeper and the sea.",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // One try sufficed: llama-server decoded the plan under the grammar
+    // sent in its `grammar` field, 3,000 / 400 = 8 paragraphs.
+    let plan: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("plan.json")).unwrap()).unwrap();
+    assert_eq!(plan["paragraphs"].as_array().unwrap().len(), 8, "{plan}");
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["finished"], json!(true), "{state}");
+    assert_eq!(state["sections"].as_array().unwrap().len(), 8, "{state}");
+    let doc = std::fs::read_to_string(run.join("document.md")).unwrap();
+    eprintln!("{} words from llama-server", doc.split_whitespace().count());
+    assert!(doc.split_whitespace().count() > 1000, "{doc}");
 }

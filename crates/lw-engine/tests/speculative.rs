@@ -314,3 +314,31 @@ fn the_scheduler_keeps_the_sampled_distribution() {
     assert!(a.len() > 3, "{a:?}");
     assert!(tv < 0.18, "total variation {tv}: {a:?} vs {b:?}");
 }
+
+#[test]
+fn a_grammar_holds_under_speculation_with_drafts_checked_against_its_mask() {
+    let mut greedy = params(SamplingParams::greedy(), 40);
+    greedy.constraint = Some(lw_core::Constraint::Regex("[a-z ]{12,80}[.]".into()));
+    let fx = fixture("llama3-untied");
+    let prompt = ids(&fx["prompt_ids"]);
+    let mut plain = load("llama3-untied");
+    let want = run(&mut plain, &prompt, &greedy);
+    let body = want.text.trim_end_matches('.');
+    assert!(
+        body.len() >= 12 && body.chars().all(|c| c.is_ascii_lowercase() || c == ' '),
+        "{:?}",
+        want.text
+    );
+    assert!(want.stats.mask_seconds > 0.0);
+    // The model itself as its draft: its guesses are the unconstrained
+    // choices, which the grammar's mask often refuses.
+    for draft in ["llama3-untied", "llama3-untied-bf16"] {
+        let mut engine = load("llama3-untied");
+        let spec = Speculation::draft_model(load(draft), &engine, 4).unwrap();
+        engine.set_speculation(Some(spec));
+        let got = run(&mut engine, &prompt, &greedy);
+        assert_eq!(got.tokens, want.tokens, "draft {draft}");
+        assert_eq!(got.text, want.text, "draft {draft}");
+        assert!(got.stats.draft_tokens > 0, "draft {draft}: nothing drafted");
+    }
+}

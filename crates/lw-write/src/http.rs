@@ -28,6 +28,57 @@ pub struct HttpOptions {
     /// Context size to ask for (`options.num_ctx`, for Ollama, which
     /// otherwise truncates prompts at 2,048 tokens).
     pub context_size: Option<usize>,
+    /// Which server's fields carry structured decoding and length control.
+    pub flavor: ApiFlavor,
+}
+
+/// The kind of OpenAI-compatible server, for the fields beyond OpenAI's
+/// API: grammars, `min_tokens`, DRY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApiFlavor {
+    /// OpenAI itself (api.openai.com) gets OpenAI's fields only; any other
+    /// server gets llama.cpp's, which longwriter's own server also reads.
+    #[default]
+    Auto,
+    /// llama.cpp's `llama-server` (and longwriter's): `grammar`,
+    /// `json_schema`, `min_tokens`, `dry_*`.
+    LlamaCpp,
+    /// vLLM: `structured_outputs`, `min_tokens`.
+    Vllm,
+    /// SGLang: `ebnf`, `json_schema`, `min_tokens`.
+    Sglang,
+    /// OpenAI's fields only (`response_format` for JSON schemas); plans
+    /// are parsed and re-asked as without structured decoding.
+    OpenAi,
+}
+
+impl std::str::FromStr for ApiFlavor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => ApiFlavor::Auto,
+            "llama.cpp" | "llama-cpp" | "llamacpp" => ApiFlavor::LlamaCpp,
+            "vllm" => ApiFlavor::Vllm,
+            "sglang" => ApiFlavor::Sglang,
+            "openai" => ApiFlavor::OpenAi,
+            _ => {
+                return Err(format!(
+                    "unknown API flavor \"{s}\": auto, llama.cpp, vllm, sglang or openai"
+                ))
+            }
+        })
+    }
+}
+
+impl ApiFlavor {
+    /// The flavor for `api_base`: `Auto` resolved.
+    fn resolve(self, api_base: &str) -> ApiFlavor {
+        match self {
+            ApiFlavor::Auto if api_base.contains("api.openai.com") => ApiFlavor::OpenAi,
+            ApiFlavor::Auto => ApiFlavor::LlamaCpp,
+            f => f,
+        }
+    }
 }
 
 impl HttpOptions {
@@ -41,6 +92,7 @@ impl HttpOptions {
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(300),
             context_size: None,
+            flavor: ApiFlavor::Auto,
         }
     }
 }
@@ -97,7 +149,61 @@ impl HttpModel {
             body["options"] = json!({"num_ctx": n});
             body["num_ctx"] = json!(n);
         }
+        self.extensions(request, &mut body);
         body
+    }
+
+    /// Structured decoding, `min_tokens` and DRY in the server's own
+    /// fields (none for OpenAI, which has no grammars).
+    fn extensions(&self, request: &ChatRequest, body: &mut Value) {
+        use lw_core::Constraint;
+        let flavor = self.opts.flavor.resolve(&self.opts.api_base);
+        if flavor != ApiFlavor::OpenAi && request.min_tokens > 0 {
+            body["min_tokens"] = json!(request.min_tokens);
+        }
+        let s = &request.sampling;
+        if flavor != ApiFlavor::OpenAi && s.repetition_penalty != 1.0 {
+            // llama.cpp's name, and vLLM's and SGLang's.
+            body["repeat_penalty"] = json!(s.repetition_penalty);
+            body["repetition_penalty"] = json!(s.repetition_penalty);
+        }
+        if flavor == ApiFlavor::LlamaCpp && s.dry_multiplier > 0.0 {
+            body["dry_multiplier"] = json!(s.dry_multiplier);
+            body["dry_base"] = json!(s.dry_base);
+            body["dry_allowed_length"] = json!(s.dry_allowed_length);
+            body["dry_penalty_last_n"] = json!(s.dry_penalty_last_n);
+            body["dry_sequence_breakers"] = json!(s.dry_sequence_breakers);
+        }
+        let schema = |text: &str| serde_json::from_str::<Value>(text).ok();
+        match (&request.constraint, flavor) {
+            (None, _) => {}
+            (Some(Constraint::Gbnf(g)), ApiFlavor::LlamaCpp) => body["grammar"] = json!(g),
+            (Some(Constraint::Gbnf(g)), ApiFlavor::Vllm) => {
+                body["structured_outputs"] = json!({"grammar": g})
+            }
+            (Some(Constraint::Gbnf(g)), ApiFlavor::Sglang) => body["ebnf"] = json!(g),
+            (Some(Constraint::Regex(r)), ApiFlavor::Vllm) => {
+                body["structured_outputs"] = json!({"regex": r})
+            }
+            (Some(Constraint::Regex(r)), ApiFlavor::Sglang) => body["regex"] = json!(r),
+            (Some(Constraint::JsonSchema(text)), ApiFlavor::LlamaCpp) => {
+                if let Some(v) = schema(text) {
+                    body["json_schema"] = v;
+                }
+            }
+            (Some(Constraint::JsonSchema(text)), _) => {
+                if let Some(v) = schema(text) {
+                    body["response_format"] = json!({"type": "json_schema",
+                        "json_schema": {"name": "answer", "schema": v, "strict": true}});
+                }
+            }
+            (Some(Constraint::JsonObject), _) => {
+                body["response_format"] = json!({"type": "json_object"})
+            }
+            // A grammar this server has no field for: the answer is checked
+            // after, as without structured decoding.
+            (Some(_), _) => {}
+        }
     }
 
     fn next_jitter(&mut self) -> f64 {
