@@ -502,3 +502,105 @@ fn write_plans_under_the_grammar_on_llama_server_and_completes_3000_words() {
     eprintln!("{} words from llama-server", doc.split_whitespace().count());
     assert!(doc.split_whitespace().count() > 1000, "{doc}");
 }
+
+#[test]
+fn a_data_build_over_two_llama_servers_survives_one_killed_mid_build() {
+    let Some((model, bin, _)) = real() else {
+        return;
+    };
+    let _one = one_at_a_time();
+    let dir = scratch("llama-server-build");
+    let a = LlamaServer::start(&bin, &model, 4096);
+    let mut b = Some(LlamaServer::start(&bin, &model, 4096));
+    let topics = [
+        "a fox",
+        "the sea",
+        "a clock",
+        "winter",
+        "a lighthouse",
+        "bread",
+    ];
+    let lines: Vec<String> = topics
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"prompt": format!("Write a 400-word story about {t} (number {i})."), "source": "test"}).to_string())
+        .collect();
+    let ins = dir.join("instructions.jsonl");
+    std::fs::write(&ins, lines.join("\n") + "\n").unwrap();
+    let out = dir.join("build");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args([
+            "data",
+            "build",
+            "--quiet",
+            "--concurrency",
+            "4",
+            "--retries",
+            "1",
+        ])
+        .args(["--endpoint-rest", "0.5", "--length-band", "0.3,3", "--out"])
+        .arg(&out)
+        .arg("--instructions")
+        .arg(&ins)
+        .arg("--api-base")
+        .arg(format!("{}/v1", a.base))
+        .arg("--api-base")
+        .arg(format!("{}/v1", b.as_ref().unwrap().base))
+        .env_remove("LONGWRITER_MODEL")
+        .env_remove("OPENAI_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the second server once the build has finished an item, while
+    // others are in flight.
+    let done = |status: &str| -> i64 {
+        rusqlite::Connection::open(out.join("data.sqlite"))
+            .and_then(|c| {
+                c.query_row(
+                    &format!("SELECT COUNT(*) FROM items WHERE status {status}"),
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while done("IN ('accepted', 'rejected')") < 1 {
+        assert!(Instant::now() < deadline, "no item finished in 10 minutes");
+        assert!(child.try_wait().unwrap().is_none(), "the build ended early");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        done("IN ('pending', 'running')") > 0,
+        "the build finished before the kill"
+    );
+    drop(b.take());
+    let result = child.wait_with_output().unwrap();
+    let log = text(&result.stderr);
+    assert!(result.status.success(), "{log}");
+    let c = rusqlite::Connection::open(out.join("data.sqlite")).unwrap();
+    let mut st = c
+        .prepare("SELECT id, status, reason FROM items ORDER BY id")
+        .unwrap();
+    let rows: Vec<(String, String, Option<String>)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 6);
+    for (id, status, reason) in &rows {
+        match status.as_str() {
+            "accepted" => {}
+            "rejected" => assert!(reason.is_some(), "{id} rejected without a reason"),
+            other => panic!("{id} ended {other}\n{log}"),
+        }
+    }
+    let s = longwriter(&["data", "stats", "--json", &out.to_string_lossy()]);
+    let stats: Value = serde_json::from_slice(&s.stdout).unwrap();
+    eprintln!("{stats}");
+    assert_eq!(
+        stats["section_max_writes"], 1,
+        "a section was written twice: {stats}"
+    );
+}
