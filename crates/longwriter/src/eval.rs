@@ -79,6 +79,13 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// DRY strength against repeated phrases (0 = off, the benchmark's
+    /// setting).
+    #[arg(long, default_value_t = 0.0)]
+    dry_multiplier: f32,
+    /// AgentWrite mode without the plan grammar and section length control.
+    #[arg(long)]
+    no_constrain: bool,
 }
 
 #[derive(Args)]
@@ -152,10 +159,12 @@ fn eval_run(a: &RunArgs) -> anyhow::Result<()> {
             temperature: a.temperature,
             top_p: a.top_p,
             seed: a.seed,
+            dry_multiplier: a.dry_multiplier,
             ..Default::default()
         },
         max_new_tokens: a.max_tokens,
         counter: a.counter.parse().map_err(anyhow::Error::msg)?,
+        constrain: !a.no_constrain,
     };
     let factory = a.model.factory(opts.concurrency)?;
     // Ctrl-C: the run ends after the items in flight.

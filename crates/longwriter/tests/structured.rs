@@ -501,6 +501,39 @@ fn write_plans_under_the_grammar_on_llama_server_and_completes_3000_words() {
     let doc = std::fs::read_to_string(run.join("document.md")).unwrap();
     eprintln!("{} words from llama-server", doc.split_whitespace().count());
     assert!(doc.split_whitespace().count() > 1000, "{doc}");
+
+    // `eval run` against the same server: a prediction per item, with
+    // its produced length.
+    let bench = run.with_file_name("bench.jsonl");
+    std::fs::write(
+        &bench,
+        "{\"id\": \"a\", \"prompt\": \"Write a 150-word note about tides.\", \"type\": \"note\", \"length\": 150}\n",
+    )
+    .unwrap();
+    let eval_out = run.with_file_name("eval");
+    let out = longwriter(&[
+        "eval",
+        "run",
+        "--quiet",
+        "--api-base",
+        &format!("{}/v1", server.base),
+        "--bench",
+        &bench.to_string_lossy(),
+        "--out",
+        &eval_out.to_string_lossy(),
+        "--max-tokens",
+        "400",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let pred: Value = serde_json::from_str(
+        std::fs::read_to_string(eval_out.join("pred.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(pred["response_length"].as_u64().unwrap() > 20, "{pred}");
 }
 
 #[test]

@@ -270,17 +270,32 @@ fn a_context_overflow_names_the_step_and_the_sizes() {
 }
 
 #[test]
-fn a_model_that_cannot_plan_fails_clearly_after_its_tries() {
+fn a_model_that_cannot_plan_fails_clearly_after_its_tries_unless_the_grammar_holds_it() {
     let m = model("noplan", 16384);
-    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
-        .args(["plan", "--threads", "1", "--plan-tries", "2", "--model"])
-        .arg(&m)
-        .arg("Write a 3000-word essay on tea.")
-        .output()
-        .unwrap();
+    let plan = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_longwriter"))
+            .args(["plan", "--threads", "1", "--plan-tries", "2", "--model"])
+            .arg(&m)
+            .args(extra)
+            .arg("Write a 3000-word essay on tea.")
+            .output()
+            .unwrap()
+    };
+    let out = plan(&["--no-constrain"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(stderr.contains("no usable plan after 2 tries"), "{stderr}");
+    // The same random weights under the plan grammar: eight paragraphs
+    // (3,000 / 400), budgets scaled to the asked total.
+    let out = plan(&[]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.lines().count(), 8, "{stdout}");
+    assert!(
+        stderr.contains("8 paragraphs") && stderr.contains("(3000 asked)"),
+        "{stderr}"
+    );
 }
 
 /// The README's main job as a command: `write [FLAGS…]` and the instruction.

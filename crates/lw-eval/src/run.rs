@@ -29,6 +29,9 @@ pub struct RunOptions {
     pub max_new_tokens: usize,
     /// Counter for the produced length stored with each prediction.
     pub counter: Counter,
+    /// AgentWrite mode: plan grammar and section length control
+    /// ([`WriteOptions::constrain`]).
+    pub constrain: bool,
 }
 
 impl Default for RunOptions {
@@ -45,6 +48,7 @@ impl Default for RunOptions {
             },
             max_new_tokens: 32_768,
             counter: Counter::LongBench,
+            constrain: true,
         }
     }
 }
@@ -156,6 +160,7 @@ fn generate(
             };
             let wopts = WriteOptions {
                 counter: Counter::Unicode,
+                constrain: opts.constrain,
                 ..Default::default()
             };
             match lw_write::write(model, &dir, &wopts, stop, &mut |_| {}) {

@@ -61,17 +61,40 @@ impl Plan {
         Ok(())
     }
 
-    /// Scales the budgets so they add up to `asked` (each rounded to 10
-    /// words and kept within [`MIN_WORDS`]–[`MAX_WORDS`], the minimum
-    /// lowered for short pieces); the main points stay. A small model's
-    /// budgets follow its plan's shape, not its arithmetic.
+    /// Scales the budgets so they add up to `asked`: each paragraph gets
+    /// half its share of the planned total and half an even share (a small
+    /// model's numbers are mostly noise; a large one's proportions still
+    /// show), kept within [`MIN_WORDS`]–[`MAX_WORDS`] (the minimum lowered
+    /// for short pieces) with what the bounds cut spread over the others,
+    /// and rounded to 10 words. The main points stay.
     pub fn normalise(&mut self, asked: u32) {
+        let n = self.paragraphs.len();
+        if n == 0 {
+            return;
+        }
         let total = self.total_words().max(1) as f64;
-        let n = self.paragraphs.len() as u32;
-        let min = MIN_WORDS.min(asked / n.max(1)).max(10);
-        for p in &mut self.paragraphs {
-            let share = p.words as f64 / total * asked as f64;
-            p.words = (((share / 10.0).round() as u32) * 10).clamp(min, MAX_WORDS);
+        let min = MIN_WORDS.min(asked / n as u32).max(10) as f64;
+        let max = MAX_WORDS as f64;
+        let mut want: Vec<f64> = self
+            .paragraphs
+            .iter()
+            .map(|p| asked as f64 * (0.5 * p.words as f64 / total + 0.5 / n as f64))
+            .collect();
+        // Clamp, then stretch the unclamped ones to the total again.
+        for _ in 0..8 {
+            want.iter_mut().for_each(|w| *w = w.clamp(min, max));
+            let fixed: f64 = want.iter().filter(|&&w| w <= min || w >= max).sum();
+            let free: f64 = want.iter().filter(|&&w| w > min && w < max).sum();
+            if free <= 0.0 {
+                break;
+            }
+            let scale = (asked as f64 - fixed).max(0.0) / free;
+            want.iter_mut()
+                .filter(|w| **w > min && **w < max)
+                .for_each(|w| *w *= scale);
+        }
+        for (p, w) in self.paragraphs.iter_mut().zip(want) {
+            p.words = (((w.clamp(min, max) / 10.0).round() as u32) * 10).max(10);
         }
     }
 
@@ -551,7 +574,7 @@ mod tests {
             ],
         };
         p.normalise(1800);
-        assert_eq!(words(&p), [300, 900, 600]);
+        assert_eq!(words(&p), [450, 750, 600]);
         assert!(p.check_length(Some(1800)).is_ok());
         // Clamped to the per-paragraph range.
         let mut p = Plan {
@@ -567,6 +590,25 @@ mod tests {
             ],
         };
         p.normalise(1000);
-        assert_eq!(words(&p), [200, 990]);
+        assert_eq!(words(&p), [260, 750]);
+        // What a bound cuts goes to the others.
+        let mut p = Plan {
+            paragraphs: vec![
+                Paragraph {
+                    main_point: "a".into(),
+                    words: 9999,
+                },
+                Paragraph {
+                    main_point: "b".into(),
+                    words: 10,
+                },
+                Paragraph {
+                    main_point: "c".into(),
+                    words: 10,
+                },
+            ],
+        };
+        p.normalise(2400);
+        assert_eq!(words(&p), [1000, 700, 700]);
     }
 }
