@@ -11,15 +11,13 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 
-use common::{longwriter, scratch, text};
+use common::{longwriter, scratch, text, LlamaServer};
 use lw_model::{GgufFile, QType};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// The environment variables this tier needs, or `None` (SKIPPED) outside CI.
 fn env_paths(vars: &[&str]) -> Option<Vec<PathBuf>> {
@@ -142,67 +140,6 @@ fn every_tensor_type_dequantizes_as_the_gguf_package_does() {
     }
 }
 
-/// `llama-server` on a free loopback port, killed when dropped.
-struct LlamaServer {
-    child: Child,
-    base: String,
-}
-
-impl Drop for LlamaServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl LlamaServer {
-    fn start(bin: &Path, model: &Path) -> LlamaServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(bin.join("llama-server"))
-            .args(["-m", &model.to_string_lossy(), "--host", "127.0.0.1"])
-            .args([
-                "--port",
-                &port.to_string(),
-                "-t",
-                "2",
-                "-c",
-                "1024",
-                "--jinja",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = LlamaServer {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while ureq::get(&format!("{}/health", server.base))
-            .call()
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "llama-server did not start");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        server
-    }
-
-    fn post(&self, path: &str, body: Value) -> Value {
-        // A hung server fails the test instead of stalling it.
-        ureq::post(&format!("{}{path}", self.base))
-            .timeout(Duration::from_secs(120))
-            .send_json(body)
-            .unwrap()
-            .into_json()
-            .unwrap()
-    }
-}
-
 /// Whether `q` keeps at least four bits a weight (the types held to 99%).
 fn four_bits_or_more(name: &str) -> bool {
     !(name.starts_with("IQ1")
@@ -228,7 +165,7 @@ fn every_tensor_type_agrees_with_llama_cpp() {
         if name == "BF16" {
             continue;
         }
-        let server = LlamaServer::start(&p[1], &path);
+        let server = LlamaServer::start(&p[1], &path, 1024);
         let ids = server.post(
             "/tokenize",
             json!({"content": prompt, "add_special": true, "parse_special": true}),
@@ -339,7 +276,7 @@ fn the_shipped_q4_1_file_chats_like_llama_cpp() {
     };
     let _tier = one_at_a_time();
     let model = p[0].join("../SmolLM2-135M-Instruct.Q4_1.gguf");
-    let server = LlamaServer::start(&p[1], &model);
+    let server = LlamaServer::start(&p[1], &model, 1024);
     let prompts = [
         "Name three rivers in Europe.",
         "用一句话介绍长江。",

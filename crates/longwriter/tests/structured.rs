@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{longwriter, scratch, text};
+use common::{longwriter, scratch, text, LlamaServer};
 use serde_json::{json, Value};
 
 /// One test of this file at a time: each runs a model on both cores.
@@ -324,64 +323,18 @@ fn greedy_output_under_twenty_json_schemas_is_valid_json() {
     assert_eq!(status, 400, "{body}");
 }
 
-/// `llama-server` on a free loopback port, killed when dropped.
-struct LlamaServer {
-    child: Child,
-    base: String,
+/// llama-server's greedy chat answer under a grammar.
+trait Chat {
+    fn chat(&self, prompt: &str, grammar: &str, max_tokens: usize) -> String;
 }
 
-impl Drop for LlamaServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl LlamaServer {
-    fn start(bin: &Path, model: &Path, context: usize) -> LlamaServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(bin.join("llama-server"))
-            .args([
-                "-m",
-                &model.to_string_lossy(),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-            ])
-            .args(["-t", "2", "-c", &context.to_string(), "--jinja"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = LlamaServer {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while ureq::get(&format!("{}/health", server.base))
-            .call()
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "llama-server did not start");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        server
-    }
-
+impl Chat for LlamaServer {
     fn chat(&self, prompt: &str, grammar: &str, max_tokens: usize) -> String {
-        let body = json!({"messages": [{"role": "user", "content": prompt}],
-                          "temperature": 0, "max_tokens": max_tokens, "grammar": grammar});
-        let out: Value = ureq::post(&format!("{}/v1/chat/completions", self.base))
-            .timeout(Duration::from_secs(180))
-            .send_json(body)
-            .unwrap()
-            .into_json()
-            .unwrap();
+        let out = self.post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": prompt}],
+                   "temperature": 0, "max_tokens": max_tokens, "grammar": grammar}),
+        );
         out["choices"][0]["message"]["content"]
             .as_str()
             .unwrap()

