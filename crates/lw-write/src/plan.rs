@@ -2,6 +2,7 @@
 //! from whatever shape a model writes it in, and checked against the length
 //! the instruction asks for.
 
+use std::fmt::Write as _;
 use std::sync::OnceLock;
 
 use regex::Regex;
@@ -128,17 +129,35 @@ pub fn paragraph_count(asked: Option<u32>) -> usize {
     }
 }
 
+/// The longest main point of a constrained plan of `n` paragraphs: 160
+/// characters, fewer for long plans (about 3,000 in all, at least 40
+/// each), so the whole plan fits a small model's context.
+fn point_chars(n: usize) -> usize {
+    (3000 / n.max(1)).clamp(40, 160)
+}
+
+/// Tokens to allow a constrained plan for `asked` words: every line at its
+/// longest, at 1.5 tokens a character.
+pub fn plan_max_tokens(asked: Option<u32>) -> usize {
+    let n = paragraph_count(asked);
+    n * (point_chars(n) * 3 / 2 + 40) + 64
+}
+
 /// A GBNF grammar whose every sentence is a plan of `paragraph_count(asked)`
 /// lines in the form [`Plan::to_text`] writes (the Chinese form for
-/// Chinese), each main point one line of 4–160 characters and each budget
+/// Chinese), each main point one line of 4–160 characters (fewer in long
+/// plans) without a `-`
+/// (it ends with the space before ` - Word Count`) and each budget
 /// a whole number from 10 to 9999: a plan decoded under it always parses.
 pub fn plan_grammar(asked: Option<u32>, lang: crate::length::Language) -> String {
     let n = paragraph_count(asked);
+    // The point runs up to the "-" of its label (no "-" inside it), so
+    // the label cannot start inside it and the point is one lexeme.
     let (head, point, count, unit) = match lang {
         crate::length::Language::English => {
-            ("Paragraph ", " - Main Point: ", " - Word Count: ", " words")
+            ("Paragraph ", " - Main Point: ", "- Word Count: ", " words")
         }
-        crate::length::Language::Chinese => ("段落", " - 主要内容：", " - 字数要求：", "字"),
+        crate::length::Language::Chinese => ("段落", " - 主要内容：", "- 字数要求：", "字"),
     };
     let mut g = String::from("root ::=");
     for i in 1..=n {
@@ -150,9 +169,34 @@ pub fn plan_grammar(asked: Option<u32>, lang: crate::length::Language) -> String
             "line{i} ::= \"{head}{i}{point}\" point \"{count}\" budget \"{unit}\\n\"\n"
         ));
     }
-    g.push_str("point ::= [^\\n]{4,160}\n");
+    let _ = writeln!(g, "point ::= [^\\n-]{{4,{}}}", point_chars(n));
     g.push_str("budget ::= [1-9] [0-9] [0-9]? [0-9]?\n");
     g
+}
+
+/// A plan exactly in the form [`plan_grammar`] makes (English or Chinese
+/// lines, nothing else): main points may hold anything, numbers and
+/// "paragraph" included, which the tolerant parser would read as structure.
+/// `None` when the text is not in that form (a server ignored the grammar).
+pub fn parse_strict(text: &str) -> Option<Plan> {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    let re = RE.get_or_init(|| {
+        Regex::new(r"^(?:Paragraph (\d+) - Main Point: (.*?) ?- Word Count: (\d+) words|段落(\d+) - 主要内容：(.*?) ?- 字数要求：(\d+)字)$")
+            .expect("valid regex")
+    });
+    let mut paragraphs = Vec::new();
+    for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+        let c = re.captures(line.trim_end())?;
+        let at = |a: usize, b: usize| c.get(a).or_else(|| c.get(b)).map(|m| m.as_str());
+        if at(1, 4)?.parse::<usize>().ok()? != i + 1 {
+            return None;
+        }
+        paragraphs.push(Paragraph {
+            main_point: at(2, 5)?.trim().to_string(),
+            words: at(3, 6)?.parse().ok()?,
+        });
+    }
+    (!paragraphs.is_empty()).then_some(Plan { paragraphs })
 }
 
 /// How an item of the list starts, strongest first: a document's items are
@@ -550,6 +594,24 @@ mod tests {
         let zh = plan_grammar(Some(800), Language::Chinese);
         let text = "段落1 - 主要内容：清晨的河流 - 字数要求：400字\n段落2 - 主要内容：洪水带走了什么 - 字数要求：400字\n";
         assert!(accepts(&zh, text));
+        assert_eq!(parse_strict(text).unwrap(), parse_plan(text, None).unwrap());
+        // Main points that look like structure are still main points.
+        let tricky = "段落1 - 主要内容：第3段 4,660, 段落9 - 字数要求：400字\n\
+                      段落2 - 主要内容：Paragraph 2, Word Count: 5 words - 字数要求：300字\n";
+        assert!(accepts(&zh, tricky));
+        let p = parse_strict(tricky).unwrap();
+        assert_eq!(words(&p), [400, 300]);
+        assert_eq!(p.paragraphs[0].main_point, "第3段 4,660, 段落9");
+        // (A point may not hold " - " followed by other text: the lexer
+        // takes " - " as the start of the budget's label; see gbnf.rs.)
+        assert!(!accepts(
+            &zh,
+            &tricky.replace("Paragraph 2,", "Paragraph 2 -")
+        ));
+        assert!(parse_strict("Paragraph 2 - Main Point: x - Word Count: 5 words").is_none());
+        let tight =
+            parse_strict("Paragraph 1 - Main Point: The river's- Word Count: 2000 words").unwrap();
+        assert_eq!(tight.paragraphs[0].main_point, "The river's");
         let parsed = parse_plan(text, Some(800)).unwrap();
         assert_eq!(words(&parsed), [400, 400]);
         assert_eq!(parsed.paragraphs[1].main_point, "洪水带走了什么");

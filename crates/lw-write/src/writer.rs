@@ -143,7 +143,10 @@ pub fn make_plan(
         );
         let request = ChatRequest {
             messages: vec![Message::user(prompt)],
-            max_tokens: 2048,
+            max_tokens: match constraint {
+                Some(_) => crate::plan::plan_max_tokens(asked).max(2048),
+                None => 2048,
+            },
             sampling: SamplingParams {
                 seed: sampling
                     .seed
@@ -163,12 +166,17 @@ pub fn make_plan(
                 })?;
         usage.add(&response.usage);
         let (text, _thinking) = split_thinking(&response.text);
-        let parsed = parse_plan(&text, asked).map(|mut p| {
-            if let (Some(n), Some(_)) = (asked, &constraint) {
-                p.normalise(n);
-            }
-            p
-        });
+        let strict = constraint
+            .as_ref()
+            .and_then(|_| crate::plan::parse_strict(&text));
+        let parsed = strict
+            .map_or_else(|| parse_plan(&text, asked), Ok)
+            .map(|mut p| {
+                if let (Some(n), Some(_)) = (asked, &constraint) {
+                    p.normalise(n);
+                }
+                p
+            });
         match parsed.and_then(|p| p.check_length(asked).map(|_| p)) {
             Ok(plan) => return Ok(plan),
             Err(e) => problem = Some(e),
