@@ -241,9 +241,8 @@ fn build_options(a: &BuildArgs) -> anyhow::Result<BuildOptions> {
         sampling: a.style.sampling(),
         model_name: a.model.model_name(),
         write: WriteOptions {
-            plan_tries: a.style.plan_tries,
             counter,
-            ..Default::default()
+            ..a.style.write_options()
         },
         gates: Gates {
             min_length_ratio: lo,

@@ -130,17 +130,18 @@ pub fn paragraph_count(asked: Option<u32>) -> usize {
 }
 
 /// The longest main point of a constrained plan of `n` paragraphs: 160
-/// characters, fewer for long plans (about 3,000 in all, at least 40
+/// characters, fewer for long plans (about 1,500 in all, at least 30
 /// each), so the whole plan fits a small model's context.
 fn point_chars(n: usize) -> usize {
-    (3000 / n.max(1)).clamp(40, 160)
+    (1500 / n.max(1)).clamp(30, 160)
 }
 
 /// Tokens to allow a constrained plan for `asked` words: every line at its
-/// longest, at 1.5 tokens a character.
+/// longest, at 3 tokens a character (Chinese text in a tokenizer made for
+/// English takes that many): at most about 4,800.
 pub fn plan_max_tokens(asked: Option<u32>) -> usize {
     let n = paragraph_count(asked);
-    n * (point_chars(n) * 3 / 2 + 40) + 64
+    n * (point_chars(n) * 3 + 40) + 64
 }
 
 /// A GBNF grammar whose every sentence is a plan of `paragraph_count(asked)`
@@ -557,6 +558,10 @@ mod tests {
         assert_eq!(paragraph_count(Some(2000)), 5);
         assert_eq!(paragraph_count(Some(100)), 1);
         assert_eq!(paragraph_count(Some(100_000)), MAX_PARAGRAPHS);
+        // Every plan's allowance fits an 8k context with its prompt.
+        for asked in (100..=30_000).step_by(100) {
+            assert!(plan_max_tokens(Some(asked)) <= 7000, "{asked}");
+        }
         let g = plan_grammar(Some(800), Language::English);
         let plan = Plan {
             paragraphs: vec![

@@ -362,9 +362,10 @@ mod tests {
 
     #[test]
     fn json_matches_python_json_dumps() {
+        // Keys in insertion order, as Python's dicts keep them.
         let v = Value::from_serialize(serde_json::json!({"k": ["é", 1.0, {}], "e": []}));
         let plain = json_dumps(&v, &JsonStyle::default()).unwrap();
-        assert_eq!(plain, r#"{"e": [], "k": ["é", 1.0, {}]}"#);
+        assert_eq!(plain, r#"{"k": ["é", 1.0, {}], "e": []}"#);
         let style = JsonStyle {
             ensure_ascii: true,
             indent: Some("  ".into()),
@@ -372,7 +373,7 @@ mod tests {
         };
         assert_eq!(
             json_dumps(&v, &style).unwrap(),
-            "{\n  \"e\": [],\n  \"k\": [\n    \"\\u00e9\",\n    1.0,\n    {}\n  ]\n}"
+            "{\n  \"k\": [\n    \"\\u00e9\",\n    1.0,\n    {}\n  ],\n  \"e\": []\n}"
         );
         let astral = json_dumps(&Value::from("😀"), &style).unwrap();
         assert_eq!(astral, r#""\ud83d\ude00""#);
