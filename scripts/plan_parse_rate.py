@@ -3,7 +3,9 @@
 without the plan grammar: one `longwriter plan --plan-tries 1` per prompt,
 fixed seed; a plan counts when it parses and fits the asked length.
 
-    scripts/plan_parse_rate.py BINARY MODEL [PROMPTS.jsonl]
+    scripts/plan_parse_rate.py BINARY MODEL [PROMPTS.jsonl] [MODES]
+
+MODES: comma-separated, `constrained,unconstrained` by default.
 
 Prints one line per prompt and mode, then the rates.
 """
@@ -14,9 +16,10 @@ import time
 
 binary, model = sys.argv[1], sys.argv[2]
 prompts = sys.argv[3] if len(sys.argv) > 3 else "data/eval/longbench-lw.jsonl"
+modes = sys.argv[4].split(",") if len(sys.argv) > 4 else ["constrained", "unconstrained"]
 rows = [json.loads(line) for line in open(prompts, encoding="utf-8") if line.strip()]
 rates = {}
-for mode in ("constrained", "unconstrained"):
+for mode in modes:
     ok = 0
     started = time.time()
     for row in rows:

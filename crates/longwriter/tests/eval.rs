@@ -142,9 +142,13 @@ fn eval_run_resumes_after_a_kill_and_the_report_compares_two_runs() {
     let overall = v["overall"].as_f64().unwrap();
     assert!((0.0..=100.0).contains(&overall));
 
-    // AgentWrite with a model that cannot plan: every item fails, and says why.
+    // AgentWrite with a model that cannot plan (and no plan grammar sent
+    // to hold it): every item fails, and says why.
     let agent = work.join("agentwrite");
-    let out = run_cmd(&s.base, &agent, "agentwrite").output().unwrap();
+    let out = run_cmd(&s.base, &agent, "agentwrite")
+        .arg("--no-constrain")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let failed = jsonl(&agent.join("pred.jsonl"));
     assert_eq!(failed.len(), 8);
