@@ -242,6 +242,11 @@ pub fn write(
         }
     };
     let total = plan.paragraphs.len();
+    // Length control's tokens per word: measured once per run.
+    let per_word = match (request.mode, opts.constrain) {
+        (Mode::AgentWrite, true) => model.tokens_per_word(request.language),
+        _ => None,
+    };
     let mut sections: Vec<String> = Vec::with_capacity(total);
     // On a stop, what is finished is assembled into document.md (the run
     // stays unfinished; a resume rewrites it at the end).
@@ -282,12 +287,7 @@ pub fn write(
                 request.language,
             ),
         };
-        let control = match (request.mode, opts.constrain) {
-            (Mode::AgentWrite, true) => model
-                .tokens_per_word(request.language)
-                .map(|per_word| asked_words as f64 * per_word),
-            _ => None,
-        };
+        let control = per_word.map(|t| asked_words as f64 * t);
         let section_started = Instant::now();
         let mut usage = Usage::default();
         let mut attempt = 0;
