@@ -67,7 +67,8 @@ pub struct RunArgs {
     top_p: f32,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Largest answer in direct mode, in tokens.
+    /// Largest answer in direct mode, in tokens (with a local model, at
+    /// most what its context leaves after the prompt).
     #[arg(long, default_value_t = 32768)]
     max_tokens: usize,
     /// Only the first N items.

@@ -403,6 +403,12 @@ pub struct EngineArgs {
     /// (`write --keep-thinking` keeps it beside the run).
     #[arg(long, value_enum)]
     pub thinking: Option<Switch>,
+    /// The most tokens (prompt and answer) a sequence may hold, below the
+    /// model's own context (llama.cpp's -c): it bounds the KV cache's
+    /// memory. `write` shows a piece that outgrows it its text so far from
+    /// the latest paragraph that fits.
+    #[arg(long, value_name = "TOKENS")]
+    pub ctx_size: Option<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -65,6 +65,7 @@ fn load_options(m: &ModelArgs) -> LoadOptions {
         kv_cache: m.engine.kv_cache,
         memory_limit: None,
         thinking: m.engine.thinking.map(|s| s == crate::Switch::On),
+        context: m.engine.ctx_size,
     }
 }
 

@@ -492,6 +492,15 @@ impl Display {
                 self.current.push_str(text);
                 bar.set_position(self.done_words + self.counter.count(&self.current) as u64);
             }
+            Event::TextCut {
+                index, shown_from, ..
+            } => {
+                bar.println(format!(
+                    "section {}: the text so far outgrew the model's context; \
+                     it is shown from byte {shown_from} on",
+                    index + 1
+                ));
+            }
             Event::SectionRetry {
                 index,
                 attempt,
@@ -548,6 +557,13 @@ fn json_event(e: &Event) -> serde_json::Value {
             reason,
         } => {
             serde_json::json!({"event": "section_retry", "index": index, "attempt": attempt, "reason": reason})
+        }
+        Event::TextCut {
+            index,
+            shown_from,
+            written,
+        } => {
+            serde_json::json!({"event": "text_cut", "index": index, "shown_from": shown_from, "written": written})
         }
         Event::SectionDone { record, resumed } => {
             serde_json::json!({"event": "section_done", "resumed": resumed, "section": record})

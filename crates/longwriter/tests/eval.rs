@@ -211,3 +211,43 @@ fn eval_run_resumes_after_a_kill_and_the_report_compares_two_runs() {
         assert!(md.contains(&format!("({chart}.png)")));
     }
 }
+
+#[test]
+fn direct_answers_on_the_local_engine_take_what_the_context_leaves() {
+    // The default --max-tokens (32,768) is far above a 256-token context:
+    // each answer gets what the context leaves after its prompt, no error.
+    let work = scratch("eval-direct-context");
+    let out = lw()
+        .args([
+            "eval",
+            "run",
+            "--model",
+            "tiny",
+            "--ctx-size",
+            "256",
+            "--threads",
+            "1",
+        ])
+        .args([
+            "--bench",
+            "data/eval/longbench-lw.jsonl",
+            "--limit",
+            "2",
+            "--quiet",
+        ])
+        .arg("--out")
+        .arg(&work)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let preds = jsonl(&work.join("pred.jsonl"));
+    assert_eq!(preds.len(), 2);
+    for p in &preds {
+        assert!(p.get("error").is_none(), "{p}");
+        let used = p["prompt_tokens"].as_u64().unwrap() + p["completion_tokens"].as_u64().unwrap();
+        assert!(
+            used <= 256 && p["completion_tokens"].as_u64().unwrap() > 0,
+            "{p}"
+        );
+    }
+}

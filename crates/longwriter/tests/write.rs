@@ -254,24 +254,79 @@ fn the_local_engine_prefills_each_token_about_once() {
 
 #[test]
 fn a_context_overflow_names_the_step_and_the_sizes() {
-    let m = model("overflow", 700);
+    // 350 positions hold the step's prompt without any text so far, but
+    // not with a 200-word answer besides.
+    let m = model("overflow", 350);
     let work = scratch("overflow");
     let plan = plan_file(&work, 3, 200);
     let out: Output = write_cmd(&m, &work.join("run"), &plan).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("paragraph")
-            && stderr.contains("of 3")
-            && stderr.contains("context of 700"),
+        stderr.contains("paragraph 1 of 3") && stderr.contains("context of 350"),
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"));
     // What was finished before the overflow is kept and no error text is in it.
-    for e in std::fs::read_dir(work.join("run/sections")).unwrap() {
-        let t = std::fs::read_to_string(e.unwrap().path()).unwrap();
-        assert!(!t.contains("context"), "{t}");
+    if let Ok(dir) = std::fs::read_dir(work.join("run/sections")) {
+        for e in dir {
+            let t = std::fs::read_to_string(e.unwrap().path()).unwrap();
+            assert!(!t.contains("context"), "{t}");
+        }
     }
+}
+
+#[test]
+fn a_piece_longer_than_the_context_is_written_with_its_text_so_far_cut_in_strides() {
+    // Eight 150-word sections, about 4,000 tokens of text in this fixture's
+    // byte-level tokenizer, through a 3,072-token context (--ctx-size below
+    // the model's own 32,768).
+    let m = model("window", 32768);
+    let work = scratch("window");
+    let plan = plan_file(&work, 8, 150);
+    let run = work.join("run");
+    let out = write_cmd(&m, &run, &plan)
+        .args(["--ctx-size", "3072", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let events: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let cuts: Vec<(u64, u64)> = events
+        .iter()
+        .filter(|e| e["event"] == "text_cut")
+        .map(|e| {
+            (
+                e["index"].as_u64().unwrap(),
+                e["shown_from"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(!cuts.is_empty(), "no cut in {} events", events.len());
+    assert!(cuts.windows(2).all(|w| w[0].1 < w[1].1), "{cuts:?}");
+    let st = state(&run);
+    let sections = st["sections"].as_array().unwrap();
+    assert_eq!(sections.len(), 8, "{st}");
+    for (i, s) in sections.iter().enumerate() {
+        let u = &s["usage"];
+        let [prompt, cached, answer] =
+            ["prompt_tokens", "cached_prompt_tokens", "completion_tokens"]
+                .map(|k| u[k].as_u64().unwrap());
+        assert!(prompt + answer <= 3072, "section {i}: {u}");
+        // Between cuts the prompts share their prefix: a step that was not
+        // cut reuses most of its prompt from the cache (the first two steps
+        // share only the part before the text so far, empty in the first).
+        if i > 1 && !cuts.iter().any(|c| c.0 == i as u64) {
+            assert!(2 * cached >= prompt, "section {i}: {u}");
+        }
+    }
+    let doc = std::fs::read_to_string(run.join("document.md")).unwrap();
+    assert!(
+        !doc.contains(lw_write::window::CUT_MARK.trim()),
+        "the mark is only in prompts"
+    );
 }
 
 #[test]

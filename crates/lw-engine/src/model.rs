@@ -40,6 +40,9 @@ pub struct LoadOptions {
     /// reasoning models): `Some(false)` asks for an answer without a
     /// `<think>` block; `None` leaves the template's default.
     pub thinking: Option<bool>,
+    /// The most tokens (prompt and answer) a sequence may hold, below the
+    /// model's own context; `None`: the model's own.
+    pub context: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -52,6 +55,7 @@ impl Default for LoadOptions {
             kv_cache: KvDtype::F32,
             memory_limit: None,
             thinking: None,
+            context: None,
         }
     }
 }
@@ -70,6 +74,7 @@ pub struct Model {
     prefill_chunk: usize,
     memory_limit: Option<u64>,
     thinking: Option<bool>,
+    context_limit: Option<usize>,
     /// DRY's breaker tokens per list of breaker strings, found once per
     /// list (a scan of the whole vocabulary).
     breakers: Mutex<Vec<(Vec<String>, BreakerIds)>>,
@@ -124,6 +129,7 @@ impl Model {
             prefill_chunk: opts.prefill_chunk.max(1),
             memory_limit: opts.memory_limit,
             thinking: opts.thinking,
+            context_limit: opts.context,
             breakers: Mutex::default(),
             grammars: OnceLock::new(),
         })
@@ -159,6 +165,7 @@ impl Model {
             prefill_chunk: opts.prefill_chunk.max(1),
             memory_limit: opts.memory_limit,
             thinking: opts.thinking,
+            context_limit: opts.context,
             breakers: Mutex::default(),
             grammars: OnceLock::new(),
         })
@@ -186,8 +193,11 @@ impl Model {
         &self.defaults
     }
 
+    /// The longest sequence (prompt and answer) this model takes: its own
+    /// context, or the smaller one it was loaded with.
     pub fn context_length(&self) -> usize {
-        self.model.context_length()
+        let own = self.model.context_length();
+        self.context_limit.map_or(own, |n| n.clamp(1, own))
     }
 
     /// Ids of the tokens whose text contains one of `breakers` (DRY's

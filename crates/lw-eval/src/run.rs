@@ -25,7 +25,8 @@ pub struct RunOptions {
     pub concurrency: usize,
     /// Sampling for every call; the seed is varied per item.
     pub sampling: SamplingParams,
-    /// Largest answer in direct mode, in tokens.
+    /// Largest answer in direct mode, in tokens (a local model's is also
+    /// held to what its context leaves after the prompt).
     pub max_new_tokens: usize,
     /// Counter for the produced length stored with each prediction.
     pub counter: Counter,
@@ -127,9 +128,16 @@ fn generate(
     };
     match opts.mode {
         Mode::Direct => {
+            let messages = vec![Message::user(item.prompt.clone())];
+            // At most what the model's context leaves after the prompt.
+            let max_tokens = match model.prompt_room(&messages) {
+                Some((prompt, context)) => opts.max_new_tokens.min(context.saturating_sub(prompt)),
+                None => opts.max_new_tokens,
+            }
+            .max(1);
             let req = ChatRequest {
-                messages: vec![Message::user(item.prompt.clone())],
-                max_tokens: opts.max_new_tokens,
+                messages,
+                max_tokens,
                 sampling,
                 stop: vec![],
                 ..Default::default()

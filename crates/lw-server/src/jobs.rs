@@ -310,6 +310,8 @@ fn job_event(event: Event, run: &JobRun) -> Option<JobEvent> {
             words: record.delivered_words,
             asked_words: record.asked_words,
         },
-        Event::SectionDone { resumed: true, .. } | Event::Finished { .. } => return None,
+        Event::SectionDone { resumed: true, .. }
+        | Event::Finished { .. }
+        | Event::TextCut { .. } => return None,
     })
 }

@@ -12,6 +12,7 @@ pub mod prompts;
 pub mod run;
 pub mod synth;
 pub mod thinking;
+pub mod window;
 pub mod writer;
 
 pub use http::{HttpModel, HttpOptions};

@@ -98,6 +98,13 @@ pub trait LanguageModel {
         None
     }
 
+    /// The prompt's length in tokens and the model's context, where both
+    /// are known (the local engine); the writer keeps the text so far
+    /// inside the context with them.
+    fn prompt_room(&self, _messages: &[Message]) -> Option<(usize, usize)> {
+        None
+    }
+
     /// Runs one chat completion, streaming text deltas to `on_text`
     /// (`false` from it cancels).
     fn complete(
@@ -136,6 +143,10 @@ impl LanguageModel for LocalModel {
         measured_tokens_per_word(&self.engine, lang)
     }
 
+    fn prompt_room(&self, messages: &[Message]) -> Option<(usize, usize)> {
+        prompt_room(&self.engine, messages)
+    }
+
     fn complete(
         &mut self,
         request: &ChatRequest,
@@ -172,6 +183,11 @@ fn measured_tokens_per_word(
     let tokens = model.encode_raw(text).ok()?.len() as f64;
     let words = lw_core::Counter::Unicode.count(text) as f64;
     (words > 0.0 && tokens > 0.0).then(|| tokens / words)
+}
+
+fn prompt_room(model: &lw_engine::Model, messages: &[Message]) -> Option<(usize, usize)> {
+    let ids = model.encode_chat(messages).ok()?;
+    Some((ids.len(), model.context_length()))
 }
 
 /// Token ids and generation parameters of a request for the local engine,
@@ -250,6 +266,10 @@ impl LanguageModel for BatchedModel {
 
     fn tokens_per_word(&self, lang: crate::length::Language) -> Option<f64> {
         measured_tokens_per_word(self.batcher.model(), lang)
+    }
+
+    fn prompt_room(&self, messages: &[Message]) -> Option<(usize, usize)> {
+        prompt_room(self.batcher.model(), messages)
     }
 
     fn complete(

@@ -146,10 +146,10 @@ pub fn plan_max_tokens(asked: Option<u32>) -> usize {
 
 /// A GBNF grammar whose every sentence is a plan of `paragraph_count(asked)`
 /// lines in the form [`Plan::to_text`] writes (the Chinese form for
-/// Chinese), each main point one line of 4–160 characters (fewer in long
-/// plans) without a `-`
-/// (it ends with the space before ` - Word Count`) and each budget
-/// a whole number from 10 to 9999: a plan decoded under it always parses.
+/// Chinese), each main point one sentence of 4–161 characters (fewer in
+/// long plans) ended by its stop, without `-`, brackets or angle brackets
+/// (it ends with the space before ` - Word Count`), and each budget a
+/// whole number from 10 to 9999: a plan decoded under it always parses.
 pub fn plan_grammar(asked: Option<u32>, lang: crate::length::Language) -> String {
     let n = paragraph_count(asked);
     // The point runs up to the "-" of its label (no "-" inside it), so
@@ -170,7 +170,14 @@ pub fn plan_grammar(asked: Option<u32>, lang: crate::length::Language) -> String
             "line{i} ::= \"{head}{i}{point}\" point \"{count}\" budget \"{unit}\\n\"\n"
         ));
     }
-    let _ = writeln!(g, "point ::= [^\\n-]{{4,{}}}", point_chars(n));
+    // One sentence, ended by its stop and the space before the label; no
+    // brackets or angle brackets, so a small model cannot copy the prompt's
+    // placeholder ("[what this paragraph says]") or its text markers.
+    let (body, stop) = match lang {
+        crate::length::Language::English => ("[^\\n\\-\\[\\]<>.!?]", "[.!?]"),
+        crate::length::Language::Chinese => ("[^\\n\\-\\[\\]<>【】。！？]", "[。！？]"),
+    };
+    let _ = writeln!(g, "point ::= {body}{{3,{}}} {stop} \" \"", point_chars(n));
     g.push_str("budget ::= [1-9] [0-9] [0-9]? [0-9]?\n");
     g
 }
@@ -566,18 +573,18 @@ mod tests {
         let plan = Plan {
             paragraphs: vec![
                 Paragraph {
-                    main_point: "The river at dawn, seen from the bridge".into(),
+                    main_point: "The river at dawn, seen from the bridge.".into(),
                     words: 350,
                 },
                 Paragraph {
-                    main_point: "What the flood took".into(),
+                    main_point: "What the flood took?".into(),
                     words: 450,
                 },
             ],
         };
         assert!(accepts(&g, &plan.to_text()));
         // Parsed back whole.
-        assert_eq!(parse_plan(&plan.to_text(), Some(800)).unwrap(), plan);
+        assert_eq!(parse_strict(&plan.to_text()).unwrap(), plan);
         // Wrong count, wrong numbering, a missing budget: refused.
         assert!(!accepts(
             &g,
@@ -597,16 +604,27 @@ mod tests {
             &plan.to_text().replace("450 words", "many words")
         ));
         let zh = plan_grammar(Some(800), Language::Chinese);
-        let text = "段落1 - 主要内容：清晨的河流 - 字数要求：400字\n段落2 - 主要内容：洪水带走了什么 - 字数要求：400字\n";
+        let text = "段落1 - 主要内容：清晨的河流。 - 字数要求：400字\n段落2 - 主要内容：洪水带走了什么？ - 字数要求：400字\n";
         assert!(accepts(&zh, text));
-        assert_eq!(parse_strict(text).unwrap(), parse_plan(text, None).unwrap());
+        assert_eq!(
+            words(&parse_strict(text).unwrap()),
+            words(&parse_plan(text, None).unwrap())
+        );
         // Main points that look like structure are still main points.
-        let tricky = "段落1 - 主要内容：第3段 4,660, 段落9 - 字数要求：400字\n\
-                      段落2 - 主要内容：Paragraph 2, Word Count: 5 words - 字数要求：300字\n";
+        let tricky = "段落1 - 主要内容：第3段 4,660, 段落9。 - 字数要求：400字\n\
+                      段落2 - 主要内容：Paragraph 2, Word Count: 5 words。 - 字数要求：300字\n";
         assert!(accepts(&zh, tricky));
         let p = parse_strict(tricky).unwrap();
         assert_eq!(words(&p), [400, 300]);
-        assert_eq!(p.paragraphs[0].main_point, "第3段 4,660, 段落9");
+        assert_eq!(p.paragraphs[0].main_point, "第3段 4,660, 段落9。");
+        // A point without its stop, or with the prompt's placeholder, is refused.
+        assert!(!accepts(&zh, &tricky.replace("段落9。", "段落9")));
+        assert!(!accepts(
+            &g,
+            &plan
+                .to_text()
+                .replace("What the flood took?", "[what this paragraph says].")
+        ));
         // (A point may not hold " - " followed by other text: the lexer
         // takes " - " as the start of the budget's label; see gbnf.rs.)
         assert!(!accepts(
@@ -619,7 +637,7 @@ mod tests {
         assert_eq!(tight.paragraphs[0].main_point, "The river's");
         let parsed = parse_plan(text, Some(800)).unwrap();
         assert_eq!(words(&parsed), [400, 400]);
-        assert_eq!(parsed.paragraphs[1].main_point, "洪水带走了什么");
+        assert_eq!(parsed.paragraphs[1].main_point, "洪水带走了什么？");
     }
 
     #[test]

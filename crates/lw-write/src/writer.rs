@@ -69,6 +69,13 @@ pub enum Event<'a> {
         index: usize,
         text: &'a str,
     },
+    /// The text so far outgrew the model's context: the step sees it from
+    /// byte `shown_from` of `written` on.
+    TextCut {
+        index: usize,
+        shown_from: usize,
+        written: usize,
+    },
     SectionRetry {
         index: usize,
         attempt: usize,
@@ -248,6 +255,8 @@ pub fn write(
         _ => None,
     };
     let mut sections: Vec<String> = Vec::with_capacity(total);
+    // Where the text so far shown to the model starts (see `window`).
+    let mut window_start = 0;
     // On a stop, what is finished is assembled into document.md (the run
     // stays unfinished; a resume rewrites it at the end).
     let stopped = |sections: &[String]| -> WriteError {
@@ -277,17 +286,36 @@ pub fn write(
             asked_words,
         });
         let written = sections.join("\n\n");
-        let prompt = match request.mode {
-            Mode::Direct => prompts::direct_prompt(&request.instruction),
-            Mode::AgentWrite => prompts::write_prompt(
-                &request.instruction,
-                &plan,
-                &written,
-                index,
-                request.language,
-            ),
-        };
         let control = per_word.map(|t| asked_words as f64 * t);
+        let answer = match (request.mode, control) {
+            (Mode::Direct, _) => prompts::max_tokens_for(asked_words, request.language).max(4096),
+            (Mode::AgentWrite, Some(tokens)) => (tokens * LENGTH_CAP).ceil() as usize + 16,
+            (Mode::AgentWrite, None) => prompts::max_tokens_for(asked_words, request.language),
+        };
+        let build = |shown: &str| match request.mode {
+            Mode::Direct => prompts::direct_prompt(&request.instruction),
+            Mode::AgentWrite => {
+                prompts::write_prompt(&request.instruction, &plan, shown, index, request.language)
+            }
+        };
+        // Direct mode's budget is headroom and may shrink to what the context
+        // leaves; a section keeps at least its push-to-end point.
+        let min_answer = match (request.mode, control) {
+            (Mode::Direct, _) => 1,
+            (Mode::AgentWrite, Some(tokens)) => (tokens * LENGTH_SOFT_END).ceil() as usize,
+            (Mode::AgentWrite, None) => answer,
+        };
+        let fitted =
+            crate::window::fit_written(model, &build, &written, window_start, answer, min_answer);
+        if fitted.start > window_start {
+            on_event(Event::TextCut {
+                index,
+                shown_from: fitted.start,
+                written: written.len(),
+            });
+        }
+        window_start = fitted.start;
+        let (prompt, max_tokens) = (fitted.prompt, fitted.max_tokens);
         let section_started = Instant::now();
         let mut usage = Usage::default();
         let mut attempt = 0;
@@ -295,15 +323,7 @@ pub fn write(
             attempt += 1;
             let req = ChatRequest {
                 messages: vec![Message::user(prompt.clone())],
-                max_tokens: match request.mode {
-                    Mode::Direct => {
-                        prompts::max_tokens_for(asked_words, request.language).max(4096)
-                    }
-                    Mode::AgentWrite => match control {
-                        Some(tokens) => (tokens * LENGTH_CAP).ceil() as usize + 16,
-                        None => prompts::max_tokens_for(asked_words, request.language),
-                    },
-                },
+                max_tokens,
                 sampling: SamplingParams {
                     seed: seed_for(request.sampling.seed, index, attempt - 1),
                     ..request.sampling.clone()
