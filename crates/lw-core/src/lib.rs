@@ -4,6 +4,7 @@
 //! This crate sits at the bottom of the workspace; it knows nothing about
 //! tensors, tokenizers, HTTP or files.
 
+pub mod compare;
 pub mod fs;
 pub mod rng;
 pub mod words;

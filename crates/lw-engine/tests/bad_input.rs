@@ -273,13 +273,7 @@ fn sharded_checkpoints_load_and_compute_the_same_logits() {
         .iter()
         .map(|v| v.as_f64().unwrap() as f32)
         .collect();
-    let diff = rows
-        .last()
-        .unwrap()
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let diff = lw_core::compare::max_abs_diff(rows.last().unwrap(), &want);
     assert!(diff < 1e-4, "{diff}");
 }
 

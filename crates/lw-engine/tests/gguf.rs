@@ -172,12 +172,9 @@ fn quantized_files_stay_close_to_the_full_precision_model() {
         let path = to_gguf(&dir, &tmp.join(format!("{}.gguf", target.name())), target);
         let mut engine = load(&path);
         let rows = engine.score(&prompt).unwrap();
-        let scale = want.iter().flatten().map(|v| v.abs()).fold(0.0, f32::max);
-        let worst = rows
-            .iter()
-            .zip(&want)
-            .map(|(r, w)| max_abs_diff(r, w))
-            .fold(0.0, f32::max);
+        let scale = lw_core::compare::worst(want.iter().map(|w| lw_core::compare::max_abs(w)));
+        let worst =
+            lw_core::compare::worst(rows.iter().zip(&want).map(|(r, w)| max_abs_diff(r, w)));
         let agree = rows
             .iter()
             .zip(&want)
@@ -216,11 +213,7 @@ fn quantized_files_stay_close_to_the_full_precision_model() {
     let mut file = load(&tmp.join("Q8_0.gguf"));
     let a = on_load.score(&prompt).unwrap();
     let b = file.score(&prompt).unwrap();
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| max_abs_diff(x, y))
-        .fold(0.0, f32::max);
+    let worst = lw_core::compare::worst(a.iter().zip(&b).map(|(x, y)| max_abs_diff(x, y)));
     assert!(worst < 1e-3, "--quantize q8_0 vs the Q8_0 file: {worst}");
 }
 

@@ -140,7 +140,7 @@ fn a_q8_0_kv_cache_stays_close_to_f32() {
         worst = worst.max(max_abs_diff(r, w));
         same_top += usize::from(argmax(r) == argmax(w));
     }
-    let spread = want.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    let spread = lw_core::compare::worst(want.iter().map(|w| lw_core::compare::max_abs(w)));
     eprintln!(
         "q8_0 cache: logits within {worst:.3e} of f32 (logits up to {spread:.1}), top-1 {same_top}/{}",
         rows.len()

@@ -995,11 +995,7 @@ mod tests {
             let m = QMatrix::quantize(q, &v, rows, cols).unwrap();
             assert_eq!(m.file_bytes().len(), rows * q.row_bytes(cols));
             let back = m.dequantize();
-            let err = v
-                .iter()
-                .zip(&back)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let err = lw_core::compare::max_abs_diff(&v, &back);
             assert!(err < tol, "{}: max error {err}", q.name());
             assert!(err > 0.0, "{}: a lossy type came back exact", q.name());
         }
@@ -1447,12 +1443,7 @@ mod kernel_check {
                 QType::Q4K => m.matmul_as::<BlockQ4K>(&x, &mut theirs),
                 _ => m.matmul_as::<BlockQ6K>(&x, &mut theirs),
             }
-            let err = |v: &[f32]| {
-                v.iter()
-                    .zip(&exact)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max)
-            };
+            let err = |v: &[f32]| lw_core::compare::max_abs_diff(v, &exact);
             let (e_ours, e_theirs) = (err(&ours), err(&theirs));
             eprintln!(
                 "{}: max error ours {e_ours:.5}, candle {e_theirs:.5}",

@@ -22,6 +22,8 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("{}: another `serve` is using this data directory (one server per --data-dir)", path.display())]
+    Locked { path: PathBuf },
     #[error("{}: job {id}: stored {field} is not valid: {reason}", path.display())]
     Corrupt {
         path: PathBuf,
@@ -87,6 +89,9 @@ pub struct JobRow {
 pub struct JobStore {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// `DIR/serve.lock`, locked while the store is open: SQLite would let
+    /// two servers share the jobs, and both would run every open job.
+    _lock: std::fs::File,
 }
 
 impl JobStore {
@@ -96,6 +101,30 @@ impl JobStore {
             path: dir.to_path_buf(),
             source,
         })?;
+        let lock_path = dir.join("serve.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StoreError::Io {
+                path: lock_path.clone(),
+                source,
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked {
+                    path: dir.to_path_buf(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(StoreError::Io {
+                    path: lock_path,
+                    source,
+                })
+            }
+        }
         let path = dir.join("jobs.sqlite");
         let sql = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -127,6 +156,7 @@ impl JobStore {
         )
         .map_err(sql)?;
         Ok(JobStore {
+            _lock: lock,
             conn: Mutex::new(conn),
             path,
         })
@@ -378,5 +408,30 @@ impl RunStore for JobRun<'_> {
     }
     fn save_document(&self, text: &str) -> Result<(), RunDirError> {
         self.set("document", text.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_store_per_data_directory_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("lw-store-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = JobStore::open(&dir).unwrap();
+        match JobStore::open(&dir) {
+            Err(e @ StoreError::Locked { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("another `serve`") && msg.contains(&*dir.to_string_lossy()),
+                    "{msg}"
+                );
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a second store opened on the same directory"),
+        }
+        drop(first);
+        JobStore::open(&dir).expect("free again once the first is closed");
     }
 }

@@ -53,11 +53,9 @@ fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
-/// max |a − b| / max |b|.
+/// max |a − b| / max |b|; +∞ on any NaN or infinity.
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    lw_core::compare::max_rel_diff(a, b)
 }
 
 fn lora_spec() -> LoraSpec {

@@ -270,6 +270,22 @@ pub fn write(
             return Err(stopped(&sections));
         }
         if let Some(text) = dir.section(index)? {
+            if !state.sections.iter().any(|r| r.index == index) {
+                // Killed between saving the section and its record: the
+                // record is rebuilt from the text (its usage and time are
+                // lost with the process that spent them).
+                state.sections.push(SectionRecord {
+                    index,
+                    asked_words: plan.paragraphs[index].words,
+                    delivered_words: opts.counter.count(&text),
+                    usage: Usage::default(),
+                    seconds: 0.0,
+                    attempts: 1,
+                    finish_reason: "recovered".into(),
+                });
+                state.sections.sort_by_key(|r| r.index);
+                dir.save_state(&state)?;
+            }
             if let Some(record) = state.sections.iter().find(|r| r.index == index) {
                 on_event(Event::SectionDone {
                     record,

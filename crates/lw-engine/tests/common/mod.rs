@@ -49,12 +49,9 @@ pub fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
+/// max |a − b|, +∞ on any NaN or infinity (lw_core's one comparison).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    lw_core::compare::max_abs_diff(a, b)
 }
 
 /// The largest difference between logit rows and a fixture's `logits`
@@ -62,10 +59,11 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn worst_logit_diff(rows: &[Vec<f32>], fx: &Value) -> f32 {
     let want = fx["logits"].as_array().unwrap();
     assert_eq!(rows.len(), want.len());
-    rows.iter()
-        .zip(want)
-        .map(|(r, w)| max_abs_diff(r, &floats(w)))
-        .fold(0.0, f32::max)
+    lw_core::compare::worst(
+        rows.iter()
+            .zip(want)
+            .map(|(r, w)| max_abs_diff(r, &floats(w))),
+    )
 }
 
 /// The messages of a fixture's chat case.
