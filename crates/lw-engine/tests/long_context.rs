@@ -67,7 +67,8 @@ fn thirty_two_thousand_positions_match_transformers() {
         tokens.push(argmax(&logits));
         let last = max_abs_diff(&logits, &floats(&case["last_logits"]));
         eprintln!("{name}: logits differ by {first:.2e} at position {n}, {last:.2e} at 32768");
-        assert!(first < 1e-3 && last < 1e-3, "{name}: {first} / {last}");
+        // The README's figure is 4e-5: held here with a margin of 2.5×.
+        assert!(first < 1e-4 && last < 1e-4, "{name}: {first} / {last}");
         assert_eq!(tokens, ids(&case["greedy_tokens"]), "{name}: greedy tokens");
         // The cache holds exactly the context, keys and values in f32.
         assert_eq!(cache.bytes(), model.kv_bytes_per_token() * 32768);
@@ -146,11 +147,10 @@ fn a_q8_0_kv_cache_stays_close_to_f32() {
         rows.len()
     );
     assert!(worst > 0.0, "Q8_0 rounding should show");
-    assert!(
-        worst < 0.02 * spread,
-        "{worst} against logits up to {spread}"
-    );
-    assert!(same_top * 10 >= rows.len() * 9, "{same_top}/{}", rows.len());
+    // The README's figures: within 0.04 (held under twice that), every
+    // top-1 the same.
+    assert!(worst < 0.08, "{worst} against logits up to {spread}");
+    assert_eq!(same_top, rows.len(), "top-1 agreement");
     let mut chunked = load(&dir, opts(KvDtype::Q8_0, 5));
     assert_eq!(chunked.score(&prompt).unwrap(), rows, "chunks of 5");
 
