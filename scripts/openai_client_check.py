@@ -3,7 +3,9 @@
     python scripts/openai_client_check.py BASE_URL API_KEY MODEL
 
 Lists models, runs a chat completion, the same request streamed (the deltas
-must concatenate to the plain answer: same seed), a text completion, and
+must concatenate to the plain answer: same seed), the same request with a
+stop string taken from its answer (cut exactly there), with other seeds
+(some answer must differ), a text completion, and
 error cases (unknown model, wrong key, a prompt beyond the context), each
 raising the client's own exception types. Exits non-zero on any mismatch.
 """
@@ -48,8 +50,19 @@ def main() -> None:
     assert finish == plain.choices[0].finish_reason, finish
     assert usage is not None and usage.completion_tokens == plain.usage.completion_tokens, usage
 
-    stop = client.chat.completions.create(**dict(ask, stop=[text[5:9]] if len(text) > 9 else ["\n"]))
-    assert len(stop.choices[0].message.content) <= len(text)
+    # A stop string known to occur in the unstopped text cuts it exactly at
+    # its first occurrence (same seed, so the same text up to there).
+    assert len(text) >= 12, f"answer too short to test stop strings: {text!r}"
+    stop_at = text[8:12]
+    stop = client.chat.completions.create(**dict(ask, stop=[stop_at]))
+    want = text[: text.index(stop_at)]
+    assert stop.choices[0].message.content == want, (stop.choices[0].message.content, want, stop_at)
+    assert stop.choices[0].finish_reason == "stop", stop.choices[0].finish_reason
+
+    # Seeds matter: at temperature 1 other seeds give other text (one of
+    # three differing is enough; a server that ignores `seed` gives the same).
+    others = [client.chat.completions.create(**dict(ask, seed=seed)).choices[0].message.content for seed in (10, 11, 12)]
+    assert any(o != text for o in others), f"seeds 9-12 all gave {text!r}"
 
     comp = client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=0)
     assert comp.object == "text_completion", comp.object
@@ -79,7 +92,7 @@ def main() -> None:
     except openai.BadRequestError as e:
         assert e.status_code == 400 and e.code == "context_length_exceeded", (e.status_code, e.code)
 
-    print(f"openai {openai.__version__}: models, chat (plain, streamed, stop), completions, 3 error cases: all as expected")
+    print(f"openai {openai.__version__}: models, chat (plain, streamed, stop, seeds), completions, 3 error cases: all as expected")
 
 
 if __name__ == "__main__":
