@@ -676,6 +676,77 @@ mod tests {
         }
     }
 
+    /// A file of one tensor named `name` (twice if `twice`) of `shape`,
+    /// with `meta` besides.
+    fn file_with(meta: Vec<(String, Value)>, shape: Vec<usize>, twice: bool) -> Vec<u8> {
+        let one = || OutTensor {
+            name: "w".into(),
+            shape: shape.clone(),
+            qtype: QType::F32,
+            data: vec![0; 16],
+        };
+        let tensors = if twice {
+            vec![one(), one()]
+        } else {
+            vec![one()]
+        };
+        let mut out = Vec::new();
+        write(&mut out, &meta, &tensors).unwrap();
+        out
+    }
+
+    #[test]
+    fn hostile_tensor_infos_are_refused_by_name() {
+        let err = |bytes: Vec<u8>| parse(&bytes).unwrap_err().to_string();
+        // The product of the dimensions overflows u64.
+        let msg = err(file_with(vec![], vec![1 << 40, 1 << 40], false));
+        assert!(msg.contains("\"w\"") && msg.contains("too large"), "{msg}");
+        // No dimensions, or more than four.
+        let msg = err(file_with(vec![], vec![], false));
+        assert!(
+            msg.contains("\"w\"") && msg.contains("0 dimensions"),
+            "{msg}"
+        );
+        let msg = err(file_with(vec![], vec![1, 1, 1, 1, 4], false));
+        assert!(msg.contains("5 dimensions"), "{msg}");
+        // The same name twice.
+        assert!(matches!(
+            parse(&file_with(vec![], vec![4], true)),
+            Err(GgufError::DuplicateTensor(n)) if n == "w"
+        ));
+        // An alignment of 0, or one that is not a power of two.
+        for a in [0u32, 3, 48] {
+            let meta = vec![("general.alignment".to_string(), Value::U32(a))];
+            assert!(
+                matches!(parse(&file_with(meta, vec![4], false)), Err(GgufError::Alignment(x)) if x == a as u64),
+                "alignment {a}"
+            );
+        }
+        let meta = vec![("general.alignment".to_string(), Value::String("32".into()))];
+        assert!(err(file_with(meta, vec![4], false)).contains("general.alignment"));
+    }
+
+    #[test]
+    fn a_huge_metadata_array_count_is_refused_before_allocating() {
+        let meta = vec![(
+            "tokenizer.ggml.tokens".to_string(),
+            Value::Array(vec![Value::String("a".into())]),
+        )];
+        let mut bytes = file_with(meta, vec![4], false);
+        // magic, version, counts (24 bytes); key length and key; type; the
+        // element type; then the element count.
+        let at = 24 + 8 + "tokenizer.ggml.tokens".len() + 4 + 4;
+        assert_eq!(bytes[at..at + 8], 1u64.to_le_bytes());
+        for count in [u64::MAX, 1 << 40] {
+            bytes[at..at + 8].copy_from_slice(&count.to_le_bytes());
+            let msg = parse(&bytes).unwrap_err().to_string();
+            assert!(
+                msg.contains("tokenizer.ggml.tokens") && msg.contains("elements"),
+                "{msg}"
+            );
+        }
+    }
+
     #[test]
     fn huge_lengths_are_errors_not_allocations() {
         let mut bytes = sample();

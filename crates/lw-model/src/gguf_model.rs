@@ -7,6 +7,10 @@ use crate::error::ModelError;
 use crate::gguf::{GgufError, GgufFile, Value};
 use crate::quant::dequantize_row;
 
+/// The longest context a GGUF header may claim (2^28 positions, far above
+/// any model's): beyond it the number is a broken header, not a model.
+const MAX_CONTEXT: usize = 1 << 28;
+
 /// The model config a GGUF file describes.
 pub fn config(file: &GgufFile) -> Result<ModelConfig, ModelError> {
     config_of(file).map_err(|e| file.err(e))
@@ -25,8 +29,15 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
     let need = |k: &str| -> Result<usize, GgufError> {
         let name = key(k);
         match h.uint(&name)? {
-            Some(0) | None => Err(GgufError::MissingKey(name)),
-            Some(v) => Ok(v as usize),
+            None => Err(GgufError::MissingKey(name)),
+            Some(0) => Err(GgufError::Metadata {
+                key: name,
+                reason: "0, where a model needs at least 1".into(),
+            }),
+            Some(v) => usize::try_from(v).map_err(|_| GgufError::Metadata {
+                key: name,
+                reason: format!("{v} does not fit this machine's address space"),
+            }),
         }
     };
     let hidden_size = need("embedding_length")?;
@@ -36,6 +47,12 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         _ => num_heads,
     };
     let bad = |key: String, reason: String| GgufError::Metadata { key, reason };
+    if num_heads > hidden_size {
+        return Err(bad(
+            key("attention.head_count"),
+            format!("{num_heads} heads for an embedding of {hidden_size}"),
+        ));
+    }
     if num_heads % num_kv_heads != 0 {
         return Err(bad(
             key("attention.head_count_kv"),
@@ -66,6 +83,19 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
     }
     let vocab_size = embd.shape[0];
     let num_layers = need("block_count")?;
+    // Every layer has tensors named blk.N.*: a count beyond them is a
+    // broken (or hostile) header, refused before anything is sized by it.
+    let blocks = h
+        .tensors
+        .iter()
+        .filter(|t| t.name.starts_with("blk."))
+        .count();
+    if num_layers > blocks {
+        return Err(bad(
+            key("block_count"),
+            format!("{num_layers} layers, but the file holds {blocks} layer tensors"),
+        ));
+    }
     let rotary_dim = match h.uint(&key("rope.dimension_count"))? {
         Some(d) if d > 0 && d % 2 == 0 && d as usize <= head_dim => d as usize,
         None => head_dim,
@@ -167,7 +197,15 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
             .unwrap_or(1e-5),
         rope_theta: h.float(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32,
         rope_scaling,
-        max_position_embeddings: need("context_length")?,
+        max_position_embeddings: match need("context_length")? {
+            n if n > MAX_CONTEXT => {
+                return Err(bad(
+                    key("context_length"),
+                    format!("{n} positions; at most {MAX_CONTEXT} are supported"),
+                ))
+            }
+            n => n,
+        },
         tie_word_embeddings: !has("output.weight"),
         qkv_bias: has("blk.0.attn_q.bias") || has("blk.0.attn_qkv.bias"),
         o_bias: has("blk.0.attn_output.bias"),
@@ -241,4 +279,107 @@ pub fn config_metadata(cfg: &ModelConfig, name: &str) -> Vec<(String, Value)> {
         m.push((k("rope.scaling.factor"), Value::F32(factor)));
     }
     m
+}
+
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use crate::gguf::{write, OutTensor};
+    use crate::QType;
+
+    /// A header-only Llama GGUF (an embedding and one layer's norm) with
+    /// `edit` applied to its metadata; the config read from it.
+    fn config_with(tag: &str, edit: impl FnOnce(&mut Vec<(String, Value)>)) -> String {
+        let mut meta = vec![
+            (
+                "general.architecture".to_string(),
+                Value::String("llama".into()),
+            ),
+            ("llama.embedding_length".into(), Value::U32(8)),
+            ("llama.attention.head_count".into(), Value::U32(2)),
+            ("llama.block_count".into(), Value::U32(1)),
+            ("llama.feed_forward_length".into(), Value::U32(16)),
+            ("llama.context_length".into(), Value::U64(128)),
+        ];
+        edit(&mut meta);
+        let tensors = vec![
+            OutTensor {
+                name: "token_embd.weight".into(),
+                shape: vec![4, 8],
+                qtype: QType::F32,
+                data: vec![0; 4 * 8 * 4],
+            },
+            OutTensor {
+                name: "blk.0.attn_norm.weight".into(),
+                shape: vec![8],
+                qtype: QType::F32,
+                data: vec![0; 8 * 4],
+            },
+        ];
+        let path =
+            std::env::temp_dir().join(format!("lw-hostile-{tag}-{}.gguf", std::process::id()));
+        let mut bytes = Vec::new();
+        write(&mut bytes, &meta, &tensors).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        let file = GgufFile::open(&path).unwrap();
+        let out = match config(&file) {
+            Ok(c) => format!(
+                "ok: {} layers, context {}",
+                c.num_layers, c.max_position_embeddings
+            ),
+            Err(e) => e.to_string(),
+        };
+        std::fs::remove_file(&path).ok();
+        out
+    }
+
+    fn set(meta: &mut [(String, Value)], key: &str, v: Value) {
+        meta.iter_mut().find(|(k, _)| k == key).unwrap().1 = v;
+    }
+
+    #[test]
+    fn the_plain_header_loads() {
+        assert_eq!(config_with("plain", |_| {}), "ok: 1 layers, context 128");
+    }
+
+    #[test]
+    fn zero_heads_are_refused_by_name() {
+        let msg = config_with("heads0", |m| {
+            set(m, "llama.attention.head_count", Value::U32(0))
+        });
+        assert!(
+            msg.contains("llama.attention.head_count") && msg.contains("at least 1"),
+            "{msg}"
+        );
+        let msg = config_with("heads-many", |m| {
+            set(m, "llama.attention.head_count", Value::U32(1 << 30))
+        });
+        assert!(
+            msg.contains("llama.attention.head_count")
+                && msg.contains("heads for an embedding of 8"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_billion_layers_are_refused_before_anything_is_sized_by_them() {
+        let msg = config_with("blocks", |m| {
+            set(m, "llama.block_count", Value::U32(1_000_000_000))
+        });
+        assert!(
+            msg.contains("llama.block_count") && msg.contains("1000000000 layers"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_context_of_two_to_the_63_is_refused() {
+        let msg = config_with("context", |m| {
+            set(m, "llama.context_length", Value::U64(1 << 63))
+        });
+        assert!(
+            msg.contains("llama.context_length") && msg.contains("at most"),
+            "{msg}"
+        );
+    }
 }
