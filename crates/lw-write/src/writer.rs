@@ -33,6 +33,10 @@ pub struct WriteOptions {
     /// it, an end at the next sentence past 110%, a hard cap at 140%.
     /// Backends without structured decoding get the plain requests.
     pub constrain: bool,
+    /// When every attempt at a section falls into a loop, keep the last
+    /// attempt without its loop (cut at a sentence end) instead of stopping
+    /// the run. Data builds turn it off: such text is no training data.
+    pub salvage_loops: bool,
 }
 
 impl Default for WriteOptions {
@@ -43,6 +47,7 @@ impl Default for WriteOptions {
             counter: Counter::Unicode,
             keep_thinking: false,
             constrain: true,
+            salvage_loops: true,
         }
     }
 }
@@ -342,6 +347,15 @@ pub fn write(
                 max_tokens,
                 sampling: SamplingParams {
                     seed: seed_for(request.sampling.seed, index, attempt - 1),
+                    // A retry after a loop pushes harder against repeats:
+                    // DRY doubled each time (from 0.4 if it was off).
+                    dry_multiplier: match (attempt, request.sampling.dry_multiplier) {
+                        (1, m) => m,
+                        (_, m) => {
+                            let base = if m > 0.0 { m } else { 0.4 };
+                            base * 2f32.powi(attempt as i32 - 1)
+                        }
+                    },
                     ..request.sampling.clone()
                 },
                 min_tokens: control.map_or(0, |t| (t * LENGTH_FLOOR) as usize),
@@ -366,10 +380,24 @@ pub fn write(
                 }
                 Err(ModelCallError::Cancelled) if looped => {
                     if attempt >= opts.section_attempts {
-                        return Err(WriteError::Degenerate {
-                            index: index + 1,
-                            attempts: attempt,
-                        });
+                        // The last attempt without its loop, where there is
+                        // prose before it; else the run stops here.
+                        match without_loop(&streamed).map(str::trim) {
+                            Some(kept) if opts.salvage_loops && !kept.is_empty() => {
+                                on_event(Event::SectionRetry {
+                                    index,
+                                    attempt,
+                                    reason: "repeating loop cut off (no attempt left)",
+                                });
+                                break (kept.to_string(), FinishReason::Length);
+                            }
+                            _ => {
+                                return Err(WriteError::Degenerate {
+                                    index: index + 1,
+                                    attempts: attempt,
+                                })
+                            }
+                        }
                     }
                     on_event(Event::SectionRetry {
                         index,
@@ -433,17 +461,26 @@ fn finish_name(f: FinishReason) -> &'static str {
 /// True when the text ends in a loop: its last units (words, or characters
 /// for CJK) are one short sequence repeated at least four times.
 pub fn is_degenerate(text: &str) -> bool {
-    let units: Vec<&str> = if Language::detect(text) == Language::Chinese {
+    loop_period(&units(text)).is_some()
+}
+
+/// Words, or non-space characters for CJK text: the units loops are seen in.
+fn units(text: &str) -> Vec<&str> {
+    if Language::detect(text) == Language::Chinese {
         text.char_indices()
             .filter(|(_, c)| !c.is_whitespace())
             .map(|(i, c)| &text[i..i + c.len_utf8()])
             .collect()
     } else {
         text.split_whitespace().collect()
-    };
+    }
+}
+
+/// The period of the loop the units end in, if they end in one.
+fn loop_period(units: &[&str]) -> Option<usize> {
     const REPEATS: usize = 4;
     let max_period = 30.min(units.len() / REPEATS);
-    (1..=max_period).any(|p| {
+    (1..=max_period).find(|&p| {
         // Short periods must repeat longer before they count as a loop.
         let repeats = if p < 4 {
             12 / p.max(1) + REPEATS
@@ -458,9 +495,55 @@ pub fn is_degenerate(text: &str) -> bool {
     })
 }
 
+/// A looping text without its loop: cut after the first copy of the
+/// repeated sequence, then back to the last sentence end before that (the
+/// whole cut text when it has none). `None` when the text does not loop.
+pub fn without_loop(text: &str) -> Option<&str> {
+    let units = units(text);
+    let p = loop_period(&units)?;
+    // Where the repeats start: walk back while a unit equals the one a
+    // period later.
+    let mut start = units.len() - p;
+    while start > 0 && units[start - 1] == units[start - 1 + p] {
+        start -= 1;
+    }
+    let offset = |u: &str| u.as_ptr() as usize - text.as_ptr() as usize;
+    let cut = match units.get(start + p) {
+        Some(u) => offset(u),
+        None => text.len(),
+    };
+    let kept = text[..cut].trim_end();
+    let sentence = kept
+        .char_indices()
+        .rev()
+        .find(|&(_, c)| matches!(c, '.' | '!' | '?' | '。' | '！' | '？'))
+        .map(|(i, c)| i + c.len_utf8());
+    Some(match sentence {
+        Some(end) => &kept[..end],
+        None => kept,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_loop_is_cut_after_its_first_copy_at_a_sentence_end() {
+        let text = format!(
+            "The river rose in spring. The farmers watched. {}",
+            "and then the river rose again ".repeat(6)
+        );
+        assert_eq!(
+            without_loop(&text),
+            Some("The river rose in spring. The farmers watched.")
+        );
+        let text = format!("It began. {}", "The water came back. ".repeat(8));
+        assert_eq!(without_loop(&text), Some("It began. The water came back."));
+        assert_eq!(without_loop("The river rose in spring."), None);
+        let zh = format!("河水上涨了。{}", "我们一起走吧，".repeat(6));
+        assert_eq!(without_loop(&zh), Some("河水上涨了。"));
+    }
 
     #[test]
     fn loops_are_detected_and_prose_is_not() {
