@@ -8,9 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::ProgressBar;
 use lw_core::{Counter, SamplingParams};
-use lw_write::{
-    Event, Language, LanguageModel, LocalModel, Mode, Request, RunDir, RunStore, WriteOptions,
-};
+use lw_write::{Event, Language, LanguageModel, LocalModel, Mode, Request, RunDir, WriteOptions};
 
 use crate::progress;
 use crate::ModelArgs;
@@ -393,15 +391,17 @@ fn run_dir(a: &WriteArgs, model: &dyn LanguageModel) -> anyhow::Result<RunDir> {
         PathBuf::from("longwriter-runs")
             .join(lw_write::run::default_run_name(&request.instruction, now))
     });
-    let dir = RunDir::create(&out, &request)?;
-    if let Some(p) = &a.plan {
-        let text =
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        let plan = lw_write::parse_plan(&text, request.asked_words)
-            .with_context(|| format!("{}: not a usable plan", p.display()))?;
-        dir.save_plan(&plan)?;
-    }
-    Ok(dir)
+    let plan = match &a.plan {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let plan = lw_write::parse_plan(&text, request.asked_words)
+                .with_context(|| format!("{}: not a usable plan", p.display()))?;
+            Some(plan)
+        }
+        None => None,
+    };
+    Ok(RunDir::create_with_plan(&out, &request, plan.as_ref())?)
 }
 
 /// The finished run: a "summary" JSON event on stdout, or text on stderr.

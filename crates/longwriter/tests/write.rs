@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+mod common;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -150,51 +152,139 @@ fn json_mode_prints_one_event_per_line() {
     assert_eq!(deltas.trim(), first);
 }
 
+/// Generations the server behind `--api-base` has finished, once it has
+/// been idle for a second (a killed client's last request, still being read
+/// or decoded, ends first and is counted here).
+fn finished_when_idle(server: &common::Server) -> u64 {
+    let started = std::time::Instant::now();
+    let mut idle_since: Option<(std::time::Instant, u64)> = None;
+    loop {
+        let (_, h) = server.get("/health");
+        let finished = h["finished"].as_u64().unwrap();
+        if h["running"] == 0 && h["waiting"] == 0 {
+            match idle_since {
+                Some((t, f)) if f == finished => {
+                    if t.elapsed() >= Duration::from_secs(1) {
+                        return finished;
+                    }
+                }
+                _ => idle_since = Some((std::time::Instant::now(), finished)),
+            }
+        } else {
+            idle_since = None;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the server never went idle: {h}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Finished sections saved in a run (`NNN.md`; not the temporary file of
+/// one being written).
+fn sections_on_disk(run: &Path) -> usize {
+    std::fs::read_dir(run.join("sections")).map_or(0, |d| {
+        d.filter_map(|e| e.ok())
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.len() == 6
+                    && name.ends_with(".md")
+                    && name[..3].bytes().all(|b| b.is_ascii_digit())
+            })
+            .count()
+    })
+}
+
 #[test]
 fn killed_runs_resume_to_the_same_document_without_losing_or_repeating_sections() {
+    // The writer talks to a real `longwriter serve` on the fixture model,
+    // whose /health counts the generations it finished: a resume must ask
+    // for exactly the sections that were not saved.
     let m = model("resume", 16384);
     let work = scratch("resume");
+    let server = common::start("", &m, &work.join("server"), &[]);
+    let api = format!("{}/v1", server.base);
     let plan = plan_file(&work, 6, 200);
+    let write = |run: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_longwriter"));
+        c.args(["write", "--quiet", "--api-base", &api, "--plan"])
+            .arg(&plan)
+            .arg("--out")
+            .arg(run)
+            .args(["--temperature", "1.0", "--seed", "7"])
+            .arg("Write a 2000-word story about a river.");
+        c
+    };
     let reference = work.join("reference");
-    let started = std::time::Instant::now();
-    let out = write_cmd(&m, &reference, &plan).output().unwrap();
-    let duration_ms = started.elapsed().as_millis() as u64;
+    let before = finished_when_idle(&server);
+    let out = write(&reference).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        finished_when_idle(&server) - before,
+        6,
+        "one request per section"
+    );
     let want = std::fs::read_to_string(reference.join("document.md")).unwrap();
-    // Ten kill points spread over the length of an uninterrupted run.
-    let mut interrupted = 0;
-    for k in 0..10u64 {
-        let delay_ms = duration_ms * (2 * k + 1) / 20;
+    // Ten kills, each once the run has saved 0..=5 sections (observed on
+    // disk, not guessed from a clock), so every kill lands mid-run.
+    for k in 0..10usize {
+        let target = k % 6;
         let run = work.join(format!("killed-{k}"));
-        let mut child = write_cmd(&m, &run, &plan)
+        let mut child = write(&run)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
+        let waiting = std::time::Instant::now();
+        while !(run.join("request.json").exists() && sections_on_disk(&run) >= target) {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "kill {k}: the run ended before {target} sections were saved"
+            );
+            assert!(
+                waiting.elapsed() < Duration::from_secs(120),
+                "kill {k}: no progress"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
-        if !run.join("document.md").exists() {
-            interrupted += 1;
-        }
-        let finished_before = if run.join("state.json").exists() {
-            state(&run)["sections"].as_array().map_or(0, |s| s.len())
-        } else {
-            0
-        };
-        if !run.join("request.json").exists() {
-            // Killed before the run directory existed: start it again.
-            let out = write_cmd(&m, &run, &plan).output().unwrap();
-            assert!(out.status.success(), "{}", text(&out.stderr));
-        } else {
-            let out = resume_cmd(&m, &run).output().unwrap();
-            assert!(out.status.success(), "kill {k}: {}", text(&out.stderr));
-        }
-        let got = std::fs::read_to_string(run.join("document.md")).unwrap();
-        assert_eq!(
-            got, want,
-            "kill point {k} ({delay_ms} ms, {finished_before} sections done before)"
+        let saved = sections_on_disk(&run);
+        assert!(
+            saved < 6 && !run.join("document.md").exists(),
+            "kill {k} landed after the run finished ({saved} sections saved)"
         );
+        let before = finished_when_idle(&server);
+        let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+            .args(["write", "--json", "--api-base", &api, "--resume"])
+            .arg(&run)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kill {k}: {}", text(&out.stderr));
+        // No saved section is written again: the resume starts exactly the
+        // others, and the server saw that many generations.
+        let started: Vec<u64> = text(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["event"] == "section_start")
+            .map(|e| e["index"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            started,
+            (saved as u64..6).collect::<Vec<_>>(),
+            "kill {k}: {saved} sections were saved"
+        );
+        let asked = (finished_when_idle(&server) - before) as usize;
+        assert_eq!(
+            asked,
+            6 - saved,
+            "kill {k}: {saved} sections saved, so {} generations",
+            6 - saved
+        );
+        let got = std::fs::read_to_string(run.join("document.md")).unwrap();
+        assert_eq!(got, want, "kill {k} ({saved} sections saved before it)");
         let st = state(&run);
         let indices: Vec<u64> = st["sections"]
             .as_array()
@@ -202,19 +292,8 @@ fn killed_runs_resume_to_the_same_document_without_losing_or_repeating_sections(
             .iter()
             .map(|s| s["index"].as_u64().unwrap())
             .collect();
-        let mut sorted = indices.clone();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(
-            sorted,
-            (0..6).collect::<Vec<_>>(),
-            "kill point {k}: {indices:?}"
-        );
+        assert_eq!(indices, (0..6).collect::<Vec<_>>(), "kill {k}");
     }
-    assert!(
-        interrupted >= 5,
-        "only {interrupted} of 10 kills landed before the end of the run"
-    );
 }
 
 #[test]

@@ -81,11 +81,13 @@ struct Job {
     submitted: Instant,
 }
 
-/// Running and waiting counts, for health checks and tests.
+/// Running and waiting counts, and the generations finished so far (ended
+/// in any way, a client's disconnect included), for health checks and tests.
 #[derive(Debug, Default)]
 pub struct Load {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
+    pub finished: std::sync::atomic::AtomicU64,
 }
 
 /// A handle to the scheduler thread. Cloning shares the scheduler.
@@ -315,6 +317,7 @@ impl Scheduler {
             let (result, seq, drafter, sink) = r.finish(outcome, model.tokenizer());
             let _ = sink.tx.send(BatchEvent::Done(result));
             self.release(Slot { seq, drafter });
+            self.load.finished.fetch_add(1, Ordering::SeqCst);
         }
         self.load.running.store(self.active.len(), Ordering::SeqCst);
     }

@@ -228,8 +228,14 @@ impl ChatTemplate {
 /// `lstrip_blocks`, `break`/`continue`, `raise_exception`, `strftime_now`,
 /// a `tojson` that keeps key order and non-ASCII text, Python's string and
 /// dict methods, and values printed as Python prints them.
+/// Template instructions a rendering may run: a chat template comes with a
+/// downloaded model file, and one that loops for ever must fail, not hang
+/// the engine. Real templates render a long conversation in thousands.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
 fn python_environment(clock: Clock) -> Environment<'static> {
     let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -420,6 +426,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("no system: x"), "{err}");
+    }
+
+    #[test]
+    fn a_template_that_never_ends_fails_instead_of_hanging() {
+        let t = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let err = t
+            .render(&[Message::user("hi")], true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fuel"), "{err}");
+        // 10^10 iterations would take hours; the fuel runs out in seconds.
+        assert!(started.elapsed().as_secs() < 60, "{:?}", started.elapsed());
     }
 
     #[test]

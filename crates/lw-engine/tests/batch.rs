@@ -99,13 +99,18 @@ fn a_full_queue_is_refused_and_a_dropped_receiver_frees_its_slot() {
     };
     // The first runs (context-bound), the next two wait, the fourth is refused.
     let first = batcher.submit(vec![1, 2, 3], long.clone()).unwrap();
+    let waiting = std::time::Instant::now();
     while batcher
         .load()
         .running
         .load(std::sync::atomic::Ordering::SeqCst)
         == 0
     {
-        std::thread::yield_now();
+        assert!(
+            waiting.elapsed() < std::time::Duration::from_secs(120),
+            "the first sequence never started running"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let second = batcher.submit(vec![4, 5], params(1)).unwrap();
     let _third = batcher.submit(vec![6, 7], params(2)).unwrap();

@@ -494,6 +494,33 @@ impl GgufFile {
         })
     }
 
+    /// A GGUF file held in memory (`label` names it in errors): the bytes
+    /// are copied into an anonymous map, so tensors are read as from a file.
+    pub fn from_bytes(label: &Path, bytes: &[u8]) -> Result<Self, crate::ModelError> {
+        let io = |e| crate::ModelError::io(label, e);
+        let mut anon = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(io)?;
+        anon[..bytes.len()].copy_from_slice(bytes);
+        let map = anon.make_read_only().map_err(io)?;
+        let header = parse(&map[..bytes.len()]).map_err(|source| {
+            crate::ModelError::Gguf(FileError {
+                path: label.to_path_buf(),
+                source,
+            })
+        })?;
+        let index = header
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(GgufFile {
+            path: label.to_path_buf(),
+            map: Arc::new(map),
+            header,
+            index,
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -103,6 +103,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<wire::Health> {
         model: state.opts.model_name.clone(),
         running: load.running.load(Ordering::SeqCst),
         waiting: load.waiting.load(Ordering::SeqCst),
+        finished: load.finished.load(Ordering::SeqCst),
     })
 }
 

@@ -235,6 +235,8 @@ pub struct Health {
     pub model: String,
     pub running: usize,
     pub waiting: usize,
+    /// Generations finished since the server started.
+    pub finished: u64,
 }
 
 #[cfg(test)]

@@ -175,6 +175,17 @@ pub struct RunDir {
 impl RunDir {
     /// Starts a new run in `path` (created if missing; refused if it holds a run).
     pub fn create(path: &Path, request: &Request) -> Result<Self, RunDirError> {
+        Self::create_with_plan(path, request, None)
+    }
+
+    /// Starts a new run with its plan given (`write --plan`). The request
+    /// is written last: it marks the directory as a run, so a run killed
+    /// while being created either does not exist or has its plan.
+    pub fn create_with_plan(
+        path: &Path,
+        request: &Request,
+        plan: Option<&Plan>,
+    ) -> Result<Self, RunDirError> {
         if path.join("request.json").exists() {
             return Err(RunDirError::Exists {
                 path: path.to_path_buf(),
@@ -184,8 +195,11 @@ impl RunDir {
         let dir = RunDir {
             path: path.to_path_buf(),
         };
-        dir.write_json("request.json", request)?;
         dir.write_json("state.json", &State::default())?;
+        if let Some(plan) = plan {
+            dir.save_plan(plan)?;
+        }
+        dir.write_json("request.json", request)?;
         Ok(dir)
     }
 

@@ -73,7 +73,7 @@ fn delimited_len(s: &str, close: &str) -> Option<usize> {
             Some(q) if b == q => quote = None,
             Some(_) => {}
             None if b == b'\'' || b == b'"' => quote = Some(b),
-            None if s[i..].starts_with(close) => return Some(i + 2),
+            None if bytes[i..].starts_with(close.as_bytes()) => return Some(i + 2),
             None => {}
         }
         i += 1;
@@ -179,6 +179,21 @@ fn top_level_words(s: &str) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multibyte_text_inside_a_tag_is_walked_by_bytes() {
+        // A two-byte character right after an escape inside a string, and
+        // one just before the closing delimiter (found by fuzzing).
+        for src in [
+            "{{ 'a\\ނ' }}",
+            "{{ xނ }}",
+            "{% set x = \"ނ\" %}{{ x }}",
+            "{{ \"\\ނ",
+        ] {
+            let _ = rewrite(src);
+            let _ = crate::ChatTemplate::new(src, "", "").map(|t| t.render(&[], false));
+        }
+    }
 
     #[test]
     fn generation_tags_become_plain_blocks() {
