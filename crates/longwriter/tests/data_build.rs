@@ -132,21 +132,43 @@ fn killed_builds_rerun_to_the_items_of_an_uninterrupted_build() {
     assert!(accepted > 0, "some items pass the gates");
     assert!(want.iter().all(|r| r.1 == "accepted" || r.1 == "rejected"));
 
-    // Five SIGKILLs at pseudo-random moments, each followed by a rerun.
+    // Five SIGKILLs, each once the build has finished another sixth of the
+    // items (observed in its store, not guessed from a clock), each
+    // followed by a rerun; every kill must land before the end.
     let killed = d.join("killed");
-    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    let span = (uninterrupted.as_millis() as u64 / 6).clamp(500, 15_000);
-    for _ in 0..5 {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
+    let finished = |dir: &Path| -> u64 {
+        let out = longwriter(&["data", "stats", "--json", dir.to_str().unwrap()]);
+        if !out.status.success() {
+            return 0; // not created yet
+        }
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        s["items"].as_u64().unwrap_or(0)
+            - s["pending"].as_u64().unwrap_or(0)
+            - s["running"].as_u64().unwrap_or(0)
+    };
+    for k in 1..=5u64 {
+        let target = 200 * k / 6;
         let mut child: Child = build_cmd(&killed, &ins, &[&a, &b])
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(300 + seed % span));
+        let waiting = Instant::now();
+        while finished(&killed) < target {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "kill {k}: the build ended before {target} items were done"
+            );
+            assert!(
+                waiting.elapsed() < Duration::from_secs(600),
+                "kill {k}: no progress"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
+        let done = finished(&killed);
+        assert!(done < 200, "kill {k} landed after the build finished");
+        eprintln!("kill {k}: {done} of 200 items done");
     }
     let log = run_to_end(build_cmd(&killed, &ins, &[&a, &b]));
     assert!(
@@ -181,7 +203,20 @@ fn a_server_that_dies_mid_run_loses_nothing_and_the_export_trains() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
+    // Killed once it is decoding for the build (observed, not timed), so
+    // the kill lands mid-item; then down for a while before it returns.
+    let waiting = Instant::now();
+    loop {
+        let (_, h) = b.get("/health");
+        if h["running"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(120),
+            "the second server never got work: {h}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let _ = b.child.kill();
     let _ = b.child.wait();
     std::thread::sleep(Duration::from_millis(2000));
