@@ -474,7 +474,13 @@ impl GgufFile {
         // nobody truncating the file while it is in use.
         let map =
             unsafe { memmap2::Mmap::map(&file) }.map_err(|e| crate::ModelError::io(path, e))?;
-        let header = parse(&map).map_err(|source| {
+        let len = map.len();
+        Self::with_map(path, map, len)
+    }
+
+    /// The file whose first `len` bytes `map` holds.
+    fn with_map(path: &Path, map: memmap2::Mmap, len: usize) -> Result<Self, crate::ModelError> {
+        let header = parse(&map[..len]).map_err(|source| {
             crate::ModelError::Gguf(FileError {
                 path: path.to_path_buf(),
                 source,
@@ -500,25 +506,7 @@ impl GgufFile {
         let io = |e| crate::ModelError::io(label, e);
         let mut anon = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(io)?;
         anon[..bytes.len()].copy_from_slice(bytes);
-        let map = anon.make_read_only().map_err(io)?;
-        let header = parse(&map[..bytes.len()]).map_err(|source| {
-            crate::ModelError::Gguf(FileError {
-                path: label.to_path_buf(),
-                source,
-            })
-        })?;
-        let index = header
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
-        Ok(GgufFile {
-            path: label.to_path_buf(),
-            map: Arc::new(map),
-            header,
-            index,
-        })
+        Self::with_map(label, anon.make_read_only().map_err(io)?, bytes.len())
     }
 
     pub fn path(&self) -> &Path {
@@ -687,6 +675,20 @@ mod tests {
             h.uint("general.architecture"),
             Err(GgufError::MetadataType { .. })
         ));
+    }
+
+    #[test]
+    fn a_file_in_memory_reads_as_from_disk() {
+        let bytes = sample();
+        let file = GgufFile::from_bytes(Path::new("mem.gguf"), &bytes).unwrap();
+        assert_eq!(file.header().tensors, parse(&bytes).unwrap().tensors);
+        let w = file.tensor("w").unwrap();
+        assert_eq!(file.data(w).as_slice(), &bytes[w.start..w.start + w.size]);
+        match GgufFile::from_bytes(Path::new("mem.gguf"), &bytes[..10]) {
+            Err(err) => assert!(err.to_string().contains("mem.gguf"), "{err}"),
+            Ok(_) => panic!("a truncated file in memory was read"),
+        }
+        assert!(GgufFile::from_bytes(Path::new("empty.gguf"), &[]).is_err());
     }
 
     #[test]
