@@ -242,8 +242,6 @@ fn build_options(a: &BuildArgs) -> anyhow::Result<BuildOptions> {
         model_name: a.model.model_name(),
         write: WriteOptions {
             counter,
-            // A section that loops in every attempt rejects the item.
-            salvage_loops: false,
             ..a.style.write_options()
         },
         gates: Gates {

@@ -363,7 +363,12 @@ fn run_item(sh: &Shared, ep: usize, mut item: ItemRow) -> Result<(), DataError> 
     let before = item.state.usage.clone();
     let mut sections_usage = Usage::default();
     let mut model = (endpoint.make)();
-    let result = lw_write::write(model.as_mut(), &run, &sh.opts.write, sh.stop, &mut |ev| {
+    // Text cut out of a loop is no training data: such an item is rejected.
+    let write_opts = WriteOptions {
+        salvage_loops: false,
+        ..sh.opts.write.clone()
+    };
+    let result = lw_write::write(model.as_mut(), &run, &write_opts, sh.stop, &mut |ev| {
         if let Event::SectionDone {
             record,
             resumed: false,
