@@ -481,3 +481,30 @@ fn a_speculating_server_answers_greedy_requests_with_the_plain_text() {
         assert_eq!(off.iter().map(guesses).sum::<u64>(), 0, "{name}, opted out");
     }
 }
+
+#[test]
+fn a_second_server_on_the_same_data_directory_refuses_to_start() {
+    let dir = scratch("serve-lock");
+    let first = start("", &tiny_model(), &dir, &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args(["serve", "--port", "0", "--threads", "1", "--model"])
+        .arg(tiny_model())
+        .arg("--data-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second server started: {stderr}");
+    assert!(
+        stderr.contains("another `serve` is using this data directory")
+            && stderr.contains(&*dir.to_string_lossy())
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    // The first one still answers; once it is gone, the directory is free.
+    let (code, _) = first.get("/health");
+    assert_eq!(code, 200);
+    drop(first);
+    let again = start("", &tiny_model(), &dir, &[]);
+    assert_eq!(again.get("/health").0, 200);
+}
