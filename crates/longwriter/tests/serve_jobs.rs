@@ -129,6 +129,14 @@ fn bad_jobs_are_refused_and_each_key_has_a_job_limit() {
             json!({"instruction": "x", "colour": "red"}),
         ),
         ("zero length", json!({"instruction": "x", "length": 0})),
+        (
+            "a billion words",
+            json!({"instruction": "x", "length": 1_000_000_000u64}),
+        ),
+        (
+            "a billion words in the instruction",
+            json!({"instruction": "Write a 1000000000-word story about a river."}),
+        ),
     ] {
         let (st, v) = s.post("/v1/longwrite", &body);
         assert_eq!(st, 400, "{what}: {v}");

@@ -19,6 +19,10 @@ use crate::openai::check_sampling;
 use crate::store::{self};
 use crate::{new_id, now, AppState, Owner};
 
+/// The longest piece a job may ask for (LongWriter's outputs run to
+/// 10,000–20,000 words); beyond it a request is refused, not queued.
+const MAX_WORDS: u32 = 100_000;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct JobIn {
@@ -60,6 +64,11 @@ pub(crate) async fn create_job(
     let asked_words = req
         .length
         .or_else(|| lw_write::requested_length(&instruction));
+    if let Some(n) = asked_words.filter(|&n| n > MAX_WORDS) {
+        return Err(ApiError::bad_request(format!(
+            "{n} words asked (`length` or the instruction's own): at most {MAX_WORDS} are written"
+        )));
+    }
     let plan = match req.plan.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(text) => Some(
