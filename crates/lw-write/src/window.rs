@@ -51,22 +51,18 @@ pub fn fit_written(
             format!("{CUT_MARK}{}", &written[from..])
         }
     };
-    let count = |text: &str| model.prompt_room(&[Message::user(build(text))]);
+    let count = |shown: &str| model.prompt_room(&[Message::user(build(shown))]);
     let start = start.min(written.len());
-    let prompt = build(&shown(start));
-    let Some((tokens, context)) = model.prompt_room(&[Message::user(prompt.clone())]) else {
-        return Fitted {
-            prompt,
-            max_tokens: answer,
-            start,
-        };
+    let unchanged = |start| Fitted {
+        prompt: build(&shown(start)),
+        max_tokens: answer,
+        start,
+    };
+    let Some((mut tokens, context)) = count(&shown(start)) else {
+        return unchanged(start);
     };
     if tokens + answer <= context {
-        return Fitted {
-            prompt,
-            max_tokens: answer,
-            start,
-        };
+        return unchanged(start);
     }
     // The prompt with no text so far: what the answer may use at most.
     let base = count(CUT_MARK).map_or(0, |(t, _)| t);
@@ -75,11 +71,8 @@ pub fn fit_written(
     let mut start = start;
     let mut target = (room as f64 * REFILL) as usize;
     for _ in 0..12 {
-        let tail_tokens = tokens_of_tail(&count, &shown, start, base);
-        if start >= written.len() {
-            break;
-        }
-        if tail_tokens <= target.max(1) && start > 0 {
+        let tail_tokens = tokens.saturating_sub(base);
+        if start >= written.len() || (tail_tokens <= target.max(1) && start > 0) {
             break;
         }
         // Tokens are about proportional to bytes: cut the excess share.
@@ -92,23 +85,13 @@ pub fn fit_written(
             snap_forward(written, start + 1)
         };
         target = (target as f64 * 0.95) as usize;
+        tokens = count(&shown(start)).map_or(0, |(t, _)| t);
     }
-    let prompt = build(&shown(start));
     Fitted {
-        prompt,
+        prompt: build(&shown(start)),
         max_tokens: answer,
         start,
     }
-}
-
-/// Tokens the shown text from `start` adds to the bare prompt.
-fn tokens_of_tail(
-    count: &dyn Fn(&str) -> Option<(usize, usize)>,
-    shown: &dyn Fn(usize) -> String,
-    start: usize,
-    base: usize,
-) -> usize {
-    count(&shown(start)).map_or(0, |(t, _)| t.saturating_sub(base))
 }
 
 /// The first paragraph start at or after `at`; else the first sentence
