@@ -7,7 +7,8 @@ emulator, and checks that each gives the AVX2 kernels' bits.
     python scripts/isa_emulate.py target/debug/examples/libisa_probe.so [--json]
 
 The emulator is Bochs's CPU (PyPI's `bochscpu-python`), set to a Sapphire
-Rapids model, which runs both VNNI encodings (AVX-VNNI and AVX-512 VNNI). The
+Rapids model, which runs both VNNI encodings (AVX-VNNI and AVX-512 VNNI, the
+latter on 256- and 512-bit registers). The
 probe library (`crates/lw-model/examples/isa_probe.rs`) builds each case
 natively; its `lw_probe_run` then runs in the emulator over this process's own
 memory: every readable page is mapped at its own virtual address, so the
@@ -18,9 +19,9 @@ Per case and seed: the native AVX2 result, each instruction set's emulated
 result (AVX2's checks the emulation), and the native result of each set this
 CPU has, all compared bit for bit. Then two CPU models without some of the
 sets, each in a process of its own (Bochs takes one CPU per process): on
-Skylake-X (AVX-512 without VNNI) both VNNI kernels must stop with an
-invalid-opcode fault, and on Arrow Lake (AVX-VNNI without AVX-512) the
-AVX-512 one must, while AVX-VNNI's gives the AVX2 bits: proof that each
+Skylake-X (AVX-512 without VNNI) the three VNNI sets' kernels must stop with
+an invalid-opcode fault, and on Arrow Lake (AVX-VNNI without AVX-512) the two
+AVX-512 ones must, while AVX-VNNI's gives the AVX2 bits: proof that each
 kernel runs its own instructions.
 
 With seed 1, each case also counts the instructions each set executes
@@ -50,8 +51,8 @@ MODEL_ENV = "LW_ISA_EMULATE_MODEL"
 # the sets each lacks.
 FULL_MODEL = "sapphire_rapids"
 PARTIAL_MODELS = {
-    "corei7_skylake_x": ["avx-vnni", "avx512-vnni"],
-    "arrow_lake": ["avx512-vnni"],
+    "corei7_skylake_x": ["avx-vnni", "avx512-vnni", "avx512-zmm"],
+    "arrow_lake": ["avx512-vnni", "avx512-zmm"],
 }
 INVALID_OPCODE = 6
 
@@ -262,6 +263,8 @@ def native_sets():
             sets.add("avx-vnni")
         if {"avx512f", "avx512vl", "avx512_vnni"} <= flags:
             sets.add("avx512-vnni")
+            if "avx512bw" in flags:
+                sets.add("avx512-zmm")
     return sets
 
 

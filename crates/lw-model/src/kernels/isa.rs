@@ -35,6 +35,14 @@ pub enum Isa {
     /// registers (AVX-512 CPUs with VNNI: AMD's Zen 4, Intel's Ice Lake and
     /// later server parts).
     Avx512Vnni,
+    /// AVX-512 VNNI on 512-bit registers where a kernel has a wide body (the
+    /// decode groups of Q8_0 and Q4_K: two steps of a group's eight rows in
+    /// one register, their halves added exactly at the end), the 256-bit
+    /// bodies elsewhere. Chosen by itself only where a 512-bit operation
+    /// costs what a 256-bit one does ([`wide_pays`]: Intel's cores, AMD's
+    /// Zen 5); Zen 4 splits each into two and stays on
+    /// [`Isa::Avx512Vnni`].
+    Avx512Zmm,
 }
 
 impl Isa {
@@ -44,11 +52,12 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::AvxVnni => "avx-vnni",
             Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Avx512Zmm => "avx512-zmm",
         }
     }
 
     /// Every set, slowest first.
-    pub const ALL: [Isa; 3] = [Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni];
+    pub const ALL: [Isa; 4] = [Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Avx512Zmm];
 
     /// Whether this CPU runs the set.
     pub fn runs_here(self) -> bool {
@@ -62,6 +71,9 @@ impl Isa {
                 Isa::Avx2 => true,
                 Isa::AvxVnni => has!("avxvnni"),
                 Isa::Avx512Vnni => has!("avx512f") && has!("avx512vl") && has!("avx512vnni"),
+                Isa::Avx512Zmm => {
+                    has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512vnni")
+                }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -70,9 +82,11 @@ impl Isa {
 
     /// The best set this CPU runs (`None`: none, and the products fall back
     /// to the plain-Rust definitions the kernels keep, with the same bits),
-    /// made once per process. `LONGWRITER_KERNELS` names a set to stop at
-    /// (`avx2` holds a VNNI machine to AVX2, to compare the two); a name
-    /// that is not a set is reported on stderr and ignored.
+    /// made once per process: the 512-bit set only where it pays
+    /// ([`wide_pays`]). `LONGWRITER_KERNELS` names a set to stop at (`avx2`
+    /// holds a VNNI machine to AVX2, to compare the two; `avx512-zmm` takes
+    /// the 512-bit set wherever it runs); a name that is not a set is
+    /// reported on stderr and ignored.
     pub fn detect() -> Option<Isa> {
         static CHOSEN: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
         *CHOSEN.get_or_init(|| {
@@ -85,7 +99,11 @@ impl Isa {
                     sets.join(", ")
                 );
             }
-            Isa::best(named)
+            Isa::best(named.or(if wide_pays() {
+                None
+            } else {
+                Some(Isa::Avx512Vnni)
+            }))
         })
     }
 
@@ -96,9 +114,44 @@ impl Isa {
 
     /// The best set this CPU runs, at most `cap`.
     fn best(cap: Option<Isa>) -> Option<Isa> {
-        let cap = cap.unwrap_or(Isa::Avx512Vnni);
+        let cap = cap.unwrap_or(Isa::Avx512Zmm);
         Isa::ALL.into_iter().rfind(|&i| i <= cap && i.runs_here())
     }
+}
+
+/// Whether this CPU runs a 512-bit vector operation at the cost of a
+/// 256-bit one: Intel's cores with AVX-512 (Skylake-SP and later, whose
+/// server parts have two 512-bit multiply-add ports) and AMD's from Zen 5
+/// (family 1Ah) on. Zen 4 (family 19h) runs each 512-bit operation as two
+/// 256-bit halves, so its wide kernels only add the cost of combining the
+/// halves.
+pub fn wide_pays() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaves 0 and 1 exist on every x86-64 CPU (the
+        // intrinsic is safe in newer Rust, unsafe in older).
+        #[allow(unused_unsafe)]
+        let (vendor, signature) = unsafe { (__cpuid(0), __cpuid(1).eax) };
+        let name: Vec<u8> = [vendor.ebx, vendor.edx, vendor.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        // The family as CPUID reports it: base, plus the extended family
+        // where the base is 0Fh.
+        let base = (signature >> 8) & 0xF;
+        let family = if base == 0xF {
+            base + ((signature >> 20) & 0xFF)
+        } else {
+            base
+        };
+        match &name[..] {
+            b"GenuineIntel" => true,
+            b"AuthenticAMD" | b"HygonGenuine" => family >= 0x1A,
+            _ => false,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// The integer steps of the kernels, per instruction set. AVX2 sums a run
@@ -233,7 +286,15 @@ mod tests {
         assert_eq!(Isa::parse("avx-2"), None);
         let best = Isa::ALL.into_iter().filter(|i| i.runs_here()).max();
         assert_eq!(Isa::best(None), best);
-        assert_eq!(best.is_some(), available());
+        // Without a cap, the 512-bit set only where it pays.
+        if std::env::var_os("LONGWRITER_KERNELS").is_none() {
+            let expected = if wide_pays() {
+                best
+            } else {
+                Isa::best(Some(Isa::Avx512Vnni))
+            };
+            assert_eq!(Isa::detect(), expected);
+        }
         for cap in Isa::ALL {
             let chosen = Isa::best(Some(cap));
             assert!(chosen.is_none_or(|c| c <= cap && c.runs_here()), "{cap:?}");

@@ -1,6 +1,7 @@
 //! Hand-written dot products for the weight types that carry most
-//! quantized models: Q8_0, Q4_K and Q6_K, each compiled for AVX2, AVX-VNNI
-//! and AVX-512 VNNI ([`Isa`]; the integer steps that differ are `Ints`'s,
+//! quantized models: Q8_0, Q4_K and Q6_K, each compiled for AVX2, AVX-VNNI,
+//! AVX-512 VNNI and AVX-512 on 512-bit registers ([`Isa`]; the integer
+//! steps that differ are `Ints`'s,
 //! and the 16-bit bounds the comments give are AVX2's). Decoding keeps the
 //! eight rows of a group ([`crate::repack`]) in the lanes of one vector, so
 //! every activation load serves eight rows and the block scales are widened
@@ -25,10 +26,18 @@
 
 /// Defines kernel `$name`, taking the [`Isa`] first: the body `$body`
 /// (generic over [`Ints`], always inlined) compiled once for each set, and
-/// the one for `isa` called.
+/// the one for `isa` called. A kernel with a 512-bit body names it after
+/// `wide`; [`Isa::Avx512Zmm`] runs that one, else the 256-bit body in
+/// AVX-512 VNNI.
 macro_rules! for_each_isa {
+    (@zmm $body:ident, [$($c:ident),*], [$($arg:ident),*]) => {
+        $body::<Vnni, $($c),*>($($arg),*)
+    };
+    (@zmm $body:ident $wide:ident, [$($c:ident),*], [$($arg:ident),*]) => {
+        $wide::<$($c),*>($($arg),*)
+    };
     ($(#[$doc:meta])* pub unsafe fn $name:ident<$(const $c:ident: usize),*>
-        ($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $body:ident;) => {
+        ($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $body:ident $(, wide $wide:ident)?;) => {
         $(#[$doc])*
         #[cfg(target_arch = "x86_64")]
         #[inline]
@@ -45,10 +54,15 @@ macro_rules! for_each_isa {
             unsafe fn vnni<$(const $c: usize),*>($($arg: $ty),*) $(-> $ret)? {
                 $body::<Vnni, $($c),*>($($arg),*)
             }
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+            unsafe fn zmm<$(const $c: usize),*>($($arg: $ty),*) $(-> $ret)? {
+                for_each_isa!(@zmm $body $($wide)?, [$($c),*], [$($arg),*])
+            }
             match isa {
                 Isa::Avx2 => avx2::<$($c),*>($($arg),*),
                 Isa::AvxVnni => avx_vnni::<$($c),*>($($arg),*),
                 Isa::Avx512Vnni => vnni::<$($c),*>($($arg),*),
+                Isa::Avx512Zmm => zmm::<$($c),*>($($arg),*),
             }
         }
     };
@@ -63,7 +77,7 @@ mod quantize;
 mod small;
 mod tile;
 
-pub use isa::{available, Isa};
+pub use isa::{available, wide_pays, Isa};
 pub(crate) use q4k::dot as q4k_dot;
 #[cfg(target_arch = "x86_64")]
 pub use q4k::{q4k8_tile, q4k_gemm, Q4kRow};

@@ -76,7 +76,86 @@ for_each_isa! {
     pub unsafe fn q4k8_tile<const R: usize>(
         group: *const u8,
         xs: [&QuantRow; R]
-    ) -> [[f32; 8]; R] = q4k8_tile_in;
+    ) -> [[f32; 8]; R] = q4k8_tile_in, wide q4k8_tile_zmm;
+}
+
+/// [`q4k8_tile`] on 512-bit registers: one load holds two steps of four
+/// bytes of the eight rows (lanes 0–7 the first, 8–15 the second); the
+/// activation's matching groups of four bytes are spread to the two halves
+/// by one permute each. A sub-block's runs are multiplied by the rows'
+/// scales repeated in both halves, and the halves of a block's sum, partial
+/// sums of the same rows, are added (exactly) before the block's f32 steps,
+/// which are the 256-bit kernel's: the same bits.
+///
+/// # Safety
+/// As for [`q4k8_tile`], and the CPU has AVX-512 F, VL, BW and VNNI (the
+/// caller is compiled with them).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q4k8_tile_zmm<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R] {
+    use crate::repack::q4k::{GROUP_BLOCK, QS, SCALES};
+    let blocks = xs[0].scales.len();
+    let low = _mm512_set1_epi8(0x0F);
+    let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
+    let sums: [*const i16; R] = xs.map(|x| x.sums16.as_ptr());
+    let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
+    // Four-byte groups 2p and 2p + 1 of 32 activation bytes to the halves.
+    let spread: [__m512i; 4] = std::array::from_fn(|p| {
+        let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
+        _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
+    });
+    // Each row's scale (32-bit) in lanes r and 8 + r.
+    let both = |v: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v), v);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut macc = [_mm256_setzero_ps(); R];
+    for b in 0..blocks {
+        let rec = group.add(b * GROUP_BLOCK);
+        let mut isum = [_mm512_setzero_si512(); R];
+        for c in 0..4 {
+            let ya: [__m512i; R] = std::array::from_fn(|i| {
+                let y = ys[i].add(b * 256 + c * 64) as *const __m256i;
+                _mm512_castsi256_si512(_mm256_loadu_si256(y))
+            });
+            let yb: [__m512i; R] = std::array::from_fn(|i| {
+                let y = ys[i].add(b * 256 + c * 64 + 32) as *const __m256i;
+                _mm512_castsi256_si512(_mm256_loadu_si256(y))
+            });
+            let mut lo = [_mm512_setzero_si512(); R];
+            let mut hi = [_mm512_setzero_si512(); R];
+            for (p, spread) in spread.iter().enumerate() {
+                let q = _mm512_loadu_si512(rec.add(QS + (c * 8 + 2 * p) * 32) as *const _);
+                let q_lo = _mm512_and_si512(q, low);
+                let q_hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low);
+                for i in 0..R {
+                    let a = _mm512_permutexvar_epi32(*spread, ya[i]);
+                    let b = _mm512_permutexvar_epi32(*spread, yb[i]);
+                    lo[i] = _mm512_dpbusd_epi32(lo[i], q_lo, a);
+                    hi[i] = _mm512_dpbusd_epi32(hi[i], q_hi, b);
+                }
+            }
+            let s_lo = both(Vnni::scales(row_scales(rec.add(SCALES + 2 * c * 8))));
+            let s_hi = both(Vnni::scales(row_scales(rec.add(SCALES + (2 * c + 1) * 8))));
+            for i in 0..R {
+                let part = _mm512_add_epi32(
+                    _mm512_mullo_epi32(lo[i], s_lo),
+                    _mm512_mullo_epi32(hi[i], s_hi),
+                );
+                isum[i] = _mm512_add_epi32(isum[i], part);
+            }
+        }
+        let isum: [__m256i; R] = std::array::from_fn(|i| {
+            _mm256_add_epi32(
+                _mm512_castsi512_si256(isum[i]),
+                _mm512_extracti64x4_epi64::<1>(isum[i]),
+            )
+        });
+        k_block_end::<Vnni, R>(rec, b, &isum, (sums, dys), (&mut acc, &mut macc));
+    }
+    std::array::from_fn(|i| {
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc[i], macc[i]));
+        out
+    })
 }
 
 /// The body of [`q4k8_tile`].

@@ -268,7 +268,69 @@ for_each_isa! {
     pub unsafe fn q8_0x8_tile<const R: usize>(
         group: *const u8,
         xs: [&QuantRow; R]
-    ) -> [[f32; 8]; R] = q8_0x8_tile_in;
+    ) -> [[f32; 8]; R] = q8_0x8_tile_in, wide q8_0x8_tile_zmm;
+}
+
+/// [`q8_0x8_tile`] on 512-bit registers: one load holds two steps of four
+/// weights of the eight rows (lanes 0–7 the first, 8–15 the second), the
+/// activation's two matching groups of four bytes are spread to the two
+/// halves by one permute, and since AVX-512 has no byte `sign`, the
+/// weights' signs move onto the activations by a masked subtraction. A
+/// half-block's two lane halves hold partial sums of the same rows; they
+/// are added (exactly) before the f32 steps, which are the 256-bit
+/// kernel's, so the bits are the same.
+///
+/// # Safety
+/// As for [`q8_0x8_tile`], and the CPU has AVX-512 F, VL, BW and VNNI
+/// (the caller is compiled with them).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q8_0x8_tile_zmm<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R] {
+    use crate::repack::q8_0::{D, GROUP_BLOCK, QS};
+    let blocks = xs[0].scales.len();
+    let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
+    let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
+    // Four-byte groups 0 and 1 (then 2 and 3) of a half to the lane halves.
+    let spread = [
+        _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+        _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3),
+    ];
+    let zero = _mm512_setzero_si512();
+    let mut acc = [[_mm256_setzero_ps(); R]; 2];
+    for b in 0..blocks {
+        let rec = group.add(b * GROUP_BLOCK);
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(D) as *const __m128i));
+        for (h, acc_h) in acc.iter_mut().enumerate() {
+            let yv: [__m512i; R] = std::array::from_fn(|i| {
+                let y = ys[i].add(b * 32 + h * 16) as *const __m128i;
+                _mm512_castsi128_si512(_mm_loadu_si128(y))
+            });
+            let mut isum = [zero; R];
+            for (p, spread) in spread.iter().enumerate() {
+                let w = _mm512_loadu_si512(rec.add(QS + (h * 4 + 2 * p) * 32) as *const _);
+                let wabs = _mm512_abs_epi8(w);
+                let negative = _mm512_movepi8_mask(w);
+                for i in 0..R {
+                    let ya = _mm512_permutexvar_epi32(*spread, yv[i]);
+                    let signed = _mm512_mask_sub_epi8(ya, negative, zero, ya);
+                    isum[i] = _mm512_dpbusd_epi32(isum[i], wabs, signed);
+                }
+            }
+            for i in 0..R {
+                let sum = _mm256_add_epi32(
+                    _mm512_castsi512_si256(isum[i]),
+                    _mm512_extracti64x4_epi64::<1>(isum[i]),
+                );
+                let d = _mm256_mul_ps(dw, _mm256_set1_ps(*dys[i].add(b)));
+                acc_h[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc_h[i]);
+            }
+        }
+    }
+    let mut out = [[0f32; 8]; R];
+    for i in 0..R {
+        _mm256_storeu_ps(out[i].as_mut_ptr(), _mm256_add_ps(acc[0][i], acc[1][i]));
+    }
+    out
 }
 
 /// The body of [`q8_0x8_tile`].
