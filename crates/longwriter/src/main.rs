@@ -351,9 +351,10 @@ pub struct EngineArgs {
     #[arg(long, value_enum)]
     pub dtype: Option<WeightDtype>,
     /// Worker threads (default: the number of physical cores). Quantized
-    /// products run the CPU's best kernels (AVX2, AVX-VNNI or AVX-512
-    /// VNNI; `bench` prints which); LONGWRITER_KERNELS=avx2 or avx-vnni
-    /// holds them to that set.
+    /// products run the CPU's best kernels (AVX2, AVX-VNNI, AVX-512 VNNI on
+    /// 256-bit registers, or on 512-bit ones where that pays: Intel, Zen 5;
+    /// `bench` prints which); LONGWRITER_KERNELS=avx2, avx-vnni,
+    /// avx512-vnni or avx512-zmm holds them to that set.
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
     /// Prompt tokens computed per prefill step.

@@ -213,6 +213,7 @@ fn attend<E: KvRows>(q: &[f32], keys: E, values: E, rows: &Rows, out: &mut [f32]
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("f16c")
+            && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the features were just checked.
             return unsafe { attend_avx2(q, keys, values, rows, out, b) };
@@ -222,12 +223,13 @@ fn attend<E: KvRows>(q: &[f32], keys: E, values: E, rows: &Rows, out: &mut [f32]
 }
 
 /// [`attend_body`] compiled for AVX2: the same operations in the same order
-/// (no fused multiply-adds), eight lanes wide, so the same bits.
+/// (the same fused multiply-adds, in hardware), eight lanes wide, so the
+/// same bits.
 ///
 /// # Safety
-/// AVX2 and F16C are available.
+/// AVX2, F16C and FMA are available.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 unsafe fn attend_avx2<E: KvRows>(
     q: &[f32],
     keys: E,
@@ -244,7 +246,10 @@ unsafe fn attend_avx2<E: KvRows>(
 const CHUNK: usize = 32;
 const SLICE: usize = 64;
 
-/// `AVX2`: the caller checked that the CPU has AVX2 and F16C.
+/// `AVX2`: the caller checked that the CPU has AVX2, F16C and FMA. Every
+/// product is summed by a fused multiply-add (one rounding, and half the
+/// operations of a multiply and an add: at long contexts the sums over the
+/// cache are what a decoded token costs).
 #[inline(always)]
 fn attend_body<E: KvRows, const AVX2: bool>(
     q: &[f32],
@@ -327,7 +332,7 @@ fn attend_body<E: KvRows, const AVX2: bool>(
                 for (i, &pi) in p.iter().enumerate() {
                     let v = &vs[i * hd + s0..i * hd + s0 + SLICE];
                     for d in 0..SLICE {
-                        acc[d] += pi * v[d];
+                        acc[d] = pi.mul_add(v[d], acc[d]);
                     }
                 }
                 o.copy_from_slice(&acc);
@@ -493,7 +498,7 @@ const EXP_POLY: [f32; 6] = [
 #[inline(always)]
 fn axpy(p: f32, x: &[f32], out: &mut [f32]) {
     for (acc, &v) in out.iter_mut().zip(x) {
-        *acc += p * v;
+        *acc = p.mul_add(v, *acc);
     }
 }
 
@@ -513,8 +518,8 @@ fn dots8_for<const AVX2: bool>(q: &[f32], keys: &[f32]) -> [f32; 8] {
 }
 
 /// [`dot`] of `q` with eight keys at once, for lengths that are a multiple
-/// of 8: one register of eight lane sums per key (multiply, then add: no
-/// fused steps), then the eight registers reduced together by pairwise
+/// of 8: one register of eight lane sums per key (fused multiply-adds, as
+/// in [`dot`]), then the eight registers reduced together by pairwise
 /// horizontal adds, which add the lanes in [`dot`]'s order.
 ///
 /// # Safety
@@ -530,8 +535,7 @@ unsafe fn dots8_avx2(q: &[f32], keys: &[f32]) -> [f32; 8] {
     for c in (0..hd).step_by(8) {
         let qv = _mm256_loadu_ps(q.as_ptr().add(c));
         for (j, a) in acc.iter_mut().enumerate() {
-            let p = _mm256_mul_ps(qv, _mm256_loadu_ps(kp.add(j * hd + c)));
-            *a = _mm256_add_ps(*a, p);
+            *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add(j * hd + c)), *a);
         }
     }
     // Per key: lanes [0+1, 2+3, ... | 4+5, 6+7, ...], then
@@ -560,12 +564,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let full = a.len() / L * L;
     for (ca, cb) in a[..full].chunks_exact(L).zip(b[..full].chunks_exact(L)) {
         for i in 0..L {
-            acc[i] += ca[i] * cb[i];
+            acc[i] = ca[i].mul_add(cb[i], acc[i]);
         }
     }
     let mut tail = 0f32;
     for i in full..a.len() {
-        tail += a[i] * b[i];
+        tail = a[i].mul_add(b[i], tail);
     }
     tree8(acc) + tail
 }
