@@ -199,3 +199,48 @@ fn a_kv_cache_that_does_not_fit_is_refused_before_the_run() {
     let out = engine.generate(&prompt, &params(fits), |_| true).unwrap();
     assert_eq!(out.tokens.len(), fits);
 }
+
+/// Past 1,024 positions attention is computed in parts that are merged
+/// (`lw_model::attention::PART`), and decoding splits a step's parts over the
+/// threads while prefill runs them in turn: each position's logits have the
+/// same bits either way, across the part boundary at 2,048 and with a
+/// sliding window that starts inside a part.
+#[test]
+fn decoding_past_a_part_boundary_gives_the_prefills_bits() {
+    let bits = |t: &candle_core::Tensor| -> Vec<Vec<u32>> {
+        t.to_vec2::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.into_iter().map(f32::to_bits).collect())
+            .collect()
+    };
+    let cases = [
+        ("qwen2", serde_json::json!({"max_position_embeddings": 4096})),
+        (
+            "mistral",
+            serde_json::json!({"max_position_embeddings": 4096, "sliding_window": 1500}),
+        ),
+    ];
+    for (name, config) in cases {
+        let dir = with_config(name, &config, "parts");
+        let model = Llama::load_dir(&dir, lw_model::DType::F32).unwrap();
+        let vocab = model.config().vocab_size;
+        let n = 2100;
+        let prompt: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+        let mut cache = model.new_cache();
+        let mut whole = Vec::new();
+        for chunk in prompt.chunks(700) {
+            whole.extend(bits(&model.forward(chunk, &mut cache, Logits::All).unwrap()));
+        }
+        let start = 2030;
+        let mut cache = model.new_cache();
+        model
+            .forward(&prompt[..start], &mut cache, Logits::Last)
+            .unwrap();
+        for (i, &tok) in prompt[start..].iter().enumerate() {
+            let out = bits(&model.forward(&[tok], &mut cache, Logits::Last).unwrap());
+            assert_eq!(out[0], whole[start + i], "{name}: position {}", start + i);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

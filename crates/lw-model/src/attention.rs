@@ -36,12 +36,40 @@ pub struct CacheView<'a> {
     pub len: usize,
 }
 
+/// Positions per part of an attention: the positions a query attends to are
+/// cut at multiples of `PART` (counted from the sequence's start), each
+/// part is attended to on its own, and the parts are merged ([`merge`]).
+/// Where the parts fall depends only on the positions, never on threads or
+/// batching, so a position's result has the same bits however it was
+/// computed; a caller may run the parts of one query on different threads
+/// (decode at depth, where the kv heads are fewer than the threads).
+pub const PART: usize = 1024;
+
+/// The parts of attention over positions `first..len` ([`PART`]).
+pub fn parts(first: usize, len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let mut at = first;
+    std::iter::from_fn(move || {
+        (at < len).then(|| {
+            let end = ((at / PART + 1) * PART).min(len);
+            let part = at..end;
+            at = end;
+            part
+        })
+    })
+}
+
+/// The first position a query at `len - 1` attends to, given the window.
+pub fn first_position(len: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| len.saturating_sub(w))
+}
+
 /// Attention of the query heads `q` (`[group, head_dim]`, rope applied) that
 /// share kv head `kv`, over the view's first `len` positions, written to
 /// `out` (`[group, head_dim]`). Keys older than `window` positions are
 /// skipped. Every position of every sequence goes through this one
-/// function, prefill and decode alike, so a position's result never depends
-/// on how positions were grouped into steps.
+/// function or through [`attend_part`] and [`merge`] with the same parts,
+/// prefill and decode alike, so a position's result never depends on how
+/// positions were grouped into steps.
 pub fn attend_group(
     q: &[f32],
     cache: &CacheView,
@@ -50,19 +78,98 @@ pub fn attend_group(
     window: Option<usize>,
     out: &mut [f32],
 ) {
-    let first = window.map_or(0, |w| cache.len.saturating_sub(w));
+    let heads = q.len() / head_dim;
+    let first = first_position(cache.len, window);
+    let count = parts(first, cache.len).count();
+    let slot = slot_len(heads, head_dim);
+    crate::pool::with_local(&SLOTS, |slots| {
+        slots.resize(count.max(1) * slot, 0.0);
+        if count <= 1 {
+            let part = parts(first, cache.len).next().unwrap_or(0..0);
+            let stats = &mut slots[heads * head_dim..slot];
+            return attend_part(q, cache, kv, head_dim, part, out, stats);
+        }
+        for (part, o) in parts(first, cache.len).zip(slots.chunks_mut(slot)) {
+            let (o, stats) = o.split_at_mut(heads * head_dim);
+            attend_part(q, cache, kv, head_dim, part, o, stats);
+        }
+        merge(&slots[..count * slot], head_dim, out);
+    })
+}
+
+thread_local! {
+    /// [`attend_group`]'s parts before they are merged, kept per thread.
+    static SLOTS: std::cell::RefCell<Vec<f32>> = std::cell::RefCell::default();
+}
+
+/// Numbers per part that [`merge`] takes for `heads` query heads: the
+/// part's output (`[heads, head_dim]`), then its `[max, inv]` per head.
+pub fn slot_len(heads: usize, head_dim: usize) -> usize {
+    heads * (head_dim + 2)
+}
+
+/// Attention of the query heads `q` that share kv head `kv` over positions
+/// `part` of the view (one of [`parts`]): each head's output over the part
+/// alone, softmax-normalized, to `out` (`[group, head_dim]`), and per head
+/// the largest score and the inverse of the sum of the exponentials to
+/// `stats` (`[max, inv]` per head), which [`merge`] takes.
+pub fn attend_part(
+    q: &[f32],
+    cache: &CacheView,
+    kv: usize,
+    head_dim: usize,
+    part: std::ops::Range<usize>,
+    out: &mut [f32],
+    stats: &mut [f32],
+) {
     let base = kv * cache.capacity * head_dim;
     let rows = Rows {
         base,
-        first,
-        len: cache.len,
+        first: part.start,
+        len: part.end,
         head_dim,
     };
+    if part.is_empty() {
+        out.fill(0.0);
+        stats.fill(0.0);
+        return;
+    }
     match (cache.keys, cache.values) {
-        (KvSlice::F32(k), KvSlice::F32(v)) => attend(q, k, v, &rows, out),
-        (KvSlice::F16(k), KvSlice::F16(v)) => attend(q, k, v, &rows, out),
-        (KvSlice::Q8(k), KvSlice::Q8(v)) => attend(q, k, v, &rows, out),
+        (KvSlice::F32(k), KvSlice::F32(v)) => attend(q, k, v, &rows, out, stats),
+        (KvSlice::F16(k), KvSlice::F16(v)) => attend(q, k, v, &rows, out, stats),
+        (KvSlice::Q8(k), KvSlice::Q8(v)) => attend(q, k, v, &rows, out, stats),
         _ => unreachable!("keys and values share a format"),
+    }
+}
+
+/// The parts' results `slots` (one [`slot_len`] per part, in part order:
+/// [`attend_part`]'s output, then its stats) merged into the attention over
+/// all of them, `out` (`[group, head_dim]`). Per head, with `M` the largest
+/// of the parts' maxima, part `j` weighs `e^(m_j − M) / inv_j` (its sum of
+/// exponentials rescaled to `M`), the weights are summed in part order, and
+/// the output is the sum of each part's output times its weight over that
+/// total, fused multiply-adds in part order.
+pub fn merge(slots: &[f32], head_dim: usize, out: &mut [f32]) {
+    let heads = out.len() / head_dim;
+    let slot = slot_len(heads, head_dim);
+    let n = slots.len() / slot;
+    for (h, o) in out.chunks_mut(head_dim).enumerate() {
+        let stat = |j: usize| {
+            let at = j * slot + heads * head_dim + 2 * h;
+            (slots[at], slots[at + 1])
+        };
+        let top = (0..n).map(|j| stat(j).0).fold(f32::NEG_INFINITY, f32::max);
+        let weight = |j: usize| {
+            let (m, inv) = stat(j);
+            exp_nonpositive(m - top) / inv
+        };
+        let total: f32 = (0..n).map(weight).sum();
+        o.fill(0.0);
+        for j in 0..n {
+            let w = weight(j);
+            let part = &slots[j * slot + h * head_dim..j * slot + (h + 1) * head_dim];
+            axpy(w / total, part, o);
+        }
     }
 }
 
@@ -208,7 +315,14 @@ thread_local! {
     static BUFFERS: std::cell::RefCell<Buffers> = std::cell::RefCell::default();
 }
 
-fn attend<E: KvRows>(q: &[f32], keys: E, values: E, rows: &Rows, out: &mut [f32]) {
+fn attend<E: KvRows>(
+    q: &[f32],
+    keys: E,
+    values: E,
+    rows: &Rows,
+    out: &mut [f32],
+    stats: &mut [f32],
+) {
     crate::pool::with_local(&BUFFERS, |b| {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2")
@@ -216,9 +330,9 @@ fn attend<E: KvRows>(q: &[f32], keys: E, values: E, rows: &Rows, out: &mut [f32]
             && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the features were just checked.
-            return unsafe { attend_avx2(q, keys, values, rows, out, b) };
+            return unsafe { attend_avx2(q, keys, values, rows, (out, stats), b) };
         }
-        attend_body::<E, false>(q, keys, values, rows, out, b)
+        attend_body::<E, false>(q, keys, values, rows, (out, stats), b)
     })
 }
 
@@ -235,7 +349,7 @@ unsafe fn attend_avx2<E: KvRows>(
     keys: E,
     values: E,
     rows: &Rows,
-    out: &mut [f32],
+    out: (&mut [f32], &mut [f32]),
     b: &mut Buffers,
 ) {
     attend_body::<E, true>(q, keys, values, rows, out, b)
@@ -256,7 +370,7 @@ fn attend_body<E: KvRows, const AVX2: bool>(
     keys: E,
     values: E,
     rows: &Rows,
-    out: &mut [f32],
+    (out, stats): (&mut [f32], &mut [f32]),
     b: &mut Buffers,
 ) {
     let hd = rows.head_dim;
@@ -297,7 +411,10 @@ fn attend_body<E: KvRows, const AVX2: bool>(
     // A plain loop, so that the softmax is compiled for this function's
     // features (an iterator adapter would be compiled without them).
     for (h, i) in inv.iter_mut().enumerate() {
-        *i = softmax_for::<AVX2>(&mut scores[h * m..(h + 1) * m]);
+        let (max, sum_inv) = softmax_for::<AVX2>(&mut scores[h * m..(h + 1) * m]);
+        *i = sum_inv;
+        stats[2 * h] = max;
+        stats[2 * h + 1] = sum_inv;
     }
     out.fill(0.0);
     if !hd.is_multiple_of(SLICE) {
@@ -341,12 +458,13 @@ fn attend_body<E: KvRows, const AVX2: bool>(
     }
 }
 
-/// Exponentiates `scores` in place (minus their maximum); returns 1 / sum.
+/// Exponentiates `scores` in place (minus their maximum); returns the
+/// maximum and 1 / sum.
 /// The sum runs in eight lanes (score `i` into lane `i % 8`), then as in
 /// [`tree8`]; with `AVX2` (the caller checked the feature), eight scores at
 /// a time in explicit AVX2 with the same operations, so the same bits.
 #[inline(always)]
-fn softmax_for<const AVX2: bool>(scores: &mut [f32]) -> f32 {
+fn softmax_for<const AVX2: bool>(scores: &mut [f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     if AVX2 {
         // SAFETY: `AVX2` is set only where the feature was detected.
@@ -356,14 +474,14 @@ fn softmax_for<const AVX2: bool>(scores: &mut [f32]) -> f32 {
 }
 
 /// [`softmax_for`] without explicit vectors.
-fn softmax(scores: &mut [f32]) -> f32 {
+fn softmax(scores: &mut [f32]) -> (f32, f32) {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut lanes = [0f32; 8];
     for (i, s) in scores.iter_mut().enumerate() {
         *s = exp_nonpositive(*s - max);
         lanes[i % 8] += *s;
     }
-    1.0 / tree8(lanes)
+    (max, 1.0 / tree8(lanes))
 }
 
 /// [`softmax`] eight scores at a time.
@@ -372,7 +490,7 @@ fn softmax(scores: &mut [f32]) -> f32 {
 /// AVX2 is available.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn softmax_avx2(scores: &mut [f32]) -> f32 {
+unsafe fn softmax_avx2(scores: &mut [f32]) -> (f32, f32) {
     use std::arch::x86_64::*;
     let full = scores.len() / 8 * 8;
     let p = scores.as_mut_ptr();
@@ -400,7 +518,7 @@ unsafe fn softmax_avx2(scores: &mut [f32]) -> f32 {
         *s = exp_nonpositive(*s - max);
         *l += *s;
     }
-    1.0 / tree8(lanes)
+    (max, 1.0 / tree8(lanes))
 }
 
 /// [`exp_nonpositive`] of eight lanes, step for step.
@@ -607,7 +725,7 @@ mod tests {
                         ) * scale;
                     }
                 }
-                let inv: Vec<f32> = scores.chunks_mut(m).map(softmax).collect();
+                let inv: Vec<f32> = scores.chunks_mut(m).map(|s| softmax(s).1).collect();
                 let mut out = vec![0f32; heads * hd];
                 for i in 0..m {
                     for h in 0..heads {
@@ -622,14 +740,15 @@ mod tests {
             };
             let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             let mut out = vec![0f32; heads * hd];
-            attend(&q, &k[..], &v[..], &rows, &mut out);
+            let mut stats = vec![0f32; 2 * heads];
+            attend(&q, &k[..], &v[..], &rows, &mut out, &mut stats);
             assert_eq!(bits(&out), bits(&plain(&k, &v)), "f32, head size {hd}");
             assert!(out.iter().any(|&x| x != 0.0));
             let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
             let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
             let kw: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
             let vw: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
-            attend(&q, &k16[..], &v16[..], &rows, &mut out);
+            attend(&q, &k16[..], &v16[..], &rows, &mut out, &mut stats);
             assert_eq!(bits(&out), bits(&plain(&kw, &vw)), "f16, head size {hd}");
             if hd % 32 == 0 {
                 let q8 = |x: &[f32]| {
@@ -651,9 +770,78 @@ mod tests {
                     assert!((x - w).abs() <= 0.5 * 1.001 / 127.0 + 1e-6, "{x} {w}");
                 }
                 let (ks, vs) = (Q8Slice { q: &kq, d: &kd }, Q8Slice { q: &vq, d: &vd });
-                attend(&q, ks, vs, &rows, &mut out);
+                attend(&q, ks, vs, &rows, &mut out, &mut stats);
                 assert_eq!(bits(&out), bits(&plain(&kw, &vw)), "q8, head size {hd}");
             }
+        }
+    }
+
+    /// A long attention is cut into parts at multiples of [`PART`] and
+    /// merged: it matches the softmax computed in f64, with and without a
+    /// window, and parts computed on their own (in any order, as threads
+    /// would) merge to the same bits as [`attend_group`].
+    #[test]
+    fn long_attention_is_merged_from_parts_and_matches_the_plain_softmax() {
+        assert_eq!(parts(0, 1).collect::<Vec<_>>(), vec![0..1]);
+        assert_eq!(
+            parts(1000, 2 * PART + 52).collect::<Vec<_>>(),
+            vec![1000..PART, PART..2 * PART, 2 * PART..2 * PART + 52]
+        );
+        assert_eq!(parts(5, 5).count(), 0);
+        let (hd, heads, len) = (64, 3, 2 * PART + 300);
+        let q: Vec<f32> = values(heads * hd, 4).iter().map(|x| 4.0 * x).collect();
+        let k = values(len * hd, 5);
+        let v = values(len * hd, 6);
+        let cache = CacheView {
+            keys: KvSlice::F32(&k),
+            values: KvSlice::F32(&v),
+            capacity: len,
+            len,
+        };
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for window in [None, Some(1500), Some(100)] {
+            let mut out = vec![0f32; heads * hd];
+            attend_group(&q, &cache, 0, hd, window, &mut out);
+            let first = first_position(len, window);
+            for h in 0..heads {
+                let qh = &q[h * hd..(h + 1) * hd];
+                let scores: Vec<f64> = (first..len)
+                    .map(|t| {
+                        let kt = &k[t * hd..(t + 1) * hd];
+                        qh.iter()
+                            .zip(kt)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for d in 0..hd {
+                    let want: f64 = (first..len)
+                        .zip(&e)
+                        .map(|(t, &w)| w * v[t * hd + d] as f64)
+                        .sum::<f64>()
+                        / sum;
+                    let got = out[h * hd + d] as f64;
+                    assert!(
+                        (got - want).abs() <= 2e-5 * (1.0 + want.abs()),
+                        "window {window:?} head {h} element {d}: {got} against {want}"
+                    );
+                }
+            }
+            let all: Vec<_> = parts(first, len).collect();
+            assert_eq!(all.len() > 1, window != Some(100), "{all:?}");
+            let slot = slot_len(heads, hd);
+            let mut slots = vec![0f32; all.len() * slot];
+            for (i, part) in all.iter().enumerate().rev() {
+                let (o, stats) = slots[i * slot..(i + 1) * slot].split_at_mut(heads * hd);
+                attend_part(&q, &cache, 0, hd, part.clone(), o, stats);
+            }
+            let mut merged = vec![0f32; heads * hd];
+            merge(&slots, hd, &mut merged);
+            assert_eq!(bits(&merged), bits(&out), "window {window:?}");
         }
     }
 

@@ -13,7 +13,9 @@ use candle_core::{DType, Device, Tensor};
 
 use rayon::prelude::*;
 
-use crate::attention::{attend_group, CacheView, KvSlice};
+use crate::attention::{
+    attend_group, attend_part, first_position, merge, parts, slot_len, CacheView, KvSlice,
+};
 use crate::cache::{KvCache, KvDtype};
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::ModelError;
@@ -569,17 +571,64 @@ impl Llama {
             Vec::new()
         };
         let out = sized(out, rows.len() * nh * hd);
-        crate::pool::for_each_chunk(out, group * hd, |i, o| {
-            let (r, kv) = (i / nkv, i % nkv);
+        let view_of = |r: usize| {
             let (seq, pos) = rows[r];
-            let view = match wide.get(seq) {
+            match wide.get(seq) {
                 Some(Some(w)) => w.view(pos + 1),
                 _ => seqs[seq].0.view(l, pos + 1),
-            };
+            }
+        };
+        let q_of = |r: usize, kv: usize| {
             let q0 = r * width + kv * group * hd;
-            attend_group(&qkv[q0..q0 + group * hd], &view, kv, hd, layer.window, o);
+            &qkv[q0..q0 + group * hd]
+        };
+        // Few rows (decode): each (row, kv head) is also split into its
+        // parts, so that a long cache is read by every thread even where the
+        // kv heads are fewer than the threads; the parts are then merged.
+        // The same parts and merge as inside `attend_group`: the same bits.
+        let split = rows.len() * nkv < Self::SPLIT_BELOW
+            && rows.iter().any(|&(_, pos)| {
+                parts(first_position(pos + 1, layer.window), pos + 1)
+                    .nth(1)
+                    .is_some()
+            });
+        if !split {
+            crate::pool::for_each_chunk(out, group * hd, |i, o| {
+                let (r, kv) = (i / nkv, i % nkv);
+                attend_group(q_of(r, kv), &view_of(r), kv, hd, layer.window, o);
+            });
+            return;
+        }
+        let slot = slot_len(group, hd);
+        crate::pool::with_local(&PART_WORK, |w: &mut PartWork| {
+            w.tasks.clear();
+            w.first.clear();
+            w.first.push(0);
+            for i in 0..rows.len() * nkv {
+                let (r, kv) = (i / nkv, i % nkv);
+                let len = rows[r].1 + 1;
+                let each = parts(first_position(len, layer.window), len);
+                w.tasks.extend(each.map(|p| (r, kv, p)));
+                w.first.push(w.tasks.len());
+            }
+            w.slots.resize(w.tasks.len() * slot, 0.0);
+            let tasks = &w.tasks;
+            crate::pool::for_each_chunk(&mut w.slots[..], slot, |t, o| {
+                let (r, kv, ref part) = tasks[t];
+                let (o, stats) = o.split_at_mut(group * hd);
+                attend_part(q_of(r, kv), &view_of(r), kv, hd, part.clone(), o, stats);
+            });
+            // Each (row, kv head)'s parts lie together, in order.
+            let (slots, first) = (&w.slots[..], &w.first);
+            crate::pool::for_each_chunk(out, group * hd, |i, o| {
+                merge(&slots[first[i] * slot..first[i + 1] * slot], hd, o);
+            });
         });
     }
+
+    /// Below this many (row, kv head) attention tasks in a step, each is
+    /// split into its parts across the threads.
+    const SPLIT_BELOW: usize = 64;
 
     /// The final norm and the classifier over the residual stream `s.x`:
     /// logits of every row, or of each sequence's last.
@@ -669,6 +718,18 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+    /// A step's split attention, kept per thread.
+    static PART_WORK: std::cell::RefCell<PartWork> = std::cell::RefCell::default();
+}
+
+/// The tasks of a step's split attention (row, kv head, part), where each
+/// (row, kv head)'s parts begin among them, and their results before they
+/// are merged.
+#[derive(Default)]
+struct PartWork {
+    tasks: Vec<(usize, usize, std::ops::Range<usize>)>,
+    first: Vec<usize>,
+    slots: Vec<f32>,
 }
 
 /// The router and experts of layer `p` (`model.layers.N`): each expert's
