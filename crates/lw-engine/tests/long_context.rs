@@ -215,7 +215,10 @@ fn decoding_past_a_part_boundary_gives_the_prefills_bits() {
             .collect()
     };
     let cases = [
-        ("qwen2", serde_json::json!({"max_position_embeddings": 4096})),
+        (
+            "qwen2",
+            serde_json::json!({"max_position_embeddings": 4096}),
+        ),
         (
             "mistral",
             serde_json::json!({"max_position_embeddings": 4096, "sliding_window": 1500}),
@@ -230,7 +233,9 @@ fn decoding_past_a_part_boundary_gives_the_prefills_bits() {
         let mut cache = model.new_cache();
         let mut whole = Vec::new();
         for chunk in prompt.chunks(700) {
-            whole.extend(bits(&model.forward(chunk, &mut cache, Logits::All).unwrap()));
+            whole.extend(bits(
+                &model.forward(chunk, &mut cache, Logits::All).unwrap(),
+            ));
         }
         let start = 2030;
         let mut cache = model.new_cache();
