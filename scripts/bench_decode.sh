@@ -40,7 +40,7 @@ echo "$THREADS threads; decode of $GEN tokens; our KV cache $KV, llama.cpp's f16
 echo
 header="| file | depth |"; rule="|---|---|"
 for s in $SETS; do header+=" $s |"; rule+="---|"; done
-echo "$header llama.cpp | best / llama.cpp | default set |"
+echo "$header llama.cpp | default set | default / llama.cpp |"
 echo "$rule---|---|---|"
 for file in "$@"; do
   for depth in $DEPTHS; do
@@ -57,14 +57,19 @@ for file in "$@"; do
     done
     default="$("$LONGWRITER" bench --model "$file" --threads "$THREADS" --prompt-tokens 1 --gen-tokens 2 --runs 1 --json 2>/dev/null)"
     default="$(json_field "$default" kernels 2>/dev/null || echo '?')"
-    row="| $(basename "$file") | $depth |"; best=0
+    row="| $(basename "$file") | $depth |"; chosen=""
     for s in $SETS; do
       m="$(printf '%s\n' ${ours[$s]} | median)"
       row+=" $(printf '%.1f' "$m") |"
-      best="$(awk -v a="$best" -v b="$m" 'BEGIN {print (b > a) ? b : a}')"
+      [ "$s" = "$default" ] && chosen="$m"
     done
     r="$(printf '%s\n' "${ref[@]}" | median)"
-    echo "$row $(printf '%.1f' "$r") | $(awk -v a="$best" -v b="$r" 'BEGIN {printf "%.2f×", a / b}') | $default |"
+    if [ -n "$chosen" ]; then
+      ratio="$(awk -v a="$chosen" -v b="$r" 'BEGIN {printf "%.2f×", a / b}')"
+    else
+      ratio="(not among SETS)"
+    fi
+    echo "$row $(printf '%.1f' "$r") | $default | $ratio |"
     unset ours
   done
 done
