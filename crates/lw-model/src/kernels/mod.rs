@@ -27,7 +27,8 @@
 /// Defines kernel `$name`, taking the [`Isa`] first: the body `$body`
 /// (generic over [`Ints`], always inlined) compiled once for each set, and
 /// the one for `isa` called. A kernel with a 512-bit body names it after
-/// `wide`; [`Isa::Avx512Zmm`] runs that one, else the AVX-512 VNNI build
+/// `wide` (with a condition on the constants after `if`, where it pays only
+/// for some); [`Isa::Avx512Zmm`] runs that one, else the AVX-512 VNNI build
 /// itself (compiling the 256-bit body again with AVX-512 BW enabled gives
 /// LLVM room to split `vpdpwssd` back into two instructions: the Q8_0 GEMM
 /// then executed 83% more instructions).
@@ -38,8 +39,16 @@ macro_rules! for_each_isa {
     (@zmm $body:ident $wide:ident, [$($c:ident),*], [$($arg:ident),*]) => {
         $wide::<$($c),*>($($arg),*)
     };
+    (@zmm $body:ident $wide:ident ($cond:expr), [$($c:ident),*], [$($arg:ident),*]) => {
+        if $cond {
+            $wide::<$($c),*>($($arg),*)
+        } else {
+            vnni::<$($c),*>($($arg),*)
+        }
+    };
     ($(#[$doc:meta])* pub unsafe fn $name:ident<$(const $c:ident: usize),*>
-        ($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $body:ident $(, wide $wide:ident)?;) => {
+        ($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $body:ident
+        $(, wide $wide:ident $(if $cond:expr)?)?;) => {
         $(#[$doc])*
         #[cfg(target_arch = "x86_64")]
         #[inline]
@@ -58,7 +67,7 @@ macro_rules! for_each_isa {
             }
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
             unsafe fn zmm<$(const $c: usize),*>($($arg: $ty),*) $(-> $ret)? {
-                for_each_isa!(@zmm $body $($wide)?, [$($c),*], [$($arg),*])
+                for_each_isa!(@zmm $body $($wide $(($cond))?)?, [$($c),*], [$($arg),*])
             }
             match isa {
                 Isa::Avx2 => avx2::<$($c),*>($($arg),*),

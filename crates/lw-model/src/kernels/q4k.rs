@@ -76,10 +76,12 @@ for_each_isa! {
     pub unsafe fn q4k8_tile<const R: usize>(
         group: *const u8,
         xs: [&QuantRow; R]
-    ) -> [[f32; 8]; R] = q4k8_tile_in, wide q4k8_tile_zmm;
+    ) -> [[f32; 8]; R] = q4k8_tile_in, wide q4k8_tile_zmm if R == 1;
 }
 
-/// [`q4k8_tile`] on 512-bit registers: one load holds two steps of four
+/// [`q4k8_tile`] on 512-bit registers against one activation row (decode;
+/// against several, the AVX-512 VNNI build, whose embedded broadcasts make
+/// it as short): one load holds two steps of four
 /// bytes of the eight rows (lanes 0–7 the first, 8–15 the second); the
 /// activation's matching groups of four bytes are spread to the two halves
 /// by one permute each. A sub-block's runs are multiplied by the rows'

@@ -78,7 +78,7 @@ for_each_isa! {
     pub unsafe fn q6k8_tile<const R: usize>(
         group: *const u8,
         xs: [&QuantRow; R]
-    ) -> [[f32; 8]; R] = q6k8_tile_in;
+    ) -> [[f32; 8]; R] = q6k8_tile_in, wide q6k8_tile_zmm if R == 1;
 }
 
 /// The body of [`q6k8_tile`].
@@ -88,7 +88,7 @@ unsafe fn q6k8_tile_in<I: Ints, const R: usize>(
     group: *const u8,
     xs: [&QuantRow; R],
 ) -> [[f32; 8]; R] {
-    use crate::repack::q6k::{D, GROUP_BLOCK, QS, SCALES};
+    use crate::repack::q6k::{GROUP_BLOCK, QS, SCALES};
     let blocks = xs[0].scales.len();
     let spread = scale_spread();
     let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
@@ -124,29 +124,155 @@ unsafe fn q6k8_tile_in<I: Ints, const R: usize>(
                 }
             }
         }
-        let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(D) as *const __m128i));
-        for i in 0..R {
-            let s = sums[i].add(b * 16);
-            let mut offset = _mm256_setzero_si256();
-            for p in 0..8 {
-                let pair = _mm256_set1_epi32(
-                    (*s.add(2 * p) as u16 as i32) | ((*s.add(2 * p + 1) as i32) << 16),
-                );
-                let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(
-                    rec.add(SCALES + 16 * p) as *const __m128i
-                ));
-                offset = I::madd(offset, sc, pair);
-            }
-            let tot = _mm256_sub_epi32(isum[i], _mm256_slli_epi32(offset, 5));
-            let dy = _mm256_set1_ps(*dys[i].add(b));
-            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(d, dy), _mm256_cvtepi32_ps(tot), acc[i]);
-        }
+        q6k_block_end::<I, R>(rec, b, &isum, (sums, dys), &mut acc);
     }
     std::array::from_fn(|i| {
         let mut out = [0f32; 8];
         _mm256_storeu_ps(out.as_mut_ptr(), acc[i]);
         out
     })
+}
+
+/// The end of a block of the Q6_K group kernels: the offset `32 · Σ scale ·
+/// (sum of the 16 activations)` off each row's exact sum `isum`, then
+/// `acc = fma(d · dy, sum, acc)` per activation row.
+///
+/// # Safety
+/// As for the kernels: `rec` is block `b` of a group, and the rows have it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q6k_block_end<I: Ints, const R: usize>(
+    rec: *const u8,
+    b: usize,
+    isum: &[__m256i; R],
+    (sums, dys): ([*const i16; R], [*const f32; R]),
+    acc: &mut [__m256; R],
+) {
+    use crate::repack::q6k::{D, SCALES};
+    let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(D) as *const __m128i));
+    for i in 0..R {
+        let s = sums[i].add(b * 16);
+        let mut offset = _mm256_setzero_si256();
+        for p in 0..8 {
+            let pair = _mm256_set1_epi32(
+                (*s.add(2 * p) as u16 as i32) | ((*s.add(2 * p + 1) as i32) << 16),
+            );
+            let sc =
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(rec.add(SCALES + 16 * p) as *const __m128i));
+            offset = I::madd(offset, sc, pair);
+        }
+        let tot = _mm256_sub_epi32(isum[i], _mm256_slli_epi32(offset, 5));
+        let dy = _mm256_set1_ps(*dys[i].add(b));
+        acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(d, dy), _mm256_cvtepi32_ps(tot), acc[i]);
+    }
+}
+
+/// [`q6k8_tile`] on 512-bit registers against one activation row (decode;
+/// against several, the AVX-512 VNNI build folds each activation broadcast
+/// into its dot product as an embedded `{1to8}` operand, which the permutes
+/// here cannot, and executes fewer instructions): two steps of the eight
+/// rows per
+/// register (lanes 0–7 step `g`, 8–15 step `g + 1`, each half loaded from
+/// its own step), unpacked together; the activation's matching groups of
+/// four bytes are spread to the two halves by one permute. A quarter's runs
+/// over four steps are multiplied by the rows' scales repeated in both
+/// halves, and a block's two halves, partial sums of the same rows, are
+/// added (exactly) before the offset and the f32 steps, which are the
+/// 256-bit kernel's: the same bits.
+///
+/// # Safety
+/// As for [`q6k8_tile`], and the CPU has AVX-512 F, VL, BW and VNNI (the
+/// caller is compiled with them).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q6k8_tile_zmm<const R: usize>(group: *const u8, xs: [&QuantRow; R]) -> [[f32; 8]; R] {
+    use crate::repack::q6k::{GROUP_BLOCK, QS, SCALES};
+    let blocks = xs[0].scales.len();
+    let spread = scale_spread();
+    let ys: [*const i8; R] = xs.map(|x| x.values.as_ptr());
+    let sums: [*const i16; R] = xs.map(|x| x.sums16.as_ptr());
+    let dys: [*const f32; R] = xs.map(|x| x.scales.as_ptr());
+    // Four-byte groups g and g + 1 of 32 activation bytes to the halves.
+    let pick: [__m512i; 4] = std::array::from_fn(|p| {
+        let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
+        _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
+    });
+    let both = |v: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v), v);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..blocks {
+        let rec = group.add(b * GROUP_BLOCK);
+        let mut isum = [_mm512_setzero_si512(); R];
+        for h in 0..2 {
+            // Quarter k's 32 activation bytes of this half, per row.
+            let yq: [[__m512i; 4]; R] = std::array::from_fn(|i| {
+                std::array::from_fn(|k| {
+                    let y = ys[i].add(b * 256 + h * 128 + 32 * k) as *const __m256i;
+                    _mm512_castsi256_si512(_mm256_loadu_si256(y))
+                })
+            });
+            for gp in 0..2 {
+                let mut runs = [[_mm512_setzero_si512(); R]; 4];
+                for p in 2 * gp..2 * gp + 2 {
+                    let at = rec.add(QS + (h * 8 + 2 * p) * 96);
+                    let w = q6k_values_zmm(at, at.add(96));
+                    for i in 0..R {
+                        for k in 0..4 {
+                            let y = _mm512_permutexvar_epi32(pick[p], yq[i][k]);
+                            runs[k][i] = _mm512_dpbusd_epi32(runs[k][i], w[k], y);
+                        }
+                    }
+                }
+                // Weights 4g.. of quarter k use scale 8h + 2k + (g ≥ 4).
+                for (k, run) in runs.iter().enumerate() {
+                    let pairs = scale_pairs(rec.add(SCALES + (4 * h + k) * 16), spread[gp]);
+                    let sc = both(Vnni::scales(pairs));
+                    for i in 0..R {
+                        isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(run[i], sc));
+                    }
+                }
+            }
+        }
+        let isum: [__m256i; R] = std::array::from_fn(|i| {
+            _mm256_add_epi32(
+                _mm512_castsi512_si256(isum[i]),
+                _mm512_extracti64x4_epi64::<1>(isum[i]),
+            )
+        });
+        q6k_block_end::<Vnni, R>(rec, b, &isum, (sums, dys), &mut acc);
+    }
+    std::array::from_fn(|i| {
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc[i]);
+        out
+    })
+}
+
+/// [`q6k_values`] of two steps at once (`at`, `next`: their `a`, `b` and
+/// `c` loads), the first in lanes 0–7 and the second in 8–15.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q6k_values_zmm(at: *const u8, next: *const u8) -> [__m512i; 4] {
+    let six = _mm512_set1_epi8(0x3F);
+    let load = |o: usize| {
+        let first = _mm256_loadu_si256(at.add(o) as *const __m256i);
+        let second = _mm256_loadu_si256(next.add(o) as *const __m256i);
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(first), second)
+    };
+    let (a, b, c) = (load(0), load(32), load(64));
+    let top = |v: __m512i| _mm512_andnot_si512(six, v);
+    let q3 = _mm512_or_si512(
+        _mm512_or_si512(
+            _mm512_srli_epi16::<6>(top(a)),
+            _mm512_srli_epi16::<4>(top(b)),
+        ),
+        _mm512_srli_epi16::<2>(top(c)),
+    );
+    [
+        _mm512_and_si512(a, six),
+        _mm512_and_si512(b, six),
+        _mm512_and_si512(c, six),
+        q3,
+    ]
 }
 
 /// The four value vectors of one step of a Q6_K group (`at`: its `a`, `b`
