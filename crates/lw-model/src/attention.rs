@@ -148,7 +148,7 @@ pub fn attend_part(
 /// of the parts' maxima, part `j` weighs `e^(m_j − M) / inv_j` (its sum of
 /// exponentials rescaled to `M`), the weights are summed in part order, and
 /// the output is the sum of each part's output times its weight over that
-/// total, fused multiply-adds in part order.
+/// total, in part order.
 pub fn merge(slots: &[f32], head_dim: usize, out: &mut [f32]) {
     let heads = out.len() / head_dim;
     let slot = slot_len(heads, head_dim);
@@ -327,7 +327,6 @@ fn attend<E: KvRows>(
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("f16c")
-            && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the features were just checked.
             return unsafe { attend_avx2(q, keys, values, rows, (out, stats), b) };
@@ -337,13 +336,12 @@ fn attend<E: KvRows>(
 }
 
 /// [`attend_body`] compiled for AVX2: the same operations in the same order
-/// (the same fused multiply-adds, in hardware), eight lanes wide, so the
-/// same bits.
+/// (no fused multiply-adds), eight lanes wide, so the same bits.
 ///
 /// # Safety
-/// AVX2, F16C and FMA are available.
+/// AVX2 and F16C are available.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c,fma")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn attend_avx2<E: KvRows>(
     q: &[f32],
     keys: E,
@@ -360,10 +358,7 @@ unsafe fn attend_avx2<E: KvRows>(
 const CHUNK: usize = 32;
 const SLICE: usize = 64;
 
-/// `AVX2`: the caller checked that the CPU has AVX2, F16C and FMA. Every
-/// product is summed by a fused multiply-add (one rounding, and half the
-/// operations of a multiply and an add: at long contexts the sums over the
-/// cache are what a decoded token costs).
+/// `AVX2`: the caller checked that the CPU has AVX2 and F16C.
 #[inline(always)]
 fn attend_body<E: KvRows, const AVX2: bool>(
     q: &[f32],
@@ -449,7 +444,7 @@ fn attend_body<E: KvRows, const AVX2: bool>(
                 for (i, &pi) in p.iter().enumerate() {
                     let v = &vs[i * hd + s0..i * hd + s0 + SLICE];
                     for d in 0..SLICE {
-                        acc[d] = pi.mul_add(v[d], acc[d]);
+                        acc[d] += pi * v[d];
                     }
                 }
                 o.copy_from_slice(&acc);
@@ -616,7 +611,7 @@ const EXP_POLY: [f32; 6] = [
 #[inline(always)]
 fn axpy(p: f32, x: &[f32], out: &mut [f32]) {
     for (acc, &v) in out.iter_mut().zip(x) {
-        *acc = p.mul_add(v, *acc);
+        *acc += p * v;
     }
 }
 
@@ -636,8 +631,8 @@ fn dots8_for<const AVX2: bool>(q: &[f32], keys: &[f32]) -> [f32; 8] {
 }
 
 /// [`dot`] of `q` with eight keys at once, for lengths that are a multiple
-/// of 8: one register of eight lane sums per key (fused multiply-adds, as
-/// in [`dot`]), then the eight registers reduced together by pairwise
+/// of 8: one register of eight lane sums per key (multiply, then add: no
+/// fused steps), then the eight registers reduced together by pairwise
 /// horizontal adds, which add the lanes in [`dot`]'s order.
 ///
 /// # Safety
@@ -653,7 +648,8 @@ unsafe fn dots8_avx2(q: &[f32], keys: &[f32]) -> [f32; 8] {
     for c in (0..hd).step_by(8) {
         let qv = _mm256_loadu_ps(q.as_ptr().add(c));
         for (j, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add(j * hd + c)), *a);
+            let p = _mm256_mul_ps(qv, _mm256_loadu_ps(kp.add(j * hd + c)));
+            *a = _mm256_add_ps(*a, p);
         }
     }
     // Per key: lanes [0+1, 2+3, ... | 4+5, 6+7, ...], then
@@ -682,12 +678,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let full = a.len() / L * L;
     for (ca, cb) in a[..full].chunks_exact(L).zip(b[..full].chunks_exact(L)) {
         for i in 0..L {
-            acc[i] = ca[i].mul_add(cb[i], acc[i]);
+            acc[i] += ca[i] * cb[i];
         }
     }
     let mut tail = 0f32;
     for i in full..a.len() {
-        tail = a[i].mul_add(b[i], tail);
+        tail += a[i] * b[i];
     }
     tree8(acc) + tail
 }

@@ -212,12 +212,12 @@ unsafe fn q6k8_tile_zmm<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
             });
             for gp in 0..2 {
                 let mut runs = [[_mm512_setzero_si512(); R]; 4];
-                for p in 2 * gp..2 * gp + 2 {
+                for (p, pick) in pick.iter().enumerate().skip(2 * gp).take(2) {
                     let at = rec.add(QS + (h * 8 + 2 * p) * 96);
                     let w = q6k_values_zmm(at, at.add(96));
                     for i in 0..R {
                         for k in 0..4 {
-                            let y = _mm512_permutexvar_epi32(pick[p], yq[i][k]);
+                            let y = _mm512_permutexvar_epi32(*pick, yq[i][k]);
                             runs[k][i] = _mm512_dpbusd_epi32(runs[k][i], w[k], y);
                         }
                     }
