@@ -210,7 +210,7 @@ unsafe fn q6k8_tile_zmm<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
                     _mm512_castsi256_si512(_mm256_loadu_si256(y))
                 })
             });
-            for gp in 0..2 {
+            for (gp, spread) in spread.iter().enumerate() {
                 let mut runs = [[_mm512_setzero_si512(); R]; 4];
                 for (p, pick) in pick.iter().enumerate().skip(2 * gp).take(2) {
                     let at = rec.add(QS + (h * 8 + 2 * p) * 96);
@@ -224,7 +224,7 @@ unsafe fn q6k8_tile_zmm<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
                 }
                 // Weights 4g.. of quarter k use scale 8h + 2k + (g ≥ 4).
                 for (k, run) in runs.iter().enumerate() {
-                    let pairs = scale_pairs(rec.add(SCALES + (4 * h + k) * 16), spread[gp]);
+                    let pairs = scale_pairs(rec.add(SCALES + (4 * h + k) * 16), *spread);
                     let sc = both(Vnni::scales(pairs));
                     for i in 0..R {
                         isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(run[i], sc));
