@@ -200,10 +200,10 @@ fn a_kv_cache_that_does_not_fit_is_refused_before_the_run() {
     assert_eq!(out.tokens.len(), fits);
 }
 
-/// Past 1,024 positions attention is computed in parts that are merged
+/// Past 4,096 positions attention is computed in parts that are merged
 /// (`lw_model::attention::PART`), and decoding splits a step's parts over the
 /// threads while prefill runs them in turn: each position's logits have the
-/// same bits either way, across the part boundary at 2,048 and with a
+/// same bits either way, across the part boundary at 8,192 and with a
 /// sliding window that starts inside a part.
 #[test]
 fn decoding_past_a_part_boundary_gives_the_prefills_bits() {
@@ -217,27 +217,27 @@ fn decoding_past_a_part_boundary_gives_the_prefills_bits() {
     let cases = [
         (
             "qwen2",
-            serde_json::json!({"max_position_embeddings": 4096}),
+            serde_json::json!({"max_position_embeddings": 9000}),
         ),
         (
             "mistral",
-            serde_json::json!({"max_position_embeddings": 4096, "sliding_window": 1500}),
+            serde_json::json!({"max_position_embeddings": 9000, "sliding_window": 5000}),
         ),
     ];
     for (name, config) in cases {
         let dir = with_config(name, &config, "parts");
         let model = Llama::load_dir(&dir, lw_model::DType::F32).unwrap();
         let vocab = model.config().vocab_size;
-        let n = 2100;
+        let n = 8260;
         let prompt: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
         let mut cache = model.new_cache();
         let mut whole = Vec::new();
-        for chunk in prompt.chunks(700) {
+        for chunk in prompt.chunks(2100) {
             whole.extend(bits(
                 &model.forward(chunk, &mut cache, Logits::All).unwrap(),
             ));
         }
-        let start = 2030;
+        let start = 8180;
         let mut cache = model.new_cache();
         model
             .forward(&prompt[..start], &mut cache, Logits::Last)

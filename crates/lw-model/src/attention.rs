@@ -42,8 +42,9 @@ pub struct CacheView<'a> {
 /// Where the parts fall depends only on the positions, never on threads or
 /// batching, so a position's result has the same bits however it was
 /// computed; a caller may run the parts of one query on different threads
-/// (decode at depth, where the kv heads are fewer than the threads).
-pub const PART: usize = 1024;
+/// (decode at depth, where the kv heads are fewer than the threads). Below
+/// `PART` positions there is one part, computed as in one pass.
+pub const PART: usize = 4096;
 
 /// The parts of attention over positions `first..len` ([`PART`]).
 pub fn parts(first: usize, len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
