@@ -154,6 +154,27 @@ pub fn wide_pays() -> bool {
     false
 }
 
+/// The two 256-bit halves of `v` added lane by lane: a wide kernel's partial
+/// sums of the same eight rows brought together (exact in integers).
+///
+/// # Safety
+/// The caller is compiled with AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn fold_halves(v: __m512i) -> __m256i {
+    _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
+}
+
+/// `v` in both 256-bit halves (each row's value in lanes r and 8 + r).
+///
+/// # Safety
+/// The caller is compiled with AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn both_halves(v: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v), v)
+}
+
 /// The integer steps of the kernels, per instruction set. AVX2 sums a run
 /// of byte products in 16-bit lanes and widens the run with its multiply by
 /// the scales; VNNI sums the bytes' products straight into 32-bit lanes and

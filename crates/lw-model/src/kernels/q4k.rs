@@ -106,8 +106,6 @@ unsafe fn q4k8_tile_zmm<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
         let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
         _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
     });
-    // Each row's scale (32-bit) in lanes r and 8 + r.
-    let both = |v: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v), v);
     let mut acc = [_mm256_setzero_ps(); R];
     let mut macc = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
@@ -135,8 +133,8 @@ unsafe fn q4k8_tile_zmm<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
                     hi[i] = _mm512_dpbusd_epi32(hi[i], q_hi, b);
                 }
             }
-            let s_lo = both(Vnni::scales(row_scales(rec.add(SCALES + 2 * c * 8))));
-            let s_hi = both(Vnni::scales(row_scales(rec.add(SCALES + (2 * c + 1) * 8))));
+            let s_lo = both_halves(Vnni::scales(row_scales(rec.add(SCALES + 2 * c * 8))));
+            let s_hi = both_halves(Vnni::scales(row_scales(rec.add(SCALES + (2 * c + 1) * 8))));
             for i in 0..R {
                 let part = _mm512_add_epi32(
                     _mm512_mullo_epi32(lo[i], s_lo),
@@ -145,12 +143,7 @@ unsafe fn q4k8_tile_zmm<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
                 isum[i] = _mm512_add_epi32(isum[i], part);
             }
         }
-        let isum: [__m256i; R] = std::array::from_fn(|i| {
-            _mm256_add_epi32(
-                _mm512_castsi512_si256(isum[i]),
-                _mm512_extracti64x4_epi64::<1>(isum[i]),
-            )
-        });
+        let isum: [__m256i; R] = std::array::from_fn(|i| fold_halves(isum[i]));
         k_block_end::<Vnni, R>(rec, b, &isum, (sums, dys), (&mut acc, &mut macc));
     }
     std::array::from_fn(|i| {

@@ -197,7 +197,6 @@ unsafe fn q6k8_tile_zmm<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
         let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
         _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
     });
-    let both = |v: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v), v);
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
         let rec = group.add(b * GROUP_BLOCK);
@@ -225,19 +224,14 @@ unsafe fn q6k8_tile_zmm<const R: usize>(group: *const u8, xs: [&QuantRow; R]) ->
                 // Weights 4g.. of quarter k use scale 8h + 2k + (g ≥ 4).
                 for (k, run) in runs.iter().enumerate() {
                     let pairs = scale_pairs(rec.add(SCALES + (4 * h + k) * 16), *spread);
-                    let sc = both(Vnni::scales(pairs));
+                    let sc = both_halves(Vnni::scales(pairs));
                     for i in 0..R {
                         isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(run[i], sc));
                     }
                 }
             }
         }
-        let isum: [__m256i; R] = std::array::from_fn(|i| {
-            _mm256_add_epi32(
-                _mm512_castsi512_si256(isum[i]),
-                _mm512_extracti64x4_epi64::<1>(isum[i]),
-            )
-        });
+        let isum: [__m256i; R] = std::array::from_fn(|i| fold_halves(isum[i]));
         q6k_block_end::<Vnni, R>(rec, b, &isum, (sums, dys), &mut acc);
     }
     std::array::from_fn(|i| {

@@ -317,10 +317,7 @@ unsafe fn q8_0x8_tile_zmm<const R: usize>(group: *const u8, xs: [&QuantRow; R]) 
                 }
             }
             for i in 0..R {
-                let sum = _mm256_add_epi32(
-                    _mm512_castsi512_si256(isum[i]),
-                    _mm512_extracti64x4_epi64::<1>(isum[i]),
-                );
+                let sum = fold_halves(isum[i]);
                 let d = _mm256_mul_ps(dw, _mm256_set1_ps(*dys[i].add(b)));
                 acc_h[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc_h[i]);
             }
