@@ -31,6 +31,7 @@ from transformers import (
     MixtralConfig,
     Phi3Config,
     Gemma3TextConfig,
+    Gemma2Config,
 )
 
 # A small bilingual corpus so the tokenizer has real merges for English,
@@ -304,6 +305,24 @@ MODELS = {
             pad_token_id=0,
         ),
     ),
+    # Gemma 2: Gemma's norms, GeGLU and scaled embeddings, no q/k norms,
+    # a sliding layer (window 8) then a full one with one rotary base, and
+    # both soft-caps, set low so that they bend these random weights'
+    # scores and logits.
+    "gemma2": (
+        "chatml",
+        Gemma2Config,
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=8,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=2.5,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+            tie_word_embeddings=True,
+            pad_token_id=0,
+        ),
+    ),
     # Qwen3-MoE: five experts, two active, renormalised; experts narrower
     # than the dense MLP would be.
     "qwen3-moe": (
@@ -474,7 +493,9 @@ def main(root, only=None):
             torch_dtype="float32",
         )
         cfg = cls(**{**shape, **extra})
-        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+        # Soft-capped scores exist only in the eager attention.
+        eager = dict(attn_implementation="eager") if name == "gemma2" else {}
+        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32, **eager)
         # Random init is small; widen it so the test sees non-trivial logits.
         with torch.no_grad():
             for p in model.parameters():

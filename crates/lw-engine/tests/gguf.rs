@@ -50,7 +50,7 @@ fn f32_gguf_files_match_transformers_for_every_architecture() {
     let tmp = scratch("f32");
     // `convert` does not write mixtures of experts (llama.cpp's converter
     // does: see the next test) or Gemma 3.
-    let written = |n: &&&str| !n.contains("moe") && !["mixtral", "gemma3"].contains(n);
+    let written = |n: &&&str| !n.contains("moe") && !["mixtral", "gemma2", "gemma3"].contains(n);
     for &name in MODELS.iter().filter(written) {
         let fx = fixture(name);
         let path = to_gguf(

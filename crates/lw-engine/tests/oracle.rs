@@ -270,6 +270,11 @@ fn a_positions_result_does_not_depend_on_how_it_was_batched() {
         "llama31-tied-rope-scaling",
         "qwen3",
         "qwen3-moe",
+        "mixtral",
+        "phi3",
+        "glm4-0414",
+        "gemma2",
+        "gemma3",
     ] {
         for dtype in [DType::F32, DType::BF16] {
             let model = Llama::load_dir(&fixtures().join("models").join(name), dtype).unwrap();

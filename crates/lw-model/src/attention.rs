@@ -36,6 +36,14 @@ pub struct CacheView<'a> {
     pub len: usize,
 }
 
+/// A head's size and how its scores are formed: `q·k / √dim`, then, where
+/// the model caps them (Gemma 2), `cap · tanh(s / cap)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Head {
+    pub dim: usize,
+    pub softcap: Option<f32>,
+}
+
 /// Positions per part of an attention: the positions a query attends to are
 /// cut at multiples of `PART` (counted from the sequence's start), each
 /// part is attended to on its own, and the parts are merged ([`merge`]).
@@ -75,10 +83,11 @@ pub fn attend_group(
     q: &[f32],
     cache: &CacheView,
     kv: usize,
-    head_dim: usize,
+    head: Head,
     window: Option<usize>,
     out: &mut [f32],
 ) {
+    let head_dim = head.dim;
     let heads = q.len() / head_dim;
     let first = first_position(cache.len, window);
     let count = parts(first, cache.len).count();
@@ -88,11 +97,11 @@ pub fn attend_group(
         if count <= 1 {
             let part = parts(first, cache.len).next().unwrap_or(0..0);
             let stats = &mut slots[heads * head_dim..slot];
-            return attend_part(q, cache, kv, head_dim, part, out, stats);
+            return attend_part(q, cache, kv, head, part, out, stats);
         }
         for (part, o) in parts(first, cache.len).zip(slots.chunks_mut(slot)) {
             let (o, stats) = o.split_at_mut(heads * head_dim);
-            attend_part(q, cache, kv, head_dim, part, o, stats);
+            attend_part(q, cache, kv, head, part, o, stats);
         }
         merge(&slots[..count * slot], head_dim, out);
     })
@@ -118,17 +127,18 @@ pub fn attend_part(
     q: &[f32],
     cache: &CacheView,
     kv: usize,
-    head_dim: usize,
+    head: Head,
     part: std::ops::Range<usize>,
     out: &mut [f32],
     stats: &mut [f32],
 ) {
-    let base = kv * cache.capacity * head_dim;
+    let base = kv * cache.capacity * head.dim;
     let rows = Rows {
         base,
         first: part.start,
         len: part.end,
-        head_dim,
+        head_dim: head.dim,
+        softcap: head.softcap,
     };
     if part.is_empty() {
         out.fill(0.0);
@@ -295,6 +305,7 @@ struct Rows {
     first: usize,
     len: usize,
     head_dim: usize,
+    softcap: Option<f32>,
 }
 
 impl Rows {
@@ -402,6 +413,11 @@ fn attend_body<E: KvRows, const AVX2: bool>(
             for (j, s) in row.iter_mut().enumerate().skip(i) {
                 *s = dot(qh, &ks[j * hd..(j + 1) * hd]) * scale;
             }
+        }
+    }
+    if let Some(cap) = rows.softcap {
+        for s in scores.iter_mut() {
+            *s = cap * (*s / cap).tanh();
         }
     }
     // A plain loop, so that the softmax is compiled for this function's
@@ -709,6 +725,7 @@ mod tests {
                 first,
                 len,
                 head_dim: hd,
+                softcap: None,
             };
             let plain = |k: &[f32], v: &[f32]| {
                 let m = len - first;
@@ -796,9 +813,15 @@ mod tests {
             len,
         };
         let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        for window in [None, Some(1500), Some(100)] {
+        for (window, softcap) in [
+            (None, None),
+            (Some(1500), None),
+            (Some(100), None),
+            (None, Some(0.5f32)),
+        ] {
+            let head = Head { dim: hd, softcap };
             let mut out = vec![0f32; heads * hd];
-            attend_group(&q, &cache, 0, hd, window, &mut out);
+            attend_group(&q, &cache, 0, head, window, &mut out);
             let first = first_position(len, window);
             for h in 0..heads {
                 let qh = &q[h * hd..(h + 1) * hd];
@@ -811,6 +834,7 @@ mod tests {
                             .sum::<f64>()
                             / (hd as f64).sqrt()
                     })
+                    .map(|s| softcap.map_or(s, |c| c as f64 * (s / c as f64).tanh()))
                     .collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
@@ -824,17 +848,27 @@ mod tests {
                     let got = out[h * hd + d] as f64;
                     assert!(
                         (got - want).abs() <= 2e-5 * (1.0 + want.abs()),
-                        "window {window:?} head {h} element {d}: {got} against {want}"
+                        "window {window:?} cap {softcap:?} head {h} element {d}: {got} against {want}"
                     );
                 }
             }
             let all: Vec<_> = parts(first, len).collect();
             assert_eq!(all.len() > 1, window != Some(100), "{all:?}");
+            if softcap.is_some() {
+                // The cap changes the result (scores here reach ±2).
+                let mut plain_out = vec![0f32; heads * hd];
+                let plain = Head {
+                    dim: hd,
+                    softcap: None,
+                };
+                attend_group(&q, &cache, 0, plain, window, &mut plain_out);
+                assert_ne!(bits(&plain_out), bits(&out));
+            }
             let slot = slot_len(heads, hd);
             let mut slots = vec![0f32; all.len() * slot];
             for (i, part) in all.iter().enumerate().rev() {
                 let (o, stats) = slots[i * slot..(i + 1) * slot].split_at_mut(heads * hd);
-                attend_part(&q, &cache, 0, hd, part.clone(), o, stats);
+                attend_part(&q, &cache, 0, head, part.clone(), o, stats);
             }
             let mut merged = vec![0f32; heads * hd];
             merge(&slots, hd, &mut merged);

@@ -24,7 +24,8 @@ pub const FAMILIES: &[(&str, Option<&str>)] = &[
     ("glm", Some("chatglm")),
     ("glm4", Some("glm4")),
     ("chatglm", Some("chatglm")),
-    ("gemma3_text", None),
+    ("gemma2", Some("gemma2")),
+    ("gemma3_text", Some("gemma3")),
 ];
 
 /// The `model_type`s of [`FAMILIES`].
@@ -142,6 +143,12 @@ pub struct ModelConfig {
     /// Rotary base of the sliding-window layers, when it differs from the
     /// full layers' `rope_theta` (Gemma 3).
     pub local_rope_theta: Option<f32>,
+    /// Attention scores soft-capped to `(-c, c)` as `c · tanh(s / c)`
+    /// before the softmax (Gemma 2's `attn_logit_softcapping`).
+    pub attn_softcap: Option<f32>,
+    /// Logits soft-capped the same way (Gemma 2's
+    /// `final_logit_softcapping`).
+    pub final_softcap: Option<f32>,
     /// Tensor names of the checkpoint.
     pub layout: WeightLayout,
 }
@@ -315,9 +322,11 @@ impl ModelConfig {
             .map(|l| window.filter(|_| l >= first_windowed))
             .collect();
         let intermediate_size = need(raw.intermediate_size, "intermediate_size")?;
-        let gemma = model_type == "gemma3_text";
+        let gemma3 = model_type == "gemma3_text";
+        let gemma2 = model_type == "gemma2";
+        let gemma = gemma2 || gemma3;
         let post_norms = model_type == "glm4" || gemma;
-        let (rope_theta, rope_scaling, local_rope_theta, sliding_window) = if gemma {
+        let (rope_theta, rope_scaling, local_rope_theta, sliding_window) = if gemma3 {
             gemma_rope_and_windows(&raw, num_layers)?
         } else {
             (
@@ -326,19 +335,46 @@ impl ModelConfig {
                     .unwrap_or(10000.0) as f32,
                 parse_rope_scaling(raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref()))?,
                 None,
-                sliding_window,
+                if gemma2 {
+                    // Gemma 2: every other layer slides, the first among them.
+                    let window = need(raw.sliding_window, "sliding_window")?;
+                    layer_windows(&raw, num_layers, window, 2)?
+                } else {
+                    sliding_window
+                },
             )
         };
-        if gemma {
-            for (cap, field) in [
-                (raw.final_logit_softcapping, "final_logit_softcapping"),
-                (raw.attn_logit_softcapping, "attn_logit_softcapping"),
-            ] {
-                if cap.is_some() {
-                    return Err(format!("`{field}` (logit soft-capping) is not supported"));
-                }
+        // Gemma 2 caps both; Gemma 3 dropped the attention cap, and a
+        // checkpoint may still name the final one.
+        let softcap = |cap: Option<f64>, field: &str| -> Result<Option<f32>, String> {
+            match cap {
+                None => Ok(None),
+                Some(c) if c > 0.0 && c.is_finite() => Ok(Some(c as f32)),
+                Some(c) => Err(format!(
+                    "`{field}` is {c}: a soft-cap must be positive (or absent)"
+                )),
             }
-        }
+        };
+        let (attn_softcap, final_softcap) = if gemma {
+            // Gemma 2's defaults where its config leaves them out.
+            let (attn, fin) = if gemma2 {
+                (
+                    raw.attn_logit_softcapping.or(Some(50.0)),
+                    raw.final_logit_softcapping.or(Some(30.0)),
+                )
+            } else {
+                (raw.attn_logit_softcapping, raw.final_logit_softcapping)
+            };
+            let attn = softcap(attn, "attn_logit_softcapping")?;
+            if gemma3 && attn.is_some() {
+                return Err(
+                    "`attn_logit_softcapping` is set, but Gemma 3 has no attention soft-cap".into(),
+                );
+            }
+            (attn, softcap(fin, "final_logit_softcapping")?)
+        } else {
+            (None, None)
+        };
         let gate = match raw.hidden_activation.as_deref() {
             Some("gelu_pytorch_tanh") => crate::activation::Gate::GeluTanh,
             None | Some("silu") => crate::activation::Gate::Silu,
@@ -374,7 +410,7 @@ impl ModelConfig {
             model_type,
             rope_interleaved: is_glm,
             rotary_dim,
-            qk_norm: is_qwen3 || gemma,
+            qk_norm: is_qwen3 || gemma3,
             moe,
             post_norms,
             embed_scale: gemma,
@@ -386,6 +422,8 @@ impl ModelConfig {
                 None
             },
             local_rope_theta,
+            attn_softcap,
+            final_softcap,
             layout: if gemma {
                 WeightLayout::Gemma
             } else {
@@ -465,6 +503,8 @@ impl ModelConfig {
             gate: crate::activation::Gate::Silu,
             attention_scale: None,
             local_rope_theta: None,
+            attn_softcap: None,
+            final_softcap: None,
             layout: WeightLayout::ChatGlm,
         })
     }
@@ -557,23 +597,33 @@ fn gemma_rope_and_windows(
         .unwrap_or(10_000.0) as f32;
     let scaling = parse_rope_scaling(kind("full_attention").or(raw.rope_scaling.as_ref()))?;
     let window = need(raw.sliding_window, "sliding_window")?;
-    let pattern = raw.sliding_window_pattern.unwrap_or(6).max(1);
-    let windows = match &raw.layer_types {
-        Some(types) if types.len() == num_layers => types
+    let windows = layer_windows(raw, num_layers, window, 6)?;
+    Ok((global, scaling, Some(local), windows))
+}
+
+/// Each layer's window where sliding and full layers interleave (Gemma):
+/// from `layer_types`, or else every `pattern`-th layer full
+/// (`sliding_window_pattern`, defaulting to the family's).
+fn layer_windows(
+    raw: &RawConfig,
+    num_layers: usize,
+    window: usize,
+    pattern: usize,
+) -> Result<Vec<Option<usize>>, String> {
+    let pattern = raw.sliding_window_pattern.unwrap_or(pattern).max(1);
+    match &raw.layer_types {
+        Some(types) if types.len() == num_layers => Ok(types
             .iter()
             .map(|t| (t == "sliding_attention").then_some(window))
-            .collect(),
-        Some(types) => {
-            return Err(format!(
-                "layer_types has {} entries for {num_layers} layers",
-                types.len()
-            ))
-        }
-        None => (0..num_layers)
+            .collect()),
+        Some(types) => Err(format!(
+            "layer_types has {} entries for {num_layers} layers",
+            types.len()
+        )),
+        None => Ok((0..num_layers)
             .map(|l| ((l + 1) % pattern != 0).then_some(window))
-            .collect(),
-    };
-    Ok((global, scaling, Some(local), windows))
+            .collect()),
+    }
 }
 
 /// Gemma's norms by the names of the slots they fill: its norm on the

@@ -174,6 +174,11 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         }
         _ => None,
     };
+    let gemma = match arch {
+        "gemma2" | "gemma3" => Some(gemma_config(file, arch, num_layers)?),
+        _ => None,
+    };
+    let gemma_ref = gemma.as_ref();
     Ok(ModelConfig {
         // The first family the architecture names (Mixtral: `llama` with
         // experts).
@@ -210,7 +215,7 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         qkv_bias: has("blk.0.attn_q.bias") || has("blk.0.attn_qkv.bias"),
         o_bias: has("blk.0.attn_output.bias"),
         mlp_bias: has("blk.0.ffn_up.bias"),
-        sliding_window: vec![None; num_layers],
+        sliding_window: gemma_ref.map_or_else(|| vec![None; num_layers], |g| g.windows.clone()),
         bos_token_id: h.uint("tokenizer.ggml.bos_token_id")?.map(|v| v as u32),
         eos_token_ids,
         torch_dtype: None,
@@ -222,12 +227,119 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         qk_norm: has("blk.0.attn_q_norm.weight"),
         moe,
         post_norms: has("blk.0.post_attention_norm.weight"),
-        embed_scale: false,
+        // Gemma's norms scale by 1 + w; llama.cpp's converter stores 1 + w.
+        embed_scale: gemma.is_some(),
         norm_offset: 0.0,
-        gate: crate::activation::Gate::Silu,
-        attention_scale: None,
-        local_rope_theta: None,
+        gate: if gemma.is_some() {
+            crate::activation::Gate::GeluTanh
+        } else {
+            crate::activation::Gate::Silu
+        },
+        attention_scale: gemma_ref.and_then(|g| g.attention_scale),
+        local_rope_theta: gemma_ref.and_then(|g| g.local_rope_theta),
+        attn_softcap: gemma_ref.and_then(|g| g.attn_softcap),
+        final_softcap: gemma_ref.and_then(|g| g.final_softcap),
         layout: crate::config::WeightLayout::Hf,
+    })
+}
+
+/// What Gemma 2 and 3 files carry beyond the Llama layout, read as
+/// llama.cpp reads them.
+struct GemmaConfig {
+    windows: Vec<Option<usize>>,
+    attention_scale: Option<f32>,
+    local_rope_theta: Option<f32>,
+    attn_softcap: Option<f32>,
+    final_softcap: Option<f32>,
+}
+
+fn gemma_config(file: &GgufFile, arch: &str, num_layers: usize) -> Result<GemmaConfig, GgufError> {
+    let h = file.header();
+    let key = |k: &str| format!("{arch}.{k}");
+    let gemma2 = arch == "gemma2";
+    let cap = |k: &str, default: Option<f64>| -> Result<Option<f32>, GgufError> {
+        match h.float(&key(k))?.or(default) {
+            Some(c) if c.is_finite() && c > 0.0 => Ok(Some(c as f32)),
+            // Gemma 3 writes 0 for no cap.
+            Some(c) if c == 0.0 && !gemma2 => Ok(None),
+            None => Ok(None),
+            Some(c) => Err(GgufError::Metadata {
+                key: key(k),
+                reason: format!("soft-cap {c}: must be positive"),
+            }),
+        }
+    };
+    let attn_softcap = if gemma2 {
+        cap("attn_logit_softcapping", Some(50.0))?
+    } else {
+        None
+    };
+    let final_softcap = cap("final_logit_softcapping", gemma2.then_some(30.0))?;
+    // Sliding layers: every second layer (Gemma 2) or five of every six
+    // (Gemma 3), unless the file lists them; Gemma 3 files without a window
+    // have none.
+    let window = match h.uint(&key("attention.sliding_window"))? {
+        Some(w) if w > 0 => Some(w as usize),
+        Some(_) => None,
+        None => gemma2.then_some(4096),
+    };
+    let pattern_key = key("attention.sliding_window_pattern");
+    let windows = match window {
+        None => vec![None; num_layers],
+        Some(w) => match h.get(&pattern_key) {
+            Some(Value::Array(flags)) => {
+                if flags.len() != num_layers {
+                    return Err(GgufError::Metadata {
+                        key: pattern_key,
+                        reason: format!("{} entries for {num_layers} layers", flags.len()),
+                    });
+                }
+                flags
+                    .iter()
+                    .map(|f| match f {
+                        Value::Bool(true) => Ok(Some(w)),
+                        Value::Bool(false) => Ok(None),
+                        other => Err(GgufError::MetadataType {
+                            key: pattern_key.clone(),
+                            expected: "an array of bools",
+                            found: other.type_name(),
+                        }),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            _ => {
+                let n = h.uint(&pattern_key)?.unwrap_or(if gemma2 { 2 } else { 6 }) as usize;
+                (0..num_layers)
+                    .map(|l| (n == 0 || l % n < n - 1).then_some(w))
+                    .collect()
+            }
+        },
+    };
+    // The sliding layers' rotary base: Gemma 3's own (10,000 unless the
+    // file names it), Gemma 2's the full layers' one.
+    let local_rope_theta = match h.float(&key("rope.freq_base_swa"))? {
+        Some(b) => Some(b as f32),
+        None if !gemma2 => Some(10_000.0),
+        None => None,
+    }
+    .filter(|_| window.is_some());
+    // Scores scale by 1/√head_dim, except in the 27B models, whose
+    // query_pre_attn_scalar is hidden / heads (llama.cpp tells them by
+    // their layer counts).
+    let big = (gemma2 && num_layers == 46) || (!gemma2 && num_layers == 62);
+    let attention_scale = if big {
+        let hidden = h.uint(&key("embedding_length"))?.unwrap_or(0) as f32;
+        let heads = h.uint(&key("attention.head_count"))?.unwrap_or(1).max(1) as f32;
+        Some((hidden / heads).powf(-0.5))
+    } else {
+        None
+    };
+    Ok(GemmaConfig {
+        windows,
+        attention_scale,
+        local_rope_theta,
+        attn_softcap,
+        final_softcap,
     })
 }
 

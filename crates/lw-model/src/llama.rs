@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::attention::{
-    attend_group, attend_part, first_position, merge, parts, slot_len, CacheView, KvSlice,
+    attend_group, attend_part, first_position, merge, parts, slot_len, CacheView, Head, KvSlice,
 };
 use crate::cache::{KvCache, KvDtype};
 use crate::config::{rope_inv_freq, ModelConfig};
@@ -562,6 +562,10 @@ impl Llama {
             cfg.group_size(),
         );
         let width = (nh + 2 * nkv) * hd;
+        let head = Head {
+            dim: hd,
+            softcap: cfg.attn_softcap,
+        };
         // Many rows of one sequence read its cache widened once (prefill).
         let wide: Vec<Option<WideLayer>> = if rows.len() >= WideLayer::MIN_ROWS {
             seqs.iter()
@@ -595,7 +599,7 @@ impl Llama {
         if !split {
             crate::pool::for_each_chunk(out, group * hd, |i, o| {
                 let (r, kv) = (i / nkv, i % nkv);
-                attend_group(q_of(r, kv), &view_of(r), kv, hd, layer.window, o);
+                attend_group(q_of(r, kv), &view_of(r), kv, head, layer.window, o);
             });
             return;
         }
@@ -616,7 +620,7 @@ impl Llama {
             crate::pool::for_each_chunk(&mut w.slots[..], slot, |t, o| {
                 let (r, kv, ref part) = tasks[t];
                 let (o, stats) = o.split_at_mut(group * hd);
-                attend_part(q_of(r, kv), &view_of(r), kv, hd, part.clone(), o, stats);
+                attend_part(q_of(r, kv), &view_of(r), kv, head, part.clone(), o, stats);
             });
             // Each (row, kv head)'s parts lie together, in order.
             let (slots, first) = (&w.slots[..], &w.first);
@@ -655,6 +659,9 @@ impl Llama {
         let normed = sized(&mut s.proj, x.len());
         rms_norm(x, &self.norm, self.cfg.rms_norm_eps as f32, normed);
         self.lm_head.forward_into(normed, rows, out)?;
+        if let Some(cap) = self.cfg.final_softcap {
+            out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+        }
         Ok(rows)
     }
 
