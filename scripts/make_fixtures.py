@@ -286,17 +286,20 @@ MODELS = {
         ),
     ),
     # Gemma 3 (text): embeddings scaled by √hidden, norms scaling by 1 + w
-    # before and after attention and MLP, per-head q/k norms, GeGLU, scores
-    # scaled by query_pre_attn_scalar, a sliding layer (window 8, shorter
-    # than the prompt, its own rotary base) and a full one.
+    # before and after attention and MLP, per-head q/k norms, GeGLU, five
+    # sliding layers (window 8, shorter than the prompt, their own rotary
+    # base) then a full one: the family's own pattern, which llama.cpp
+    # assumes (its files do not list the layers), as it assumes scores
+    # scaled by 1/√head_dim (query_pre_attn_scalar is Gemma 2's fixture's
+    # to cover).
     "gemma3": (
         "chatml",
         Gemma3TextConfig,
         dict(
             head_dim=16,
-            query_pre_attn_scalar=24,
+            query_pre_attn_scalar=16,
+            num_hidden_layers=6,
             sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"],
             rope_parameters={
                 "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -306,9 +309,10 @@ MODELS = {
         ),
     ),
     # Gemma 2: Gemma's norms, GeGLU and scaled embeddings, no q/k norms,
-    # a sliding layer (window 8) then a full one with one rotary base, and
-    # both soft-caps, set low so that they bend these random weights'
-    # scores and logits.
+    # a sliding layer (window 8) then a full one with one rotary base, both
+    # soft-caps, set low so that they bend these random weights' scores and
+    # logits, and scores scaled by query_pre_attn_scalar^-½ (not
+    # head_dim's).
     "gemma2": (
         "chatml",
         Gemma2Config,

@@ -284,3 +284,54 @@ fn missing_shard_names_the_shard() {
     let msg = load(&dir).err().unwrap().to_string();
     assert!(msg.contains("model-00002-of-00002.safetensors"), "{msg}");
 }
+
+/// Gemma's soft-caps must be positive: a cap of 0 (or below) is refused
+/// by field name, not turned into a division by zero.
+#[test]
+fn a_soft_cap_of_zero_names_the_field() {
+    for field in ["attn_logit_softcapping", "final_logit_softcapping"] {
+        let dir = copy_model("gemma2", "softcap");
+        edit_json(&dir.join("config.json"), |v| v[field] = 0.0.into());
+        let msg = load(&dir).err().unwrap().to_string();
+        assert!(
+            msg.contains("config.json") && msg.contains(field) && msg.contains("positive"),
+            "{msg}"
+        );
+    }
+}
+
+/// A checkpoint whose layer lacks a tensor its family needs (Gemma 3's
+/// per-head query norm) is refused with the tensor's name.
+#[test]
+fn a_missing_query_norm_names_the_tensor() {
+    let dir = copy_model("gemma3", "qnorm");
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Rename the tensor in the header, keeping its length.
+    let name = b"model.layers.3.self_attn.q_norm.weight";
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("the fixture has the tensor");
+    bytes[at..at + name.len()].copy_from_slice(b"model.layers.3.self_attn.q_nrm_.weight");
+    std::fs::write(&path, bytes).unwrap();
+    let msg = load(&dir).err().unwrap().to_string();
+    assert!(
+        msg.contains("model.layers.3.self_attn.q_norm.weight"),
+        "{msg}"
+    );
+}
+
+/// More experts active per token than a layer has is refused by field.
+#[test]
+fn more_active_experts_than_experts_names_the_field() {
+    let dir = copy_model("qwen3-moe", "experts");
+    edit_json(&dir.join("config.json"), |v| {
+        v["num_experts_per_tok"] = 9.into()
+    });
+    let msg = load(&dir).err().unwrap().to_string();
+    assert!(
+        msg.contains("config.json") && msg.contains("num_experts_per_tok"),
+        "{msg}"
+    );
+}

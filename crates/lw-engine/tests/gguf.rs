@@ -85,6 +85,7 @@ fn files_from_llama_cpps_converter_match_transformers() {
         "qwen3-moe",
         "mixtral",
         "glm4-0414",
+        "gemma3",
     ] {
         let fx = fixture(name);
         let path = fixtures().join(format!("models/{name}.llama-cpp.gguf"));
@@ -107,6 +108,51 @@ fn files_from_llama_cpps_converter_match_transformers() {
             "{name}: greedy tokens"
         );
     }
+}
+
+/// Gemma 2 as llama.cpp's converter writes it: the same model as its
+/// directory (windows, soft-caps, norms already holding 1 + w, GeGLU,
+/// scaled embeddings), except the score scale, which llama.cpp takes as
+/// 1/√head_dim (or hidden/heads for the 27B) instead of reading
+/// query_pre_attn_scalar, which the fixture sets apart to cover it.
+#[test]
+fn gemma2_from_llama_cpps_converter_is_read_as_llama_cpp_reads_it() {
+    let dir = lw_model::ModelConfig::from_file(&model_dir("gemma2").join("config.json")).unwrap();
+    let file = lw_model::GgufFile::open(&fixtures().join("models/gemma2.llama-cpp.gguf")).unwrap();
+    let gguf = lw_model::gguf_model::config(&file).unwrap();
+    assert_eq!(gguf.model_type, "gemma2");
+    assert_eq!(gguf.sliding_window, vec![Some(8), None]);
+    assert_eq!(gguf.sliding_window, dir.sliding_window);
+    assert_eq!(
+        (gguf.attn_softcap, gguf.final_softcap),
+        (Some(1.5), Some(2.5))
+    );
+    assert_eq!(
+        (dir.attn_softcap, dir.final_softcap),
+        (Some(1.5), Some(2.5))
+    );
+    assert!(gguf.embed_scale && gguf.post_norms && !gguf.qk_norm);
+    assert_eq!((dir.norm_offset, gguf.norm_offset), (1.0, 0.0));
+    assert_eq!(gguf.gate, dir.gate);
+    assert_eq!(dir.attention_scale, Some(24f32.powf(-0.5)));
+    assert_eq!(gguf.attention_scale, None);
+    // Everything else the forward pass reads is the directory's.
+    let same = lw_model::ModelConfig {
+        attention_scale: None,
+        norm_offset: 0.0,
+        layout: gguf.layout,
+        max_position_embeddings: gguf.max_position_embeddings,
+        torch_dtype: None,
+        // Stored as f32.
+        rms_norm_eps: 1e-5f32 as f64,
+        ..dir.clone()
+    };
+    let ids = |c: lw_model::ModelConfig| lw_model::ModelConfig {
+        eos_token_ids: vec![],
+        bos_token_id: None,
+        ..c
+    };
+    assert_eq!(ids(gguf), ids(same));
 }
 
 #[test]

@@ -102,7 +102,19 @@ fn an_f16_kv_cache_stays_close_to_f32() {
         let prompt = ids(&fx["prompt_ids"]);
         let rows = engine.score(&prompt).unwrap();
         let worst = worst_logit_diff(&rows, &fx);
-        assert!(worst < 2e-2, "{name}: f16 cache differs by {worst}");
+        // f16 keeps 11 bits: the error grows with the logits' scale (the
+        // six-layer Gemma 3 fixture's reach 10.9, the others' about 5).
+        let top = fx["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap())
+            .map(|v| v.as_f64().unwrap().abs() as f32)
+            .fold(5.0f32, f32::max);
+        assert!(
+            worst < 4e-3 * top,
+            "{name}: f16 cache differs by {worst} (logits up to {top})"
+        );
         assert!(worst > 0.0, "{name}: f16 rounding should show");
         let mut chunked = load(&dir, opts(5));
         assert_eq!(chunked.score(&prompt).unwrap(), rows, "{name}: chunks of 5");
