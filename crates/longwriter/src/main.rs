@@ -283,6 +283,14 @@ struct ServeArgs {
     /// Requests waiting for the batch before new ones get 503.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// Seconds a connection has to send a request's headers; a client
+    /// that trickles them is closed.
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Connections served at once; one more is answered 503 with
+    /// Retry-After and closed.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
 }
 
 #[derive(Args)]
@@ -811,6 +819,19 @@ fn serve(a: &ServeArgs) -> anyhow::Result<()> {
             idle_caches: a.max_batch.max(1),
         },
         data_dir: data_dir.clone(),
+        conn: lw_server::ConnLimits {
+            header_timeout: std::time::Duration::try_from_secs_f64(a.header_timeout)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--header-timeout {}: give a positive number of seconds",
+                        a.header_timeout
+                    )
+                })?,
+            max_connections: a.max_connections.max(1),
+            ..Default::default()
+        },
     };
     lw_server::run(engine, opts, &a.host, a.port, |addr, resumed| {
         eprintln!("jobs: {}", data_dir.join("jobs.sqlite").display());

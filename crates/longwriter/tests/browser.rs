@@ -266,4 +266,44 @@ fn the_page_writes_a_document_in_a_real_browser() {
         .iter()
         .any(|j| j == id.as_str()));
     assert_eq!(shown["error"], "");
+
+    // The page never runs model output: a section holding a script, an
+    // image with an error handler and a `javascript:` link (put into the
+    // job's record in the store, where the writer's text lands) is shown
+    // as text when the job is opened again.
+    let hostile = "<script>window.__lw_ran = 'script'</script>                   <img src=\"x\" onerror=\"window.__lw_ran = 'img'\">                   <a href=\"javascript:window.__lw_ran = 'link'\">read on</a>";
+    let db = rusqlite::Connection::open(work.join("data/jobs.sqlite")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE sections SET text = ?1 WHERE job = ?2 AND idx = 0",
+            rusqlite::params![hostile, id],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    d.go(&s.url("/"));
+    let started = Instant::now();
+    let opened = loop {
+        let v = d.script(&format!(
+            "const li = document.querySelector('#jobs li[data-id=\"{id}\"]');
+             if (li && !window.__lw_clicked) {{ window.__lw_clicked = true; li.click(); }}
+             const first = document.querySelector('#document section');
+             return {{first: first ? first.textContent : null,
+                      ran: window.__lw_ran || null,
+                      elements: document.querySelectorAll('#document script, #document img, #document a').length}}"
+        ));
+        if v["first"] == hostile {
+            break v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the job never reopened with its section: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(opened["elements"], 0, "{opened}");
+    // Give an image's error handler time to fire, had it been created.
+    std::thread::sleep(Duration::from_millis(500));
+    let ran = d.script("return window.__lw_ran || null");
+    assert_eq!(ran, Value::Null, "model output ran as code: {ran}");
 }

@@ -156,6 +156,14 @@ fn bad_jobs_are_refused_and_each_key_has_a_job_limit() {
     assert_eq!(st, 404);
     let (st, v) = s.post(&format!("/v1/longwrite/{a}/cancel"), &json!({}));
     assert_eq!(st, 404, "{v}");
+    // Nor its events or document: 404, as for an id that does not exist,
+    // so that ids do not leak.
+    for tail in ["events", "document"] {
+        let (st, v) = s.get(&format!("/v1/longwrite/{a}/{tail}"));
+        assert_eq!(st, 404, "{tail}: {v}");
+        let (st_none, _) = s.get(&format!("/v1/longwrite/lw-none/{tail}"));
+        assert_eq!(st_none, 404, "{tail} of no job");
+    }
     s.key = "one".into();
     let (st, v) = s.post(&format!("/v1/longwrite/{a}/cancel"), &json!({}));
     assert_eq!((st, v["cancelling"].as_bool()), (200, Some(true)), "{v}");

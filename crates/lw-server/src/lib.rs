@@ -6,6 +6,7 @@
 //! Generations share the model through continuous batching; a client that
 //! disconnects drops its receiver, which frees its sequence at the next step.
 
+mod conn;
 mod error;
 mod job_wire;
 mod jobs;
@@ -15,6 +16,7 @@ mod page;
 pub mod store;
 mod wire;
 
+pub use conn::ConnLimits;
 pub use error::ApiError;
 
 use std::path::PathBuf;
@@ -54,6 +56,8 @@ pub struct ServeOptions {
     pub batch: BatchOptions,
     /// Where the job store lives.
     pub data_dir: PathBuf,
+    /// Header deadline and connection limit.
+    pub conn: ConnLimits,
 }
 
 struct AppState {
@@ -160,13 +164,16 @@ fn new_id(prefix: &str) -> String {
     )
 }
 
-/// Serves `router` on `listener` until Ctrl-C.
-pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
+/// Serves `router` on `listener` within `limits` until Ctrl-C.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ConnLimits,
+) -> std::io::Result<()> {
+    conn::serve_until(listener, app, limits, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
 }
 
 /// Errors of starting the server.
@@ -199,7 +206,8 @@ pub fn run(
         let listener = tokio::net::TcpListener::bind((host, port)).await?;
         let resumed = jobs.resume_open()?;
         on_ready(listener.local_addr()?, resumed);
-        serve(listener, router(batcher, jobs, opts)).await?;
+        let limits = opts.conn.clone();
+        serve(listener, router(batcher, jobs, opts), limits).await?;
         Ok(())
     })
 }
