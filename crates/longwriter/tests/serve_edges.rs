@@ -148,7 +148,9 @@ fn a_full_queue_is_answered_503_with_retry_after() {
     }
     let url = s.url("/v1/chat/completions");
     let waiting = long.to_string();
-    std::thread::spawn(move || ureq::post(&url).send_string(&waiting));
+    std::thread::spawn(move || {
+        let _ = ureq::post(&url).send_string(&waiting);
+    });
     s.wait_for("/health", Duration::from_secs(30), |v| v["waiting"] == 1);
     let third = ureq::post(&s.url("/v1/chat/completions")).send_string(
         &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).to_string(),
