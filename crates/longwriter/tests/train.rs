@@ -502,3 +502,102 @@ fn synthetic_agentwrite_data_trains() {
     assert!(train.join("final/model.safetensors").exists());
     let _ = root();
 }
+
+/// The disk fills while a checkpoint is saved: a clear error naming the
+/// file, the previous checkpoint intact, and `--resume` after space is
+/// freed ends with the losses of a run that never ran out.
+#[test]
+fn a_full_disk_while_checkpointing_is_a_clear_error_and_resume_continues() {
+    let d = scratch("train-full");
+    let Some(disk) = common::Tmpfs::mount("train-full", 700) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root and must mount a tmpfs"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here");
+        return;
+    };
+    let corpus = corpus(&d);
+    let tok = d.join("tok");
+    ok(&[
+        "tokenizer",
+        "train",
+        p(&corpus),
+        "--out",
+        p(&tok),
+        "--vocab-size",
+        "300",
+    ]);
+    let shards = d.join("shards");
+    ok(&[
+        "data",
+        "tokenize",
+        p(&corpus),
+        "--tokenizer",
+        p(&tok),
+        "--out",
+        p(&shards),
+    ]);
+    let cfg = tiny_config(&d, 320);
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "pretrain",
+            "--data",
+            p(&shards),
+            "--config",
+            p(&cfg),
+            "--out",
+            p(out),
+            "--seq-len",
+            "32",
+            "--batch",
+            "4",
+            "--steps",
+            "300",
+            "--lr",
+            "1e-2",
+            "--warmup",
+            "10",
+            "--save-every",
+            "100",
+            "--threads",
+            "1",
+            "--quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let reference = d.join("reference");
+    ok(&args(&reference)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let out = disk.path.join("run");
+    let err = fails(&args(&out).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains("No space left on device")
+            && err.contains(p(&out))
+            && err.contains("checkpoint-0000200"),
+        "{err}"
+    );
+    let logged = loss_lines(&out);
+    assert!(logged.len() >= 100, "{} steps logged", logged.len());
+    assert!(out
+        .join("checkpoint-0000100/optimizer.safetensors")
+        .exists());
+    disk.resize(8192);
+    let mut resumed = args(&out);
+    resumed.push("--resume".into());
+    let err = ok(&resumed.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("resumed at step"), "{err}");
+    let (want, got) = (loss_lines(&reference), loss_lines(&out));
+    assert_eq!(got.len(), 300);
+    for (x, y) in want.iter().zip(&got) {
+        for k in ["step", "loss", "grad_norm", "tokens"] {
+            assert_eq!(x.get(k), y.get(k), "{k} differs at step {}", x["step"]);
+        }
+    }
+    assert!(out.join("final/model.safetensors").exists());
+}

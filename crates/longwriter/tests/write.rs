@@ -608,3 +608,49 @@ fn ctrl_c_stops_cleanly_with_the_partial_document_saved_and_resume_finishes() {
         .unwrap()
         .starts_with(&partial));
 }
+
+/// The disk fills mid-run: a clear error naming the file, the state on
+/// disk still a valid record of the sections saved, and `--resume` after
+/// space is freed finishes without rewriting any of them.
+#[test]
+fn a_full_disk_mid_run_is_a_clear_error_and_resume_finishes() {
+    let Some(disk) = common::Tmpfs::mount("write-full", 40) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root and must mount a tmpfs"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here");
+        return;
+    };
+    let m = model("full", 16384);
+    let work = scratch("full");
+    let plan = plan_file(&work, 8, 300);
+    let run = disk.path.join("run");
+    let out = write_cmd(&m, &run, &plan).output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains(run.to_str().unwrap()),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let before = state(&run);
+    assert_eq!(before["finished"], false);
+    let saved = before["sections"].as_array().unwrap().len();
+    assert!((1..8).contains(&saved), "{saved} sections saved");
+    let texts = |n: usize| -> Vec<String> {
+        (1..=n)
+            .map(|i| std::fs::read_to_string(run.join(format!("sections/{i:03}.md"))).unwrap())
+            .collect()
+    };
+    let kept = texts(saved);
+    disk.resize(2048);
+    let out = resume_cmd(&m, &run).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let after = state(&run);
+    assert_eq!(after["finished"], true);
+    assert_eq!(after["sections"].as_array().unwrap().len(), 8);
+    assert_eq!(texts(saved), kept, "a saved section was written again");
+    let doc = std::fs::read_to_string(run.join("document.md")).unwrap();
+    assert_eq!(doc, texts(8).join("\n\n"));
+}

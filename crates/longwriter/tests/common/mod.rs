@@ -262,3 +262,38 @@ impl LlamaServer {
             .unwrap()
     }
 }
+
+/// A small tmpfs mounted for a test (disk-full cases); unmounted on drop.
+/// `None` where mounting is not allowed (not root, or no CAP_SYS_ADMIN).
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(tag: &str, kib: usize) -> Option<Tmpfs> {
+        let path = scratch(&format!("tmpfs-{tag}"));
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+            .arg(&path)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs { path })
+    }
+
+    /// Gives it `kib` KiB (space freed).
+    pub fn resize(&self, kib: usize) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={kib}k")])
+            .arg(&self.path)
+            .status()
+            .unwrap();
+        assert!(st.success(), "remounting {}", self.path.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
