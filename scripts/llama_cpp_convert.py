@@ -41,8 +41,9 @@ MODELS = {
     # (the one Gemma 3's converter takes without tokenizer.model); the
     # weights and metadata are the converter's own.
     "gemma2": "gpt-2",
-    # Not phi3: llama.cpp's Phi-3 converter reads only a sentencepiece
-    # tokenizer.model, which the byte-level fixture has not.
+    # Phi-3's converter, likewise, reads only tokenizer.model.
+    "phi3": "gpt-2",
+    "phi3-longrope": "gpt-2",
 }
 
 
@@ -75,14 +76,20 @@ def convert(src, name, pre):
             return pre
 
     base.TextModel.get_vocab_base_pre = vocab_base_pre
+    # Converters that read only a sentencepiece tokenizer.model take the
+    # fixture's byte-level vocabulary through the GPT-2 path.
+    def byte_level_vocab(self):
+        self._set_vocab_gpt2()
+        self.gguf_writer.add_add_space_prefix(False)
+
     if name == "gemma2":
         from conversion import gemma
 
-        def byte_level_vocab(self):
-            self._set_vocab_gpt2()
-            self.gguf_writer.add_add_space_prefix(False)
-
         gemma.Gemma2Model.set_vocab = byte_level_vocab
+    if name.startswith("phi3"):
+        from conversion import phi
+
+        phi.Phi3MiniModel.set_vocab = byte_level_vocab
     sys.argv = ["convert_hf_to_gguf.py", model, "--outtype", "f32", "--outfile", out]
     runpy.run_path(os.path.join(src, "convert_hf_to_gguf.py"), run_name="__main__")
     print(f"{name}: {out} ({os.path.getsize(out)} bytes)")

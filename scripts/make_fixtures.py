@@ -285,6 +285,27 @@ MODELS = {
             pad_token_id=0,
         ),
     ),
+    # Phi-3 with LongRoPE (Phi-3-mini-128k, Phi-3.5, Phi-4-mini): per
+    # frequency factors, the long ones since the prompt is longer than the
+    # pretrained context of 16, and cos/sin scaled by √(1 + ln 16 / ln 16).
+    "phi3-longrope": (
+        "chatml",
+        Phi3Config,
+        dict(
+            rope_parameters=dict(
+                rope_type="longrope",
+                rope_theta=10000.0,
+                partial_rotary_factor=0.75,
+                short_factor=[1.0, 1.1, 1.3, 1.7, 2.3, 3.0],
+                long_factor=[1.0, 1.5, 2.5, 4.0, 8.0, 16.0],
+                original_max_position_embeddings=16,
+            ),
+            original_max_position_embeddings=16,
+            tie_word_embeddings=False,
+            sliding_window=None,
+            pad_token_id=0,
+        ),
+    ),
     # Gemma 3 (text): embeddings scaled by √hidden, norms scaling by 1 + w
     # before and after attention and MLP, per-head q/k norms, GeGLU, five
     # sliding layers (window 8, shorter than the prompt, their own rotary

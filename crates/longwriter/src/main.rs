@@ -334,7 +334,7 @@ pub struct ModelArgs {
     /// Model: a Hugging Face model directory (config.json, *.safetensors,
     /// tokenizer.json; GLM-4 in the transformers or the original ChatGLM
     /// layout), a GGUF file (Llama family, Mixtral, Qwen2, Qwen3, Qwen3-MoE,
-    /// Phi-3, Gemma 2, Gemma 3, GLM-4 or GLM-4-0414, as llama.cpp's
+    /// Phi-3 (LongRoPE too), Gemma 2, Gemma 3, GLM-4 or GLM-4-0414, as llama.cpp's
     /// tools write them: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the
     /// K-quants Q2_K to Q6_K and the i-quants IQ1_S to IQ4_XS; the
     /// tokenizer and chat template from its metadata),

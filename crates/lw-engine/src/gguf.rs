@@ -455,6 +455,21 @@ pub fn convert(
             data: encode(QType::F32, &factors, factors.len()),
         });
     }
+    if let Some(lw_model::config::RopeScaling::LongRope {
+        ref short,
+        ref long,
+        ..
+    }) = cfg.rope_scaling
+    {
+        for (name, f) in [("rope_factors_long", long), ("rope_factors_short", short)] {
+            tensors.push(OutTensor {
+                name: format!("{name}.weight"),
+                shape: vec![f.len()],
+                qtype: QType::F32,
+                data: encode(QType::F32, f, f.len()),
+            });
+        }
+    }
     progress(total, total, "writing");
     let tmp = out.with_extension("gguf.tmp");
     let write = || -> std::io::Result<u64> {

@@ -120,6 +120,7 @@ impl Model {
         };
         let mut model = Llama::load_from(cfg, &src, dtype)?;
         model.set_kv_dtype(opts.kv_cache)?;
+        fit_context(&mut model, opts.context);
         Ok(Model {
             model,
             tokenizer,
@@ -141,6 +142,7 @@ impl Model {
         let mut tokenizer = crate::gguf::tokenizer_from_gguf(&file)?;
         let mut model = Llama::load_gguf(&file)?;
         model.set_kv_dtype(opts.kv_cache)?;
+        fit_context(&mut model, opts.context);
         apply_chat_format(&mut tokenizer, model.config(), opts.chat_format, path)?;
         let tok_vocab = tokenizer.id_bound();
         if tok_vocab > model.config().vocab_size {
@@ -421,4 +423,11 @@ fn read_generation_config(path: &Path) -> Result<(Vec<u32>, SamplingParams), Eng
         defaults.repetition_penalty = r as f32;
     }
     Ok((eos, defaults))
+}
+
+/// The rotary scaling fitted to the context a model is loaded with (its
+/// own, or a smaller `--ctx-size`).
+fn fit_context(model: &mut Llama, limit: Option<usize>) {
+    let own = model.context_length();
+    model.fit_context(limit.map_or(own, |n| n.clamp(1, own)));
 }

@@ -86,6 +86,8 @@ fn files_from_llama_cpps_converter_match_transformers() {
         "mixtral",
         "glm4-0414",
         "gemma3",
+        "phi3",
+        "phi3-longrope",
     ] {
         let fx = fixture(name);
         let path = fixtures().join(format!("models/{name}.llama-cpp.gguf"));

@@ -73,6 +73,41 @@ pub enum RopeScaling {
     /// Each frequency divided by its own factor (llama.cpp's `rope_freqs`
     /// tensor, which is how GGUF files carry Llama 3.1's rescaling).
     Factors(Vec<f32>),
+    /// Phi-3's LongRoPE (`longrope`, once `su`): each frequency divided by
+    /// its own factor, from `long` where the context is longer than the
+    /// `original` one it was pretrained with (`use_long`), from `short`
+    /// otherwise; cos and sin are multiplied by `attention_factor`.
+    LongRope {
+        short: Vec<f32>,
+        long: Vec<f32>,
+        original: usize,
+        attention_factor: f32,
+        use_long: bool,
+    },
+}
+
+impl RopeScaling {
+    /// The factor cos and sin are multiplied by (1 but for LongRoPE).
+    pub fn attention_factor(&self) -> f32 {
+        match self {
+            RopeScaling::LongRope {
+                attention_factor, ..
+            } => *attention_factor,
+            _ => 1.0,
+        }
+    }
+}
+
+/// Picks LongRoPE's long or short factors for a context of `positions`
+/// (the long ones beyond the pretrained context, as llama.cpp does for its
+/// context size); other scalings are left as they are.
+pub fn fit_rope_to_context(scaling: &mut Option<RopeScaling>, positions: usize) {
+    if let Some(RopeScaling::LongRope {
+        original, use_long, ..
+    }) = scaling
+    {
+        *use_long = positions > *original;
+    }
 }
 
 /// A mixture of experts in place of the MLP: a router scores every expert
@@ -169,6 +204,7 @@ struct RawConfig {
     /// transformers ≥ 5 spelling: theta and scaling in one object.
     rope_parameters: Option<Value>,
     max_position_embeddings: Option<usize>,
+    original_max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
@@ -333,7 +369,10 @@ impl ModelConfig {
                 raw.rope_theta
                     .or_else(|| raw.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
                     .unwrap_or(10000.0) as f32,
-                parse_rope_scaling(raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref()))?,
+                parse_rope_scaling(
+                    raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref()),
+                    &raw,
+                )?,
                 None,
                 if gemma2 {
                     // Gemma 2: every other layer slides, the first among them.
@@ -595,7 +634,7 @@ fn gemma_rope_and_windows(
     let local = theta("sliding_attention")
         .or(raw.rope_local_base_freq)
         .unwrap_or(10_000.0) as f32;
-    let scaling = parse_rope_scaling(kind("full_attention").or(raw.rope_scaling.as_ref()))?;
+    let scaling = parse_rope_scaling(kind("full_attention").or(raw.rope_scaling.as_ref()), raw)?;
     let window = need(raw.sliding_window, "sliding_window")?;
     let windows = layer_windows(raw, num_layers, window, 6)?;
     Ok((global, scaling, Some(local), windows))
@@ -695,7 +734,7 @@ pub fn token_ids(v: Option<&Value>, field: &str) -> Result<Vec<u32>, String> {
     }
 }
 
-fn parse_rope_scaling(v: Option<&Value>) -> Result<Option<RopeScaling>, String> {
+fn parse_rope_scaling(v: Option<&Value>, raw: &RawConfig) -> Result<Option<RopeScaling>, String> {
     let Some(obj) = v.filter(|v| !v.is_null()) else {
         return Ok(None);
     };
@@ -720,8 +759,55 @@ fn parse_rope_scaling(v: Option<&Value>) -> Result<Option<RopeScaling>, String> 
             high_freq_factor: num("high_freq_factor")? as f32,
             original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
         })),
+        "longrope" | "su" => {
+            let factors = |key: &str| -> Result<Vec<f32>, String> {
+                obj.get(key)
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().map(|x| x.as_f64().map(|f| f as f32)).collect())
+                    .ok_or_else(|| {
+                        format!("rope_scaling of type {kind} needs a list of numbers `{key}`")
+                    })
+            };
+            let (short, long) = (factors("short_factor")?, factors("long_factor")?);
+            if short.len() != long.len() || short.iter().chain(&long).any(|f| *f <= 0.0) {
+                return Err(format!(
+                    "rope_scaling: `short_factor` ({}) and `long_factor` ({}) must be as long as each other and positive",
+                    short.len(),
+                    long.len()
+                ));
+            }
+            let original = obj
+                .get("original_max_position_embeddings")
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+                .or(raw.original_max_position_embeddings)
+                .filter(|&v| v > 1)
+                .ok_or_else(|| {
+                    "rope_scaling of type longrope needs `original_max_position_embeddings`"
+                        .to_string()
+                })?;
+            let max = raw.max_position_embeddings.unwrap_or(original);
+            // The paper's scale of attention, from how far the context was
+            // stretched, unless the checkpoint names its own.
+            let factor = obj
+                .get("factor")
+                .and_then(Value::as_f64)
+                .unwrap_or(max as f64 / original as f64);
+            let attention_factor = match obj.get("attention_factor").and_then(Value::as_f64) {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+            } as f32;
+            Ok(Some(RopeScaling::LongRope {
+                short,
+                long,
+                original,
+                attention_factor,
+                use_long: max > original,
+            }))
+        }
         other => Err(format!(
-            "rope_scaling type \"{other}\" is not supported (supported: default, linear, llama3)"
+            "rope_scaling type \"{other}\" is not supported (supported: default, linear, llama3, longrope)"
         )),
     }
 }
@@ -736,6 +822,20 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
     match cfg.rope_scaling {
         None => base,
         Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+        Some(RopeScaling::LongRope {
+            ref short,
+            ref long,
+            use_long,
+            ..
+        }) => {
+            let factors = if use_long { long } else { short };
+            (0..d / 2)
+                .map(|i| {
+                    let s = factors.get(i).copied().unwrap_or(1.0);
+                    1.0 / (s * cfg.rope_theta.powf((2 * i) as f32 / d as f32))
+                })
+                .collect()
+        }
         Some(RopeScaling::Factors(ref factors)) => base
             .iter()
             .zip(factors.iter().chain(std::iter::repeat(&1.0)))
@@ -775,6 +875,59 @@ mod tests {
     const LLAMA: &str = r#"{"model_type":"llama","vocab_size":100,"hidden_size":64,
         "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
         "num_key_value_heads":2,"eos_token_id":[1,2],"bos_token_id":0}"#;
+
+    /// LongRoPE: long factors where the context exceeds the pretrained
+    /// one, short ones within it, cos/sin scaled by √(1 + ln s / ln n₀)
+    /// with s the stretch; both spellings of the type; bad lists refused.
+    #[test]
+    fn longrope_picks_its_factors_by_context() {
+        let cfg = |scaling: &str| {
+            ModelConfig::from_json(&format!(
+                r#"{{"model_type":"phi3","vocab_size":100,"hidden_size":64,
+                "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
+                "max_position_embeddings":4096,"original_max_position_embeddings":256,
+                "rope_theta":10000.0,"rope_scaling":{scaling}}}"#
+            ))
+        };
+        let ok = cfg(r#"{"type":"su","short_factor":[1,1,1,1,1,1,1,1],
+            "long_factor":[1,2,3,4,5,6,7,8]}"#)
+        .unwrap();
+        let Some(RopeScaling::LongRope {
+            attention_factor,
+            use_long,
+            original,
+            ..
+        }) = ok.rope_scaling.clone()
+        else {
+            panic!("{:?}", ok.rope_scaling)
+        };
+        assert_eq!((original, use_long), (256, true));
+        let want = (1.0 + 16f64.ln() / 256f64.ln()).sqrt() as f32;
+        assert!((attention_factor - want).abs() < 1e-6, "{attention_factor}");
+        let long = rope_inv_freq(&ok);
+        let mut short_cfg = ok.clone();
+        fit_rope_to_context(&mut short_cfg.rope_scaling, 256);
+        let short = rope_inv_freq(&short_cfg);
+        let plain = rope_inv_freq(&ModelConfig {
+            rope_scaling: None,
+            ..ok.clone()
+        });
+        for i in 0..8 {
+            assert!((short[i] - plain[i]).abs() <= f32::EPSILON * plain[i]);
+            let want = 1.0 / ((i + 1) as f32 * 10000f32.powf((2 * i) as f32 / 16.0));
+            assert_eq!(long[i], want, "frequency {i}");
+        }
+        fit_rope_to_context(&mut short_cfg.rope_scaling, 257);
+        assert_eq!(rope_inv_freq(&short_cfg), long);
+        for bad in [
+            r#"{"type":"longrope","short_factor":[1,1],"long_factor":[1]}"#,
+            r#"{"type":"longrope","short_factor":[1,0],"long_factor":[1,1]}"#,
+            r#"{"type":"longrope","long_factor":[1,1]}"#,
+        ] {
+            let e = cfg(bad).unwrap_err();
+            assert!(e.contains("factor"), "{bad}: {e}");
+        }
+    }
 
     /// Experts from either spelling of their count; which layers have
     /// them; and a clear error for more active experts than there are.

@@ -134,6 +134,49 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
         }
         None => rope_scaling,
     };
+    // Phi-3's LongRoPE: its two sets of factors as tensors.
+    let factors = |name: &str| -> Result<Option<Vec<f32>>, GgufError> {
+        match file.tensor(name) {
+            None => Ok(None),
+            Some(t) if t.shape == [rotary_dim / 2] => {
+                let mut f = vec![0f32; rotary_dim / 2];
+                dequantize_row(t.qtype, file.data(t).as_slice(), &mut f);
+                Ok(Some(f))
+            }
+            Some(t) => Err(GgufError::TensorShape {
+                name: name.into(),
+                reason: format!("shape {:?}, expected [{}]", t.shape, rotary_dim / 2),
+            }),
+        }
+    };
+    let rope_scaling = match (
+        factors("rope_factors_long.weight")?,
+        factors("rope_factors_short.weight")?,
+    ) {
+        (Some(long), Some(short)) => {
+            let original = need("rope.scaling.original_context_length")?;
+            let context = need("context_length")?;
+            let attention_factor = match h.float(&key("rope.scaling.attn_factor"))? {
+                Some(a) => a as f32,
+                None if context > original => (1.0
+                    + (context as f64 / original as f64).ln() / (original as f64).ln())
+                .sqrt() as f32,
+                None => 1.0,
+            };
+            Some(RopeScaling::LongRope {
+                short,
+                long,
+                original,
+                attention_factor,
+                use_long: context > original,
+            })
+        }
+        (None, None) => rope_scaling,
+        _ => return Err(GgufError::MissingKey(
+            "tensor rope_factors_long.weight or rope_factors_short.weight (LongRoPE needs both)"
+                .into(),
+        )),
+    };
     let has = |n: &str| file.tensor(n).is_some();
     let mut eos_token_ids = Vec::new();
     for k in [
@@ -389,6 +432,20 @@ pub fn config_metadata(cfg: &ModelConfig, name: &str) -> Vec<(String, Value)> {
     if let Some(RopeScaling::Linear { factor }) = cfg.rope_scaling {
         m.push((k("rope.scaling.type"), Value::String("linear".into())));
         m.push((k("rope.scaling.factor"), Value::F32(factor)));
+    }
+    // LongRoPE: the factors travel as tensors (`rope_factors_long`,
+    // `rope_factors_short`), as llama.cpp's converter writes them.
+    if let Some(RopeScaling::LongRope {
+        original,
+        attention_factor,
+        ..
+    }) = cfg.rope_scaling
+    {
+        m.push((
+            k("rope.scaling.original_context_length"),
+            Value::U32(original as u32),
+        ));
+        m.push((k("rope.scaling.attn_factor"), Value::F32(attention_factor)));
     }
     m
 }

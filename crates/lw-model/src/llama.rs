@@ -234,6 +234,14 @@ impl Llama {
         Ok(())
     }
 
+    /// Fits the rotary scaling to a context of `positions` (LongRoPE's
+    /// long factors beyond its pretrained context, its short ones within);
+    /// call it before the first step.
+    pub fn fit_context(&mut self, positions: usize) {
+        crate::config::fit_rope_to_context(&mut self.cfg.rope_scaling, positions);
+        self.inv_freq = rope_inv_freq(&self.cfg);
+    }
+
     pub fn kv_dtype(&self) -> KvDtype {
         self.kv_dtype
     }
@@ -689,11 +697,22 @@ impl Llama {
     ) {
         cos.clear();
         sin.clear();
+        // LongRoPE scales cos and sin (so queries and keys) by its factor.
+        let m = self
+            .cfg
+            .rope_scaling
+            .as_ref()
+            .map_or(1.0, |r| r.attention_factor());
         for p in positions {
             for &f in inv_freq {
                 let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                if m == 1.0 {
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                } else {
+                    cos.push(angle.cos() * m);
+                    sin.push(angle.sin() * m);
+                }
             }
         }
     }

@@ -19,6 +19,7 @@ pub const MODELS: &[&str] = &[
     "glm4",
     "glm4-0414",
     "phi3",
+    "phi3-longrope",
     "gemma2",
     "gemma3",
 ];
