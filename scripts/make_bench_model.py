@@ -5,6 +5,11 @@ and a synthetic byte-level BPE tokenizer of the right vocabulary size.
 
     python3 scripts/make_bench_model.py llama-3.2-1b OUT_DIR
     python3 scripts/make_bench_model.py smollm2-135m OUT_DIR
+    python3 scripts/make_bench_model.py qwen3-0.6b OUT_DIR
+    python3 scripts/make_bench_model.py gemma-3-1b OUT_DIR
+
+Gemma 3 is not written by `longwriter convert`: convert it with llama.cpp's
+converter (scripts/llama_cpp_convert.py's way) and `llama-quantize`.
 
 Only numpy is needed. Then `longwriter convert OUT_DIR -o m.gguf --type q4_k_m`.
 """
@@ -50,7 +55,47 @@ SHAPES = {
         tie_word_embeddings=True,
         max_position_embeddings=8192,
     ),
+    # Qwen3-0.6B: 28 layers, GQA 16/8, head size 128 (not hidden/heads),
+    # per-head q/k norms, tied embeddings.
+    "qwen3-0.6b": dict(
+        model_type="qwen3",
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=40960,
+    ),
+    # Gemma-3-1B: 26 layers, 4 query heads over one kv head of 256, five
+    # sliding layers (window 512, base 10k) per full one (base 1M), Gemma's
+    # four norms per layer, q/k norms, GeGLU, a 262k vocabulary.
+    "gemma-3-1b": dict(
+        model_type="gemma3_text",
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_hidden_layers=26,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        vocab_size=262144,
+        query_pre_attn_scalar=256,
+        sliding_window=512,
+        hidden_activation="gelu_pytorch_tanh",
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        layer_types=["full_attention" if (l + 1) % 6 == 0 else "sliding_attention" for l in range(26)],
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
 }
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def byte_alphabet():
@@ -105,6 +150,7 @@ def tensors(cfg):
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
     hd = cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    kind = cfg["model_type"]
     yield "model.embed_tokens.weight", (cfg["vocab_size"], h)
     for l in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{l}"
@@ -113,7 +159,13 @@ def tensors(cfg):
         yield f"{p}.self_attn.k_proj.weight", (kv, h)
         yield f"{p}.self_attn.v_proj.weight", (kv, h)
         yield f"{p}.self_attn.o_proj.weight", (h, q)
+        if kind in ("qwen3", "gemma3_text"):
+            yield f"{p}.self_attn.q_norm.weight", (hd,)
+            yield f"{p}.self_attn.k_norm.weight", (hd,)
         yield f"{p}.post_attention_layernorm.weight", (h,)
+        if kind == "gemma3_text":
+            yield f"{p}.pre_feedforward_layernorm.weight", (h,)
+            yield f"{p}.post_feedforward_layernorm.weight", (h,)
         yield f"{p}.mlp.gate_proj.weight", (i, h)
         yield f"{p}.mlp.up_proj.weight", (i, h)
         yield f"{p}.mlp.down_proj.weight", (h, i)
@@ -126,15 +178,17 @@ def main():
     shape, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5,
-               bos_token_id=None, eos_token_id=None, torch_dtype="float16", **SHAPES[shape])
+    cfg = dict(dict(model_type="llama", rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None,
+                    torch_dtype="float16"), **SHAPES[shape])
+    cfg["architectures"] = [ARCHITECTURES[cfg["model_type"]]]
     tok, specials = tokenizer(cfg["vocab_size"], rng)
     n = cfg["vocab_size"] - len(specials)
     cfg["bos_token_id"], cfg["eos_token_id"] = n, n + 1
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
     (out / "tokenizer_config.json").write_text(json.dumps(
-        dict(bos_token=specials[0], eos_token=specials[1], model_max_length=cfg["max_position_embeddings"])))
+        dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=specials[0], eos_token=specials[1],
+             model_max_length=cfg["max_position_embeddings"])))
     header, offset = {}, 0
     for name, dims in tensors(cfg):
         size = int(np.prod(dims)) * 2
@@ -147,7 +201,9 @@ def main():
         f.write(head)
         for name, dims in tensors(cfg):
             if len(dims) == 1:
-                w = np.ones(dims, dtype=np.float16)
+                # Gemma's norms scale by 1 + w: the same unit scale.
+                one = 0.0 if cfg["model_type"] == "gemma3_text" else 1.0
+                w = np.full(dims, one, dtype=np.float16)
             else:
                 w = (rng.standard_normal(dims, dtype=np.float32) * 0.02).astype(np.float16)
             f.write(w.tobytes())

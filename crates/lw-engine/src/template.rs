@@ -153,8 +153,13 @@ impl ChatTemplate {
     /// `transformers` does.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, EngineError> {
         let mut env = python_environment(Arc::new(SystemTime::now));
-        env.add_template_owned(NAME, rewrite::rewrite(source))
-            .map_err(|e| EngineError::Template(describe(&e)))?;
+        let compiled = without_panics(|| env.add_template_owned(NAME, rewrite::rewrite(source)))
+            .map_err(|what| {
+                EngineError::Template(format!(
+                    "the template could not be compiled (the compiler failed: {what})"
+                ))
+            })?;
+        compiled.map_err(|e| EngineError::Template(describe(&e)))?;
         Ok(ChatTemplate {
             env,
             source: source.to_string(),
@@ -219,9 +224,45 @@ impl ChatTemplate {
             ("eos_token".into(), Value::from(self.eos_token.as_str())),
         ];
         ctx.extend(inputs.vars.iter().cloned());
-        tmpl.render(Value::from_iter(ctx))
-            .map_err(|e| EngineError::Template(describe(&e)))
+        match without_panics(|| tmpl.render(Value::from_iter(ctx))) {
+            Ok(rendered) => rendered.map_err(|e| EngineError::Template(describe(&e))),
+            Err(what) => Err(EngineError::Template(format!(
+                "the template could not be rendered (the renderer failed: {what})"
+            ))),
+        }
     }
+}
+
+thread_local! {
+    /// Set while [`without_panics`] runs on this thread.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic inside it into an error carrying its message
+/// and keeping the panic's report off stderr: the template engine can
+/// panic on odd input (a reversed slice of an empty string panicked in
+/// minijinja 2.24, found by fuzzing), and a template comes with a
+/// downloaded file.
+fn without_panics<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was));
+    out.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into())
+    })
 }
 
 /// An environment set up as transformers sets up jinja2: `trim_blocks`,
@@ -524,5 +565,17 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("chat template"), "{err}");
+    }
+
+    /// A template the renderer itself panics on (a reversed slice of an
+    /// empty string, found by fuzzing) is an error, and rendering works
+    /// on afterwards.
+    #[test]
+    fn a_renderer_panic_is_an_error() {
+        let t = ChatTemplate::new("{{ 'abc'[::-1] }}{{ ''[::-1] }}", "", "").unwrap();
+        let err = t.render(&[], true).unwrap_err().to_string();
+        assert!(err.contains("could not be rendered"), "{err}");
+        let ok = ChatTemplate::new("{{ 'abc'[::-1] }}", "", "").unwrap();
+        assert_eq!(ok.render(&[], true).unwrap(), "cba");
     }
 }
