@@ -39,6 +39,12 @@ pub struct BenchArgs {
     /// `--concurrency 1,4,16`. Each sequence has its own random prompt.
     #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
     concurrency: Vec<usize>,
+    /// Instead: decode speed at this depth, after a KV cache of this many
+    /// positions filled with random keys and values (no prefill: a decoded
+    /// token's cost at depth is reading the cache, whatever it holds), e.g.
+    /// `--depth 16384`; decode speed at depth 0 is printed beside it.
+    #[arg(long, value_name = "POSITIONS")]
+    depth: Option<usize>,
 }
 
 /// Speeds at one sequence (or, with --concurrency, through the batching
@@ -55,6 +61,9 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     };
     if !a.concurrency.is_empty() {
         return batched(a, engine, bound, &params);
+    }
+    if let Some(depth) = a.depth {
+        return at_depth(a, &engine, depth);
     }
     let speeds = measure(a, &mut engine, &prompt, &params)?;
     let figures = Figures::of(a, &engine, prompt.len(), speeds);
@@ -386,4 +395,76 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Decode speed after `depth` cached positions of random keys and values,
+/// and from an empty cache, --runs times each (median), greedy tokens fed
+/// back through the model's forward pass.
+fn at_depth(a: &BenchArgs, engine: &lw_engine::Engine, depth: usize) -> anyhow::Result<()> {
+    let model = engine.model();
+    let cfg = model.config();
+    let limit = engine.context_length();
+    if depth + a.gen_tokens > limit {
+        anyhow::bail!(
+            "--depth {depth} + --gen-tokens {} exceed the model's context of {limit} tokens",
+            a.gen_tokens
+        );
+    }
+    let width = cfg.num_kv_heads * cfg.head_dim;
+    let mut rng = Rng::new(7);
+    let mut rows = vec![0f32; 2 * width];
+    let decode = |filled: usize, rng: &mut Rng, rows: &mut [f32]| -> anyhow::Result<f64> {
+        let mut cache = model.new_cache();
+        cache.reserve_exact(filled + a.gen_tokens + 1);
+        for pos in 0..filled {
+            for l in 0..cfg.num_layers {
+                for v in rows.iter_mut() {
+                    *v = (rng.next_f64() * 2.0 - 1.0) as f32;
+                }
+                let (k, v) = rows.split_at(width);
+                cache.write(l, pos, k, v);
+            }
+        }
+        cache.advance(filled);
+        let mut token = 1u32;
+        let started = std::time::Instant::now();
+        for _ in 0..a.gen_tokens {
+            let logits = model.forward(&[token], &mut cache, lw_model::Logits::Last)?;
+            let row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+            token = row
+                .iter()
+                .enumerate()
+                .max_by(|x, y| x.1.total_cmp(y.1))
+                .map_or(0, |(i, _)| i as u32);
+        }
+        Ok(a.gen_tokens as f64 / started.elapsed().as_secs_f64())
+    };
+    let mut speeds = [Vec::new(), Vec::new()];
+    for run in 0..=a.runs {
+        for (side, filled) in [0, depth].into_iter().enumerate() {
+            let s = decode(filled, &mut rng, &mut rows)?;
+            if run > 0 {
+                speeds[side].push(s);
+            }
+        }
+    }
+    let (d0, dd) = (median(&mut speeds[0]), median(&mut speeds[1]));
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"model": a.model.model, "threads": rayon_threads(), "depth": depth,
+                "gen_tokens": a.gen_tokens, "kv_cache": model.kv_dtype().name(),
+                "decode_tok_s_depth_0": d0, "decode_tok_s_at_depth": dd, "ratio": dd / d0})
+        );
+    } else {
+        println!(
+            "decode of {} tokens, {} threads, {} KV cache: {d0:.1} tok/s at depth 0, {dd:.1} tok/s at depth {depth} ({:.2}×; median of {})",
+            a.gen_tokens,
+            rayon_threads(),
+            model.kv_dtype().name(),
+            dd / d0,
+            a.runs
+        );
+    }
+    Ok(())
 }
