@@ -634,6 +634,8 @@ fn a_full_disk_mid_run_is_a_clear_error_and_resume_finishes() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+    // The write that failed left no temporary file behind.
+    assert!(!run.join("state.json.tmp").exists());
     let before = state(&run);
     assert_eq!(before["finished"], false);
     let saved = before["sections"].as_array().unwrap().len();

@@ -23,11 +23,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
         path.extension().and_then(|e| e.to_str()).unwrap_or("")
     ));
     let mut f = std::fs::File::create(&tmp).map_err(fail(&tmp))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(fail(&tmp))?;
+    if let Err(e) = f.write_all(bytes).and_then(|_| f.sync_all()) {
+        // A full disk: the temporary file goes, the target stays as it was.
+        drop(f);
+        let _ = std::fs::remove_file(&tmp);
+        return Err(fail(&tmp)(e));
+    }
     drop(f);
-    std::fs::rename(&tmp, path).map_err(fail(path))
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        fail(path)(e)
+    })
 }
 
 #[cfg(test)]
