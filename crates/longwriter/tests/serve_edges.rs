@@ -134,7 +134,7 @@ fn a_full_queue_is_answered_503_with_retry_after() {
     );
     let long = json!({
         "messages": [{"role": "user", "content": "Tell a long story."}],
-        "max_tokens": 4000, "ignore_eos": true, "stream": true
+        "max_tokens": 20000, "min_tokens": 20000, "stream": true
     });
     let first = ureq::post(&s.url("/v1/chat/completions"))
         .send_string(&long.to_string())
