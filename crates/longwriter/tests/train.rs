@@ -250,13 +250,23 @@ fn pretrain_survives_ctrl_c_and_sigkill_resumes_exactly_and_the_model_generates(
     child.kill().unwrap();
     child.wait().unwrap();
     let logged = loss_lines(&c).len();
-    assert!((150..200).contains(&logged), "killed after {logged} steps");
-    assert!(c.join("checkpoint-0000100/optimizer.safetensors").exists());
-    assert!(!c.join("checkpoint-0000200").exists() && !c.join("final").exists());
+    assert!(
+        logged < 300 && !c.join("final").exists(),
+        "the kill landed after the run ended ({logged} steps)"
+    );
+    // The last whole checkpoint (100, or 200 if the kill came late).
+    let last = [200, 100]
+        .into_iter()
+        .find(|s| {
+            c.join(format!("checkpoint-{s:07}/optimizer.safetensors"))
+                .exists()
+        })
+        .expect("a checkpoint before the kill");
+    assert!(logged >= last, "{logged} steps logged, checkpoint {last}");
     let mut resumed = common(&c);
     resumed.push("--resume".into());
     let err = ok(&resumed.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(err.contains("resumed at step 100"), "{err}");
+    assert!(err.contains(&format!("resumed at step {last}")), "{err}");
     let lc = loss_lines(&c);
     assert_eq!(lc.len(), 300);
     for (x, y) in la.iter().zip(&lc) {
