@@ -9,23 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{root, scratch, start, text};
+use common::{scratch, start, text};
 use serde_json::{json, Value};
 
-/// The qwen2 fixture (its tokenizer was trained on English and Chinese)
-/// with a context long enough for a piece of a few hundred 字.
+/// The qwen2 fixture with a context long enough for a piece of a few
+/// hundred 字.
 fn model(tag: &str) -> PathBuf {
-    let dst = scratch(&format!("zh-model-{tag}"));
-    let src = root().join("tests/fixtures/models/qwen2");
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
-    let cfg = dst.join("config.json");
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    v["max_position_embeddings"] = 16384.into();
-    std::fs::write(&cfg, v.to_string()).unwrap();
-    dst
+    common::qwen2_with_context(&format!("zh-{tag}"), 16384)
 }
 
 fn read_json(p: &Path) -> Value {

@@ -91,10 +91,10 @@ fn loss_lines(dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn pretrain_survives_ctrl_c_and_sigkill_resumes_exactly_and_the_model_generates() {
-    let d = scratch("pretrain");
-    let corpus = corpus(&d);
+/// The grammar corpus, a 300-entry tokenizer trained on it and its
+/// shards (a fifth for validation).
+fn pretrain_data(d: &Path) -> PathBuf {
+    let corpus = corpus(d);
     let tok = d.join("tok");
     ok(&[
         "tokenizer",
@@ -117,6 +117,47 @@ fn pretrain_survives_ctrl_c_and_sigkill_resumes_exactly_and_the_model_generates(
         "--val-fraction",
         "0.2",
     ]);
+    shards
+}
+
+/// `train pretrain` of the tiny config on `shards` into `out`: 300 steps of
+/// 4 rows of 32, a checkpoint every 100, then `extra`.
+fn pretrain_args(shards: &Path, cfg: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    [
+        "train",
+        "pretrain",
+        "--data",
+        p(shards),
+        "--config",
+        p(cfg),
+        "--out",
+        p(out),
+        "--seq-len",
+        "32",
+        "--batch",
+        "4",
+        "--steps",
+        "300",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "10",
+        "--save-every",
+        "100",
+        "--threads",
+        "1",
+        "--quiet",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn pretrain_survives_ctrl_c_and_sigkill_resumes_exactly_and_the_model_generates() {
+    let d = scratch("pretrain");
+    let shards = pretrain_data(&d);
     // The tokenizer has 300 entries: a 64-row embedding is refused.
     let small = tiny_config(&d, 64);
     let e = fails(&[
@@ -137,38 +178,7 @@ fn pretrain_survives_ctrl_c_and_sigkill_resumes_exactly_and_the_model_generates(
     );
 
     let cfg = tiny_config(&d, 320);
-    let common = |out: &Path| -> Vec<String> {
-        [
-            "train",
-            "pretrain",
-            "--data",
-            p(&shards),
-            "--config",
-            p(&cfg),
-            "--out",
-            p(out),
-            "--seq-len",
-            "32",
-            "--batch",
-            "4",
-            "--steps",
-            "300",
-            "--lr",
-            "1e-2",
-            "--warmup",
-            "10",
-            "--eval-every",
-            "50",
-            "--save-every",
-            "100",
-            "--threads",
-            "1",
-            "--quiet",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let common = |out: &Path| pretrain_args(&shards, &cfg, out, &["--eval-every", "50"]);
     let a = d.join("a");
     let args: Vec<String> = common(&a);
     let err = ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -527,58 +537,9 @@ fn a_full_disk_while_checkpointing_is_a_clear_error_and_resume_continues() {
         eprintln!("SKIPPED: cannot mount a tmpfs here");
         return;
     };
-    let corpus = corpus(&d);
-    let tok = d.join("tok");
-    ok(&[
-        "tokenizer",
-        "train",
-        p(&corpus),
-        "--out",
-        p(&tok),
-        "--vocab-size",
-        "300",
-    ]);
-    let shards = d.join("shards");
-    ok(&[
-        "data",
-        "tokenize",
-        p(&corpus),
-        "--tokenizer",
-        p(&tok),
-        "--out",
-        p(&shards),
-    ]);
+    let shards = pretrain_data(&d);
     let cfg = tiny_config(&d, 320);
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "train",
-            "pretrain",
-            "--data",
-            p(&shards),
-            "--config",
-            p(&cfg),
-            "--out",
-            p(out),
-            "--seq-len",
-            "32",
-            "--batch",
-            "4",
-            "--steps",
-            "300",
-            "--lr",
-            "1e-2",
-            "--warmup",
-            "10",
-            "--save-every",
-            "100",
-            "--threads",
-            "1",
-            "--quiet",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let args = |out: &Path| pretrain_args(&shards, &cfg, out, &[]);
     let reference = d.join("reference");
     ok(&args(&reference)
         .iter()

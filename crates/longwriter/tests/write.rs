@@ -22,18 +22,7 @@ fn scratch(tag: &str) -> PathBuf {
 
 /// The qwen2 fixture with a context of `context` positions.
 fn model(tag: &str, context: usize) -> PathBuf {
-    let dst = scratch(&format!("model-{tag}"));
-    let src = root().join("tests/fixtures/models/qwen2");
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
-    let cfg = dst.join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    v["max_position_embeddings"] = context.into();
-    std::fs::write(&cfg, v.to_string()).unwrap();
-    dst
+    common::qwen2_with_context(&format!("write-{tag}"), context)
 }
 
 fn plan_file(dir: &Path, sections: usize, words: u32) -> PathBuf {

@@ -98,6 +98,17 @@ impl RopeScaling {
     }
 }
 
+/// LongRoPE's default scale of cos and sin for a context stretched
+/// `factor` times past the pretrained `original` one: √(1 + ln s / ln n₀),
+/// or 1 where it is not stretched.
+pub fn longrope_attention_factor(factor: f64, original: usize) -> f32 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        (1.0 + factor.ln() / (original as f64).ln()).sqrt() as f32
+    }
+}
+
 /// Picks LongRoPE's long or short factors for a context of `positions`
 /// (the long ones beyond the pretrained context, as llama.cpp does for its
 /// context size); other scalings are left as they are.
@@ -793,11 +804,10 @@ fn parse_rope_scaling(v: Option<&Value>, raw: &RawConfig) -> Result<Option<RopeS
                 .get("factor")
                 .and_then(Value::as_f64)
                 .unwrap_or(max as f64 / original as f64);
-            let attention_factor = match obj.get("attention_factor").and_then(Value::as_f64) {
-                Some(a) => a,
-                None if factor <= 1.0 => 1.0,
-                None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
-            } as f32;
+            let attention_factor = obj
+                .get("attention_factor")
+                .and_then(Value::as_f64)
+                .map_or_else(|| longrope_attention_factor(factor, original), |a| a as f32);
             Ok(Some(RopeScaling::LongRope {
                 short,
                 long,

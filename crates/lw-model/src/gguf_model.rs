@@ -119,22 +119,8 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
             ))
         }
     };
-    // Llama 3.1's rescaling arrives as a tensor of per-frequency factors.
-    let rope_scaling = match file.tensor("rope_freqs.weight") {
-        Some(t) if t.shape == [rotary_dim / 2] => {
-            let mut f = vec![0f32; rotary_dim / 2];
-            dequantize_row(t.qtype, file.data(t).as_slice(), &mut f);
-            Some(RopeScaling::Factors(f))
-        }
-        Some(t) => {
-            return Err(GgufError::TensorShape {
-                name: "rope_freqs.weight".into(),
-                reason: format!("shape {:?}, expected [{}]", t.shape, rotary_dim / 2),
-            })
-        }
-        None => rope_scaling,
-    };
-    // Phi-3's LongRoPE: its two sets of factors as tensors.
+    // Per-frequency factors arrive as tensors: Llama 3.1's rescaling
+    // (`rope_freqs`), Phi-3's LongRoPE (a long and a short set).
     let factors = |name: &str| -> Result<Option<Vec<f32>>, GgufError> {
         match file.tensor(name) {
             None => Ok(None),
@@ -149,6 +135,9 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
             }),
         }
     };
+    let rope_scaling = factors("rope_freqs.weight")?
+        .map(RopeScaling::Factors)
+        .or(rope_scaling);
     let rope_scaling = match (
         factors("rope_factors_long.weight")?,
         factors("rope_factors_short.weight")?,
@@ -158,10 +147,10 @@ fn config_of(file: &GgufFile) -> Result<ModelConfig, GgufError> {
             let context = need("context_length")?;
             let attention_factor = match h.float(&key("rope.scaling.attn_factor"))? {
                 Some(a) => a as f32,
-                None if context > original => (1.0
-                    + (context as f64 / original as f64).ln() / (original as f64).ln())
-                .sqrt() as f32,
-                None => 1.0,
+                None => crate::config::longrope_attention_factor(
+                    context as f64 / original as f64,
+                    original,
+                ),
             };
             Some(RopeScaling::LongRope {
                 short,

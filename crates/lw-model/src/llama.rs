@@ -705,14 +705,10 @@ impl Llama {
             .map_or(1.0, |r| r.attention_factor());
         for p in positions {
             for &f in inv_freq {
+                // × 1.0 is exact: other models keep their bits.
                 let angle = p as f32 * f;
-                if m == 1.0 {
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                } else {
-                    cos.push(angle.cos() * m);
-                    sin.push(angle.sin() * m);
-                }
+                cos.push(angle.cos() * m);
+                sin.push(angle.sin() * m);
             }
         }
     }

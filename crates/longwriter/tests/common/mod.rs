@@ -47,6 +47,22 @@ pub fn scratch(tag: &str) -> PathBuf {
     d
 }
 
+/// A private copy of the qwen2 fixture (its tokenizer trained on English
+/// and Chinese) with a context of `context` positions.
+pub fn qwen2_with_context(tag: &str, context: usize) -> PathBuf {
+    let dst = scratch(&format!("model-{tag}"));
+    let src = root().join("tests/fixtures/models/qwen2");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    let cfg = dst.join("config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["max_position_embeddings"] = context.into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    dst
+}
+
 /// The bundled 32k-context random model (deterministic, fast, noisy text).
 pub fn tiny_model() -> PathBuf {
     root().join("models/tiny-random-qwen2")
