@@ -42,6 +42,37 @@ impl std::fmt::Display for GbnfError {
     }
 }
 
+/// A character class: its ranges (or the ranges it excludes) and its
+/// regular expression.
+struct Class {
+    negated: bool,
+    ranges: Vec<(char, char)>,
+    regex: String,
+}
+
+impl Class {
+    fn contains(&self, c: char) -> bool {
+        self.negated != self.ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi)
+    }
+
+    /// True when no character is in both (decided for a listed class of up
+    /// to 4,096 characters; larger or negated ones count as overlapping).
+    fn disjoint_from(&self, other: &Class) -> bool {
+        let size: u32 = other
+            .ranges
+            .iter()
+            .map(|&(lo, hi)| hi as u32 - lo as u32 + 1)
+            .sum();
+        !other.negated
+            && size <= 4096
+            && other
+                .ranges
+                .iter()
+                .flat_map(|&(lo, hi)| lo..=hi)
+                .all(|c| !self.contains(c))
+    }
+}
+
 /// The Lark grammar equivalent to a GBNF text.
 pub fn to_lark(src: &str) -> Result<String, GbnfError> {
     let mut p = Parser {
@@ -252,52 +283,15 @@ impl Parser {
                 out.push_str(&lark_string(&text));
             }
             Some('[') => {
-                self.pos += 1;
-                out.push_str("/[");
-                let negated = self.peek() == Some('^');
-                if negated {
-                    self.pos += 1;
-                    out.push('^');
-                }
-                let mut ranges: Vec<(char, char)> = Vec::new();
-                let mut members = 0;
-                loop {
-                    match self.peek() {
-                        None | Some('\n') => {
-                            return Err(self.error(at, "character class without its closing `]`"))
-                        }
-                        Some(']') => break,
-                        _ => {}
-                    }
-                    let lo = self.char_escaped()?;
-                    push_class_char(out, lo);
-                    ranges.push((lo, lo));
-                    if self.peek() == Some('-') && self.chars.get(self.pos + 1) != Some(&']') {
-                        self.pos += 1;
-                        let hi = self.char_escaped()?;
-                        if hi < lo {
-                            return Err(
-                                self.error(at, format!("range {lo:?}-{hi:?} runs backwards"))
-                            );
-                        }
-                        out.push('-');
-                        push_class_char(out, hi);
-                        ranges.last_mut().expect("pushed").1 = hi;
-                    }
-                    members += 1;
-                }
-                self.pos += 1;
-                if members == 0 {
-                    return Err(self.error(at, "empty character class"));
-                }
-                out.push(']');
-                let in_class =
-                    |c: char| negated != ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi);
-                if self.run_before_literal(&in_class) {
-                    // A repeated class before a string that cannot start
-                    // inside it: one lexeme for the whole run, which ends
-                    // exactly where GBNF's run must, and costs the lexer's
-                    // automaton instead of a parser step per character.
+                let class = self.class()?;
+                out.push('/');
+                out.push_str(&class.regex);
+                if self.run_before_other(&class) {
+                    // A repeated class before a string or class that cannot
+                    // start inside it: one lexeme for the whole run, which
+                    // ends exactly where GBNF's run must, and costs the
+                    // lexer's automaton instead of a parser step per
+                    // character.
                     self.repetition(out)?;
                     out.push('/');
                     return Ok(());
@@ -329,26 +323,74 @@ impl Parser {
         self.repetition(out)
     }
 
-    /// Whether a `+` or `{m,...}` repetition (m ≥ 1) follows here, and after it
-    /// (in the same sequence) a string whose first character is not
-    /// `in_class`.
-    fn run_before_literal(&mut self, in_class: &dyn Fn(char) -> bool) -> bool {
+    /// A character class at `[`: its members and its regular expression.
+    fn class(&mut self) -> Result<Class, GbnfError> {
+        let at = self.pos;
+        self.pos += 1;
+        let mut regex = String::from("[");
+        let negated = self.peek() == Some('^');
+        if negated {
+            self.pos += 1;
+            regex.push('^');
+        }
+        let mut ranges: Vec<(char, char)> = Vec::new();
+        loop {
+            match self.peek() {
+                None | Some('\n') => {
+                    return Err(self.error(at, "character class without its closing `]`"))
+                }
+                Some(']') => break,
+                _ => {}
+            }
+            let lo = self.char_escaped()?;
+            push_class_char(&mut regex, lo);
+            let mut hi = lo;
+            if self.peek() == Some('-') && self.chars.get(self.pos + 1) != Some(&']') {
+                self.pos += 1;
+                hi = self.char_escaped()?;
+                if hi < lo {
+                    return Err(self.error(at, format!("range {lo:?}-{hi:?} runs backwards")));
+                }
+                regex.push('-');
+                push_class_char(&mut regex, hi);
+            }
+            ranges.push((lo, hi));
+        }
+        self.pos += 1;
+        if ranges.is_empty() {
+            return Err(self.error(at, "empty character class"));
+        }
+        regex.push(']');
+        Ok(Class {
+            negated,
+            ranges,
+            regex,
+        })
+    }
+
+    /// Whether a `+` or `{m,...}` repetition (m ≥ 1) of `class` follows
+    /// here, and after it (in the same sequence) a string whose first
+    /// character, or a class none of whose characters, is in `class`.
+    fn run_before_other(&mut self, class: &Class) -> bool {
         let save = self.pos;
         let mut scratch = String::new();
         let repeated =
             matches!(self.peek(), Some('*' | '+' | '{')) && self.repetition(&mut scratch).is_ok();
         self.skip_space();
-        let next = if repeated && self.peek() == Some('"') {
-            self.pos += 1;
-            match self.peek() {
-                Some('"') | None => None,
-                _ => self.char_escaped().ok(),
-            }
-        } else {
-            None
-        };
+        let apart = repeated
+            && match self.peek() {
+                Some('"') => {
+                    self.pos += 1;
+                    match self.peek() {
+                        Some('"') | None => false,
+                        _ => self.char_escaped().is_ok_and(|c| !class.contains(c)),
+                    }
+                }
+                Some('[') => self.class().is_ok_and(|next| class.disjoint_from(&next)),
+                _ => false,
+            };
         self.pos = save;
-        next.is_some_and(|c| !in_class(c))
+        apart
     }
 
     /// `*`, `+`, `?` or a `{...}` count after an element.
@@ -486,6 +528,12 @@ mod tests {
             // The first run ends before a string it cannot start: one
             // lexeme; the second could run into "b": one per character.
             "start: /[^\\x{2d}]{2,9}/ \"-x\" /[a-z]/+ \"b\"\n"
+        );
+        assert_eq!(
+            to_lark("root ::= [^.!?]{3,9} [.!?] [a-z]+ [a-c] \" \"").unwrap(),
+            // A run before a class none of whose characters it takes: one
+            // lexeme; a run before a class it overlaps: one per character.
+            "start: /[^\\x{2e}\\x{21}\\x{3f}]{3,9}/ /[\\x{2e}\\x{21}\\x{3f}]/ /[a-z]/+ /[a-c]/ \" \"\n"
         );
         assert_eq!(
             lark,
