@@ -159,20 +159,31 @@ impl Guide {
         no_end: bool,
     ) -> Result<(), EngineError> {
         let start = Instant::now();
-        let mask = self
+        let mut mask = self
             .matcher
             .compute_mask()
             .map_err(|e| EngineError::Grammar(e.to_string()))?;
         let may_end = mask.is_allowed(self.eos);
         let others = mask.num_set() > usize::from(may_end);
         let end_open = may_end && !(no_end && others);
-        for (id, l) in logits.iter_mut().enumerate() {
-            let allowed = if eos.contains(&(id as u32)) {
-                end_open
-            } else {
-                id < self.vocab && id as u32 != self.eos && mask.is_allowed(id as u32)
-            };
-            if !allowed {
+        // The grammar's own end id is a marker, never a token; the model's
+        // end ids follow the decision above.
+        let known = mask.len().min(self.vocab);
+        if (self.eos as usize) < known {
+            mask.set(self.eos as usize, false);
+        }
+        for &e in eos {
+            if (e as usize) < known {
+                mask.set(e as usize, end_open);
+            }
+        }
+        mask.iter_unset_entries(|id| {
+            if let Some(l) = logits.get_mut(id) {
+                *l = f32::NEG_INFINITY;
+            }
+        });
+        for (id, l) in logits.iter_mut().enumerate().skip(known) {
+            if !(end_open && eos.contains(&(id as u32))) {
                 *l = f32::NEG_INFINITY;
             }
         }
