@@ -30,7 +30,9 @@ pub struct WriteOptions {
     /// Constrained AgentWrite: the plan decodes under a grammar of the
     /// asked shape (its budgets then scaled to the asked total), and each
     /// section under length control from its budget: no end before 90% of
-    /// it, an end at the next sentence past 110%, a hard cap at 140%.
+    /// it, an end at the next sentence past 110%, a hard cap at 140% (in
+    /// tokens, from the tokenizer's tokens per word moved towards what the
+    /// run's sections spent: see [`calibrated`]).
     /// Backends without structured decoding get the plain requests.
     pub constrain: bool,
     /// When every attempt at a section falls into a loop, keep the last
@@ -307,7 +309,7 @@ pub fn write(
             asked_words,
         });
         let written = sections.join("\n\n");
-        let control = per_word.map(|t| asked_words as f64 * t);
+        let control = per_word.map(|t| asked_words as f64 * calibrated(t, &state.sections));
         let answer = match (request.mode, control) {
             (Mode::Direct, _) => prompts::max_tokens_for(asked_words, request.language).max(4096),
             (Mode::AgentWrite, Some(tokens)) => (tokens * LENGTH_CAP).ceil() as usize + 16,
@@ -458,6 +460,29 @@ fn finish_name(f: FinishReason) -> &'static str {
     f.as_str()
 }
 
+/// Words the sample-prose figure counts for in [`calibrated`].
+const PRIOR_WORDS: f64 = 100.0;
+
+/// Tokens per word for a section's length control: the tokenizer's figure
+/// on sample prose (`prior`), moved towards what this run's sections
+/// spent (completion tokens over delivered words, for sections written in
+/// one attempt), the sample counting as [`PRIOR_WORDS`] words. A small
+/// model's prose (odd words, markup) takes more tokens a word than clean
+/// sample text, and a floor in tokens set from the sample alone delivers
+/// too few words. Kept within half and three times the prior.
+pub fn calibrated(prior: f64, records: &[SectionRecord]) -> f64 {
+    let (tokens, words) = records
+        .iter()
+        .filter(|r| r.attempts == 1 && r.usage.completion_tokens > 0 && r.delivered_words > 0)
+        .fold((0.0, 0.0), |(t, w), r| {
+            (
+                t + r.usage.completion_tokens as f64,
+                w + r.delivered_words as f64,
+            )
+        });
+    ((prior * PRIOR_WORDS + tokens) / (PRIOR_WORDS + words)).clamp(prior * 0.5, prior * 3.0)
+}
+
 /// True when the text ends in a loop: its last units (words, or characters
 /// for CJK) are one short sequence repeated at least four times.
 pub fn is_degenerate(text: &str) -> bool {
@@ -527,6 +552,39 @@ pub fn without_loop(text: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_per_word_move_towards_what_the_run_spent() {
+        let record = |tokens: usize, words: usize, attempts: usize| SectionRecord {
+            index: 0,
+            asked_words: 400,
+            delivered_words: words,
+            usage: Usage {
+                completion_tokens: tokens,
+                ..Usage::default()
+            },
+            seconds: 1.0,
+            attempts,
+            finish_reason: "stop".into(),
+        };
+        // Nothing written yet: the sample's figure.
+        assert_eq!(calibrated(1.3, &[]), 1.3);
+        // 400 words for 700 tokens: (1.3 · 100 + 700) / (100 + 400) = 1.66.
+        let one = calibrated(1.3, &[record(700, 400, 1)]);
+        assert!((one - 1.66).abs() < 1e-9, "{one}");
+        // A retried section (its tokens cover several attempts) and a
+        // recovered one (no usage) do not count.
+        assert_eq!(
+            calibrated(
+                1.3,
+                &[record(700, 400, 1), record(5000, 100, 3), record(0, 300, 1)]
+            ),
+            one
+        );
+        // Kept within half and three times the prior.
+        assert_eq!(calibrated(1.3, &[record(40_000, 400, 1)]), 1.3 * 3.0);
+        assert_eq!(calibrated(1.3, &[record(10, 4000, 1)]), 1.3 * 0.5);
+    }
 
     #[test]
     fn a_loop_is_cut_after_its_first_copy_at_a_sentence_end() {
