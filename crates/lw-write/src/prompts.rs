@@ -64,6 +64,37 @@ pub fn plan_prompt(
     s
 }
 
+/// A section without the marks the write prompt puts around the text so
+/// far: a small model imitates them (SmolLM2-135M began nearly every
+/// section with `<<<`, and each copy taught the next step to copy more).
+/// Lines made only of `<` and `>` (three or more, spaces between), lines that are only the
+/// window's cut mark `[…]`, and a `<<<`/`>>>` opening or closing the
+/// section go; the blank lines they leave close up.
+pub fn without_prompt_marks(text: &str) -> String {
+    let mark_line = |l: &str| {
+        let t = l.trim();
+        let marks = t.chars().filter(|&c| c == '<' || c == '>').count();
+        (marks >= 3 && t.chars().all(|c| c == '<' || c == '>' || c.is_whitespace())) || t == "[…]"
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut blank = 0;
+    for line in text.lines().filter(|l| !mark_line(l)) {
+        if line.trim().is_empty() {
+            blank += 1;
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(if blank > 0 { "\n\n" } else { "\n" });
+        }
+        blank = 0;
+        out.push_str(line);
+    }
+    let out = out.trim();
+    let out = out.strip_prefix("<<<").unwrap_or(out).trim_start();
+    let out = out.strip_suffix(">>>").unwrap_or(out).trim_end();
+    out.to_string()
+}
+
 /// Asks for paragraph `step` (0-based) given everything written before it.
 pub fn write_prompt(
     instruction: &str,
@@ -176,6 +207,20 @@ mod tests {
         );
         let first = write_prompt("Write about print.", &p, "", 0, Language::English);
         assert!(first.contains("Do not conclude"));
+    }
+
+    #[test]
+    fn the_prompts_marks_are_taken_out_of_a_section() {
+        let copied = "<<<\n\nThe river rose.\n<<< <<<\n>>>\n\n[…]\n\nIt fell again.\nStill.\n>>>";
+        assert_eq!(
+            without_prompt_marks(copied),
+            "The river rose.\n\nIt fell again.\nStill."
+        );
+        assert_eq!(without_prompt_marks("<<< The mill >>>"), "The mill");
+        // Prose that merely holds the characters stays whole.
+        let prose = "Shift left with a << b, or write x >> 2.\n\nNext.";
+        assert_eq!(without_prompt_marks(prose), prose);
+        assert_eq!(without_prompt_marks("<<<\n>>>"), "");
     }
 
     #[test]

@@ -417,6 +417,7 @@ pub fn write(
             }
         };
         let (text, thinking) = split_thinking(&text);
+        let text = prompts::without_prompt_marks(&text);
         if opts.keep_thinking && !thinking.is_empty() {
             dir.save_thinking(index, &thinking)?;
         }
