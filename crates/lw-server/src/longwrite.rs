@@ -99,6 +99,8 @@ pub(crate) async fn create_job(
             temperature,
             top_p,
             seed: req.seed.unwrap_or_else(now),
+            // As `write` does.
+            dry_multiplier: lw_write::SECTION_DRY_MULTIPLIER,
             ..Default::default()
         },
         model: state.opts.model_name.clone(),

@@ -22,4 +22,6 @@ pub use model::{
 };
 pub use plan::{parse_plan, Paragraph, Plan, PlanError};
 pub use run::{Mode, Request, RunDir, RunDirError, RunStore, SectionRecord, State};
-pub use writer::{make_plan, write, Event, Summary, WriteError, WriteOptions};
+pub use writer::{
+    make_plan, write, Event, Summary, WriteError, WriteOptions, SECTION_DRY_MULTIPLIER,
+};

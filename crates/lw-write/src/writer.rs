@@ -54,6 +54,12 @@ impl Default for WriteOptions {
     }
 }
 
+/// DRY's strength for AgentWrite's sections, twice llama.cpp's usual 0.8:
+/// on SmolLM2-135M-Instruct (8 English prompts of 800–3,500 words) it
+/// took the documents' repeated 4-grams from 0.29 to 0.14 and their
+/// length score from 88 to 96.
+pub const SECTION_DRY_MULTIPLIER: f32 = 1.6;
+
 /// Share of a section's budget before which it may not end, after which
 /// it ends at the next sentence, and at which it is cut.
 const LENGTH_FLOOR: f64 = 0.9;
