@@ -65,34 +65,64 @@ pub fn plan_prompt(
 }
 
 /// A section without the marks the write prompt puts around the text so
-/// far: a small model imitates them (SmolLM2-135M began nearly every
-/// section with `<<<`, and each copy taught the next step to copy more).
-/// Lines made only of `<` and `>` (three or more, spaces between), lines that are only the
-/// window's cut mark `[…]`, and a `<<<`/`>>>` opening or closing the
-/// section go; the blank lines they leave close up.
+/// far: a small model imitates them (SmolLM2-135M began 86 of 89 sections
+/// with `<<<`, each copy teaching the next step to copy more, and under a
+/// strong DRY it varies them into runs like `<<<<**>>>>`). Every run of
+/// three or more `<`/`>` goes, a line it leaves without a letter or digit
+/// goes with it, lines that are only the window's cut mark `[…]` go, and
+/// the blank lines left close up. Prose with `<<` or `>>` stays whole.
 pub fn without_prompt_marks(text: &str) -> String {
-    let mark_line = |l: &str| {
-        let t = l.trim();
-        let marks = t.chars().filter(|&c| c == '<' || c == '>').count();
-        (marks >= 3 && t.chars().all(|c| c == '<' || c == '>' || c.is_whitespace())) || t == "[…]"
-    };
     let mut out = String::with_capacity(text.len());
     let mut blank = 0;
-    for line in text.lines().filter(|l| !mark_line(l)) {
-        if line.trim().is_empty() {
-            blank += 1;
+    for raw in text.lines() {
+        let line = without_mark_runs(raw);
+        let emptied = line.len() != raw.len() && !line.chars().any(char::is_alphanumeric);
+        if emptied || line.trim() == "[…]" || line.trim().is_empty() {
+            blank += usize::from(line.trim().is_empty() && !emptied);
             continue;
         }
         if !out.is_empty() {
             out.push_str(if blank > 0 { "\n\n" } else { "\n" });
         }
         blank = 0;
-        out.push_str(line);
+        out.push_str(line.trim_end());
     }
-    let out = out.trim();
-    let out = out.strip_prefix("<<<").unwrap_or(out).trim_start();
-    let out = out.strip_suffix(">>>").unwrap_or(out).trim_end();
-    out.to_string()
+    out.trim().to_string()
+}
+
+/// `line` without its runs of three or more `<`/`>` (and the space a run
+/// leaves doubled).
+fn without_mark_runs(line: &str) -> std::borrow::Cow<'_, str> {
+    let mark = |b: &u8| *b == b'<' || *b == b'>';
+    if !line.as_bytes().windows(3).any(|w| w.iter().all(mark)) {
+        return line.into();
+    }
+    let mut out = String::with_capacity(line.len());
+    // Where the current run of marks started, and whether a run was just cut.
+    let mut run: Option<usize> = None;
+    let mut cut = false;
+    for (i, c) in line.char_indices() {
+        if c == '<' || c == '>' {
+            run.get_or_insert(i);
+            continue;
+        }
+        if let Some(start) = run.take() {
+            if i - start >= 3 {
+                cut = true;
+            } else {
+                out.push_str(&line[start..i]);
+            }
+        }
+        if cut && c == ' ' && (out.is_empty() || out.ends_with(' ')) {
+            continue;
+        }
+        cut = false;
+        out.push(c);
+    }
+    if let Some(start) = run.filter(|&start| line.len() - start < 3) {
+        out.push_str(&line[start..]);
+    }
+    out.trim().to_string().into()
 }
 
 /// Asks for paragraph `step` (0-based) given everything written before it.
@@ -217,8 +247,15 @@ mod tests {
             "The river rose.\n\nIt fell again.\nStill."
         );
         assert_eq!(without_prompt_marks("<<< The mill >>>"), "The mill");
+        // Varied runs go, and a line they leave without words goes too.
+        assert_eq!(
+            without_prompt_marks(
+                "<<<<**>>>><<==\nThe writing goes on>><<<<<<<< here.\n<<<<<<<<I>>>>"
+            ),
+            "The writing goes on here.\nI"
+        );
         // Prose that merely holds the characters stays whole.
-        let prose = "Shift left with a << b, or write x >> 2.\n\nNext.";
+        let prose = "Shift left with a << b, or write x >> 2, a <> b.\n\nNext>>";
         assert_eq!(without_prompt_marks(prose), prose);
         assert_eq!(without_prompt_marks("<<<\n>>>"), "");
     }
