@@ -77,7 +77,7 @@ pub fn without_prompt_marks(text: &str) -> String {
     for raw in text.lines() {
         let line = without_mark_runs(raw);
         let emptied = line.len() != raw.len() && !line.chars().any(char::is_alphanumeric);
-        if emptied || line.trim() == "[…]" || line.trim().is_empty() {
+        if emptied || line.trim() == crate::window::CUT_MARK.trim() || line.trim().is_empty() {
             blank += usize::from(line.trim().is_empty() && !emptied);
             continue;
         }
