@@ -77,6 +77,11 @@ pub struct SectionRecord {
     pub seconds: f64,
     pub attempts: usize,
     pub finish_reason: String,
+    /// Byte offset in the text so far where the text shown to the model for
+    /// this section started (0: all of it); a resume continues the window
+    /// from there, as the run never interrupted did.
+    #[serde(default)]
+    pub shown_from: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -284,9 +284,10 @@ pub fn write(
         }
         if let Some(text) = dir.section(index)? {
             if !state.sections.iter().any(|r| r.index == index) {
-                // Killed between saving the section and its record: the
-                // record is rebuilt from the text (its usage and time are
-                // lost with the process that spent them).
+                // A section without its record (runs saved text first
+                // before records did): the record is rebuilt from the
+                // text (its usage and time are lost with the process that
+                // spent them).
                 state.sections.push(SectionRecord {
                     index,
                     asked_words: plan.paragraphs[index].words,
@@ -295,11 +296,13 @@ pub fn write(
                     seconds: 0.0,
                     attempts: 1,
                     finish_reason: "recovered".into(),
+                    shown_from: window_start,
                 });
                 state.sections.sort_by_key(|r| r.index);
                 dir.save_state(&state)?;
             }
             if let Some(record) = state.sections.iter().find(|r| r.index == index) {
+                window_start = window_start.max(record.shown_from);
                 on_event(Event::SectionDone {
                     record,
                     resumed: true,
@@ -308,6 +311,9 @@ pub fn write(
             sections.push(text);
             continue;
         }
+        // Records of sections whose text never landed (see below) are
+        // dropped: this section is written again.
+        state.sections.retain(|r| r.index < index);
         let asked_words = plan.paragraphs[index].words;
         on_event(Event::SectionStart {
             index,
@@ -427,7 +433,6 @@ pub fn write(
         if opts.keep_thinking && !thinking.is_empty() {
             dir.save_thinking(index, &thinking)?;
         }
-        dir.save_section(index, &text)?;
         let record = SectionRecord {
             index,
             asked_words,
@@ -436,11 +441,18 @@ pub fn write(
             seconds: section_started.elapsed().as_secs_f64(),
             attempts: attempt,
             finish_reason: finish_name(finish).to_string(),
+            shown_from: window_start,
         };
         state.usage.add(&usage);
         state.sections.retain(|r| r.index != index);
         state.sections.push(record.clone());
+        // The record goes first and the text commits it: a process killed
+        // between the two leaves a record without text, which the resume
+        // drops and writes again, so the tokens per word that length
+        // control learns from the records are the same as in a run never
+        // interrupted.
         dir.save_state(&state)?;
+        dir.save_section(index, &text)?;
         on_event(Event::SectionDone {
             record: &record,
             resumed: false,
@@ -573,6 +585,7 @@ mod tests {
             seconds: 1.0,
             attempts,
             finish_reason: "stop".into(),
+            shown_from: 0,
         };
         // Nothing written yet: the sample's figure.
         assert_eq!(calibrated(1.3, &[]), 1.3);

@@ -99,5 +99,38 @@ fn the_second_sections_floor_follows_what_the_first_one_spent() {
         summary.document
     );
     assert_eq!(summary.delivered_words, 800);
+
+    // A kill after the second section's record and before its text: the
+    // resume writes it again from the first section's record alone, with
+    // the floor the uninterrupted run had.
+    std::fs::remove_file(dir.join("sections/002.md")).unwrap();
+    std::fs::remove_file(dir.join("document.md")).unwrap();
+    let state_path = dir.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    assert_eq!(state["sections"].as_array().unwrap().len(), 2);
+    state["finished"] = false.into();
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    let (run, _) = RunDir::open(&dir).unwrap();
+    let mut resumed = Wordy::default();
+    let again = write(
+        &mut resumed,
+        &run,
+        &opts,
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(resumed.floors, [648], "the stale record taught nothing");
+    assert_eq!(again.document, summary.document);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    let indices: Vec<u64> = state["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indices, [0, 1]);
     let _ = std::fs::remove_dir_all(&dir);
 }
