@@ -72,7 +72,10 @@ enum Command {
     #[command(subcommand)]
     Lora(train::LoraCommand),
     /// Write a Hugging Face checkpoint as a GGUF file (llama.cpp's format),
-    /// quantized or not; `--model FILE.gguf` runs it.
+    /// quantized or not; `--model FILE.gguf` runs it. Every family the
+    /// engine runs (experts as llama.cpp's stacked `ffn_*_exps` tensors,
+    /// Gemma's norms as 1 + w), as llama.cpp reads it; a config llama.cpp
+    /// would read as another model is refused with the field named.
     Convert(ConvertArgs),
     /// Compute the logits of a sequence of token ids (every position), to
     /// compare with another engine on the same model file.

@@ -240,6 +240,60 @@ struct Planned {
     parts: Vec<(String, Vec<usize>)>,
     layer: Option<usize>,
     heads: Option<usize>,
+    /// Experts' matrices: the parts stacked along a new first axis (one
+    /// per expert) into the tensor of this GGUF name.
+    experts: Option<String>,
+}
+
+/// Why llama.cpp would read a file of this config as another model, if it
+/// would: `convert` writes only files that both engines read alike.
+fn unwritable(cfg: &ModelConfig) -> Option<String> {
+    if let Some(moe) = &cfg.moe {
+        if !moe.normalize {
+            return Some(format!(
+                "norm_topk_prob is false, but llama.cpp renormalises the chosen experts' \
+                 weights in {} files",
+                cfg.model_type
+            ));
+        }
+        if moe.layers.iter().any(|&experts| !experts) {
+            return Some(
+                "mlp_only_layers / decoder_sparse_step leave layers without experts; \
+                 llama.cpp's files of this family have experts in every layer"
+                    .into(),
+            );
+        }
+    }
+    let gemma2 = cfg.model_type == "gemma2";
+    if gemma2 || cfg.model_type == "gemma3_text" {
+        // llama.cpp scales scores by 1/√head_dim, or √(heads/hidden) in the
+        // 27B models (told by their layer counts); it reads no scale.
+        let big = cfg.num_layers == if gemma2 { 46 } else { 62 };
+        let llama = if big {
+            (cfg.hidden_size as f32 / cfg.num_heads as f32).powf(-0.5)
+        } else {
+            (cfg.head_dim as f32).powf(-0.5)
+        };
+        let ours = cfg
+            .attention_scale
+            .unwrap_or((cfg.head_dim as f32).powf(-0.5));
+        if (ours - llama).abs() > 1e-6 * llama {
+            return Some(format!(
+                "query_pre_attn_scalar scales scores by {ours}, but llama.cpp scales those of \
+                 {} files by {llama} (1/√head_dim, or √(heads/hidden) in the 27B models) \
+                 and reads no scale from the file",
+                cfg.model_type
+            ));
+        }
+        if gemma2 && (cfg.attn_softcap.is_none() || cfg.final_softcap.is_none()) {
+            return Some(
+                "attn_logit_softcapping / final_logit_softcapping is null, but llama.cpp \
+                 always soft-caps gemma2 files (50 and 30 unless the file says)"
+                    .into(),
+            );
+        }
+    }
+    None
 }
 
 /// What `convert` wrote.
@@ -263,14 +317,10 @@ pub fn convert(
     mut progress: impl FnMut(usize, usize, &str),
 ) -> Result<ConvertReport, EngineError> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    if cfg.moe.is_some() || cfg.model_type == "gemma3_text" {
+    if let Some(reason) = unwritable(&cfg) {
         return Err(EngineError::File {
             path: dir.join("config.json"),
-            reason: format!(
-                "convert does not write {} models yet; llama.cpp's \
-                 convert_hf_to_gguf.py does",
-                cfg.model_type
-            ),
+            reason,
         });
     }
     let weights = Weights::for_config(dir, &cfg)?;
@@ -295,6 +345,7 @@ pub fn convert(
         parts: vec![(n, shape)],
         layer,
         heads,
+        experts: None,
     };
     let mut plan = vec![one(
         "model.embed_tokens.weight".into(),
@@ -302,10 +353,10 @@ pub fn convert(
         None,
         None,
     )];
-    // llama.cpp's Llama graph wants q/k rows in adjacent-pairs order; Qwen2
-    // and Qwen3 keep the halves, GLM-4 is interleaved already.
-    let permute =
-        !matches!(cfg.model_type.as_str(), "qwen2" | "qwen3" | "phi3") && !cfg.rope_interleaved;
+    // llama.cpp's Llama graph (Llama, Mistral, Mixtral) wants q/k rows in
+    // adjacent-pairs order; the other families keep the halves, GLM-4 is
+    // interleaved already.
+    let permute = lw_model::gguf_model::gguf_architecture(&cfg) == "llama" && !cfg.rope_interleaved;
     let glm = cfg.model_type == "glm";
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
@@ -340,6 +391,7 @@ pub fn convert(
                     parts,
                     layer: Some(l),
                     heads: None,
+                    experts: None,
                 });
             }
         } else {
@@ -371,6 +423,38 @@ pub fn convert(
             add(format!("{p}.post_mlp_layernorm.weight"), vec![h]);
         }
         add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+        if let Some(moe) = cfg.moe.as_ref().filter(|m| m.layers[l]) {
+            // The router, then each projection of every expert stacked
+            // into one 3-D tensor, as llama.cpp's `ffn_*_exps`.
+            let (block, gate, up, down) =
+                if weights.contains(&format!("{p}.block_sparse_moe.gate.weight")) {
+                    ("block_sparse_moe", "w1", "w3", "w2")
+                } else {
+                    ("mlp", "gate_proj", "up_proj", "down_proj")
+                };
+            add(format!("{p}.{block}.gate.weight"), vec![moe.experts, h]);
+            let mi = moe.intermediate;
+            for (proj, gguf, out, inp) in [
+                (gate, "ffn_gate_exps", mi, h),
+                (up, "ffn_up_exps", mi, h),
+                (down, "ffn_down_exps", h, mi),
+            ] {
+                plan.push(Planned {
+                    parts: (0..moe.experts)
+                        .map(|e| {
+                            (
+                                format!("{p}.{block}.experts.{e}.{proj}.weight"),
+                                vec![out, inp],
+                            )
+                        })
+                        .collect(),
+                    layer: Some(l),
+                    heads: None,
+                    experts: Some(format!("blk.{l}.{gguf}.weight")),
+                });
+            }
+            continue;
+        }
         let mlp: &[(&str, usize, usize)] =
             if matches!(cfg.model_type.as_str(), "glm" | "glm4" | "phi3") {
                 &[("gate_up_proj", 2 * i, h), ("down_proj", h, i)]
@@ -397,10 +481,17 @@ pub fn convert(
     let mut fallbacks = Vec::new();
     let total = plan.len();
     for (n, planned) in plan.into_iter().enumerate() {
-        let gname = gguf_tensor_name(&planned.parts);
+        let gname = match &planned.experts {
+            Some(name) => name.clone(),
+            None => gguf_tensor_name(&planned.parts),
+        };
         progress(n, total, &gname);
         let mut shape = planned.parts[0].1.clone();
-        shape[0] = planned.parts.iter().map(|p| p.1[0]).sum();
+        if planned.experts.is_some() {
+            shape.insert(0, planned.parts.len());
+        } else {
+            shape[0] = planned.parts.iter().map(|p| p.1[0]).sum();
+        }
         let mut values = Vec::with_capacity(shape.iter().product());
         for (hf, part_shape) in &planned.parts {
             let t = weights.get(hf, part_shape, DType::F32)?;
@@ -413,6 +504,10 @@ pub fn convert(
         }
         if let Some(heads) = planned.heads {
             values = permute_rows(&values, heads, shape[0] / heads, values.len() / shape[0]);
+        }
+        // Gemma's norms scale by 1 + w; GGUF files hold 1 + w.
+        if shape.len() == 1 && gname.ends_with("norm.weight") && cfg.norm_offset != 0.0 {
+            values.iter_mut().for_each(|v| *v += cfg.norm_offset);
         }
         let cols = *shape.last().unwrap();
         let qtype = if shape.len() == 1 {

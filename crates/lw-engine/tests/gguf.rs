@@ -48,10 +48,9 @@ fn argmax(v: &[f32]) -> usize {
 #[test]
 fn f32_gguf_files_match_transformers_for_every_architecture() {
     let tmp = scratch("f32");
-    // `convert` does not write mixtures of experts (llama.cpp's converter
-    // does: see the next test) or Gemma 3.
-    let written = |n: &&&str| !n.contains("moe") && !["mixtral", "gemma2", "gemma3"].contains(n);
-    for &name in MODELS.iter().filter(written) {
+    // Gemma 2's fixture scales scores by a query_pre_attn_scalar llama.cpp
+    // would not read (the next test but one).
+    for &name in MODELS.iter().filter(|n| **n != "gemma2") {
         let fx = fixture(name);
         let path = to_gguf(
             &model_dir(name),
@@ -70,6 +69,53 @@ fn f32_gguf_files_match_transformers_for_every_architecture() {
         let worst = worst_logit_diff(&rows, &fx);
         assert!(worst < 1e-4, "{name}: GGUF logits differ by {worst}");
     }
+}
+
+/// `convert` refuses what llama.cpp would read as another model, naming
+/// the field: Gemma 2's fixture scales scores by query_pre_attn_scalar 24
+/// where llama.cpp takes 1/√head_dim for every Gemma 2 but the 27B.
+#[test]
+fn convert_refuses_configs_llama_cpp_would_misread() {
+    let tmp = scratch("refused");
+    let out = tmp.join("gemma2.gguf");
+    let err = convert(
+        &model_dir("gemma2"),
+        &out,
+        Target::Uniform(QType::F32),
+        |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("query_pre_attn_scalar") && err.contains("config.json"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written");
+    // Experts' weights not renormalised: llama.cpp always renormalises.
+    let moe = tmp.join("qwen3-moe");
+    std::fs::create_dir_all(&moe).unwrap();
+    for f in std::fs::read_dir(model_dir("qwen3-moe")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, moe.join(f.file_name().unwrap())).unwrap();
+    }
+    let config = moe.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("\"norm_topk_prob\": true"), "{text}");
+    std::fs::write(
+        &config,
+        text.replace("\"norm_topk_prob\": true", "\"norm_topk_prob\": false"),
+    )
+    .unwrap();
+    let err = convert(
+        &moe,
+        &tmp.join("moe.gguf"),
+        Target::Uniform(QType::F32),
+        |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("norm_topk_prob"), "{err}");
+    let _ = std::fs::remove_dir_all(&tmp);
 }
 
 /// The fixture models as llama.cpp's own converter writes them

@@ -436,6 +436,40 @@ pub fn config_metadata(cfg: &ModelConfig, name: &str) -> Vec<(String, Value)> {
         ));
         m.push((k("rope.scaling.attn_factor"), Value::F32(attention_factor)));
     }
+    if let Some(moe) = &cfg.moe {
+        m.push((k("expert_count"), Value::U32(moe.experts as u32)));
+        m.push((k("expert_used_count"), Value::U32(moe.active as u32)));
+        if arch != "llama" {
+            m.push((
+                k("expert_feed_forward_length"),
+                Value::U32(moe.intermediate as u32),
+            ));
+        }
+    }
+    if matches!(arch, "gemma2" | "gemma3") {
+        // The window, and which layers slide, as a per-layer list.
+        if let Some(w) = cfg.sliding_window.iter().flatten().next() {
+            m.push((k("attention.sliding_window"), Value::U32(*w as u32)));
+            m.push((
+                k("attention.sliding_window_pattern"),
+                Value::Array(
+                    cfg.sliding_window
+                        .iter()
+                        .map(|w| Value::Bool(w.is_some()))
+                        .collect(),
+                ),
+            ));
+        }
+        if let Some(base) = cfg.local_rope_theta {
+            m.push((k("rope.freq_base_swa"), Value::F32(base)));
+        }
+        if let Some(c) = cfg.attn_softcap {
+            m.push((k("attn_logit_softcapping"), Value::F32(c)));
+        }
+        if let Some(c) = cfg.final_softcap {
+            m.push((k("final_logit_softcapping"), Value::F32(c)));
+        }
+    }
     m
 }
 
