@@ -7,9 +7,7 @@ and a synthetic byte-level BPE tokenizer of the right vocabulary size.
     python3 scripts/make_bench_model.py smollm2-135m OUT_DIR
     python3 scripts/make_bench_model.py qwen3-0.6b OUT_DIR
     python3 scripts/make_bench_model.py gemma-3-1b OUT_DIR
-
-Gemma 3 is not written by `longwriter convert`: convert it with llama.cpp's
-converter (scripts/llama_cpp_convert.py's way) and `llama-quantize`.
+    python3 scripts/make_bench_model.py qwen3-moe OUT_DIR
 
 Only numpy is needed. Then `longwriter convert OUT_DIR -o m.gguf --type q4_k_m`.
 """
@@ -70,6 +68,28 @@ SHAPES = {
         tie_word_embeddings=True,
         max_position_embeddings=40960,
     ),
+    # Qwen3-30B-A3B's proportions scaled to fit 24 GiB: 16 layers (of 48),
+    # 64 experts of 768 (of 128), 8 active, GQA 32/4 with heads of 128,
+    # q/k norms, an untied output matrix.
+    "qwen3-moe": dict(
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=64,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        max_position_embeddings=40960,
+    ),
     # Gemma-3-1B: 26 layers, 4 query heads over one kv head of 256, five
     # sliding layers (window 512, base 10k) per full one (base 1M), Gemma's
     # four norms per layer, q/k norms, GeGLU, a 262k vocabulary.
@@ -95,7 +115,8 @@ SHAPES = {
     ),
 }
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def byte_alphabet():
@@ -159,17 +180,27 @@ def tensors(cfg):
         yield f"{p}.self_attn.k_proj.weight", (kv, h)
         yield f"{p}.self_attn.v_proj.weight", (kv, h)
         yield f"{p}.self_attn.o_proj.weight", (h, q)
-        if kind in ("qwen3", "gemma3_text"):
+        if kind in ("qwen3", "qwen3_moe", "gemma3_text"):
             yield f"{p}.self_attn.q_norm.weight", (hd,)
             yield f"{p}.self_attn.k_norm.weight", (hd,)
         yield f"{p}.post_attention_layernorm.weight", (h,)
         if kind == "gemma3_text":
             yield f"{p}.pre_feedforward_layernorm.weight", (h,)
             yield f"{p}.post_feedforward_layernorm.weight", (h,)
+        if kind == "qwen3_moe":
+            mi = cfg["moe_intermediate_size"]
+            yield f"{p}.mlp.gate.weight", (cfg["num_experts"], h)
+            for e in range(cfg["num_experts"]):
+                yield f"{p}.mlp.experts.{e}.gate_proj.weight", (mi, h)
+                yield f"{p}.mlp.experts.{e}.up_proj.weight", (mi, h)
+                yield f"{p}.mlp.experts.{e}.down_proj.weight", (h, mi)
+            continue
         yield f"{p}.mlp.gate_proj.weight", (i, h)
         yield f"{p}.mlp.up_proj.weight", (i, h)
         yield f"{p}.mlp.down_proj.weight", (h, i)
     yield "model.norm.weight", (h,)
+    if not cfg["tie_word_embeddings"]:
+        yield "lm_head.weight", (cfg["vocab_size"], h)
 
 
 def main():

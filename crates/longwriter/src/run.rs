@@ -105,13 +105,22 @@ fn add_speculation(engine: &mut Engine, m: &ModelArgs, opts: &LoadOptions) -> an
 /// when the full context would not fit in the memory available.
 fn report_kv_cache(engine: &Engine, m: &ModelArgs) {
     let per_token = engine.model().kv_bytes_per_token();
-    let full = per_token as f64 * engine.context_length() as f64;
+    let full = engine.model().kv_bytes_for(engine.context_length()) as f64;
+    let windows = &engine.model().config().sliding_window;
+    let sliding = windows.iter().flatten().count();
     eprintln!(
-        "KV cache ({}): {:.1} KB per token, {:.2} GB at the full context of {} tokens{}",
+        "KV cache ({}): {:.1} KB per token, {:.2} GB at the full context of {} tokens{}{}",
         m.engine.kv_cache.name(),
         per_token as f64 / 1024.0,
         full / 1e9,
         engine.context_length(),
+        match windows.iter().flatten().max() {
+            Some(w) if sliding > 0 => format!(
+                " ({sliding} of {} layers slide and keep their window of {w} positions)",
+                windows.len()
+            ),
+            _ => String::new(),
+        },
         match lw_engine::available_memory() {
             Some(avail) if full > avail as f64 => format!(
                 " (more than the {:.1} GB of memory available: long generations will run out first)",

@@ -33,10 +33,12 @@ impl Sequence {
         self.tokens.is_empty()
     }
 
-    /// Keeps the first `len` positions.
+    /// Keeps the first `len` positions, or none where a sliding layer has
+    /// already dropped keys the positions after them would read
+    /// ([`KvCache::truncate`]); [`Sequence::len`] says which.
     pub fn truncate(&mut self, len: usize) {
         self.cache.truncate(len);
-        self.tokens.truncate(len);
+        self.tokens.truncate(self.cache.len());
     }
 
     pub fn clear(&mut self) {
@@ -56,7 +58,7 @@ impl Sequence {
             .shared_prefix(prompt)
             .min(prompt.len().saturating_sub(1));
         self.truncate(common);
-        common
+        self.len()
     }
 
     /// Computes `tokens` after the positions held; their logits go to `out`

@@ -27,11 +27,14 @@ pub struct Q8Slice<'a> {
     pub d: &'a [f16],
 }
 
-/// Shapes of the cache buffers: `[kv_heads, capacity, head_dim]`.
+/// Shapes of the cache buffers: `[kv_heads, capacity, head_dim]`, slot
+/// `p - offset` holding position `p`.
 pub struct CacheView<'a> {
     pub keys: KvSlice<'a>,
     pub values: KvSlice<'a>,
     pub capacity: usize,
+    /// The position held in slot 0 (a sliding layer's dropped positions).
+    pub offset: usize,
     /// Valid positions (the new token's included).
     pub len: usize,
 }
@@ -132,19 +135,25 @@ pub fn attend_part(
     out: &mut [f32],
     stats: &mut [f32],
 ) {
-    let base = kv * cache.capacity * head.dim;
-    let rows = Rows {
-        base,
-        first: part.start,
-        len: part.end,
-        head_dim: head.dim,
-        softcap: head.softcap,
-    };
     if part.is_empty() {
         out.fill(0.0);
         stats.fill(0.0);
         return;
     }
+    assert!(
+        part.start >= cache.offset,
+        "position {} was dropped from a sliding layer's cache (it holds {} on)",
+        part.start,
+        cache.offset
+    );
+    // Positions to slots: the view's buffers start at position `offset`.
+    let rows = Rows {
+        base: kv * cache.capacity * head.dim,
+        first: part.start - cache.offset,
+        len: part.end - cache.offset,
+        head_dim: head.dim,
+        softcap: head.softcap,
+    };
     match (cache.keys, cache.values) {
         (KvSlice::F32(k), KvSlice::F32(v)) => attend(q, k, v, &rows, out, stats),
         (KvSlice::F16(k), KvSlice::F16(v)) => attend(q, k, v, &rows, out, stats),
@@ -810,6 +819,7 @@ mod tests {
             keys: KvSlice::F32(&k),
             values: KvSlice::F32(&v),
             capacity: len,
+            offset: 0,
             len,
         };
         let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();

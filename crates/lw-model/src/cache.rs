@@ -1,7 +1,8 @@
 //! The key/value cache of one sequence: per layer, keys and values of every
-//! position seen so far, in plain buffers that grow by doubling (or are
-//! reserved once for a whole generation, so appending a token copies only
-//! that token) and can be truncated to reuse a prefix. Entries are f32,
+//! position seen so far (a sliding layer: of its window), in plain buffers
+//! that grow by doubling (or are reserved once for a whole generation, so
+//! appending a token copies only that token) and can be truncated to reuse
+//! a prefix. Entries are f32,
 //! f16 (half the memory), or Q8_0 (blocks of 32 i8 values with an f16
 //! scale: 8.5 bits a number, 27% of f32's memory) for the longest contexts.
 
@@ -106,24 +107,56 @@ impl Buf {
             _ => unreachable!("one cache holds one dtype"),
         }
     }
+
+    /// Moves `n` numbers from `from` to `to` (< `from`) within the buffer.
+    fn move_down(&mut self, from: usize, to: usize, n: usize) {
+        match self {
+            Buf::F32(v) => v.copy_within(from..from + n, to),
+            Buf::F16(v) => v.copy_within(from..from + n, to),
+            Buf::Q8(q, d) => {
+                q.copy_within(from..from + n, to);
+                d.copy_within(from / 32..(from + n) / 32, to / 32);
+            }
+        }
+    }
 }
 
+/// One layer's keys and values: `[kv_heads, capacity, head_dim]`, slot
+/// `p - offset` holding position `p`. A full layer's offset stays 0. A
+/// sliding layer (it attends to the last `window` positions only) keeps
+/// about `window + slack` slots: before a step would overflow them, the
+/// positions no query of the step reads are dropped and the rest moved to
+/// the front (the offset grows), so its memory stays at its window
+/// whatever the context.
 struct LayerKv {
     keys: Buf,
     values: Buf,
+    capacity: usize,
+    offset: usize,
+    window: Option<usize>,
 }
 
 pub struct KvCache {
     layers: Vec<LayerKv>,
     kv_heads: usize,
     head_dim: usize,
-    capacity: usize,
     limit: usize,
     len: usize,
     dtype: KvDtype,
+    /// Slots a sliding layer keeps beyond its window (room for the steps
+    /// between two moves).
+    slack: usize,
 }
 
 const FIRST_CAPACITY: usize = 256;
+
+/// Slots a sliding layer keeps beyond its window by default: a prefill
+/// chunk of 512 and a speculative step fit between two moves.
+pub const SLIDING_SLACK: usize = 576;
+
+/// A sliding layer's offset moves by multiples of this, so positions keep
+/// their alignment within the buffers.
+const OFFSET_STEP: usize = 64;
 
 impl KvCache {
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize, limit: usize) -> Self {
@@ -149,15 +182,30 @@ impl KvCache {
                 .map(|_| LayerKv {
                     keys: Buf::new(dtype, 0),
                     values: Buf::new(dtype, 0),
+                    capacity: 0,
+                    offset: 0,
+                    window: None,
                 })
                 .collect(),
             kv_heads,
             head_dim,
-            capacity: 0,
             limit,
             len: 0,
             dtype,
+            slack: SLIDING_SLACK,
         }
+    }
+
+    /// The same cache with sliding layers: layer `l` attends to the last
+    /// `windows[l]` positions where that is `Some`, and keeps about
+    /// `window + slack` positions. Set before anything is written.
+    pub fn with_windows(mut self, windows: &[Option<usize>], slack: usize) -> Self {
+        assert!(self.len == 0, "windows are set on an empty cache");
+        for (layer, w) in self.layers.iter_mut().zip(windows) {
+            layer.window = w.filter(|&w| w > 0);
+        }
+        self.slack = slack.max(1);
+        self
     }
 
     pub fn dtype(&self) -> KvDtype {
@@ -173,73 +221,159 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Positions there is room for without growing.
+    /// Positions there is room for without growing (in the full layers;
+    /// sliding layers hold their window).
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.layers
+            .iter()
+            .filter(|l| l.window.is_none())
+            .map(|l| l.capacity)
+            .max()
+            .unwrap_or(usize::MAX)
     }
 
-    /// Forgets every position from `len` on (keeps a shared prefix).
+    /// Slots layer `layer` holds (a sliding layer: about its window).
+    pub fn layer_capacity(&self, layer: usize) -> usize {
+        self.layers[layer].capacity
+    }
+
+    /// Forgets every position from `len` on (keeps a shared prefix). Where
+    /// a sliding layer has already dropped keys that a position after `len`
+    /// would read, nothing can be kept: the cache is emptied, and
+    /// [`KvCache::len`] says how much was kept.
     pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+        if len >= self.len {
+            return;
+        }
+        let lost = self.layers.iter().any(|l| {
+            l.window
+                .is_some_and(|w| l.offset > (len + 1).saturating_sub(w))
+        });
+        if lost {
+            return self.clear();
+        }
+        self.len = len;
     }
 
     pub fn clear(&mut self) {
         self.len = 0;
+        for l in &mut self.layers {
+            l.offset = 0;
+        }
     }
 
     /// Bytes held by the buffers.
     pub fn bytes(&self) -> usize {
-        self.bytes_for(self.capacity)
+        let per_position = self.dtype.bytes(self.kv_heads * self.head_dim);
+        self.layers
+            .iter()
+            .map(|l| 2 * l.capacity * per_position)
+            .sum()
     }
 
     /// Bytes the buffers take for `positions` positions.
     pub fn bytes_for(&self, positions: usize) -> usize {
-        let numbers = self.kv_heads * positions * self.head_dim;
-        self.layers.len() * 2 * self.dtype.bytes(numbers)
+        let per_position = self.dtype.bytes(self.kv_heads * self.head_dim);
+        self.layers
+            .iter()
+            .map(|l| 2 * self.slots_for(l, positions) * per_position)
+            .sum()
+    }
+
+    /// Slots layer `l` takes for a sequence of `positions` positions.
+    fn slots_for(&self, l: &LayerKv, positions: usize) -> usize {
+        match l.window {
+            Some(w) => positions.min(w + self.slack + OFFSET_STEP),
+            None => positions,
+        }
     }
 
     /// Makes room for `needed` positions (existing ones are kept), doubling
-    /// the capacity as it grows.
+    /// the capacity as it grows; sliding layers first drop what no later
+    /// position reads.
     pub fn reserve(&mut self, needed: usize) {
-        if needed <= self.capacity {
-            return;
+        for i in 0..self.layers.len() {
+            self.make_room(i, needed, false);
         }
-        let mut cap = self.capacity.max(FIRST_CAPACITY);
-        while cap < needed {
-            cap *= 2;
-        }
-        self.grow_to(cap.min(self.limit.max(needed)));
     }
 
     /// Makes room for exactly `needed` positions at once (a whole
-    /// generation), so no step copies the cache.
+    /// generation), so no step copies the full layers.
     pub fn reserve_exact(&mut self, needed: usize) {
-        if needed > self.capacity {
-            self.grow_to(needed);
+        for i in 0..self.layers.len() {
+            self.make_room(i, needed, true);
         }
     }
 
-    fn grow_to(&mut self, cap: usize) {
-        let (hd, old, dtype) = (self.head_dim, self.capacity, self.dtype);
-        for kv in &mut self.layers {
-            for buf in [&mut kv.keys, &mut kv.values] {
-                let mut bigger = Buf::new(dtype, self.kv_heads * cap * hd);
-                for h in 0..self.kv_heads {
-                    bigger.copy_from(buf, h * old * hd, h * cap * hd, self.len * hd);
-                }
-                *buf = bigger;
+    fn make_room(&mut self, i: usize, needed: usize, exact: bool) {
+        let layer = &self.layers[i];
+        if needed <= layer.offset + layer.capacity {
+            return;
+        }
+        if let Some(w) = layer.window {
+            // A step's first query (at `len`) reads from `len + 1 - w` on.
+            let keep = (self.len + 1).saturating_sub(w) / OFFSET_STEP * OFFSET_STEP;
+            if keep > layer.offset {
+                self.drop_front(i, keep);
+            }
+            let layer = &self.layers[i];
+            let slots = needed - layer.offset;
+            if slots > layer.capacity {
+                let ring = (w + self.slack + OFFSET_STEP).min(self.limit.max(slots));
+                self.grow_to(i, slots.max(ring));
+            }
+            return;
+        }
+        let cap = if exact {
+            needed
+        } else {
+            let mut cap = layer.capacity.max(FIRST_CAPACITY);
+            while cap < needed {
+                cap *= 2;
+            }
+            cap.min(self.limit.max(needed))
+        };
+        self.grow_to(i, cap);
+    }
+
+    /// Drops layer `i`'s positions before `keep`, moving the rest to the
+    /// front of its buffers.
+    fn drop_front(&mut self, i: usize, keep: usize) {
+        let (hd, len) = (self.head_dim, self.len);
+        let layer = &mut self.layers[i];
+        let (shift, held) = (keep - layer.offset, len.saturating_sub(keep));
+        for buf in [&mut layer.keys, &mut layer.values] {
+            for h in 0..self.kv_heads {
+                let at = h * layer.capacity * hd;
+                buf.move_down(at + shift * hd, at, held * hd);
             }
         }
-        self.capacity = cap;
+        layer.offset = keep;
+    }
+
+    fn grow_to(&mut self, i: usize, cap: usize) {
+        let (hd, dtype) = (self.head_dim, self.dtype);
+        let layer = &mut self.layers[i];
+        let (old, held) = (layer.capacity, self.len.saturating_sub(layer.offset));
+        for buf in [&mut layer.keys, &mut layer.values] {
+            let mut bigger = Buf::new(dtype, self.kv_heads * cap * hd);
+            for h in 0..self.kv_heads {
+                bigger.copy_from(buf, h * old * hd, h * cap * hd, held * hd);
+            }
+            *buf = bigger;
+        }
+        layer.capacity = cap;
     }
 
     /// Writes the key and value (`[kv_heads * head_dim]` each) of position
     /// `pos` in layer `layer`. Room must have been reserved.
     pub fn write(&mut self, layer: usize, pos: usize, key: &[f32], value: &[f32]) {
-        let (hd, cap) = (self.head_dim, self.capacity);
+        let hd = self.head_dim;
         let kv = &mut self.layers[layer];
+        debug_assert!(pos >= kv.offset && pos - kv.offset < kv.capacity);
+        let slot = pos - kv.offset;
         for h in 0..self.kv_heads {
-            let at = (h * cap + pos) * hd;
+            let at = (h * kv.capacity + slot) * hd;
             kv.keys.store(at, &key[h * hd..(h + 1) * hd]);
             kv.values.store(at, &value[h * hd..(h + 1) * hd]);
         }
@@ -251,7 +385,8 @@ impl KvCache {
         CacheView {
             keys: kv.keys.slice(),
             values: kv.values.slice(),
-            capacity: self.capacity,
+            capacity: kv.capacity,
+            offset: kv.offset,
             len,
         }
     }

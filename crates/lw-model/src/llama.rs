@@ -221,6 +221,12 @@ impl Llama {
         2 * self.cfg.num_layers * self.kv_dtype.bytes(numbers)
     }
 
+    /// Bytes of KV cache a sequence of `positions` positions takes, sliding
+    /// layers holding only their window.
+    pub fn kv_bytes_for(&self, positions: usize) -> usize {
+        self.new_cache().bytes_for(positions)
+    }
+
     /// The format new caches hold keys and values in. Q8_0 needs a head
     /// size that is a multiple of 32.
     pub fn set_kv_dtype(&mut self, dtype: KvDtype) -> Result<(), ModelError> {
@@ -322,6 +328,7 @@ impl Llama {
             self.context_length(),
             self.kv_dtype,
         )
+        .with_windows(&self.cfg.sliding_window, crate::cache::SLIDING_SLACK)
     }
 
     /// Runs `tokens` after the positions already in `cache`, appends their keys
@@ -893,7 +900,9 @@ struct WideLayer {
     keys: Vec<f32>,
     values: Vec<f32>,
     /// Positions held per kv head.
-    len: usize,
+    held: usize,
+    /// The first position held.
+    offset: usize,
 }
 
 impl WideLayer {
@@ -919,20 +928,24 @@ impl WideLayer {
         if let KvSlice::F32(_) = view.keys {
             return None;
         }
+        // The positions the layer holds: from its offset (a sliding layer's
+        // dropped positions) to `len`.
+        let held = len - view.offset;
         let widen = |src: KvSlice| {
-            let mut out = vec![0f32; kv_heads * len * head_dim];
-            out.par_chunks_mut(len * head_dim)
+            let mut out = vec![0f32; kv_heads * held * head_dim];
+            out.par_chunks_mut(held * head_dim)
                 .enumerate()
                 .for_each(|(h, o)| {
                     let at = h * view.capacity * head_dim;
-                    src.widen_into(at..at + len * head_dim, o);
+                    src.widen_into(at..at + held * head_dim, o);
                 });
             out
         };
         Some(WideLayer {
             keys: widen(view.keys),
             values: widen(view.values),
-            len,
+            held,
+            offset: view.offset,
         })
     }
 
@@ -941,7 +954,8 @@ impl WideLayer {
         CacheView {
             keys: KvSlice::F32(&self.keys),
             values: KvSlice::F32(&self.values),
-            capacity: self.len,
+            capacity: self.held,
+            offset: self.offset,
             len,
         }
     }
