@@ -247,9 +247,14 @@ pub struct GenerationStats {
     pub draft_tokens: usize,
     #[serde(default)]
     pub accepted_draft_tokens: usize,
-    /// Time spent computing grammar masks (structured decoding).
+    /// Time the decoding path spent on grammar masks (structured decoding):
+    /// waiting for a mask computed ahead, or computing it, and applying it.
     #[serde(default)]
     pub mask_seconds: f64,
+    /// Time spent computing grammar masks, most of it ahead of the
+    /// decoding path (while the model computed the logits).
+    #[serde(default)]
+    pub mask_compute_seconds: f64,
 }
 
 impl GenerationStats {

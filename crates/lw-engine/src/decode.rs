@@ -154,7 +154,10 @@ impl<S: Sink> Running<S> {
                 self.sink.text(&rest);
             }
             self.stats.generated_tokens = self.decoding.tokens.len();
-            self.stats.mask_seconds = self.decoding.guide.as_ref().map_or(0.0, |g| g.seconds);
+            if let Some(g) = &self.decoding.guide {
+                self.stats.mask_seconds = g.seconds;
+                self.stats.mask_compute_seconds = g.compute_seconds;
+            }
             self.stats.decode_seconds =
                 self.decode_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
             Ok(Generation {

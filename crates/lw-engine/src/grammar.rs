@@ -7,12 +7,18 @@
 //! marked, so a grammar never produces them); it is built once per model.
 //! A generation holds one [`Guide`]: it masks a row of logits, takes the
 //! chosen token and says when the grammar is complete.
+//!
+//! The next mask is computed off the decoding path: as soon as a token is
+//! taken, the grammar state goes to the guide's own thread, which computes
+//! the mask while the model computes the next logits; the mask is picked up
+//! when those logits are ready.
 
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{self, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::toktrie::{self, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use lw_core::Constraint;
 
@@ -88,12 +94,17 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(EngineError::Grammar(format!("{}: {e}", constraint.kind())));
         }
-        Ok(Guide {
-            matcher,
+        let mut guide = Guide {
+            state: State::Home(matcher),
+            worker: None,
             vocab: self.vocab,
             eos: self.eos,
             seconds: 0.0,
-        })
+            compute_seconds: 0.0,
+        };
+        // The first mask is computed while the prompt is.
+        guide.send_ahead();
+        Ok(guide)
     }
 
     /// Checks that `constraint` compiles (for a request's early 400).
@@ -140,14 +151,100 @@ fn compact(mut schema: serde_json::Value) -> serde_json::Value {
 
 /// One generation's grammar state.
 pub struct Guide {
-    matcher: Matcher,
+    state: State,
+    /// The thread computing masks ahead, started with the first one.
+    worker: Option<Worker>,
     vocab: usize,
     eos: u32,
-    /// Time spent computing masks.
+    /// Time the decoding path spent on masks: waiting for one computed
+    /// ahead (or computing it, where none was) and applying it.
     pub seconds: f64,
+    /// Time spent computing masks, on the decoding path or off it.
+    pub compute_seconds: f64,
+}
+
+/// Where the grammar state is.
+enum State {
+    /// Here: no mask computed ahead.
+    Home(Matcher),
+    /// With the worker, computing the mask for the next token.
+    Away,
+    /// Between the two (only while a call that failed unwinds).
+    Lost,
+}
+
+/// A mask computed ahead: the grammar state back, the mask (or llguidance's
+/// error) and the seconds it took.
+type Computed = (Matcher, Result<SimpleVob, String>, f64);
+
+struct Worker {
+    to: Sender<Matcher>,
+    from: Receiver<Computed>,
+}
+
+impl Worker {
+    fn start() -> Option<Worker> {
+        let (to, inbox) = channel::<Matcher>();
+        let (outbox, from) = channel::<Computed>();
+        std::thread::Builder::new()
+            .name("grammar-mask".into())
+            .spawn(move || {
+                // Ends when the guide (the sender) is dropped.
+                while let Ok(mut matcher) = inbox.recv() {
+                    let start = Instant::now();
+                    let mask = matcher.compute_mask().map_err(|e| e.to_string());
+                    let took = start.elapsed().as_secs_f64();
+                    if outbox.send((matcher, mask, took)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .ok()?;
+        Some(Worker { to, from })
+    }
 }
 
 impl Guide {
+    /// Hands the grammar state to the worker, which computes the next mask
+    /// while the model runs (computed on the decoding path instead where
+    /// no thread could be started).
+    fn send_ahead(&mut self) {
+        if self.worker.is_none() {
+            self.worker = Worker::start();
+        }
+        let Some(worker) = &self.worker else { return };
+        if let State::Home(matcher) = std::mem::replace(&mut self.state, State::Lost) {
+            match worker.to.send(matcher) {
+                Ok(()) => self.state = State::Away,
+                Err(e) => {
+                    self.state = State::Home(e.0);
+                    self.worker = None;
+                }
+            }
+        }
+    }
+
+    /// The grammar state back, with the mask computed ahead, if one was.
+    fn bring_home(&mut self) -> Result<(&mut Matcher, Option<SimpleVob>), EngineError> {
+        let mut computed = None;
+        if let State::Away = self.state {
+            let worker = self.worker.as_ref().expect("a state away has a worker");
+            let (matcher, mask, took) = worker
+                .from
+                .recv()
+                .map_err(|_| EngineError::Grammar("the grammar's mask thread ended".into()))?;
+            self.compute_seconds += took;
+            self.state = State::Home(matcher);
+            computed = Some(mask.map_err(EngineError::Grammar)?);
+        }
+        match &mut self.state {
+            State::Home(m) => Ok((m, computed)),
+            _ => Err(EngineError::Grammar(
+                "the grammar state was lost by an earlier error".into(),
+            )),
+        }
+    }
+
     /// Sets the logits of tokens the grammar does not allow next to −∞.
     /// `eos` are the ids that end the generation: allowed together where
     /// the grammar may end. With `no_end`, they stay masked unless nothing
@@ -159,10 +256,18 @@ impl Guide {
         no_end: bool,
     ) -> Result<(), EngineError> {
         let start = Instant::now();
-        let mut mask = self
-            .matcher
-            .compute_mask()
-            .map_err(|e| EngineError::Grammar(e.to_string()))?;
+        let (matcher, ahead) = self.bring_home()?;
+        let mut mask = match ahead {
+            Some(mask) => mask,
+            None => {
+                let computing = Instant::now();
+                let mask = matcher
+                    .compute_mask()
+                    .map_err(|e| EngineError::Grammar(e.to_string()))?;
+                self.compute_seconds += computing.elapsed().as_secs_f64();
+                mask
+            }
+        };
         let may_end = mask.is_allowed(self.eos);
         let others = mask.num_set() > usize::from(may_end);
         let end_open = may_end && !(no_end && others);
@@ -194,9 +299,16 @@ impl Guide {
     /// Takes `token` (not an end-of-sequence id); `true` when the grammar
     /// is complete and nothing more may follow.
     pub fn take(&mut self, token: u32) -> Result<bool, EngineError> {
-        self.matcher
+        // A mask computed ahead and not used (a speculative step's guess
+        // was taken without one) is dropped.
+        let (matcher, _) = self.bring_home()?;
+        matcher
             .consume_token(token)
             .map_err(|e| EngineError::Grammar(format!("token {token}: {e}")))?;
-        Ok(self.matcher.is_stopped())
+        let stopped = matcher.is_stopped();
+        if !stopped {
+            self.send_ahead();
+        }
+        Ok(stopped)
     }
 }
