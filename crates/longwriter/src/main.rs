@@ -421,6 +421,14 @@ pub struct EngineArgs {
     /// the latest paragraph that fits.
     #[arg(long, value_name = "TOKENS")]
     pub ctx_size: Option<usize>,
+    /// A LoRA adapter directory (PEFT layout: adapter_config.json and
+    /// adapter_model.safetensors, as `peft` and `train --lora` write them),
+    /// merged into the weights as they load: scale · B·A added to each
+    /// matrix it names (quantized matrices are dequantized, changed and
+    /// quantized again in their own type, Q8_0 for the i-quants). Decoding
+    /// runs as fast as the base model.
+    #[arg(long, value_name = "DIR")]
+    pub lora: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

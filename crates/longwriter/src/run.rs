@@ -31,6 +31,9 @@ pub fn load_engine(m: &ModelArgs) -> anyhow::Result<Engine> {
         engine.context_length(),
         started.elapsed().as_secs_f64()
     );
+    if let Some(lora) = &opts.lora {
+        eprintln!("LoRA adapter {} merged into the weights", lora.display());
+    }
     add_speculation(&mut engine, m, &opts)?;
     report_kv_cache(&engine, m);
     Ok(engine)
@@ -66,6 +69,7 @@ fn load_options(m: &ModelArgs) -> LoadOptions {
         memory_limit: None,
         thinking: m.engine.thinking.map(|s| s == crate::Switch::On),
         context: m.engine.ctx_size,
+        lora: m.engine.lora.clone(),
     }
 }
 
@@ -76,6 +80,8 @@ fn add_speculation(engine: &mut Engine, m: &ModelArgs, opts: &LoadOptions) -> an
         let dir = lw_engine::resolve_model(draft)?;
         let draft_opts = LoadOptions {
             chat_format: lw_engine::ChatFormat::Auto,
+            // The adapter is the main model's.
+            lora: None,
             ..opts.clone()
         };
         let draft_engine = Engine::load(&dir, &draft_opts)

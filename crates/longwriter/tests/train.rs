@@ -402,6 +402,42 @@ fn sft_full_and_lora_then_merge_gives_a_model_the_engine_runs() {
         ]);
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
+    // The adapter merged as the model loads (`--lora`) gives the merged
+    // directory's logits.
+    let score = |args: &[&str], out: &std::path::Path| -> Vec<f32> {
+        let mut all = vec!["score", "--threads", "1", "--ids", "1,5,9,14,3,7,2,11"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--out", p(out)]);
+        let run = longwriter(&all);
+        assert!(run.status.success(), "{}", text(&run.stderr));
+        std::fs::read(out)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let with_lora = score(
+        &["--model", p(&model), "--lora", p(&adapter)],
+        &d.join("lora.bin"),
+    );
+    let from_merged = score(&["--model", p(&merged)], &d.join("merged.bin"));
+    let base = score(&["--model", p(&model)], &d.join("base.bin"));
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert_eq!(with_lora.len(), from_merged.len());
+    assert!(
+        diff(&with_lora, &from_merged) < 1e-4,
+        "{}",
+        diff(&with_lora, &from_merged)
+    );
+    assert!(
+        diff(&with_lora, &base) > 1e-3,
+        "the adapter changed nothing"
+    );
 }
 
 #[test]

@@ -95,7 +95,7 @@ impl Grammars {
             return Err(EngineError::Grammar(format!("{}: {e}", constraint.kind())));
         }
         let mut guide = Guide {
-            state: State::Home(matcher),
+            state: State::Home(Box::new(matcher)),
             worker: None,
             vocab: self.vocab,
             eos: self.eos,
@@ -166,7 +166,7 @@ pub struct Guide {
 /// Where the grammar state is.
 enum State {
     /// Here: no mask computed ahead.
-    Home(Matcher),
+    Home(Box<Matcher>),
     /// With the worker, computing the mask for the next token.
     Away,
     /// Between the two (only while a call that failed unwinds).
@@ -175,16 +175,16 @@ enum State {
 
 /// A mask computed ahead: the grammar state back, the mask (or llguidance's
 /// error) and the seconds it took.
-type Computed = (Matcher, Result<SimpleVob, String>, f64);
+type Computed = (Box<Matcher>, Result<SimpleVob, String>, f64);
 
 struct Worker {
-    to: Sender<Matcher>,
+    to: Sender<Box<Matcher>>,
     from: Receiver<Computed>,
 }
 
 impl Worker {
     fn start() -> Option<Worker> {
-        let (to, inbox) = channel::<Matcher>();
+        let (to, inbox) = channel::<Box<Matcher>>();
         let (outbox, from) = channel::<Computed>();
         std::thread::Builder::new()
             .name("grammar-mask".into())

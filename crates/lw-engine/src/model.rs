@@ -43,6 +43,9 @@ pub struct LoadOptions {
     /// The most tokens (prompt and answer) a sequence may hold, below the
     /// model's own context; `None`: the model's own.
     pub context: Option<usize>,
+    /// A LoRA adapter directory (PEFT layout) merged into the weights as
+    /// they load.
+    pub lora: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -56,8 +59,17 @@ impl Default for LoadOptions {
             memory_limit: None,
             thinking: None,
             context: None,
+            lora: None,
         }
     }
+}
+
+/// The LoRA adapter `opts` names, read.
+fn adapter(opts: &LoadOptions) -> Result<Option<lw_model::Adapter>, EngineError> {
+    Ok(match &opts.lora {
+        Some(dir) => Some(lw_model::Adapter::load(dir)?),
+        None => None,
+    })
 }
 
 /// Tokens that a DRY repeat cannot run across.
@@ -118,7 +130,10 @@ impl Model {
             dtype,
             quantize: opts.quantize,
         };
-        let mut model = Llama::load_from(cfg, &src, dtype)?;
+        let mut model = match adapter(opts)? {
+            Some(a) => Llama::load_adapted(cfg, &src, &a, dtype)?,
+            None => Llama::load_from(cfg, &src, dtype)?,
+        };
         model.set_kv_dtype(opts.kv_cache)?;
         fit_context(&mut model, opts.context);
         Ok(Model {
@@ -140,7 +155,7 @@ impl Model {
     fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
         let file = GgufFile::open(path)?;
         let mut tokenizer = crate::gguf::tokenizer_from_gguf(&file)?;
-        let mut model = Llama::load_gguf(&file)?;
+        let mut model = Llama::load_gguf_adapted(&file, adapter(opts)?.as_ref())?;
         model.set_kv_dtype(opts.kv_cache)?;
         fit_context(&mut model, opts.context);
         apply_chat_format(&mut tokenizer, model.config(), opts.chat_format, path)?;

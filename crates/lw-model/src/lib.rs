@@ -17,6 +17,7 @@ pub mod kernels;
 pub mod linear;
 pub mod llama;
 pub mod loader;
+pub mod lora;
 mod mmap;
 mod pool;
 mod portable;
@@ -31,6 +32,7 @@ pub use config::ModelConfig;
 pub use error::ModelError;
 pub use gguf::GgufFile;
 pub use llama::{Llama, Logits};
+pub use lora::{Adapter, LoraSource};
 pub use quant::QType;
 pub use weights::Weights;
 

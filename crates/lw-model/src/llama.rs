@@ -87,8 +87,43 @@ impl Llama {
 
     /// A GGUF file: config from its metadata, tensors in the file's formats.
     pub fn load_gguf(file: &GgufFile) -> Result<Self, ModelError> {
+        Self::load_gguf_adapted(file, None)
+    }
+
+    /// A GGUF file with a LoRA adapter applied to the matrices it names
+    /// (see [`crate::lora`]).
+    pub fn load_gguf_adapted(
+        file: &GgufFile,
+        adapter: Option<&crate::lora::Adapter>,
+    ) -> Result<Self, ModelError> {
         let cfg = crate::gguf_model::config(file)?;
-        Self::load_from(cfg, &GgufSource { file }, DType::F32)
+        let src = GgufSource { file };
+        let Some(adapter) = adapter else {
+            return Self::load_from(cfg, &src, DType::F32);
+        };
+        let mut lora = crate::lora::LoraSource::new(&src, adapter);
+        // llama.cpp's converter stores Llama-architecture q and k rows in
+        // adjacent pairs.
+        if crate::gguf_model::gguf_architecture(&cfg) == "llama" && cfg.rope_interleaved {
+            lora = lora.with_pairs_layout(cfg.num_heads, cfg.num_kv_heads);
+        }
+        let model = Self::load_from(cfg, &lora, DType::F32)?;
+        adapter.check_applied(&lora.applied())?;
+        Ok(model)
+    }
+
+    /// Builds the model from `w` with `adapter` applied; an error names the
+    /// adapter's matrices the model does not have.
+    pub fn load_adapted(
+        cfg: ModelConfig,
+        w: &dyn TensorSource,
+        adapter: &crate::lora::Adapter,
+        weight_dtype: DType,
+    ) -> Result<Self, ModelError> {
+        let src = crate::lora::LoraSource::new(w, adapter);
+        let model = Self::load_from(cfg, &src, weight_dtype)?;
+        adapter.check_applied(&src.applied())?;
+        Ok(model)
     }
 
     /// Builds the model from any tensor source.
