@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use lw_model::gguf::{self, GgufFile, OutTensor, Value};
-use lw_model::gguf_model::config_metadata;
+use lw_model::gguf_model::{config_metadata, halves_to_pairs};
 use lw_model::quant::encode;
 use lw_model::{DType, ModelConfig, QType, Weights};
 use serde_json::Value as Json;
@@ -503,7 +503,7 @@ pub fn convert(
             );
         }
         if let Some(heads) = planned.heads {
-            values = permute_rows(&values, heads, shape[0] / heads, values.len() / shape[0]);
+            values = halves_to_pairs(&values, heads, shape[0] / heads, values.len() / shape[0]);
         }
         // Gemma's norms scale by 1 + w; GGUF files hold 1 + w.
         if shape.len() == 1 && gname.ends_with("norm.weight") && cfg.norm_offset != 0.0 {
@@ -622,25 +622,6 @@ fn file_type(target: Target) -> u32 {
     }
 }
 
-/// Reorders the rows of each head from the halves layout (`i`, `i + d/2`
-/// rotate together) to adjacent pairs (`2i`, `2i + 1`): llama.cpp's layout
-/// for Llama q and k projections. `cols` is 1 for a bias.
-fn permute_rows(values: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
-    let half = head_dim / 2;
-    let mut out = vec![0f32; values.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * head_dim + j * half + i;
-                let dst = h * head_dim + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -665,6 +646,9 @@ mod tests {
     #[test]
     fn permutation_moves_halves_to_pairs() {
         // One head of 4 rows (cols 1): [a0 a1 b0 b1] → [a0 b0 a1 b1].
-        assert_eq!(permute_rows(&[0., 1., 2., 3.], 1, 4, 1), [0., 2., 1., 3.]);
+        assert_eq!(
+            halves_to_pairs(&[0., 1., 2., 3.], 1, 4, 1),
+            [0., 2., 1., 3.]
+        );
     }
 }

@@ -375,6 +375,26 @@ fn gemma_config(file: &GgufFile, arch: &str, num_layers: usize) -> Result<GemmaC
     })
 }
 
+/// Reorders the rows of each of `heads` heads of `head_dim` rows from the
+/// halves layout (`i`, `i + d/2` rotate together) to adjacent pairs (`2i`,
+/// `2i + 1`): how llama.cpp's converter stores Llama-architecture q and k
+/// matrices. `cols` is 1 for a bias.
+pub fn halves_to_pairs(values: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * head_dim + j * half + i;
+                let dst = h * head_dim + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
 /// llama.cpp's architecture name for a config.
 pub fn gguf_architecture(cfg: &ModelConfig) -> &'static str {
     FAMILIES

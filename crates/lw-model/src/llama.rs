@@ -107,9 +107,7 @@ impl Llama {
         if crate::gguf_model::gguf_architecture(&cfg) == "llama" && cfg.rope_interleaved {
             lora = lora.with_pairs_layout(cfg.num_heads, cfg.num_kv_heads);
         }
-        let model = Self::load_from(cfg, &lora, DType::F32)?;
-        adapter.check_applied(&lora.applied())?;
-        Ok(model)
+        Self::load_through(cfg, &lora, DType::F32)
     }
 
     /// Builds the model from `w` with `adapter` applied; an error names the
@@ -120,9 +118,18 @@ impl Llama {
         adapter: &crate::lora::Adapter,
         weight_dtype: DType,
     ) -> Result<Self, ModelError> {
-        let src = crate::lora::LoraSource::new(w, adapter);
-        let model = Self::load_from(cfg, &src, weight_dtype)?;
-        adapter.check_applied(&src.applied())?;
+        Self::load_through(cfg, &crate::lora::LoraSource::new(w, adapter), weight_dtype)
+    }
+
+    /// Builds the model through `lora`, then checks that every matrix the
+    /// adapter names was one of the model's.
+    fn load_through(
+        cfg: ModelConfig,
+        lora: &crate::lora::LoraSource,
+        weight_dtype: DType,
+    ) -> Result<Self, ModelError> {
+        let model = Self::load_from(cfg, lora, weight_dtype)?;
+        lora.adapter.check_applied(&lora.applied())?;
         Ok(model)
     }
 

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use crate::error::ModelError;
+use crate::gguf_model::halves_to_pairs;
 use crate::linear::Weight;
 use crate::loader::TensorSource;
 use crate::quant::QMatrix;
@@ -193,26 +194,6 @@ impl Adapter {
     }
 }
 
-/// Reorders the rows of each head of `heads` from the halves layout (`i`,
-/// `i + d/2` rotate together) to adjacent pairs: how llama.cpp's converter
-/// stores Llama-architecture q and k matrices.
-fn to_pairs(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let head_dim = values.len() / cols / heads;
-    let half = head_dim / 2;
-    let mut out = vec![0f32; values.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * head_dim + j * half + i;
-                let dst = h * head_dim + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
 /// A tensor source with an adapter applied to the matrices it names.
 pub struct LoraSource<'a> {
     pub inner: &'a dyn TensorSource,
@@ -272,10 +253,10 @@ impl<'a> LoraSource<'a> {
                 let mut delta = self.adapter.delta(name, out, inp)?;
                 match self.pairs_layout {
                     Some((heads, _)) if name.ends_with("self_attn.q_proj.weight") => {
-                        delta = to_pairs(&delta, heads, inp)
+                        delta = halves_to_pairs(&delta, heads, out / heads, inp)
                     }
                     Some((_, kv_heads)) if name.ends_with("self_attn.k_proj.weight") => {
-                        delta = to_pairs(&delta, kv_heads, inp)
+                        delta = halves_to_pairs(&delta, kv_heads, out / kv_heads, inp)
                     }
                     _ => {}
                 }
