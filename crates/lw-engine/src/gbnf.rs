@@ -94,8 +94,8 @@ impl Class {
 enum RunEnd {
     /// The next element may start inside the run: one lexeme a character.
     Open,
-    /// The next element starts where the run's lexeme must end: the run is
-    /// one lexeme.
+    /// The next element starts where the run's lexeme must end, or
+    /// nothing follows (the run ends `root`): the run is one lexeme.
     Apart,
     /// The next element is one character of a class disjoint from the run
     /// (but sharing lead bytes with it): run and character are one lexeme,
@@ -105,31 +105,26 @@ enum RunEnd {
 
 /// The Lark grammar equivalent to a GBNF text.
 pub fn to_lark(src: &str) -> Result<String, GbnfError> {
-    let mut p = Parser {
-        chars: src.chars().collect(),
-        pos: 0,
+    let chars: Vec<char> = src.chars().collect();
+    // A first reading learns whether any rule refers to `root`; where none
+    // does, a run at the end of `root` ends the output (see `RunEnd`).
+    let root_used = {
+        let mut p = Parser {
+            chars: chars.clone(),
+            pos: 0,
+            root_ends_output: false,
+            in_root: false,
+        };
+        p.rules()
+            .map(|(_, _, used)| used.iter().any(|(n, _)| n == "root"))?
     };
-    let mut rules: Vec<(String, usize, String)> = Vec::new();
-    let mut names: HashMap<String, String> = HashMap::new();
-    let mut used: Vec<(String, usize)> = Vec::new();
-    p.skip_space();
-    while !p.at_end() {
-        let at = p.pos;
-        let name = p
-            .name()
-            .ok_or_else(|| p.error(at, "expected a rule name"))?;
-        p.skip_space();
-        if !p.eat_str("::=") {
-            return Err(p.error(p.pos, format!("expected `::=` after rule name `{name}`")));
-        }
-        let mut body = String::new();
-        p.alternatives(&mut body, &mut names, &mut used, false)?;
-        if rules.iter().any(|(n, _, _)| *n == name) {
-            return Err(p.error(at, format!("rule `{name}` is defined twice")));
-        }
-        rules.push((name, at, body));
-        p.skip_space();
-    }
+    let mut p = Parser {
+        chars,
+        pos: 0,
+        root_ends_output: !root_used,
+        in_root: false,
+    };
+    let (rules, mut names, used) = p.rules()?;
     if !rules.iter().any(|(n, _, _)| n == "root") {
         return Err(GbnfError {
             line: 1,
@@ -176,9 +171,54 @@ fn lark_name(names: &mut HashMap<String, String>, name: &str) -> String {
 struct Parser {
     chars: Vec<char>,
     pos: usize,
+    /// No rule refers to `root`, so the end of `root` is the end of output.
+    root_ends_output: bool,
+    /// Reading `root`'s own alternatives (outside parentheses).
+    in_root: bool,
 }
 
 impl Parser {
+    /// Every rule: its name, where it starts and its Lark body; the names
+    /// given so far; and the rule names used, with where.
+    #[allow(clippy::type_complexity)]
+    fn rules(
+        &mut self,
+    ) -> Result<
+        (
+            Vec<(String, usize, String)>,
+            HashMap<String, String>,
+            Vec<(String, usize)>,
+        ),
+        GbnfError,
+    > {
+        let mut rules: Vec<(String, usize, String)> = Vec::new();
+        let mut names: HashMap<String, String> = HashMap::new();
+        let mut used: Vec<(String, usize)> = Vec::new();
+        self.skip_space();
+        while !self.at_end() {
+            let at = self.pos;
+            let name = self
+                .name()
+                .ok_or_else(|| self.error(at, "expected a rule name"))?;
+            self.skip_space();
+            if !self.eat_str("::=") {
+                return Err(
+                    self.error(self.pos, format!("expected `::=` after rule name `{name}`"))
+                );
+            }
+            let mut body = String::new();
+            self.in_root = name == "root";
+            self.alternatives(&mut body, &mut names, &mut used, false)?;
+            self.in_root = false;
+            if rules.iter().any(|(n, _, _)| *n == name) {
+                return Err(self.error(at, format!("rule `{name}` is defined twice")));
+            }
+            rules.push((name, at, body));
+            self.skip_space();
+        }
+        Ok((rules, names, used))
+    }
+
     fn at_end(&self) -> bool {
         self.pos >= self.chars.len()
     }
@@ -345,7 +385,10 @@ impl Parser {
             Some('(') => {
                 self.pos += 1;
                 out.push('(');
+                // What follows a group's last element is not the end.
+                let in_root = std::mem::replace(&mut self.in_root, false);
                 self.alternatives(out, names, used, true)?;
+                self.in_root = in_root;
                 self.pos += 1;
                 out.push(')');
             }
@@ -420,6 +463,12 @@ impl Parser {
             RunEnd::Open
         } else {
             match self.peek() {
+                // The run ends `root` (no rule refers to it): nothing comes
+                // after it, so one lexeme reads the same texts.
+                None | Some('|') if self.in_root && self.root_ends_output => RunEnd::Apart,
+                Some(_) if self.in_root && self.root_ends_output && self.at_definition() => {
+                    RunEnd::Apart
+                }
                 Some('"') => {
                     self.pos += 1;
                     match self.peek() {
@@ -575,6 +624,24 @@ fn push_class_char(out: &mut String, c: char) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_that_ends_the_output_is_one_lexeme() {
+        // The run ends root's alternatives: nothing can follow it.
+        assert_eq!(
+            to_lark("root ::= \"a\" [^#]* | [0-9]+ # digits\n").unwrap(),
+            "start: \"a\" /[^\\x{23}]*/ | /[0-9]+/\n"
+        );
+        // In a group, or in a root another rule refers to, something may.
+        assert_eq!(
+            to_lark("root ::= ([a-z]+) \"!\"").unwrap(),
+            "start: (/[a-z]/+) \"!\"\n"
+        );
+        assert_eq!(
+            to_lark("root ::= [a-z]+ | x\nx ::= \"(\" root \")\"").unwrap(),
+            "start: /[a-z]/+ | g0_x\ng0_x: \"(\" start \")\"\n"
+        );
+    }
 
     #[test]
     fn rules_strings_classes_and_repetition_become_lark() {

@@ -375,7 +375,7 @@ fn clean_point(text: &str) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn words(plan: &Plan) -> Vec<u32> {
@@ -536,7 +536,7 @@ mod tests {
 
     /// Feeds `text` byte by byte through `grammar` on a one-byte-per-token
     /// vocabulary; whether the grammar accepts it whole.
-    fn accepts(grammar: &str, text: &str) -> bool {
+    pub(crate) fn accepts(grammar: &str, text: &str) -> bool {
         use lw_engine::TokenText;
         let mut tokens: Vec<TokenText> = (0..=255u8).map(|b| TokenText::Bytes(vec![b])).collect();
         tokens.push(TokenText::Special("<eos>".into()));

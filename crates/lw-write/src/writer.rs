@@ -66,6 +66,27 @@ const LENGTH_FLOOR: f64 = 0.9;
 const LENGTH_SOFT_END: f64 = 1.1;
 const LENGTH_CAP: f64 = 1.4;
 
+/// The characters a Chinese section may use, as a GBNF grammar (llama.cpp's
+/// escapes, so HTTP backends read it too): ASCII, Latin-1, general
+/// punctuation, letterlike symbols, arrows, circled numbers, CJK symbols
+/// and punctuation, the unified ideographs, and the fullwidth forms Chinese
+/// prose writes (！（），．：；？～). Left out: fullwidth letters, digits and
+/// symbols (＃＄＆＠Ｈ０…), kana, Hangul, rare ideograph blocks and bytes
+/// that make no character. A small model whose Chinese degenerates falls
+/// into exactly those (SmolLM2-135M: runs of ＃（ＨＨＩ and broken bytes,
+/// which no reader takes for text and LongBench-Write does not count); a
+/// model that writes Chinese never meets the fence.
+pub const CHINESE_SECTION_GRAMMAR: &str = "root ::= [\\t\\n\\r -~\\u00a0-\\u00ff\\u2000-\\u206f\\u2100-\\u21ff\\u2460-\\u24ff\\u3000-\\u303f\\u4e00-\\u9fff\\uff01\\uff08\\uff09\\uff0c\\uff0e\\uff1a\\uff1b\\uff1f\\uff5e]*\n";
+
+/// The constraint a section decodes under: for Chinese, the characters of
+/// [`CHINESE_SECTION_GRAMMAR`]; English sections are free.
+fn section_constraint(language: Language) -> Option<lw_core::Constraint> {
+    match language {
+        Language::Chinese => Some(lw_core::Constraint::Gbnf(CHINESE_SECTION_GRAMMAR.into())),
+        Language::English => None,
+    }
+}
+
 /// What happens during a run, for progress displays and event streams.
 #[derive(Debug)]
 pub enum Event<'a> {
@@ -322,6 +343,9 @@ pub fn write(
         });
         let written = sections.join("\n\n");
         let control = per_word.map(|t| asked_words as f64 * calibrated(t, &state.sections));
+        let section_guard = (opts.constrain && request.mode == Mode::AgentWrite)
+            .then(|| section_constraint(request.language))
+            .flatten();
         let answer = match (request.mode, control) {
             (Mode::Direct, _) => prompts::max_tokens_for(asked_words, request.language).max(4096),
             (Mode::AgentWrite, Some(tokens)) => (tokens * LENGTH_CAP).ceil() as usize + 16,
@@ -374,6 +398,7 @@ pub fn write(
                 },
                 min_tokens: control.map_or(0, |t| (t * LENGTH_FLOOR) as usize),
                 end_after: control.map(|t| (t * LENGTH_SOFT_END) as usize),
+                constraint: section_guard.clone(),
                 ..Default::default()
             };
             let mut streamed = String::new();
@@ -571,6 +596,97 @@ pub fn without_loop(text: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_chinese_section_fence_keeps_prose_and_refuses_what_degeneration_writes() {
+        use crate::plan::tests::accepts;
+        let g = CHINESE_SECTION_GRAMMAR;
+        let prose = "## 第一章 河流\n\n春天来了，河水（很清）。“你好！”他说：\
+                     AI 与 2024 年……《长江》、①～\t— café · 3.5%？";
+        assert!(accepts(g, prose));
+        assert!(accepts(g, ""));
+        for garbage in [
+            "＃",
+            "ＨＨＩ",
+            "２０２２",
+            "＆",
+            "カタ",
+            "한국",
+            "\u{3400}",
+            "\u{20000}",
+        ] {
+            assert!(!accepts(g, &format!("烧烤{garbage}")), "{garbage}");
+        }
+        assert!(section_constraint(Language::English).is_none());
+    }
+
+    /// Records every request's constraint and answers plans and sections.
+    struct Recorder(Vec<Option<lw_core::Constraint>>);
+
+    impl LanguageModel for Recorder {
+        fn name(&self) -> String {
+            "recorder".into()
+        }
+        fn complete(
+            &mut self,
+            request: &ChatRequest,
+            _on_text: &mut dyn FnMut(&str) -> bool,
+        ) -> Result<crate::model::ChatResponse, ModelCallError> {
+            self.0.push(request.constraint.clone());
+            let text = if self.0.len() == 1 {
+                "段落1 - 主要内容：河流的春天。 - 字数要求：300字\n".to_string()
+            } else {
+                "河".repeat(300)
+            };
+            Ok(crate::model::ChatResponse {
+                text,
+                finish_reason: FinishReason::Stop,
+                usage: Usage::default(),
+            })
+        }
+    }
+
+    #[test]
+    fn constrained_chinese_sections_decode_inside_the_fence() {
+        for constrain in [true, false] {
+            let dir =
+                std::env::temp_dir().join(format!("lw-fence-{}-{constrain}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let request = crate::run::Request {
+                instruction: "写一篇300字的关于河流的文章。".into(),
+                asked_words: Some(300),
+                language: Language::Chinese,
+                mode: Mode::AgentWrite,
+                sampling: SamplingParams::greedy(),
+                model: "recorder".into(),
+            };
+            let run = crate::run::RunDir::create(&dir, &request).unwrap();
+            let opts = WriteOptions {
+                constrain,
+                ..Default::default()
+            };
+            let mut model = Recorder(Vec::new());
+            write(
+                &mut model,
+                &run,
+                &opts,
+                &AtomicBool::new(false),
+                &mut |_| {},
+            )
+            .unwrap();
+            assert_eq!(model.0.len(), 2);
+            let section = model.0[1].clone();
+            if constrain {
+                assert_eq!(
+                    section,
+                    Some(lw_core::Constraint::Gbnf(CHINESE_SECTION_GRAMMAR.into()))
+                );
+            } else {
+                assert_eq!(section, None);
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
 
     #[test]
     fn tokens_per_word_move_towards_what_the_run_spent() {
