@@ -30,6 +30,31 @@ pub enum EvalCommand {
     Ruler(RulerArgs),
     /// A Markdown report with PNG and SVG charts over one or more runs.
     Report(ReportArgs),
+    /// Multiple-choice accuracy by log-likelihood (lm-evaluation-harness's
+    /// `acc` and `acc_norm`) on a local model: JSON lines {"prompt",
+    /// "choices", "answer"} (`answer` a choice index or text).
+    Mc(McArgs),
+}
+
+#[derive(Args)]
+pub struct McArgs {
+    #[command(flatten)]
+    model: crate::ModelArgs,
+    /// Task file(s): JSON lines {"prompt", "choices", "answer"[, "id"]}.
+    #[arg(required = true)]
+    tasks: Vec<PathBuf>,
+    /// Per-question scores (choices' log-probability sums, token counts,
+    /// picks) as JSON lines, one file per task: OUT/<task>.jsonl.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only the first N questions of each task.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Print the summary as JSON (one object per task).
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -145,7 +170,91 @@ pub fn run(cmd: &EvalCommand) -> anyhow::Result<()> {
         EvalCommand::Quality(a) => quality(a),
         EvalCommand::Ruler(a) => ruler(a),
         EvalCommand::Report(a) => report(a),
+        EvalCommand::Mc(a) => mc(a),
     }
+}
+
+fn mc(a: &McArgs) -> anyhow::Result<()> {
+    use lw_eval::mc::{continuation_tokens, split_context};
+    let tasks: Vec<(PathBuf, Vec<lw_eval::McItem>)> = a
+        .tasks
+        .iter()
+        .map(|t| {
+            let mut items = lw_eval::read_mc_items(t)?;
+            items.truncate(a.limit.unwrap_or(usize::MAX));
+            Ok((t.clone(), items))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut engine = crate::run::load_engine(&a.model)?;
+    let model = engine.shared().clone();
+    // An empty prompt is read after the tokenizer's end-of-text token, as
+    // the harness does.
+    let tokenizer = model.tokenizer();
+    let start = tokenizer
+        .eos_token()
+        .and_then(|t| tokenizer.token_id(t))
+        .or_else(|| model.eos_ids().first().copied())
+        .unwrap_or(0);
+    let mut encode = |text: &str| model.encode_raw(text).map_err(|e| e.to_string());
+    if let Some(dir) = &a.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    for (path, items) in &tasks {
+        let name = path
+            .file_stem()
+            .map_or("task".into(), |s| s.to_string_lossy().into_owned());
+        let bar = progress::bar_unless(a.quiet || a.json, items.len() as u64, "questions");
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            let where_ =
+                |e: String| anyhow::anyhow!("{}: question {}: {e}", path.display(), item.id);
+            // The harness moves the prompt's trailing spaces into every
+            // choice, so all choices share one context.
+            let (context, _) = split_context(&item.prompt, "");
+            let mut ctx = Vec::new();
+            let mut conts = Vec::with_capacity(item.choices.len());
+            for choice in &item.choices {
+                let (_, continuation) = split_context(&item.prompt, choice);
+                let (c, cont) = continuation_tokens(&mut encode, &context, &continuation, start)
+                    .map_err(where_)?;
+                ctx = c;
+                conts.push(cont);
+            }
+            let logprobs = engine
+                .continuation_logprobs(&ctx, &conts)
+                .map_err(|e| where_(e.to_string()))?;
+            let sums = logprobs.iter().map(|l| l.iter().sum()).collect();
+            results.push(lw_eval::McResult::new(item, sums, conts));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let summary = lw_eval::summarize(&results);
+        if let Some(dir) = &a.out {
+            let file = dir.join(format!("{name}.jsonl"));
+            let mut text = String::new();
+            for r in &results {
+                text.push_str(&serde_json::to_string(r)?);
+                text.push('\n');
+            }
+            lw_core::fs::write_atomic(&file, text.as_bytes())
+                .with_context(|| format!("writing {}", file.display()))?;
+        }
+        if a.json {
+            let mut v = serde_json::to_value(&summary)?;
+            v["task"] = json!(name);
+            println!("{v}");
+        } else {
+            println!(
+                "{name}: {} questions, acc {:.4} ± {:.4}, acc_norm {:.4} ± {:.4}",
+                summary.items,
+                summary.acc,
+                summary.acc_stderr,
+                summary.acc_norm,
+                summary.acc_norm_stderr
+            );
+        }
+    }
+    Ok(())
 }
 
 fn eval_run(a: &RunArgs) -> anyhow::Result<()> {

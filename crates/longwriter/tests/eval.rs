@@ -251,3 +251,76 @@ fn direct_answers_on_the_local_engine_take_what_the_context_leaves() {
         );
     }
 }
+
+#[test]
+fn eval_mc_scores_choices_as_transformers_does() {
+    // Reference: scripts/make_mc_fixture.py (transformers, f64) on the
+    // shipped tiny model, the harness's tokenization.
+    let fixtures = root().join("tests/fixtures/mc");
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("tiny.expected.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = scratch("eval-mc");
+    let out = lw()
+        .args(["eval", "mc", "--quiet", "--json", "--model"])
+        .arg(root().join("models/longwriter-tiny"))
+        .arg(fixtures.join("tiny.jsonl"))
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let summary: Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(summary["task"], "tiny");
+    assert_eq!(summary["items"], 8);
+    let got = jsonl(&dir.join("tiny.jsonl"));
+    let want = expected["items"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    let mut hits = 0;
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g["id"], w["id"]);
+        let choices = w["choices"].as_array().unwrap();
+        for (k, c) in choices.iter().enumerate() {
+            assert_eq!(g["tokens"][k], c["tokens"], "{} choice {k}", w["id"]);
+            let (ours, theirs) = (
+                g["logprobs"][k].as_f64().unwrap(),
+                c["logprob"].as_f64().unwrap(),
+            );
+            assert!(
+                (ours - theirs).abs() < 1e-4,
+                "{} choice {k}: {ours} vs {theirs}",
+                w["id"]
+            );
+        }
+        // acc's pick is the reference's best sum.
+        let best = (0..choices.len())
+            .max_by(|&a, &b| {
+                let s = |i: usize| choices[i]["logprob"].as_f64().unwrap();
+                s(a).total_cmp(&s(b))
+            })
+            .unwrap();
+        assert_eq!(g["pred"], best, "{}", w["id"]);
+        hits += usize::from(g["pred"] == g["answer"]);
+    }
+    assert_eq!(summary["acc"], hits as f64 / 8.0);
+    // A bad task file is named with its line, and nothing is printed.
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"p\", \"choices\": [\"a\", \"b\"], \"answer\": 5}\n",
+    )
+    .unwrap();
+    let out = lw()
+        .args(["eval", "mc", "--quiet", "--model"])
+        .arg(root().join("models/longwriter-tiny"))
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("bad.jsonl:1") && err.contains("not a choice index"),
+        "{err}"
+    );
+}

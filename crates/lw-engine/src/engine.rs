@@ -99,6 +99,56 @@ impl Engine {
         Ok(rows)
     }
 
+    /// The log-probability of each token of each continuation after
+    /// `context` (natural log, from the logits' log-softmax in f64): the
+    /// context is computed once and each continuation after it, the cache
+    /// cut back to the context between them. A multiple-choice scorer's
+    /// step (`eval mc`).
+    pub fn continuation_logprobs(
+        &mut self,
+        context: &[u32],
+        continuations: &[Vec<u32>],
+    ) -> Result<Vec<Vec<f64>>, EngineError> {
+        self.check_prompt(context)?;
+        for c in continuations {
+            let mut whole = context.to_vec();
+            whole.extend_from_slice(c);
+            self.check_prompt(&whole)?;
+        }
+        let model = self.model.clone();
+        let chunk = model.prefill_chunk();
+        let seq = self.seq();
+        seq.clear();
+        let mut last = Vec::new();
+        for part in context.chunks(chunk) {
+            last = seq.feed_last(model.model(), part)?;
+        }
+        let mut out = Vec::with_capacity(continuations.len());
+        for cont in continuations {
+            seq.truncate(context.len());
+            if seq.len() < context.len() {
+                // A sliding layer dropped keys the context needs: again.
+                seq.clear();
+                for part in context.chunks(chunk) {
+                    seq.feed_last(model.model(), part)?;
+                }
+            }
+            let mut rows = vec![last.clone()];
+            if cont.len() > 1 {
+                for part in cont[..cont.len() - 1].chunks(chunk) {
+                    rows.extend(seq.feed_all(model.model(), part)?);
+                }
+            }
+            out.push(
+                cont.iter()
+                    .zip(&rows)
+                    .map(|(&t, row)| log_softmax_at(row, t as usize))
+                    .collect(),
+            );
+        }
+        Ok(out)
+    }
+
     /// Generates a continuation of `prompt`. `on_text` receives each complete
     /// text delta and returns `false` to stop (finish reason `Cancelled`).
     /// This is the scheduler's step over a batch of one.
@@ -163,4 +213,12 @@ impl From<Engine> for Arc<Model> {
     fn from(engine: Engine) -> Self {
         engine.model
     }
+}
+
+/// `log softmax(row)[at]` in f64.
+fn log_softmax_at(row: &[f32], at: usize) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    row.get(at)
+        .map_or(f64::NEG_INFINITY, |&x| x as f64 - max - sum.ln())
 }

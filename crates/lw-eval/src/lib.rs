@@ -8,6 +8,7 @@
 pub mod items;
 pub mod judge;
 pub mod length;
+pub mod mc;
 pub mod repetition;
 pub mod report;
 pub mod run;
@@ -17,5 +18,6 @@ pub use judge::{
     judge_prompt, parse_judgement, quality_scores, JudgeParseError, Judgement, DIMENSIONS,
 };
 pub use length::{bucket_of, LengthReport, BUCKETS};
+pub use mc::{read_mc_items, summarize, McItem, McResult, McSummary};
 pub use repetition::Repetition;
 pub use run::{latest_predictions, run, ModelFactory, RunOptions, RunSummary};
