@@ -66,25 +66,37 @@ const LENGTH_FLOOR: f64 = 0.9;
 const LENGTH_SOFT_END: f64 = 1.1;
 const LENGTH_CAP: f64 = 1.4;
 
-/// The characters a Chinese section may use, as a GBNF grammar (llama.cpp's
-/// escapes, so HTTP backends read it too): ASCII, Latin-1, general
-/// punctuation, letterlike symbols, arrows, circled numbers, CJK symbols
-/// and punctuation, the unified ideographs, and the fullwidth forms Chinese
-/// prose writes (！（），．：；？～). Left out: fullwidth letters, digits and
-/// symbols (＃＄＆＠Ｈ０…), kana, Hangul, rare ideograph blocks and bytes
-/// that make no character. A small model whose Chinese degenerates falls
-/// into exactly those (SmolLM2-135M: runs of ＃（ＨＨＩ and broken bytes,
-/// which no reader takes for text and LongBench-Write does not count); a
-/// model that writes Chinese never meets the fence.
+/// The characters a section may use, as GBNF grammars (llama.cpp's
+/// escapes, so HTTP backends read them too). A small model whose prose
+/// degenerates falls into characters no writer of the language uses
+/// (SmolLM2-135M, 9,000 tokens into a long English or Chinese piece: runs
+/// of ＃（ＨＨＩ０６ — fullwidth letters, digits and symbols — and bytes that
+/// make no character, which no reader takes for text and LongBench-Write
+/// does not count); a model that writes the language never meets the
+/// fence.
+///
+/// English: ASCII, Latin-1 and Latin Extended-A/B (names and loanwords),
+/// Greek (science), general punctuation, currency, letterlike symbols,
+/// number forms, arrows and mathematical operators.
+pub const ENGLISH_SECTION_GRAMMAR: &str = "root ::= [\\t\\n\\r -~\\u00a0-\\u024f\\u0370-\\u03ff\\u2000-\\u206f\\u20a0-\\u20cf\\u2100-\\u22ff]*\n";
+
+/// Chinese: the English set less Latin Extended and Greek, plus circled
+/// numbers, CJK symbols and punctuation, the unified ideographs, and the
+/// fullwidth forms Chinese prose writes (！（），．：；？～); no fullwidth
+/// letters, digits or other symbols (＃＄＆＠Ｈ０…), kana, Hangul or rare
+/// ideograph blocks.
 pub const CHINESE_SECTION_GRAMMAR: &str = "root ::= [\\t\\n\\r -~\\u00a0-\\u00ff\\u2000-\\u206f\\u2100-\\u21ff\\u2460-\\u24ff\\u3000-\\u303f\\u4e00-\\u9fff\\uff01\\uff08\\uff09\\uff0c\\uff0e\\uff1a\\uff1b\\uff1f\\uff5e]*\n";
 
-/// The constraint a section decodes under: for Chinese, the characters of
-/// [`CHINESE_SECTION_GRAMMAR`]; English sections are free.
-fn section_constraint(language: Language) -> Option<lw_core::Constraint> {
-    match language {
-        Language::Chinese => Some(lw_core::Constraint::Gbnf(CHINESE_SECTION_GRAMMAR.into())),
-        Language::English => None,
-    }
+/// The constraint a section decodes under: its language's characters
+/// ([`ENGLISH_SECTION_GRAMMAR`], [`CHINESE_SECTION_GRAMMAR`]).
+fn section_constraint(language: Language) -> lw_core::Constraint {
+    lw_core::Constraint::Gbnf(
+        match language {
+            Language::English => ENGLISH_SECTION_GRAMMAR,
+            Language::Chinese => CHINESE_SECTION_GRAMMAR,
+        }
+        .into(),
+    )
 }
 
 /// What happens during a run, for progress displays and event streams.
@@ -344,8 +356,7 @@ pub fn write(
         let written = sections.join("\n\n");
         let control = per_word.map(|t| asked_words as f64 * calibrated(t, &state.sections));
         let section_guard = (opts.constrain && request.mode == Mode::AgentWrite)
-            .then(|| section_constraint(request.language))
-            .flatten();
+            .then(|| section_constraint(request.language));
         let answer = match (request.mode, control) {
             (Mode::Direct, _) => prompts::max_tokens_for(asked_words, request.language).max(4096),
             (Mode::AgentWrite, Some(tokens)) => (tokens * LENGTH_CAP).ceil() as usize + 16,
@@ -598,7 +609,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_chinese_section_fence_keeps_prose_and_refuses_what_degeneration_writes() {
+    fn the_section_fences_keep_prose_and_refuse_what_degeneration_writes() {
         use crate::plan::tests::accepts;
         let g = CHINESE_SECTION_GRAMMAR;
         let prose = "## 第一章 河流\n\n春天来了，河水（很清）。“你好！”他说：\
@@ -617,7 +628,14 @@ mod tests {
         ] {
             assert!(!accepts(g, &format!("烧烤{garbage}")), "{garbage}");
         }
-        assert!(section_constraint(Language::English).is_none());
+        let g = ENGLISH_SECTION_GRAMMAR;
+        assert!(accepts(
+            g,
+            "## The River\n\n“Café,” she said — 3.5% of €20 → α ≤ β…\t'ok'"
+        ));
+        for garbage in ["＃", "ＨＨＩ", "２０２２", "河", "カタ", "\u{FFFD}"] {
+            assert!(!accepts(g, &format!("The river{garbage}")), "{garbage}");
+        }
     }
 
     /// Records every request's constraint and answers plans and sections.

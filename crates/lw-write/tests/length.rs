@@ -33,7 +33,8 @@ impl LanguageModel for Wordy {
         request: &ChatRequest,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<ChatResponse, ModelCallError> {
-        let text = if request.constraint.is_some() {
+        let plan = request.end_after.is_none();
+        let text = if plan {
             "Paragraph 1 - Main Point: The river in spring. - Word Count: 300 words\n\
              Paragraph 2 - Main Point: The flood. - Word Count: 300 words\n"
                 .to_string()
@@ -44,11 +45,7 @@ impl LanguageModel for Wordy {
             format!("<<<\n\n{}\n>>>", body.join(" "))
         };
         on_text(&text);
-        let completion_tokens = if request.constraint.is_some() {
-            60
-        } else {
-            800
-        };
+        let completion_tokens = if plan { 60 } else { 800 };
         Ok(ChatResponse {
             text,
             finish_reason: FinishReason::Stop,
