@@ -216,9 +216,62 @@ pub struct WriteArgs {
     /// file per section.
     #[arg(long)]
     keep_thinking: bool,
+    #[command(flatten)]
+    planner: PlannerArgs,
+    /// Parameters of the writing model, for the compute estimate where the
+    /// backend cannot say (a server): 135M, 1.5B, 70B, or a number.
+    #[arg(long, value_parser = parse_parameters)]
+    params: Option<u64>,
     /// The writing instruction; `-` reads it from stdin.
     #[arg(required_unless_present = "resume")]
     instruction: Option<String>,
+}
+
+/// Mini–giant collaboration: the plan from another model (a strong one,
+/// often far away) while --model or --api-base writes the sections. The
+/// summary then gives each role's tokens, estimated compute (2 × parameters
+/// per token computed) and network traffic.
+#[derive(Args)]
+pub(crate) struct PlannerArgs {
+    /// The planner as a local model (directory, GGUF file or hub id; it
+    /// runs with the writer's engine settings).
+    #[arg(long, conflicts_with = "plan_api_base")]
+    plan_model: Option<String>,
+    /// The planner on an OpenAI-compatible server.
+    #[arg(long)]
+    plan_api_base: Option<String>,
+    /// Model name on the planner's server.
+    #[arg(long, requires = "plan_api_base", default_value = "default")]
+    plan_api_model: String,
+    /// Bearer token for the planner's server (default: the writer's).
+    #[arg(long, requires = "plan_api_base", hide_env_values = true)]
+    plan_api_key: Option<String>,
+    /// The planner server's kind (as --api-flavor).
+    #[arg(long, requires = "plan_api_base", default_value = "auto")]
+    plan_api_flavor: lw_write::http::ApiFlavor,
+    /// Parameters of the planner, for the compute estimate where the
+    /// backend cannot say (a server): 135M, 1.5B, 70B, or a number.
+    #[arg(long, value_parser = parse_parameters)]
+    plan_params: Option<u64>,
+}
+
+/// A parameter count as people write it: `135M`, `1.5B`, `70b`, `7e9`,
+/// `500000`.
+pub(crate) fn parse_parameters(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (number, scale) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1e3),
+        Some('M') => (&t[..t.len() - 1], 1e6),
+        Some('B') => (&t[..t.len() - 1], 1e9),
+        Some('T') => (&t[..t.len() - 1], 1e12),
+        _ => (t, 1.0),
+    };
+    match number.parse::<f64>() {
+        Ok(n) if n > 0.0 && n.is_finite() => Ok((n * scale).round() as u64),
+        _ => Err(format!(
+            "\"{s}\" is not a parameter count (e.g. 135M, 1.5B, 70B)"
+        )),
+    }
 }
 
 /// Language and sampling of plan and write calls.
@@ -334,6 +387,7 @@ pub fn plan(a: &PlanArgs) -> anyhow::Result<()> {
 pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
     let counter: Counter = a.style.counter.parse().map_err(anyhow::Error::msg)?;
     let mut model = a.model.open()?;
+    let mut planner = a.planner.open(&a.model)?;
     let dir = run_dir(a, model.as_ref())?;
     // Ctrl-C: the run stops after saving what is finished.
     let stop = crate::interrupt::install();
@@ -346,7 +400,14 @@ pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
         keep_thinking: a.keep_thinking,
         ..a.style.write_options()
     };
-    let result = lw_write::write(model.as_mut(), &dir, &opts, stop, &mut |e| display.event(e));
+    let result = lw_write::write_with_planner(
+        model.as_mut(),
+        planner.as_deref_mut().map(|p| p as &mut dyn LanguageModel),
+        &dir,
+        &opts,
+        stop,
+        &mut |e| display.event(e),
+    );
     display.finish();
     let summary = match result {
         Ok(s) => s,
@@ -362,8 +423,61 @@ pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
             );
         }
     };
-    print_summary(a.json, &dir, &summary);
+    let roles = Roles {
+        writer: (model.name(), a.params.or(model.parameters())),
+        planner: planner
+            .as_ref()
+            .map(|p| (p.name(), a.planner.plan_params.or(p.parameters()))),
+    };
+    print_summary(a.json, &dir, &summary, &roles);
     Ok(())
+}
+
+impl PlannerArgs {
+    /// The planner, where one is asked for.
+    fn open(&self, writer: &BackendArgs) -> anyhow::Result<Option<Box<dyn LanguageModel>>> {
+        if let Some(base) = &self.plan_api_base {
+            let mut opts = lw_write::HttpOptions::new(base.clone(), self.plan_api_model.clone());
+            opts.api_key = self.plan_api_key.clone().or_else(|| writer.api_key.clone());
+            opts.retries = writer.retries;
+            opts.flavor = self.plan_api_flavor;
+            return Ok(Some(Box::new(lw_write::HttpModel::new(opts))));
+        }
+        let Some(model) = &self.plan_model else {
+            return Ok(None);
+        };
+        let m = ModelArgs {
+            model: model.clone(),
+            fallback_to_tiny: false,
+            engine: writer.engine.clone(),
+        };
+        let engine = crate::run::load_engine(&m)?;
+        Ok(Some(Box::new(LocalModel::new(engine, m.model))))
+    }
+}
+
+/// Who planned and who wrote, with their parameter counts where known.
+struct Roles {
+    writer: (String, Option<u64>),
+    planner: Option<(String, Option<u64>)>,
+}
+
+/// One role's figures: tokens, estimated compute, traffic.
+fn role_figures(
+    name: &str,
+    params: Option<u64>,
+    usage: &lw_write::Usage,
+    traffic: lw_write::Traffic,
+) -> serde_json::Value {
+    let computed = usage.prefilled_tokens() + usage.completion_tokens;
+    serde_json::json!({
+        "model": name,
+        "parameters": params,
+        "usage": usage,
+        "flops": params.map(|p| 2.0 * p as f64 * computed as f64),
+        "bytes_sent": traffic.sent,
+        "bytes_received": traffic.received,
+    })
 }
 
 /// The run directory: --resume's, or a new one (--out, else a name from
@@ -407,7 +521,21 @@ fn run_dir(a: &WriteArgs, model: &dyn LanguageModel) -> anyhow::Result<RunDir> {
 }
 
 /// The finished run: a "summary" JSON event on stdout, or text on stderr.
-fn print_summary(json: bool, dir: &RunDir, summary: &lw_write::Summary) {
+fn print_summary(json: bool, dir: &RunDir, summary: &lw_write::Summary, roles: &Roles) {
+    let write_usage = summary.usage.since(&summary.plan_usage);
+    let (plan_name, plan_params) = roles.planner.clone().unwrap_or(roles.writer.clone());
+    let plan = role_figures(
+        &plan_name,
+        plan_params,
+        &summary.plan_usage,
+        summary.plan_traffic,
+    );
+    let write = role_figures(
+        &roles.writer.0,
+        roles.writer.1,
+        &write_usage,
+        summary.write_traffic,
+    );
     let score = summary.asked_words.map(|x| {
         lw_core::words::length_score(
             x as f64,
@@ -426,10 +554,28 @@ fn print_summary(json: bool, dir: &RunDir, summary: &lw_write::Summary) {
                 "delivered_words": summary.delivered_words,
                 "length_score": score,
                 "usage": summary.usage,
+                "roles": {"plan": plan, "write": write},
                 "seconds": summary.seconds,
             })
         );
     } else {
+        if roles.planner.is_some() {
+            for (role, v) in [("planned", &plan), ("wrote", &write)] {
+                let flops = v["flops"]
+                    .as_f64()
+                    .map_or("compute unknown (--params)".into(), |f| {
+                        format!("~{:.3} TFLOP", f / 1e12)
+                    });
+                eprintln!(
+                    "{role}: {}: tokens in {}, out {}; {flops}; {} bytes sent, {} received",
+                    v["model"].as_str().unwrap_or(""),
+                    v["usage"]["prompt_tokens"],
+                    v["usage"]["completion_tokens"],
+                    v["bytes_sent"],
+                    v["bytes_received"],
+                );
+            }
+        }
         eprintln!(
             "done: {} words delivered ({} planned{}){}; tokens in {} ({} reused), out {}; {:.1}s\ndocument: {}",
             summary.delivered_words,

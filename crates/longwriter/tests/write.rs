@@ -647,3 +647,92 @@ fn a_full_disk_mid_run_is_a_clear_error_and_resume_finishes() {
     let doc = std::fs::read_to_string(run.join("document.md")).unwrap();
     assert_eq!(doc, texts(8).join("\n\n"));
 }
+
+#[test]
+fn a_planner_on_a_server_plans_while_the_local_model_writes_and_each_role_is_accounted() {
+    // The "giant": the shipped toy behind a real server on loopback; the
+    // "mini": the random fixture, local. The planner's tokens and bytes
+    // are the server's; the writer's compute is 2 × its parameters per
+    // token it computed.
+    let work = scratch("collab");
+    let planner_model = root().join("models/longwriter-tiny");
+    let server = common::start("k", &planner_model, &work.join("server"), &[]);
+    let m = model("collab", 16384);
+    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args([
+            "write",
+            "--json",
+            "--threads",
+            "1",
+            "--temperature",
+            "0",
+            "--model",
+        ])
+        .arg(&m)
+        .arg("--out")
+        .arg(work.join("run"))
+        .args(["--plan-api-base", &server.url("/v1"), "--plan-api-key", "k"])
+        .args(["--plan-params", "5.25M"])
+        .arg("Write a 500-word story about a river.")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let events: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary = events.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    let (plan, write) = (&summary["roles"]["plan"], &summary["roles"]["write"]);
+    assert!(
+        plan["model"].as_str().unwrap().contains(&server.url("/v1")),
+        "{plan}"
+    );
+    // The server answered the plan request(s), and only those.
+    let (_, health) = server.get("/health");
+    let served = health["finished"].as_u64().unwrap();
+    assert!(served >= 1, "{health}");
+    let plan_out = plan["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(plan_out > 0, "{plan}");
+    assert!(plan["bytes_sent"].as_u64().unwrap() > 100, "{plan}");
+    assert!(plan["bytes_received"].as_u64().unwrap() > 100, "{plan}");
+    assert_eq!(plan["parameters"], 5_250_000);
+    let computed = |u: &serde_json::Value| {
+        (u["prompt_tokens"].as_u64().unwrap() - u["cached_prompt_tokens"].as_u64().unwrap()
+            + u["completion_tokens"].as_u64().unwrap()) as f64
+    };
+    let flops = plan["flops"].as_f64().unwrap();
+    assert!((flops - 2.0 * 5.25e6 * computed(&plan["usage"])).abs() < 1.0);
+    // The writer is local: no traffic, its own parameter count.
+    assert_eq!(
+        (
+            write["bytes_sent"].as_u64(),
+            write["bytes_received"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
+    let params = write["parameters"].as_f64().unwrap();
+    assert!(params > 0.0);
+    assert!(write["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    let wflops = write["flops"].as_f64().unwrap();
+    assert!((wflops - 2.0 * params * computed(&write["usage"])).abs() < 1.0);
+    // The roles add up to the run's total.
+    assert_eq!(
+        plan["usage"]["completion_tokens"].as_u64().unwrap()
+            + write["usage"]["completion_tokens"].as_u64().unwrap(),
+        summary["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    // A parameter count that is no count is refused by name.
+    let bad = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args(["write", "--plan-params", "lots", "--model"])
+        .arg(&m)
+        .arg("x")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("not a parameter count"),
+        "{}",
+        text(&bad.stderr)
+    );
+}

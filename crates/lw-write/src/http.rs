@@ -10,7 +10,7 @@ use std::time::Duration;
 use lw_core::FinishReason;
 use serde_json::{json, Value};
 
-use crate::model::{ChatRequest, ChatResponse, LanguageModel, ModelCallError, Usage};
+use crate::model::{ChatRequest, ChatResponse, LanguageModel, ModelCallError, Traffic, Usage};
 
 #[derive(Debug, Clone)]
 pub struct HttpOptions {
@@ -101,6 +101,8 @@ pub struct HttpModel {
     opts: HttpOptions,
     agent: ureq::Agent,
     jitter: u64,
+    /// Body bytes sent and received so far, retries and errors included.
+    traffic: std::cell::Cell<Traffic>,
 }
 
 /// A failed attempt: worth retrying or not.
@@ -122,7 +124,16 @@ impl HttpModel {
             opts,
             agent,
             jitter: 0x2545_F491_4F6C_DD1D,
+            traffic: std::cell::Cell::new(Traffic::default()),
         }
+    }
+
+    fn count(&self, sent: usize, received: usize) {
+        let t = self.traffic.get();
+        self.traffic.set(Traffic {
+            sent: t.sent + sent as u64,
+            received: t.received + received as u64,
+        });
     }
 
     fn body(&self, request: &ChatRequest) -> Value {
@@ -230,7 +241,9 @@ impl HttpModel {
         if let Some(key) = &self.opts.api_key {
             req = req.set("Authorization", &format!("Bearer {key}"));
         }
-        let response = match req.send_string(&body.to_string()) {
+        let text = body.to_string();
+        self.count(text.len(), 0);
+        let response = match req.send_string(&text) {
             Ok(r) => r,
             Err(ureq::Error::Status(code, r)) => {
                 let after = r
@@ -238,6 +251,7 @@ impl HttpModel {
                     .and_then(|v| v.trim().parse::<f64>().ok())
                     .map(Duration::from_secs_f64);
                 let text = r.into_string().unwrap_or_default();
+                self.count(0, text.len());
                 return Err(classify_status(code, &text, after));
             }
             Err(ureq::Error::Transport(t)) => {
@@ -253,6 +267,7 @@ impl HttpModel {
         let reader = BufReader::new(response.into_reader());
         for line in reader.lines() {
             let line = line.map_err(|e| transient(*streamed, format!("the stream broke: {e}")))?;
+            self.count(0, line.len() + 1);
             let Some(data) = line.strip_prefix("data:") else {
                 continue;
             };
@@ -384,6 +399,10 @@ fn error_from_body(err: &Value) -> ModelCallError {
 impl LanguageModel for HttpModel {
     fn name(&self) -> String {
         format!("{} at {}", self.opts.model, self.opts.api_base)
+    }
+
+    fn traffic(&self) -> Traffic {
+        self.traffic.get()
     }
 
     fn complete(

@@ -18,10 +18,12 @@ pub mod writer;
 pub use http::{HttpModel, HttpOptions};
 pub use length::{requested_length, Language};
 pub use model::{
-    BatchedModel, ChatRequest, ChatResponse, LanguageModel, LocalModel, ModelCallError, Usage,
+    BatchedModel, ChatRequest, ChatResponse, LanguageModel, LocalModel, ModelCallError, Traffic,
+    Usage,
 };
 pub use plan::{parse_plan, Paragraph, Plan, PlanError};
 pub use run::{Mode, Request, RunDir, RunDirError, RunStore, SectionRecord, State};
 pub use writer::{
-    make_plan, write, Event, Summary, WriteError, WriteOptions, SECTION_DRY_MULTIPLIER,
+    make_plan, write, write_with_planner, Event, Summary, WriteError, WriteOptions,
+    SECTION_DRY_MULTIPLIER,
 };

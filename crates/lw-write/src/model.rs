@@ -56,6 +56,24 @@ impl Usage {
     }
 }
 
+/// Bytes a backend's requests and answers took over the network (their
+/// bodies: JSON sent, the event stream received).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl Traffic {
+    /// What was moved since `earlier` (a snapshot of the same total).
+    pub fn since(self, earlier: Traffic) -> Traffic {
+        Traffic {
+            sent: self.sent.saturating_sub(earlier.sent),
+            received: self.received.saturating_sub(earlier.received),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ChatResponse {
     pub text: String,
@@ -105,6 +123,17 @@ pub trait LanguageModel {
         None
     }
 
+    /// The model's parameter count, where known (the local engine), for
+    /// compute estimates (2 × parameters per token).
+    fn parameters(&self) -> Option<u64> {
+        None
+    }
+
+    /// Bytes moved over the network so far (nothing for the local engine).
+    fn traffic(&self) -> Traffic {
+        Traffic::default()
+    }
+
     /// Runs one chat completion, streaming text deltas to `on_text`
     /// (`false` from it cancels).
     fn complete(
@@ -145,6 +174,10 @@ impl LanguageModel for LocalModel {
 
     fn prompt_room(&self, messages: &[Message]) -> Option<(usize, usize)> {
         prompt_room(&self.engine, messages)
+    }
+
+    fn parameters(&self) -> Option<u64> {
+        Some(self.engine.model().config().parameter_count() as u64)
     }
 
     fn complete(
@@ -270,6 +303,10 @@ impl LanguageModel for BatchedModel {
 
     fn prompt_room(&self, messages: &[Message]) -> Option<(usize, usize)> {
         prompt_room(self.batcher.model(), messages)
+    }
+
+    fn parameters(&self) -> Option<u64> {
+        Some(self.batcher.model().model().config().parameter_count() as u64)
     }
 
     fn complete(

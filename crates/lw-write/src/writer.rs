@@ -9,7 +9,7 @@ use std::time::Instant;
 use lw_core::{Counter, FinishReason, Message, SamplingParams};
 
 use crate::length::Language;
-use crate::model::{ChatRequest, LanguageModel, ModelCallError, Usage};
+use crate::model::{ChatRequest, LanguageModel, ModelCallError, Traffic, Usage};
 use crate::plan::{parse_plan, Plan, PlanError};
 use crate::prompts;
 use crate::run::{Mode, RunDirError, RunStore, SectionRecord};
@@ -163,7 +163,15 @@ pub struct Summary {
     pub asked_words: Option<u32>,
     pub planned_words: u32,
     pub delivered_words: usize,
+    /// Tokens of every call of the run, the plan's included…
     pub usage: Usage,
+    /// …and of the plan's calls alone (what the run's total holds beyond
+    /// its sections' records).
+    pub plan_usage: Usage,
+    /// Bytes the plan's calls and the sections' calls moved over the
+    /// network in this invocation (see [`LanguageModel::traffic`]).
+    pub plan_traffic: Traffic,
+    pub write_traffic: Traffic,
     pub seconds: f64,
 }
 
@@ -250,9 +258,24 @@ pub fn write(
     stop: &AtomicBool,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Summary, WriteError> {
+    write_with_planner(model, None, dir, opts, stop, on_event)
+}
+
+/// [`write`] with the plan asked of `planner` where one is given (a strong
+/// model, often far away, plans; `model` writes the sections, often
+/// locally). A resumed run keeps the plan it has.
+pub fn write_with_planner(
+    model: &mut dyn LanguageModel,
+    planner: Option<&mut dyn LanguageModel>,
+    dir: &dyn RunStore,
+    opts: &WriteOptions,
+    stop: &AtomicBool,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Summary, WriteError> {
     let started = Instant::now();
     let request = dir.request()?;
     let mut state = dir.state()?;
+    let mut plan_traffic = Traffic::default();
     let plan = match (request.mode, dir.plan()?) {
         (_, Some(plan)) => {
             on_event(Event::PlanReady {
@@ -276,8 +299,13 @@ pub fn write(
             plan
         }
         (Mode::AgentWrite, None) => {
+            let planner: &mut dyn LanguageModel = match planner {
+                Some(p) => p,
+                None => &mut *model,
+            };
+            let before = planner.traffic();
             let plan = make_plan(
-                model,
+                planner,
                 &request.instruction,
                 request.asked_words,
                 request.language,
@@ -285,6 +313,7 @@ pub fn write(
                 opts,
                 &mut state.usage,
             )?;
+            plan_traffic = planner.traffic().since(before);
             dir.save_plan(&plan)?;
             dir.save_state(&state)?;
             on_event(Event::PlanReady {
@@ -295,6 +324,7 @@ pub fn write(
         }
     };
     let total = plan.paragraphs.len();
+    let write_from = model.traffic();
     // Length control's tokens per word: measured once per run.
     let per_word = match (request.mode, opts.constrain) {
         (Mode::AgentWrite, true) => model.tokens_per_word(request.language),
@@ -501,7 +531,14 @@ pub fn write(
     dir.save_state(&state)?;
     let delivered = opts.counter.count(&document);
     on_event(Event::Finished { words: delivered });
+    let sections_usage = state.sections.iter().fold(Usage::default(), |mut u, r| {
+        u.add(&r.usage);
+        u
+    });
     Ok(Summary {
+        plan_usage: state.usage.since(&sections_usage),
+        plan_traffic,
+        write_traffic: model.traffic().since(write_from),
         document,
         asked_words: request.asked_words,
         planned_words: plan.total_words(),
