@@ -8,6 +8,7 @@ mod eval;
 mod interrupt;
 mod progress;
 mod run;
+mod study;
 mod synth;
 mod train;
 mod write;
@@ -80,6 +81,9 @@ enum Command {
     /// Compute the logits of a sequence of token ids (every position), to
     /// compare with another engine on the same model file.
     Score(ScoreArgs),
+    /// Studies: workflows of the research this product grew out of.
+    #[command(subcommand)]
+    Study(study::StudyCommand),
 }
 
 #[derive(Args)]
@@ -667,6 +671,7 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => tokenize(&a),
         Command::Serve(a) => serve(&a),
         Command::Eval(c) => eval::run(&c),
+        Command::Study(c) => study::run(&c),
         Command::Tokenizer(TokenizerCommand::Train(a)) => tokenizer_train(&a),
         Command::Data(DataCommand::Build(a)) => data::build(&a),
         Command::Data(DataCommand::Export(a)) => data::export(&a),
