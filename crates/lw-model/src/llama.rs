@@ -460,7 +460,32 @@ impl Llama {
         logits: Logits,
         out: &mut Vec<f32>,
     ) -> Result<usize, ModelError> {
-        crate::on_pool(|| self.step_on_pool(tokens, seqs, logits, out))
+        crate::on_pool(|| self.step_on_pool(tokens, seqs, logits, out, None))
+    }
+
+    /// The residual stream of `tokens` (run after the positions in `cache`,
+    /// whose keys and values they join): the embeddings, then each layer's
+    /// output, each `[tokens, hidden]` row-major (before the final norm).
+    /// What a probe reads.
+    pub fn hidden_states(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let n = tokens.len();
+        let mut captured = Vec::new();
+        let mut out = Vec::new();
+        crate::on_pool(|| {
+            self.step_on_pool(
+                tokens,
+                &mut [(cache, n)],
+                Logits::Last,
+                &mut out,
+                Some(&mut captured),
+            )
+        })?;
+        let size = n * self.cfg.hidden_size;
+        Ok(captured.chunks_exact(size).map(<[f32]>::to_vec).collect())
     }
 
     fn step_on_pool(
@@ -469,6 +494,7 @@ impl Llama {
         seqs: &mut [(&mut KvCache, usize)],
         logits: Logits,
         out: &mut Vec<f32>,
+        capture: Option<&mut Vec<f32>>,
     ) -> Result<usize, ModelError> {
         let n = tokens.len();
         if n == 0 || seqs.iter().any(|(_, c)| *c == 0) {
@@ -500,7 +526,7 @@ impl Llama {
             for (i, (cache, count)) in seqs.iter().enumerate() {
                 rows.extend((cache.len()..cache.len() + count).map(|p| (i, p)));
             }
-            let done = self.layers_over(tokens, seqs, &rows, s);
+            let done = self.layers_over(tokens, seqs, &rows, s, capture);
             s.rows = rows;
             done?;
             self.classify(seqs, logits, s, out)
@@ -508,13 +534,15 @@ impl Llama {
     }
 
     /// Every layer over the step's rows (`rows[r]`: sequence and position of
-    /// row `r`), leaving the residual stream in `s.x`.
+    /// row `r`), leaving the residual stream in `s.x`; with `capture`, the
+    /// stream is appended there after the embeddings and after each layer.
     fn layers_over(
         &self,
         tokens: &[u32],
         seqs: &mut [(&mut KvCache, usize)],
         rows: &[(usize, usize)],
         s: &mut Scratch,
+        mut capture: Option<&mut Vec<f32>>,
     ) -> Result<(), ModelError> {
         let n = tokens.len();
         let cfg = &self.cfg;
@@ -525,6 +553,9 @@ impl Llama {
             self.rope_tables(positions(), local, &mut s.cos_local, &mut s.sin_local);
         }
         self.embed_rows(tokens, sized(&mut s.x, n * cfg.hidden_size))?;
+        if let Some(c) = capture.as_deref_mut() {
+            c.extend_from_slice(&s.x);
+        }
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm, eps, sized(&mut s.h, s.x.len()));
             layer.attn.qkv.forward_into(&s.h, n, &mut s.qkv)?;
@@ -546,6 +577,9 @@ impl Llama {
                 rms_norm_in_place(&mut s.proj, after_ffn, eps);
             }
             add(&mut s.x, &s.proj);
+            if let Some(c) = capture.as_deref_mut() {
+                c.extend_from_slice(&s.x);
+            }
         }
         for (cache, count) in seqs.iter_mut() {
             cache.advance(*count);
