@@ -17,7 +17,10 @@ fn tiny() -> (Llama, ModelConfig) {
         dtype: DType::F32,
         quantize: None,
     };
-    (Llama::load_from(cfg.clone(), &src, DType::F32).unwrap(), cfg)
+    (
+        Llama::load_from(cfg.clone(), &src, DType::F32).unwrap(),
+        cfg,
+    )
 }
 
 #[test]
@@ -37,7 +40,9 @@ fn hidden_states_are_the_forward_passes_stream_and_keep_the_cache_going() {
     assert_eq!(&alone[0][..2 * h], &states[0][7 * h..9 * h]);
     // Causal: a prefix's states are the prefix of the whole's.
     let mut prefix_cache = model.new_cache();
-    let prefix = model.hidden_states(&tokens[..20], &mut prefix_cache).unwrap();
+    let prefix = model
+        .hidden_states(&tokens[..20], &mut prefix_cache)
+        .unwrap();
     for (p, w) in prefix.iter().zip(&states) {
         let diff = p
             .iter()

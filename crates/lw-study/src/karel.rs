@@ -331,12 +331,36 @@ pub fn unrolled(prog: &[Stmt]) -> Vec<Stmt> {
     out
 }
 
+/// What the primitives mean: as written, or an alternative a probe can be
+/// trained against (the interventional baseline: a probe that reads the
+/// alternative as well as the real meaning learnt it by itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Semantics {
+    Real,
+    /// `turnLeft` turns right and `turnRight` left.
+    SwappedTurns,
+}
+
 /// Runs `prog` on `world`: the final world and the robot after each
 /// primitive, in order.
 pub fn run(world: &World, prog: &[Stmt]) -> Result<(World, Vec<Robot>), KarelError> {
+    run_as(world, prog, Semantics::Real)
+}
+
+/// [`run`] under `semantics`.
+pub fn run_as(
+    world: &World,
+    prog: &[Stmt],
+    semantics: Semantics,
+) -> Result<(World, Vec<Robot>), KarelError> {
     let mut w = world.clone();
     let mut trace = Vec::new();
     for s in unrolled(prog) {
+        let s = match (semantics, s) {
+            (Semantics::SwappedTurns, Stmt::TurnLeft) => Stmt::TurnRight,
+            (Semantics::SwappedTurns, Stmt::TurnRight) => Stmt::TurnLeft,
+            (_, s) => s,
+        };
         w.act(&s)?;
         trace.push(w.robot);
     }
@@ -366,6 +390,39 @@ impl Example {
         }
         let _ = write!(s, "program: {}", program_text(&self.program));
         s
+    }
+
+    /// Reads [`Example::to_text`]'s form back.
+    pub fn parse(text: &str) -> Result<Example, KarelError> {
+        let bad = |m: &str| KarelError::WorldText(m.to_string());
+        let at = text
+            .rfind("program:")
+            .ok_or_else(|| bad("no `program:` line"))?;
+        let program = parse_program(&text[at + "program:".len()..])?;
+        let mut worlds = Vec::new();
+        let mut current = String::new();
+        for line in text[..at].lines() {
+            if line.starts_with("input ") || line.starts_with("output ") {
+                if !current.is_empty() {
+                    worlds.push(World::parse(&current)?);
+                    current.clear();
+                }
+            } else {
+                current.push_str(line);
+                current.push('\n');
+            }
+        }
+        if !current.is_empty() {
+            worlds.push(World::parse(&current)?);
+        }
+        if worlds.is_empty() || worlds.len() % 2 != 0 {
+            return Err(bad("worlds do not come in input/output pairs"));
+        }
+        let spec = worlds
+            .chunks(2)
+            .map(|p| (p[0].clone(), p[1].clone()))
+            .collect();
+        Ok(Example { spec, program })
     }
 
     /// The text up to the program, for a model to complete.
@@ -617,8 +674,14 @@ mod tests {
                     assert_eq!(&World::parse(&b.to_text()).unwrap(), b);
                 }
                 assert!(e.to_text().starts_with(&e.prompt()));
+                assert_eq!(Example::parse(&e.to_text()).unwrap(), e);
             }
         }
+        // Swapped turns: left is right.
+        let w = random_world(&mut rng, 5, 5);
+        let (real, _) = run(&w, &[Stmt::TurnLeft]).unwrap();
+        let (alt, _) = run_as(&w, &[Stmt::TurnRight], Semantics::SwappedTurns).unwrap();
+        assert_eq!(real, alt);
         // A wrong program fails some specification (most do).
         let e = random_example(&mut rng, &GenOptions::default()).unwrap();
         let mut other = e.program.clone();
