@@ -59,6 +59,8 @@ pub struct BuildArgs {
     #[command(flatten)]
     model: BackendArgs,
     #[command(flatten)]
+    planner: crate::write::PlannerArgs,
+    #[command(flatten)]
     style: StyleArgs,
 }
 
@@ -187,7 +189,8 @@ pub fn build(a: &BuildArgs) -> anyhow::Result<()> {
     }
     let store = DataStore::open(&a.out)?;
     add_instructions(&store, a)?;
-    let opts = build_options(a)?;
+    let mut opts = build_options(a)?;
+    opts.planner = a.planner.factory(&a.model, a.concurrency)?;
     let stats = store.stats()?;
     if stats.pending + stats.running == 0 {
         say_nothing_to_do(&stats);

@@ -434,6 +434,55 @@ pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
 }
 
 impl PlannerArgs {
+    /// A planner for many workers at once (`data build`): HTTP clients, or
+    /// one local engine behind the batching scheduler with room for
+    /// `workers` sequences.
+    pub(crate) fn factory(
+        &self,
+        writer: &BackendArgs,
+        workers: usize,
+    ) -> anyhow::Result<Option<lw_data::Planner>> {
+        if let Some(base) = &self.plan_api_base {
+            let mut opts = lw_write::HttpOptions::new(base.clone(), self.plan_api_model.clone());
+            opts.api_key = self.plan_api_key.clone().or_else(|| writer.api_key.clone());
+            opts.retries = writer.retries;
+            opts.flavor = self.plan_api_flavor;
+            return Ok(Some(lw_data::Planner {
+                name: base.clone(),
+                make: std::sync::Arc::new(move || {
+                    Box::new(lw_write::HttpModel::new(opts.clone()))
+                        as Box<dyn LanguageModel + Send>
+                }),
+            }));
+        }
+        let Some(model) = &self.plan_model else {
+            return Ok(None);
+        };
+        let m = ModelArgs {
+            model: model.clone(),
+            fallback_to_tiny: false,
+            engine: writer.engine.clone(),
+        };
+        let engine = crate::run::load_engine(&m)?;
+        let n = workers.max(1);
+        let batcher = lw_engine::Batcher::start(
+            engine,
+            lw_engine::BatchOptions {
+                max_batch: n,
+                max_queue: n * 2,
+                idle_caches: n,
+            },
+        );
+        let name = m.model;
+        Ok(Some(lw_data::Planner {
+            name: name.clone(),
+            make: std::sync::Arc::new(move || {
+                Box::new(lw_write::BatchedModel::new(batcher.clone(), name.clone()))
+                    as Box<dyn LanguageModel + Send>
+            }),
+        }))
+    }
+
     /// The planner, where one is asked for.
     fn open(&self, writer: &BackendArgs) -> anyhow::Result<Option<Box<dyn LanguageModel>>> {
         if let Some(base) = &self.plan_api_base {

@@ -36,6 +36,20 @@ pub struct Limits {
     pub max_tokens: Option<usize>,
 }
 
+/// The model items' plans are asked of, where not their endpoint's (a
+/// strong model plans, the endpoints write): a client per item.
+#[derive(Clone)]
+pub struct Planner {
+    pub name: String,
+    pub make: std::sync::Arc<dyn Fn() -> Box<dyn LanguageModel + Send> + Send + Sync>,
+}
+
+impl std::fmt::Debug for Planner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Planner").field("name", &self.name).finish()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
     /// Items in flight at once, over all endpoints.
@@ -51,6 +65,8 @@ pub struct BuildOptions {
     /// First rest of a failed endpoint; doubled per consecutive failure.
     pub cooldown: Duration,
     pub max_cooldown: Duration,
+    /// Plans from this model instead of each item's endpoint.
+    pub planner: Option<Planner>,
 }
 
 impl Default for BuildOptions {
@@ -64,6 +80,7 @@ impl Default for BuildOptions {
             limits: Limits::default(),
             cooldown: Duration::from_secs(2),
             max_cooldown: Duration::from_secs(60),
+            planner: None,
         }
     }
 }
@@ -368,21 +385,30 @@ fn run_item(sh: &Shared, ep: usize, mut item: ItemRow) -> Result<(), DataError> 
         salvage_loops: false,
         ..sh.opts.write.clone()
     };
-    let result = lw_write::write(model.as_mut(), &run, &write_opts, sh.stop, &mut |ev| {
-        if let Event::SectionDone {
-            record,
-            resumed: false,
-        } = ev
-        {
-            sections_usage.add(&record.usage);
-            sh.count_tokens(&record.usage);
-            (sh.on_event)(BuildEvent::SectionDone {
-                endpoint: &endpoint.name,
-                words: record.delivered_words,
-                usage: &record.usage,
-            });
-        }
-    });
+    let mut planner = sh.opts.planner.as_ref().map(|p| (p.make)());
+    let planner = planner.as_deref_mut().map(|p| p as &mut dyn LanguageModel);
+    let result = lw_write::write_with_planner(
+        model.as_mut(),
+        planner,
+        &run,
+        &write_opts,
+        sh.stop,
+        &mut |ev| {
+            if let Event::SectionDone {
+                record,
+                resumed: false,
+            } = ev
+            {
+                sections_usage.add(&record.usage);
+                sh.count_tokens(&record.usage);
+                (sh.on_event)(BuildEvent::SectionDone {
+                    endpoint: &endpoint.name,
+                    words: record.delivered_words,
+                    usage: &record.usage,
+                });
+            }
+        },
+    );
     // Tokens of this attempt: the saved state's growth (the plan's included).
     let spent = run.state()?.usage.since(&before);
     // The sections' tokens were counted as they finished; the rest now.

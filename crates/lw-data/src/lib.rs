@@ -9,7 +9,7 @@ pub mod gates;
 pub mod instructions;
 pub mod store;
 
-pub use build::{build, BuildEvent, BuildOptions, BuildSummary, Endpoint, Limits};
+pub use build::{build, BuildEvent, BuildOptions, BuildSummary, Endpoint, Limits, Planner};
 pub use export::{export, ExportOptions};
 pub use gates::{Gates, Rejection};
 pub use instructions::{read_instructions, select, Instruction};

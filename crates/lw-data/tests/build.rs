@@ -327,3 +327,92 @@ fn a_refused_key_stops_the_build_with_the_endpoint_named_and_loses_nothing() {
     .unwrap();
     assert_eq!(again.accepted, 3);
 }
+
+/// A scripted model for one role: plans only, or sections only (a call
+/// for the other role is an error), counting its calls.
+struct Role {
+    inner: Scripted,
+    plans: bool,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl LanguageModel for Role {
+    fn name(&self) -> String {
+        format!("role-{}", if self.plans { "planner" } else { "writer" })
+    }
+
+    fn complete(
+        &mut self,
+        request: &ChatRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<ChatResponse, ModelCallError> {
+        let planning = request.messages[0].content.starts_with("You are planning");
+        if planning != self.plans {
+            return Err(ModelCallError::Backend(format!(
+                "{} asked for the other role's work",
+                self.name()
+            )));
+        }
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.complete(request, on_text)
+    }
+}
+
+#[test]
+fn a_planner_plans_every_item_while_the_endpoints_write() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let s = store("planner", &["good", "good", "good"]);
+    let (plans, sections) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let counted = sections.clone();
+    let writer = Endpoint {
+        name: "writer".into(),
+        cap: 2,
+        make: Box::new(move || {
+            Box::new(Role {
+                inner: Scripted {
+                    calls: 1,
+                    fail: false,
+                },
+                plans: false,
+                calls: counted.clone(),
+            })
+        }),
+    };
+    let counted = plans.clone();
+    let planner = lw_data::Planner {
+        name: "planner".into(),
+        make: Arc::new(move || {
+            Box::new(Role {
+                inner: Scripted {
+                    calls: 0,
+                    fail: false,
+                },
+                plans: true,
+                calls: counted.clone(),
+            })
+        }),
+    };
+    let (drain, stop) = (AtomicBool::new(false), AtomicBool::new(false));
+    let summary = build(
+        &s,
+        &[writer],
+        &BuildOptions {
+            planner: Some(planner),
+            ..opts()
+        },
+        &drain,
+        &stop,
+        &|_| {},
+    )
+    .unwrap();
+    let items = s.items(None).unwrap();
+    assert_eq!(
+        summary.accepted,
+        3,
+        "{:?}",
+        items.iter().map(|i| &i.detail).collect::<Vec<_>>()
+    );
+    assert_eq!(plans.load(Ordering::SeqCst), 3);
+    assert_eq!(sections.load(Ordering::SeqCst), 6);
+}
