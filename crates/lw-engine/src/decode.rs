@@ -451,30 +451,36 @@ impl Decoding {
         draft: Option<u32>,
     ) -> Result<(Option<FinishReason>, bool), EngineError> {
         let early = self.tokens.len() < self.min_tokens;
-        if self.tokens.len() >= self.end_after
-            && self.guide.is_none()
-            && !eos.is_empty()
-            && at_boundary(&self.text)
-        {
-            // Length control: the budget is spent and a sentence just
-            // ended; end here.
-            let end = eos[0] as usize;
-            if end < logits.len() {
-                for (i, l) in logits.iter_mut().enumerate() {
-                    if i != end {
-                        *l = f32::NEG_INFINITY;
+        // Length control: the budget is spent and a sentence just ended;
+        // end here (under a grammar, where it may end here).
+        let push_end =
+            self.tokens.len() >= self.end_after && !eos.is_empty() && at_boundary(&self.text);
+        let end = match self.guide.as_mut() {
+            Some(guide) => {
+                guide.mask(logits, eos, early && !push_end)?;
+                eos.iter()
+                    .copied()
+                    .find(|&e| logits.get(e as usize).is_some_and(|l| l.is_finite()))
+                    .filter(|_| push_end)
+            }
+            None => {
+                if early {
+                    for &e in eos {
+                        if let Some(l) = logits.get_mut(e as usize) {
+                            *l = f32::NEG_INFINITY;
+                        }
                     }
                 }
-                logits[end] = 0.0;
+                push_end.then_some(eos[0])
             }
-        } else if let Some(guide) = self.guide.as_mut() {
-            guide.mask(logits, eos, early)?;
-        } else if early {
-            for &e in eos {
-                if let Some(l) = logits.get_mut(e as usize) {
+        };
+        if let Some(end) = end.map(|e| e as usize).filter(|&e| e < logits.len()) {
+            for (i, l) in logits.iter_mut().enumerate() {
+                if i != end {
                     *l = f32::NEG_INFINITY;
                 }
             }
+            logits[end] = 0.0;
         }
         let (next, is_draft) = self.sampler.choose(logits, &self.seen, draft);
         let done = self.take(next, tok, eos)?;
