@@ -211,15 +211,18 @@ fn mc(a: &McArgs) -> anyhow::Result<()> {
             // The harness moves the prompt's trailing spaces into every
             // choice, so all choices share one context.
             let (context, _) = split_context(&item.prompt, "");
-            let mut ctx = Vec::new();
-            let mut conts = Vec::with_capacity(item.choices.len());
-            for choice in &item.choices {
-                let (_, continuation) = split_context(&item.prompt, choice);
-                let (c, cont) = continuation_tokens(&mut encode, &context, &continuation, start)
-                    .map_err(where_)?;
-                ctx = c;
-                conts.push(cont);
-            }
+            let ctx = encode(&context).map_err(where_)?;
+            let conts = item
+                .choices
+                .iter()
+                .map(|choice| {
+                    let (_, continuation) = split_context(&item.prompt, choice);
+                    continuation_tokens(&mut encode, &context, &ctx, &continuation)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(where_)?;
+            // A prompt of no tokens is read as the end-of-text token.
+            let ctx = if ctx.is_empty() { vec![start] } else { ctx };
             let logprobs = engine
                 .continuation_logprobs(&ctx, &conts)
                 .map_err(|e| where_(e.to_string()))?;

@@ -124,19 +124,14 @@ fn probe_models(a: &ProbeArgs) -> anyhow::Result<Vec<(String, u64, PathBuf)>> {
 }
 
 fn probe(a: &ProbeArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&a.data)
-        .with_context(|| format!("reading {}", a.data.display()))?;
     let mut examples = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let v: Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not JSON", a.data.display(), i + 1))?;
-        let t = v["text"]
-            .as_str()
-            .with_context(|| format!("{}:{}: no \"text\"", a.data.display(), i + 1))?;
-        examples.push(
-            Example::parse(t)
-                .with_context(|| format!("{}:{}: not a Karel example", a.data.display(), i + 1))?,
-        );
+    for (line, m) in lw_eval::items::objects(&a.data, false)? {
+        let at = || format!("{}:{line}", a.data.display());
+        let t = m
+            .get("text")
+            .and_then(Value::as_str)
+            .with_context(|| format!("{}: no \"text\"", at()))?;
+        examples.push(Example::parse(t).with_context(|| format!("{}: not a Karel example", at()))?);
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let results_path = a.out.join("results.jsonl");

@@ -51,6 +51,22 @@ pub(crate) struct BackendArgs {
     api_flavor: lw_write::http::ApiFlavor,
 }
 
+/// `m` loaded behind the batching scheduler with room for `sequences` at
+/// once, and the model's name.
+fn start_batcher(m: ModelArgs, sequences: usize) -> anyhow::Result<(lw_engine::Batcher, String)> {
+    let engine = crate::run::load_engine(&m)?;
+    let n = sequences.max(1);
+    let batcher = lw_engine::Batcher::start(
+        engine,
+        lw_engine::BatchOptions {
+            max_batch: n,
+            max_queue: n * 2,
+            idle_caches: n,
+        },
+    );
+    Ok((batcher, m.model))
+}
+
 /// A model for each of several workers (eval run).
 pub(crate) type Factory = Box<dyn Fn() -> Result<Box<dyn LanguageModel + Send>, String> + Sync>;
 
@@ -88,18 +104,7 @@ impl BackendArgs {
     /// The local engine behind the batching scheduler, with room for
     /// `sequences` at once, and the model's name.
     fn batcher(&self, sequences: usize) -> anyhow::Result<(lw_engine::Batcher, String)> {
-        let m = self.local_args()?;
-        let engine = crate::run::load_engine(&m)?;
-        let n = sequences.max(1);
-        let batcher = lw_engine::Batcher::start(
-            engine,
-            lw_engine::BatchOptions {
-                max_batch: n,
-                max_queue: n * 2,
-                idle_caches: n,
-            },
-        );
-        Ok((batcher, m.model))
+        start_batcher(self.local_args()?, sequences)
     }
 
     /// The one server of a command that talks to one.
@@ -434,6 +439,27 @@ pub fn write(a: &WriteArgs) -> anyhow::Result<()> {
 }
 
 impl PlannerArgs {
+    /// The planner's server, where one is given (key, retries from the
+    /// writer's flags unless its own are).
+    fn http_options(&self, writer: &BackendArgs) -> Option<lw_write::HttpOptions> {
+        let base = self.plan_api_base.as_ref()?;
+        let mut opts = lw_write::HttpOptions::new(base.clone(), self.plan_api_model.clone());
+        opts.api_key = self.plan_api_key.clone().or_else(|| writer.api_key.clone());
+        opts.retries = writer.retries;
+        opts.flavor = self.plan_api_flavor;
+        Some(opts)
+    }
+
+    /// The planner as a local model, where one is given (the writer's
+    /// engine settings).
+    fn local_args(&self, writer: &BackendArgs) -> Option<ModelArgs> {
+        Some(ModelArgs {
+            model: self.plan_model.clone()?,
+            fallback_to_tiny: false,
+            engine: writer.engine.clone(),
+        })
+    }
+
     /// A planner for many workers at once (`data build`): HTTP clients, or
     /// one local engine behind the batching scheduler with room for
     /// `workers` sequences.
@@ -442,38 +468,19 @@ impl PlannerArgs {
         writer: &BackendArgs,
         workers: usize,
     ) -> anyhow::Result<Option<lw_data::Planner>> {
-        if let Some(base) = &self.plan_api_base {
-            let mut opts = lw_write::HttpOptions::new(base.clone(), self.plan_api_model.clone());
-            opts.api_key = self.plan_api_key.clone().or_else(|| writer.api_key.clone());
-            opts.retries = writer.retries;
-            opts.flavor = self.plan_api_flavor;
+        if let Some(opts) = self.http_options(writer) {
             return Ok(Some(lw_data::Planner {
-                name: base.clone(),
+                name: opts.api_base.clone(),
                 make: std::sync::Arc::new(move || {
                     Box::new(lw_write::HttpModel::new(opts.clone()))
                         as Box<dyn LanguageModel + Send>
                 }),
             }));
         }
-        let Some(model) = &self.plan_model else {
+        let Some(m) = self.local_args(writer) else {
             return Ok(None);
         };
-        let m = ModelArgs {
-            model: model.clone(),
-            fallback_to_tiny: false,
-            engine: writer.engine.clone(),
-        };
-        let engine = crate::run::load_engine(&m)?;
-        let n = workers.max(1);
-        let batcher = lw_engine::Batcher::start(
-            engine,
-            lw_engine::BatchOptions {
-                max_batch: n,
-                max_queue: n * 2,
-                idle_caches: n,
-            },
-        );
-        let name = m.model;
+        let (batcher, name) = start_batcher(m, workers)?;
         Ok(Some(lw_data::Planner {
             name: name.clone(),
             make: std::sync::Arc::new(move || {
@@ -485,20 +492,11 @@ impl PlannerArgs {
 
     /// The planner, where one is asked for.
     fn open(&self, writer: &BackendArgs) -> anyhow::Result<Option<Box<dyn LanguageModel>>> {
-        if let Some(base) = &self.plan_api_base {
-            let mut opts = lw_write::HttpOptions::new(base.clone(), self.plan_api_model.clone());
-            opts.api_key = self.plan_api_key.clone().or_else(|| writer.api_key.clone());
-            opts.retries = writer.retries;
-            opts.flavor = self.plan_api_flavor;
+        if let Some(opts) = self.http_options(writer) {
             return Ok(Some(Box::new(lw_write::HttpModel::new(opts))));
         }
-        let Some(model) = &self.plan_model else {
+        let Some(m) = self.local_args(writer) else {
             return Ok(None);
-        };
-        let m = ModelArgs {
-            model: model.clone(),
-            fallback_to_tiny: false,
-            engine: writer.engine.clone(),
         };
         let engine = crate::run::load_engine(&m)?;
         Ok(Some(Box::new(LocalModel::new(engine, m.model))))

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use lw_study::karel::{parse_program, run, World};
+use lw_study::karel::{parse_program, run, Example};
 use serde_json::Value;
 
 fn lines(path: &std::path::Path) -> Vec<Value> {
@@ -10,29 +10,6 @@ fn lines(path: &std::path::Path) -> Vec<Value> {
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// The input/output worlds of an example's text, in order.
-fn spec(text: &str) -> Vec<(World, World)> {
-    let body = &text[..text.rfind("program:").unwrap()];
-    let mut worlds = Vec::new();
-    let mut current = String::new();
-    for line in body.lines() {
-        if line.starts_with("input ") || line.starts_with("output ") {
-            if !current.is_empty() {
-                worlds.push(World::parse(&current).unwrap());
-                current.clear();
-            }
-        } else {
-            current.push_str(line);
-            current.push('\n');
-        }
-    }
-    worlds.push(World::parse(&current).unwrap());
-    worlds
-        .chunks(2)
-        .map(|p| (p[0].clone(), p[1].clone()))
         .collect()
 }
 
@@ -71,7 +48,7 @@ fn karel_data_writes_programs_that_satisfy_their_specifications() {
         assert!(text.starts_with(prompt) && prompt.ends_with("program:"));
         assert!(!train_prompts.contains(prompt.trim_end_matches("program:")));
         let program = parse_program(e["program"].as_str().unwrap()).unwrap();
-        let pairs = spec(text);
+        let pairs = Example::parse(text).unwrap().spec;
         assert_eq!(pairs.len(), 3);
         for (input, output) in &pairs {
             let (got, trace) = run(input, &program).unwrap();

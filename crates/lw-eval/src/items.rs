@@ -73,12 +73,12 @@ pub struct Prediction {
 }
 
 /// A JSON object and the line it came from (from 1).
-type NumberedObject = (usize, Map<String, Value>);
+pub type NumberedObject = (usize, Map<String, Value>);
 
 /// Each non-blank line of a JSONL file as a JSON object. With
 /// `torn_tail`, a last line without its newline that does not parse (the
 /// writer died mid-line) is skipped instead of refused.
-fn objects(path: &Path, torn_tail: bool) -> Result<Vec<NumberedObject>, EvalError> {
+pub fn objects(path: &Path, torn_tail: bool) -> Result<Vec<NumberedObject>, EvalError> {
     let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
         path: path.to_path_buf(),
         source,
@@ -104,7 +104,7 @@ fn objects(path: &Path, torn_tail: bool) -> Result<Vec<NumberedObject>, EvalErro
     Ok(out)
 }
 
-fn take_string(m: &mut Map<String, Value>, key: &str) -> Option<String> {
+pub(crate) fn take_string(m: &mut Map<String, Value>, key: &str) -> Option<String> {
     match m.remove(key) {
         Some(Value::String(s)) => Some(s),
         Some(Value::Number(n)) => Some(n.to_string()),

@@ -16,7 +16,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::items::EvalError;
+use crate::items::{objects, take_string, EvalError};
 
 /// One multiple-choice question.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,27 +31,19 @@ pub struct McItem {
 /// Reads a task file (see the module comment); every problem names its
 /// line.
 pub fn read_mc_items(path: &Path) -> Result<Vec<McItem>, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
     let mut items = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
+    for (line, mut m) in objects(path, false)? {
         let bad = |reason: String| EvalError::Line {
             path: path.to_path_buf(),
-            line: i + 1,
+            line,
             reason,
         };
-        let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
-        let prompt = v
+        let prompt = m
             .get("prompt")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("no \"prompt\" string".into()))?
             .to_string();
-        let choices: Vec<String> = v
+        let choices: Vec<String> = m
             .get("choices")
             .and_then(Value::as_array)
             .ok_or_else(|| bad("no \"choices\" array".into()))?
@@ -68,7 +60,7 @@ pub fn read_mc_items(path: &Path) -> Result<Vec<McItem>, EvalError> {
         if let Some(k) = choices.iter().position(String::is_empty) {
             return Err(bad(format!("choice {k} is empty")));
         }
-        let answer = match v.get("answer") {
+        let answer = match m.get("answer") {
             Some(Value::Number(n)) => n
                 .as_u64()
                 .map(|n| n as usize)
@@ -85,13 +77,8 @@ pub fn read_mc_items(path: &Path) -> Result<Vec<McItem>, EvalError> {
                 .ok_or_else(|| bad(format!("\"answer\" {s:?} is none of the choices")))?,
             _ => return Err(bad("no \"answer\" (a choice index or text)".into())),
         };
-        let id = match v.get("id") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => (i + 1).to_string(),
-        };
         items.push(McItem {
-            id,
+            id: take_string(&mut m, "id").unwrap_or_else(|| line.to_string()),
             prompt,
             choices,
             answer,
@@ -113,24 +100,21 @@ pub fn split_context(prompt: &str, choice: &str) -> (String, String) {
     (kept.to_string(), format!("{moved}{choice}"))
 }
 
-/// Token ids of a prompt and of a choice after it: the choice's are those
-/// of prompt + choice past the prompt's own (`encode` tokenizes a text as
-/// the model reads it). A prompt of no tokens becomes `start` alone (the
-/// end-of-text token, as the harness reads an empty context).
+/// Token ids of a choice after its prompt: those of prompt + choice past
+/// the prompt's own `ctx` (`encode` tokenizes a text as the model reads
+/// it; `ctx` is `encode(context)`, computed once per question).
 pub fn continuation_tokens(
     encode: &mut dyn FnMut(&str) -> Result<Vec<u32>, String>,
     context: &str,
+    ctx: &[u32],
     continuation: &str,
-    start: u32,
-) -> Result<(Vec<u32>, Vec<u32>), String> {
-    let ctx = encode(context)?;
+) -> Result<Vec<u32>, String> {
     let whole = encode(&format!("{context}{continuation}"))?;
     let cont = whole.get(ctx.len()..).unwrap_or(&[]).to_vec();
-    let ctx = if ctx.is_empty() { vec![start] } else { ctx };
     if cont.is_empty() {
         return Err(format!("{continuation:?} adds no token after its prompt"));
     }
-    Ok((ctx, cont))
+    Ok(cont)
 }
 
 /// One question's scores.
@@ -225,13 +209,14 @@ mod tests {
         let mut enc = |s: &str| -> Result<Vec<u32>, String> {
             Ok(s.replace("ab", "X").chars().map(|c| c as u32).collect())
         };
-        let (ctx, cont) = continuation_tokens(&mut enc, "xa", "bc", 0).unwrap();
+        let ctx = enc("xa").unwrap();
         assert_eq!(ctx, vec!['x' as u32, 'a' as u32]);
+        let cont = continuation_tokens(&mut enc, "xa", &ctx, "bc").unwrap();
         assert_eq!(cont, vec!['c' as u32]);
-        assert!(continuation_tokens(&mut enc, "xa", "b", 0).is_err());
-        // No prompt: the start token, and the choice whole.
-        let (ctx, cont) = continuation_tokens(&mut enc, "", "ab", 7).unwrap();
-        assert_eq!((ctx, cont), (vec![7], vec!['X' as u32]));
+        assert!(continuation_tokens(&mut enc, "xa", &ctx, "b").is_err());
+        // No prompt: the choice whole.
+        let cont = continuation_tokens(&mut enc, "", &[], "ab").unwrap();
+        assert_eq!(cont, vec!['X' as u32]);
     }
 
     #[test]
@@ -277,7 +262,7 @@ mod tests {
                 "choice 1 is empty",
             ),
             ("{\"choices\": [\"a\", \"b\"], \"answer\": 0}", "\"prompt\""),
-            ("not json", "not JSON"),
+            ("not json", "invalid JSON"),
         ];
         for (line, want) in cases {
             std::fs::write(&path, format!("\n{line}\n")).unwrap();

@@ -118,11 +118,7 @@ impl World {
         y * self.width + x
     }
 
-    /// Whether the cell in front of the robot can be entered.
-    pub fn front_is_clear(&self) -> bool {
-        self.front().is_some()
-    }
-
+    /// The cell in front of the robot, where it can be entered.
     fn front(&self) -> Option<(usize, usize)> {
         let (dx, dy) = self.robot.facing.step();
         let x = self.robot.x as i32 + dx;

@@ -39,6 +39,8 @@ impl Default for ProbeOptions {
 pub enum ProbeError {
     #[error("no examples")]
     Empty,
+    #[error("{features} feature vectors for {labels} labels")]
+    Count { features: usize, labels: usize },
     #[error("example {index} has {got} features, the first has {want}")]
     Ragged {
         index: usize,
@@ -75,8 +77,14 @@ impl Probe {
         o: &ProbeOptions,
     ) -> Result<Probe, ProbeError> {
         let n = xs.len();
-        if n == 0 || labels.len() != n {
+        if n == 0 {
             return Err(ProbeError::Empty);
+        }
+        if labels.len() != n {
+            return Err(ProbeError::Count {
+                features: n,
+                labels: labels.len(),
+            });
         }
         let dim = xs[0].len();
         for (index, x) in xs.iter().enumerate() {
@@ -241,6 +249,13 @@ mod tests {
     fn bad_data_is_named() {
         let o = ProbeOptions::default();
         assert_eq!(Probe::fit(&[], &[], 2, &o).unwrap_err(), ProbeError::Empty);
+        assert_eq!(
+            Probe::fit(&[vec![1.0], vec![2.0]], &[0], 2, &o).unwrap_err(),
+            ProbeError::Count {
+                features: 2,
+                labels: 1
+            }
+        );
         assert_eq!(
             Probe::fit(&[vec![1.0, 2.0], vec![1.0]], &[0, 1], 2, &o).unwrap_err(),
             ProbeError::Ragged {
