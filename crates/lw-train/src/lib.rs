@@ -2,6 +2,7 @@
 //! shards, pretraining from scratch and supervised fine-tuning (full or LoRA)
 //! with checkpoints in the Hugging Face layout the engine loads.
 
+pub mod attention;
 pub mod data;
 pub mod error;
 pub mod lora;

@@ -16,6 +16,7 @@ use lw_model::config::{rope_inv_freq, ModelConfig};
 use lw_model::Weights;
 use serde_json::Value;
 
+use crate::attention::{Dims, FlashAttention};
 use crate::error::{file_error, TrainError};
 
 /// A small deterministic generator (lw-core's SplitMix64, the sampler's): initial
@@ -455,7 +456,6 @@ impl TrainModel {
         let n = b * l;
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let g = nh / nkv;
         let dev = &self.device;
         if let Some(&bad) = batch.inputs.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             return Err(TrainError::Setting(format!(
@@ -479,19 +479,18 @@ impl TrainModel {
         }
         let cos = Tensor::from_vec(cos, (b, 1, l, hd), dev)?;
         let sin = Tensor::from_vec(sin, (b, 1, l, hd), dev)?;
-        // Block-diagonal causal mask: [rows, 1, 1, len, len].
-        let mut mask = vec![0f32; b * l * l];
-        for r in 0..b {
-            let seg = &batch.segments[r * l..(r + 1) * l];
-            for i in 0..l {
-                for j in 0..l {
-                    if j > i || seg[j] != seg[i] {
-                        mask[(r * l + i) * l + j] = f32::NEG_INFINITY;
-                    }
-                }
-            }
-        }
-        let mask = Tensor::from_vec(mask, (b, 1, 1, l, l), dev)?;
+        // Block-diagonal causal attention in tiles: no [len × len] matrix.
+        let attention = FlashAttention::new(
+            Dims {
+                rows: b,
+                heads: nh,
+                kv_heads: nkv,
+                len: l,
+                head_dim: hd,
+            },
+            &batch.segments,
+            (1.0 / (hd as f64).sqrt()) as f32,
+        )?;
         let rope = |x: &Tensor| -> Result<Tensor, TrainError> {
             let x1 = x.narrow(D::Minus1, 0, half)?;
             let x2 = x.narrow(D::Minus1, half, half)?;
@@ -503,7 +502,6 @@ impl TrainModel {
         let mut x = self
             .get("model.embed_tokens.weight")
             .index_select(&ids, 0)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         for layer in 0..cfg.num_layers {
             let p = format!("model.layers.{layer}");
             let h = self.rms_norm(&x, &format!("{p}.input_layernorm.weight"))?;
@@ -513,14 +511,7 @@ impl TrainModel {
             let q = rope(&q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?)?;
             let k = rope(&k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?)?;
             let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            // Query heads grouped under their key/value head: no copies of k, v.
-            let q = q.reshape((b, nkv, g * l, hd))?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nkv, g, l, l))?;
-            let scores = scores.broadcast_add(&mask)?;
-            let max = scores.max_keepdim(D::Minus1)?;
-            let e = scores.broadcast_sub(&max)?.exp()?;
-            let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-            let attn = probs.reshape((b, nkv, g * l, l))?.matmul(&v)?;
+            let attn = attention.for_layer().apply(&q, &k, &v)?;
             let attn = attn
                 .reshape((b, nh, l, hd))?
                 .transpose(1, 2)?

@@ -1,0 +1,650 @@
+//! Causal attention over packed rows in tiles, with an online softmax
+//! forward and a recomputing backward (the FlashAttention recurrences), so
+//! that no `[len × len]` matrix is ever built: memory grows linearly with
+//! the row length.
+//!
+//! A row holds several sequences one after another (`segments`, each a
+//! contiguous run of one id); a query attends to the keys of its own
+//! sequence up to itself, so query `i` sees exactly the keys
+//! `start(i) ..= i`, where `start(i)` is the first position of its run.
+//!
+//! Forward, per query row `i` and key tile `J`, with `s_ij = q_i·k_j · scale`:
+//! `m' = max(m, max_J s)`, `l ← l·e^(m−m') + Σ_J e^(s−m')`,
+//! `acc ← acc·e^(m−m') + Σ_J e^(s−m') v_j`; at the end `o_i = acc / l` and
+//! the log-sum-exp `lse_i = m + ln l` is kept for the backward pass.
+//!
+//! Backward, with `p_ij = e^(s_ij − lse_i)` recomputed tile by tile and
+//! `D_i = dO_i · o_i`: `dv_j = Σ_i p_ij dO_i`, `ds_ij = p_ij (dO_i·v_j − D_i)`,
+//! `dk_j = scale Σ_i ds_ij q_i`, `dq_i = scale Σ_j ds_ij k_j`. Key/value
+//! gradients are computed per key tile (each owns its rows of `dk`, `dv`)
+//! and query gradients per query tile, so threads never share an
+//! accumulator.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::error::TrainError;
+
+/// Rows per query tile and keys per key tile.
+pub const BLOCK: usize = 64;
+
+/// The shapes of one attention call: queries `[rows, heads, len, head_dim]`,
+/// keys and values `[rows, kv_heads, len, head_dim]`; query head `h` reads
+/// key/value head `h / (heads / kv_heads)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    pub rows: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub len: usize,
+    pub head_dim: usize,
+}
+
+impl Dims {
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+/// The attention operation for one batch (see the module documentation).
+pub struct FlashAttention {
+    dims: Dims,
+    scale: f32,
+    block: usize,
+    /// Whether the tile loops run in their AVX2/FMA build.
+    fused: bool,
+    /// Per `(row, position)`: the first position of its sequence.
+    start: Arc<Vec<u32>>,
+    /// Per `(row, head, position)`: the forward pass's log-sum-exp.
+    lse: Mutex<Vec<f32>>,
+}
+
+impl FlashAttention {
+    /// `segments` is the batch's `[rows · len]` sequence ids; each id must
+    /// form one contiguous run within its row.
+    pub fn new(dims: Dims, segments: &[u32], scale: f32) -> Result<Self, TrainError> {
+        let Dims {
+            rows,
+            heads,
+            kv_heads,
+            len,
+            head_dim,
+        } = dims;
+        if rows * len != segments.len() {
+            return Err(TrainError::Setting(format!(
+                "attention: {} segment ids for {rows} rows of {len} positions",
+                segments.len()
+            )));
+        }
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || head_dim == 0 {
+            return Err(TrainError::Setting(format!(
+                "attention: {heads} query heads cannot share {kv_heads} key/value heads"
+            )));
+        }
+        let mut start = vec![0u32; rows * len];
+        for r in 0..rows {
+            let seg = &segments[r * len..(r + 1) * len];
+            let mut first = 0usize;
+            for i in 0..len {
+                if i > 0 && seg[i] != seg[i - 1] {
+                    if seg[..i].contains(&seg[i]) {
+                        return Err(TrainError::Setting(format!(
+                            "attention: row {r} returns to sequence {} at position {i}; \
+                             a sequence must be one contiguous run",
+                            seg[i]
+                        )));
+                    }
+                    first = i;
+                }
+                start[r * len + i] = first as u32;
+            }
+        }
+        Ok(Self {
+            dims,
+            scale,
+            block: BLOCK,
+            fused: fused(),
+            start: Arc::new(start),
+            lse: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The same operation for another layer of the same batch.
+    pub fn for_layer(&self) -> Self {
+        Self {
+            dims: self.dims,
+            scale: self.scale,
+            block: self.block,
+            fused: self.fused,
+            start: Arc::clone(&self.start),
+            lse: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Tiles of `block` rows and keys instead of [`BLOCK`] (tests use small
+    /// tiles to cross many tile edges on short rows).
+    pub fn with_block(mut self, block: usize) -> Self {
+        self.block = block.max(1);
+        self
+    }
+
+    /// The plain build of the tile loops even where the CPU has AVX2 and
+    /// FMA (tests check that both builds agree with the reference).
+    pub fn portable(mut self) -> Self {
+        self.fused = false;
+        self
+    }
+
+    /// `softmax(q kᵀ · scale + mask) v`, `[rows, heads, len, head_dim]`.
+    pub fn apply(self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor, TrainError> {
+        let d = self.dims;
+        let want_q = [d.rows, d.heads, d.len, d.head_dim];
+        let want_kv = [d.rows, d.kv_heads, d.len, d.head_dim];
+        for (name, t, want) in [("q", q, want_q), ("k", k, want_kv), ("v", v, want_kv)] {
+            if t.dims() != want {
+                return Err(TrainError::Setting(format!(
+                    "attention: {name} has shape {:?}, expected {want:?}",
+                    t.dims()
+                )));
+            }
+        }
+        Ok(q.contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, self)?)
+    }
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        return Err(candle_core::Error::Msg(format!(
+            "flash-attention: {what} must be f32"
+        )));
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        return Err(candle_core::Error::Msg(format!(
+            "flash-attention: {what} must be contiguous"
+        )));
+    };
+    Ok(&data[a..b])
+}
+
+/// Whether this CPU runs the AVX2/FMA build of the tile loops.
+fn fused() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `acc + x·y`, fused where `F` (only in builds compiled with FMA).
+#[inline(always)]
+fn madd<const F: bool>(acc: f32, x: f32, y: f32) -> f32 {
+    if F {
+        x.mul_add(y, acc)
+    } else {
+        acc + x * y
+    }
+}
+
+/// `Σ a_i b_i` with sixteen running sums, so that the loop vectorizes.
+#[inline(always)]
+fn dot<const F: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for t in 0..16 {
+            acc[t] = madd::<F>(acc[t], x[t], y[t]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `y += alpha · x`.
+#[inline(always)]
+fn axpy<const F: bool>(y: &mut [f32], alpha: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = madd::<F>(*y, alpha, *x);
+    }
+}
+
+/// `e^x` for each element (relative error below 2e-7 on the range the
+/// softmax uses, `x ≤ 0`), in a form that vectorizes: `x = n·ln2 + r`,
+/// `|r| ≤ ln2/2`, `e^r` by its degree-6 Taylor polynomial, `2^n` by
+/// building the exponent bits.
+#[inline(always)]
+fn exp_in_place<const F: bool>(xs: &mut [f32]) {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding and removing 1.5·2²³ rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    for x in xs.iter_mut() {
+        let v = x.clamp(-87.0, 88.0);
+        let n = (v * LOG2E + ROUND) - ROUND;
+        let r = madd::<F>(madd::<F>(v, -n, LN2_HI), -n, LN2_LO);
+        let mut p = 1.0 / 720.0;
+        p = madd::<F>(1.0 / 120.0, p, r);
+        p = madd::<F>(1.0 / 24.0, p, r);
+        p = madd::<F>(1.0 / 6.0, p, r);
+        p = madd::<F>(0.5, p, r);
+        p = madd::<F>(1.0, p, r);
+        p = madd::<F>(1.0, p, r);
+        *x = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    }
+}
+
+/// One head's slices for a tile: queries (or their gradients' rows) and
+/// the key/value head they read.
+struct Head<'a> {
+    q: &'a [f32],
+    dout: &'a [f32],
+    lse: &'a [f32],
+    delta: &'a [f32],
+}
+
+impl FlashAttention {
+    /// Output rows `i0 ..` (as many as `lse` holds) of one head.
+    #[inline(always)]
+    fn forward_tile<const F: bool>(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        start: &[u32],
+        i0: usize,
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) {
+        let hd = self.dims.head_dim;
+        let bs = self.block;
+        let n = lse.len();
+        let mut m = vec![f32::NEG_INFINITY; n];
+        let mut l = vec![0f32; n];
+        let mut s = vec![0f32; bs];
+        let last = i0 + n - 1;
+        let mut j0 = start[i0] as usize;
+        while j0 <= last {
+            let j1 = (j0 + bs).min(last + 1);
+            for a in 0..n {
+                let i = i0 + a;
+                let lo = (start[i] as usize).max(j0);
+                let hi = i.min(j1 - 1);
+                if lo > hi {
+                    continue;
+                }
+                let qi = &q[i * hd..(i + 1) * hd];
+                let s = &mut s[..hi - lo + 1];
+                let mut mx = f32::NEG_INFINITY;
+                for (c, s) in s.iter_mut().enumerate() {
+                    let j = lo + c;
+                    *s = dot::<F>(qi, &k[j * hd..(j + 1) * hd]) * self.scale;
+                    mx = mx.max(*s);
+                }
+                let m_new = m[a].max(mx);
+                let keep = (m[a] - m_new).exp();
+                let acc = &mut out[a * hd..(a + 1) * hd];
+                if keep != 1.0 {
+                    acc.iter_mut().for_each(|x| *x *= keep);
+                }
+                s.iter_mut().for_each(|x| *x -= m_new);
+                exp_in_place::<F>(s);
+                let mut sum = 0f32;
+                for (c, &p) in s.iter().enumerate() {
+                    sum += p;
+                    let j = lo + c;
+                    axpy::<F>(acc, p, &v[j * hd..(j + 1) * hd]);
+                }
+                l[a] = l[a] * keep + sum;
+                m[a] = m_new;
+            }
+            j0 = j1;
+        }
+        for a in 0..n {
+            let inv = 1.0 / l[a];
+            out[a * hd..(a + 1) * hd].iter_mut().for_each(|x| *x *= inv);
+            lse[a] = m[a] + l[a].ln();
+        }
+    }
+
+    /// Key/value gradient rows `j0 ..` (as many as `dk` holds) of one
+    /// key/value head, from every query head of its group.
+    #[inline(always)]
+    fn kv_tile<const F: bool>(
+        &self,
+        heads: &[Head],
+        k: &[f32],
+        v: &[f32],
+        start: &[u32],
+        j0: usize,
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) {
+        let hd = self.dims.head_dim;
+        let len = self.dims.len;
+        let j1 = j0 + dk.len() / hd;
+        let mut p = vec![0f32; self.block];
+        for head in heads {
+            for i in j0..len {
+                let lo = start[i] as usize;
+                if lo >= j1 {
+                    break;
+                }
+                let lo = lo.max(j0);
+                let hi = i.min(j1 - 1);
+                let qi = &head.q[i * hd..(i + 1) * hd];
+                let di = &head.dout[i * hd..(i + 1) * hd];
+                let (li, dli) = (head.lse[i], head.delta[i]);
+                let p = &mut p[..hi - lo + 1];
+                for (c, p) in p.iter_mut().enumerate() {
+                    let j = lo + c;
+                    *p = dot::<F>(qi, &k[j * hd..(j + 1) * hd]) * self.scale - li;
+                }
+                exp_in_place::<F>(p);
+                for (c, &p) in p.iter().enumerate() {
+                    let j = lo + c;
+                    let t = j - j0;
+                    axpy::<F>(&mut dv[t * hd..(t + 1) * hd], p, di);
+                    let ds = p * (dot::<F>(di, &v[j * hd..(j + 1) * hd]) - dli);
+                    axpy::<F>(&mut dk[t * hd..(t + 1) * hd], ds * self.scale, qi);
+                }
+            }
+        }
+    }
+
+    /// Query gradient rows `i0 ..` (as many as `dq` holds) of one head.
+    #[inline(always)]
+    fn q_tile<const F: bool>(
+        &self,
+        head: &Head,
+        k: &[f32],
+        v: &[f32],
+        start: &[u32],
+        i0: usize,
+        dq: &mut [f32],
+    ) {
+        let hd = self.dims.head_dim;
+        let bs = self.block;
+        let n = dq.len() / hd;
+        let last = i0 + n - 1;
+        let mut p = vec![0f32; bs];
+        let mut j0 = start[i0] as usize;
+        while j0 <= last {
+            let j1 = (j0 + bs).min(last + 1);
+            for a in 0..n {
+                let i = i0 + a;
+                let lo = (start[i] as usize).max(j0);
+                let hi = i.min(j1 - 1);
+                if lo > hi {
+                    continue;
+                }
+                let qi = &head.q[i * hd..(i + 1) * hd];
+                let di = &head.dout[i * hd..(i + 1) * hd];
+                let (li, dli) = (head.lse[i], head.delta[i]);
+                let p = &mut p[..hi - lo + 1];
+                for (c, p) in p.iter_mut().enumerate() {
+                    let j = lo + c;
+                    *p = dot::<F>(qi, &k[j * hd..(j + 1) * hd]) * self.scale - li;
+                }
+                exp_in_place::<F>(p);
+                let acc = &mut dq[a * hd..(a + 1) * hd];
+                for (c, &p) in p.iter().enumerate() {
+                    let j = lo + c;
+                    let ds = p * (dot::<F>(di, &v[j * hd..(j + 1) * hd]) - dli);
+                    axpy::<F>(acc, ds * self.scale, &k[j * hd..(j + 1) * hd]);
+                }
+            }
+            j0 = j1;
+        }
+    }
+}
+
+/// The tile loops compiled for AVX2 with FMA, chosen at run time.
+#[cfg(target_arch = "x86_64")]
+mod fma {
+    use super::{FlashAttention, Head};
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn forward_tile(
+        op: &FlashAttention,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        start: &[u32],
+        i0: usize,
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) {
+        op.forward_tile::<true>(q, k, v, start, i0, out, lse)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn kv_tile(
+        op: &FlashAttention,
+        heads: &[Head],
+        k: &[f32],
+        v: &[f32],
+        start: &[u32],
+        j0: usize,
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) {
+        op.kv_tile::<true>(heads, k, v, start, j0, dk, dv)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn q_tile(
+        op: &FlashAttention,
+        head: &Head,
+        k: &[f32],
+        v: &[f32],
+        start: &[u32],
+        i0: usize,
+        dq: &mut [f32],
+    ) {
+        op.q_tile::<true>(head, k, v, start, i0, dq)
+    }
+}
+
+impl FlashAttention {
+    /// Output and log-sum-exp for every query.
+    fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let Dims {
+            rows,
+            heads,
+            kv_heads,
+            len,
+            head_dim: hd,
+        } = self.dims;
+        let g = self.dims.group();
+        let bs = self.block;
+        let fused = self.fused;
+        let mut out = vec![0f32; rows * heads * len * hd];
+        let mut lse = vec![0f32; rows * heads * len];
+        out.par_chunks_mut(len * hd)
+            .zip(lse.par_chunks_mut(len))
+            .enumerate()
+            .for_each(|(rh, (out, lse))| {
+                let (r, h) = (rh / heads, rh % heads);
+                let kvh = r * kv_heads + h / g;
+                let q = &q[rh * len * hd..(rh + 1) * len * hd];
+                let k = &k[kvh * len * hd..(kvh + 1) * len * hd];
+                let v = &v[kvh * len * hd..(kvh + 1) * len * hd];
+                let start = &self.start[r * len..(r + 1) * len];
+                out.par_chunks_mut(bs * hd)
+                    .zip(lse.par_chunks_mut(bs))
+                    .enumerate()
+                    .for_each(|(tile, (out, lse))| {
+                        let i0 = tile * bs;
+                        #[cfg(target_arch = "x86_64")]
+                        if fused {
+                            // SAFETY: `fused` checked for AVX2 and FMA.
+                            unsafe { fma::forward_tile(self, q, k, v, start, i0, out, lse) };
+                            return;
+                        }
+                        self.forward_tile::<false>(q, k, v, start, i0, out, lse);
+                    });
+            });
+        (out, lse)
+    }
+
+    /// Gradients of q, k and v given the output `o` and its gradient `dout`.
+    fn backward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        o: &[f32],
+        dout: &[f32],
+        lse: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let Dims {
+            rows,
+            heads,
+            kv_heads,
+            len,
+            head_dim: hd,
+        } = self.dims;
+        let g = self.dims.group();
+        let bs = self.block;
+        let fused = self.fused;
+        let delta: Vec<f32> = o
+            .par_chunks(hd)
+            .zip(dout.par_chunks(hd))
+            .map(|(o, d)| dot::<false>(o, d))
+            .collect();
+        let head = |rh: usize| Head {
+            q: &q[rh * len * hd..(rh + 1) * len * hd],
+            dout: &dout[rh * len * hd..(rh + 1) * len * hd],
+            lse: &lse[rh * len..(rh + 1) * len],
+            delta: &delta[rh * len..(rh + 1) * len],
+        };
+
+        // Keys and values, one key tile at a time: every query that sees it.
+        let mut dk = vec![0f32; rows * kv_heads * len * hd];
+        let mut dv = vec![0f32; rows * kv_heads * len * hd];
+        dk.par_chunks_mut(len * hd)
+            .zip(dv.par_chunks_mut(len * hd))
+            .enumerate()
+            .for_each(|(rk, (dk, dv))| {
+                let (r, kh) = (rk / kv_heads, rk % kv_heads);
+                let k = &k[rk * len * hd..(rk + 1) * len * hd];
+                let v = &v[rk * len * hd..(rk + 1) * len * hd];
+                let start = &self.start[r * len..(r + 1) * len];
+                let group: Vec<Head> = (kh * g..(kh + 1) * g)
+                    .map(|h| head(r * heads + h))
+                    .collect();
+                dk.par_chunks_mut(bs * hd)
+                    .zip(dv.par_chunks_mut(bs * hd))
+                    .enumerate()
+                    .for_each(|(tile, (dk, dv))| {
+                        let j0 = tile * bs;
+                        #[cfg(target_arch = "x86_64")]
+                        if fused {
+                            // SAFETY: `fused` checked for AVX2 and FMA.
+                            unsafe { fma::kv_tile(self, &group, k, v, start, j0, dk, dv) };
+                            return;
+                        }
+                        self.kv_tile::<false>(&group, k, v, start, j0, dk, dv);
+                    });
+            });
+
+        // Queries, one query tile at a time: every key it sees.
+        let mut dq = vec![0f32; rows * heads * len * hd];
+        dq.par_chunks_mut(len * hd)
+            .enumerate()
+            .for_each(|(rh, dq)| {
+                let (r, h) = (rh / heads, rh % heads);
+                let kvh = r * kv_heads + h / g;
+                let k = &k[kvh * len * hd..(kvh + 1) * len * hd];
+                let v = &v[kvh * len * hd..(kvh + 1) * len * hd];
+                let start = &self.start[r * len..(r + 1) * len];
+                let head = head(rh);
+                dq.par_chunks_mut(bs * hd)
+                    .enumerate()
+                    .for_each(|(tile, dq)| {
+                        let i0 = tile * bs;
+                        #[cfg(target_arch = "x86_64")]
+                        if fused {
+                            // SAFETY: `fused` checked for AVX2 and FMA.
+                            unsafe { fma::q_tile(self, &head, k, v, start, i0, dq) };
+                            return;
+                        }
+                        self.q_tile::<false>(&head, k, v, start, i0, dq);
+                    });
+            });
+        (dq, dk, dv)
+    }
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let q = slice(s1, l1, "q")?;
+        let k = slice(s2, l2, "k")?;
+        let v = slice(s3, l3, "v")?;
+        let d = self.dims;
+        if q.len() != d.rows * d.heads * d.len * d.head_dim
+            || k.len() != d.rows * d.kv_heads * d.len * d.head_dim
+            || v.len() != k.len()
+        {
+            return Err(candle_core::Error::Msg(
+                "flash-attention: q, k, v do not match the shapes given".into(),
+            ));
+        }
+        let (out, lse) = self.forward(q, k, v);
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((d.rows, d.heads, d.len, d.head_dim)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (dq, dk, dv) = self.backward(
+            &flat(q)?,
+            &flat(k)?,
+            &flat(v)?,
+            &flat(res)?,
+            &flat(grad_res)?,
+            &lse,
+        );
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
