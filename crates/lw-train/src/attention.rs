@@ -252,19 +252,25 @@ struct Head<'a> {
     delta: &'a [f32],
 }
 
+/// One key/value head and the sequence starts of its row.
+struct Keys<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    start: &'a [u32],
+}
+
 impl FlashAttention {
     /// Output rows `i0 ..` (as many as `lse` holds) of one head.
     #[inline(always)]
     fn forward_tile<const F: bool>(
         &self,
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        start: &[u32],
+        keys: &Keys,
         i0: usize,
         out: &mut [f32],
         lse: &mut [f32],
     ) {
+        let Keys { k, v, start } = *keys;
         let hd = self.dims.head_dim;
         let bs = self.block;
         let n = lse.len();
@@ -322,20 +328,18 @@ impl FlashAttention {
     fn kv_tile<const F: bool>(
         &self,
         heads: &[Head],
-        k: &[f32],
-        v: &[f32],
-        start: &[u32],
+        keys: &Keys,
         j0: usize,
         dk: &mut [f32],
         dv: &mut [f32],
     ) {
+        let Keys { k, v, start } = *keys;
         let hd = self.dims.head_dim;
-        let len = self.dims.len;
         let j1 = j0 + dk.len() / hd;
         let mut p = vec![0f32; self.block];
         for head in heads {
-            for i in j0..len {
-                let lo = start[i] as usize;
+            for (i, &lo) in start.iter().enumerate().skip(j0) {
+                let lo = lo as usize;
                 if lo >= j1 {
                     break;
                 }
@@ -363,15 +367,8 @@ impl FlashAttention {
 
     /// Query gradient rows `i0 ..` (as many as `dq` holds) of one head.
     #[inline(always)]
-    fn q_tile<const F: bool>(
-        &self,
-        head: &Head,
-        k: &[f32],
-        v: &[f32],
-        start: &[u32],
-        i0: usize,
-        dq: &mut [f32],
-    ) {
+    fn q_tile<const F: bool>(&self, head: &Head, keys: &Keys, i0: usize, dq: &mut [f32]) {
+        let Keys { k, v, start } = *keys;
         let hd = self.dims.head_dim;
         let bs = self.block;
         let n = dq.len() / hd;
@@ -411,49 +408,41 @@ impl FlashAttention {
 /// The tile loops compiled for AVX2 with FMA, chosen at run time.
 #[cfg(target_arch = "x86_64")]
 mod fma {
-    use super::{FlashAttention, Head};
+    use super::{FlashAttention, Head, Keys};
 
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn forward_tile(
         op: &FlashAttention,
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        start: &[u32],
+        keys: &Keys,
         i0: usize,
         out: &mut [f32],
         lse: &mut [f32],
     ) {
-        op.forward_tile::<true>(q, k, v, start, i0, out, lse)
+        op.forward_tile::<true>(q, keys, i0, out, lse)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn kv_tile(
         op: &FlashAttention,
         heads: &[Head],
-        k: &[f32],
-        v: &[f32],
-        start: &[u32],
+        keys: &Keys,
         j0: usize,
         dk: &mut [f32],
         dv: &mut [f32],
     ) {
-        op.kv_tile::<true>(heads, k, v, start, j0, dk, dv)
+        op.kv_tile::<true>(heads, keys, j0, dk, dv)
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn q_tile(
         op: &FlashAttention,
         head: &Head,
-        k: &[f32],
-        v: &[f32],
-        start: &[u32],
+        keys: &Keys,
         i0: usize,
         dq: &mut [f32],
     ) {
-        op.q_tile::<true>(head, k, v, start, i0, dq)
+        op.q_tile::<true>(head, keys, i0, dq)
     }
 }
 
@@ -479,9 +468,11 @@ impl FlashAttention {
                 let (r, h) = (rh / heads, rh % heads);
                 let kvh = r * kv_heads + h / g;
                 let q = &q[rh * len * hd..(rh + 1) * len * hd];
-                let k = &k[kvh * len * hd..(kvh + 1) * len * hd];
-                let v = &v[kvh * len * hd..(kvh + 1) * len * hd];
-                let start = &self.start[r * len..(r + 1) * len];
+                let keys = Keys {
+                    k: &k[kvh * len * hd..(kvh + 1) * len * hd],
+                    v: &v[kvh * len * hd..(kvh + 1) * len * hd],
+                    start: &self.start[r * len..(r + 1) * len],
+                };
                 out.par_chunks_mut(bs * hd)
                     .zip(lse.par_chunks_mut(bs))
                     .enumerate()
@@ -490,10 +481,10 @@ impl FlashAttention {
                         #[cfg(target_arch = "x86_64")]
                         if fused {
                             // SAFETY: `fused` checked for AVX2 and FMA.
-                            unsafe { fma::forward_tile(self, q, k, v, start, i0, out, lse) };
+                            unsafe { fma::forward_tile(self, q, &keys, i0, out, lse) };
                             return;
                         }
-                        self.forward_tile::<false>(q, k, v, start, i0, out, lse);
+                        self.forward_tile::<false>(q, &keys, i0, out, lse);
                     });
             });
         (out, lse)
@@ -539,9 +530,11 @@ impl FlashAttention {
             .enumerate()
             .for_each(|(rk, (dk, dv))| {
                 let (r, kh) = (rk / kv_heads, rk % kv_heads);
-                let k = &k[rk * len * hd..(rk + 1) * len * hd];
-                let v = &v[rk * len * hd..(rk + 1) * len * hd];
-                let start = &self.start[r * len..(r + 1) * len];
+                let keys = Keys {
+                    k: &k[rk * len * hd..(rk + 1) * len * hd],
+                    v: &v[rk * len * hd..(rk + 1) * len * hd],
+                    start: &self.start[r * len..(r + 1) * len],
+                };
                 let group: Vec<Head> = (kh * g..(kh + 1) * g)
                     .map(|h| head(r * heads + h))
                     .collect();
@@ -553,10 +546,10 @@ impl FlashAttention {
                         #[cfg(target_arch = "x86_64")]
                         if fused {
                             // SAFETY: `fused` checked for AVX2 and FMA.
-                            unsafe { fma::kv_tile(self, &group, k, v, start, j0, dk, dv) };
+                            unsafe { fma::kv_tile(self, &group, &keys, j0, dk, dv) };
                             return;
                         }
-                        self.kv_tile::<false>(&group, k, v, start, j0, dk, dv);
+                        self.kv_tile::<false>(&group, &keys, j0, dk, dv);
                     });
             });
 
@@ -567,9 +560,11 @@ impl FlashAttention {
             .for_each(|(rh, dq)| {
                 let (r, h) = (rh / heads, rh % heads);
                 let kvh = r * kv_heads + h / g;
-                let k = &k[kvh * len * hd..(kvh + 1) * len * hd];
-                let v = &v[kvh * len * hd..(kvh + 1) * len * hd];
-                let start = &self.start[r * len..(r + 1) * len];
+                let keys = Keys {
+                    k: &k[kvh * len * hd..(kvh + 1) * len * hd],
+                    v: &v[kvh * len * hd..(kvh + 1) * len * hd],
+                    start: &self.start[r * len..(r + 1) * len],
+                };
                 let head = head(rh);
                 dq.par_chunks_mut(bs * hd)
                     .enumerate()
@@ -578,10 +573,10 @@ impl FlashAttention {
                         #[cfg(target_arch = "x86_64")]
                         if fused {
                             // SAFETY: `fused` checked for AVX2 and FMA.
-                            unsafe { fma::q_tile(self, &head, k, v, start, i0, dq) };
+                            unsafe { fma::q_tile(self, &head, &keys, i0, dq) };
                             return;
                         }
-                        self.q_tile::<false>(&head, k, v, start, i0, dq);
+                        self.q_tile::<false>(&head, &keys, i0, dq);
                     });
             });
         (dq, dk, dv)

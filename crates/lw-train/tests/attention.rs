@@ -129,8 +129,7 @@ fn a_sequence_must_be_one_run_and_shapes_must_match() {
     let err = FlashAttention::new(d, &[0; 5], 0.5)
         .unwrap()
         .apply(&q, &k, &k)
-        .err()
-        .expect("keys with the wrong head count are refused")
+        .expect_err("keys with the wrong head count are refused")
         .to_string();
     assert!(
         err.contains("k has shape [1, 2, 5, 4], expected [1, 1, 5, 4]"),
