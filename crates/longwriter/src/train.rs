@@ -130,7 +130,11 @@ pub struct PretrainArgs {
 
 #[derive(Args)]
 pub struct SftArgs {
-    /// The model directory to fine-tune (config, weights, tokenizer with a chat template).
+    /// The model to fine-tune: a directory (config, weights, tokenizer with a
+    /// chat template) or a GGUF file, whose weights are dequantized to f32
+    /// and whose tokenizer and chat template are used as the engine uses
+    /// them. From a GGUF file only LoRA trains (`--lora-rank`); the adapter
+    /// runs on the same file with `--lora DIR`.
     #[arg(long)]
     model: PathBuf,
     /// Chat JSONL: one {"messages": [{"role", "content"}, …]} per line.
@@ -371,7 +375,8 @@ fn save_final(
     train::save_model(model, &final_dir, &spec.extra_files)?;
     let what = match model.lora() {
         Some(_) => format!(
-            "LoRA adapters in {} (merge them with `longwriter lora merge --base MODEL --adapter {} --out DIR`)",
+            "LoRA adapters in {} (run them with `--lora {}` on the base model, or merge them into a checkpoint directory with `longwriter lora merge --base MODEL --adapter {} --out DIR`)",
+            final_dir.display(),
             final_dir.display(),
             final_dir.display()
         ),
@@ -474,8 +479,19 @@ pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
             .filter(|s| !s.is_empty())
             .collect(),
     });
-    let model = TrainModel::load(&a.model, lora, a.run.seed)?;
-    let tok = lw_engine::Tokenizer::from_dir(&a.model)?;
+    let gguf = lw_engine::source::is_gguf(&a.model);
+    if gguf && lora.is_none() {
+        anyhow::bail!(
+            "{}: a GGUF file trains with LoRA only: pass --lora-rank N (the adapter then runs on this file with --lora), or fine-tune the original checkpoint directory",
+            a.model.display()
+        );
+    }
+    let model = if gguf {
+        TrainModel::load_gguf(&a.model, lora, a.run.seed)?
+    } else {
+        TrainModel::load(&a.model, lora, a.run.seed)?
+    };
+    let tok = lw_engine::source::load_tokenizer(&a.model)?;
     check_vocab(&model, &tok, &a.model)?;
     let (convs, bad) = lw_train::read_conversations(&a.data, a.skip_bad_lines)?;
     for b in bad.iter().take(10) {

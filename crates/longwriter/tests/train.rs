@@ -608,3 +608,51 @@ fn a_full_disk_while_checkpointing_is_a_clear_error_and_resume_continues() {
     }
     assert!(out.join("final/model.safetensors").exists());
 }
+
+#[test]
+fn sft_on_a_gguf_file_trains_an_adapter_that_runs_on_it() {
+    let d = scratch("sft-gguf");
+    let data = d.join("chat.jsonl");
+    let lines: Vec<String> = (0..6)
+        .map(|i| chat_line(&format!("Say {i}."), &format!("Here is {i}, as asked.")))
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let gguf = root().join("tests/fixtures/models/llama3-untied.llama-cpp.gguf");
+    let out = d.join("lora");
+    let err = ok(&sft_args(
+        &gguf,
+        &data,
+        &out,
+        "64",
+        &["--batch", "2", "--steps", "2", "--lora-rank", "4"],
+    ));
+    assert!(err.contains("6 conversations"), "{err}");
+    assert!(
+        err.contains("--lora"),
+        "the summary says how to run it: {err}"
+    );
+    let adapter = out.join("final");
+    assert!(adapter.join("adapter_model.safetensors").exists());
+    ok(&[
+        "generate",
+        "-m",
+        p(&gguf),
+        "--lora",
+        p(&adapter),
+        "--max-tokens",
+        "4",
+        "--threads",
+        "1",
+        "Say 3.",
+    ]);
+    // Full fine-tuning of a GGUF file is refused before any work.
+    let err = fails(&sft_args(
+        &gguf,
+        &data,
+        &d.join("full"),
+        "64",
+        &["--steps", "1"],
+    ));
+    assert!(err.contains("a GGUF file trains with LoRA only"), "{err}");
+    assert!(!d.join("full").exists());
+}

@@ -177,6 +177,63 @@ pub fn param_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// The inverse of [`lw_model::gguf_model::halves_to_pairs`]: rows of each
+/// head from adjacent rotary pairs (`2i`, `2i + 1`) back to halves (`i`,
+/// `i + d/2`). `cols` values per row.
+pub fn pairs_to_halves(values: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let halves = h * head_dim + j * half + i;
+                let pairs = h * head_dim + 2 * i + j;
+                out[halves * cols..(halves + 1) * cols]
+                    .copy_from_slice(&values[pairs * cols..(pairs + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// A `transformers` `config.json` for a trainable config (the Llama family
+/// and Qwen2), as written with checkpoints of a model loaded from GGUF.
+pub fn hf_config(cfg: &ModelConfig) -> Value {
+    let architecture = match cfg.model_type.as_str() {
+        "qwen2" => "Qwen2ForCausalLM",
+        "mistral" => "MistralForCausalLM",
+        _ => "LlamaForCausalLM",
+    };
+    let mut v = serde_json::json!({
+        "architectures": [architecture],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": cfg.qkv_bias,
+        "mlp_bias": cfg.mlp_bias,
+        "torch_dtype": "float32",
+    });
+    if let Some(b) = cfg.bos_token_id {
+        v["bos_token_id"] = b.into();
+    }
+    match cfg.eos_token_ids.as_slice() {
+        [] => {}
+        [one] => v["eos_token_id"] = (*one).into(),
+        many => v["eos_token_id"] = many.to_vec().into(),
+    }
+    v
+}
+
 fn check_trainable(cfg: &ModelConfig) -> Result<(), TrainError> {
     if cfg.sliding_window.iter().any(|w| w.is_some()) {
         return Err(TrainError::Setting(
@@ -185,6 +242,20 @@ fn check_trainable(cfg: &ModelConfig) -> Result<(), TrainError> {
     }
     let unsupported = [
         (cfg.qk_norm, "per-head query and key norms"),
+        (
+            !matches!(cfg.model_type.as_str(), "llama" | "mistral" | "qwen2"),
+            "outside the Llama family and Qwen2",
+        ),
+        (
+            cfg.rotary_dim != cfg.head_dim,
+            "rotary embeddings on part of each head",
+        ),
+        (
+            cfg.attention_scale.is_some()
+                || cfg.attn_softcap.is_some()
+                || cfg.final_softcap.is_some(),
+            "its own attention scale or soft-capping",
+        ),
         (cfg.moe.is_some(), "a mixture of experts"),
         (cfg.post_norms, "norms after attention and MLP"),
         (
@@ -237,6 +308,66 @@ impl TrainModel {
         for (name, shape) in param_shapes(&cfg) {
             tensors.insert(name.clone(), weights.get(&name, &shape, DType::F32)?);
         }
+        Self::from_tensors(cfg, config_json, tensors, lora, seed)
+    }
+
+    /// Loads a GGUF file (any tensor type the engine reads, dequantized to
+    /// f32). llama.cpp stores the Llama architecture's q and k rows in
+    /// adjacent rotary pairs; they are put back in the halves layout that
+    /// training (and `transformers`) uses, so an adapter trained here applies
+    /// to the file as to the original checkpoint.
+    pub fn load_gguf(path: &Path, lora: Option<LoraSpec>, seed: u64) -> Result<Self, TrainError> {
+        let file = lw_model::GgufFile::open(path)?;
+        let mut cfg = lw_model::gguf_model::config(&file)?;
+        let pairs = cfg.rope_interleaved;
+        cfg.rope_interleaved = false;
+        check_trainable(&cfg)?;
+        let mut tensors = HashMap::new();
+        for (name, shape) in param_shapes(&cfg) {
+            let gguf = lw_model::loader::gguf_name(&name).unwrap_or_else(|| name.clone());
+            let info = file.tensor(&gguf).ok_or_else(|| {
+                TrainError::Setting(format!(
+                    "{}: tensor \"{gguf}\" ({name}) is missing",
+                    path.display()
+                ))
+            })?;
+            if info.shape != shape {
+                return Err(TrainError::Setting(format!(
+                    "{}: tensor \"{gguf}\" has shape {:?}, expected {shape:?}",
+                    path.display(),
+                    info.shape
+                )));
+            }
+            let cols = *shape.last().unwrap_or(&1);
+            let rows: usize = shape.iter().product::<usize>() / cols.max(1);
+            let bytes = file.data(info);
+            let bytes = bytes.as_slice();
+            let row_bytes = info.qtype.row_bytes(cols);
+            let mut values = vec![0f32; rows * cols];
+            for (r, out) in values.chunks_mut(cols).enumerate() {
+                let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
+                lw_model::quant::dequantize_row(info.qtype, row, out);
+            }
+            if pairs {
+                let heads = if name.ends_with("self_attn.q_proj.weight")
+                    || name.ends_with("self_attn.q_proj.bias")
+                {
+                    Some(cfg.num_heads)
+                } else if name.ends_with("self_attn.k_proj.weight")
+                    || name.ends_with("self_attn.k_proj.bias")
+                {
+                    Some(cfg.num_kv_heads)
+                } else {
+                    None
+                };
+                if let Some(heads) = heads {
+                    let per_row = values.len() / (heads * cfg.head_dim);
+                    values = pairs_to_halves(&values, heads, cfg.head_dim, per_row);
+                }
+            }
+            tensors.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
+        }
+        let config_json = hf_config(&cfg);
         Self::from_tensors(cfg, config_json, tensors, lora, seed)
     }
 
