@@ -57,8 +57,20 @@ pub struct FlashAttention {
     fused: bool,
     /// Per `(row, position)`: the first position of its sequence.
     start: Arc<Vec<u32>>,
+    /// Token-major inputs and output with rotary embeddings applied
+    /// inside (see [`FlashAttention::with_rope`]).
+    rope: Option<Arc<Rope>>,
     /// Per `(row, head, position)`: the forward pass's log-sum-exp.
     lse: Mutex<Vec<f32>>,
+}
+
+/// Rotary tables per `(row, position)`: `cos` and `sin` of each of the
+/// `head_dim / 2` frequencies, in the halves layout (`x_i` and
+/// `x_{i + d/2}` rotate together).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
 }
 
 impl FlashAttention {
@@ -106,6 +118,7 @@ impl FlashAttention {
             scale,
             block: BLOCK,
             fused: fused(),
+            rope: None,
             start: Arc::new(start),
             lse: Mutex::new(Vec::new()),
         })
@@ -118,6 +131,7 @@ impl FlashAttention {
             scale: self.scale,
             block: self.block,
             fused: self.fused,
+            rope: self.rope.clone(),
             start: Arc::clone(&self.start),
             lse: Mutex::new(Vec::new()),
         }
@@ -130,6 +144,25 @@ impl FlashAttention {
         self
     }
 
+    /// Queries, keys and values as the projections give them, token-major
+    /// (`[rows · len, heads · head_dim]`, heads side by side), with the
+    /// rotary embedding of `rope` applied to q and k inside the operation
+    /// (and its transpose to their gradients), the output token-major too:
+    /// no transposed copies and no elementwise rotary ops in the graph.
+    pub fn with_rope(mut self, rope: Rope) -> Result<Self, TrainError> {
+        let d = self.dims;
+        let want = d.rows * d.len * d.head_dim / 2;
+        if d.head_dim % 2 != 0 || rope.cos.len() != want || rope.sin.len() != want {
+            return Err(TrainError::Setting(format!(
+                "attention: rotary tables of {} and {} values for {want}",
+                rope.cos.len(),
+                rope.sin.len()
+            )));
+        }
+        self.rope = Some(Arc::new(rope));
+        Ok(self)
+    }
+
     /// The plain build of the tile loops even where the CPU has AVX2 and
     /// FMA (tests check that both builds agree with the reference).
     pub fn portable(mut self) -> Self {
@@ -138,12 +171,23 @@ impl FlashAttention {
     }
 
     /// `softmax(q kᵀ · scale + mask) v`, `[rows, heads, len, head_dim]`.
+    /// (With [`FlashAttention::with_rope`]: `[rows · len, heads · head_dim]`
+    /// in and out.)
     pub fn apply(self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor, TrainError> {
         let d = self.dims;
-        let want_q = [d.rows, d.heads, d.len, d.head_dim];
-        let want_kv = [d.rows, d.kv_heads, d.len, d.head_dim];
-        for (name, t, want) in [("q", q, want_q), ("k", k, want_kv), ("v", v, want_kv)] {
-            if t.dims() != want {
+        let (want_q, want_kv) = if self.rope.is_some() {
+            (
+                vec![d.rows * d.len, d.heads * d.head_dim],
+                vec![d.rows * d.len, d.kv_heads * d.head_dim],
+            )
+        } else {
+            (
+                vec![d.rows, d.heads, d.len, d.head_dim],
+                vec![d.rows, d.kv_heads, d.len, d.head_dim],
+            )
+        };
+        for (name, t, want) in [("q", q, &want_q), ("k", k, &want_kv), ("v", v, &want_kv)] {
+            if t.dims() != want.as_slice() {
                 return Err(TrainError::Setting(format!(
                     "attention: {name} has shape {:?}, expected {want:?}",
                     t.dims()
@@ -583,6 +627,68 @@ impl FlashAttention {
     }
 }
 
+/// Token-major `[rows · len, heads · hd]` to head-major
+/// `[rows, heads, len, hd]`, rotating each vector by `rope` (`sign` −1:
+/// by its inverse) on the way.
+fn to_heads(x: &[f32], d: Dims, heads: usize, rope: Option<(&Rope, f32)>) -> Vec<f32> {
+    let (len, hd) = (d.len, d.head_dim);
+    let half = hd / 2;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(len * hd)
+        .enumerate()
+        .for_each(|(rh, out)| {
+            let (r, h) = (rh / heads, rh % heads);
+            for (i, o) in out.chunks_mut(hd).enumerate() {
+                let t = r * len + i;
+                let src = &x[(t * heads + h) * hd..(t * heads + h + 1) * hd];
+                match rope {
+                    None => o.copy_from_slice(src),
+                    Some((rope, sign)) => {
+                        let cos = &rope.cos[t * half..(t + 1) * half];
+                        let sin = &rope.sin[t * half..(t + 1) * half];
+                        for j in 0..half {
+                            let (a, b) = (src[j], src[j + half]);
+                            let s = sign * sin[j];
+                            o[j] = a * cos[j] - b * s;
+                            o[j + half] = b * cos[j] + a * s;
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// Head-major back to token-major, rotating by `rope` as [`to_heads`] does.
+fn to_tokens(x: &[f32], d: Dims, heads: usize, rope: Option<(&Rope, f32)>) -> Vec<f32> {
+    let (len, hd) = (d.len, d.head_dim);
+    let half = hd / 2;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(heads * hd)
+        .enumerate()
+        .for_each(|(t, out)| {
+            let (r, i) = (t / len, t % len);
+            for (h, o) in out.chunks_mut(hd).enumerate() {
+                let at = ((r * heads + h) * len + i) * hd;
+                let src = &x[at..at + hd];
+                match rope {
+                    None => o.copy_from_slice(src),
+                    Some((rope, sign)) => {
+                        let cos = &rope.cos[t * half..(t + 1) * half];
+                        let sin = &rope.sin[t * half..(t + 1) * half];
+                        for j in 0..half {
+                            let (a, b) = (src[j], src[j + half]);
+                            let s = sign * sin[j];
+                            o[j] = a * cos[j] - b * s;
+                            o[j + half] = b * cos[j] + a * s;
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
 impl CustomOp3 for FlashAttention {
     fn name(&self) -> &'static str {
         "flash-attention"
@@ -609,12 +715,26 @@ impl CustomOp3 for FlashAttention {
                 "flash-attention: q, k, v do not match the shapes given".into(),
             ));
         }
-        let (out, lse) = self.forward(q, k, v);
+        let (out, lse, shape) = match &self.rope {
+            None => {
+                let (out, lse) = self.forward(q, k, v);
+                (out, lse, Shape::from((d.rows, d.heads, d.len, d.head_dim)))
+            }
+            Some(rope) => {
+                let qh = to_heads(q, d, d.heads, Some((rope, 1.0)));
+                let kh = to_heads(k, d, d.kv_heads, Some((rope, 1.0)));
+                let vh = to_heads(v, d, d.kv_heads, None);
+                let (out, lse) = self.forward(&qh, &kh, &vh);
+                let out = to_tokens(&out, d, d.heads, None);
+                (
+                    out,
+                    lse,
+                    Shape::from((d.rows * d.len, d.heads * d.head_dim)),
+                )
+            }
+        };
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((d.rows, d.heads, d.len, d.head_dim)),
-        ))
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(
@@ -627,14 +747,33 @@ impl CustomOp3 for FlashAttention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
         let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let (dq, dk, dv) = self.backward(
-            &flat(q)?,
-            &flat(k)?,
-            &flat(v)?,
-            &flat(res)?,
-            &flat(grad_res)?,
-            &lse,
-        );
+        let d = self.dims;
+        let (dq, dk, dv) = match &self.rope {
+            None => self.backward(
+                &flat(q)?,
+                &flat(k)?,
+                &flat(v)?,
+                &flat(res)?,
+                &flat(grad_res)?,
+                &lse,
+            ),
+            Some(rope) => {
+                let (dq, dk, dv) = self.backward(
+                    &to_heads(&flat(q)?, d, d.heads, Some((rope, 1.0))),
+                    &to_heads(&flat(k)?, d, d.kv_heads, Some((rope, 1.0))),
+                    &to_heads(&flat(v)?, d, d.kv_heads, None),
+                    &to_heads(&flat(res)?, d, d.heads, None),
+                    &to_heads(&flat(grad_res)?, d, d.heads, None),
+                    &lse,
+                );
+                // The rotation's transpose is its inverse.
+                (
+                    to_tokens(&dq, d, d.heads, Some((rope, -1.0))),
+                    to_tokens(&dk, d, d.kv_heads, Some((rope, -1.0))),
+                    to_tokens(&dv, d, d.kv_heads, None),
+                )
+            }
+        };
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),

@@ -11,12 +11,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use lw_model::config::{rope_inv_freq, ModelConfig};
 use lw_model::Weights;
 use serde_json::Value;
 
-use crate::attention::{Dims, FlashAttention};
+use crate::attention::{Dims, FlashAttention, Rope};
 use crate::error::{file_error, TrainError};
 
 /// A small deterministic generator (lw-core's SplitMix64, the sampler's): initial
@@ -574,9 +574,11 @@ impl TrainModel {
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &str) -> Result<Tensor, TrainError> {
-        let eps = self.cfg.rms_norm_eps;
-        let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-        Ok(x.broadcast_mul(&inv)?.broadcast_mul(self.get(weight))?)
+        let op = crate::ops::RmsNorm {
+            eps: self.cfg.rms_norm_eps as f32,
+        };
+        Ok(x.contiguous()?
+            .apply_op2(&self.get(weight).contiguous()?, op)?)
     }
 
     /// Logits for every position, `[rows·len, vocab]`. `dropout` is the
@@ -595,22 +597,19 @@ impl TrainModel {
             )));
         }
 
-        // Rotary tables for these positions: [rows, 1, len, head_dim].
+        // Rotary tables for these positions, one cos/sin per frequency.
         let half = hd / 2;
-        let mut cos = Vec::with_capacity(n * hd);
-        let mut sin = Vec::with_capacity(n * hd);
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
         for &p in &batch.positions {
-            for _ in 0..2 {
-                for f in &self.inv_freq[..half] {
-                    let a = p as f32 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
+            for f in &self.inv_freq[..half] {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (b, 1, l, hd), dev)?;
-        let sin = Tensor::from_vec(sin, (b, 1, l, hd), dev)?;
-        // Block-diagonal causal attention in tiles: no [len × len] matrix.
+        // Block-diagonal causal attention in tiles, rotary embeddings
+        // applied inside: no [len × len] matrix, no transposed copies.
         let attention = FlashAttention::new(
             Dims {
                 rows: b,
@@ -621,13 +620,8 @@ impl TrainModel {
             },
             &batch.segments,
             (1.0 / (hd as f64).sqrt()) as f32,
-        )?;
-        let rope = |x: &Tensor| -> Result<Tensor, TrainError> {
-            let x1 = x.narrow(D::Minus1, 0, half)?;
-            let x2 = x.narrow(D::Minus1, half, half)?;
-            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
-        };
+        )?
+        .with_rope(Rope { cos, sin })?;
 
         let ids = Tensor::from_slice(&batch.inputs, n, dev)?;
         let mut x = self
@@ -639,20 +633,15 @@ impl TrainModel {
             let q = self.linear(&h, &format!("{p}.self_attn.q_proj"), &mut rng)?;
             let k = self.linear(&h, &format!("{p}.self_attn.k_proj"), &mut rng)?;
             let v = self.linear(&h, &format!("{p}.self_attn.v_proj"), &mut rng)?;
-            let q = rope(&q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?)?;
-            let k = rope(&k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?)?;
-            let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let attn = attention.for_layer().apply(&q, &k, &v)?;
-            let attn = attn
-                .reshape((b, nh, l, hd))?
-                .transpose(1, 2)?
-                .reshape((n, nh * hd))?;
             let o = self.linear(&attn, &format!("{p}.self_attn.o_proj"), &mut rng)?;
             x = (x + o)?;
             let h = self.rms_norm(&x, &format!("{p}.post_attention_layernorm.weight"))?;
             let gate = self.linear(&h, &format!("{p}.mlp.gate_proj"), &mut rng)?;
             let up = self.linear(&h, &format!("{p}.mlp.up_proj"), &mut rng)?;
-            let act = (gate.silu()? * up)?;
+            let act = gate
+                .contiguous()?
+                .apply_op2(&up.contiguous()?, crate::ops::SiluMul)?;
             let down = self.linear(&act, &format!("{p}.mlp.down_proj"), &mut rng)?;
             x = (x + down)?;
         }
