@@ -152,7 +152,7 @@ impl FlashAttention {
     pub fn with_rope(mut self, rope: Rope) -> Result<Self, TrainError> {
         let d = self.dims;
         let want = d.rows * d.len * d.head_dim / 2;
-        if d.head_dim % 2 != 0 || rope.cos.len() != want || rope.sin.len() != want {
+        if !d.head_dim.is_multiple_of(2) || rope.cos.len() != want || rope.sin.len() != want {
             return Err(TrainError::Setting(format!(
                 "attention: rotary tables of {} and {} values for {want}",
                 rope.cos.len(),
