@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod data;
 pub mod error;
+pub mod gemm;
 pub mod lora;
 pub mod model;
 pub mod ops;

@@ -543,7 +543,7 @@ impl TrainModel {
         rng: &mut Option<Rng>,
     ) -> Result<Tensor, TrainError> {
         let w = self.get(&format!("{module}.weight"));
-        let mut y = x.matmul(&w.t()?)?;
+        let mut y = crate::gemm::project(x, w)?;
         if let Some(b) = self.params.get(&format!("{module}.bias")) {
             y = y.broadcast_add(&b.value)?;
         }
@@ -565,9 +565,8 @@ impl TrainModel {
                 }
                 _ => x.clone(),
             };
-            let low = xd
-                .matmul(&a.as_tensor().t()?)?
-                .matmul(&b.as_tensor().t()?)?;
+            let low =
+                crate::gemm::project(&crate::gemm::project(&xd, a.as_tensor())?, b.as_tensor())?;
             y = (y + (low * spec.scale() as f64)?)?;
         }
         Ok(y)
@@ -651,7 +650,7 @@ impl TrainModel {
         } else {
             "lm_head.weight"
         };
-        Ok(x.matmul(&self.get(head).t()?)?)
+        Ok(crate::gemm::project(&x, self.get(head))?)
     }
 
     /// `Σ weight · (−log p(target))` over the batch, as a scalar tensor.
