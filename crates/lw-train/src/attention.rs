@@ -55,6 +55,9 @@ pub struct FlashAttention {
     block: usize,
     /// Whether the tile loops run in their AVX2/FMA build.
     fused: bool,
+    /// The backward pass in two passes even where there are heads enough
+    /// for one (tests check both).
+    two_passes: bool,
     /// Per `(row, position)`: the first position of its sequence.
     start: Arc<Vec<u32>>,
     /// Token-major inputs and output with rotary embeddings applied
@@ -118,6 +121,7 @@ impl FlashAttention {
             scale,
             block: BLOCK,
             fused: fused(),
+            two_passes: false,
             rope: None,
             start: Arc::new(start),
             lse: Mutex::new(Vec::new()),
@@ -131,6 +135,7 @@ impl FlashAttention {
             scale: self.scale,
             block: self.block,
             fused: self.fused,
+            two_passes: self.two_passes,
             rope: self.rope.clone(),
             start: Arc::clone(&self.start),
             lse: Mutex::new(Vec::new()),
@@ -161,6 +166,14 @@ impl FlashAttention {
         }
         self.rope = Some(Arc::new(rope));
         Ok(self)
+    }
+
+    /// The backward pass's two-pass form (key tiles, then query tiles),
+    /// which it takes by itself when there are fewer key/value heads than
+    /// twice the threads.
+    pub fn two_passes(mut self) -> Self {
+        self.two_passes = true;
+        self
     }
 
     /// The plain build of the tile loops even where the CPU has AVX2 and
@@ -409,6 +422,56 @@ impl FlashAttention {
         }
     }
 
+    /// Key tile `j0 ..` (as many rows as `dk` holds) of one key/value head
+    /// in one pass: its key and value gradients, and what it adds to the
+    /// query gradients of every head of the group (`dq`: the group's heads
+    /// one after another, `[group, len, head_dim]`).
+    #[inline(always)]
+    fn group_tile<const F: bool>(
+        &self,
+        heads: &[Head],
+        keys: &Keys,
+        j0: usize,
+        dk: &mut [f32],
+        dv: &mut [f32],
+        dq: &mut [f32],
+    ) {
+        let Keys { k, v, start } = *keys;
+        let hd = self.dims.head_dim;
+        let len = self.dims.len;
+        let j1 = j0 + dk.len() / hd;
+        let mut p = vec![0f32; self.block];
+        for (head, dq) in heads.iter().zip(dq.chunks_mut(len * hd)) {
+            for (i, &lo) in start.iter().enumerate().skip(j0) {
+                let lo = lo as usize;
+                if lo >= j1 {
+                    break;
+                }
+                let lo = lo.max(j0);
+                let hi = i.min(j1 - 1);
+                let qi = &head.q[i * hd..(i + 1) * hd];
+                let di = &head.dout[i * hd..(i + 1) * hd];
+                let (li, dli) = (head.lse[i], head.delta[i]);
+                let p = &mut p[..hi - lo + 1];
+                for (c, p) in p.iter_mut().enumerate() {
+                    let j = lo + c;
+                    *p = dot::<F>(qi, &k[j * hd..(j + 1) * hd]) * self.scale - li;
+                }
+                exp_in_place::<F>(p);
+                let dqi = &mut dq[i * hd..(i + 1) * hd];
+                for (c, &p) in p.iter().enumerate() {
+                    let j = lo + c;
+                    let t = j - j0;
+                    let kj = &k[j * hd..(j + 1) * hd];
+                    axpy::<F>(&mut dv[t * hd..(t + 1) * hd], p, di);
+                    let ds = p * (dot::<F>(di, &v[j * hd..(j + 1) * hd]) - dli) * self.scale;
+                    axpy::<F>(&mut dk[t * hd..(t + 1) * hd], ds, qi);
+                    axpy::<F>(dqi, ds, kj);
+                }
+            }
+        }
+    }
+
     /// Query gradient rows `i0 ..` (as many as `dq` holds) of one head.
     #[inline(always)]
     fn q_tile<const F: bool>(&self, head: &Head, keys: &Keys, i0: usize, dq: &mut [f32]) {
@@ -476,6 +539,19 @@ mod fma {
         dv: &mut [f32],
     ) {
         op.kv_tile::<true>(heads, keys, j0, dk, dv)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn group_tile(
+        op: &FlashAttention,
+        heads: &[Head],
+        keys: &Keys,
+        j0: usize,
+        dk: &mut [f32],
+        dv: &mut [f32],
+        dq: &mut [f32],
+    ) {
+        op.group_tile::<true>(heads, keys, j0, dk, dv, dq)
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -566,9 +642,46 @@ impl FlashAttention {
             delta: &delta[rh * len..(rh + 1) * len],
         };
 
-        // Keys and values, one key tile at a time: every query that sees it.
         let mut dk = vec![0f32; rows * kv_heads * len * hd];
         let mut dv = vec![0f32; rows * kv_heads * len * hd];
+        let mut dq = vec![0f32; rows * heads * len * hd];
+        if !self.two_passes && rows * kv_heads >= 2 * rayon::current_num_threads() {
+            // Enough key/value heads to keep every thread busy: one pass per
+            // head, which owns its keys' gradients and its group's queries'.
+            dk.par_chunks_mut(len * hd)
+                .zip(dv.par_chunks_mut(len * hd))
+                .zip(dq.par_chunks_mut(g * len * hd))
+                .enumerate()
+                .for_each(|(rk, ((dk, dv), dq))| {
+                    let (r, kh) = (rk / kv_heads, rk % kv_heads);
+                    let keys = Keys {
+                        k: &k[rk * len * hd..(rk + 1) * len * hd],
+                        v: &v[rk * len * hd..(rk + 1) * len * hd],
+                        start: &self.start[r * len..(r + 1) * len],
+                    };
+                    let group: Vec<Head> = (kh * g..(kh + 1) * g)
+                        .map(|h| head(r * heads + h))
+                        .collect();
+                    for (tile, (dk, dv)) in dk
+                        .chunks_mut(bs * hd)
+                        .zip(dv.chunks_mut(bs * hd))
+                        .enumerate()
+                    {
+                        let j0 = tile * bs;
+                        #[cfg(target_arch = "x86_64")]
+                        if fused {
+                            // SAFETY: `fused` checked for AVX2 and FMA.
+                            unsafe { fma::group_tile(self, &group, &keys, j0, dk, dv, dq) };
+                            continue;
+                        }
+                        self.group_tile::<false>(&group, &keys, j0, dk, dv, dq);
+                    }
+                });
+            return (dq, dk, dv);
+        }
+
+        // Otherwise two passes. Keys and values, one key tile at a time:
+        // every query that sees it.
         dk.par_chunks_mut(len * hd)
             .zip(dv.par_chunks_mut(len * hd))
             .enumerate()
@@ -598,7 +711,6 @@ impl FlashAttention {
             });
 
         // Queries, one query tile at a time: every key it sees.
-        let mut dq = vec![0f32; rows * heads * len * hd];
         dq.par_chunks_mut(len * hd)
             .enumerate()
             .for_each(|(rh, dq)| {

@@ -58,15 +58,18 @@ fn tiled_attention_gives_pytorchs_output_and_gradients_for_every_tile_size() {
     let scale = meta["scale"].as_f64().unwrap() as f32;
     // 150 positions: tiles of 1, 7 and 16 cross many sequence starts and
     // tile edges; 64 is the default; 512 is one tile for the whole row.
+    // (tile, plain build, two-pass backward)
     let builds = [
-        (1, false),
-        (7, false),
-        (16, false),
-        (64, false),
-        (512, false),
-        (64, true),
+        (1, false, false),
+        (7, false, false),
+        (16, false, false),
+        (64, false, false),
+        (512, false, false),
+        (64, true, false),
+        (7, false, true),
+        (64, true, true),
     ];
-    for (block, portable) in builds {
+    for (block, portable, two) in builds {
         let q = Var::from_tensor(&t["q"]).unwrap();
         let k = Var::from_tensor(&t["k"]).unwrap();
         let v = Var::from_tensor(&t["v"]).unwrap();
@@ -77,13 +80,16 @@ fn tiled_attention_gives_pytorchs_output_and_gradients_for_every_tile_size() {
             // The plain build, where the CPU would take the AVX2/FMA one.
             op = op.portable();
         }
+        if two {
+            op = op.two_passes();
+        }
         let out = op
             .apply(q.as_tensor(), k.as_tensor(), v.as_tensor())
             .unwrap();
         let e = rel_diff(&out, &t["out"]);
         assert!(
             e < 1e-5,
-            "tile {block} (portable {portable}): output differs by {e:e}"
+            "tile {block} (portable {portable}, two passes {two}): output differs by {e:e}"
         );
         let loss = (&out * &t["dout"]).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
@@ -94,7 +100,7 @@ fn tiled_attention_gives_pytorchs_output_and_gradients_for_every_tile_size() {
             let e = rel_diff(g, &t[name]);
             assert!(
                 e < 1e-4,
-                "tile {block} (portable {portable}): {name} differs by {e:e}"
+                "tile {block} (portable {portable}, two passes {two}): {name} differs by {e:e}"
             );
         }
     }
