@@ -300,6 +300,18 @@ fn exp_in_place<const F: bool>(xs: &mut [f32]) {
     }
 }
 
+/// `e^x` for each element of `xs` (see [`exp_in_place`]), in the AVX2/FMA
+/// build where the CPU has it.
+pub(crate) fn exp_slice(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if fused() {
+        // SAFETY: `fused` checked for AVX2 and FMA.
+        unsafe { fma::exp_slice(xs) };
+        return;
+    }
+    exp_in_place::<false>(xs);
+}
+
 /// One head's slices for a tile: queries (or their gradients' rows) and
 /// the key/value head they read.
 struct Head<'a> {
@@ -539,6 +551,11 @@ mod fma {
         dv: &mut [f32],
     ) {
         op.kv_tile::<true>(heads, keys, j0, dk, dv)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_slice(xs: &mut [f32]) {
+        super::exp_in_place::<true>(xs)
     }
 
     #[target_feature(enable = "avx2,fma")]

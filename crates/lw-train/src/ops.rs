@@ -12,9 +12,12 @@ pub struct WeightedNll {
     pub weights: Vec<f32>,
 }
 
-fn logsumexp(row: &[f32]) -> f32 {
+fn logsumexp(row: &[f32], scratch: &mut Vec<f32>) -> f32 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+    scratch.clear();
+    scratch.extend(row.iter().map(|&x| x - max));
+    crate::attention::exp_slice(scratch);
+    let sum: f32 = scratch.iter().sum();
     max + sum.ln()
 }
 
@@ -63,11 +66,11 @@ impl CustomOp1 for WeightedNll {
         let out: Vec<f32> = data
             .par_chunks(v)
             .zip(self.targets.par_iter().zip(self.weights.par_iter()))
-            .map(|(row, (&t, &w))| {
+            .map_init(Vec::new, |scratch, (row, (&t, &w))| {
                 if w == 0.0 {
                     0.0
                 } else {
-                    w * (logsumexp(row) - row[t as usize])
+                    w * (logsumexp(row, scratch) - row[t as usize])
                 }
             })
             .collect();
@@ -97,12 +100,11 @@ impl CustomOp1 for WeightedNll {
                     return;
                 }
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let mut sum = 0.0f32;
                 for (o, &x) in o.iter_mut().zip(row) {
-                    let e = (x - max).exp();
-                    *o = e;
-                    sum += e;
+                    *o = x - max;
                 }
+                crate::attention::exp_slice(o);
+                let sum: f32 = o.iter().sum();
                 let k = scale / sum;
                 o.iter_mut().for_each(|x| *x *= k);
                 o[self.targets[i] as usize] -= scale;
