@@ -95,26 +95,55 @@ unsafe fn block(
             for s in 0..strips {
                 let dst = &mut bp[s * kc * NR..(s + 1) * kc * NR];
                 let cols = NR.min(nc - s * NR);
-                for kk in 0..kc {
-                    let row = &mut dst[kk * NR..(kk + 1) * NR];
-                    for (jj, v) in row.iter_mut().enumerate() {
-                        *v = if jj < cols {
-                            b.at(k0 + kk, j0 + s * NR + jj)
-                        } else {
-                            0.0
-                        };
+                let j = j0 + s * NR;
+                if cols < NR {
+                    dst.fill(0.0);
+                }
+                if b.rs == 1 {
+                    // Columns are contiguous (B = Wᵀ): read along them.
+                    for jj in 0..cols {
+                        let src = &b.data[(j + jj) * b.cs + k0..(j + jj) * b.cs + k0 + kc];
+                        for (kk, &x) in src.iter().enumerate() {
+                            dst[kk * NR + jj] = x;
+                        }
+                    }
+                } else if b.cs == 1 {
+                    for kk in 0..kc {
+                        let at = (k0 + kk) * b.rs + j;
+                        dst[kk * NR..kk * NR + cols].copy_from_slice(&b.data[at..at + cols]);
+                    }
+                } else {
+                    for kk in 0..kc {
+                        for jj in 0..cols {
+                            dst[kk * NR + jj] = b.at(k0 + kk, j + jj);
+                        }
                     }
                 }
             }
             for i0 in (0..rows).step_by(MR) {
                 let mr = MR.min(rows - i0);
-                for kk in 0..kc {
-                    for ii in 0..MR {
-                        ap[kk * MR + ii] = if ii < mr {
-                            a.at(m0 + i0 + ii, k0 + kk)
-                        } else {
-                            0.0
-                        };
+                if mr < MR {
+                    ap.fill(0.0);
+                }
+                let i = m0 + i0;
+                if a.cs == 1 {
+                    // Rows are contiguous (A = x): read along them.
+                    for ii in 0..mr {
+                        let src = &a.data[(i + ii) * a.rs + k0..(i + ii) * a.rs + k0 + kc];
+                        for (kk, &x) in src.iter().enumerate() {
+                            ap[kk * MR + ii] = x;
+                        }
+                    }
+                } else if a.rs == 1 {
+                    for kk in 0..kc {
+                        let at = (k0 + kk) * a.cs + i;
+                        ap[kk * MR..kk * MR + mr].copy_from_slice(&a.data[at..at + mr]);
+                    }
+                } else {
+                    for kk in 0..kc {
+                        for ii in 0..mr {
+                            ap[kk * MR + ii] = a.at(i + ii, k0 + kk);
+                        }
                     }
                 }
                 for s in 0..strips {
