@@ -21,8 +21,13 @@
 #   BENCHES        evaluation files (default: data/eval/longbench-lw.jsonl
 #                  data/eval/ruler-lw.jsonl)
 #   EVAL_LIMIT     only the first N items of each (default: all)
+#   EVAL_LANGS     only items in these languages, comma-separated (default: all)
+#   EVAL_MAX_LENGTH  only items asking for at most this many words (default: all)
+#   EVAL_CONCURRENCY  items in flight while evaluating (default: 4)
 #   EVAL_MAX_TOKENS  cap on each direct-mode answer (default: 16384)
 #   INSTRUCTIONS   long-writing instructions (default: 300)
+#   LANGS          their languages, in turn (default: en,zh; en for a model
+#                  that knows only English)
 #   SHORT          short prompts answered by the model for the mix (default: 100)
 #   MAX_LENGTH     scale the instructions' lengths down to at most this
 #                  (toy runs; default: unscaled, 1,000-10,000)
@@ -30,6 +35,7 @@
 #   SEQ_LEN        tokens per packed training row (default: 16384)
 #   LORA_RANK      (default: 16)
 #   STEPS          optimizer steps (default: two epochs)
+#   LR             peak learning rate (default: the trainer's for LoRA, 2e-4)
 #   THREADS        worker threads (default: all cores)
 #   CONCURRENCY    items in flight while building data (default: 4)
 set -euo pipefail
@@ -71,6 +77,34 @@ step() {
     log "$name: done in $((SECONDS - t0)) s"
 }
 
+# The benchmark as evaluated: EVAL_LANGS and EVAL_MAX_LENGTH applied, kept
+# in the run directory so that both evaluations read the same items.
+bench_file() {
+    local b=$1 name
+    name=$(basename "$b" .jsonl)
+    local kept=$run/bench/$name.jsonl
+    if [ ! -e "$kept" ]; then
+        mkdir -p "$run/bench"
+        "$python" - "$b" "$kept.tmp" "${EVAL_LANGS:-}" "${EVAL_MAX_LENGTH:-}" <<'PY'
+import json, sys
+src, dst, langs, most = sys.argv[1:5]
+langs = {l for l in langs.split(",") if l}
+with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as out:
+    for line in f:
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        if langs and item.get("lang", "en") not in langs:
+            continue
+        if most and int(item["length"]) > int(most):
+            continue
+        out.write(line if line.endswith("\n") else line + "\n")
+PY
+        mv "$kept.tmp" "$kept"
+    fi
+    echo "$kept"
+}
+
 # evaluate LABEL [--lora DIR]: direct mode on every benchmark.
 evaluate() {
     local label=$1
@@ -79,8 +113,9 @@ evaluate() {
         local name
         name=$(basename "$b" .jsonl)
         local out=$run/eval/$name/$label
-        "$lw" eval run -m "$model" "$@" --bench "$b" --out "$out" --mode direct \
-            --max-tokens "$eval_max" --seed 42 --quiet "${limit[@]}" "${threads[@]}"
+        "$lw" eval run -m "$model" "$@" --bench "$(bench_file "$b")" --out "$out" --mode direct \
+            --max-tokens "$eval_max" --seed 42 --quiet --concurrency "${EVAL_CONCURRENCY:-4}" \
+            "${limit[@]}" "${threads[@]}"
         "$lw" eval length --json "$out/pred.jsonl" > "$out/length.json"
     done
 }
@@ -88,7 +123,7 @@ evaluate() {
 instructions() {
     "$python" "$here/scripts/make_long_instructions.py" --out "$run/instructions.jsonl" \
         --short-out "$run/short.jsonl" --count "${INSTRUCTIONS:-300}" --short "${SHORT:-100}" \
-        --seed 1 "${scale[@]}" --check $benches > "$run/overlap.json"
+        --seed 1 --langs "${LANGS:-en,zh}" "${scale[@]}" --check $benches > "$run/overlap.json"
     cat "$run/overlap.json" >&2
 }
 
@@ -118,6 +153,7 @@ finetune() {
     local steps=()
     [ -n "${STEPS:-}" ] && steps=(--steps "$STEPS") || steps=(--epochs 2)
     local resume=()
+    [ -n "${LR:-}" ] && steps+=(--lr "$LR")
     ls -d "$run/sft/checkpoint-"* >/dev/null 2>&1 && resume=(--resume)
     "$lw" train sft --model "$model" --data "$run/train.jsonl" --lora-rank "$rank" \
         --seq-len "$seq_len" --loss longalign --batch 1 --out "$run/sft" --quiet \

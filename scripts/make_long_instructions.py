@@ -144,28 +144,29 @@ def lang_of(text):
     return "zh" if re.search(r"[\u4e00-\u9fff]", text) else "en"
 
 
-def long_instructions(count, seed):
+def long_instructions(count, seed, langs=("en", "zh")):
     rng = random.Random(seed)
     pool = []
     for lang, genres, topics in (("en", EN_GENRES, EN_TOPICS), ("zh", ZH_GENRES, ZH_TOPICS)):
         for (kind, form), topic, n in itertools.product(genres, topics, LENGTHS):
             pool.append({"prompt": form.format(n=n, t=topic), "type": kind, "length": n, "lang": lang})
-    if count > len(pool):
-        sys.exit(f"--count {count}: only {len(pool)} distinct instructions can be made")
-    # Half English, half Chinese, each spread over genres and lengths.
+    # The languages in turn (half English, half Chinese by default), each
+    # spread over genres and lengths.
     by_lang = {l: [p for p in pool if p["lang"] == l] for l in ("en", "zh")}
-    out = []
     for l in ("en", "zh"):
         rng.shuffle(by_lang[l])
-    for i in range(count):
-        out.append(by_lang["en" if i % 2 == 0 else "zh"][i // 2])
-    return out
+    per_lang = min(len(by_lang[l]) for l in langs)
+    if count > per_lang * len(langs):
+        sys.exit(f"--count {count}: only {per_lang * len(langs)} distinct instructions can be made")
+    return [by_lang[langs[i % len(langs)]][i // len(langs)] for i in range(count)]
 
 
-def short_instructions(count, seed):
+def short_instructions(count, seed, langs=("en", "zh")):
     rng = random.Random(seed + 1)
     pool = []
     for lang, forms, topics in (("en", EN_SHORT, EN_TOPICS), ("zh", ZH_SHORT, ZH_TOPICS)):
+        if lang not in langs:
+            continue
         for form, topic in itertools.product(forms, topics):
             pool.append({"prompt": form.format(t=topic), "type": "short", "length": 50, "lang": lang})
     rng.shuffle(pool)
@@ -217,8 +218,17 @@ def main():
     ap.add_argument("--min-length", type=int, default=0, help="drop instructions asking for less")
     ap.add_argument("--max-length", type=int, default=10**9, help="scale lengths down to at most this")
     ap.add_argument("--check", nargs="*", default=[])
+    ap.add_argument(
+        "--langs",
+        default="en,zh",
+        help="comma-separated languages, in turn (en, zh; default both: a model that "
+        "knows one language builds poor data in the other)",
+    )
     a = ap.parse_args()
-    items = long_instructions(a.count, a.seed)
+    langs = tuple(l.strip() for l in a.langs.split(",") if l.strip())
+    if not langs or any(l not in ("en", "zh") for l in langs):
+        sys.exit(f"--langs {a.langs!r}: expected en, zh or en,zh")
+    items = long_instructions(a.count, a.seed, langs)
     if a.max_length < max(LENGTHS):
         # Toy runs: the same instructions asking for less.
         for it in items:
@@ -230,7 +240,7 @@ def main():
             f.write(json.dumps(it, ensure_ascii=False) + "\n")
     if a.short_out:
         with open(a.short_out, "w", encoding="utf-8") as f:
-            for it in short_instructions(a.short, a.seed):
+            for it in short_instructions(a.short, a.seed, langs):
                 f.write(json.dumps(it, ensure_ascii=False) + "\n")
     if a.check:
         report = check(items, a.check)

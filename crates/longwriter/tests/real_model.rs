@@ -17,7 +17,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use common::{longwriter, scratch, text, LlamaServer};
 use lw_model::{GgufFile, QType};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// The environment variables this tier needs, or `None` (SKIPPED) outside CI.
 fn env_paths(vars: &[&str]) -> Option<Vec<PathBuf>> {
@@ -283,12 +283,13 @@ fn the_shipped_q4_1_file_chats_like_llama_cpp() {
         "Write a Python function that adds two numbers.",
     ];
     for prompt in prompts {
-        let theirs = server.post(
+        let reply = server.post(
             "/v1/chat/completions",
             json!({"messages": [{"role": "user", "content": prompt}],
-                   "temperature": 0, "max_tokens": 32}),
+                   "temperature": 0, "max_tokens": 32,
+                   "logprobs": true, "top_logprobs": 4}),
         );
-        let theirs = theirs["choices"][0]["message"]["content"]
+        let theirs = reply["choices"][0]["message"]["content"]
             .as_str()
             .unwrap()
             .to_string();
@@ -311,8 +312,61 @@ fn the_shipped_q4_1_file_chats_like_llama_cpp() {
             "{prompt}\n  llama.cpp: {theirs:?}\n  ours:      {:?}",
             ours.trim_end()
         );
-        assert_eq!(ours.trim_end(), theirs.trim_end(), "{prompt}");
+        if ours.trim_end() != theirs.trim_end() {
+            // Two implementations of 4-bit products in another order of
+            // operations may part at a near-tie: then they agree up to a
+            // token where ours is llama.cpp's own runner-up, close behind.
+            let gap = parting_gap(&reply["choices"][0]["logprobs"]["content"], &ours)
+                .unwrap_or_else(|why| {
+                    panic!("{prompt}: {why}\n ours: {ours:?}\n theirs: {theirs:?}")
+                });
+            eprintln!("  parted at a near-tie: {gap:.3} nats behind llama.cpp's pick");
+            assert!(
+                gap <= 0.25,
+                "{prompt}: ours took a token {gap:.3} nats behind llama.cpp's"
+            );
+        }
     }
+}
+
+/// Where our greedy text leaves llama.cpp's (its tokens with their
+/// `top_logprobs`): how far, in llama.cpp's log-probabilities, our token
+/// was behind its pick. An error where the texts part otherwise (our token
+/// not among its top few, or a text that is not a continuation).
+fn parting_gap(tokens: &Value, ours: &str) -> Result<f64, String> {
+    let mut prefix = String::new();
+    for t in tokens
+        .as_array()
+        .ok_or("no logprobs in llama.cpp's reply")?
+    {
+        let token = t["token"].as_str().ok_or("a token without text")?;
+        let rest = ours
+            .strip_prefix(prefix.as_str())
+            .ok_or("the texts part inside a token")?;
+        if rest.starts_with(token) {
+            prefix.push_str(token);
+            continue;
+        }
+        let picked = t["logprob"].as_f64().ok_or("a token without logprob")?;
+        return t["top_logprobs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| {
+                a["token"]
+                    .as_str()
+                    .is_some_and(|a| !a.is_empty() && rest.starts_with(a))
+            })
+            .filter_map(|a| a["logprob"].as_f64())
+            .map(|lp| picked - lp)
+            .reduce(f64::min)
+            .ok_or_else(|| {
+                format!(
+                    "ours continues {rest:?}, not among llama.cpp's top tokens after {prefix:?}"
+                )
+            });
+    }
+    Err("ours is longer than llama.cpp's text yet starts with it".into())
 }
 
 #[test]

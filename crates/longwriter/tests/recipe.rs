@@ -20,6 +20,8 @@ fn the_recipe_runs_every_step_at_toy_size_and_resumes() {
             r#"{"prompt":"Write a 40-word note about rivers.","type":"note","length":40}"#,
             "\n",
             r#"{"prompt":"请写一篇60字的短文，介绍茶。","type":"essay","length":60}"#,
+            "\n",
+            r#"{"prompt":"Write a 500-word essay about salt.","type":"essay","length":500}"#,
             "\n"
         ),
     )
@@ -33,6 +35,7 @@ fn the_recipe_runs_every_step_at_toy_size_and_resumes() {
             .env("LONGWRITER", env!("CARGO_BIN_EXE_longwriter"))
             .env("BENCHES", &bench)
             .env("EVAL_MAX_TOKENS", "48")
+            .env("EVAL_MAX_LENGTH", "100")
             .env("INSTRUCTIONS", "4")
             .env("SHORT", "4")
             .env("MAX_LENGTH", "60")
@@ -68,7 +71,15 @@ fn the_recipe_runs_every_step_at_toy_size_and_resumes() {
     assert!(run.join("build/data.sqlite").exists());
     // (d) an adapter; (e) both runs scored and side by side in the report.
     assert!(run.join("sft/final/adapter_model.safetensors").exists());
+    // Both evaluations read the same items: those asking for at most
+    // EVAL_MAX_LENGTH words.
+    let kept = std::fs::read_to_string(run.join("bench/bench.jsonl")).unwrap();
+    assert_eq!(kept.lines().count(), 2, "{kept}");
+    assert!(!kept.contains("salt"), "{kept}");
     for label in ["baseline", "finetuned"] {
+        let pred =
+            std::fs::read_to_string(run.join(format!("eval/bench/{label}/pred.jsonl"))).unwrap();
+        assert_eq!(pred.lines().count(), 2, "{label}: {pred}");
         let length = run.join(format!("eval/bench/{label}/length.json"));
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&length).unwrap()).unwrap();
