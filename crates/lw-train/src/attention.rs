@@ -212,20 +212,6 @@ impl FlashAttention {
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        return Err(candle_core::Error::Msg(format!(
-            "flash-attention: {what} must be f32"
-        )));
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        return Err(candle_core::Error::Msg(format!(
-            "flash-attention: {what} must be contiguous"
-        )));
-    };
-    Ok(&data[a..b])
-}
-
 /// Whether this CPU runs the AVX2/FMA build of the tile loops.
 fn fused() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -832,9 +818,9 @@ impl CustomOp3 for FlashAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let q = slice(s1, l1, "q")?;
-        let k = slice(s2, l2, "k")?;
-        let v = slice(s3, l3, "v")?;
+        let q = crate::storage::contiguous_f32(s1, l1, "flash-attention: q")?;
+        let k = crate::storage::contiguous_f32(s2, l2, "flash-attention: k")?;
+        let v = crate::storage::contiguous_f32(s3, l3, "flash-attention: v")?;
         let d = self.dims;
         if q.len() != d.rows * d.heads * d.len * d.head_dim
             || k.len() != d.rows * d.kv_heads * d.len * d.head_dim

@@ -218,20 +218,6 @@ unsafe fn kernel(_: usize, _: &[f32], _: &[f32], _: *mut f32, _: usize, _: bool)
 /// pass through the same product.
 pub struct Project;
 
-fn data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(d) = s else {
-        return Err(candle_core::Error::Msg(format!(
-            "project: {what} must be f32"
-        )));
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        return Err(candle_core::Error::Msg(format!(
-            "project: {what} must be contiguous"
-        )));
-    };
-    Ok(&d[a..b])
-}
-
 fn dims2(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
     match l.dims() {
         &[r, c] => Ok((r, c)),
@@ -253,7 +239,10 @@ impl CustomOp2 for Project {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = (data(s1, l1, "x")?, data(s2, l2, "W")?);
+        let (x, w) = (
+            crate::storage::contiguous_f32(s1, l1, "project: x")?,
+            crate::storage::contiguous_f32(s2, l2, "project: W")?,
+        );
         let ((n, inp), (out, inp2)) = (dims2(l1, "x")?, dims2(l2, "W")?);
         if inp != inp2 {
             return Err(candle_core::Error::Msg(format!(

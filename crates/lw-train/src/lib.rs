@@ -11,6 +11,7 @@ pub mod model;
 pub mod ops;
 pub mod presets;
 pub mod shards;
+mod storage;
 pub mod tokenizer;
 pub mod train;
 

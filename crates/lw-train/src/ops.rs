@@ -26,23 +26,14 @@ fn rows_of<'a>(
     layout: &Layout,
     name: &str,
 ) -> candle_core::Result<(&'a [f32], usize, usize)> {
-    let CpuStorage::F32(data) = storage else {
-        return Err(candle_core::Error::Msg(format!(
-            "{name}: logits must be f32"
-        )));
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        return Err(candle_core::Error::Msg(format!(
-            "{name}: logits must be contiguous"
-        )));
-    };
+    let data = crate::storage::contiguous_f32(storage, layout, &format!("{name}: logits"))?;
     let dims = layout.dims();
     if dims.len() != 2 {
         return Err(candle_core::Error::Msg(format!(
             "{name}: logits must be [n, vocab]"
         )));
     }
-    Ok((&data[start..end], dims[0], dims[1]))
+    Ok((data, dims[0], dims[1]))
 }
 
 impl CustomOp1 for WeightedNll {
@@ -119,22 +110,6 @@ fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
-fn contiguous_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        return Err(candle_core::Error::Msg(format!("{what} must be f32")));
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        return Err(candle_core::Error::Msg(format!(
-            "{what} must be contiguous"
-        )));
-    };
-    Ok(&data[start..end])
-}
-
 /// RMSNorm of each row of `x` `[n, h]` times `weight` `[h]`:
 /// `y = x · w / √(mean(x²) + eps)`, in one pass, and its backward:
 /// with `r = 1/√(mean(x²) + eps)` and `g = dy · w`,
@@ -160,8 +135,8 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "rms-norm: x")?;
-        let w = contiguous_f32(s2, l2, "rms-norm: weight")?;
+        let x = crate::storage::contiguous_f32(s1, l1, "rms-norm: x")?;
+        let w = crate::storage::contiguous_f32(s2, l2, "rms-norm: weight")?;
         let h = w.len();
         if h == 0 || x.len() % h != 0 {
             return Err(candle_core::Error::Msg(format!(
@@ -244,8 +219,8 @@ impl CustomOp2 for SiluMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = contiguous_f32(s1, l1, "silu-mul: gate")?;
-        let u = contiguous_f32(s2, l2, "silu-mul: up")?;
+        let g = crate::storage::contiguous_f32(s1, l1, "silu-mul: gate")?;
+        let u = crate::storage::contiguous_f32(s2, l2, "silu-mul: up")?;
         if g.len() != u.len() {
             return Err(candle_core::Error::Msg(format!(
                 "silu-mul: {} gate values for {} up values",
