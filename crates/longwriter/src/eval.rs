@@ -175,7 +175,6 @@ pub fn run(cmd: &EvalCommand) -> anyhow::Result<()> {
 }
 
 fn mc(a: &McArgs) -> anyhow::Result<()> {
-    use lw_eval::mc::{continuation_tokens, split_context};
     let tasks: Vec<(PathBuf, Vec<lw_eval::McItem>)> = a
         .tasks
         .iter()
@@ -186,16 +185,6 @@ fn mc(a: &McArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
     let mut engine = crate::run::load_engine(&a.model)?;
-    let model = engine.shared().clone();
-    // An empty prompt is read after the tokenizer's end-of-text token, as
-    // the harness does.
-    let tokenizer = model.tokenizer();
-    let start = tokenizer
-        .eos_token()
-        .and_then(|t| tokenizer.token_id(t))
-        .or_else(|| model.eos_ids().first().copied())
-        .unwrap_or(0);
-    let mut encode = |text: &str| model.encode_raw(text).map_err(|e| e.to_string());
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -204,32 +193,7 @@ fn mc(a: &McArgs) -> anyhow::Result<()> {
             .file_stem()
             .map_or("task".into(), |s| s.to_string_lossy().into_owned());
         let bar = progress::bar_unless(a.quiet || a.json, items.len() as u64, "questions");
-        let mut results = Vec::with_capacity(items.len());
-        for item in items {
-            let where_ =
-                |e: String| anyhow::anyhow!("{}: question {}: {e}", path.display(), item.id);
-            // The harness moves the prompt's trailing spaces into every
-            // choice, so all choices share one context.
-            let (context, _) = split_context(&item.prompt, "");
-            let ctx = encode(&context).map_err(where_)?;
-            let conts = item
-                .choices
-                .iter()
-                .map(|choice| {
-                    let (_, continuation) = split_context(&item.prompt, choice);
-                    continuation_tokens(&mut encode, &context, &ctx, &continuation)
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(where_)?;
-            // A prompt of no tokens is read as the end-of-text token.
-            let ctx = if ctx.is_empty() { vec![start] } else { ctx };
-            let logprobs = engine
-                .continuation_logprobs(&ctx, &conts)
-                .map_err(|e| where_(e.to_string()))?;
-            let sums = logprobs.iter().map(|l| l.iter().sum()).collect();
-            results.push(lw_eval::McResult::new(item, sums, conts));
-            bar.inc(1);
-        }
+        let results = score_mc(&mut engine, path, items, &bar)?;
         bar.finish_and_clear();
         let summary = lw_eval::summarize(&results);
         if let Some(dir) = &a.out {
@@ -258,6 +222,81 @@ fn mc(a: &McArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A question's context and its choices' continuation tokens, as the
+/// harness scores them: a chat question's context is its prompt rendered
+/// as a user turn with the generation prompt (special tokens read from the
+/// text), any other's the raw prompt (an empty one read as the
+/// end-of-text token).
+pub(crate) fn mc_tokens(
+    model: &lw_engine::Model,
+    item: &lw_eval::McItem,
+) -> Result<(Vec<u32>, Vec<Vec<u32>>), String> {
+    use lw_eval::mc::{continuation_tokens, split_context};
+    type Encode<'a> = Box<dyn FnMut(&str) -> Result<Vec<u32>, String> + 'a>;
+    let (context, mut encode): (String, Encode) = if item.chat {
+        let text = model
+            .chat_prompt(&[Message::user(item.prompt.as_str())], true)
+            .map_err(|e| e.to_string())?;
+        let tok = model.tokenizer();
+        (
+            text,
+            Box::new(move |t: &str| tok.encode(t, false).map_err(|e| e.to_string())),
+        )
+    } else {
+        (
+            split_context(&item.prompt, "").0,
+            Box::new(|t: &str| model.encode_raw(t).map_err(|e| e.to_string())),
+        )
+    };
+    let ctx = encode(&context)?;
+    let conts = item
+        .choices
+        .iter()
+        .map(|choice| {
+            let continuation = if item.chat {
+                choice.clone()
+            } else {
+                split_context(&item.prompt, choice).1
+            };
+            continuation_tokens(&mut *encode, &context, &ctx, &continuation)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // A prompt of no tokens is read after the tokenizer's end-of-text
+    // token, as the harness does.
+    if ctx.is_empty() {
+        let tokenizer = model.tokenizer();
+        let start = tokenizer
+            .eos_token()
+            .and_then(|t| tokenizer.token_id(t))
+            .or_else(|| model.eos_ids().first().copied())
+            .unwrap_or(0);
+        return Ok((vec![start], conts));
+    }
+    Ok((ctx, conts))
+}
+
+/// Scores every question of a task file (`path` names it in errors).
+pub(crate) fn score_mc(
+    engine: &mut lw_engine::Engine,
+    path: &Path,
+    items: &[lw_eval::McItem],
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<Vec<lw_eval::McResult>> {
+    let model = engine.shared().clone();
+    let mut results = Vec::with_capacity(items.len());
+    for item in items {
+        let where_ = |e: String| anyhow::anyhow!("{}: question {}: {e}", path.display(), item.id);
+        let (ctx, conts) = mc_tokens(&model, item).map_err(where_)?;
+        let logprobs = engine
+            .continuation_logprobs(&ctx, &conts)
+            .map_err(|e| where_(e.to_string()))?;
+        let sums = logprobs.iter().map(|l| l.iter().sum()).collect();
+        results.push(lw_eval::McResult::new(item, sums, conts));
+        bar.inc(1);
+    }
+    Ok(results)
 }
 
 fn eval_run(a: &RunArgs) -> anyhow::Result<()> {

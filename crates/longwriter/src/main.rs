@@ -9,6 +9,7 @@ mod interrupt;
 mod progress;
 mod run;
 mod study;
+mod study_checkpoints;
 mod synth;
 mod train;
 mod write;

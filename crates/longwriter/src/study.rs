@@ -35,6 +35,21 @@ pub enum StudyCommand {
     /// Writes OUT/results.jsonl (a rerun skips finished checkpoints),
     /// OUT/report.md and charts.
     Probe(ProbeArgs),
+    /// Multiple-choice tasks for the checkpoint fine-tuning study, made
+    /// from a corpus of English and Chinese text: language identification,
+    /// a cloze test, sentence order, a paraphrase test (the original against
+    /// a meaning-changing edit) and, asked as a chat turn, an instruction to
+    /// follow (the last word of a sentence). Writes OUT/train/TASK.jsonl and
+    /// OUT/test/TASK.jsonl for `eval mc` and `study checkpoints`; no test
+    /// question rests on a sentence that training questions use.
+    McTasks(crate::study_checkpoints::McTasksArgs),
+    /// The checkpoint fine-tuning study: every checkpoint of a pretraining
+    /// run evaluated on the tasks, fine-tuned on one of them with a fixed
+    /// recipe, and evaluated again. Writes OUT/results.jsonl (a rerun
+    /// repeats no finished evaluation or fine-tuning), OUT/sft/ and
+    /// OUT/report.md with charts: gain on the task fine-tuned on and
+    /// forgetting on the others, by pretraining step.
+    Checkpoints(crate::study_checkpoints::CheckpointsArgs),
 }
 
 #[derive(Args)]
@@ -93,6 +108,8 @@ pub fn run(cmd: &StudyCommand) -> anyhow::Result<()> {
     match cmd {
         StudyCommand::KarelData(a) => karel_data(a),
         StudyCommand::Probe(a) => probe(a),
+        StudyCommand::McTasks(a) => crate::study_checkpoints::mc_tasks(a),
+        StudyCommand::Checkpoints(a) => crate::study_checkpoints::checkpoints(a),
     }
 }
 
@@ -101,7 +118,11 @@ fn probe_models(a: &ProbeArgs) -> anyhow::Result<Vec<(String, u64, PathBuf)>> {
     if let Some(m) = &a.model {
         return Ok(vec![(m.display().to_string(), 0, m.clone())]);
     }
-    let run = a.run.as_ref().expect("--run or --model");
+    run_checkpoints(a.run.as_ref().expect("--run or --model"))
+}
+
+/// The checkpoints of a training run: `(name, step, dir)` in step order.
+pub fn run_checkpoints(run: &Path) -> anyhow::Result<Vec<(String, u64, PathBuf)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(run).with_context(|| format!("reading {}", run.display()))? {
         let path = entry?.path();

@@ -547,6 +547,60 @@ pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
     run_loop(&model, &data, &spec, &a.run)
 }
 
+/// A fixed fine-tuning recipe for studies: all weights, token-mean loss,
+/// packed rows, no checkpoints but the one an interrupt saves.
+pub struct Recipe {
+    pub steps: u64,
+    pub lr: f64,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub seed: u64,
+    pub threads: Option<usize>,
+}
+
+/// Fine-tunes the model in `model_dir` on `seqs` with `r` into `out`
+/// (resuming from a checkpoint an interrupt left there); returns the
+/// directory of the fine-tuned model, or `None` when interrupted.
+pub fn finetune(
+    model_dir: &Path,
+    seqs: Vec<lw_train::data::Tokenized>,
+    r: &Recipe,
+    out: &Path,
+) -> anyhow::Result<Option<PathBuf>> {
+    lw_model::set_threads(r.threads.unwrap_or_else(lw_model::default_threads));
+    keep_freed_memory();
+    let a = LoopArgs {
+        out: out.to_path_buf(),
+        batch: r.batch,
+        accum: 1,
+        lr: Some(r.lr),
+        min_lr: None,
+        warmup: None,
+        weight_decay: 0.1,
+        beta2: 0.95,
+        clip: 1.0,
+        eval_every: 0,
+        save_every: 0,
+        keep_last: 1,
+        keep_every: 0,
+        seed: r.seed,
+        resume: latest_checkpoint(out).map(|_| PathBuf::from("latest")),
+        threads: r.threads,
+        quiet: true,
+    };
+    let model = TrainModel::load(model_dir, None, r.seed)?;
+    let data = SftData::pack(seqs, r.seq_len, r.batch, LossMode::TokenMean, r.seed)?;
+    let spec = a.spec(
+        r.steps,
+        optim(&a, r.lr, (r.steps / 20).max(1)),
+        train::tokenizer_files(model_dir),
+        "sft",
+    );
+    run_loop(&model, &data, &spec, &a)?;
+    let done = out.join("final");
+    Ok(done.join("config.json").exists().then_some(done))
+}
+
 pub fn merge(a: &MergeArgs) -> anyhow::Result<()> {
     let s = lw_train::lora::merge(&a.base, &a.adapter, &a.out)?;
     eprintln!(

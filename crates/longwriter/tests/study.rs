@@ -1,4 +1,5 @@
-//! `longwriter study`: the Karel data of the probing study.
+//! `longwriter study`: the Karel data and the probing study; the
+//! checkpoint fine-tuning study.
 
 use std::process::Command;
 
@@ -195,5 +196,262 @@ fn the_probing_study_runs_end_to_end_at_toy_size_and_resumes() {
     let err = String::from_utf8_lossy(&again.stderr);
     assert_eq!(err.matches("done before, kept").count(), 2, "{err}");
     assert_eq!(lines(&w.join("report/results.jsonl")).len(), 2);
+    std::fs::remove_dir_all(&w).unwrap();
+}
+
+/// A bilingual toy corpus: varied English and Chinese sentences from small
+/// word lists, a few documents of each.
+fn toy_corpus() -> String {
+    let nouns = [
+        "river", "stone", "garden", "winter", "candle", "letter", "market", "window", "silver",
+        "harbor", "lantern", "meadow", "orchard", "bridge", "valley", "thunder", "sailor",
+        "teacher", "village", "mountain",
+    ];
+    let verbs = [
+        "watched",
+        "carried",
+        "found",
+        "painted",
+        "followed",
+        "remembered",
+        "crossed",
+    ];
+    let hanzi: Vec<char> = "山水风月花鸟云雨江湖春秋日夜星海林石草木门窗书画茶酒舟桥灯雪"
+        .chars()
+        .collect();
+    let mut docs = String::new();
+    let mut k = 0usize;
+    let mut next = || {
+        k = k
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        k >> 33
+    };
+    for d in 0..6 {
+        let mut en = String::new();
+        let mut zh = String::new();
+        for _ in 0..60 {
+            let n = |r: usize| nouns[r % nouns.len()];
+            en.push_str(&format!(
+                "The {} {} the {} near the old {} before the {} came. ",
+                n(next()),
+                verbs[next() % verbs.len()],
+                n(next()),
+                n(next()),
+                n(next())
+            ));
+            let s: String = (0..12).map(|_| hanzi[next() % hanzi.len()]).collect();
+            let (a, b) = s.split_at(18);
+            zh.push_str(&format!("{a}，{b}。"));
+        }
+        docs.push_str(&serde_json::json!({"text": en, "source": format!("en-{d}")}).to_string());
+        docs.push('\n');
+        docs.push_str(&serde_json::json!({"text": zh, "source": format!("zh-{d}")}).to_string());
+        docs.push('\n');
+    }
+    docs
+}
+
+/// Sum over the questions of a per-question file (`eval mc --out`) of the
+/// right choice's log-probability.
+fn right_logprob(path: &std::path::Path) -> f64 {
+    lines(path)
+        .iter()
+        .map(|r| {
+            r["logprobs"][r["answer"].as_u64().unwrap() as usize]
+                .as_f64()
+                .unwrap()
+        })
+        .sum()
+}
+
+#[test]
+fn the_checkpoint_study_runs_end_to_end_at_toy_size_and_resumes() {
+    // Corpus → tasks → tokenizer → shards → pretraining with checkpoints →
+    // per checkpoint: evaluate, fine-tune, evaluate → report; reruns
+    // repeat no evaluation and no fine-tuning.
+    let w = std::env::temp_dir().join(format!("lw-study-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&w);
+    std::fs::create_dir_all(&w).unwrap();
+    let p = |s: &str| w.join(s).display().to_string();
+    let corpus = toy_corpus();
+    std::fs::write(w.join("corpus.jsonl"), &corpus).unwrap();
+    let text: String = corpus
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    std::fs::write(w.join("corpus.txt"), text).unwrap();
+    lw(&[
+        "study",
+        "mc-tasks",
+        &p("corpus.jsonl"),
+        "--out",
+        &p("tasks"),
+        "--train",
+        "40",
+        "--test",
+        "16",
+    ]);
+    for t in ["langid", "cloze", "order", "paraphrase", "instruct"] {
+        assert_eq!(lines(&w.join(format!("tasks/train/{t}.jsonl"))).len(), 40);
+        assert_eq!(lines(&w.join(format!("tasks/test/{t}.jsonl"))).len(), 16);
+    }
+    lw(&[
+        "tokenizer",
+        "train",
+        "--vocab-size",
+        "400",
+        "--out",
+        &p("tok"),
+        &p("corpus.txt"),
+    ]);
+    lw(&[
+        "data",
+        "tokenize",
+        "--tokenizer",
+        &p("tok"),
+        "--out",
+        &p("shards"),
+        &p("corpus.jsonl"),
+    ]);
+    lw(&[
+        "train",
+        "pretrain",
+        "--data",
+        &p("shards"),
+        "--preset",
+        "1m",
+        "--seq-len",
+        "128",
+        "--batch",
+        "4",
+        "--steps",
+        "20",
+        "--save-every",
+        "10",
+        "--keep-every",
+        "10",
+        "--eval-every",
+        "0",
+        "--quiet",
+        "--threads",
+        "1",
+        "--out",
+        &p("run"),
+    ]);
+    let args = [
+        "study",
+        "checkpoints",
+        "--pretrain-run",
+        &p("run"),
+        "--tasks",
+        &p("tasks"),
+        "--sft-task",
+        "instruct",
+        "--out",
+        &p("report"),
+        "--sft-steps",
+        "6",
+        "--sft-batch",
+        "2",
+        "--sft-seq-len",
+        "128",
+        "--sft-lr",
+        "3e-3",
+        "--eval-limit",
+        "8",
+        "--threads",
+        "1",
+    ];
+    let first = lw(&args);
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert_eq!(err.matches("fine-tuning on instruct").count(), 2, "{err}");
+    let results = lines(&w.join("report/results.jsonl"));
+    assert_eq!(results.len(), 2 * 2 * 5);
+    for r in &results {
+        assert_eq!(r["items"], 8, "{r}");
+        let acc = r["acc"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{r}");
+        assert!([10, 20].contains(&r["step"].as_u64().unwrap()), "{r}");
+    }
+    // The fine-tuned model learned its task's answers: the right choices of
+    // the training questions are likelier after fine-tuning than before.
+    let train_task = p("tasks/train/instruct.jsonl");
+    for (model, out) in [
+        (p("run/checkpoint-0000020"), p("mc-before")),
+        (p("report/sft/checkpoint-0000020/final"), p("mc-after")),
+    ] {
+        lw(&[
+            "eval",
+            "mc",
+            "--model",
+            &model,
+            "--out",
+            &out,
+            "--quiet",
+            "--threads",
+            "1",
+            &train_task,
+        ]);
+    }
+    let before = right_logprob(&w.join("mc-before/instruct.jsonl"));
+    let after = right_logprob(&w.join("mc-after/instruct.jsonl"));
+    assert!(after > before + 1.0, "before {before}, after {after}");
+    let report = std::fs::read_to_string(w.join("report/report.md")).unwrap();
+    assert!(
+        report.contains("| checkpoint-0000020 | 20 | **instruct** (fine-tuned) |"),
+        "{report}"
+    );
+    for chart in [
+        "checkpoints-before.svg",
+        "checkpoints-after.png",
+        "checkpoints-gain.svg",
+    ] {
+        assert!(w.join("report").join(chart).exists(), "{chart}");
+    }
+    // A rerun loads nothing; with one checkpoint's later results gone, it
+    // evaluates them again on the fine-tuned model it kept.
+    let again = lw(&args);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(err.matches("done before, kept").count(), 4, "{err}");
+    let kept: Vec<String> = results
+        .iter()
+        .filter(|r| !(r["step"] == 20 && r["phase"] == "after"))
+        .map(|r| r.to_string() + "\n")
+        .collect();
+    std::fs::write(w.join("report/results.jsonl"), kept.concat()).unwrap();
+    let third = lw(&args);
+    let err = String::from_utf8_lossy(&third.stderr);
+    assert!(!err.contains("fine-tuning on"), "{err}");
+    let redone = lines(&w.join("report/results.jsonl"));
+    assert_eq!(redone.len(), 20);
+    for r in results
+        .iter()
+        .filter(|r| r["step"] == 20 && r["phase"] == "after")
+    {
+        assert!(redone.contains(r), "{r} not evaluated again the same");
+    }
+    // A task with no training split is named.
+    let out = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args([
+            "study",
+            "checkpoints",
+            "--pretrain-run",
+            &p("run"),
+            "--tasks",
+            &p("tasks"),
+        ])
+        .args(["--sft-task", "nosuch", "--out", &p("bad")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("nosuch.jsonl"), "{msg}");
     std::fs::remove_dir_all(&w).unwrap();
 }

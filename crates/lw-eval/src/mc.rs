@@ -5,7 +5,9 @@
 //! character of the choice (the harness's length normalisation).
 //!
 //! Task files are JSON lines `{"prompt", "choices", "answer"}`: `answer`
-//! is the index of the right choice or its text; an `id` is kept.
+//! is the index of the right choice or its text; an `id` is kept; with
+//! `"chat": true` the prompt is a user's turn, rendered with the model's
+//! chat template (the choices are the start of the assistant's answer).
 //! Tokenization follows the harness: spaces ending the prompt move to the
 //! start of the continuation, and a continuation's tokens are those of
 //! prompt + choice after the prompt's own (so a merge across the boundary
@@ -26,6 +28,9 @@ pub struct McItem {
     pub choices: Vec<String>,
     /// Index of the right choice.
     pub answer: usize,
+    /// The prompt is a user's chat turn: it is asked through the model's
+    /// chat template (`"chat": true` in the task file).
+    pub chat: bool,
 }
 
 /// Reads a task file (see the module comment); every problem names its
@@ -77,11 +82,17 @@ pub fn read_mc_items(path: &Path) -> Result<Vec<McItem>, EvalError> {
                 .ok_or_else(|| bad(format!("\"answer\" {s:?} is none of the choices")))?,
             _ => return Err(bad("no \"answer\" (a choice index or text)".into())),
         };
+        let chat = match m.get("chat") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(bad("\"chat\" must be true or false".into())),
+        };
         items.push(McItem {
             id: take_string(&mut m, "id").unwrap_or_else(|| line.to_string()),
             prompt,
             choices,
             answer,
+            chat,
         });
     }
     if items.is_empty() {
@@ -226,6 +237,7 @@ mod tests {
             prompt: "p".into(),
             choices: vec!["a".into(), "longer one".into()],
             answer: 1,
+            chat: false,
         };
         // −2 over 1 character against −5 over 10: acc picks 0, acc_norm 1.
         let r = McResult::new(&item, vec![-2.0, -5.0], vec![vec![1], vec![2, 3]]);
@@ -262,6 +274,10 @@ mod tests {
                 "choice 1 is empty",
             ),
             ("{\"choices\": [\"a\", \"b\"], \"answer\": 0}", "\"prompt\""),
+            (
+                "{\"prompt\": \"p\", \"choices\": [\"a\", \"b\"], \"answer\": 0, \"chat\": 1}",
+                "\"chat\" must be true or false",
+            ),
             ("not json", "invalid JSON"),
         ];
         for (line, want) in cases {
@@ -276,6 +292,13 @@ mod tests {
         .unwrap();
         let items = read_mc_items(&path).unwrap();
         assert_eq!((items[0].id.as_str(), items[0].answer), ("q", 1));
+        assert!(!items[0].chat);
+        std::fs::write(
+            &path,
+            "{\"prompt\": \"p\", \"choices\": [\"a\", \"b\"], \"answer\": 0, \"chat\": true}\n",
+        )
+        .unwrap();
+        assert!(read_mc_items(&path).unwrap()[0].chat);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

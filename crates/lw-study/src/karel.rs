@@ -464,19 +464,15 @@ impl Default for GenOptions {
     }
 }
 
-fn below(rng: &mut Rng, n: usize) -> usize {
-    (rng.next_u64() % n as u64) as usize
-}
-
 /// A random world: about one cell in eight a wall, one in six holding
 /// markers, the robot on a free cell.
 pub fn random_world(rng: &mut Rng, width: usize, height: usize) -> World {
     let cells = width * height;
-    let walls: Vec<bool> = (0..cells).map(|_| below(rng, 8) == 0).collect();
+    let walls: Vec<bool> = (0..cells).map(|_| rng.below(8) == 0).collect();
     let markers: Vec<u8> = (0..cells)
         .map(|i| {
-            if !walls[i] && below(rng, 6) == 0 {
-                1 + below(rng, 3) as u8
+            if !walls[i] && rng.below(6) == 0 {
+                1 + rng.below(3) as u8
             } else {
                 0
             }
@@ -486,7 +482,7 @@ pub fn random_world(rng: &mut Rng, width: usize, height: usize) -> World {
     let at = if free.is_empty() {
         0
     } else {
-        free[below(rng, free.len())]
+        free[rng.below(free.len())]
     };
     let mut world = World {
         width,
@@ -496,7 +492,7 @@ pub fn random_world(rng: &mut Rng, width: usize, height: usize) -> World {
         robot: Robot {
             x: at % width,
             y: at / width,
-            facing: Facing::ALL[below(rng, 4)],
+            facing: Facing::ALL[rng.below(4)],
         },
     };
     world.walls[at] = false;
@@ -512,20 +508,20 @@ fn random_program(rng: &mut Rng, o: &GenOptions) -> Vec<Stmt> {
         Stmt::PutMarker,
         Stmt::PickMarker,
     ];
-    let len = o.min_len + below(rng, o.max_len - o.min_len + 1);
+    let len = o.min_len + rng.below(o.max_len - o.min_len + 1);
     let mut prog = Vec::new();
     let mut n = 0;
     while n < len {
-        if o.loops && len - n >= 4 && below(rng, 5) == 0 {
-            let times = 2 + below(rng, 2) as u32;
-            let body_len = 1 + below(rng, ((len - n) / times as usize).clamp(1, 3));
+        if o.loops && len - n >= 4 && rng.below(5) == 0 {
+            let times = 2 + rng.below(2) as u32;
+            let body_len = 1 + rng.below(((len - n) / times as usize).clamp(1, 3));
             let body: Vec<Stmt> = (0..body_len)
-                .map(|_| prims[below(rng, prims.len())].clone())
+                .map(|_| prims[rng.below(prims.len())].clone())
                 .collect();
             n += body_len * times as usize;
             prog.push(Stmt::Repeat(times, body));
         } else {
-            prog.push(prims[below(rng, prims.len())].clone());
+            prog.push(prims[rng.below(prims.len())].clone());
             n += 1;
         }
     }
