@@ -10,6 +10,7 @@ mod progress;
 mod run;
 mod study;
 mod study_checkpoints;
+mod study_collab;
 mod synth;
 mod train;
 mod write;

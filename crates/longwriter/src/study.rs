@@ -50,6 +50,14 @@ pub enum StudyCommand {
     /// OUT/report.md with charts: gain on the task fine-tuned on and
     /// forgetting on the others, by pretraining step.
     Checkpoints(crate::study_checkpoints::CheckpointsArgs),
+    /// Mini–giant collaboration: on a benchmark's prompts, AgentWrite with
+    /// the giant planning and writing, the mini doing both, the giant
+    /// planning while the mini writes, and the reverse (each a `write`
+    /// run). Writes OUT/results.jsonl (a rerun keeps finished runs and
+    /// resumes the rest) and OUT/report.md: S_l, repetition, time, and per
+    /// role tokens, estimated compute and measured network bytes, set
+    /// against the bytes federated learning would move (computed).
+    Collaboration(crate::study_collab::CollaborationArgs),
 }
 
 #[derive(Args)]
@@ -110,6 +118,7 @@ pub fn run(cmd: &StudyCommand) -> anyhow::Result<()> {
         StudyCommand::Probe(a) => probe(a),
         StudyCommand::McTasks(a) => crate::study_checkpoints::mc_tasks(a),
         StudyCommand::Checkpoints(a) => crate::study_checkpoints::checkpoints(a),
+        StudyCommand::Collaboration(a) => crate::study_collab::collaboration(a),
     }
 }
 

@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+mod common;
+
 use lw_study::karel::{parse_program, run, Example};
 use serde_json::Value;
 
@@ -453,5 +455,110 @@ fn the_checkpoint_study_runs_end_to_end_at_toy_size_and_resumes() {
     assert!(!out.status.success());
     let msg = String::from_utf8_lossy(&out.stderr);
     assert!(msg.contains("nosuch.jsonl"), "{msg}");
+    std::fs::remove_dir_all(&w).unwrap();
+}
+
+#[test]
+fn the_collaboration_study_runs_four_ways_and_accounts_each_role() {
+    // The giant: the shipped toy behind a real server on loopback; the
+    // mini: the random fixture, local. Two short prompts, four ways.
+    let w = common::scratch("study-collab");
+    let giant = common::start(
+        "k",
+        &common::root().join("models/longwriter-tiny"),
+        &w.join("server"),
+        &[],
+    );
+    let bench = w.join("bench.jsonl");
+    std::fs::write(
+        &bench,
+        "{\"id\": \"a\", \"prompt\": \"Write a 200-word story about a river.\", \"type\": \"story\", \"length\": 200}\n\
+         {\"id\": \"b\", \"prompt\": \"Write a 300-word letter to a friend.\", \"type\": \"letter\", \"length\": 300}\n",
+    )
+    .unwrap();
+    let mini = common::tiny_model().display().to_string();
+    let api = giant.url("/v1");
+    let out = w.join("report").display().to_string();
+    let bench_s = bench.display().to_string();
+    let args = [
+        "study",
+        "collaboration",
+        "--giant-api-base",
+        &api,
+        "--giant-api-key",
+        "k",
+        "--giant-params",
+        "5.25M",
+        "--mini",
+        &mini,
+        "--bench",
+        &bench_s,
+        "--out",
+        &out,
+        "--threads",
+        "1",
+    ];
+    lw(&args);
+    let results = lines(&w.join("report/results.jsonl"));
+    assert_eq!(results.len(), 8);
+    let bytes = |r: &Value, role: &str| {
+        r[role]["bytes_sent"].as_u64().unwrap() + r[role]["bytes_received"].as_u64().unwrap()
+    };
+    for r in &results {
+        assert!(r.get("error").is_none(), "{r}");
+        let s = r["length_score"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&s), "{r}");
+        let (plan_remote, write_remote) = match r["config"].as_str().unwrap() {
+            "all-giant" => (true, true),
+            "all-mini" => (false, false),
+            "giant-plans" => (true, false),
+            "mini-plans" => (false, true),
+            other => panic!("{other}"),
+        };
+        // Traffic where the giant works, none where the mini does.
+        assert_eq!(bytes(r, "plan") > 0, plan_remote, "{r}");
+        assert_eq!(bytes(r, "write") > 0, write_remote, "{r}");
+        let giant_params = |role: &str| r[role]["parameters"].as_u64() == Some(5_250_000);
+        assert_eq!(giant_params("plan"), plan_remote, "{r}");
+        assert_eq!(giant_params("write"), write_remote, "{r}");
+        assert!(
+            r["write"]["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+            "{r}"
+        );
+        let doc = w
+            .join("report/runs")
+            .join(r["config"].as_str().unwrap())
+            .join(r["id"].as_str().unwrap())
+            .join("document.md");
+        assert!(doc.exists(), "{}", doc.display());
+    }
+    let report = std::fs::read_to_string(w.join("report/report.md")).unwrap();
+    for config in ["all-giant", "all-mini", "giant-plans", "mini-plans"] {
+        assert!(report.contains(&format!("| {config} |")), "{report}");
+    }
+    assert!(report.contains("per client per round"), "{report}");
+    assert!(report.contains("no traffic (all local)"), "{report}");
+    // A rerun runs nothing again.
+    let again = lw(&args);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(err.matches("done before, kept").count(), 8, "{err}");
+    // An unknown configuration is named.
+    let bad = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+        .args([
+            "study",
+            "collaboration",
+            "--giant",
+            &mini,
+            "--mini",
+            &mini,
+            "--bench",
+            &bench_s,
+        ])
+        .args(["--out", &out, "--configs", "all-giant,half"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"half\""));
+    drop(giant);
     std::fs::remove_dir_all(&w).unwrap();
 }
