@@ -238,13 +238,13 @@ pub fn collaboration(a: &CollaborationArgs) -> anyhow::Result<()> {
         .collect();
     for &(config, plan, writer) in &configs {
         for item in &items {
-            if results
-                .iter()
-                .any(|r| r["config"] == config && r["id"] == item.id.as_str())
-            {
+            let this = |r: &Value| r["config"] == config && r["id"] == item.id.as_str();
+            if results.iter().any(|r| this(r) && r.get("error").is_none()) {
                 eprintln!("{config} {}: done before, kept", item.id);
                 continue;
             }
+            // A failed run is tried again (resumed where it stopped).
+            results.retain(|r| !this(r));
             let dir = a.out.join("runs").join(config).join(&item.id);
             std::fs::create_dir_all(dir.parent().unwrap_or(&a.out))
                 .with_context(|| format!("creating {}", dir.display()))?;

@@ -542,6 +542,34 @@ fn the_collaboration_study_runs_four_ways_and_accounts_each_role() {
     let again = lw(&args);
     let err = String::from_utf8_lossy(&again.stderr);
     assert_eq!(err.matches("done before, kept").count(), 8, "{err}");
+    // A run recorded as failed is tried again (its run directory resumed).
+    let failed: Vec<String> = results
+        .iter()
+        .map(|r| {
+            if r["config"] == "all-mini" && r["id"] == "a" {
+                serde_json::json!({"config": "all-mini", "id": "a", "error": "killed"}).to_string()
+            } else {
+                r.to_string()
+            }
+        })
+        .map(|l| l + "\n")
+        .collect();
+    std::fs::write(w.join("report/results.jsonl"), failed.concat()).unwrap();
+    let retried = lw(&args);
+    let err = String::from_utf8_lossy(&retried.stderr);
+    assert_eq!(err.matches("done before, kept").count(), 7, "{err}");
+    let now = lines(&w.join("report/results.jsonl"));
+    assert_eq!(now.len(), 8);
+    assert!(now.iter().all(|r| r.get("error").is_none()), "{now:?}");
+    let redone = now
+        .iter()
+        .find(|r| r["config"] == "all-mini" && r["id"] == "a")
+        .unwrap();
+    let before = results
+        .iter()
+        .find(|r| r["config"] == "all-mini" && r["id"] == "a")
+        .unwrap();
+    assert_eq!(redone["delivered_words"], before["delivered_words"]);
     // An unknown configuration is named.
     let bad = Command::new(env!("CARGO_BIN_EXE_longwriter"))
         .args([
