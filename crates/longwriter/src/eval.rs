@@ -251,18 +251,41 @@ pub(crate) fn mc_tokens(
         )
     };
     let ctx = encode(&context)?;
-    let conts = item
+    let continuations: Vec<String> = item
         .choices
         .iter()
         .map(|choice| {
-            let continuation = if item.chat {
+            if item.chat {
                 choice.clone()
             } else {
                 split_context(&item.prompt, choice).1
-            };
-            continuation_tokens(&mut *encode, &context, &ctx, &continuation)
+            }
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect();
+    let joint = continuations
+        .iter()
+        .map(|c| continuation_tokens(&mut *encode, &context, &ctx, c))
+        .collect::<Result<Vec<_>, _>>();
+    // Where a choice merges into the prompt's last token (a Chinese
+    // character completing a word the vocabulary holds whole), no token of
+    // the joint text is the choice's own: then every choice of the question
+    // is tokenized by itself, after the prompt's tokens.
+    let conts = match joint {
+        Ok(c) => c,
+        Err(_) => continuations
+            .iter()
+            .map(|c| {
+                let ids = model
+                    .tokenizer()
+                    .encode(c, false)
+                    .map_err(|e| e.to_string())?;
+                if ids.is_empty() {
+                    return Err(format!("{c:?} has no tokens"));
+                }
+                Ok(ids)
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
     // A prompt of no tokens is read after the tokenizer's end-of-text
     // token, as the harness does.
     if ctx.is_empty() {

@@ -338,8 +338,8 @@ fn report(
     results: &[Value],
 ) -> anyhow::Result<()> {
     let name = |r: Role| match r {
-        Role::Giant => format!("giant ({})", a.giant_name()),
-        Role::Mini => format!("mini ({})", a.mini),
+        Role::Giant => "giant",
+        Role::Mini => "mini",
     };
     let mut md = format!(
         "# Mini–giant collaboration\n\n\
@@ -429,7 +429,8 @@ fn report(
             let per_round = 2.0 * params * a.fl_bytes_per_param;
             md.push_str(&format!(
                 "{:.0} parameters × {} bytes × 2 = {:.1} MB per client per round; over {} rounds \
-                 {:.1} MB per client, whatever the number of documents.\n\n\
+                 {:.1} MB per client, whatever the number of documents (the ratio is federated \
+                 bytes over measured ones).\n\n\
                  | configuration | prompts | measured bytes | per prompt | federated bytes ({} rounds) | ratio |\n\
                  | --- | --- | --- | --- | --- | --- |\n",
                 params,

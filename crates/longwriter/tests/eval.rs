@@ -323,4 +323,26 @@ fn eval_mc_scores_choices_as_transformers_does() {
         err.contains("bad.jsonl:1") && err.contains("not a choice index"),
         "{err}"
     );
+    // "me" merges into the prompt's last token ("ti" + "me"): no token of
+    // the joint text is the choice's own, so the question's choices are
+    // tokenized by themselves, as they are after an empty prompt.
+    let merged = dir.join("merged.jsonl");
+    std::fs::write(
+        &merged,
+        "{\"id\": \"m\", \"prompt\": \"Once upon a ti\", \"choices\": [\"me\", \"x\"], \"answer\": 0}\n\
+         {\"id\": \"e\", \"prompt\": \"\", \"choices\": [\"me\", \"x\"], \"answer\": 0}\n",
+    )
+    .unwrap();
+    let out = lw()
+        .args(["eval", "mc", "--quiet", "--model"])
+        .arg(root().join("models/longwriter-tiny"))
+        .arg(&merged)
+        .arg("--out")
+        .arg(dir.join("merged"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = jsonl(&dir.join("merged/merged.jsonl"));
+    assert_eq!(got[0]["tokens"], got[1]["tokens"]);
+    assert!(!got[0]["tokens"][0].as_array().unwrap().is_empty());
 }
