@@ -736,3 +736,46 @@ fn a_planner_on_a_server_plans_while_the_local_model_writes_and_each_role_is_acc
         text(&bad.stderr)
     );
 }
+
+#[test]
+fn over_http_sections_keep_their_budgets_as_on_the_local_engine() {
+    // The server's /tokenize (llama.cpp's route) gives the writer the
+    // served tokenizer's tokens per word, so each section decodes under
+    // the same length control as on the local engine.
+    let work = scratch("http-length");
+    let tiny = root().join("models/longwriter-tiny");
+    let server = common::start("k", &tiny, &work.join("server"), &[]);
+    let (code, v) = server.post(
+        "/tokenize",
+        &serde_json::json!({"content": "The river ran to the sea.", "add_special": false}),
+    );
+    assert_eq!(code, 200, "{v}");
+    let n = v["tokens"].as_array().unwrap().len();
+    assert!(n > 0 && v["count"] == n, "{v}");
+    let no_key = ureq::post(&server.url("/tokenize")).send_string("{\"content\": \"x\"}");
+    assert!(
+        matches!(no_key, Err(ureq::Error::Status(401, _))),
+        "{no_key:?}"
+    );
+    let run = |backend: &[&str], out: &str| -> serde_json::Value {
+        let o = Command::new(env!("CARGO_BIN_EXE_longwriter"))
+            .args(["write", "--json", "--threads", "1"])
+            .args(backend)
+            .arg("--out")
+            .arg(work.join(out))
+            .arg("Write a 600-word story about a lighthouse keeper.")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let last = text(&o.stdout).lines().last().unwrap().to_string();
+        serde_json::from_str(&last).unwrap()
+    };
+    let local = run(&["--model", tiny.to_str().unwrap()], "local");
+    let api = server.url("/v1");
+    let remote = run(&["--api-base", &api, "--api-key", "k"], "http");
+    for s in [&local, &remote] {
+        assert_eq!(s["event"], "summary");
+        let words = s["delivered_words"].as_u64().unwrap();
+        assert!((480..=780).contains(&words), "{s}");
+    }
+}

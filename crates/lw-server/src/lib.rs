@@ -91,7 +91,13 @@ pub fn router(batcher: Batcher, jobs: Arc<Jobs>, opts: ServeOptions) -> Router {
         .route("/longwrite/{id}/cancel", post(longwrite::cancel_job))
         .route("/longwrite/{id}/document", get(longwrite::job_document))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    // llama.cpp's and vLLM's tokenizer route, beside /v1: clients measure
+    // the served model's tokens per word with it.
+    let tools = Router::new()
+        .route("/tokenize", post(tokenize))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
+        .merge(tools)
         .route("/", get(page::index))
         .route("/health", get(health))
         .nest("/v1", v1)
@@ -109,6 +115,32 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<wire::Health> {
         waiting: load.waiting.load(Ordering::SeqCst),
         finished: load.finished.load(Ordering::SeqCst),
     })
+}
+
+/// `POST /tokenize` `{"content", "add_special"}` (llama.cpp's fields;
+/// vLLM's `prompt` and `add_special_tokens` too) → `{"tokens", "count"}`.
+async fn tokenize(State(state): State<Arc<AppState>>, raw: axum::body::Bytes) -> Response {
+    // Any content type, as llama.cpp reads it.
+    let body: serde_json::Value = match serde_json::from_slice(&raw) {
+        Ok(v) => v,
+        Err(e) => return ApiError::bad_request(format!("not JSON: {e}")).into_response(),
+    };
+    let Some(text) = body
+        .get("content")
+        .or_else(|| body.get("prompt"))
+        .and_then(|v| v.as_str())
+    else {
+        return ApiError::bad_request("\"content\" must be a string").into_response();
+    };
+    let special = body
+        .get("add_special")
+        .or_else(|| body.get("add_special_tokens"))
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    match state.batcher.model().tokenizer().encode(text, special) {
+        Ok(ids) => Json(serde_json::json!({"tokens": ids, "count": ids.len()})).into_response(),
+        Err(e) => ApiError::bad_request(e.to_string()).into_response(),
+    }
 }
 
 async fn require_key(

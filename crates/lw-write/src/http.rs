@@ -103,6 +103,9 @@ pub struct HttpModel {
     jitter: u64,
     /// Body bytes sent and received so far, retries and errors included.
     traffic: std::cell::Cell<Traffic>,
+    /// Tokens per word measured on the server, per language (English,
+    /// Chinese), once asked.
+    per_word: std::cell::Cell<[Option<Option<f64>>; 2]>,
 }
 
 /// A failed attempt: worth retrying or not.
@@ -125,7 +128,39 @@ impl HttpModel {
             agent,
             jitter: 0x2545_F491_4F6C_DD1D,
             traffic: std::cell::Cell::new(Traffic::default()),
+            per_word: std::cell::Cell::new([None; 2]),
         }
+    }
+
+    /// The server's token count of `text` from its `/tokenize` route
+    /// (llama.cpp's, vLLM's and longwriter's, beside `/v1`), or `None` where
+    /// it has none.
+    fn remote_token_count(&self, text: &str) -> Option<usize> {
+        let root = self.opts.api_base.trim_end_matches('/');
+        let root = root.strip_suffix("/v1").unwrap_or(root);
+        let body = json!({
+            "content": text,
+            "add_special": false,
+            "prompt": text,
+            "model": self.opts.model,
+            "add_special_tokens": false,
+        })
+        .to_string();
+        let mut req = self
+            .agent
+            .post(&format!("{root}/tokenize"))
+            .set("Content-Type", "application/json");
+        if let Some(key) = &self.opts.api_key {
+            req = req.set("Authorization", &format!("Bearer {key}"));
+        }
+        self.count(body.len(), 0);
+        let answer = req.send_string(&body).ok()?.into_string().ok()?;
+        self.count(0, answer.len());
+        let v: Value = serde_json::from_str(&answer).ok()?;
+        v["tokens"]
+            .as_array()
+            .map(Vec::len)
+            .or_else(|| v["count"].as_u64().map(|n| n as usize))
     }
 
     fn count(&self, sent: usize, received: usize) {
@@ -403,6 +438,24 @@ impl LanguageModel for HttpModel {
 
     fn traffic(&self) -> Traffic {
         self.traffic.get()
+    }
+
+    /// Measured with the server's tokenizer where it has a `/tokenize`
+    /// route (llama.cpp, vLLM, longwriter), so sections get the same
+    /// length control as on the local engine; OpenAI has none.
+    fn tokens_per_word(&self, lang: crate::length::Language) -> Option<f64> {
+        if self.opts.flavor.resolve(&self.opts.api_base) == ApiFlavor::OpenAi {
+            return None;
+        }
+        let k = usize::from(lang == crate::length::Language::Chinese);
+        let mut known = self.per_word.get();
+        if let Some(v) = known[k] {
+            return v;
+        }
+        let v = crate::model::tokens_per_word_by(lang, |t| self.remote_token_count(t));
+        known[k] = Some(v);
+        self.per_word.set(known);
+        v
     }
 
     fn complete(

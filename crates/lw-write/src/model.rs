@@ -203,19 +203,27 @@ const SAMPLE_ZH: &str = "小镇每天早晨最先看到的总是那条河。面�
 春天浑黄湍急，八月碧绿舒缓，初雪前的几个星期则是一片灰色。玛拉一生中每天都要走过那座桥，\
 却从来没有想过河水流向了哪里。";
 
-/// Tokens per word (English) or per character (Chinese) of `model`'s
-/// tokenizer on the sample prose.
-fn measured_tokens_per_word(
-    model: &lw_engine::Model,
+/// Tokens per word (English) or per character (Chinese) on the sample
+/// prose, from `count`, a tokenizer's token count of a text.
+pub(crate) fn tokens_per_word_by(
     lang: crate::length::Language,
+    count: impl FnOnce(&str) -> Option<usize>,
 ) -> Option<f64> {
     let text = match lang {
         crate::length::Language::English => SAMPLE_EN,
         crate::length::Language::Chinese => SAMPLE_ZH,
     };
-    let tokens = model.encode_raw(text).ok()?.len() as f64;
+    let tokens = count(text)? as f64;
     let words = lw_core::Counter::Unicode.count(text) as f64;
     (words > 0.0 && tokens > 0.0).then(|| tokens / words)
+}
+
+/// [`tokens_per_word_by`] with `model`'s tokenizer.
+fn measured_tokens_per_word(
+    model: &lw_engine::Model,
+    lang: crate::length::Language,
+) -> Option<f64> {
+    tokens_per_word_by(lang, |t| model.encode_raw(t).ok().map(|ids| ids.len()))
 }
 
 fn prompt_room(model: &lw_engine::Model, messages: &[Message]) -> Option<(usize, usize)> {
