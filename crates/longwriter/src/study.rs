@@ -127,30 +127,7 @@ fn probe_models(a: &ProbeArgs) -> anyhow::Result<Vec<(String, u64, PathBuf)>> {
     if let Some(m) = &a.model {
         return Ok(vec![(m.display().to_string(), 0, m.clone())]);
     }
-    run_checkpoints(a.run.as_ref().expect("--run or --model"))
-}
-
-/// The checkpoints of a training run: `(name, step, dir)` in step order.
-pub fn run_checkpoints(run: &Path) -> anyhow::Result<Vec<(String, u64, PathBuf)>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(run).with_context(|| format!("reading {}", run.display()))? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(step) = name
-            .strip_prefix("checkpoint-")
-            .and_then(|n| n.parse().ok())
-        {
-            out.push((name.to_string(), step, path));
-        }
-    }
-    out.sort_by_key(|m| m.1);
-    if out.is_empty() {
-        anyhow::bail!(
-            "{}: no checkpoint-NNNNNNN directories (train with --save-every and --keep-every)",
-            run.display()
-        );
-    }
-    Ok(out)
+    crate::train::run_checkpoints(a.run.as_ref().expect("--run or --model"))
 }
 
 fn probe(a: &ProbeArgs) -> anyhow::Result<()> {

@@ -212,7 +212,7 @@ pub fn checkpoints(a: &CheckpointsArgs) -> anyhow::Result<()> {
     }
     let sft_path = task_file("train", &a.sft_task);
     let sft_items = lw_eval::read_mc_items(&sft_path)?;
-    let models = crate::study::run_checkpoints(&a.pretrain_run)?;
+    let models = crate::train::run_checkpoints(&a.pretrain_run)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let results_path = a.out.join("results.jsonl");
     let mut results: Vec<Value> = std::fs::read_to_string(&results_path)
