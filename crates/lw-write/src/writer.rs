@@ -576,9 +576,30 @@ pub fn calibrated(prior: f64, records: &[SectionRecord]) -> f64 {
 }
 
 /// True when the text ends in a loop: its last units (words, or characters
-/// for CJK) are one short sequence repeated at least four times.
+/// for CJK) are one short sequence repeated at least four times; or in a
+/// long run with no letter at all (a small model counting `1.2.3.4.5.…`,
+/// which repeats no sequence).
 pub fn is_degenerate(text: &str) -> bool {
-    loop_period(&units(text)).is_some()
+    loop_period(&units(text)).is_some() || letterless_run(text).is_some()
+}
+
+/// Non-space characters a run without letters or ideographs must reach to
+/// count as degenerate: longer than any number or formula prose holds.
+const LETTERLESS_RUN: usize = 80;
+
+/// Where the text's closing run without letters (or ideographs) starts,
+/// when that run holds at least [`LETTERLESS_RUN`] non-space characters.
+fn letterless_run(text: &str) -> Option<usize> {
+    let mut seen = 0;
+    for (i, c) in text.char_indices().rev() {
+        if c.is_alphabetic() {
+            return (seen >= LETTERLESS_RUN).then_some(i + c.len_utf8());
+        }
+        if !c.is_whitespace() {
+            seen += 1;
+        }
+    }
+    (seen >= LETTERLESS_RUN).then_some(0)
 }
 
 /// Words, or non-space characters for CJK text: the units loops are seen in.
@@ -617,7 +638,11 @@ fn loop_period(units: &[&str]) -> Option<usize> {
 /// whole cut text when it has none). `None` when the text does not loop.
 pub fn without_loop(text: &str) -> Option<&str> {
     let units = units(text);
-    let p = loop_period(&units)?;
+    let Some(p) = loop_period(&units) else {
+        // A run without letters goes whole, back to the last sentence end
+        // before it.
+        return letterless_run(text).map(|start| at_sentence_end(text[..start].trim_end()));
+    };
     // Where the repeats start: walk back while a unit equals the one a
     // period later.
     let mut start = units.len() - p;
@@ -629,16 +654,20 @@ pub fn without_loop(text: &str) -> Option<&str> {
         Some(u) => offset(u),
         None => text.len(),
     };
-    let kept = text[..cut].trim_end();
+    Some(at_sentence_end(text[..cut].trim_end()))
+}
+
+/// `kept` up to its last sentence end (all of it where it has none).
+fn at_sentence_end(kept: &str) -> &str {
     let sentence = kept
         .char_indices()
         .rev()
         .find(|&(_, c)| matches!(c, '.' | '!' | '?' | '。' | '！' | '？'))
         .map(|(i, c)| i + c.len_utf8());
-    Some(match sentence {
+    match sentence {
         Some(end) => &kept[..end],
         None => kept,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -812,5 +841,23 @@ mod tests {
         assert!(!is_degenerate(prose));
         // A few repeated words are style, not a loop.
         assert!(!is_degenerate("It was very, very, very cold."));
+    }
+
+    #[test]
+    fn a_long_run_without_letters_is_degenerate_and_cut_whole() {
+        // What SmolLM2-135M wrote for a Chinese section behind a server.
+        let counting: String = (1..=40).map(|n| format!("{n}.")).collect();
+        let text = format!("江南的清晨下着小雨。现在说明，1. {counting}");
+        assert!(is_degenerate(&text));
+        assert_eq!(without_loop(&text), Some("江南的清晨下着小雨。"));
+        let en = format!("The rain began at dawn. Then {counting}");
+        assert!(is_degenerate(&en));
+        assert_eq!(without_loop(&en), Some("The rain began at dawn."));
+        // Figures inside prose are not a run: letters come back soon.
+        let figures = "In 1998, 2003, 2007 and 2011 the river rose by 1.2, 3.4, 2.2 and 0.8 m; \
+                       in 2015 by 4.1 m, and in 2019 (the worst year) by 5.6 m.";
+        assert!(!is_degenerate(figures));
+        let table = "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29";
+        assert!(!is_degenerate(table), "under the run length");
     }
 }
