@@ -7,6 +7,7 @@ mod data;
 mod eval;
 mod interrupt;
 mod progress;
+mod results;
 mod run;
 mod study;
 mod study_checkpoints;

@@ -140,13 +140,7 @@ fn probe(a: &ProbeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("{}: no \"text\"", at()))?;
         examples.push(Example::parse(t).with_context(|| format!("{}: not a Karel example", at()))?);
     }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let results_path = a.out.join("results.jsonl");
-    let mut results: Vec<Value> = std::fs::read_to_string(&results_path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let (results_path, mut results) = crate::results::open(&a.out)?;
     for (label, step, dir) in probe_models(a)? {
         if results.iter().any(|r| r["model"] == label.as_str()) {
             eprintln!("{label}: done before, kept");
@@ -173,13 +167,7 @@ fn probe(a: &ProbeArgs) -> anyhow::Result<()> {
             generation.0, generation.1
         );
         results.push(r);
-        let mut text = String::new();
-        for r in &results {
-            text.push_str(&r.to_string());
-            text.push('\n');
-        }
-        lw_core::fs::write_atomic(&results_path, text.as_bytes())
-            .with_context(|| format!("writing {}", results_path.display()))?;
+        crate::results::save(&results_path, &results)?;
     }
     results.sort_by_key(|r| r["step"].as_u64().unwrap_or(0));
     probe_report(&a.out, &results)?;

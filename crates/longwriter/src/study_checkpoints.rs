@@ -129,14 +129,7 @@ pub fn mc_tasks(a: &McTasksArgs) -> anyhow::Result<()> {
         for (split, qs) in [("train", &task.train), ("test", &task.test)] {
             let dir = a.out.join(split);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let mut text = String::new();
-            for q in qs {
-                text.push_str(&q.to_string());
-                text.push('\n');
-            }
-            let path = dir.join(format!("{}.jsonl", task.name));
-            lw_core::fs::write_atomic(&path, text.as_bytes())
-                .with_context(|| format!("writing {}", path.display()))?;
+            crate::results::save(&dir.join(format!("{}.jsonl", task.name)), qs)?;
         }
     }
     eprintln!(
@@ -173,16 +166,6 @@ fn has(results: &[Value], label: &str, phase: &str, task: &str) -> bool {
         .any(|r| r["checkpoint"] == label && r["phase"] == phase && r["task"] == task)
 }
 
-fn save_results(path: &Path, results: &[Value]) -> anyhow::Result<()> {
-    let mut text = String::new();
-    for r in results {
-        text.push_str(&r.to_string());
-        text.push('\n');
-    }
-    lw_core::fs::write_atomic(path, text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
-}
-
 pub fn checkpoints(a: &CheckpointsArgs) -> anyhow::Result<()> {
     let task_file = |split: &str, t: &str| a.tasks.join(split).join(format!("{t}.jsonl"));
     let eval_names: Vec<String> = match &a.eval_tasks {
@@ -213,13 +196,7 @@ pub fn checkpoints(a: &CheckpointsArgs) -> anyhow::Result<()> {
     let sft_path = task_file("train", &a.sft_task);
     let sft_items = lw_eval::read_mc_items(&sft_path)?;
     let models = crate::train::run_checkpoints(&a.pretrain_run)?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let results_path = a.out.join("results.jsonl");
-    let mut results: Vec<Value> = std::fs::read_to_string(&results_path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let (results_path, mut results) = crate::results::open(&a.out)?;
     let model_args = |dir: &Path| crate::ModelArgs {
         model: dir.display().to_string(),
         fallback_to_tiny: false,
@@ -294,7 +271,7 @@ pub fn checkpoints(a: &CheckpointsArgs) -> anyhow::Result<()> {
                     s.acc, s.items
                 );
                 results.push(result_line(label, *step, phase, task, &s));
-                save_results(&results_path, &results)?;
+                crate::results::save(&results_path, &results)?;
             }
         }
     }

@@ -93,42 +93,31 @@ impl CollaborationArgs {
     /// `write` flags for a run where `plan` plans and `writer` writes.
     fn backend_flags(&self, plan: Role, writer: Role) -> Vec<String> {
         let mut f: Vec<String> = Vec::new();
-        let giant_as_writer = |f: &mut Vec<String>| match (&self.giant, &self.giant_api_base) {
-            (Some(m), _) => f.extend(["--model".into(), m.clone()]),
-            (None, Some(base)) => {
-                f.extend(["--api-base".into(), base.clone()]);
-                f.extend(["--api-model".into(), self.giant_api_model.clone()]);
-                if let Some(k) = &self.giant_api_key {
-                    f.extend(["--api-key".into(), k.clone()]);
-                }
-                if let Some(p) = self.giant_params {
-                    f.extend(["--params".into(), p.to_string()]);
-                }
-            }
-            (None, None) => {}
-        };
-        match writer {
-            Role::Giant => giant_as_writer(&mut f),
-            Role::Mini => f.extend(["--model".into(), self.mini.clone()]),
-        }
-        if plan != writer {
-            match plan {
-                Role::Mini => f.extend(["--plan-model".into(), self.mini.clone()]),
-                Role::Giant => match (&self.giant, &self.giant_api_base) {
-                    (Some(m), _) => f.extend(["--plan-model".into(), m.clone()]),
-                    (None, Some(base)) => {
-                        f.extend(["--plan-api-base".into(), base.clone()]);
-                        f.extend(["--plan-api-model".into(), self.giant_api_model.clone()]);
-                        if let Some(k) = &self.giant_api_key {
-                            f.extend(["--plan-api-key".into(), k.clone()]);
-                        }
-                        if let Some(p) = self.giant_params {
-                            f.extend(["--plan-params".into(), p.to_string()]);
-                        }
+        // A role's flags: the writer's (`--model`, `--api-base`, …) or,
+        // with the `plan-` prefix, the planner's.
+        let mut role = |who: Role, prefix: &str| {
+            let mut flag = |name: &str, value: String| {
+                f.extend([format!("--{prefix}{name}"), value]);
+            };
+            match (who, &self.giant, &self.giant_api_base) {
+                (Role::Mini, _, _) => flag("model", self.mini.clone()),
+                (Role::Giant, Some(m), _) => flag("model", m.clone()),
+                (Role::Giant, None, Some(base)) => {
+                    flag("api-base", base.clone());
+                    flag("api-model", self.giant_api_model.clone());
+                    if let Some(k) = &self.giant_api_key {
+                        flag("api-key", k.clone());
                     }
-                    (None, None) => {}
-                },
+                    if let Some(p) = self.giant_params {
+                        flag("params", p.to_string());
+                    }
+                }
+                (Role::Giant, None, None) => {}
             }
+        };
+        role(writer, "");
+        if plan != writer {
+            role(plan, "plan-");
         }
         if let Some(t) = self.threads {
             f.extend(["--threads".into(), t.to_string()]);
@@ -229,13 +218,7 @@ pub fn collaboration(a: &CollaborationArgs) -> anyhow::Result<()> {
                 })
         })
         .collect::<anyhow::Result<_>>()?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let results_path = a.out.join("results.jsonl");
-    let mut results: Vec<Value> = std::fs::read_to_string(&results_path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let (results_path, mut results) = crate::results::open(&a.out)?;
     for &(config, plan, writer) in &configs {
         for item in &items {
             let this = |r: &Value| r["config"] == config && r["id"] == item.id.as_str();
@@ -274,13 +257,7 @@ pub fn collaboration(a: &CollaborationArgs) -> anyhow::Result<()> {
                 }
             );
             results.push(r);
-            let mut text = String::new();
-            for r in &results {
-                text.push_str(&r.to_string());
-                text.push('\n');
-            }
-            lw_core::fs::write_atomic(&results_path, text.as_bytes())
-                .with_context(|| format!("writing {}", results_path.display()))?;
+            crate::results::save(&results_path, &results)?;
         }
     }
     report(a, &configs, &items, &results)?;
