@@ -44,23 +44,25 @@ fn serve(script: Vec<Behaviour>) -> Server {
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { break };
-            let behaviour = script
-                .lock()
-                .unwrap()
-                .pop_front()
-                .unwrap_or(Behaviour::Answer);
-            handle(stream, behaviour, &seen);
+            handle(stream, &script, &seen);
         }
     });
     Server { base, requests }
 }
 
-fn handle(mut stream: TcpStream, behaviour: Behaviour, seen: &Mutex<Vec<Value>>) {
+/// Answers one request: `/tokenize` with 404, as OpenAI-style servers
+/// without that route do (the client then measures no tokenizer), and
+/// chat completions with the script's next behaviour.
+fn handle(mut stream: TcpStream, script: &Mutex<VecDeque<Behaviour>>, seen: &Mutex<Vec<Value>>) {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut length = 0;
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+        return;
+    }
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -76,11 +78,26 @@ fn handle(mut stream: TcpStream, behaviour: Behaviour, seen: &Mutex<Vec<Value>>)
     }
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body).unwrap();
-    let request: Value = serde_json::from_slice(&body).unwrap();
-    seen.lock().unwrap().push(request.clone());
     let plain = |code: u16, reason: &str, extra: &str, body: &str| {
         format!("HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}", body.len())
     };
+    if !request_line.contains("/chat/completions") {
+        let reply = plain(
+            404,
+            "Not Found",
+            "",
+            r#"{"error":{"message":"no such route"}}"#,
+        );
+        let _ = stream.write_all(reply.as_bytes());
+        return;
+    }
+    let request: Value = serde_json::from_slice(&body).unwrap();
+    seen.lock().unwrap().push(request.clone());
+    let behaviour = script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or(Behaviour::Answer);
     let reply = match behaviour {
         Behaviour::Status(code) => plain(
             code,
