@@ -778,4 +778,8 @@ fn over_http_sections_keep_their_budgets_as_on_the_local_engine() {
         let words = s["delivered_words"].as_u64().unwrap();
         assert!((480..=780).contains(&words), "{s}");
     }
+    // The same seed and sampling settings sample the same plan on both
+    // (the server reads the repetition penalty the writer sends).
+    let plan = |out: &str| std::fs::read_to_string(work.join(out).join("plan.json")).unwrap();
+    assert_eq!(plan("local"), plan("http"));
 }

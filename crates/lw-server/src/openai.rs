@@ -77,6 +77,12 @@ pub(crate) struct Common {
     stream_options: Option<Value>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    /// Divides positive logits (multiplies negative ones) of every token
+    /// in the prompt or the answer so far (transformers' and vLLM's
+    /// `repetition_penalty`; llama.cpp's name `repeat_penalty` is read as
+    /// the same, over the whole sequence rather than its last 64 tokens).
+    repetition_penalty: Option<f32>,
+    repeat_penalty: Option<f32>,
     /// Token id (as a string key, OpenAI's form) → bias in [-100, 100].
     logit_bias: Option<std::collections::BTreeMap<String, f32>>,
     /// No end of the answer before this many tokens (vLLM's field).
@@ -160,6 +166,7 @@ pub(crate) fn generation_params(
             )));
         }
     }
+    let repetition_penalty = repetition_penalty(c)?;
     let logit_bias = logit_bias(state, c.logit_bias.as_ref())?;
     let min_tokens = c.min_tokens.unwrap_or(0);
     let defaults = SamplingParams::default();
@@ -194,6 +201,7 @@ pub(crate) fn generation_params(
             }),
             presence_penalty,
             frequency_penalty,
+            repetition_penalty,
             logit_bias,
             dry_multiplier,
             dry_base,
@@ -211,6 +219,25 @@ pub(crate) fn generation_params(
         ignore_eos: false,
         no_speculation: c.speculate == Some(false),
     })
+}
+
+/// `repetition_penalty` or `repeat_penalty` (1 = off): positive and
+/// finite, and the same where a request names both.
+fn repetition_penalty(c: &Common) -> Result<f32, ApiError> {
+    let v = match (c.repetition_penalty, c.repeat_penalty) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::bad_request(format!(
+                "repetition_penalty {a} and repeat_penalty {b} differ (they are one setting)"
+            )))
+        }
+        (a, b) => a.or(b).unwrap_or(1.0),
+    };
+    if !(v.is_finite() && v > 0.0) {
+        return Err(ApiError::bad_request(format!(
+            "repetition_penalty {v} must be above 0 (1 = off)"
+        )));
+    }
+    Ok(v)
 }
 
 /// The structured-decoding constraint of `response_format`, `grammar` or
@@ -503,4 +530,32 @@ fn chunks_for(
 /// A wire type as JSON text (plain structs with string keys: cannot fail).
 fn to_json(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn common(fields: Value) -> Common {
+        serde_json::from_value(fields).unwrap()
+    }
+
+    #[test]
+    fn the_repetition_penalty_is_read_under_either_name_and_checked() {
+        let read = |v: Value| repetition_penalty(&common(v)).map_err(|e| format!("{e:?}"));
+        assert_eq!(read(json!({})).unwrap(), 1.0);
+        assert_eq!(read(json!({"repetition_penalty": 1.05})).unwrap(), 1.05);
+        assert_eq!(read(json!({"repeat_penalty": 1.3})).unwrap(), 1.3);
+        assert_eq!(
+            read(json!({"repeat_penalty": 1.2, "repetition_penalty": 1.2})).unwrap(),
+            1.2
+        );
+        let both = read(json!({"repeat_penalty": 1.1, "repetition_penalty": 1.2})).unwrap_err();
+        assert!(both.contains("differ"), "{both}");
+        for bad in [0.0, -1.0] {
+            let e = read(json!({"repetition_penalty": bad})).unwrap_err();
+            assert!(e.contains("must be above 0"), "{e}");
+        }
+    }
 }
