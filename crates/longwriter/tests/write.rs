@@ -782,4 +782,35 @@ fn over_http_sections_keep_their_budgets_as_on_the_local_engine() {
     // (the server reads the repetition penalty the writer sends).
     let plan = |out: &str| std::fs::read_to_string(work.join(out).join("plan.json")).unwrap();
     assert_eq!(plan("local"), plan("http"));
+
+    // The push to end past a section's budget travels as
+    // `end_after_tokens`: the greedy answer stops at the first sentence end
+    // past it, a prefix of the answer without it.
+    let ask = |end_after: Option<usize>| -> (String, u64) {
+        let mut body = serde_json::json!({
+            "messages": [{"role": "user", "content": "Write a story about a river."}],
+            "temperature": 0, "max_tokens": 300,
+        });
+        if let Some(n) = end_after {
+            body["end_after_tokens"] = n.into();
+        }
+        let (code, v) = server.post("/v1/chat/completions", &body);
+        assert_eq!(code, 200, "{v}");
+        let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+        (
+            answer.to_string(),
+            v["usage"]["completion_tokens"].as_u64().unwrap(),
+        )
+    };
+    let (free, free_tokens) = ask(None);
+    let (pushed, pushed_tokens) = ask(Some(40));
+    assert!(
+        (40..free_tokens).contains(&pushed_tokens),
+        "{pushed_tokens} of {free_tokens}: {pushed}"
+    );
+    assert!(free.starts_with(&pushed), "{pushed:?} / {free:?}");
+    assert!(
+        pushed.trim_end().ends_with(['.', '!', '?']) || pushed.ends_with('\n'),
+        "{pushed:?}"
+    );
 }

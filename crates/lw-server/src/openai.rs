@@ -87,6 +87,10 @@ pub(crate) struct Common {
     logit_bias: Option<std::collections::BTreeMap<String, f32>>,
     /// No end of the answer before this many tokens (vLLM's field).
     min_tokens: Option<usize>,
+    /// Length control (longwriter's field, which `write` sends): past this
+    /// many answer tokens the answer ends at the next sentence or paragraph
+    /// end; `max_tokens` stays the cap.
+    end_after_tokens: Option<usize>,
     /// DRY, with llama.cpp's server's field names.
     dry_multiplier: Option<f32>,
     dry_base: Option<f32>,
@@ -189,7 +193,7 @@ pub(crate) fn generation_params(
     let constraint = constraint(state, c)?;
     Ok(GenerationParams {
         constraint,
-        end_after: None,
+        end_after: c.end_after_tokens,
         sampling: SamplingParams {
             temperature,
             top_p,

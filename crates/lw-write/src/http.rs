@@ -207,6 +207,11 @@ impl HttpModel {
         if flavor != ApiFlavor::OpenAi && request.min_tokens > 0 {
             body["min_tokens"] = json!(request.min_tokens);
         }
+        // The push to end past the budget: longwriter's own field (llama.cpp
+        // ignores fields it does not know; vLLM and SGLang are not sent it).
+        if let (ApiFlavor::LlamaCpp, Some(n)) = (flavor, request.end_after) {
+            body["end_after_tokens"] = json!(n);
+        }
         let s = &request.sampling;
         if flavor != ApiFlavor::OpenAi && s.repetition_penalty != 1.0 {
             // llama.cpp's name, and vLLM's and SGLang's.
