@@ -228,17 +228,19 @@ pub(crate) fn generation_params(
 /// `repetition_penalty` or `repeat_penalty` (1 = off): positive and
 /// finite, and the same where a request names both.
 fn repetition_penalty(c: &Common) -> Result<f32, ApiError> {
-    let v = match (c.repetition_penalty, c.repeat_penalty) {
+    let (name, v) = match (c.repetition_penalty, c.repeat_penalty) {
         (Some(a), Some(b)) if a != b => {
             return Err(ApiError::bad_request(format!(
                 "repetition_penalty {a} and repeat_penalty {b} differ (they are one setting)"
             )))
         }
-        (a, b) => a.or(b).unwrap_or(1.0),
+        (Some(a), _) => ("repetition_penalty", a),
+        (None, Some(b)) => ("repeat_penalty", b),
+        (None, None) => ("repetition_penalty", 1.0),
     };
     if !(v.is_finite() && v > 0.0) {
         return Err(ApiError::bad_request(format!(
-            "repetition_penalty {v} must be above 0 (1 = off)"
+            "{name} {v} must be above 0 (1 = off)"
         )));
     }
     Ok(v)
@@ -559,7 +561,15 @@ mod tests {
         assert!(both.contains("differ"), "{both}");
         for bad in [0.0, -1.0] {
             let e = read(json!({"repetition_penalty": bad})).unwrap_err();
-            assert!(e.contains("must be above 0"), "{e}");
+            assert!(
+                e.contains("repetition_penalty") && e.contains("must be above 0"),
+                "{e}"
+            );
+            let e = read(json!({"repeat_penalty": bad})).unwrap_err();
+            assert!(
+                e.contains("repeat_penalty") && e.contains("must be above 0"),
+                "{e}"
+            );
         }
     }
 }
