@@ -398,6 +398,93 @@ fn grammars_from_llama_cpp_give_the_greedy_text_llama_server_gives() {
     assert!(differ.is_empty(), "{differ:?}");
 }
 
+/// The repetition penalty and DRY reach llama-server as the local engine
+/// applies them, over the prompt and the answer (llama.cpp's own defaults:
+/// the penalty over the last 64 tokens, and a DRY window of 0 is DRY off):
+/// through the HTTP client, llama-server's greedy answer is the local
+/// engine's.
+#[test]
+fn penalties_reach_llama_server_as_the_local_engine_applies_them() {
+    use lw_write::model::{ChatRequest, LanguageModel};
+    let Some((model, bin, _)) = real() else {
+        return;
+    };
+    let _one = one_at_a_time();
+    let model = model.with_file_name("types").join("smollm2-F16.gguf");
+    let server = LlamaServer::start(&bin, &model, 2048);
+    let mut http = lw_write::HttpModel::new(lw_write::HttpOptions::new(
+        format!("{}/v1", server.base),
+        "smollm2",
+    ));
+    // The penalty alone: the list's words lie far more than 64 tokens
+    // before the answer, which is asked to repeat them (llama.cpp's default
+    // window gives another answer). DRY alone: a greedy answer that would
+    // repeat a sentence (with DRY off, as llama.cpp's window of 0 makes it,
+    // it does).
+    let cases = [
+        (
+            "Here is a list of animals: cat, dog, horse, cow, sheep, goat, pig, \
+             duck, goose, chicken, rabbit, mouse, rat, fox, wolf, bear, deer, moose, \
+             otter, beaver, badger, squirrel, hedgehog, bat, owl, eagle, hawk, \
+             falcon, crow, raven, sparrow, robin, swan, heron, frog, toad, newt, \
+             snake, lizard, turtle. Write the list again, then say which of them \
+             can fly.",
+            1.3f32,
+            0.0f32,
+        ),
+        (
+            "Write the sentence 'the cat sat on the mat' ten times.",
+            1.0,
+            0.8,
+        ),
+    ];
+    for (prompt, penalty, dry) in cases {
+        let request = ChatRequest {
+            messages: vec![lw_core::Message::user(prompt)],
+            max_tokens: 60,
+            sampling: lw_core::SamplingParams {
+                temperature: 0.0,
+                repetition_penalty: penalty,
+                dry_multiplier: dry,
+                ..Default::default()
+            },
+            stop: Vec::new(),
+            constraint: None,
+            min_tokens: 0,
+            end_after: None,
+        };
+        let theirs = http.complete(&request, &mut |_| true).unwrap().text;
+        let run = longwriter(&[
+            "generate",
+            "--model",
+            &model.to_string_lossy(),
+            "--threads",
+            "2",
+            "--chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "60",
+            "--repetition-penalty",
+            &penalty.to_string(),
+            "--dry-multiplier",
+            &dry.to_string(),
+            prompt,
+        ]);
+        assert!(run.status.success(), "{}", text(&run.stderr));
+        let ours = text(&run.stdout);
+        eprintln!(
+            "penalty {penalty}, DRY {dry}\n  llama.cpp: {theirs:?}\n  ours:      {:?}",
+            ours.trim_end()
+        );
+        assert_eq!(
+            ours.trim_end(),
+            theirs.trim_end(),
+            "penalty {penalty}, DRY {dry}"
+        );
+    }
+}
+
 #[test]
 fn a_bad_grammar_file_is_a_clear_error() {
     let model = common::tiny_model();

@@ -81,6 +81,11 @@ impl ApiFlavor {
     }
 }
 
+/// A token count past any context, for llama.cpp's `repeat_last_n` and
+/// `dry_penalty_last_n` where the whole sequence is meant (its server takes
+/// no -1 there; it keeps a buffer of this many token ids, 512 KiB).
+const WHOLE_SEQUENCE: usize = 1 << 17;
+
 impl HttpOptions {
     pub fn new(api_base: impl Into<String>, model: impl Into<String>) -> Self {
         HttpOptions {
@@ -217,12 +222,22 @@ impl HttpModel {
             // llama.cpp's name, and vLLM's and SGLang's.
             body["repeat_penalty"] = json!(s.repetition_penalty);
             body["repetition_penalty"] = json!(s.repetition_penalty);
+            if flavor == ApiFlavor::LlamaCpp {
+                // llama.cpp penalizes its last 64 tokens unless told;
+                // here the penalty covers prompt and answer.
+                body["repeat_last_n"] = json!(WHOLE_SEQUENCE);
+            }
         }
         if flavor == ApiFlavor::LlamaCpp && s.dry_multiplier > 0.0 {
             body["dry_multiplier"] = json!(s.dry_multiplier);
             body["dry_base"] = json!(s.dry_base);
             body["dry_allowed_length"] = json!(s.dry_allowed_length);
-            body["dry_penalty_last_n"] = json!(s.dry_penalty_last_n);
+            // 0 means the whole sequence here, DRY off in llama.cpp.
+            let last_n = match s.dry_penalty_last_n {
+                0 => WHOLE_SEQUENCE,
+                n => n,
+            };
+            body["dry_penalty_last_n"] = json!(last_n);
             body["dry_sequence_breakers"] = json!(s.dry_sequence_breakers);
         }
         let schema = |text: &str| serde_json::from_str::<Value>(text).ok();
