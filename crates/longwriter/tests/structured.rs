@@ -411,6 +411,11 @@ fn penalties_reach_llama_server_as_the_local_engine_applies_them() {
     };
     let _one = one_at_a_time();
     let model = model.with_file_name("types").join("smollm2-F16.gguf");
+    assert!(
+        model.exists(),
+        "{} is missing (scripts/make_real_types.sh)",
+        model.display()
+    );
     let server = LlamaServer::start(&bin, &model, 2048);
     let mut http = lw_write::HttpModel::new(lw_write::HttpOptions::new(
         format!("{}/v1", server.base),
@@ -479,6 +484,23 @@ fn penalties_reach_llama_server_as_the_local_engine_applies_them() {
         );
         assert_eq!(
             ours.trim_end(),
+            theirs.trim_end(),
+            "penalty {penalty}, DRY {dry}"
+        );
+        // With llama.cpp's own windows (the penalty over the last 64
+        // tokens, a DRY window of 0) the same request answers otherwise.
+        let defaults = server.post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": prompt}],
+                   "temperature": 0, "max_tokens": 60, "top_k": 0, "min_p": 0,
+                   "repeat_penalty": penalty, "dry_multiplier": dry,
+                   "dry_penalty_last_n": 0}),
+        );
+        let defaults = defaults["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap();
+        assert_ne!(
+            defaults.trim_end(),
             theirs.trim_end(),
             "penalty {penalty}, DRY {dry}"
         );

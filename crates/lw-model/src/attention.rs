@@ -286,7 +286,8 @@ impl KvRows for Q8Slice<'_> {
             let d = d.to_f32();
             #[cfg(target_arch = "x86_64")]
             if AVX2 {
-                // SAFETY: `AVX2` is set only where AVX2 was detected.
+                // SAFETY: `AVX2` is set only where AVX2 and F16C were
+                // detected.
                 unsafe { widen_q8_avx2(d, block, out) };
                 continue;
             }
@@ -302,7 +303,7 @@ impl KvRows for Q8Slice<'_> {
 /// [`widen_f16_avx2`] is, for the same reason).
 ///
 /// # Safety
-/// AVX2 is available.
+/// AVX2 and F16C are available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 #[inline]

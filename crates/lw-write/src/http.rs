@@ -83,7 +83,8 @@ impl ApiFlavor {
 
 /// A token count past any context, for llama.cpp's `repeat_last_n` and
 /// `dry_penalty_last_n` where the whole sequence is meant (its server takes
-/// no -1 there; it keeps a buffer of this many token ids, 512 KiB).
+/// no -1 there). Its samplers keep buffers of this many token ids: about
+/// 1.5 MiB a request with both.
 const WHOLE_SEQUENCE: usize = 1 << 17;
 
 impl HttpOptions {
@@ -227,6 +228,12 @@ impl HttpModel {
                 // here the penalty covers prompt and answer.
                 body["repeat_last_n"] = json!(WHOLE_SEQUENCE);
             }
+        }
+        if flavor == ApiFlavor::LlamaCpp {
+            // llama.cpp's own defaults are top-k 40 and min-p 0.05; here
+            // both are off unless asked (0).
+            body["top_k"] = json!(s.top_k);
+            body["min_p"] = json!(s.min_p);
         }
         if flavor == ApiFlavor::LlamaCpp && s.dry_multiplier > 0.0 {
             body["dry_multiplier"] = json!(s.dry_multiplier);
@@ -505,5 +512,62 @@ impl LanguageModel for HttpModel {
             "gave up after {} attempts: {last}",
             self.opts.retries + 1
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lw_core::{Message, SamplingParams};
+
+    fn request(sampling: SamplingParams) -> ChatRequest {
+        ChatRequest {
+            messages: vec![Message::user("hi")],
+            max_tokens: 8,
+            sampling,
+            stop: Vec::new(),
+            constraint: None,
+            min_tokens: 0,
+            end_after: None,
+        }
+    }
+
+    /// llama.cpp's server reads a window of 0 as "off" and defaults to a
+    /// 64-token penalty window, top-k 40 and min-p 0.05: the body says
+    /// what this client means instead; vLLM and OpenAI get none of it.
+    #[test]
+    fn llama_cpp_is_told_the_windows_and_the_filters_meant_here() {
+        let sampling = SamplingParams {
+            repetition_penalty: 1.1,
+            dry_multiplier: 0.8,
+            ..Default::default()
+        };
+        let body = |api_base: &str, flavor| {
+            let mut opts = HttpOptions::new(api_base, "m");
+            opts.flavor = flavor;
+            HttpModel::new(opts).body(&request(sampling.clone()))
+        };
+        let b = body("http://127.0.0.1:8080/v1", ApiFlavor::Auto);
+        assert_eq!(b["repeat_last_n"], json!(WHOLE_SEQUENCE));
+        assert_eq!(b["dry_penalty_last_n"], json!(WHOLE_SEQUENCE));
+        assert_eq!(b["top_k"], json!(0));
+        assert_eq!(b["min_p"], json!(0.0));
+        let windowed = SamplingParams {
+            dry_penalty_last_n: 256,
+            ..sampling.clone()
+        };
+        let mut opts = HttpOptions::new("http://127.0.0.1:8080/v1", "m");
+        opts.flavor = ApiFlavor::LlamaCpp;
+        let b = HttpModel::new(opts).body(&request(windowed));
+        assert_eq!(b["dry_penalty_last_n"], json!(256));
+        for (base, flavor) in [
+            ("http://127.0.0.1:8000/v1", ApiFlavor::Vllm),
+            ("https://api.openai.com/v1", ApiFlavor::Auto),
+        ] {
+            let b = body(base, flavor);
+            for field in ["repeat_last_n", "dry_penalty_last_n", "top_k", "min_p"] {
+                assert!(b.get(field).is_none(), "{field} sent to {base}");
+            }
+        }
     }
 }
