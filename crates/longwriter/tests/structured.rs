@@ -342,6 +342,42 @@ impl Chat for LlamaServer {
     }
 }
 
+/// The real model's F16 file beside it (on F16 the two engines' logits
+/// agree closely enough for greedy texts to match).
+fn f16_file(model: &std::path::Path) -> PathBuf {
+    let model = model.with_file_name("types").join("smollm2-F16.gguf");
+    assert!(
+        model.exists(),
+        "{} is missing (scripts/make_real_types.sh)",
+        model.display()
+    );
+    model
+}
+
+/// `longwriter generate`'s greedy chat answer, on 2 threads, with `extra`
+/// flags.
+fn greedy(model: &std::path::Path, max_tokens: usize, extra: &[&str], prompt: &str) -> String {
+    let model = model.to_string_lossy();
+    let max = max_tokens.to_string();
+    let mut args = vec![
+        "generate",
+        "--model",
+        &model,
+        "--threads",
+        "2",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        &max,
+    ];
+    args.extend_from_slice(extra);
+    args.push(prompt);
+    let run = longwriter(&args);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    text(&run.stdout)
+}
+
 #[test]
 fn grammars_from_llama_cpp_give_the_greedy_text_llama_server_gives() {
     let Some((model, bin, src)) = real() else {
@@ -352,12 +388,7 @@ fn grammars_from_llama_cpp_give_the_greedy_text_llama_server_gives() {
     // tokens, whose order 4-bit rounding differences between the two
     // engines can swap (with the Q4_1 file, "a" and "Ra" trade places
     // after "1. " in the chess grammar); in F16 the logits agree closely.
-    let model = model.with_file_name("types").join("smollm2-F16.gguf");
-    assert!(
-        model.exists(),
-        "{} is missing (scripts/make_real_types.sh)",
-        model.display()
-    );
+    let model = f16_file(&model);
     let server = LlamaServer::start(&bin, &model, 1024);
     let cases = [
         ("list.gbnf", "Give me a shopping list."),
@@ -370,23 +401,7 @@ fn grammars_from_llama_cpp_give_the_greedy_text_llama_server_gives() {
         let path = src.join("grammars").join(file);
         let grammar = std::fs::read_to_string(&path).unwrap();
         let theirs = server.chat(prompt, &grammar, 40);
-        let run = longwriter(&[
-            "generate",
-            "--model",
-            &model.to_string_lossy(),
-            "--threads",
-            "2",
-            "--chat",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "40",
-            "--grammar",
-            &path.to_string_lossy(),
-            prompt,
-        ]);
-        assert!(run.status.success(), "{}", text(&run.stderr));
-        let ours = text(&run.stdout);
+        let ours = greedy(&model, 40, &["--grammar", &path.to_string_lossy()], prompt);
         eprintln!(
             "{file}\n  llama.cpp: {theirs:?}\n  ours:      {:?}",
             ours.trim_end()
@@ -410,12 +425,7 @@ fn penalties_reach_llama_server_as_the_local_engine_applies_them() {
         return;
     };
     let _one = one_at_a_time();
-    let model = model.with_file_name("types").join("smollm2-F16.gguf");
-    assert!(
-        model.exists(),
-        "{} is missing (scripts/make_real_types.sh)",
-        model.display()
-    );
+    let model = f16_file(&model);
     let server = LlamaServer::start(&bin, &model, 2048);
     let mut http = lw_write::HttpModel::new(lw_write::HttpOptions::new(
         format!("{}/v1", server.base),
@@ -459,25 +469,13 @@ fn penalties_reach_llama_server_as_the_local_engine_applies_them() {
             end_after: None,
         };
         let theirs = http.complete(&request, &mut |_| true).unwrap().text;
-        let run = longwriter(&[
-            "generate",
-            "--model",
-            &model.to_string_lossy(),
-            "--threads",
-            "2",
-            "--chat",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "60",
+        let sampling = [
             "--repetition-penalty",
             &penalty.to_string(),
             "--dry-multiplier",
             &dry.to_string(),
-            prompt,
-        ]);
-        assert!(run.status.success(), "{}", text(&run.stderr));
-        let ours = text(&run.stdout);
+        ];
+        let ours = greedy(&model, 60, &sampling, prompt);
         eprintln!(
             "penalty {penalty}, DRY {dry}\n  llama.cpp: {theirs:?}\n  ours:      {:?}",
             ours.trim_end()
