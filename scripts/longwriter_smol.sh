@@ -34,6 +34,9 @@
 #   MIX_RATIO      short examples per long one in the training file (default: 0.3)
 #   SEQ_LEN        tokens per packed training row (default: 16384)
 #   LORA_RANK      (default: 16)
+#   CHECKPOINTING  1: train with activation checkpointing (each layer's
+#                  activations recomputed in the backward pass: long rows
+#                  fit in memory); 0: keep them all (default: 1)
 #   STEPS          optimizer steps (default: two epochs)
 #   LR             peak learning rate (default: the trainer's for LoRA, 2e-4)
 #   THREADS        worker threads (default: all cores)
@@ -49,6 +52,8 @@ benches=${BENCHES:-"$here/data/eval/longbench-lw.jsonl $here/data/eval/ruler-lw.
 eval_max=${EVAL_MAX_TOKENS:-16384}
 seq_len=${SEQ_LEN:-16384}
 rank=${LORA_RANK:-16}
+checkpointing=()
+[ "${CHECKPOINTING:-1}" = 1 ] && checkpointing=(--gradient-checkpointing)
 mix_ratio=${MIX_RATIO:-0.3}
 threads=()
 [ -n "${THREADS:-}" ] && threads=(--threads "$THREADS")
@@ -157,7 +162,7 @@ finetune() {
     ls -d "$run/sft/checkpoint-"* >/dev/null 2>&1 && resume=(--resume)
     "$lw" train sft --model "$model" --data "$run/train.jsonl" --lora-rank "$rank" \
         --seq-len "$seq_len" --loss longalign --batch 1 --out "$run/sft" --quiet \
-        "${steps[@]}" "${resume[@]}" "${threads[@]}"
+        "${checkpointing[@]}" "${steps[@]}" "${resume[@]}" "${threads[@]}"
 }
 
 report() {

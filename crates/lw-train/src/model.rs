@@ -119,6 +119,9 @@ impl Batch {
     }
 }
 
+/// Each trainable tensor's name and gradient (`None` where none reached it).
+pub type TensorGradients = Vec<(String, Option<Tensor>)>;
+
 /// A parameter: frozen ones are plain tensors, trainable ones variables.
 struct Param {
     value: Tensor,
@@ -136,6 +139,8 @@ pub struct TrainModel {
     adapters: Vec<(String, Var, Var)>,
     inv_freq: Vec<f32>,
     device: Device,
+    /// Recompute activations in the backward pass ([`TrainModel::checkpointed_gradients`]).
+    checkpointing: bool,
 }
 
 /// Every tensor of a checkpoint with this config, in a fixed order, with its shape.
@@ -463,7 +468,17 @@ impl TrainModel {
             adapters,
             inv_freq,
             device: Device::Cpu,
+            checkpointing: false,
         })
+    }
+
+    /// Activation checkpointing for [`crate::gradients`]: off by default.
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    pub fn checkpointing(&self) -> bool {
+        self.checkpointing
     }
 
     pub fn lora(&self) -> Option<&LoraSpec> {
@@ -584,20 +599,112 @@ impl TrainModel {
     /// generator for LoRA dropout (`None`: evaluation, no dropout).
     pub fn forward(&self, batch: &Batch, dropout: Option<Rng>) -> Result<Tensor, TrainError> {
         let mut rng = dropout;
+        let attention = self.attention(batch)?;
+        let mut x = self.embed(batch)?;
+        for layer in 0..self.cfg.num_layers {
+            x = self.layer(layer, &x, &attention, &mut rng)?;
+        }
+        self.head(&x)
+    }
+
+    /// `Σ weight · (−log p(target))` over the batch, as a scalar tensor.
+    pub fn loss(&self, batch: &Batch, dropout: Option<Rng>) -> Result<Tensor, TrainError> {
+        let logits = self.forward(batch, dropout)?;
+        weighted_nll(&logits, batch)
+    }
+
+    /// The loss without a graph for a backward pass: each layer's output is
+    /// detached, so only one layer's activations are alive at a time.
+    pub fn loss_value(&self, batch: &Batch) -> Result<f32, TrainError> {
+        let attention = self.attention(batch)?;
+        let mut x = self.embed(batch)?.detach();
+        for layer in 0..self.cfg.num_layers {
+            x = self.layer(layer, &x, &attention, &mut None)?.detach();
+        }
+        let logits = self.head(&x)?.detach();
+        Ok(weighted_nll(&logits, batch)?.to_scalar::<f32>()?)
+    }
+
+    /// The loss and every trainable tensor's gradient, keeping only each
+    /// layer's input from the forward pass and recomputing the layer's
+    /// activations when the backward pass reaches it (activation
+    /// checkpointing): memory for the activations of one layer instead of
+    /// all, for one more forward pass of the layers. Each layer's dropout
+    /// masks are drawn again from the generator state it started from, so
+    /// the gradients are those of [`TrainModel::loss`]'s backward pass, up
+    /// to the order of floating-point sums.
+    pub fn checkpointed_gradients(
+        &self,
+        batch: &Batch,
+        dropout: Option<Rng>,
+    ) -> Result<(f32, TensorGradients), TrainError> {
+        let trainable = self.trainable();
+        let mut sums: Vec<Option<Tensor>> = vec![None; trainable.len()];
+        let mut collect = |grads: &candle_core::backprop::GradStore| -> Result<(), TrainError> {
+            for ((_, var), sum) in trainable.iter().zip(sums.iter_mut()) {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    *sum = Some(match sum.take() {
+                        Some(s) => (s + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+            Ok(())
+        };
+        let layers = self.cfg.num_layers;
+        let attention = self.attention(batch)?;
+        let mut rng = dropout;
+        let mut x = self.embed(batch)?.detach();
+        let mut inputs = Vec::with_capacity(layers);
+        for layer in 0..layers {
+            inputs.push((x.clone(), rng.clone()));
+            x = self.layer(layer, &x, &attention, &mut rng)?.detach();
+        }
+        let top = Var::from_tensor(&x)?;
+        drop(x);
+        let loss = weighted_nll(&self.head(top.as_tensor())?, batch)?;
+        let value = loss.to_scalar::<f32>()?;
+        let grads = loss.backward()?;
+        drop(loss);
+        collect(&grads)?;
+        let mut upstream = input_gradient(&grads, &top)?;
+        drop(grads);
+        for layer in (0..layers).rev() {
+            let (input, mut rng) = inputs.pop().expect("one input per layer");
+            let input = Var::from_tensor(&input)?;
+            let y = self.layer(layer, input.as_tensor(), &attention, &mut rng)?;
+            // d(Σ y·g)/dθ = gᵀ·∂y/∂θ: the chain rule from this layer down.
+            let grads = (y * &upstream)?.sum_all()?.backward()?;
+            collect(&grads)?;
+            upstream = input_gradient(&grads, &input)?;
+        }
+        if self.params["model.embed_tokens.weight"].var.is_some() {
+            let grads = (self.embed(batch)? * &upstream)?.sum_all()?.backward()?;
+            collect(&grads)?;
+        }
+        let out = trainable
+            .into_iter()
+            .zip(sums)
+            .map(|((name, _), g)| (name, g))
+            .collect();
+        Ok((value, out))
+    }
+
+    /// Block-diagonal causal attention for this batch in tiles, rotary
+    /// embeddings applied inside: no [len × len] matrix, no transposed copies.
+    fn attention(&self, batch: &Batch) -> Result<FlashAttention, TrainError> {
         let (b, l) = (batch.rows, batch.len);
-        let n = b * l;
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let dev = &self.device;
         if let Some(&bad) = batch.inputs.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             return Err(TrainError::Setting(format!(
                 "token id {bad} is outside the model's vocabulary of {}",
                 cfg.vocab_size
             )));
         }
-
         // Rotary tables for these positions, one cos/sin per frequency.
         let half = hd / 2;
+        let n = b * l;
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for &p in &batch.positions {
@@ -607,9 +714,7 @@ impl TrainModel {
                 sin.push(a.sin());
             }
         }
-        // Block-diagonal causal attention in tiles, rotary embeddings
-        // applied inside: no [len × len] matrix, no transposed copies.
-        let attention = FlashAttention::new(
+        FlashAttention::new(
             Dims {
                 rows: b,
                 heads: nh,
@@ -620,44 +725,64 @@ impl TrainModel {
             &batch.segments,
             (1.0 / (hd as f64).sqrt()) as f32,
         )?
-        .with_rope(Rope { cos, sin })?;
+        .with_rope(Rope { cos, sin })
+    }
 
-        let ids = Tensor::from_slice(&batch.inputs, n, dev)?;
-        let mut x = self
+    /// The input embeddings of the batch's tokens, `[rows·len, hidden]`.
+    fn embed(&self, batch: &Batch) -> Result<Tensor, TrainError> {
+        let ids = Tensor::from_slice(&batch.inputs, batch.rows * batch.len, &self.device)?;
+        Ok(self
             .get("model.embed_tokens.weight")
-            .index_select(&ids, 0)?;
-        for layer in 0..cfg.num_layers {
-            let p = format!("model.layers.{layer}");
-            let h = self.rms_norm(&x, &format!("{p}.input_layernorm.weight"))?;
-            let q = self.linear(&h, &format!("{p}.self_attn.q_proj"), &mut rng)?;
-            let k = self.linear(&h, &format!("{p}.self_attn.k_proj"), &mut rng)?;
-            let v = self.linear(&h, &format!("{p}.self_attn.v_proj"), &mut rng)?;
-            let attn = attention.for_layer().apply(&q, &k, &v)?;
-            let o = self.linear(&attn, &format!("{p}.self_attn.o_proj"), &mut rng)?;
-            x = (x + o)?;
-            let h = self.rms_norm(&x, &format!("{p}.post_attention_layernorm.weight"))?;
-            let gate = self.linear(&h, &format!("{p}.mlp.gate_proj"), &mut rng)?;
-            let up = self.linear(&h, &format!("{p}.mlp.up_proj"), &mut rng)?;
-            let act = gate
-                .contiguous()?
-                .apply_op2(&up.contiguous()?, crate::ops::SiluMul)?;
-            let down = self.linear(&act, &format!("{p}.mlp.down_proj"), &mut rng)?;
-            x = (x + down)?;
-        }
-        let x = self.rms_norm(&x, "model.norm.weight")?;
-        let head = if cfg.tie_word_embeddings {
+            .index_select(&ids, 0)?)
+    }
+
+    /// One decoder layer: attention and MLP, each a residual branch.
+    fn layer(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        attention: &FlashAttention,
+        rng: &mut Option<Rng>,
+    ) -> Result<Tensor, TrainError> {
+        let p = format!("model.layers.{layer}");
+        let h = self.rms_norm(x, &format!("{p}.input_layernorm.weight"))?;
+        let q = self.linear(&h, &format!("{p}.self_attn.q_proj"), rng)?;
+        let k = self.linear(&h, &format!("{p}.self_attn.k_proj"), rng)?;
+        let v = self.linear(&h, &format!("{p}.self_attn.v_proj"), rng)?;
+        let attn = attention.for_layer().apply(&q, &k, &v)?;
+        let o = self.linear(&attn, &format!("{p}.self_attn.o_proj"), rng)?;
+        let x = (x + o)?;
+        let h = self.rms_norm(&x, &format!("{p}.post_attention_layernorm.weight"))?;
+        let gate = self.linear(&h, &format!("{p}.mlp.gate_proj"), rng)?;
+        let up = self.linear(&h, &format!("{p}.mlp.up_proj"), rng)?;
+        let act = gate
+            .contiguous()?
+            .apply_op2(&up.contiguous()?, crate::ops::SiluMul)?;
+        let down = self.linear(&act, &format!("{p}.mlp.down_proj"), rng)?;
+        Ok((x + down)?)
+    }
+
+    /// The final norm and the output projection: logits `[rows·len, vocab]`.
+    fn head(&self, x: &Tensor) -> Result<Tensor, TrainError> {
+        let x = self.rms_norm(x, "model.norm.weight")?;
+        let head = if self.cfg.tie_word_embeddings {
             "model.embed_tokens.weight"
         } else {
             "lm_head.weight"
         };
         Ok(crate::gemm::project(&x, self.get(head))?)
     }
+}
 
-    /// `Σ weight · (−log p(target))` over the batch, as a scalar tensor.
-    pub fn loss(&self, batch: &Batch, dropout: Option<Rng>) -> Result<Tensor, TrainError> {
-        let logits = self.forward(batch, dropout)?;
-        weighted_nll(&logits, batch)
-    }
+/// The gradient a backward pass left on a layer's input.
+fn input_gradient(
+    grads: &candle_core::backprop::GradStore,
+    input: &Var,
+) -> Result<Tensor, TrainError> {
+    grads
+        .get(input.as_tensor())
+        .cloned()
+        .ok_or_else(|| TrainError::Setting("no gradient reached a layer's input".into()))
 }
 
 /// The weighted negative log-likelihood of `targets` under `logits` `[n, vocab]`.

@@ -188,22 +188,29 @@ struct TrainerState {
 /// Each trainable tensor's name and gradient (`None` where none reached it).
 pub type Gradients = Vec<(String, Option<Vec<f32>>)>;
 
-/// Runs one forward and backward pass and returns the loss and the gradients.
+/// Runs one forward and backward pass and returns the loss and the gradients
+/// (recomputing each layer's activations where the model has checkpointing on).
 pub fn gradients(
     model: &TrainModel,
     batch: &Batch,
     dropout: Option<Rng>,
 ) -> Result<(f32, Gradients), TrainError> {
+    let to_vec =
+        |g: &Tensor| -> Result<Vec<f32>, TrainError> { Ok(g.flatten_all()?.to_vec1::<f32>()?) };
+    if model.checkpointing() {
+        let (value, grads) = model.checkpointed_gradients(batch, dropout)?;
+        let mut out = Vec::with_capacity(grads.len());
+        for (name, g) in grads {
+            out.push((name, g.as_ref().map(to_vec).transpose()?));
+        }
+        return Ok((value, out));
+    }
     let loss = model.loss(batch, dropout)?;
     let value = loss.to_scalar::<f32>()?;
     let grads = loss.backward()?;
     let mut out = Vec::new();
     for (name, var) in model.trainable() {
-        let g = match grads.get(var.as_tensor()) {
-            Some(g) => Some(g.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
-        };
-        out.push((name, g));
+        out.push((name, grads.get(var.as_tensor()).map(to_vec).transpose()?));
     }
     Ok((value, out))
 }
@@ -215,7 +222,7 @@ pub fn validation_loss(model: &TrainModel, batches: &[Batch]) -> Result<Option<f
     }
     let mut sum = 0.0f64;
     for b in batches {
-        sum += model.loss(b, None)?.to_scalar::<f32>()? as f64;
+        sum += model.loss_value(b)? as f64;
     }
     Ok(Some((sum / batches.len() as f64) as f32))
 }

@@ -449,3 +449,71 @@ fn merged_lora_equals_the_adapted_model() {
     let e = lw_train::lora::merge(&fixture.join("model"), &bad, &tmp("merge-bad-out")).unwrap_err();
     assert!(e.to_string().contains("lora_alpha"), "{e}");
 }
+
+/// Largest difference between two gradient lists, relative to the largest
+/// gradient value, and asserts both name the same tensors.
+fn gradient_gap(a: &lw_train::train::Gradients, b: &lw_train::train::Gradients) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut gap = 0.0f32;
+    let mut scale = 0.0f32;
+    for ((na, ga), (nb, gb)) in a.iter().zip(b) {
+        assert_eq!(na, nb);
+        let (ga, gb) = (ga.as_ref().unwrap(), gb.as_ref().unwrap());
+        for (x, y) in ga.iter().zip(gb) {
+            gap = gap.max((x - y).abs());
+            scale = scale.max(x.abs());
+        }
+    }
+    gap / scale
+}
+
+#[test]
+fn checkpointing_gives_the_loss_and_gradients_of_the_whole_graph() {
+    // Two packed sequences per row, positions reset at the second.
+    let mut batch = random_batch(2, 16, 21);
+    batch.positions = (0..2).flat_map(|_| (0..10).chain(0..6)).collect();
+    batch.segments = (0..2)
+        .flat_map(|_| std::iter::repeat_n(0, 10).chain(std::iter::repeat_n(1, 6)))
+        .collect();
+    for (kind, tied) in [("llama", true), ("qwen2", false)] {
+        let mut model = new_model(tiny_config(kind, tied), 6);
+        let (loss, whole) = gradients(&model, &batch, None).unwrap();
+        model.set_checkpointing(true);
+        let (loss_c, recomputed) = gradients(&model, &batch, None).unwrap();
+        assert_eq!(loss, loss_c, "{kind}: the same forward pass");
+        let gap = gradient_gap(&whole, &recomputed);
+        assert!(gap < 1e-5, "{kind}: gradients differ by {gap} (relative)");
+    }
+    // LoRA with dropout, after one step so that both A and B have gradients:
+    // each layer's masks are drawn again as in the forward pass.
+    let lora = LoraSpec {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.2,
+        targets: vec!["q_proj".into(), "v_proj".into(), "up_proj".into()],
+    };
+    let base = repo().join("crates/lw-train/tests/fixtures/oracle/model");
+    let mut model = TrainModel::load(&base, Some(lora), 0).unwrap();
+    let mut sp = spec(&tmp("lora-checkpointing"), 1, 1e-2);
+    sp.accum = 1;
+    sp.kind = "sft".into();
+    let fixed = Fixed(random_batch(2, 16, 22));
+    train(
+        &model,
+        &fixed,
+        &sp,
+        None,
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap();
+    let (loss, whole) = gradients(&model, &batch, Some(Rng::new(3))).unwrap();
+    model.set_checkpointing(true);
+    let (loss_c, recomputed) = gradients(&model, &batch, Some(Rng::new(3))).unwrap();
+    assert_eq!(loss, loss_c);
+    let gap = gradient_gap(&whole, &recomputed);
+    assert!(gap < 1e-5, "LoRA: gradients differ by {gap} (relative)");
+    // Other masks give other gradients: the comparison can tell.
+    let (_, other) = gradients(&model, &batch, Some(Rng::new(4))).unwrap();
+    assert!(gradient_gap(&whole, &other) > 1e-3);
+}
