@@ -119,6 +119,10 @@ impl Batch {
     }
 }
 
+/// Positions per slice of the output head in [`TrainModel::checkpointed_gradients`]:
+/// its logits are `HEAD_ROWS × vocab` floats (200 MB for a 49k vocabulary).
+const HEAD_ROWS: usize = 1024;
+
 /// Each trainable tensor's name and gradient (`None` where none reached it).
 pub type TensorGradients = Vec<(String, Option<Tensor>)>;
 
@@ -629,7 +633,8 @@ impl TrainModel {
     /// layer's input from the forward pass and recomputing the layer's
     /// activations when the backward pass reaches it (activation
     /// checkpointing): memory for the activations of one layer instead of
-    /// all, for one more forward pass of the layers. Each layer's dropout
+    /// all, for one more forward pass of the layers. The output head runs
+    /// on [`HEAD_ROWS`] positions at a time. Each layer's dropout
     /// masks are drawn again from the generator state it started from, so
     /// the gradients are those of [`TrainModel::loss`]'s backward pass, up
     /// to the order of floating-point sums.
@@ -660,15 +665,29 @@ impl TrainModel {
             inputs.push((x.clone(), rng.clone()));
             x = self.layer(layer, &x, &attention, &mut rng)?.detach();
         }
-        let top = Var::from_tensor(&x)?;
+        // The head in slices of rows: logits and their gradient for
+        // HEAD_ROWS positions at a time instead of the whole row's.
+        let n = batch.rows * batch.len;
+        let mut value = 0.0f64;
+        let mut pieces = Vec::with_capacity(n.div_ceil(HEAD_ROWS));
+        for start in (0..n).step_by(HEAD_ROWS) {
+            let end = (start + HEAD_ROWS).min(n);
+            let rows = Var::from_tensor(&x.narrow(0, start, end - start)?)?;
+            let loss = rows_nll(
+                &self.head(rows.as_tensor())?,
+                &batch.targets[start..end],
+                &batch.weights[start..end],
+            )?;
+            value += loss.to_scalar::<f32>()? as f64;
+            let grads = loss.backward()?;
+            drop(loss);
+            collect(&grads)?;
+            pieces.push(input_gradient(&grads, &rows)?);
+        }
         drop(x);
-        let loss = weighted_nll(&self.head(top.as_tensor())?, batch)?;
-        let value = loss.to_scalar::<f32>()?;
-        let grads = loss.backward()?;
-        drop(loss);
-        collect(&grads)?;
-        let mut upstream = input_gradient(&grads, &top)?;
-        drop(grads);
+        let mut upstream = Tensor::cat(&pieces, 0)?;
+        drop(pieces);
+        let value = value as f32;
         for layer in (0..layers).rev() {
             let (input, mut rng) = inputs.pop().expect("one input per layer");
             let input = Var::from_tensor(&input)?;
@@ -787,9 +806,14 @@ fn input_gradient(
 
 /// The weighted negative log-likelihood of `targets` under `logits` `[n, vocab]`.
 pub fn weighted_nll(logits: &Tensor, batch: &Batch) -> Result<Tensor, TrainError> {
+    rows_nll(logits, &batch.targets, &batch.weights)
+}
+
+/// [`weighted_nll`] for logits of some rows, with those rows' targets and weights.
+fn rows_nll(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result<Tensor, TrainError> {
     let op = crate::ops::WeightedNll {
-        targets: batch.targets.clone(),
-        weights: batch.weights.clone(),
+        targets: targets.to_vec(),
+        weights: weights.to_vec(),
     };
     Ok(logits.contiguous()?.apply_op1(op)?.sum_all()?)
 }

@@ -475,12 +475,22 @@ fn checkpointing_gives_the_loss_and_gradients_of_the_whole_graph() {
     batch.segments = (0..2)
         .flat_map(|_| std::iter::repeat_n(0, 10).chain(std::iter::repeat_n(1, 6)))
         .collect();
-    for (kind, tied) in [("llama", true), ("qwen2", false)] {
+    // 1,400 positions: the output head runs in two slices of rows.
+    let long = random_batch(2, 700, 23);
+    for (kind, tied, batch) in [
+        ("llama", true, &batch),
+        ("qwen2", false, &batch),
+        ("llama", true, &long),
+        ("mistral", false, &long),
+    ] {
         let mut model = new_model(tiny_config(kind, tied), 6);
-        let (loss, whole) = gradients(&model, &batch, None).unwrap();
+        let (loss, whole) = gradients(&model, batch, None).unwrap();
         model.set_checkpointing(true);
-        let (loss_c, recomputed) = gradients(&model, &batch, None).unwrap();
-        assert_eq!(loss, loss_c, "{kind}: the same forward pass");
+        let (loss_c, recomputed) = gradients(&model, batch, None).unwrap();
+        assert!(
+            (loss - loss_c).abs() <= 1e-6 * loss,
+            "{kind}: loss {loss} against {loss_c}"
+        );
         let gap = gradient_gap(&whole, &recomputed);
         assert!(gap < 1e-5, "{kind}: gradients differ by {gap} (relative)");
     }
