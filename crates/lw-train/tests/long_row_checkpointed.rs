@@ -6,9 +6,9 @@
 //!
 //! This file holds one test so that the process's peak is this pass's.
 
-use lw_model::ModelConfig;
-use lw_train::model::{Batch, TrainModel};
-use serde_json::json;
+mod common;
+
+use common::{model, packed_row, peak_rss, Shape};
 
 const LEN: usize = 16_384;
 const HIDDEN: usize = 32;
@@ -22,55 +22,21 @@ const HEAD_DIM: usize = 8;
 const INTER: usize = 64;
 const VOCAB: usize = 256;
 
-/// Peak resident memory of this process so far (`VmHWM`), in bytes.
-fn peak_rss() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM in /proc/self/status");
-    let kb: usize = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|x| x.parse().ok())
-        .expect("a number of kB");
-    kb * 1024
-}
-
 #[test]
 fn a_16k_token_row_through_16_layers_keeps_one_layers_activations() {
-    let config = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": VOCAB,
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTER,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "head_dim": HEAD_DIM,
-        "max_position_embeddings": LEN,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": true,
-        "hidden_act": "silu",
-    });
-    let cfg = ModelConfig::from_json(&config.to_string()).unwrap();
-    let mut model = TrainModel::init(cfg, config, 3).unwrap();
-    model.set_checkpointing(true);
-    let inputs: Vec<u32> = (0..LEN)
-        .map(|i| ((i * 7 + i / 13) % VOCAB) as u32)
-        .collect();
-    let targets: Vec<u32> = (0..LEN).map(|i| ((i * 7 + 7) % VOCAB) as u32).collect();
-    let batch = Batch {
-        rows: 1,
+    let shape = Shape {
         len: LEN,
-        inputs,
-        targets,
-        weights: vec![1.0 / LEN as f32; LEN],
-        positions: (0..LEN).map(|i| (i % SEQUENCE) as u32).collect(),
-        segments: (0..LEN).map(|i| (i / SEQUENCE) as u32).collect(),
+        hidden: HIDDEN,
+        layers: LAYERS,
+        heads: HEADS,
+        kv_heads: KV_HEADS,
+        head_dim: HEAD_DIM,
+        inter: INTER,
+        vocab: VOCAB,
     };
+    let mut model = model(&shape);
+    model.set_checkpointing(true);
+    let batch = packed_row(&shape, SEQUENCE);
     let before = peak_rss();
     let (loss, grads) = lw_train::gradients(&model, &batch, None).unwrap();
     let peak = peak_rss();
